@@ -1,0 +1,496 @@
+/*
+ * kvblend.h: the public C API of libkvblend.
+ *
+ * kvblend reuses the stored KV cache of text chunks wherever they appear in a
+ * prompt (CacheBlend, EuroSys 2025).  This header is the only interface of the
+ * shared object: the CPython extension, the tests and any other host program
+ * use nothing else.
+ *
+ * Rules that hold for every function declared here:
+ *   - Functions return a kvb_status; KVB_OK is 0.  On failure the sentence a
+ *     user needs (which argument, which value, what was expected) is available
+ *     from kvb_last_error(), which is thread-local.
+ *   - Handles are opaque and always the first argument.  kvb_*_free(NULL) is a
+ *     no-op.
+ *   - Memory passed in by the caller (token arrays, tensors, the paged KV
+ *     cache) is borrowed for the duration of the call and never freed.
+ *   - Enums are only ever appended to.
+ *   - Tensors are described by a raw pointer plus shape; "contiguous
+ *     [n, h, d]" means row-major with d the fastest dimension.  Device
+ *     pointers and CUDA streams cross as void *; no CUDA type appears here.
+ *
+ * The header compiles alone under -std=c11 -pedantic -Werror and from C++.
+ */
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define KVB_API __declspec(dllexport)
+#elif defined(__GNUC__)
+#define KVB_API __attribute__((visibility("default")))
+#else
+#define KVB_API
+#endif
+
+/* ------------------------------------------------------------------------ */
+/* Status, errors, logging                                                    */
+/* ------------------------------------------------------------------------ */
+
+/* Result of every fallible call.  Values are stable and only appended to. */
+typedef enum kvb_status {
+    KVB_OK = 0,              /* success */
+    KVB_ERR_INVALID = 1,     /* an argument or configuration value is bad */
+    KVB_ERR_NOMEM = 2,       /* an allocation failed */
+    KVB_ERR_UNSUPPORTED = 3, /* dtype, layout or feature not supported */
+    KVB_ERR_CUDA = 4,        /* a CUDA runtime call failed */
+    KVB_ERR_NOT_FOUND = 5,   /* a looked-up object does not exist */
+    KVB_ERR_INTERNAL = 6     /* an internal invariant failed (a bug) */
+} kvb_status;
+
+/* Returns a static name for a status ("KVB_OK", "KVB_ERR_INVALID", ...);
+ * unknown values give "KVB_ERR_UNKNOWN". */
+KVB_API const char *kvb_status_str(kvb_status status);
+
+/* Returns the message of the last failed call on this thread, or "" if none
+ * failed yet.  The pointer stays valid until the next kvblend call on the
+ * same thread. */
+KVB_API const char *kvb_last_error(void);
+
+/* Clears this thread's last error message. */
+KVB_API void kvb_clear_error(void);
+
+/* Log levels for the optional log callback. */
+typedef enum kvb_log_level {
+    KVB_LOG_DEBUG = 0,
+    KVB_LOG_INFO = 1,
+    KVB_LOG_WARNING = 2,
+    KVB_LOG_ERROR = 3
+} kvb_log_level;
+
+/* Receives log lines (without trailing newline).  May be called from any
+ * thread; must not call back into kvblend. */
+typedef void (*kvb_log_fn)(kvb_log_level level, const char *msg, void *user);
+
+/* Installs a process-wide log sink (NULL restores the default, which writes
+ * WARNING and above to stderr) and the minimum level delivered. */
+KVB_API void kvb_set_log(kvb_log_fn fn, void *user, kvb_log_level min_level);
+
+/* Returns the library version as "MAJOR.MINOR.PATCH". */
+KVB_API const char *kvb_version(void);
+
+/* Returns 1 when the library was built with CUDA kernels, else 0. */
+KVB_API int kvb_has_cuda(void);
+
+/* ------------------------------------------------------------------------ */
+/* Element types                                                              */
+/* ------------------------------------------------------------------------ */
+
+/* Storage types of KV tensors.  Arithmetic is always done in fp32. */
+typedef enum kvb_dtype {
+    KVB_DTYPE_F32 = 0,
+    KVB_DTYPE_F16 = 1,
+    KVB_DTYPE_BF16 = 2
+} kvb_dtype;
+
+/* Returns the size in bytes of one element of `dtype`, or 0 if unknown. */
+KVB_API size_t kvb_dtype_size(kvb_dtype dtype);
+
+/* Returns "f32", "f16", "bf16", or "unknown". */
+KVB_API const char *kvb_dtype_str(kvb_dtype dtype);
+
+/* ------------------------------------------------------------------------ */
+/* Configuration                                                              */
+/* ------------------------------------------------------------------------ */
+
+#define KVB_MAX_CHECK_LAYERS 16
+#define KVB_MAX_SPECIAL_STR 256
+
+/* Which tensor the per-token deviation compares at a check layer. */
+typedef enum kvb_deviation_kind {
+    KVB_DEVIATION_K = 0,  /* squared L2 of the key difference */
+    KVB_DEVIATION_V = 1,  /* squared L2 of the value difference */
+    KVB_DEVIATION_KV = 2  /* sum of both */
+} kvb_deviation_kind;
+
+/*
+ * Every setting kvblend reads.  LMCache-compatible settings come from
+ * LMCACHE_* variables with LMCache's defaults; kvblend's own from KVBLEND_*.
+ *
+ *   LMCACHE_ENABLE_BLENDING        bool   enable_blending (False)
+ *   LMCACHE_BLEND_SPECIAL_STR      str    blend_special_str (" # # ")
+ *   LMCACHE_USE_LAYERWISE          bool   use_layerwise (False)
+ *   LMCACHE_BLEND_CHECK_LAYERS     ints   check_layers, "1" or "1,2,4",
+ *                                         strictly increasing, >= 0 (1)
+ *   LMCACHE_BLEND_RECOMPUTE_RATIOS floats recompute_ratios, each in (0,1],
+ *                                         one per check layer or one for
+ *                                         all (0.15)
+ *   LMCACHE_BLEND_THRESHOLDS       floats optional deviation thresholds,
+ *                                         each >= 0 (unset)
+ *   LMCACHE_CHUNK_SIZE             int    chunk_size > 0 (256)
+ *   LMCACHE_LOCAL_CPU              bool   local_cpu (True)
+ *   LMCACHE_MAX_LOCAL_CPU_SIZE     float  GB of host memory, >= 0 (5.0)
+ *   LMCACHE_EXTRA_CONFIG           JSON object; "enable_sparse": bool
+ *   KVBLEND_MAX_DEVICE_SIZE        float  GB of device memory for the GPU
+ *                                         tier, >= 0 (0 = no GPU tier)
+ *   KVBLEND_DEVIATION              "k", "v" or "kv" ("k")
+ *   KVBLEND_NUM_THREADS            int    CPU op threads, 0 = all cores (0)
+ *   KVBLEND_LOG_LEVEL              "debug", "info", "warning", "error"
+ *                                         ("warning")
+ *
+ * Booleans accept True/False/true/false/1/0.  Surrounding whitespace is
+ * ignored in numbers and booleans.
+ */
+typedef struct kvb_config {
+    int enable_blending;
+    char blend_special_str[KVB_MAX_SPECIAL_STR];
+    int use_layerwise;
+    int num_check_layers;
+    int32_t check_layers[KVB_MAX_CHECK_LAYERS];
+    int num_recompute_ratios;
+    float recompute_ratios[KVB_MAX_CHECK_LAYERS];
+    int num_thresholds; /* 0 when LMCACHE_BLEND_THRESHOLDS is unset */
+    float thresholds[KVB_MAX_CHECK_LAYERS];
+    int64_t chunk_size;
+    int local_cpu;
+    double max_local_cpu_size_gb;
+    int enable_sparse;
+    double max_device_size_gb;
+    kvb_deviation_kind deviation;
+    int num_threads;
+    kvb_log_level log_level;
+} kvb_config;
+
+/* Fills `cfg` with the defaults listed above.  Never fails for non-NULL cfg. */
+KVB_API kvb_status kvb_config_init(kvb_config *cfg);
+
+/* Parses one variable by its full name (e.g. "LMCACHE_CHUNK_SIZE") into
+ * `cfg`.  Unknown names starting with LMCACHE_ are ignored (LMCache has many
+ * settings kvblend does not use); unknown KVBLEND_ names are KVB_ERR_INVALID.
+ * On a bad value returns KVB_ERR_INVALID and leaves `cfg` unchanged; the
+ * message names the variable and the value. */
+KVB_API kvb_status kvb_config_set(kvb_config *cfg, const char *name,
+                                  const char *value);
+
+/* Checks cross-field rules (one ratio per check layer or a single ratio,
+ * thresholds likewise).  Returns KVB_ERR_INVALID naming the variables. */
+KVB_API kvb_status kvb_config_validate(const kvb_config *cfg);
+
+/* Initialises `cfg` from the process environment: kvb_config_init, then
+ * kvb_config_set for each recognised variable that is set, then
+ * kvb_config_validate.  Stops at the first bad value. */
+KVB_API kvb_status kvb_config_from_env(kvb_config *cfg);
+
+/* Returns the recompute ratio that applies at check layer index `i`
+ * (0 <= i < num_check_layers): ratios[i], or ratios[0] when one is given. */
+KVB_API float kvb_config_ratio_at(const kvb_config *cfg, int i);
+
+/* ------------------------------------------------------------------------ */
+/* Segmentation and hashing                                                   */
+/* ------------------------------------------------------------------------ */
+
+/* A half-open token range [start, end) of a prompt. */
+typedef struct kvb_span {
+    int64_t start;
+    int64_t end;
+} kvb_span;
+
+/*
+ * Splits `tokens[0..n)` on every non-overlapping occurrence of
+ * `sep[0..sep_len)` (scanning left to right).  Separator tokens belong to no
+ * segment; empty segments (separator at the start or end, consecutive
+ * separators) are not reported.  A prompt without a separator is one segment;
+ * an empty prompt has none.
+ *
+ * Writes up to `cap` spans to `out` and the total count to `*n_out` (which
+ * may exceed cap: then KVB_ERR_INVALID is returned and the message says how
+ * many were needed).  sep_len must be >= 1; a prompt shorter than the
+ * separator is KVB_ERR_INVALID ("separator ... longer than the prompt").
+ */
+KVB_API kvb_status kvb_segment_split(const int32_t *tokens, int64_t n,
+                                     const int32_t *sep, int64_t sep_len,
+                                     kvb_span *out, int64_t cap,
+                                     int64_t *n_out);
+
+/*
+ * Checks explicit segment boundaries for a prompt of `n` tokens: each span
+ * must satisfy 0 <= start < end <= n, and spans must be sorted and must not
+ * overlap.  Gaps between spans are allowed (they are recomputed).
+ */
+KVB_API kvb_status kvb_segment_check(const kvb_span *spans, int64_t n_spans,
+                                     int64_t n);
+
+/* Returns the 64-bit position-independent key of a segment: XXH3-64 (seed 0)
+ * of its token ids as little-endian int32.  n == 0 hashes the empty input. */
+KVB_API uint64_t kvb_hash_tokens(const int32_t *tokens, int64_t n);
+
+/* ------------------------------------------------------------------------ */
+/* Chunk store                                                                */
+/* ------------------------------------------------------------------------ */
+
+typedef struct kvb_store kvb_store;
+typedef struct kvb_entry kvb_entry;
+
+/* Where an entry's rows live. */
+typedef enum kvb_tier {
+    KVB_TIER_HOST = 0,   /* host memory (pinned when a CUDA host allocator
+                            is installed) */
+    KVB_TIER_DEVICE = 1  /* device memory pool */
+} kvb_tier;
+
+/* Shape of the rows a store keeps: per entry and layer, K and V of shape
+ * contiguous [num_tokens, num_kv_heads, head_size] in `dtype`. */
+typedef struct kvb_store_params {
+    int32_t num_layers;
+    int32_t num_kv_heads;
+    int32_t head_size;
+    kvb_dtype dtype;
+    size_t host_budget_bytes;   /* 0: the host tier stores nothing */
+    size_t device_budget_bytes; /* 0: no device tier */
+} kvb_store_params;
+
+/* Store statistics (cumulative counters and current sizes). */
+typedef struct kvb_store_stats {
+    int64_t num_entries;
+    size_t host_bytes;
+    size_t device_bytes;
+    int64_t lookups;
+    int64_t hits;
+    int64_t inserts;
+    int64_t evictions;
+    int64_t rejected; /* reservations refused for lack of room */
+    int64_t collisions; /* hash matched, tokens differed */
+} kvb_store_stats;
+
+/* Creates a store.  Ownership: the caller frees it with kvb_store_free after
+ * every entry has been unpinned.  All store functions are thread-safe. */
+KVB_API kvb_status kvb_store_create(const kvb_store_params *params,
+                                    kvb_store **out);
+
+/* Frees the store and all its entries.  NULL is a no-op. */
+KVB_API void kvb_store_free(kvb_store *store);
+
+/* Reports whether a ready entry for exactly these tokens exists (no pin, no
+ * LRU update, no side effects).  `*found` is 1 or 0. */
+KVB_API kvb_status kvb_store_contains(kvb_store *store, const int32_t *tokens,
+                                      int64_t n, int *found);
+
+/*
+ * Looks up a ready entry for exactly these tokens.  On a hit, `*entry` is
+ * pinned (it cannot be evicted or freed) and marked most recently used; the
+ * caller must call kvb_store_unpin.  On a miss `*entry` is NULL and KVB_OK is
+ * returned.  A hash collision (same hash, other tokens) is a miss.
+ */
+KVB_API kvb_status kvb_store_acquire(kvb_store *store, const int32_t *tokens,
+                                     int64_t n, kvb_entry **entry);
+
+/*
+ * Reserves a new entry for `tokens[0..n)` whose keys were rotated at
+ * `positions[0..n)` (NULL means 0..n-1), evicting least recently used
+ * unpinned entries as needed.  The entry is pinned and invisible to lookups
+ * until kvb_store_commit.  `*entry` is NULL with KVB_OK when an entry for
+ * these tokens already exists or is being written, or when there is no room
+ * (counted in stats.rejected and logged): "no room" means "not stored", never
+ * a failure.
+ */
+KVB_API kvb_status kvb_store_reserve(kvb_store *store, const int32_t *tokens,
+                                     int64_t n, const int64_t *positions,
+                                     kvb_entry **entry);
+
+/* Makes a reserved entry visible to lookups and unpins it. */
+KVB_API kvb_status kvb_store_commit(kvb_store *store, kvb_entry *entry);
+
+/* Drops a reserved entry that will not be completed. */
+KVB_API kvb_status kvb_store_abort(kvb_store *store, kvb_entry *entry);
+
+/* Releases a pin taken by kvb_store_acquire. */
+KVB_API kvb_status kvb_store_unpin(kvb_store *store, kvb_entry *entry);
+
+/* Removes every unpinned entry. */
+KVB_API kvb_status kvb_store_clear(kvb_store *store);
+
+/* Copies the statistics. */
+KVB_API kvb_status kvb_store_get_stats(kvb_store *store,
+                                       kvb_store_stats *stats);
+
+/* Entry accessors (valid while the entry is pinned). */
+KVB_API int64_t kvb_entry_num_tokens(const kvb_entry *entry);
+KVB_API uint64_t kvb_entry_hash(const kvb_entry *entry);
+KVB_API const int32_t *kvb_entry_tokens(const kvb_entry *entry);
+/* Positions at which the stored keys were rotated: [num_tokens]. */
+KVB_API const int64_t *kvb_entry_positions(const kvb_entry *entry);
+KVB_API kvb_tier kvb_entry_tier(const kvb_entry *entry);
+/* K or V rows of one layer: contiguous [num_tokens, num_kv_heads,
+ * head_size]; NULL when layer is out of range. */
+KVB_API void *kvb_entry_k(kvb_entry *entry, int32_t layer);
+KVB_API void *kvb_entry_v(kvb_entry *entry, int32_t layer);
+
+/* ------------------------------------------------------------------------ */
+/* Paged KV layout                                                            */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * Describes one layer of a paged KV cache owned by the engine.  Element
+ * (block b, token t, head h, dim d) of K lives at
+ *   k_base + b*block_stride + t*token_stride + h*head_stride + d*dim_stride
+ * (strides in elements, not bytes), and likewise for V.  This covers
+ * (2,B,N,H,D), (B,2,N,H,D), (B,N,H,2D) with K|V per token, and HND planes.
+ * A slot is block*block_size + token; a negative slot is padding (skipped).
+ */
+typedef struct kvb_paged_layout {
+    void *k_base;
+    void *v_base;
+    int64_t block_stride;
+    int64_t token_stride;
+    int64_t head_stride;
+    int64_t dim_stride;
+    int64_t num_blocks;
+    int64_t block_size;
+    int32_t num_kv_heads;
+    int32_t head_size;
+    kvb_dtype dtype;
+    int32_t device; /* -1: host memory; >= 0: CUDA device ordinal */
+} kvb_paged_layout;
+
+/* Checks the descriptor: non-NULL bases, positive sizes, non-negative
+ * strides, known dtype. */
+KVB_API kvb_status kvb_layout_validate(const kvb_paged_layout *layout);
+
+/* Checks a slot mapping: every slot must be < num_blocks*block_size
+ * (negative = padding).  The message names the index and the slot. */
+KVB_API kvb_status kvb_layout_check_slots(const kvb_paged_layout *layout,
+                                          const int64_t *slots, int64_t n);
+
+/* ------------------------------------------------------------------------ */
+/* Rotary embedding description                                               */
+/* ------------------------------------------------------------------------ */
+
+/* How rotary dimensions are paired. */
+typedef enum kvb_rope_style {
+    KVB_ROPE_NEOX = 0, /* pairs (i, i + rotary_dim/2): Llama, Qwen, Mistral */
+    KVB_ROPE_GPTJ = 1  /* pairs (2i, 2i + 1) */
+} kvb_rope_style;
+
+/*
+ * Rotary embedding of a model's keys: dims [0, rotary_dim) of each head are
+ * rotated, the rest pass through.  inv_freq[i] (i < rotary_dim/2) is the
+ * angular frequency of pair i, including any scaling (llama3, linear, YaRN);
+ * a position p rotates pair i by p*inv_freq[i].  `attention_factor` scales
+ * cos and sin (YaRN's mscale; 1.0 otherwise).  The table is borrowed.
+ */
+typedef struct kvb_rope {
+    int32_t rotary_dim;
+    kvb_rope_style style;
+    const float *inv_freq; /* [rotary_dim/2], host memory */
+    float attention_factor;
+} kvb_rope;
+
+/* ------------------------------------------------------------------------ */
+/* CPU reference ops                                                          */
+/* ------------------------------------------------------------------------ */
+
+/* The op functions below take host pointers.  kvb_cuda_* twins with the
+ * same arguments plus a stream take device pointers. */
+
+/* Sets the number of threads CPU ops may use (0 = all cores). */
+KVB_API kvb_status kvb_cpu_set_threads(int num_threads);
+
+/* Copies `n` tokens from the paged cache to contiguous k_out/v_out
+ * [n, num_kv_heads, head_size] of the layout's dtype.  Padding slots leave
+ * their rows untouched. */
+KVB_API kvb_status kvb_cpu_gather(const kvb_paged_layout *layout,
+                                  const int64_t *slots, int64_t n,
+                                  void *k_out, void *v_out);
+
+/* Copies contiguous k_in/v_in [n, num_kv_heads, head_size] into the paged
+ * cache at `slots`.  Padding slots are skipped.  Either input may be NULL to
+ * write only the other. */
+KVB_API kvb_status kvb_cpu_scatter(const kvb_paged_layout *layout,
+                                   const int64_t *slots, int64_t n,
+                                   const void *k_in, const void *v_in);
+
+/*
+ * Re-rotates keys in place: k [n, num_heads, head_size] was rotated at
+ * old_pos[i] and is rotated to new_pos[i] (a rotation by
+ * (new_pos - old_pos) * inv_freq, angles computed in double).  Rotating
+ * from 0 applies RoPE to unrotated keys.  Requires rotary_dim even,
+ * 0 < rotary_dim <= head_size.
+ */
+KVB_API kvb_status kvb_cpu_rerotate(void *k, int64_t n, int32_t num_heads,
+                                    int32_t head_size, kvb_dtype dtype,
+                                    const kvb_rope *rope,
+                                    const int64_t *old_pos,
+                                    const int64_t *new_pos);
+
+/* out[i] = sum over heads and dims of (a[i] - b[i])^2 for contiguous
+ * a, b [n, num_heads, head_size]; arithmetic in fp32. */
+KVB_API kvb_status kvb_cpu_deviation(const void *a, const void *b, int64_t n,
+                                     int32_t num_heads, int32_t head_size,
+                                     kvb_dtype dtype, float *out);
+
+/*
+ * Chooses tokens to recompute: all i with forced[i] != 0 (forced may be
+ * NULL), plus the k highest-scoring other tokens (ties: lower index first;
+ * NaN scores rank lowest).  k is clamped to the number of non-forced tokens.
+ * Writes the chosen indices in ascending order to out_idx (capacity n) and
+ * their count to *n_out.
+ */
+KVB_API kvb_status kvb_cpu_select(const float *score, const uint8_t *forced,
+                                  int64_t n, int64_t k, int64_t *out_idx,
+                                  int64_t *n_out);
+
+/*
+ * Attention of a subset of queries over N keys with the exact causal mask by
+ * position: query i sees key j iff k_pos[j] <= q_pos[i].
+ *   q   [nq, num_q_heads, head_size]    k, v [nk, num_kv_heads, head_size]
+ *   out [nq, num_q_heads, head_size]
+ * num_q_heads must be a multiple of num_kv_heads (GQA).  A query that sees no
+ * key gets zeros.  All tensors share `dtype`; arithmetic in fp32.
+ */
+KVB_API kvb_status kvb_cpu_attention(const void *q, const int64_t *q_pos,
+                                     int64_t nq, const void *k, const void *v,
+                                     const int64_t *k_pos, int64_t nk,
+                                     int32_t num_q_heads,
+                                     int32_t num_kv_heads, int32_t head_size,
+                                     float scale, kvb_dtype dtype, void *out);
+
+/* ------------------------------------------------------------------------ */
+/* CUDA ops (device pointers; KVB_ERR_UNSUPPORTED when built without CUDA)    */
+/* ------------------------------------------------------------------------ */
+
+/* Index arrays (slots, positions, indices) are device arrays of int64.
+ * `stream` is a cudaStream_t (NULL = default stream).  The calls enqueue
+ * work and do not synchronise unless stated. */
+
+KVB_API kvb_status kvb_cuda_gather(const kvb_paged_layout *layout,
+                                   const int64_t *slots, int64_t n,
+                                   void *k_out, void *v_out, void *stream);
+KVB_API kvb_status kvb_cuda_scatter(const kvb_paged_layout *layout,
+                                    const int64_t *slots, int64_t n,
+                                    const void *k_in, const void *v_in,
+                                    void *stream);
+KVB_API kvb_status kvb_cuda_rerotate(void *k, int64_t n, int32_t num_heads,
+                                     int32_t head_size, kvb_dtype dtype,
+                                     const kvb_rope *rope,
+                                     const int64_t *old_pos,
+                                     const int64_t *new_pos, void *stream);
+KVB_API kvb_status kvb_cuda_deviation(const void *a, const void *b, int64_t n,
+                                      int32_t num_heads, int32_t head_size,
+                                      kvb_dtype dtype, float *out,
+                                      void *stream);
+KVB_API kvb_status kvb_cuda_attention(const void *q, const int64_t *q_pos,
+                                      int64_t nq, const void *k,
+                                      const void *v, const int64_t *k_pos,
+                                      int64_t nk, int32_t num_q_heads,
+                                      int32_t num_kv_heads, int32_t head_size,
+                                      float scale, kvb_dtype dtype, void *out,
+                                      void *stream);
+
+#ifdef __cplusplus
+}
+#endif
