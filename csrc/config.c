@@ -1,0 +1,1169 @@
+/*
+ * config.c: the settings kvblend reads from the environment.
+ *
+ * LMCache users configure CacheBlend with LMCACHE_* variables; kvblend reads
+ * the same names with the same defaults so it is a drop-in, plus a few
+ * KVBLEND_* variables of its own.  Every parser here works on a copy of the
+ * caller's kvb_config, so a bad value never leaves a half-updated struct, and
+ * every error message names the variable and the value it rejected.
+ *
+ * Numbers are parsed with strtod/strtoll after checking that the text uses
+ * only the characters of a plain decimal number, so "nan", "inf", hex floats
+ * and trailing garbage ("1.5x") are all rejected.  strtod follows LC_NUMERIC;
+ * CPython and vLLM leave it at "C", where the decimal point is '.'.
+ *
+ * LMCACHE_EXTRA_CONFIG holds a JSON object; a small strict recursive-descent
+ * parser (RFC 8259 grammar, nesting limited to KVB_JSON_MAX_DEPTH) validates
+ * the whole text and picks out "enable_sparse".
+ */
+#include <ctype.h>
+#include <errno.h>
+#include <float.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+/* The process environment (POSIX); declared here because strict C11 headers
+ * do not. */
+extern char **environ;
+
+/* How many bytes of a value an error message quotes before "...". */
+#define KVB_CFG_SHOW_MAX 80
+
+/* Deepest nesting of arrays and objects LMCACHE_EXTRA_CONFIG may use. */
+#define KVB_JSON_MAX_DEPTH 64
+
+/* Longest number (after trimming) the scalar parsers accept, in bytes;
+ * longer text is rejected before parsing. */
+#define KVB_CFG_TOKEN_MAX 64
+
+/* ------------------------------------------------------------------------ */
+/* Messages                                                                   */
+/* ------------------------------------------------------------------------ */
+
+/* Records `NAME="value": reason` as the last error and returns
+ * KVB_ERR_INVALID.  Values longer than KVB_CFG_SHOW_MAX bytes are cut and
+ * marked with "..." so a huge JSON blob cannot drown the reason. */
+static kvb_status cfg_fail(const char *name, const char *value,
+                           const char *fmt, ...) KVB_PRINTF(3, 4);
+
+static kvb_status cfg_fail(const char *name, const char *value,
+                           const char *fmt, ...)
+{
+    char reason[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(reason, sizeof reason, fmt, ap);
+    va_end(ap);
+    size_t len = strlen(value);
+    int shown = len > KVB_CFG_SHOW_MAX ? KVB_CFG_SHOW_MAX : (int)len;
+    return kvb_fail(KVB_ERR_INVALID, "%s=\"%.*s%s\": %s", name, shown, value,
+                    len > KVB_CFG_SHOW_MAX ? "..." : "", reason);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Scalars                                                                    */
+/* ------------------------------------------------------------------------ */
+
+/* Copies `s[0..len)` without surrounding whitespace into `buf` (capacity
+ * `cap`).  Returns 0 on success, -1 when the trimmed text does not fit. */
+static int cfg_trim_copy(const char *s, size_t len, char *buf, size_t cap)
+{
+    while (len > 0 && isspace((unsigned char)s[0])) {
+        s++;
+        len--;
+    }
+    while (len > 0 && isspace((unsigned char)s[len - 1])) {
+        len--;
+    }
+    if (len + 1 > cap) {
+        return -1;
+    }
+    memcpy(buf, s, len);
+    buf[len] = '\0';
+    return 0;
+}
+
+/* Parses a boolean: True/False/true/false/1/0 with surrounding whitespace.
+ * Returns 0 and sets *out on success, -1 otherwise. */
+static int cfg_parse_bool(const char *s, int *out)
+{
+    char buf[16];
+    if (cfg_trim_copy(s, strlen(s), buf, sizeof buf) != 0) {
+        return -1;
+    }
+    if (!strcmp(buf, "True") || !strcmp(buf, "true") || !strcmp(buf, "1")) {
+        *out = 1;
+        return 0;
+    }
+    if (!strcmp(buf, "False") || !strcmp(buf, "false") || !strcmp(buf, "0")) {
+        *out = 0;
+        return 0;
+    }
+    return -1;
+}
+
+/* Parses a whole decimal integer from `s[0..len)` (whitespace around it
+ * allowed).  Returns 0 on success, -1 when the text is empty, has other
+ * characters, or does not fit an int64. */
+static int cfg_parse_int(const char *s, size_t len, int64_t *out)
+{
+    char buf[KVB_CFG_TOKEN_MAX];
+    if (cfg_trim_copy(s, len, buf, sizeof buf) != 0 || buf[0] == '\0') {
+        return -1;
+    }
+    for (const char *p = buf; *p; p++) {
+        if (!isdigit((unsigned char)*p) && !(p == buf && (*p == '-' || *p == '+'))) {
+            return -1;
+        }
+    }
+    char *end = NULL;
+    errno = 0;
+    long long v = strtoll(buf, &end, 10);
+    if (errno != 0 || end == buf || *end != '\0') {
+        return -1;
+    }
+    *out = (int64_t)v;
+    return 0;
+}
+
+/* Parses a whole finite decimal number from `s[0..len)` (whitespace around
+ * it allowed).  Only digits, sign, '.', 'e' and 'E' are accepted, which
+ * keeps out "nan", "inf" and hex floats.  Returns 0 on success, -1 when the
+ * text is empty, malformed, or overflows to infinity. */
+static int cfg_parse_double(const char *s, size_t len, double *out)
+{
+    char buf[KVB_CFG_TOKEN_MAX];
+    if (cfg_trim_copy(s, len, buf, sizeof buf) != 0 || buf[0] == '\0') {
+        return -1;
+    }
+    if (strspn(buf, "0123456789+-.eE") != strlen(buf)) {
+        return -1;
+    }
+    char *end = NULL;
+    errno = 0;
+    double v = strtod(buf, &end);
+    if (end == buf || *end != '\0' || !isfinite(v)) {
+        return -1;
+    }
+    if (errno == ERANGE && fabs(v) > 1.0) {
+        return -1; /* overflow; underflow to a tiny value is kept */
+    }
+    *out = v;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Lists                                                                      */
+/* ------------------------------------------------------------------------ */
+
+/* One comma-separated item: where it starts and how long it is. */
+typedef struct cfg_item {
+    const char *s;
+    size_t len;
+} cfg_item;
+
+/* Splits a list value ("1,2,4", "[1, 2]", " 0.1 ") into items, dropping one
+ * pair of surrounding brackets.  On failure records the error naming `name`
+ * and `value` and returns KVB_ERR_INVALID: unbalanced brackets, an empty
+ * list, an empty item, or more than KVB_MAX_CHECK_LAYERS items. */
+static kvb_status cfg_split_list(const char *name, const char *value,
+                                 cfg_item *items, int *n_items)
+{
+    const char *s = value;
+    size_t len = strlen(value);
+    while (len > 0 && isspace((unsigned char)s[0])) {
+        s++;
+        len--;
+    }
+    while (len > 0 && isspace((unsigned char)s[len - 1])) {
+        len--;
+    }
+    int open = len > 0 && s[0] == '[';
+    int close = len > 0 && s[len - 1] == ']';
+    if (open != close || (open && len < 2)) {
+        return cfg_fail(name, value, "unbalanced brackets; expected a "
+                        "comma-separated list such as 1,2 or [1, 2]");
+    }
+    if (open) {
+        s++;
+        len -= 2;
+    }
+    size_t k = 0;
+    while (k < len && isspace((unsigned char)s[k])) {
+        k++;
+    }
+    if (k == len) {
+        return cfg_fail(name, value, "the list is empty; expected at least "
+                        "one value");
+    }
+    int n = 0;
+    size_t start = 0;
+    for (size_t i = 0; i <= len; i++) {
+        if (i < len && s[i] != ',') {
+            continue;
+        }
+        if (n == KVB_MAX_CHECK_LAYERS) {
+            return cfg_fail(name, value, "more than %d values",
+                            KVB_MAX_CHECK_LAYERS);
+        }
+        items[n].s = s + start;
+        items[n].len = i - start;
+        size_t j = 0;
+        while (j < items[n].len && isspace((unsigned char)items[n].s[j])) {
+            j++;
+        }
+        if (j == items[n].len) {
+            return cfg_fail(name, value, "item %d is empty", n + 1);
+        }
+        n++;
+        start = i + 1;
+    }
+    *n_items = n;
+    return KVB_OK;
+}
+
+/* Formats an item for a message: its text without surrounding whitespace,
+ * cut to fit `buf`. */
+static const char *cfg_item_str(const cfg_item *it, char *buf, size_t cap)
+{
+    const char *s = it->s;
+    size_t len = it->len;
+    while (len > 0 && isspace((unsigned char)s[0])) {
+        s++;
+        len--;
+    }
+    while (len > 0 && isspace((unsigned char)s[len - 1])) {
+        len--;
+    }
+    if (len >= cap) {
+        len = cap - 1;
+    }
+    memcpy(buf, s, len);
+    buf[len] = '\0';
+    return buf;
+}
+
+/* Parses LMCACHE_BLEND_CHECK_LAYERS: integers >= 0, strictly increasing. */
+static kvb_status cfg_set_check_layers(kvb_config *c, const char *name,
+                                       const char *value)
+{
+    cfg_item items[KVB_MAX_CHECK_LAYERS];
+    int n = 0;
+    kvb_status st = cfg_split_list(name, value, items, &n);
+    if (st != KVB_OK) {
+        return st;
+    }
+    char show[KVB_CFG_TOKEN_MAX];
+    for (int i = 0; i < n; i++) {
+        int64_t v = 0;
+        if (cfg_parse_int(items[i].s, items[i].len, &v) != 0) {
+            return cfg_fail(name, value, "check layer '%s' is not an integer",
+                            cfg_item_str(&items[i], show, sizeof show));
+        }
+        if (v < 0 || v > INT32_MAX) {
+            return cfg_fail(name, value, "check layer %lld is out of range; "
+                            "expected a layer index >= 0", (long long)v);
+        }
+        if (i > 0 && v <= c->check_layers[i - 1]) {
+            return cfg_fail(name, value, "check layer %lld does not follow "
+                            "%d; layers must be strictly increasing",
+                            (long long)v, (int)c->check_layers[i - 1]);
+        }
+        c->check_layers[i] = (int32_t)v;
+    }
+    c->num_check_layers = n;
+    return KVB_OK;
+}
+
+/* Parses a list of floats into `dst`/`*count`.  `is_ratio` selects the rule:
+ * ratios lie in (0, 1], thresholds are >= 0 and must fit a float. */
+static kvb_status cfg_set_floats(const char *name, const char *value,
+                                 int is_ratio, float *dst, int *count)
+{
+    cfg_item items[KVB_MAX_CHECK_LAYERS];
+    int n = 0;
+    kvb_status st = cfg_split_list(name, value, items, &n);
+    if (st != KVB_OK) {
+        return st;
+    }
+    char show[KVB_CFG_TOKEN_MAX];
+    const char *what = is_ratio ? "ratio" : "threshold";
+    for (int i = 0; i < n; i++) {
+        double v = 0;
+        if (cfg_parse_double(items[i].s, items[i].len, &v) != 0) {
+            return cfg_fail(name, value, "%s '%s' is not a finite number",
+                            what, cfg_item_str(&items[i], show, sizeof show));
+        }
+        cfg_item_str(&items[i], show, sizeof show);
+        if (is_ratio && (!(v > 0.0) || v > 1.0 || (float)v == 0.0f)) {
+            return cfg_fail(name, value, "ratio %s is outside (0, 1]", show);
+        }
+        if (!is_ratio && v < 0.0) {
+            return cfg_fail(name, value, "threshold %s is negative; expected "
+                            ">= 0", show);
+        }
+        if (!is_ratio && v > FLT_MAX) {
+            return cfg_fail(name, value, "threshold %s does not fit a float",
+                            show);
+        }
+        dst[i] = (float)v;
+    }
+    *count = n;
+    return KVB_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* JSON (LMCACHE_EXTRA_CONFIG)                                                */
+/* ------------------------------------------------------------------------ */
+
+/* Kinds of JSON values, as far as the config cares. */
+typedef enum json_kind {
+    JSON_NULL,
+    JSON_BOOL,
+    JSON_NUMBER,
+    JSON_STRING,
+    JSON_ARRAY,
+    JSON_OBJECT
+} json_kind;
+
+/* Parser state: the text, the cursor, and the first error found. */
+typedef struct json_parser {
+    const char *s;
+    size_t n;
+    size_t pos;
+    char err[160]; /* "at byte N: expected ..." once an error occurred */
+} json_parser;
+
+/* Records the first error as "at byte <pos>: <what>" and returns -1. */
+static int json_error(json_parser *p, const char *fmt, ...) KVB_PRINTF(2, 3);
+
+static int json_error(json_parser *p, const char *fmt, ...)
+{
+    if (p->err[0] != '\0') {
+        return -1;
+    }
+    char what[128];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof what, fmt, ap);
+    va_end(ap);
+    snprintf(p->err, sizeof p->err, "at byte %zu: %s", p->pos, what);
+    return -1;
+}
+
+/* Names the byte at the cursor for an error message ("end of input",
+ * "'x'", or "byte 0x1f"). */
+static const char *json_here(const json_parser *p, char *buf, size_t cap)
+{
+    if (p->pos >= p->n) {
+        return "end of input";
+    }
+    unsigned char c = (unsigned char)p->s[p->pos];
+    if (c >= 0x20 && c < 0x7f) {
+        snprintf(buf, cap, "'%c'", c);
+    } else {
+        snprintf(buf, cap, "byte 0x%02x", c);
+    }
+    return buf;
+}
+
+/* Skips JSON whitespace (space, tab, CR, LF). */
+static void json_skip_ws(json_parser *p)
+{
+    while (p->pos < p->n) {
+        char c = p->s[p->pos];
+        if (c != ' ' && c != '\t' && c != '\n' && c != '\r') {
+            break;
+        }
+        p->pos++;
+    }
+}
+
+/* Reads four hex digits at the cursor into *out.  Returns 0 or -1. */
+static int json_hex4(json_parser *p, unsigned *out)
+{
+    unsigned v = 0;
+    for (int i = 0; i < 4; i++) {
+        if (p->pos >= p->n || !isxdigit((unsigned char)p->s[p->pos])) {
+            return json_error(p, "expected 4 hex digits after \\u");
+        }
+        char c = p->s[p->pos++];
+        v = v * 16 + (unsigned)(isdigit((unsigned char)c)
+                                    ? c - '0'
+                                    : tolower((unsigned char)c) - 'a' + 10);
+    }
+    *out = v;
+    return 0;
+}
+
+/* Appends one byte to the decoded string buffer, noting truncation. */
+static void json_put(char *buf, size_t cap, size_t *len, int *cut, char c)
+{
+    if (buf == NULL) {
+        return;
+    }
+    if (*len + 1 < cap) {
+        buf[(*len)++] = c;
+        buf[*len] = '\0';
+    } else {
+        *cut = 1;
+    }
+}
+
+/* Parses a string at the cursor (which must be '"').  Escapes are checked
+ * (\uXXXX surrogates must pair); raw control characters are rejected.  The
+ * decoded UTF-8 text goes to `buf` (capacity `cap`, may be NULL); `*cut`
+ * is set when it did not fit.  Returns 0 or -1. */
+static int json_string(json_parser *p, char *buf, size_t cap, int *cut)
+{
+    size_t len = 0;
+    int cut_local = 0;
+    if (cut == NULL) {
+        cut = &cut_local;
+    }
+    *cut = 0;
+    if (buf != NULL && cap > 0) {
+        buf[0] = '\0';
+    }
+    p->pos++; /* opening quote */
+    for (;;) {
+        if (p->pos >= p->n) {
+            return json_error(p, "unterminated string");
+        }
+        unsigned char c = (unsigned char)p->s[p->pos];
+        if (c == '"') {
+            p->pos++;
+            return 0;
+        }
+        if (c < 0x20) {
+            return json_error(p, "control character 0x%02x in a string", c);
+        }
+        if (c != '\\') {
+            json_put(buf, cap, &len, cut, (char)c);
+            p->pos++;
+            continue;
+        }
+        p->pos++;
+        if (p->pos >= p->n) {
+            return json_error(p, "unterminated escape");
+        }
+        char e = p->s[p->pos++];
+        const char *simple = strchr("\"\\/bfnrt", e);
+        if (e != '\0' && simple != NULL) {
+            static const char map[] = "\"\\/\b\f\n\r\t";
+            json_put(buf, cap, &len, cut, map[simple - "\"\\/bfnrt"]);
+            continue;
+        }
+        if (e != 'u') {
+            p->pos--;
+            return json_error(p, "invalid escape '\\%c'",
+                              isprint((unsigned char)e) ? e : '?');
+        }
+        unsigned cp = 0;
+        if (json_hex4(p, &cp) != 0) {
+            return -1;
+        }
+        if (cp >= 0xDC00 && cp <= 0xDFFF) {
+            return json_error(p, "unpaired low surrogate \\u%04X", cp);
+        }
+        if (cp >= 0xD800 && cp <= 0xDBFF) {
+            unsigned lo = 0;
+            if (p->pos + 2 > p->n || p->s[p->pos] != '\\' ||
+                p->s[p->pos + 1] != 'u') {
+                return json_error(p, "high surrogate \\u%04X not followed "
+                                  "by a low surrogate", cp);
+            }
+            p->pos += 2;
+            if (json_hex4(p, &lo) != 0) {
+                return -1;
+            }
+            if (lo < 0xDC00 || lo > 0xDFFF) {
+                return json_error(p, "high surrogate \\u%04X not followed "
+                                  "by a low surrogate", cp);
+            }
+            cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+        }
+        /* encode as UTF-8 */
+        if (cp < 0x80) {
+            json_put(buf, cap, &len, cut, (char)cp);
+        } else if (cp < 0x800) {
+            json_put(buf, cap, &len, cut, (char)(0xC0 | (cp >> 6)));
+            json_put(buf, cap, &len, cut, (char)(0x80 | (cp & 0x3F)));
+        } else if (cp < 0x10000) {
+            json_put(buf, cap, &len, cut, (char)(0xE0 | (cp >> 12)));
+            json_put(buf, cap, &len, cut, (char)(0x80 | ((cp >> 6) & 0x3F)));
+            json_put(buf, cap, &len, cut, (char)(0x80 | (cp & 0x3F)));
+        } else {
+            json_put(buf, cap, &len, cut, (char)(0xF0 | (cp >> 18)));
+            json_put(buf, cap, &len, cut, (char)(0x80 | ((cp >> 12) & 0x3F)));
+            json_put(buf, cap, &len, cut, (char)(0x80 | ((cp >> 6) & 0x3F)));
+            json_put(buf, cap, &len, cut, (char)(0x80 | (cp & 0x3F)));
+        }
+    }
+}
+
+/* Parses a number at the cursor following the JSON grammar
+ * -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?.  Returns 0 or -1. */
+static int json_number(json_parser *p)
+{
+    const char *s = p->s;
+    if (p->pos < p->n && s[p->pos] == '-') {
+        p->pos++;
+    }
+    if (p->pos >= p->n || !isdigit((unsigned char)s[p->pos])) {
+        return json_error(p, "expected a digit");
+    }
+    if (s[p->pos] == '0') {
+        p->pos++;
+    } else {
+        while (p->pos < p->n && isdigit((unsigned char)s[p->pos])) {
+            p->pos++;
+        }
+    }
+    if (p->pos < p->n && s[p->pos] == '.') {
+        p->pos++;
+        if (p->pos >= p->n || !isdigit((unsigned char)s[p->pos])) {
+            return json_error(p, "expected a digit after '.'");
+        }
+        while (p->pos < p->n && isdigit((unsigned char)s[p->pos])) {
+            p->pos++;
+        }
+    }
+    if (p->pos < p->n && (s[p->pos] == 'e' || s[p->pos] == 'E')) {
+        p->pos++;
+        if (p->pos < p->n && (s[p->pos] == '+' || s[p->pos] == '-')) {
+            p->pos++;
+        }
+        if (p->pos >= p->n || !isdigit((unsigned char)s[p->pos])) {
+            return json_error(p, "expected a digit in the exponent");
+        }
+        while (p->pos < p->n && isdigit((unsigned char)s[p->pos])) {
+            p->pos++;
+        }
+    }
+    return 0;
+}
+
+/* Matches the literal `word` at the cursor.  Returns 0 or -1. */
+static int json_literal(json_parser *p, const char *word)
+{
+    size_t len = strlen(word);
+    if (p->n - p->pos < len || memcmp(p->s + p->pos, word, len) != 0) {
+        return json_error(p, "invalid literal; expected %s", word);
+    }
+    p->pos += len;
+    /* "truex" must not pass as "true" followed by garbage the caller
+     * then reports less clearly */
+    if (p->pos < p->n && isalnum((unsigned char)p->s[p->pos])) {
+        return json_error(p, "invalid literal; expected %s", word);
+    }
+    return 0;
+}
+
+static int json_value(json_parser *p, int depth, json_kind *kind, int *bval);
+
+/* Parses an array at the cursor (which must be '[').  Returns 0 or -1. */
+static int json_array(json_parser *p, int depth)
+{
+    char here[16];
+    p->pos++;
+    json_skip_ws(p);
+    if (p->pos < p->n && p->s[p->pos] == ']') {
+        p->pos++;
+        return 0;
+    }
+    for (;;) {
+        json_kind k;
+        int b;
+        if (json_value(p, depth, &k, &b) != 0) {
+            return -1;
+        }
+        json_skip_ws(p);
+        if (p->pos < p->n && p->s[p->pos] == ',') {
+            p->pos++;
+            continue;
+        }
+        if (p->pos < p->n && p->s[p->pos] == ']') {
+            p->pos++;
+            return 0;
+        }
+        return json_error(p, "expected ',' or ']', found %s",
+                          json_here(p, here, sizeof here));
+    }
+}
+
+/* What the config reads out of the top-level object. */
+typedef struct json_extra {
+    int has_sparse;
+    int sparse;            /* valid when has_sparse and sparse_kind is bool */
+    json_kind sparse_kind; /* kind of the last "enable_sparse" value */
+} json_extra;
+
+/* Parses an object at the cursor (which must be '{').  When `extra` is not
+ * NULL (the top level), records the "enable_sparse" member; duplicate keys
+ * keep the last value, as Python's json does.  Returns 0 or -1. */
+static int json_object(json_parser *p, int depth, json_extra *extra)
+{
+    char here[16];
+    p->pos++;
+    json_skip_ws(p);
+    if (p->pos < p->n && p->s[p->pos] == '}') {
+        p->pos++;
+        return 0;
+    }
+    for (;;) {
+        char key[32];
+        int cut = 0;
+        json_skip_ws(p);
+        if (p->pos >= p->n || p->s[p->pos] != '"') {
+            return json_error(p, "expected a string key, found %s",
+                              json_here(p, here, sizeof here));
+        }
+        if (json_string(p, key, sizeof key, &cut) != 0) {
+            return -1;
+        }
+        json_skip_ws(p);
+        if (p->pos >= p->n || p->s[p->pos] != ':') {
+            return json_error(p, "expected ':' after a key, found %s",
+                              json_here(p, here, sizeof here));
+        }
+        p->pos++;
+        json_kind k;
+        int b = 0;
+        if (json_value(p, depth, &k, &b) != 0) {
+            return -1;
+        }
+        if (extra != NULL && !cut && strcmp(key, "enable_sparse") == 0) {
+            extra->has_sparse = 1;
+            extra->sparse_kind = k;
+            extra->sparse = b;
+        }
+        json_skip_ws(p);
+        if (p->pos < p->n && p->s[p->pos] == ',') {
+            p->pos++;
+            continue;
+        }
+        if (p->pos < p->n && p->s[p->pos] == '}') {
+            p->pos++;
+            return 0;
+        }
+        return json_error(p, "expected ',' or '}', found %s",
+                          json_here(p, here, sizeof here));
+    }
+}
+
+/* Parses any value at the cursor (after whitespace); `depth` counts the
+ * arrays and objects around it.  Sets *kind, and *bval for booleans.
+ * Returns 0 or -1. */
+static int json_value(json_parser *p, int depth, json_kind *kind, int *bval)
+{
+    char here[16];
+    json_skip_ws(p);
+    if (p->pos >= p->n) {
+        return json_error(p, "expected a value, found end of input");
+    }
+    char c = p->s[p->pos];
+    if (c == '{' || c == '[') {
+        if (depth >= KVB_JSON_MAX_DEPTH) {
+            return json_error(p, "nesting deeper than %d levels",
+                              KVB_JSON_MAX_DEPTH);
+        }
+        *kind = c == '{' ? JSON_OBJECT : JSON_ARRAY;
+        return c == '{' ? json_object(p, depth + 1, NULL)
+                        : json_array(p, depth + 1);
+    }
+    if (c == '"') {
+        *kind = JSON_STRING;
+        return json_string(p, NULL, 0, NULL);
+    }
+    if (c == '-' || isdigit((unsigned char)c)) {
+        *kind = JSON_NUMBER;
+        return json_number(p);
+    }
+    if (c == 't' || c == 'f') {
+        *kind = JSON_BOOL;
+        *bval = c == 't';
+        return json_literal(p, c == 't' ? "true" : "false");
+    }
+    if (c == 'n') {
+        *kind = JSON_NULL;
+        return json_literal(p, "null");
+    }
+    return json_error(p, "expected a value, found %s",
+                      json_here(p, here, sizeof here));
+}
+
+/* Returns the JSON name of a value kind for messages. */
+static const char *json_kind_str(json_kind k)
+{
+    switch (k) {
+    case JSON_NULL: return "null";
+    case JSON_BOOL: return "a boolean";
+    case JSON_NUMBER: return "a number";
+    case JSON_STRING: return "a string";
+    case JSON_ARRAY: return "an array";
+    case JSON_OBJECT: return "an object";
+    }
+    return "a value";
+}
+
+/* Parses LMCACHE_EXTRA_CONFIG: the whole text must be one JSON object
+ * (surrounded by whitespace at most).  Sets enable_sparse when the object
+ * has that key with a boolean value; other keys are ignored. */
+static kvb_status cfg_set_extra(kvb_config *c, const char *name,
+                                const char *value)
+{
+    json_parser p = {value, strlen(value), 0, {0}};
+    json_extra extra = {0, 0, JSON_NULL};
+    char here[16];
+    json_skip_ws(&p);
+    if (p.pos >= p.n || p.s[p.pos] != '{') {
+        json_error(&p, "expected a JSON object '{', found %s",
+                   json_here(&p, here, sizeof here));
+    } else if (json_object(&p, 1, &extra) == 0) {
+        json_skip_ws(&p);
+        if (p.pos < p.n) {
+            json_error(&p, "unexpected %s after the object",
+                       json_here(&p, here, sizeof here));
+        }
+    }
+    if (p.err[0] != '\0') {
+        return cfg_fail(name, value, "invalid JSON %s", p.err);
+    }
+    if (extra.has_sparse) {
+        if (extra.sparse_kind != JSON_BOOL) {
+            return cfg_fail(name, value, "\"enable_sparse\" must be true or "
+                            "false, got %s", json_kind_str(extra.sparse_kind));
+        }
+        c->enable_sparse = extra.sparse;
+    }
+    return KVB_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Per-variable setters                                                       */
+/* ------------------------------------------------------------------------ */
+
+/* Parses a boolean variable into *dst, leaving it untouched on failure. */
+static kvb_status cfg_set_bool(const char *name, const char *value, int *dst)
+{
+    if (cfg_parse_bool(value, dst) != 0) {
+        return cfg_fail(name, value, "expected True, False, true, false, 1 "
+                        "or 0");
+    }
+    return KVB_OK;
+}
+
+/* Parses a size in GB: a finite number >= 0. */
+static kvb_status cfg_set_size(const char *name, const char *value,
+                               double *dst)
+{
+    double v = 0;
+    if (cfg_parse_double(value, strlen(value), &v) != 0) {
+        return cfg_fail(name, value, "expected a finite number of GB >= 0");
+    }
+    if (v < 0) {
+        return cfg_fail(name, value, "size is negative; expected a number "
+                        "of GB >= 0");
+    }
+    *dst = v + 0.0; /* turns -0.0 into 0.0 */
+    return KVB_OK;
+}
+
+/* Copies `value` after lower-casing and trimming into `buf`; returns 0, or
+ * -1 when it does not fit. */
+static int cfg_lower_trim(const char *value, char *buf, size_t cap)
+{
+    if (cfg_trim_copy(value, strlen(value), buf, cap) != 0) {
+        return -1;
+    }
+    for (char *q = buf; *q; q++) {
+        *q = (char)tolower((unsigned char)*q);
+    }
+    return 0;
+}
+
+/* Every variable kvblend reads, in the order kvb_config_from_env applies
+ * them. */
+static const char *const kvb_config_names[] = {
+    "LMCACHE_ENABLE_BLENDING",
+    "LMCACHE_BLEND_SPECIAL_STR",
+    "LMCACHE_USE_LAYERWISE",
+    "LMCACHE_BLEND_CHECK_LAYERS",
+    "LMCACHE_BLEND_RECOMPUTE_RATIOS",
+    "LMCACHE_BLEND_THRESHOLDS",
+    "LMCACHE_CHUNK_SIZE",
+    "LMCACHE_LOCAL_CPU",
+    "LMCACHE_MAX_LOCAL_CPU_SIZE",
+    "LMCACHE_EXTRA_CONFIG",
+    "KVBLEND_MAX_DEVICE_SIZE",
+    "KVBLEND_DEVIATION",
+    "KVBLEND_NUM_THREADS",
+    "KVBLEND_LOG_LEVEL",
+};
+#define KVB_CONFIG_NUM_NAMES \
+    ((int)(sizeof kvb_config_names / sizeof kvb_config_names[0]))
+
+/* Returns 1 when `name` starts with `prefix`. */
+static int cfg_has_prefix(const char *name, const char *prefix)
+{
+    return strncmp(name, prefix, strlen(prefix)) == 0;
+}
+
+/* Parses one known variable into `c` (a scratch copy).  Returns KVB_OK,
+ * KVB_ERR_INVALID with the message set, or KVB_ERR_NOT_FOUND (no message)
+ * when `name` is not one kvblend reads. */
+static kvb_status cfg_apply(kvb_config *c, const char *name,
+                            const char *value)
+{
+    char buf[16];
+    int64_t iv = 0;
+    if (!strcmp(name, "LMCACHE_ENABLE_BLENDING")) {
+        return cfg_set_bool(name, value, &c->enable_blending);
+    }
+    if (!strcmp(name, "LMCACHE_BLEND_SPECIAL_STR")) {
+        size_t len = strlen(value);
+        if (len == 0) {
+            return cfg_fail(name, value, "the separator string is empty");
+        }
+        if (len >= KVB_MAX_SPECIAL_STR) {
+            return cfg_fail(name, value, "the separator string has %zu "
+                            "bytes; at most %d are allowed", len,
+                            KVB_MAX_SPECIAL_STR - 1);
+        }
+        memcpy(c->blend_special_str, value, len + 1);
+        return KVB_OK;
+    }
+    if (!strcmp(name, "LMCACHE_USE_LAYERWISE")) {
+        return cfg_set_bool(name, value, &c->use_layerwise);
+    }
+    if (!strcmp(name, "LMCACHE_BLEND_CHECK_LAYERS")) {
+        return cfg_set_check_layers(c, name, value);
+    }
+    if (!strcmp(name, "LMCACHE_BLEND_RECOMPUTE_RATIOS")) {
+        return cfg_set_floats(name, value, 1, c->recompute_ratios,
+                              &c->num_recompute_ratios);
+    }
+    if (!strcmp(name, "LMCACHE_BLEND_THRESHOLDS")) {
+        return cfg_set_floats(name, value, 0, c->thresholds,
+                              &c->num_thresholds);
+    }
+    if (!strcmp(name, "LMCACHE_CHUNK_SIZE")) {
+        if (cfg_parse_int(value, strlen(value), &iv) != 0) {
+            return cfg_fail(name, value, "expected an integer > 0");
+        }
+        if (iv <= 0) {
+            return cfg_fail(name, value, "chunk size must be > 0");
+        }
+        c->chunk_size = iv;
+        return KVB_OK;
+    }
+    if (!strcmp(name, "LMCACHE_LOCAL_CPU")) {
+        return cfg_set_bool(name, value, &c->local_cpu);
+    }
+    if (!strcmp(name, "LMCACHE_MAX_LOCAL_CPU_SIZE")) {
+        return cfg_set_size(name, value, &c->max_local_cpu_size_gb);
+    }
+    if (!strcmp(name, "LMCACHE_EXTRA_CONFIG")) {
+        return cfg_set_extra(c, name, value);
+    }
+    if (!strcmp(name, "KVBLEND_MAX_DEVICE_SIZE")) {
+        return cfg_set_size(name, value, &c->max_device_size_gb);
+    }
+    if (!strcmp(name, "KVBLEND_DEVIATION")) {
+        if (cfg_lower_trim(value, buf, sizeof buf) == 0) {
+            if (!strcmp(buf, "k")) {
+                c->deviation = KVB_DEVIATION_K;
+                return KVB_OK;
+            }
+            if (!strcmp(buf, "v")) {
+                c->deviation = KVB_DEVIATION_V;
+                return KVB_OK;
+            }
+            if (!strcmp(buf, "kv")) {
+                c->deviation = KVB_DEVIATION_KV;
+                return KVB_OK;
+            }
+        }
+        return cfg_fail(name, value, "expected k, v or kv");
+    }
+    if (!strcmp(name, "KVBLEND_NUM_THREADS")) {
+        if (cfg_parse_int(value, strlen(value), &iv) != 0) {
+            return cfg_fail(name, value, "expected an integer >= 0 "
+                            "(0 = all cores)");
+        }
+        if (iv < 0 || iv > INT_MAX) {
+            return cfg_fail(name, value, "thread count %lld is out of range; "
+                            "expected >= 0 (0 = all cores)", (long long)iv);
+        }
+        c->num_threads = (int)iv;
+        return KVB_OK;
+    }
+    if (!strcmp(name, "KVBLEND_LOG_LEVEL")) {
+        static const struct {
+            const char *word;
+            kvb_log_level level;
+        } levels[] = {{"debug", KVB_LOG_DEBUG},
+                      {"info", KVB_LOG_INFO},
+                      {"warning", KVB_LOG_WARNING},
+                      {"error", KVB_LOG_ERROR}};
+        if (cfg_lower_trim(value, buf, sizeof buf) == 0) {
+            for (size_t i = 0; i < sizeof levels / sizeof levels[0]; i++) {
+                if (!strcmp(buf, levels[i].word)) {
+                    c->log_level = levels[i].level;
+                    return KVB_OK;
+                }
+            }
+        }
+        return cfg_fail(name, value, "expected debug, info, warning or "
+                        "error");
+    }
+    return KVB_ERR_NOT_FOUND;
+}
+
+/* Records the error for an unknown KVBLEND_ variable, listing the known
+ * ones so a typo is easy to spot. */
+static kvb_status cfg_fail_unknown(const char *name, const char *value)
+{
+    char known[256] = "";
+    for (int i = 0; i < KVB_CONFIG_NUM_NAMES; i++) {
+        if (cfg_has_prefix(kvb_config_names[i], "KVBLEND_")) {
+            if (known[0] != '\0') {
+                strncat(known, ", ", sizeof known - strlen(known) - 1);
+            }
+            strncat(known, kvb_config_names[i],
+                    sizeof known - strlen(known) - 1);
+        }
+    }
+    return cfg_fail(name, value, "unknown kvblend variable %s; known: %s",
+                    name, known);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Public API                                                                 */
+/* ------------------------------------------------------------------------ */
+
+/* Fills `cfg` with LMCache's defaults and kvblend's own.  Fails only for a
+ * NULL cfg. */
+kvb_status kvb_config_init(kvb_config *cfg)
+{
+    if (cfg == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "kvb_config_init: cfg is NULL");
+    }
+    memset(cfg, 0, sizeof *cfg);
+    cfg->enable_blending = 0;
+    snprintf(cfg->blend_special_str, sizeof cfg->blend_special_str, " # # ");
+    cfg->use_layerwise = 0;
+    cfg->num_check_layers = 1;
+    cfg->check_layers[0] = 1;
+    cfg->num_recompute_ratios = 1;
+    cfg->recompute_ratios[0] = 0.15f;
+    cfg->num_thresholds = 0;
+    cfg->chunk_size = 256;
+    cfg->local_cpu = 1;
+    cfg->max_local_cpu_size_gb = 5.0;
+    cfg->enable_sparse = 0;
+    cfg->max_device_size_gb = 0.0;
+    cfg->deviation = KVB_DEVIATION_K;
+    cfg->num_threads = 0;
+    cfg->log_level = KVB_LOG_WARNING;
+    return KVB_OK;
+}
+
+/* Parses one variable into a copy of `cfg` and commits the copy only on
+ * success.  Unknown LMCACHE_ names return KVB_OK untouched; unknown
+ * KVBLEND_ names and names with neither prefix are KVB_ERR_INVALID. */
+kvb_status kvb_config_set(kvb_config *cfg, const char *name,
+                          const char *value)
+{
+    if (cfg == NULL || name == NULL || value == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "kvb_config_set: %s is NULL",
+                        cfg == NULL ? "cfg" : name == NULL ? "name" : "value");
+    }
+    kvb_config tmp = *cfg;
+    kvb_status st = cfg_apply(&tmp, name, value);
+    if (st == KVB_ERR_NOT_FOUND) {
+        if (cfg_has_prefix(name, "LMCACHE_")) {
+            return KVB_OK; /* an LMCache setting kvblend does not use */
+        }
+        if (cfg_has_prefix(name, "KVBLEND_")) {
+            return cfg_fail_unknown(name, value);
+        }
+        return cfg_fail(name, value, "not a kvblend setting; expected a name "
+                        "starting with LMCACHE_ or KVBLEND_");
+    }
+    if (st == KVB_OK) {
+        *cfg = tmp;
+    }
+    return st;
+}
+
+/* Checks the cross-field rules and the field ranges (a caller may fill the
+ * struct by hand, so each field is checked, not only the counts). */
+kvb_status kvb_config_validate(const kvb_config *cfg)
+{
+    if (cfg == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "kvb_config_validate: cfg is NULL");
+    }
+    int nl = cfg->num_check_layers;
+    if (nl < 1 || nl > KVB_MAX_CHECK_LAYERS) {
+        return kvb_fail(KVB_ERR_INVALID, "LMCACHE_BLEND_CHECK_LAYERS: "
+                        "num_check_layers=%d; expected 1..%d", nl,
+                        KVB_MAX_CHECK_LAYERS);
+    }
+    for (int i = 0; i < nl; i++) {
+        if (cfg->check_layers[i] < 0 ||
+            (i > 0 && cfg->check_layers[i] <= cfg->check_layers[i - 1])) {
+            return kvb_fail(KVB_ERR_INVALID, "LMCACHE_BLEND_CHECK_LAYERS: "
+                            "check_layers[%d]=%d; layers must be >= 0 and "
+                            "strictly increasing", i, (int)cfg->check_layers[i]);
+        }
+    }
+    int nr = cfg->num_recompute_ratios;
+    if (nr != 1 && nr != nl) {
+        return kvb_fail(KVB_ERR_INVALID, "LMCACHE_BLEND_RECOMPUTE_RATIOS has "
+                        "%d values but LMCACHE_BLEND_CHECK_LAYERS has %d "
+                        "layers; give one ratio per check layer or a single "
+                        "ratio for all", nr, nl);
+    }
+    for (int i = 0; i < nr; i++) {
+        float r = cfg->recompute_ratios[i];
+        if (!(r > 0.0f) || r > 1.0f) {
+            return kvb_fail(KVB_ERR_INVALID, "LMCACHE_BLEND_RECOMPUTE_RATIOS: "
+                            "recompute_ratios[%d]=%g is outside (0, 1]", i,
+                            (double)r);
+        }
+    }
+    int nt = cfg->num_thresholds;
+    if (nt != 0 && nt != 1 && nt != nl) {
+        return kvb_fail(KVB_ERR_INVALID, "LMCACHE_BLEND_THRESHOLDS has %d "
+                        "values but LMCACHE_BLEND_CHECK_LAYERS has %d layers; "
+                        "give one threshold per check layer or a single "
+                        "threshold for all", nt, nl);
+    }
+    for (int i = 0; i < nt; i++) {
+        float t = cfg->thresholds[i];
+        if (!(t >= 0.0f) || !isfinite(t)) {
+            return kvb_fail(KVB_ERR_INVALID, "LMCACHE_BLEND_THRESHOLDS: "
+                            "thresholds[%d]=%g; expected a finite value >= 0",
+                            i, (double)t);
+        }
+    }
+    if (cfg->chunk_size <= 0) {
+        return kvb_fail(KVB_ERR_INVALID, "LMCACHE_CHUNK_SIZE: chunk_size=%lld; "
+                        "expected > 0", (long long)cfg->chunk_size);
+    }
+    if (!(cfg->max_local_cpu_size_gb >= 0) ||
+        !isfinite(cfg->max_local_cpu_size_gb)) {
+        return kvb_fail(KVB_ERR_INVALID, "LMCACHE_MAX_LOCAL_CPU_SIZE: %g GB; "
+                        "expected a finite size >= 0",
+                        cfg->max_local_cpu_size_gb);
+    }
+    if (!(cfg->max_device_size_gb >= 0) || !isfinite(cfg->max_device_size_gb)) {
+        return kvb_fail(KVB_ERR_INVALID, "KVBLEND_MAX_DEVICE_SIZE: %g GB; "
+                        "expected a finite size >= 0", cfg->max_device_size_gb);
+    }
+    if (cfg->num_threads < 0) {
+        return kvb_fail(KVB_ERR_INVALID, "KVBLEND_NUM_THREADS: num_threads=%d; "
+                        "expected >= 0", cfg->num_threads);
+    }
+    if ((int)cfg->deviation < KVB_DEVIATION_K ||
+        (int)cfg->deviation > KVB_DEVIATION_KV) {
+        return kvb_fail(KVB_ERR_INVALID, "KVBLEND_DEVIATION: deviation=%d; "
+                        "expected k, v or kv", (int)cfg->deviation);
+    }
+    if ((int)cfg->log_level < KVB_LOG_DEBUG ||
+        (int)cfg->log_level > KVB_LOG_ERROR) {
+        return kvb_fail(KVB_ERR_INVALID, "KVBLEND_LOG_LEVEL: log_level=%d; "
+                        "expected debug, info, warning or error",
+                        (int)cfg->log_level);
+    }
+    if (memchr(cfg->blend_special_str, '\0', KVB_MAX_SPECIAL_STR) == NULL ||
+        cfg->blend_special_str[0] == '\0') {
+        return kvb_fail(KVB_ERR_INVALID, "LMCACHE_BLEND_SPECIAL_STR: the "
+                        "separator string is %s",
+                        cfg->blend_special_str[0] == '\0'
+                            ? "empty" : "not NUL-terminated");
+    }
+    return KVB_OK;
+}
+
+/* Builds a config from the defaults and every recognised variable that is
+ * set, then rejects KVBLEND_* variables kvblend does not know (typos), then
+ * validates.  Unknown LMCACHE_* variables are not looked at.  On any error
+ * `cfg` is left unchanged. */
+kvb_status kvb_config_from_env(kvb_config *cfg)
+{
+    if (cfg == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "kvb_config_from_env: cfg is NULL");
+    }
+    kvb_config tmp;
+    kvb_config_init(&tmp);
+    for (int i = 0; i < KVB_CONFIG_NUM_NAMES; i++) {
+        const char *value = getenv(kvb_config_names[i]);
+        if (value == NULL) {
+            continue;
+        }
+        kvb_status st = kvb_config_set(&tmp, kvb_config_names[i], value);
+        if (st != KVB_OK) {
+            return st;
+        }
+    }
+    for (char **e = environ; e != NULL && *e != NULL; e++) {
+        const char *entry = *e;
+        if (!cfg_has_prefix(entry, "KVBLEND_")) {
+            continue;
+        }
+        const char *eq = strchr(entry, '=');
+        size_t nlen = eq != NULL ? (size_t)(eq - entry) : strlen(entry);
+        int known = 0;
+        for (int i = 0; i < KVB_CONFIG_NUM_NAMES; i++) {
+            if (strlen(kvb_config_names[i]) == nlen &&
+                strncmp(kvb_config_names[i], entry, nlen) == 0) {
+                known = 1;
+                break;
+            }
+        }
+        if (!known) {
+            char name[128];
+            snprintf(name, sizeof name, "%.*s",
+                     (int)(nlen < sizeof name ? nlen : sizeof name - 1), entry);
+            return cfg_fail_unknown(name, eq != NULL ? eq + 1 : "");
+        }
+    }
+    kvb_status st = kvb_config_validate(&tmp);
+    if (st != KVB_OK) {
+        return st;
+    }
+    *cfg = tmp;
+    return KVB_OK;
+}
+
+/* Returns the ratio for check layer index `i`: ratios[i], or ratios[0] when
+ * a single ratio is given.  Out-of-range input (NULL cfg, i outside
+ * [0, num_check_layers), no ratio) is a caller bug; it returns 1.0, i.e.
+ * "recompute every token", which is slow but never wrong, and logs it. */
+float kvb_config_ratio_at(const kvb_config *cfg, int i)
+{
+    if (cfg == NULL || i < 0 || i >= cfg->num_check_layers ||
+        cfg->num_recompute_ratios < 1) {
+        kvb_log(KVB_LOG_WARNING, "kvb_config_ratio_at: check layer index %d "
+                "is out of range; recomputing every token", i);
+        return 1.0f;
+    }
+    if (cfg->num_recompute_ratios == 1) {
+        return cfg->recompute_ratios[0];
+    }
+    if (i >= cfg->num_recompute_ratios) {
+        kvb_log(KVB_LOG_WARNING, "kvb_config_ratio_at: no ratio for check "
+                "layer index %d; recomputing every token", i);
+        return 1.0f;
+    }
+    return cfg->recompute_ratios[i];
+}
