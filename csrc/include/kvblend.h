@@ -330,6 +330,13 @@ KVB_API kvb_tier kvb_entry_tier(const kvb_entry *entry);
 KVB_API void *kvb_entry_k(kvb_entry *entry, int32_t layer);
 KVB_API void *kvb_entry_v(kvb_entry *entry, int32_t layer);
 
+/* For tests: replaces the store's hash function (NULL restores
+ * kvb_hash_tokens) so that collisions can be forced.  Allowed only while the
+ * store is empty; otherwise KVB_ERR_INVALID. */
+KVB_API kvb_status kvb_store_debug_set_hash(kvb_store *store,
+                                            uint64_t (*fn)(const int32_t *,
+                                                           int64_t));
+
 /* ------------------------------------------------------------------------ */
 /* Paged KV layout                                                            */
 /* ------------------------------------------------------------------------ */
@@ -459,6 +466,35 @@ KVB_API kvb_status kvb_cpu_attention(const void *q, const int64_t *q_pos,
                                      int32_t num_kv_heads, int32_t head_size,
                                      float scale, kvb_dtype dtype, void *out);
 
+/*
+ * One stored segment to load into a staging buffer: the entry's K and V rows
+ * of layer 0 start at k0/v0, layer l at k0 + l*layer_stride elements (the
+ * store's layout), shape [num_tokens, num_kv_heads, head_size]; the keys were
+ * rotated at src_pos[num_tokens].  Row t goes to staging row dst_start + t.
+ */
+typedef struct kvb_load_seg {
+    const void *k0;
+    const void *v0;
+    int64_t layer_stride;
+    const int64_t *src_pos;
+    int64_t dst_start;
+    int64_t num_tokens;
+} kvb_load_seg;
+
+/*
+ * The fused per-layer load: for each segment copies layer `layer`'s V rows
+ * and K rows re-rotated from src_pos to dst_pos[dst_start + t] into
+ * dst_k/dst_v [num_rows, num_kv_heads, head_size].  Rows no segment covers
+ * are left untouched.  Segments must lie inside [0, num_rows) and must not
+ * overlap.
+ */
+KVB_API kvb_status kvb_cpu_load_rotate(const kvb_load_seg *segs, int64_t nseg,
+                                       int32_t layer, void *dst_k,
+                                       void *dst_v, const int64_t *dst_pos,
+                                       int64_t num_rows, int32_t num_kv_heads,
+                                       int32_t head_size, kvb_dtype dtype,
+                                       const kvb_rope *rope);
+
 /* ------------------------------------------------------------------------ */
 /* CUDA ops (device pointers; KVB_ERR_UNSUPPORTED when built without CUDA)    */
 /* ------------------------------------------------------------------------ */
@@ -490,6 +526,126 @@ KVB_API kvb_status kvb_cuda_attention(const void *q, const int64_t *q_pos,
                                       int32_t num_kv_heads, int32_t head_size,
                                       float scale, kvb_dtype dtype, void *out,
                                       void *stream);
+
+/* The fused load on the device.  `segs` and every pointer inside it and
+ * dst_pos are device (or host-mapped) memory; the stored rows may live in
+ * device memory or in pinned host memory mapped into the device. */
+KVB_API kvb_status kvb_cuda_load_rotate(const kvb_load_seg *segs,
+                                        int64_t nseg, int32_t layer,
+                                        void *dst_k, void *dst_v,
+                                        const int64_t *dst_pos,
+                                        int64_t num_rows, int32_t num_kv_heads,
+                                        int32_t head_size, kvb_dtype dtype,
+                                        const kvb_rope *rope, void *stream);
+
+/* kvb_cpu_select on the device (score, forced, out_idx device arrays).  The
+ * number of chosen indices is known on the host in advance
+ * (forced count + min(k, n - forced count)), so nothing is read back. */
+KVB_API kvb_status kvb_cuda_select(const float *score, const uint8_t *forced,
+                                   int64_t n, int64_t k, int64_t *out_idx,
+                                   void *stream);
+
+/* ------------------------------------------------------------------------ */
+/* Connector: the hooks vLLM's KV connector calls, per request               */
+/* ------------------------------------------------------------------------ */
+
+/* Shape of the model whose KV is blended. */
+typedef struct kvb_model_desc {
+    int32_t num_layers;
+    int32_t num_q_heads;
+    int32_t num_kv_heads;
+    int32_t head_size;
+    kvb_dtype dtype; /* of the KV cache */
+    kvb_rope rope;   /* inv_freq is copied by kvb_connector_create */
+} kvb_model_desc;
+
+typedef struct kvb_connector kvb_connector;
+typedef struct kvb_request kvb_request;
+
+/* Creates a connector with its own store sized from `cfg`
+ * (LMCACHE_LOCAL_CPU / LMCACHE_MAX_LOCAL_CPU_SIZE, KVBLEND_MAX_DEVICE_SIZE).
+ * `device` is -1 for the CPU path or a CUDA device ordinal. */
+KVB_API kvb_status kvb_connector_create(const kvb_config *cfg,
+                                        const kvb_model_desc *model,
+                                        int32_t device, kvb_connector **out);
+
+/* Frees the connector and its store.  NULL is a no-op. */
+KVB_API void kvb_connector_free(kvb_connector *conn);
+
+/* Returns the connector's store (owned by the connector). */
+KVB_API kvb_store *kvb_connector_store(kvb_connector *conn);
+
+/* Sets the separator's token ids (the special string tokenized alone,
+ * without BOS).  An empty separator disables splitting (explicit spans
+ * only). */
+KVB_API kvb_status kvb_connector_set_separator(kvb_connector *conn,
+                                               const int32_t *sep,
+                                               int64_t sep_len);
+
+/*
+ * Scheduler-side lookup, free of side effects: splits `tokens` into segments
+ * (on the separator, or uses `spans` when non-NULL) and reports per segment
+ * whether it is stored.  Writes up to `cap` spans/hit flags and the segment
+ * count to *n_segs, and to *reuse_end the end of the last stored segment
+ * capped at n - 1, since the engine must compute at least the last token
+ * (0 when nothing is stored).  A prompt shorter than the separator has no
+ * segments (*n_segs = 0, *reuse_end = 0); that is not an error.  Blending
+ * disabled in the config also gives *reuse_end = 0.
+ */
+KVB_API kvb_status kvb_connector_lookup(kvb_connector *conn,
+                                        const int32_t *tokens, int64_t n,
+                                        const kvb_span *spans,
+                                        int64_t n_spans, kvb_span *segs,
+                                        uint8_t *hit, int64_t cap,
+                                        int64_t *n_segs, int64_t *reuse_end);
+
+/*
+ * Starts the worker-side state of one prefill of `tokens[0..n)` (positions
+ * 0..n-1): segments as in kvb_connector_lookup; stored segments are pinned;
+ * segments not stored are reserved for saving when `save` is non-zero.
+ * The blend produces rows [0, blend_end): blend_end = `blend_end` when it is
+ * >= 0 (the count the scheduler promised the engine; segments evicted since
+ * the lookup are then simply recomputed), else the lookup's reuse_end.
+ * Ownership: the caller ends it with kvb_request_finish.
+ */
+KVB_API kvb_status kvb_request_begin(kvb_connector *conn,
+                                     const int32_t *tokens, int64_t n,
+                                     const kvb_span *spans, int64_t n_spans,
+                                     int64_t blend_end, int save,
+                                     kvb_request **out);
+
+/* Rows the blend covers ([0, blend_end)); 0 means nothing is reused. */
+KVB_API int64_t kvb_request_blend_end(const kvb_request *req);
+
+/* Per row of [0, blend_end): 1 when the row has no stored KV (separators,
+ * segments not stored, gaps) and must be recomputed at every layer. */
+KVB_API const uint8_t *kvb_request_forced(const kvb_request *req);
+
+/* Counts: segments in the prompt, stored segments reused, forced rows. */
+KVB_API kvb_status kvb_request_counts(const kvb_request *req,
+                                      int64_t *n_segments, int64_t *n_hit,
+                                      int64_t *n_forced);
+
+/* Fills the rows of stored segments in dst_k/dst_v [blend_end, num_kv_heads,
+ * head_size] with layer `layer`'s stored KV, keys re-rotated to their new
+ * positions.  Host pointers for a CPU connector, device pointers (and
+ * `stream`) for a CUDA one. */
+KVB_API kvb_status kvb_request_load_layer(kvb_request *req, int32_t layer,
+                                          void *dst_k, void *dst_v,
+                                          void *stream);
+
+/* Copies layer `layer` of every reserved segment out of the engine's paged
+ * cache (slots[n] is the request's slot mapping, host memory) into the
+ * store. */
+KVB_API kvb_status kvb_request_save_layer(kvb_request *req, int32_t layer,
+                                          const kvb_paged_layout *layout,
+                                          const int64_t *slots, int64_t n,
+                                          void *stream);
+
+/* Ends the request: with `commit` non-zero, reserved segments that were
+ * saved at every layer become visible; others are dropped.  Unpins stored
+ * segments and frees `req`.  NULL is a no-op. */
+KVB_API void kvb_request_finish(kvb_request *req, int commit);
 
 #ifdef __cplusplus
 }

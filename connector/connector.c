@@ -1,0 +1,561 @@
+/*
+ * connector.c: the hook layer vLLM's KV connector calls.  A kvb_connector
+ * owns the chunk store, the separator and the model's shape; a kvb_request
+ * is the worker-side state of one prefill: its segments, the stored entries
+ * it reuses (pinned for its lifetime), the rows that must be recomputed, and
+ * the entries it fills for segments seen for the first time.
+ *
+ * The scheduler process only calls kvb_connector_lookup (no side effects);
+ * the worker calls kvb_request_begin, then per layer kvb_request_load_layer
+ * and kvb_request_save_layer, and kvb_request_finish at the end.
+ */
+#include <math.h>
+#include <stdlib.h>
+
+#include "internal.h"
+
+struct kvb_connector {
+    kvb_config cfg;
+    kvb_model_desc model;
+    float *inv_freq;  /* owned copy of model.rope.inv_freq */
+    int32_t device;
+    kvb_store *store;
+    int32_t *sep;     /* owned; NULL when sep_len == 0 */
+    int64_t sep_len;
+};
+
+struct kvb_request {
+    kvb_connector *conn;
+    int64_t n;
+    int64_t nseg;
+    kvb_span *segs;        /* [nseg] */
+    kvb_entry **hits;      /* [nseg] pinned stored entries, NULL on a miss */
+    kvb_entry **saves;     /* [nseg] reserved entries, NULL when not saved */
+    int32_t *saved_layers; /* [nseg] layers copied into saves[i] */
+    int64_t blend_end;
+    uint8_t *forced;       /* [blend_end] */
+    int64_t n_hit;
+    int64_t n_forced;
+    kvb_load_seg *load;    /* [n_load] hit segments inside the blend */
+    int64_t n_load;
+    int64_t *positions;    /* [n] 0..n-1 */
+};
+
+/* Bytes in a size given in GB (LMCache counts 1 GB as 2^30 bytes).  Values
+ * were validated as finite and >= 0 by the config parser. */
+static size_t gb_to_bytes(double gb)
+{
+    double b = gb * 1073741824.0;
+    if (!(b > 0)) {
+        return 0;
+    }
+    if (b >= (double)SIZE_MAX) {
+        return SIZE_MAX;
+    }
+    return (size_t)b;
+}
+
+/* Creates a connector: validates the model description, copies the rotary
+ * table and creates the store.  See kvblend.h. */
+kvb_status kvb_connector_create(const kvb_config *cfg,
+                                const kvb_model_desc *model, int32_t device,
+                                kvb_connector **out)
+{
+    if (out == NULL || cfg == NULL || model == NULL) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_connector_create: NULL cfg, model or out");
+    }
+    *out = NULL;
+    kvb_status st = kvb_config_validate(cfg);
+    if (st != KVB_OK) {
+        return st;
+    }
+    if (model->num_layers <= 0 || model->num_q_heads <= 0 ||
+        model->num_kv_heads <= 0 || model->head_size <= 0 ||
+        model->num_q_heads % model->num_kv_heads != 0) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "model: num_layers=%d, num_q_heads=%d, "
+                        "num_kv_heads=%d, head_size=%d: expected positive "
+                        "values with num_q_heads a multiple of num_kv_heads",
+                        (int)model->num_layers, (int)model->num_q_heads,
+                        (int)model->num_kv_heads, (int)model->head_size);
+    }
+    st = kvb_check_dtype(model->dtype, "model.dtype");
+    if (st != KVB_OK) {
+        return st;
+    }
+    const kvb_rope *r = &model->rope;
+    if (r->rotary_dim <= 0 || r->rotary_dim % 2 != 0 ||
+        r->rotary_dim > model->head_size || r->inv_freq == NULL ||
+        (r->style != KVB_ROPE_NEOX && r->style != KVB_ROPE_GPTJ)) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "model.rope: rotary_dim=%d (head_size %d), style=%d, "
+                        "inv_freq %s: expected an even rotary_dim in "
+                        "(0, head_size], style 0 (neox) or 1 (gptj) and a "
+                        "frequency table",
+                        (int)r->rotary_dim, (int)model->head_size,
+                        (int)r->style, r->inv_freq ? "set" : "NULL");
+    }
+    for (int i = 0; i < r->rotary_dim / 2; i++) {
+        if (!isfinite(r->inv_freq[i])) {
+            return kvb_fail(KVB_ERR_INVALID,
+                            "model.rope.inv_freq[%d] = %g is not finite", i,
+                            (double)r->inv_freq[i]);
+        }
+    }
+    if (device >= 0 && !kvb_has_cuda()) {
+        return kvb_fail(KVB_ERR_UNSUPPORTED,
+                        "device %d requested but libkvblend was built "
+                        "without CUDA",
+                        (int)device);
+    }
+    kvb_connector *c = calloc(1, sizeof *c);
+    if (c == NULL) {
+        return kvb_fail(KVB_ERR_NOMEM, "kvb_connector_create: out of memory");
+    }
+    c->cfg = *cfg;
+    c->model = *model;
+    c->device = device < 0 ? -1 : device;
+    c->inv_freq = malloc((size_t)(r->rotary_dim / 2) * sizeof(float));
+    if (c->inv_freq == NULL) {
+        free(c);
+        return kvb_fail(KVB_ERR_NOMEM, "kvb_connector_create: out of memory");
+    }
+    memcpy(c->inv_freq, r->inv_freq,
+           (size_t)(r->rotary_dim / 2) * sizeof(float));
+    c->model.rope.inv_freq = c->inv_freq;
+    kvb_store_params sp = {
+        .num_layers = model->num_layers,
+        .num_kv_heads = model->num_kv_heads,
+        .head_size = model->head_size,
+        .dtype = model->dtype,
+        .host_budget_bytes =
+            cfg->local_cpu ? gb_to_bytes(cfg->max_local_cpu_size_gb) : 0,
+        .device_budget_bytes = gb_to_bytes(cfg->max_device_size_gb),
+    };
+    st = kvb_store_create(&sp, &c->store);
+    if (st != KVB_OK) {
+        free(c->inv_freq);
+        free(c);
+        return st;
+    }
+    kvb_set_log(NULL, NULL, cfg->log_level);
+    *out = c;
+    return KVB_OK;
+}
+
+/* Frees the connector, its store, separator and rotary table. */
+void kvb_connector_free(kvb_connector *conn)
+{
+    if (conn == NULL) {
+        return;
+    }
+    kvb_store_free(conn->store);
+    free(conn->sep);
+    free(conn->inv_freq);
+    free(conn);
+}
+
+/* Returns the connector's store. */
+kvb_store *kvb_connector_store(kvb_connector *conn)
+{
+    return conn == NULL ? NULL : conn->store;
+}
+
+/* Replaces the separator with a copy of `sep`. */
+kvb_status kvb_connector_set_separator(kvb_connector *conn,
+                                       const int32_t *sep, int64_t sep_len)
+{
+    if (conn == NULL || sep_len < 0 || (sep_len > 0 && sep == NULL)) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_connector_set_separator: bad arguments "
+                        "(sep_len=%lld)",
+                        (long long)sep_len);
+    }
+    int32_t *copy = NULL;
+    if (sep_len > 0) {
+        copy = malloc((size_t)sep_len * sizeof *copy);
+        if (copy == NULL) {
+            return kvb_fail(KVB_ERR_NOMEM, "separator: out of memory");
+        }
+        memcpy(copy, sep, (size_t)sep_len * sizeof *copy);
+    }
+    free(conn->sep);
+    conn->sep = copy;
+    conn->sep_len = sep_len;
+    return KVB_OK;
+}
+
+/*
+ * Splits a prompt into segments into a freshly allocated array: explicit
+ * spans when given (checked), else on the separator.  No separator set, or a
+ * prompt shorter than it, gives no segments.  *segs_out is NULL when
+ * *nseg_out is 0; the caller frees it.
+ */
+static kvb_status split_prompt(const kvb_connector *conn,
+                               const int32_t *tokens, int64_t n,
+                               const kvb_span *spans, int64_t n_spans,
+                               kvb_span **segs_out, int64_t *nseg_out)
+{
+    *segs_out = NULL;
+    *nseg_out = 0;
+    if (spans != NULL) {
+        kvb_status st = kvb_segment_check(spans, n_spans, n);
+        if (st != KVB_OK) {
+            return st;
+        }
+        if (n_spans == 0) {
+            return KVB_OK;
+        }
+        kvb_span *segs = malloc((size_t)n_spans * sizeof *segs);
+        if (segs == NULL) {
+            return kvb_fail(KVB_ERR_NOMEM, "segments: out of memory");
+        }
+        memcpy(segs, spans, (size_t)n_spans * sizeof *segs);
+        *segs_out = segs;
+        *nseg_out = n_spans;
+        return KVB_OK;
+    }
+    if (conn->sep_len == 0 || n < conn->sep_len || n == 0) {
+        return KVB_OK;
+    }
+    int64_t count = 0;
+    kvb_status st = kvb_segment_split(tokens, n, conn->sep, conn->sep_len,
+                                      NULL, 0, &count);
+    if (st != KVB_OK && count == 0) {
+        return st;
+    }
+    if (count == 0) {
+        return KVB_OK;
+    }
+    kvb_span *segs = malloc((size_t)count * sizeof *segs);
+    if (segs == NULL) {
+        return kvb_fail(KVB_ERR_NOMEM, "segments: out of memory");
+    }
+    st = kvb_segment_split(tokens, n, conn->sep, conn->sep_len, segs, count,
+                           &count);
+    if (st != KVB_OK) {
+        free(segs);
+        return st;
+    }
+    *segs_out = segs;
+    *nseg_out = count;
+    return KVB_OK;
+}
+
+/* Scheduler-side lookup without side effects.  See kvblend.h. */
+kvb_status kvb_connector_lookup(kvb_connector *conn, const int32_t *tokens,
+                                int64_t n, const kvb_span *spans,
+                                int64_t n_spans, kvb_span *segs, uint8_t *hit,
+                                int64_t cap, int64_t *n_segs,
+                                int64_t *reuse_end)
+{
+    if (conn == NULL || n_segs == NULL || reuse_end == NULL || n < 0 ||
+        (n > 0 && tokens == NULL) || cap < 0 ||
+        (cap > 0 && (segs == NULL || hit == NULL))) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_connector_lookup: bad arguments (n=%lld, "
+                        "cap=%lld)",
+                        (long long)n, (long long)cap);
+    }
+    *n_segs = 0;
+    *reuse_end = 0;
+    kvb_span *all = NULL;
+    int64_t nseg = 0;
+    kvb_status st = split_prompt(conn, tokens, n, spans, n_spans, &all, &nseg);
+    if (st != KVB_OK) {
+        return st;
+    }
+    int64_t end = 0;
+    for (int64_t i = 0; i < nseg; i++) {
+        int found = 0;
+        st = kvb_store_contains(conn->store, tokens + all[i].start,
+                                all[i].end - all[i].start, &found);
+        if (st != KVB_OK) {
+            free(all);
+            return st;
+        }
+        if (i < cap) {
+            segs[i] = all[i];
+            hit[i] = (uint8_t)(found != 0);
+        }
+        if (found && conn->cfg.enable_blending) {
+            end = all[i].end;
+        }
+    }
+    free(all);
+    *n_segs = nseg;
+    *reuse_end = end < n ? end : (n > 0 ? n - 1 : 0);
+    if (nseg > cap) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_connector_lookup: %lld segments do not fit in "
+                        "cap=%lld",
+                        (long long)nseg, (long long)cap);
+    }
+    return KVB_OK;
+}
+
+/* Releases everything a request holds; reserved entries are committed when
+ * `commit` is set and they were saved at every layer, else aborted. */
+static void request_release(kvb_request *req, int commit)
+{
+    kvb_connector *c = req->conn;
+    for (int64_t i = 0; i < req->nseg; i++) {
+        if (req->hits != NULL && req->hits[i] != NULL) {
+            kvb_store_unpin(c->store, req->hits[i]);
+        }
+        if (req->saves != NULL && req->saves[i] != NULL) {
+            if (commit && req->saved_layers[i] == c->model.num_layers) {
+                kvb_store_commit(c->store, req->saves[i]);
+            } else {
+                kvb_store_abort(c->store, req->saves[i]);
+            }
+        }
+    }
+    free(req->segs);
+    free(req->hits);
+    free(req->saves);
+    free(req->saved_layers);
+    free(req->forced);
+    free(req->load);
+    free(req->positions);
+    free(req);
+}
+
+/* Starts a request: segments, pins stored ones, reserves the others, marks
+ * forced rows and builds the load table.  See kvblend.h. */
+kvb_status kvb_request_begin(kvb_connector *conn, const int32_t *tokens,
+                             int64_t n, const kvb_span *spans,
+                             int64_t n_spans, int64_t blend_end, int save,
+                             kvb_request **out)
+{
+    if (conn == NULL || out == NULL || n < 0 || (n > 0 && tokens == NULL)) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_request_begin: bad arguments (n=%lld)",
+                        (long long)n);
+    }
+    *out = NULL;
+    if (blend_end > n || (blend_end >= n && n > 0)) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_request_begin: blend_end=%lld must be below the "
+                        "prompt length %lld",
+                        (long long)blend_end, (long long)n);
+    }
+    if (conn->device >= 0) {
+        return kvb_fail(KVB_ERR_UNSUPPORTED,
+                        "kvb_request_begin: device connectors are not "
+                        "supported by this build");
+    }
+    kvb_request *req = calloc(1, sizeof *req);
+    if (req == NULL) {
+        return kvb_fail(KVB_ERR_NOMEM, "kvb_request_begin: out of memory");
+    }
+    req->conn = conn;
+    req->n = n;
+    kvb_status st = split_prompt(conn, tokens, n, spans, n_spans, &req->segs,
+                                 &req->nseg);
+    if (st != KVB_OK) {
+        free(req);
+        return st;
+    }
+    int64_t ns = req->nseg > 0 ? req->nseg : 1;
+    req->hits = calloc((size_t)ns, sizeof *req->hits);
+    req->saves = calloc((size_t)ns, sizeof *req->saves);
+    req->saved_layers = calloc((size_t)ns, sizeof *req->saved_layers);
+    req->load = calloc((size_t)ns, sizeof *req->load);
+    req->positions = malloc((size_t)(n > 0 ? n : 1) * sizeof *req->positions);
+    if (!req->hits || !req->saves || !req->saved_layers || !req->load ||
+        !req->positions) {
+        request_release(req, 0);
+        return kvb_fail(KVB_ERR_NOMEM, "kvb_request_begin: out of memory");
+    }
+    for (int64_t i = 0; i < n; i++) {
+        req->positions[i] = i;
+    }
+    int64_t reuse_end = 0;
+    for (int64_t i = 0; i < req->nseg; i++) {
+        const kvb_span *s = &req->segs[i];
+        int64_t len = s->end - s->start;
+        if (conn->cfg.enable_blending) {
+            st = kvb_store_acquire(conn->store, tokens + s->start, len,
+                                   &req->hits[i]);
+            if (st != KVB_OK) {
+                request_release(req, 0);
+                return st;
+            }
+        }
+        if (req->hits[i] != NULL) {
+            reuse_end = s->end;
+        } else if (save) {
+            st = kvb_store_reserve(conn->store, tokens + s->start, len,
+                                   req->positions + s->start, &req->saves[i]);
+            if (st != KVB_OK) {
+                request_release(req, 0);
+                return st;
+            }
+        }
+    }
+    if (blend_end < 0) {
+        blend_end = reuse_end < n ? reuse_end : (n > 0 ? n - 1 : 0);
+    }
+    req->blend_end = blend_end;
+    req->forced = malloc((size_t)(blend_end > 0 ? blend_end : 1));
+    if (req->forced == NULL) {
+        request_release(req, 0);
+        return kvb_fail(KVB_ERR_NOMEM, "kvb_request_begin: out of memory");
+    }
+    memset(req->forced, 1, (size_t)(blend_end > 0 ? blend_end : 1));
+    for (int64_t i = 0; i < req->nseg; i++) {
+        kvb_entry *e = req->hits[i];
+        const kvb_span *s = &req->segs[i];
+        if (e == NULL || s->start >= blend_end) {
+            continue;
+        }
+        int64_t len = s->end - s->start;
+        if (s->end > blend_end) {
+            len = blend_end - s->start; /* reuse only the promised rows */
+        }
+        kvb_load_seg *ls = &req->load[req->n_load++];
+        ls->k0 = kvb_entry_k(e, 0);
+        ls->v0 = kvb_entry_v(e, 0);
+        ls->layer_stride =
+            conn->model.num_layers > 1
+                ? (int64_t)(((const char *)kvb_entry_k(e, 1) -
+                             (const char *)kvb_entry_k(e, 0)) /
+                            (ptrdiff_t)kvb_dtype_size(conn->model.dtype))
+                : 0;
+        ls->src_pos = kvb_entry_positions(e);
+        ls->dst_start = s->start;
+        ls->num_tokens = len;
+        memset(req->forced + s->start, 0, (size_t)len);
+        req->n_hit++;
+    }
+    for (int64_t i = 0; i < blend_end; i++) {
+        req->n_forced += req->forced[i];
+    }
+    *out = req;
+    return KVB_OK;
+}
+
+/* Returns the number of rows the blend produces. */
+int64_t kvb_request_blend_end(const kvb_request *req)
+{
+    return req == NULL ? 0 : req->blend_end;
+}
+
+/* Returns the forced-row mask ([blend_end]). */
+const uint8_t *kvb_request_forced(const kvb_request *req)
+{
+    return req == NULL ? NULL : req->forced;
+}
+
+/* Reports segment, reused-segment and forced-row counts. */
+kvb_status kvb_request_counts(const kvb_request *req, int64_t *n_segments,
+                              int64_t *n_hit, int64_t *n_forced)
+{
+    if (req == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "kvb_request_counts: NULL request");
+    }
+    if (n_segments) {
+        *n_segments = req->nseg;
+    }
+    if (n_hit) {
+        *n_hit = req->n_hit;
+    }
+    if (n_forced) {
+        *n_forced = req->n_forced;
+    }
+    return KVB_OK;
+}
+
+/* Loads layer `layer` of every reused segment into the staging buffers with
+ * keys re-rotated.  See kvblend.h. */
+kvb_status kvb_request_load_layer(kvb_request *req, int32_t layer,
+                                  void *dst_k, void *dst_v, void *stream)
+{
+    if (req == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "kvb_request_load_layer: NULL request");
+    }
+    const kvb_model_desc *m = &req->conn->model;
+    if (layer < 0 || layer >= m->num_layers) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_request_load_layer: layer %d out of range "
+                        "[0, %d)",
+                        (int)layer, (int)m->num_layers);
+    }
+    return kvb_cpu_load_rotate(req->load, req->n_load, layer, dst_k, dst_v,
+                               req->positions, req->blend_end,
+                               m->num_kv_heads, m->head_size, m->dtype,
+                               &m->rope);
+}
+
+/* Copies layer `layer` of each reserved segment from the paged cache into
+ * its store entry.  See kvblend.h. */
+kvb_status kvb_request_save_layer(kvb_request *req, int32_t layer,
+                                  const kvb_paged_layout *layout,
+                                  const int64_t *slots, int64_t n,
+                                  void *stream)
+{
+    if (req == NULL || layout == NULL) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_request_save_layer: NULL request or layout");
+    }
+    const kvb_model_desc *m = &req->conn->model;
+    if (layer < 0 || layer >= m->num_layers) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_request_save_layer: layer %d out of range "
+                        "[0, %d)",
+                        (int)layer, (int)m->num_layers);
+    }
+    if (n < req->n || (n > 0 && slots == NULL)) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_request_save_layer: slot mapping has %lld "
+                        "entries, the prompt %lld tokens",
+                        (long long)n, (long long)req->n);
+    }
+    if (layout->num_kv_heads != m->num_kv_heads ||
+        layout->head_size != m->head_size || layout->dtype != m->dtype) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_request_save_layer: cache has %d kv heads of "
+                        "size %d (%s), the model %d of size %d (%s)",
+                        (int)layout->num_kv_heads, (int)layout->head_size,
+                        kvb_dtype_str(layout->dtype), (int)m->num_kv_heads,
+                        (int)m->head_size, kvb_dtype_str(m->dtype));
+    }
+    if (layout->device >= 0) {
+        return kvb_fail(KVB_ERR_UNSUPPORTED,
+                        "kvb_request_save_layer: device caches are not "
+                        "supported by this build");
+    }
+    for (int64_t i = 0; i < req->nseg; i++) {
+        kvb_entry *e = req->saves[i];
+        if (e == NULL || req->saved_layers[i] != layer) {
+            continue; /* not saved, or a layer repeated/skipped: dropped */
+        }
+        const kvb_span *s = &req->segs[i];
+        int padded = 0;
+        for (int64_t t = s->start; t < s->end; t++) {
+            padded |= slots[t] < 0;
+        }
+        if (padded) {
+            continue; /* rows missing from the cache: never stored */
+        }
+        kvb_status st = kvb_cpu_gather(layout, slots + s->start,
+                                       s->end - s->start, kvb_entry_k(e, layer),
+                                       kvb_entry_v(e, layer));
+        if (st != KVB_OK) {
+            return st;
+        }
+        req->saved_layers[i]++;
+    }
+    return KVB_OK;
+}
+
+/* Ends a request: commits complete saves when asked, unpins, frees. */
+void kvb_request_finish(kvb_request *req, int commit)
+{
+    if (req == NULL) {
+        return;
+    }
+    request_release(req, commit);
+}
