@@ -1,0 +1,209 @@
+"""Per-layer access to a transformers Llama-family model.
+
+The built-in engine and the blend driver run a decoder one layer at a time so
+they can place a paged KV cache (and the blend) between the projections and
+the attention.  A ``ModelAdapter`` exposes exactly those pieces, always by
+calling the model's own modules (norms, projections, MLP); the only math
+written here is RoPE, which reproduces transformers' own rotary embedding
+operation for operation, and the attention call.
+
+Supported: LlamaForCausalLM (SmolLM2 included), MistralForCausalLM,
+Qwen2ForCausalLM (QKV bias) and Qwen3ForCausalLM (per-head q_norm/k_norm
+before RoPE).  Tensors are unbatched: ``[T, ...]`` for T tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM",
+                           "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+# RoPE types whose frequencies do not depend on the sequence length, so one
+# inv_freq serves every position (and cached keys can be re-rotated).
+_STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """The rotary embedding of a model, as its own rotary module computes it.
+
+    ``inv_freq`` is a 1-D float32 CPU tensor of rotary_dim/2 frequencies with
+    any scaling already folded in; ``attention_scaling`` multiplies cos and sin
+    (1.0 except for yarn).  ``style`` is "neox" (rotate halves, what the
+    Llama family uses) or "gptj" (rotate interleaved pairs).
+    """
+
+    inv_freq: torch.Tensor
+    rotary_dim: int
+    style: str
+    attention_scaling: float
+    rope_type: str
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (cos, sin) of shape [T, rotary_dim] for ``positions`` [T].
+
+        Computed in fp32 exactly as transformers does (outer product, duplicated
+        halves, cos/sin, times attention_scaling), then cast to ``dtype``.
+        For the "gptj" style the frequencies are repeated pairwise instead.
+        """
+        inv = self.inv_freq.to(device=device, dtype=torch.float32)
+        freqs = positions.to(device)[:, None].float() * inv[None, :]
+        if self.style == "neox":
+            emb = torch.cat((freqs, freqs), dim=-1)
+        else:
+            emb = torch.repeat_interleave(freqs, 2, dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` [T, H, D] by (cos, sin) [T, rotary_dim].
+
+        Only the first rotary_dim channels rotate; the rest pass through.
+        """
+        rd = self.rotary_dim
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        xr = x[..., :rd]
+        if self.style == "neox":
+            x1, x2 = xr[..., : rd // 2], xr[..., rd // 2:]
+            rot = torch.cat((-x2, x1), dim=-1)
+        else:
+            x1, x2 = xr[..., 0::2], xr[..., 1::2]
+            rot = torch.stack((-x2, x1), dim=-1).flatten(-2)
+        out = xr * cos + rot * sin
+        if rd == x.shape[-1]:
+            return out
+        return torch.cat((out, x[..., rd:]), dim=-1)
+
+
+def _rope_spec(model) -> RopeSpec:
+    """Read the RoPE of ``model`` from its rotary embedding module.
+
+    Raises ValueError for RoPE whose frequencies change with the sequence
+    length (dynamic NTK, longrope): a fixed inv_freq cannot describe them.
+    """
+    config = model.config
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
+    if rope_type not in _STATIC_ROPE_TYPES:
+        raise ValueError(f"{type(model).__name__}: rope_type {rope_type!r} is not supported "
+                         f"(expected one of {', '.join(_STATIC_ROPE_TYPES)}); its frequencies "
+                         "depend on the sequence length")
+    rotary = model.model.rotary_emb
+    inv_freq = rotary.inv_freq.detach().to("cpu", torch.float32).clone()
+    return RopeSpec(inv_freq=inv_freq, rotary_dim=2 * inv_freq.numel(), style="neox",
+                    attention_scaling=float(rotary.attention_scaling), rope_type=rope_type)
+
+
+class ModelAdapter:
+    """Layer-by-layer view of a Llama-family causal LM (see module doc).
+
+    The residual stream is the caller's: ``qkv`` reads ``h`` without changing
+    it and ``out`` adds the attention output and the MLP to the residual.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        config = model.config
+        inner = model.model
+        self.layers = list(inner.layers)
+        attn0 = self.layers[0].self_attn
+        self.architecture = type(model).__name__
+        self.num_layers = len(self.layers)
+        self.num_q_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_size = attn0.head_dim
+        self.hidden_size = config.hidden_size
+        self.scale = float(attn0.scaling)
+        self.vocab_size = model.lm_head.out_features
+        param = next(model.parameters())
+        self.dtype = param.dtype
+        self.device = param.device
+        self.rope = _rope_spec(model)
+        self.has_qk_norm = hasattr(attn0, "q_norm")
+        # Sliding window per layer (None = full attention): Mistral applies
+        # config.sliding_window to every layer, Qwen2/3 mark layers themselves.
+        if self.architecture == "MistralForCausalLM":
+            self.sliding_windows = [config.sliding_window] * self.num_layers
+        else:
+            self.sliding_windows = [getattr(l.self_attn, "sliding_window", None) for l in self.layers]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [T] -> hidden states [T, hidden]."""
+        return self.model.model.embed_tokens(ids.to(self.device))
+
+    def qkv(self, layer: int, h: torch.Tensor, positions: torch.Tensor):
+        """Return (q [T,Hq,D], k [T,Hkv,D], v [T,Hkv,D]) of ``layer`` for hidden ``h`` [T,hidden].
+
+        Applies input_layernorm, the projections, q_norm/k_norm where the model
+        has them, and RoPE at ``positions`` [T] to q and k.
+        """
+        attn = self.layers[layer].self_attn
+        x = self.layers[layer].input_layernorm(h)
+        T, D = x.shape[0], self.head_size
+        q = attn.q_proj(x).view(T, -1, D)
+        k = attn.k_proj(x).view(T, -1, D)
+        v = attn.v_proj(x).view(T, -1, D)
+        if self.has_qk_norm:
+            q = attn.q_norm(q)
+            k = attn.k_norm(k)
+        cos, sin = self.rope.cos_sin(positions, q.dtype, q.device)
+        return self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin), v
+
+    def out(self, layer: int, attn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Finish ``layer``: o_proj of ``attn`` [T,Hq,D] + residual, then the MLP block."""
+        mod = self.layers[layer]
+        h = residual + mod.self_attn.o_proj(attn.reshape(attn.shape[0], -1))
+        return h + mod.mlp(mod.post_attention_layernorm(h))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states [T, hidden] -> logits [T, vocab] (final norm + lm_head)."""
+        return self.model.lm_head(self.model.model.norm(h))
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               q_positions: torch.Tensor | None = None,
+               k_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of queries q [Tq,Hq,D] over keys/values [Tk,Hkv,D] -> [Tq,Hq,D].
+
+        With no positions, q and k are the same tokens in order and a plain
+        causal mask applies.  Otherwise query i sees key j exactly when
+        k_positions[j] <= q_positions[i] (and lies within the layer's sliding
+        window, if any), whatever the order of the rows.
+        """
+        window = self.sliding_windows[layer]
+        qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        gqa = self.num_q_heads != self.num_kv_heads
+        if q_positions is None and window is None and q.shape[0] == k.shape[0]:
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True,
+                                               scale=self.scale, enable_gqa=gqa)
+        else:
+            if q_positions is None:
+                q_positions = torch.arange(k.shape[0] - q.shape[0], k.shape[0])
+                k_positions = torch.arange(k.shape[0])
+            qp = q_positions.to(q.device)[:, None]
+            kp = k_positions.to(q.device)[None, :]
+            mask = kp <= qp
+            if window is not None:
+                mask &= kp > qp - window
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask,
+                                               scale=self.scale, enable_gqa=gqa)
+        return o.transpose(0, 1)
+
+
+def get_adapter(model) -> ModelAdapter:
+    """Return a ModelAdapter for ``model``.
+
+    Raises ValueError naming the architecture when it is not one of
+    SUPPORTED_ARCHITECTURES, or when its RoPE cannot be expressed by a fixed
+    inv_freq.
+    """
+    name = type(model).__name__
+    if name not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"unsupported model architecture {name!r}: kvblend supports "
+                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    return ModelAdapter(model)
