@@ -1,0 +1,844 @@
+/*
+ * store.c: the chunk store, an index from a segment's token ids to its
+ * stored K/V rows, with per-tier byte budgets and LRU eviction.
+ *
+ * Index.  A chained hash table keyed by the 64-bit hash of the tokens
+ * (kvb_hash_tokens) that doubles its bucket array when it holds as many
+ * entries as buckets.  Every entry keeps a copy of its token ids and a
+ * lookup compares them, so two chunks with the same hash are two distinct
+ * entries and a lookup never returns the other one's rows (such a lookup is
+ * counted in stats.collisions).
+ *
+ * Entries.  An entry has a host record (this struct, then its positions and
+ * token ids in the same allocation) and a block of rows from its tier's
+ * allocator holding, per layer, K then V, each contiguous
+ * [num_tokens, num_kv_heads, head_size] in the store's dtype.  The bytes
+ * charged to the tier's budget are those of both allocations.
+ *
+ * Life cycle.  kvb_store_reserve creates a PENDING entry, pinned once and
+ * invisible to lookups; kvb_store_commit makes it READY, unpinned and most
+ * recently used; kvb_store_abort frees it.  kvb_store_acquire pins a READY
+ * entry and makes it most recently used; kvb_store_unpin releases one pin.
+ * Only READY entries with no pin are evicted (oldest first) or cleared, so a
+ * pointer obtained from reserve or acquire stays valid until its pin is
+ * released.
+ *
+ * Locking.  One mutex guards the whole store; every operation is short
+ * (a hash, a token comparison, list surgery and at most a malloc), and the
+ * entry accessors read fields that never change after reserve.
+ */
+#include <assert.h>
+#include <pthread.h>
+#include <stdlib.h>
+
+#include "internal.h"
+#include "store.h"
+
+#define STORE_NUM_TIERS 2
+#define STORE_MIN_BUCKETS 64
+
+typedef enum entry_state {
+    ENTRY_PENDING = 0, /* reserved, rows being written, invisible */
+    ENTRY_READY = 1    /* committed, visible to lookups */
+} entry_state;
+
+struct kvb_entry {
+    kvb_store *store;
+    uint64_t hash;
+    int64_t num_tokens;
+    int32_t *tokens;     /* [num_tokens], inside this record */
+    int64_t *positions;  /* [num_tokens], inside this record */
+    unsigned char *rows; /* per layer: K then V, from the tier allocator */
+    size_t layer_bytes;  /* bytes of K (or V) of one layer */
+    size_t rows_bytes;   /* size of the rows block */
+    size_t bytes;        /* charged to the tier: record + rows */
+    kvb_tier tier;
+    entry_state state;
+    int64_t pins;
+    kvb_entry *bucket_next;
+    kvb_entry *lru_prev; /* towards the least recently used end */
+    kvb_entry *lru_next; /* towards the most recently used end */
+    int64_t data[];      /* positions, then tokens */
+};
+
+struct kvb_store {
+    pthread_mutex_t mu;
+    kvb_store_params params;
+    size_t token_bytes; /* bytes of one token's K (or V) in one layer */
+    uint64_t (*hash_fn)(const int32_t *, int64_t);
+
+    kvb_entry **buckets;
+    size_t num_buckets; /* a power of two */
+    int64_t count;      /* entries in the index, any state */
+
+    kvb_entry *lru_head; /* least recently used READY entry */
+    kvb_entry *lru_tail; /* most recently used READY entry */
+
+    kvb_allocator alloc[STORE_NUM_TIERS];
+    int has_alloc[STORE_NUM_TIERS];
+    size_t budget[STORE_NUM_TIERS];
+    size_t bytes[STORE_NUM_TIERS];      /* all entries of the tier */
+    size_t busy_bytes[STORE_NUM_TIERS]; /* pinned or pending entries */
+    int64_t tier_entries[STORE_NUM_TIERS];
+
+    kvb_store_stats stats; /* counters; sizes are filled in on demand */
+};
+
+/* Default host-tier allocation: malloc.  ctx is unused. */
+static void *store_host_alloc(size_t bytes, void *ctx)
+{
+    (void)ctx;
+    return malloc(bytes);
+}
+
+/* Default host-tier release: free.  bytes and ctx are unused. */
+static void store_host_free(void *ptr, size_t bytes, void *ctx)
+{
+    (void)bytes;
+    (void)ctx;
+    free(ptr);
+}
+
+/* Returns the name of a tier for log lines. */
+static const char *store_tier_name(kvb_tier tier)
+{
+    return tier == KVB_TIER_DEVICE ? "device" : "host";
+}
+
+/* Multiplies a by b into *out; returns 0 when the product overflows. */
+static int store_mul(size_t a, size_t b, size_t *out)
+{
+    return !__builtin_mul_overflow(a, b, out);
+}
+
+/*
+ * Computes the sizes of an entry of n tokens: the rows block
+ * (2 * num_layers * n * token_bytes) and the host record (struct, positions,
+ * tokens).  Returns 0 when a size overflows size_t (n absurdly large).
+ */
+static int store_entry_sizes(const kvb_store *store, int64_t n,
+                             size_t *layer_bytes, size_t *rows_bytes,
+                             size_t *record_bytes)
+{
+    size_t per_token_meta = sizeof(int64_t) + sizeof(int32_t);
+    size_t meta;
+    if (!store_mul((size_t)n, store->token_bytes, layer_bytes) ||
+        !store_mul(*layer_bytes, 2 * (size_t)store->params.num_layers,
+                   rows_bytes) ||
+        !store_mul((size_t)n, per_token_meta, &meta) ||
+        __builtin_add_overflow(meta, sizeof(kvb_entry), record_bytes)) {
+        return 0;
+    }
+    size_t total;
+    return !__builtin_add_overflow(*rows_bytes, *record_bytes, &total);
+}
+
+/* Checks the (tokens, n) pair common to every lookup; `what` names the
+ * calling function in the message. */
+static kvb_status store_check_tokens(const kvb_store *store,
+                                     const int32_t *tokens, int64_t n,
+                                     const char *what)
+{
+    if (store == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: store is NULL", what);
+    }
+    if (n <= 0) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "%s: n=%lld is invalid (expected >= 1 token)", what,
+                        (long long)n);
+    }
+    if (tokens == NULL) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "%s: tokens is NULL with n=%lld", what, (long long)n);
+    }
+    return KVB_OK;
+}
+
+/* Checks that `entry` is non-NULL and belongs to `store`. */
+static kvb_status store_check_entry(const kvb_store *store,
+                                    const kvb_entry *entry, const char *what)
+{
+    if (store == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: store is NULL", what);
+    }
+    if (entry == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: entry is NULL", what);
+    }
+    if (entry->store != store) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "%s: entry %p belongs to another store", what,
+                        (const void *)entry);
+    }
+    return KVB_OK;
+}
+
+/*
+ * Finds the entry (PENDING or READY) for exactly tokens[0..n) with hash h.
+ * Sets *collided to 1 when an entry with the same hash but other tokens was
+ * passed over.  Returns NULL when there is none.  Caller holds the lock.
+ */
+static kvb_entry *store_find(const kvb_store *store, uint64_t h,
+                             const int32_t *tokens, int64_t n, int *collided)
+{
+    *collided = 0;
+    for (kvb_entry *e = store->buckets[h & (store->num_buckets - 1)];
+         e != NULL; e = e->bucket_next) {
+        if (e->hash != h) {
+            continue;
+        }
+        if (e->num_tokens == n &&
+            memcmp(e->tokens, tokens, (size_t)n * sizeof *tokens) == 0) {
+            return e;
+        }
+        *collided = 1;
+    }
+    return NULL;
+}
+
+/* Doubles the bucket array and rehashes.  On allocation failure keeps the
+ * current table (chains just get longer); never fails.  Caller holds the
+ * lock. */
+static void store_grow(kvb_store *store)
+{
+    size_t nb = store->num_buckets * 2;
+    kvb_entry **b = calloc(nb, sizeof *b);
+    if (b == NULL) {
+        return;
+    }
+    for (size_t i = 0; i < store->num_buckets; i++) {
+        kvb_entry *e = store->buckets[i];
+        while (e != NULL) {
+            kvb_entry *next = e->bucket_next;
+            size_t j = e->hash & (nb - 1);
+            e->bucket_next = b[j];
+            b[j] = e;
+            e = next;
+        }
+    }
+    free(store->buckets);
+    store->buckets = b;
+    store->num_buckets = nb;
+}
+
+/* Links `e` into its bucket, growing the table first when it is full.
+ * Caller holds the lock. */
+static void store_index_insert(kvb_store *store, kvb_entry *e)
+{
+    if ((size_t)store->count >= store->num_buckets) {
+        store_grow(store);
+    }
+    size_t i = e->hash & (store->num_buckets - 1);
+    e->bucket_next = store->buckets[i];
+    store->buckets[i] = e;
+    store->count++;
+}
+
+/* Unlinks `e` from its bucket.  `e` must be in the index.  Caller holds the
+ * lock. */
+static void store_index_remove(kvb_store *store, kvb_entry *e)
+{
+    kvb_entry **pp = &store->buckets[e->hash & (store->num_buckets - 1)];
+    while (*pp != e) {
+        pp = &(*pp)->bucket_next;
+    }
+    *pp = e->bucket_next;
+    e->bucket_next = NULL;
+    store->count--;
+}
+
+/* Removes a READY entry from the LRU list.  Caller holds the lock. */
+static void store_lru_unlink(kvb_store *store, kvb_entry *e)
+{
+    if (e->lru_prev != NULL) {
+        e->lru_prev->lru_next = e->lru_next;
+    } else {
+        store->lru_head = e->lru_next;
+    }
+    if (e->lru_next != NULL) {
+        e->lru_next->lru_prev = e->lru_prev;
+    } else {
+        store->lru_tail = e->lru_prev;
+    }
+    e->lru_prev = e->lru_next = NULL;
+}
+
+/* Appends `e` (not on the list) at the most recently used end.  Caller
+ * holds the lock. */
+static void store_lru_push(kvb_store *store, kvb_entry *e)
+{
+    e->lru_prev = store->lru_tail;
+    e->lru_next = NULL;
+    if (store->lru_tail != NULL) {
+        store->lru_tail->lru_next = e;
+    } else {
+        store->lru_head = e;
+    }
+    store->lru_tail = e;
+}
+
+/* Adds one pin; the entry's bytes become busy (not evictable) on the first.
+ * Caller holds the lock. */
+static void store_pin(kvb_store *store, kvb_entry *e)
+{
+    if (e->pins++ == 0) {
+        store->busy_bytes[e->tier] += e->bytes;
+    }
+}
+
+/* Drops one pin (pins > 0); the bytes become evictable on the last.  Caller
+ * holds the lock. */
+static void store_unpin_locked(kvb_store *store, kvb_entry *e)
+{
+    if (--e->pins == 0) {
+        store->busy_bytes[e->tier] -= e->bytes;
+    }
+}
+
+/*
+ * Removes `e` from the index (and the LRU list when READY), takes its bytes
+ * off its tier and frees its rows and record.  Pinned entries are freed too
+ * (only kvb_store_free and abort do that, by contract).  Caller holds the
+ * lock.
+ */
+static void store_destroy(kvb_store *store, kvb_entry *e)
+{
+    store_index_remove(store, e);
+    if (e->state == ENTRY_READY) {
+        store_lru_unlink(store, e);
+    }
+    if (e->pins > 0) {
+        store->busy_bytes[e->tier] -= e->bytes;
+    }
+    store->bytes[e->tier] -= e->bytes;
+    store->tier_entries[e->tier]--;
+    const kvb_allocator *a = &store->alloc[e->tier];
+    a->free(e->rows, e->rows_bytes, a->ctx);
+    free(e);
+}
+
+/*
+ * Makes room for `need` bytes in `tier` by evicting unpinned READY entries of
+ * that tier, least recently used first.  Evicts nothing and returns 0 when
+ * even evicting every evictable entry would not free enough (the entry is
+ * larger than the budget, or the rest is pinned or pending); returns 1 when
+ * `need` more bytes now fit.  Caller holds the lock.
+ */
+static int store_make_room(kvb_store *store, kvb_tier tier, size_t need)
+{
+    size_t budget = store->budget[tier];
+    if (need > budget || budget - store->busy_bytes[tier] < need) {
+        return 0;
+    }
+    kvb_entry *e = store->lru_head;
+    while (store->bytes[tier] + need > budget && e != NULL) {
+        kvb_entry *next = e->lru_next;
+        if (e->tier == tier && e->pins == 0) {
+            store_destroy(store, e);
+            store->stats.evictions++;
+        }
+        e = next;
+    }
+    /* The busy-bytes check above guarantees the loop frees enough. */
+    assert(store->bytes[tier] + need <= budget);
+    return 1;
+}
+
+/* Creates a store after validating every field of `params`; see the header
+ * for the ownership contract.  The host tier starts with malloc/free; the
+ * device tier stays unused until an allocator is installed. */
+kvb_status kvb_store_create(const kvb_store_params *params, kvb_store **out)
+{
+    if (out == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "kvb_store_create: out is NULL");
+    }
+    *out = NULL;
+    if (params == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "kvb_store_create: params is NULL");
+    }
+    if (params->num_layers <= 0) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "params->num_layers=%d is invalid (expected > 0)",
+                        (int)params->num_layers);
+    }
+    if (params->num_kv_heads <= 0) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "params->num_kv_heads=%d is invalid (expected > 0)",
+                        (int)params->num_kv_heads);
+    }
+    if (params->head_size <= 0) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "params->head_size=%d is invalid (expected > 0)",
+                        (int)params->head_size);
+    }
+    size_t elem = kvb_dtype_size(params->dtype);
+    if (elem == 0) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "params->dtype=%d is unknown (expected 0=f32, 1=f16, "
+                        "2=bf16)",
+                        (int)params->dtype);
+    }
+    kvb_store *s = calloc(1, sizeof *s);
+    kvb_entry **buckets = calloc(STORE_MIN_BUCKETS, sizeof *buckets);
+    if (s == NULL || buckets == NULL || pthread_mutex_init(&s->mu, NULL)) {
+        free(s);
+        free(buckets);
+        return kvb_fail(KVB_ERR_NOMEM, "kvb_store_create: out of memory");
+    }
+    s->params = *params;
+    s->token_bytes = (size_t)params->num_kv_heads *
+                     (size_t)params->head_size * elem;
+    s->hash_fn = kvb_hash_tokens;
+    s->buckets = buckets;
+    s->num_buckets = STORE_MIN_BUCKETS;
+    s->alloc[KVB_TIER_HOST].alloc = store_host_alloc;
+    s->alloc[KVB_TIER_HOST].free = store_host_free;
+    s->has_alloc[KVB_TIER_HOST] = 1;
+    s->budget[KVB_TIER_HOST] = params->host_budget_bytes;
+    s->budget[KVB_TIER_DEVICE] = params->device_budget_bytes;
+    *out = s;
+    return KVB_OK;
+}
+
+/* Frees every entry and the store.  Entries still pinned (a caller bug, or
+ * a shutdown racing a request) are freed anyway after one WARNING line. */
+void kvb_store_free(kvb_store *store)
+{
+    if (store == NULL) {
+        return;
+    }
+    int64_t pinned = 0;
+    for (size_t i = 0; i < store->num_buckets; i++) {
+        while (store->buckets[i] != NULL) {
+            kvb_entry *e = store->buckets[i];
+            pinned += e->pins > 0;
+            store_destroy(store, e);
+        }
+    }
+    if (pinned > 0) {
+        kvb_log(KVB_LOG_WARNING,
+                "store freed with %lld entries still pinned or pending",
+                (long long)pinned);
+    }
+    free(store->buckets);
+    pthread_mutex_destroy(&store->mu);
+    free(store);
+}
+
+/* Sets *found to 1 when a READY entry for exactly these tokens exists.
+ * Touches neither pins, LRU order nor statistics. */
+kvb_status kvb_store_contains(kvb_store *store, const int32_t *tokens,
+                              int64_t n, int *found)
+{
+    kvb_status st = store_check_tokens(store, tokens, n, "kvb_store_contains");
+    if (st != KVB_OK) {
+        return st;
+    }
+    if (found == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "kvb_store_contains: found is NULL");
+    }
+    int collided;
+    pthread_mutex_lock(&store->mu);
+    kvb_entry *e = store_find(store, store->hash_fn(tokens, n), tokens, n,
+                              &collided);
+    *found = e != NULL && e->state == ENTRY_READY;
+    pthread_mutex_unlock(&store->mu);
+    return KVB_OK;
+}
+
+/* Pins and returns the READY entry for exactly these tokens (most recently
+ * used from now on), or NULL on a miss; counts lookups, hits and
+ * collisions. */
+kvb_status kvb_store_acquire(kvb_store *store, const int32_t *tokens,
+                             int64_t n, kvb_entry **entry)
+{
+    kvb_status st = store_check_tokens(store, tokens, n, "kvb_store_acquire");
+    if (st != KVB_OK) {
+        return st;
+    }
+    if (entry == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "kvb_store_acquire: entry is NULL");
+    }
+    int collided;
+    pthread_mutex_lock(&store->mu);
+    kvb_entry *e = store_find(store, store->hash_fn(tokens, n), tokens, n,
+                              &collided);
+    store->stats.lookups++;
+    store->stats.collisions += collided;
+    if (e != NULL && e->state != ENTRY_READY) {
+        e = NULL;
+    }
+    if (e != NULL) {
+        store->stats.hits++;
+        store_pin(store, e);
+        store_lru_unlink(store, e);
+        store_lru_push(store, e);
+    }
+    pthread_mutex_unlock(&store->mu);
+    *entry = e;
+    return KVB_OK;
+}
+
+/*
+ * Allocates the rows block for a new entry of `total` bytes (`rows_bytes`
+ * of rows) in the first tier that can take it: the device tier when it has
+ * an allocator and a budget, else the host tier, evicting LRU entries of
+ * that tier as needed.  Returns 1 with *rows and *tier set, 0 when no tier
+ * has room, -1 when an allocator failed.  Caller holds the lock.
+ */
+static int store_place(kvb_store *store, size_t total, size_t rows_bytes,
+                       void **rows, kvb_tier *tier)
+{
+    static const kvb_tier order[STORE_NUM_TIERS] = {KVB_TIER_DEVICE,
+                                                    KVB_TIER_HOST};
+    int failed = 0;
+    for (int i = 0; i < STORE_NUM_TIERS; i++) {
+        kvb_tier t = order[i];
+        if (!store->has_alloc[t] || store->budget[t] == 0 ||
+            !store_make_room(store, t, total)) {
+            continue;
+        }
+        const kvb_allocator *a = &store->alloc[t];
+        *rows = a->alloc(rows_bytes, a->ctx);
+        if (*rows != NULL) {
+            *tier = t;
+            return 1;
+        }
+        failed = 1;
+    }
+    return failed ? -1 : 0;
+}
+
+/*
+ * Reserves a PENDING, pinned entry for tokens[0..n) with a copy of the
+ * tokens and of `positions` (NULL: 0..n-1).  *entry is NULL with KVB_OK when
+ * an entry (PENDING or READY) for the tokens exists or when no tier has room
+ * (counted in stats.rejected and logged once).  KVB_ERR_NOMEM when an
+ * allocation fails; nothing is left reserved then.
+ */
+kvb_status kvb_store_reserve(kvb_store *store, const int32_t *tokens,
+                             int64_t n, const int64_t *positions,
+                             kvb_entry **entry)
+{
+    kvb_status st = store_check_tokens(store, tokens, n, "kvb_store_reserve");
+    if (st != KVB_OK) {
+        return st;
+    }
+    if (entry == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "kvb_store_reserve: entry is NULL");
+    }
+    *entry = NULL;
+    size_t layer_bytes, rows_bytes, record_bytes;
+    if (!store_entry_sizes(store, n, &layer_bytes, &rows_bytes,
+                           &record_bytes)) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_store_reserve: n=%lld tokens overflow the entry "
+                        "size",
+                        (long long)n);
+    }
+    size_t total = rows_bytes + record_bytes;
+
+    kvb_entry *e = malloc(record_bytes);
+    if (e == NULL) {
+        return kvb_fail(KVB_ERR_NOMEM,
+                        "kvb_store_reserve: cannot allocate an entry record "
+                        "of %zu bytes",
+                        record_bytes);
+    }
+    int collided;
+    void *rows = NULL;
+    kvb_tier tier = KVB_TIER_HOST;
+    pthread_mutex_lock(&store->mu);
+    uint64_t h = store->hash_fn(tokens, n);
+    kvb_entry *old = store_find(store, h, tokens, n, &collided);
+    store->stats.collisions += collided;
+    if (old != NULL) {
+        pthread_mutex_unlock(&store->mu);
+        free(e);
+        return KVB_OK;
+    }
+    int placed = store_place(store, total, rows_bytes, &rows, &tier);
+    if (placed <= 0) {
+        size_t host_budget = store->budget[KVB_TIER_HOST];
+        size_t host_busy = store->busy_bytes[KVB_TIER_HOST];
+        if (placed == 0) {
+            store->stats.rejected++;
+        }
+        pthread_mutex_unlock(&store->mu);
+        free(e);
+        if (placed < 0) {
+            return kvb_fail(KVB_ERR_NOMEM,
+                            "kvb_store_reserve: cannot allocate %zu bytes of "
+                            "rows for %lld tokens",
+                            rows_bytes, (long long)n);
+        }
+        /* An entry larger than a non-zero budget is worth a warning (the
+         * budget is likely misconfigured); a full or disabled tier is not. */
+        kvb_log(host_budget > 0 && total > host_budget ? KVB_LOG_WARNING
+                                                       : KVB_LOG_INFO,
+                "store: not storing a chunk of %lld tokens (%zu bytes): the "
+                "host budget is %zu bytes with %zu pinned or being written",
+                (long long)n, total, host_budget, host_busy);
+        return KVB_OK;
+    }
+    memset(e, 0, sizeof *e);
+    e->store = store;
+    e->hash = h;
+    e->num_tokens = n;
+    e->positions = e->data;
+    e->tokens = (int32_t *)(e->data + n);
+    e->rows = rows;
+    e->layer_bytes = layer_bytes;
+    e->rows_bytes = rows_bytes;
+    e->bytes = total;
+    e->tier = tier;
+    e->state = ENTRY_PENDING;
+    memcpy(e->tokens, tokens, (size_t)n * sizeof *tokens);
+    for (int64_t i = 0; i < n; i++) {
+        e->positions[i] = positions != NULL ? positions[i] : i;
+    }
+    store_index_insert(store, e);
+    store->bytes[tier] += total;
+    store->tier_entries[tier]++;
+    store_pin(store, e);
+    pthread_mutex_unlock(&store->mu);
+    *entry = e;
+    return KVB_OK;
+}
+
+/* Makes a PENDING entry READY (visible, most recently used) and drops the
+ * reservation's pin.  KVB_ERR_INVALID for an entry that is not PENDING. */
+kvb_status kvb_store_commit(kvb_store *store, kvb_entry *entry)
+{
+    kvb_status st = store_check_entry(store, entry, "kvb_store_commit");
+    if (st != KVB_OK) {
+        return st;
+    }
+    pthread_mutex_lock(&store->mu);
+    if (entry->state != ENTRY_PENDING) {
+        pthread_mutex_unlock(&store->mu);
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_store_commit: entry %p is not pending (expected "
+                        "an entry returned by kvb_store_reserve and not yet "
+                        "committed or aborted)",
+                        (void *)entry);
+    }
+    entry->state = ENTRY_READY;
+    store_lru_push(store, entry);
+    store_unpin_locked(store, entry);
+    store->stats.inserts++;
+    pthread_mutex_unlock(&store->mu);
+    return KVB_OK;
+}
+
+/* Frees a PENDING entry; its tokens may be reserved again afterwards.
+ * KVB_ERR_INVALID for an entry that is not PENDING. */
+kvb_status kvb_store_abort(kvb_store *store, kvb_entry *entry)
+{
+    kvb_status st = store_check_entry(store, entry, "kvb_store_abort");
+    if (st != KVB_OK) {
+        return st;
+    }
+    pthread_mutex_lock(&store->mu);
+    if (entry->state != ENTRY_PENDING) {
+        pthread_mutex_unlock(&store->mu);
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_store_abort: entry %p is not pending (expected "
+                        "an entry returned by kvb_store_reserve and not yet "
+                        "committed or aborted)",
+                        (void *)entry);
+    }
+    store_destroy(store, entry);
+    pthread_mutex_unlock(&store->mu);
+    return KVB_OK;
+}
+
+/* Releases one pin taken by kvb_store_acquire.  KVB_ERR_INVALID for a
+ * PENDING entry (commit or abort it instead) or one that is not pinned. */
+kvb_status kvb_store_unpin(kvb_store *store, kvb_entry *entry)
+{
+    kvb_status st = store_check_entry(store, entry, "kvb_store_unpin");
+    if (st != KVB_OK) {
+        return st;
+    }
+    pthread_mutex_lock(&store->mu);
+    if (entry->state == ENTRY_PENDING) {
+        pthread_mutex_unlock(&store->mu);
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_store_unpin: entry %p is pending (expected "
+                        "kvb_store_commit or kvb_store_abort for a reserved "
+                        "entry)",
+                        (void *)entry);
+    }
+    if (entry->pins == 0) {
+        pthread_mutex_unlock(&store->mu);
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_store_unpin: entry %p is not pinned (each unpin "
+                        "needs a matching kvb_store_acquire)",
+                        (void *)entry);
+    }
+    store_unpin_locked(store, entry);
+    pthread_mutex_unlock(&store->mu);
+    return KVB_OK;
+}
+
+/* Frees every READY entry without a pin.  Pinned and PENDING entries stay.
+ * Cleared entries are not counted as evictions. */
+kvb_status kvb_store_clear(kvb_store *store)
+{
+    if (store == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "kvb_store_clear: store is NULL");
+    }
+    pthread_mutex_lock(&store->mu);
+    kvb_entry *e = store->lru_head;
+    while (e != NULL) {
+        kvb_entry *next = e->lru_next;
+        if (e->pins == 0) {
+            store_destroy(store, e);
+        }
+        e = next;
+    }
+    pthread_mutex_unlock(&store->mu);
+    return KVB_OK;
+}
+
+/* Copies the counters and the current sizes.  num_entries counts every
+ * entry, PENDING ones included, as do host_bytes and device_bytes. */
+kvb_status kvb_store_get_stats(kvb_store *store, kvb_store_stats *stats)
+{
+    if (store == NULL || stats == NULL) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_store_get_stats: %s is NULL",
+                        store == NULL ? "store" : "stats");
+    }
+    pthread_mutex_lock(&store->mu);
+    *stats = store->stats;
+    stats->num_entries = store->count;
+    stats->host_bytes = store->bytes[KVB_TIER_HOST];
+    stats->device_bytes = store->bytes[KVB_TIER_DEVICE];
+    pthread_mutex_unlock(&store->mu);
+    return KVB_OK;
+}
+
+/* Replaces the hash function (NULL restores kvb_hash_tokens); for tests
+ * that force collisions.  Only on an empty store, since the entries already
+ * indexed were placed by the old function. */
+kvb_status kvb_store_debug_set_hash(kvb_store *store,
+                                    uint64_t (*fn)(const int32_t *, int64_t))
+{
+    if (store == NULL) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_store_debug_set_hash: store is NULL");
+    }
+    pthread_mutex_lock(&store->mu);
+    int64_t count = store->count;
+    if (count == 0) {
+        store->hash_fn = fn != NULL ? fn : kvb_hash_tokens;
+    }
+    pthread_mutex_unlock(&store->mu);
+    if (count != 0) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_store_debug_set_hash: the store holds %lld "
+                        "entries (expected an empty store)",
+                        (long long)count);
+    }
+    return KVB_OK;
+}
+
+/* Installs a tier allocator; see store.h. */
+kvb_status kvb_store_set_allocator(kvb_store *store, kvb_tier tier,
+                                   const kvb_allocator *alloc)
+{
+    if (store == NULL) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_store_set_allocator: store is NULL");
+    }
+    if (tier != KVB_TIER_HOST && tier != KVB_TIER_DEVICE) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_store_set_allocator: tier=%d is unknown "
+                        "(expected 0=host, 1=device)",
+                        (int)tier);
+    }
+    if (alloc != NULL && (alloc->alloc == NULL || alloc->free == NULL)) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_store_set_allocator: alloc->%s is NULL",
+                        alloc->alloc == NULL ? "alloc" : "free");
+    }
+    pthread_mutex_lock(&store->mu);
+    int64_t used = store->tier_entries[tier];
+    if (used == 0) {
+        if (alloc != NULL) {
+            store->alloc[tier] = *alloc;
+            store->has_alloc[tier] = 1;
+        } else if (tier == KVB_TIER_HOST) {
+            store->alloc[tier].alloc = store_host_alloc;
+            store->alloc[tier].free = store_host_free;
+            store->alloc[tier].ctx = NULL;
+            store->has_alloc[tier] = 1;
+        } else {
+            memset(&store->alloc[tier], 0, sizeof store->alloc[tier]);
+            store->has_alloc[tier] = 0;
+        }
+    }
+    pthread_mutex_unlock(&store->mu);
+    if (used != 0) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_store_set_allocator: the %s tier holds %lld "
+                        "entries (expected none)",
+                        store_tier_name(tier), (long long)used);
+    }
+    return KVB_OK;
+}
+
+/* Number of tokens of the entry (0 for NULL). */
+int64_t kvb_entry_num_tokens(const kvb_entry *entry)
+{
+    return entry != NULL ? entry->num_tokens : 0;
+}
+
+/* Hash key of the entry (0 for NULL). */
+uint64_t kvb_entry_hash(const kvb_entry *entry)
+{
+    return entry != NULL ? entry->hash : 0;
+}
+
+/* The entry's token ids, [num_tokens] (NULL for NULL). */
+const int32_t *kvb_entry_tokens(const kvb_entry *entry)
+{
+    return entry != NULL ? entry->tokens : NULL;
+}
+
+/* Positions at which the entry's keys were rotated (NULL for NULL). */
+const int64_t *kvb_entry_positions(const kvb_entry *entry)
+{
+    return entry != NULL ? entry->positions : NULL;
+}
+
+/* The tier holding the entry's rows (host for NULL). */
+kvb_tier kvb_entry_tier(const kvb_entry *entry)
+{
+    return entry != NULL ? entry->tier : KVB_TIER_HOST;
+}
+
+/* Returns the K (which=0) or V (which=1) rows of `layer`, or NULL for a NULL
+ * entry or a layer outside [0, num_layers). */
+static void *entry_rows(kvb_entry *entry, int32_t layer, int which)
+{
+    if (entry == NULL || layer < 0 ||
+        layer >= entry->store->params.num_layers) {
+        return NULL;
+    }
+    return entry->rows + (2 * (size_t)layer + (size_t)which) *
+                             entry->layer_bytes;
+}
+
+/* K rows of one layer: contiguous [num_tokens, num_kv_heads, head_size]. */
+void *kvb_entry_k(kvb_entry *entry, int32_t layer)
+{
+    return entry_rows(entry, layer, 0);
+}
+
+/* V rows of one layer: contiguous [num_tokens, num_kv_heads, head_size]. */
+void *kvb_entry_v(kvb_entry *entry, int32_t layer)
+{
+    return entry_rows(entry, layer, 1);
+}
