@@ -1,0 +1,664 @@
+/*
+ * check_config.c: the LMCACHE_* / KVBLEND_* settings: defaults, every
+ * accepted form, a table of rejected values with the message each must
+ * give, the JSON reader behind LMCACHE_EXTRA_CONFIG, cross-field
+ * validation, and reading the real environment.
+ */
+#define _POSIX_C_SOURCE 200809L /* setenv, unsetenv */
+#include <check.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvblend.h"
+
+/* Asserts that `s` contains `frag`, printing both on failure. */
+#define ck_assert_has(s, frag) \
+    ck_assert_msg(strstr((s), (frag)) != NULL, "'%s' lacks '%s'", (s), (frag))
+
+/* Sets one variable and asserts success. */
+static void set_ok(kvb_config *c, const char *name, const char *value)
+{
+    kvb_status st = kvb_config_set(c, name, value);
+    ck_assert_msg(st == KVB_OK, "%s=\"%s\" rejected: %s", name, value,
+                  kvb_last_error());
+}
+
+START_TEST(test_config_init_defaults)
+{
+    kvb_config c;
+    memset(&c, 0x5a, sizeof c);
+    ck_assert_int_eq(kvb_config_init(&c), KVB_OK);
+    ck_assert_int_eq(c.enable_blending, 0);
+    ck_assert_str_eq(c.blend_special_str, " # # ");
+    ck_assert_int_eq(c.use_layerwise, 0);
+    ck_assert_int_eq(c.num_check_layers, 1);
+    ck_assert_int_eq(c.check_layers[0], 1);
+    ck_assert_int_eq(c.num_recompute_ratios, 1);
+    ck_assert_float_eq(c.recompute_ratios[0], 0.15f);
+    ck_assert_int_eq(c.num_thresholds, 0);
+    ck_assert_int_eq(c.chunk_size, 256);
+    ck_assert_int_eq(c.local_cpu, 1);
+    ck_assert_double_eq(c.max_local_cpu_size_gb, 5.0);
+    ck_assert_int_eq(c.enable_sparse, 0);
+    ck_assert_double_eq(c.max_device_size_gb, 0.0);
+    ck_assert_int_eq(c.deviation, KVB_DEVIATION_K);
+    ck_assert_int_eq(c.num_threads, 0);
+    ck_assert_int_eq(c.log_level, KVB_LOG_WARNING);
+    ck_assert_int_eq(kvb_config_validate(&c), KVB_OK);
+    ck_assert_int_eq(kvb_config_init(NULL), KVB_ERR_INVALID);
+}
+END_TEST
+
+START_TEST(test_config_set_bool_forms)
+{
+    static const char *const names[] = {"LMCACHE_ENABLE_BLENDING",
+                                        "LMCACHE_USE_LAYERWISE",
+                                        "LMCACHE_LOCAL_CPU"};
+    static const struct {
+        const char *text;
+        int value;
+    } forms[] = {{"True", 1}, {"true", 1}, {"1", 1}, {" True\n", 1},
+                 {"False", 0}, {"false", 0}, {"0", 0}, {"\tfalse ", 0}};
+    for (size_t n = 0; n < 3; n++) {
+        for (size_t f = 0; f < sizeof forms / sizeof forms[0]; f++) {
+            kvb_config c;
+            kvb_config_init(&c);
+            int *field = n == 0 ? &c.enable_blending
+                         : n == 1 ? &c.use_layerwise : &c.local_cpu;
+            *field = !forms[f].value;
+            set_ok(&c, names[n], forms[f].text);
+            ck_assert_int_eq(*field, forms[f].value);
+        }
+    }
+}
+END_TEST
+
+START_TEST(test_config_set_special_str)
+{
+    kvb_config c;
+    kvb_config_init(&c);
+    set_ok(&c, "LMCACHE_BLEND_SPECIAL_STR", "<|sep|>");
+    ck_assert_str_eq(c.blend_special_str, "<|sep|>");
+    set_ok(&c, "LMCACHE_BLEND_SPECIAL_STR", "  # #  "); /* not trimmed */
+    ck_assert_str_eq(c.blend_special_str, "  # #  ");
+    char longest[KVB_MAX_SPECIAL_STR];
+    memset(longest, 'x', sizeof longest - 1);
+    longest[sizeof longest - 1] = '\0';
+    set_ok(&c, "LMCACHE_BLEND_SPECIAL_STR", longest);
+    ck_assert_str_eq(c.blend_special_str, longest);
+    char too_long[KVB_MAX_SPECIAL_STR + 1];
+    memset(too_long, 'y', sizeof too_long - 1);
+    too_long[sizeof too_long - 1] = '\0';
+    ck_assert_int_eq(kvb_config_set(&c, "LMCACHE_BLEND_SPECIAL_STR", too_long),
+                     KVB_ERR_INVALID);
+    ck_assert_has(kvb_last_error(), "256 bytes; at most 255");
+    ck_assert_str_eq(c.blend_special_str, longest);
+}
+END_TEST
+
+START_TEST(test_config_set_check_layers_forms)
+{
+    kvb_config c;
+    kvb_config_init(&c);
+    set_ok(&c, "LMCACHE_BLEND_CHECK_LAYERS", "3");
+    ck_assert_int_eq(c.num_check_layers, 1);
+    ck_assert_int_eq(c.check_layers[0], 3);
+    set_ok(&c, "LMCACHE_BLEND_CHECK_LAYERS", "1,2,4");
+    ck_assert_int_eq(c.num_check_layers, 3);
+    ck_assert_int_eq(c.check_layers[0], 1);
+    ck_assert_int_eq(c.check_layers[1], 2);
+    ck_assert_int_eq(c.check_layers[2], 4);
+    set_ok(&c, "LMCACHE_BLEND_CHECK_LAYERS", " [0, 5 ,17] ");
+    ck_assert_int_eq(c.num_check_layers, 3);
+    ck_assert_int_eq(c.check_layers[0], 0);
+    ck_assert_int_eq(c.check_layers[2], 17);
+    set_ok(&c, "LMCACHE_BLEND_CHECK_LAYERS", "[1]");
+    ck_assert_int_eq(c.num_check_layers, 1);
+    ck_assert_int_eq(c.check_layers[0], 1);
+    set_ok(&c, "LMCACHE_BLEND_CHECK_LAYERS",
+           "0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15");
+    ck_assert_int_eq(c.num_check_layers, KVB_MAX_CHECK_LAYERS);
+    ck_assert_int_eq(c.check_layers[15], 15);
+}
+END_TEST
+
+START_TEST(test_config_set_float_lists)
+{
+    kvb_config c;
+    kvb_config_init(&c);
+    set_ok(&c, "LMCACHE_BLEND_RECOMPUTE_RATIOS", "1");
+    ck_assert_int_eq(c.num_recompute_ratios, 1);
+    ck_assert_float_eq(c.recompute_ratios[0], 1.0f);
+    set_ok(&c, "LMCACHE_BLEND_RECOMPUTE_RATIOS", "[0.5, 0.25,1e-1]");
+    ck_assert_int_eq(c.num_recompute_ratios, 3);
+    ck_assert_float_eq(c.recompute_ratios[0], 0.5f);
+    ck_assert_float_eq(c.recompute_ratios[1], 0.25f);
+    ck_assert_float_eq(c.recompute_ratios[2], 0.1f);
+    set_ok(&c, "LMCACHE_BLEND_THRESHOLDS", "0");
+    ck_assert_int_eq(c.num_thresholds, 1);
+    ck_assert_float_eq(c.thresholds[0], 0.0f);
+    set_ok(&c, "LMCACHE_BLEND_THRESHOLDS", " 0.5 , 2.0 ");
+    ck_assert_int_eq(c.num_thresholds, 2);
+    ck_assert_float_eq(c.thresholds[1], 2.0f);
+}
+END_TEST
+
+START_TEST(test_config_set_numbers)
+{
+    kvb_config c;
+    kvb_config_init(&c);
+    set_ok(&c, "LMCACHE_CHUNK_SIZE", " 512 ");
+    ck_assert_int_eq(c.chunk_size, 512);
+    set_ok(&c, "LMCACHE_CHUNK_SIZE", "+8");
+    ck_assert_int_eq(c.chunk_size, 8);
+    set_ok(&c, "LMCACHE_MAX_LOCAL_CPU_SIZE", "2.5");
+    ck_assert_double_eq(c.max_local_cpu_size_gb, 2.5);
+    set_ok(&c, "LMCACHE_MAX_LOCAL_CPU_SIZE", "0");
+    ck_assert_double_eq(c.max_local_cpu_size_gb, 0.0);
+    set_ok(&c, "KVBLEND_MAX_DEVICE_SIZE", "1e1");
+    ck_assert_double_eq(c.max_device_size_gb, 10.0);
+    set_ok(&c, "KVBLEND_NUM_THREADS", "8");
+    ck_assert_int_eq(c.num_threads, 8);
+    set_ok(&c, "KVBLEND_NUM_THREADS", "0");
+    ck_assert_int_eq(c.num_threads, 0);
+}
+END_TEST
+
+START_TEST(test_config_set_enums)
+{
+    kvb_config c;
+    kvb_config_init(&c);
+    set_ok(&c, "KVBLEND_DEVIATION", "v");
+    ck_assert_int_eq(c.deviation, KVB_DEVIATION_V);
+    set_ok(&c, "KVBLEND_DEVIATION", " KV ");
+    ck_assert_int_eq(c.deviation, KVB_DEVIATION_KV);
+    set_ok(&c, "KVBLEND_DEVIATION", "k");
+    ck_assert_int_eq(c.deviation, KVB_DEVIATION_K);
+    set_ok(&c, "KVBLEND_LOG_LEVEL", "debug");
+    ck_assert_int_eq(c.log_level, KVB_LOG_DEBUG);
+    set_ok(&c, "KVBLEND_LOG_LEVEL", "INFO");
+    ck_assert_int_eq(c.log_level, KVB_LOG_INFO);
+    set_ok(&c, "KVBLEND_LOG_LEVEL", "error");
+    ck_assert_int_eq(c.log_level, KVB_LOG_ERROR);
+    set_ok(&c, "KVBLEND_LOG_LEVEL", "warning");
+    ck_assert_int_eq(c.log_level, KVB_LOG_WARNING);
+}
+END_TEST
+
+START_TEST(test_config_set_extra_config_forms)
+{
+    kvb_config c;
+    kvb_config_init(&c);
+    set_ok(&c, "LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": true}");
+    ck_assert_int_eq(c.enable_sparse, 1);
+    set_ok(&c, "LMCACHE_EXTRA_CONFIG", "{}"); /* absent key: unchanged */
+    ck_assert_int_eq(c.enable_sparse, 1);
+    set_ok(&c, "LMCACHE_EXTRA_CONFIG",
+           " {\"other\": [1, -2.5e+3, {\"a\": null}, \"s\\n\\u00e9\"],\n"
+           "  \"enable_sparse\": false, \"x\": {} } ");
+    ck_assert_int_eq(c.enable_sparse, 0);
+    /* keys are compared after unescaping */
+    set_ok(&c, "LMCACHE_EXTRA_CONFIG", "{\"\\u0065nable_sparse\": true}");
+    ck_assert_int_eq(c.enable_sparse, 1);
+    /* the last duplicate wins, as in Python's json */
+    set_ok(&c, "LMCACHE_EXTRA_CONFIG",
+           "{\"enable_sparse\": true, \"enable_sparse\": false}");
+    ck_assert_int_eq(c.enable_sparse, 0);
+    /* a surrogate pair and every simple escape */
+    set_ok(&c, "LMCACHE_EXTRA_CONFIG",
+           "{\"e\": \"\\uD83D\\uDE00 \\\" \\\\ \\/ \\b \\f \\r \\t\"}");
+    /* a longer key that merely starts like enable_sparse is ignored */
+    set_ok(&c, "LMCACHE_EXTRA_CONFIG",
+           "{\"enable_sparse_extra_long_key_name_here\": 5}");
+    ck_assert_int_eq(c.enable_sparse, 0);
+}
+END_TEST
+
+START_TEST(test_config_extra_config_nesting_limit)
+{
+    /* the top-level object is level 1; 63 arrays inside it make 64 */
+    char ok[256];
+    char bad[256];
+    int k = snprintf(ok, sizeof ok, "{\"a\": ");
+    memset(ok + k, '[', 63);
+    memset(ok + k + 63, ']', 63);
+    strcpy(ok + k + 126, "}");
+    strcpy(bad, "{\"a\": ");
+    memset(bad + k, '[', 64);
+    memset(bad + k + 64, ']', 64);
+    strcpy(bad + k + 128, "}");
+    kvb_config c;
+    kvb_config_init(&c);
+    set_ok(&c, "LMCACHE_EXTRA_CONFIG", ok);
+    ck_assert_int_eq(kvb_config_set(&c, "LMCACHE_EXTRA_CONFIG", bad),
+                     KVB_ERR_INVALID);
+    ck_assert_has(kvb_last_error(), "nesting deeper than 64");
+    /* very deep input is cut off early, never recursed into */
+    static char deep[100001];
+    deep[0] = '{';
+    deep[1] = '"';
+    deep[2] = 'a';
+    deep[3] = '"';
+    deep[4] = ':';
+    memset(deep + 5, '[', sizeof deep - 6);
+    ck_assert_int_eq(kvb_config_set(&c, "LMCACHE_EXTRA_CONFIG", deep),
+                     KVB_ERR_INVALID);
+    ck_assert_has(kvb_last_error(), "nesting deeper than 64");
+}
+END_TEST
+
+/* A rejected value and a fragment of the reason the message must give. */
+typedef struct bad_value {
+    const char *name;
+    const char *value;
+    const char *reason;
+} bad_value;
+
+static const bad_value kBadValues[] = {
+    /* ratios */
+    {"LMCACHE_BLEND_RECOMPUTE_RATIOS", "abc", "ratio 'abc' is not a finite number"},
+    {"LMCACHE_BLEND_RECOMPUTE_RATIOS", "", "the list is empty"},
+    {"LMCACHE_BLEND_RECOMPUTE_RATIOS", "[]", "the list is empty"},
+    {"LMCACHE_BLEND_RECOMPUTE_RATIOS", "0", "ratio 0 is outside (0, 1]"},
+    {"LMCACHE_BLEND_RECOMPUTE_RATIOS", "1.5", "ratio 1.5 is outside (0, 1]"},
+    {"LMCACHE_BLEND_RECOMPUTE_RATIOS", "-0.1", "ratio -0.1 is outside (0, 1]"},
+    {"LMCACHE_BLEND_RECOMPUTE_RATIOS", "0.15,1.5", "ratio 1.5 is outside (0, 1]"},
+    {"LMCACHE_BLEND_RECOMPUTE_RATIOS", "1e-60", "ratio 1e-60 is outside (0, 1]"},
+    {"LMCACHE_BLEND_RECOMPUTE_RATIOS", "nan", "not a finite number"},
+    {"LMCACHE_BLEND_RECOMPUTE_RATIOS", "inf", "not a finite number"},
+    {"LMCACHE_BLEND_RECOMPUTE_RATIOS", "0x0.1p0", "not a finite number"},
+    {"LMCACHE_BLEND_RECOMPUTE_RATIOS", "1.5x", "ratio '1.5x' is not a finite number"},
+    {"LMCACHE_BLEND_RECOMPUTE_RATIOS", "0.1,,0.2", "item 2 is empty"},
+    {"LMCACHE_BLEND_RECOMPUTE_RATIOS", "0.1,", "item 2 is empty"},
+    {"LMCACHE_BLEND_RECOMPUTE_RATIOS", "[0.1", "unbalanced brackets"},
+    {"LMCACHE_BLEND_RECOMPUTE_RATIOS", "0.1]", "unbalanced brackets"},
+    /* check layers */
+    {"LMCACHE_BLEND_CHECK_LAYERS", "2,1", "check layer 1 does not follow 2"},
+    {"LMCACHE_BLEND_CHECK_LAYERS", "1,1", "check layer 1 does not follow 1"},
+    {"LMCACHE_BLEND_CHECK_LAYERS", "-1", "check layer -1 is out of range"},
+    {"LMCACHE_BLEND_CHECK_LAYERS", "1.5", "check layer '1.5' is not an integer"},
+    {"LMCACHE_BLEND_CHECK_LAYERS", "x", "check layer 'x' is not an integer"},
+    {"LMCACHE_BLEND_CHECK_LAYERS", "", "the list is empty"},
+    {"LMCACHE_BLEND_CHECK_LAYERS", "3000000000", "out of range"},
+    {"LMCACHE_BLEND_CHECK_LAYERS", "0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16",
+     "more than 16 values"},
+    /* thresholds */
+    {"LMCACHE_BLEND_THRESHOLDS", "-1", "threshold -1 is negative"},
+    {"LMCACHE_BLEND_THRESHOLDS", "abc", "threshold 'abc' is not a finite number"},
+    {"LMCACHE_BLEND_THRESHOLDS", "1e39", "does not fit a float"},
+    /* chunk size */
+    {"LMCACHE_CHUNK_SIZE", "0", "chunk size must be > 0"},
+    {"LMCACHE_CHUNK_SIZE", "-5", "chunk size must be > 0"},
+    {"LMCACHE_CHUNK_SIZE", "abc", "expected an integer > 0"},
+    {"LMCACHE_CHUNK_SIZE", "", "expected an integer > 0"},
+    {"LMCACHE_CHUNK_SIZE", "256.0", "expected an integer > 0"},
+    {"LMCACHE_CHUNK_SIZE", "99999999999999999999", "expected an integer > 0"},
+    /* sizes */
+    {"LMCACHE_MAX_LOCAL_CPU_SIZE", "-1", "size is negative"},
+    {"LMCACHE_MAX_LOCAL_CPU_SIZE", "abc", "expected a finite number of GB"},
+    {"LMCACHE_MAX_LOCAL_CPU_SIZE", "inf", "expected a finite number of GB"},
+    {"LMCACHE_MAX_LOCAL_CPU_SIZE", "nan", "expected a finite number of GB"},
+    {"LMCACHE_MAX_LOCAL_CPU_SIZE", "1e400", "expected a finite number of GB"},
+    {"LMCACHE_MAX_LOCAL_CPU_SIZE", "", "expected a finite number of GB"},
+    {"KVBLEND_MAX_DEVICE_SIZE", "1.5x", "expected a finite number of GB"},
+    {"KVBLEND_MAX_DEVICE_SIZE", "-0.5", "size is negative"},
+    /* booleans */
+    {"LMCACHE_ENABLE_BLENDING", "yes", "expected True, False, true, false, 1 or 0"},
+    {"LMCACHE_ENABLE_BLENDING", "", "expected True, False"},
+    {"LMCACHE_ENABLE_BLENDING", "TRUE", "expected True, False"},
+    {"LMCACHE_USE_LAYERWISE", "2", "expected True, False"},
+    {"LMCACHE_LOCAL_CPU", "no", "expected True, False"},
+    /* strings and enums */
+    {"LMCACHE_BLEND_SPECIAL_STR", "", "the separator string is empty"},
+    {"KVBLEND_DEVIATION", "q", "expected k, v or kv"},
+    {"KVBLEND_DEVIATION", "", "expected k, v or kv"},
+    {"KVBLEND_NUM_THREADS", "-1", "thread count -1 is out of range"},
+    {"KVBLEND_NUM_THREADS", "x", "expected an integer >= 0"},
+    {"KVBLEND_LOG_LEVEL", "loud", "expected debug, info, warning or error"},
+    /* names */
+    {"KVBLEND_FOO", "1", "unknown kvblend variable KVBLEND_FOO; known: "
+     "KVBLEND_MAX_DEVICE_SIZE, KVBLEND_DEVIATION"},
+    {"VLLM_BLEND", "1", "not a kvblend setting"},
+    /* LMCACHE_EXTRA_CONFIG */
+    {"LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": tru}",
+     "invalid JSON at byte 18: invalid literal; expected true"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": truex}",
+     "invalid literal; expected true"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": 1}",
+     "\"enable_sparse\" must be true or false, got a number"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": \"true\"}", "got a string"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": null}", "got null"},
+    {"LMCACHE_EXTRA_CONFIG", "[1]",
+     "invalid JSON at byte 0: expected a JSON object '{', found '['"},
+    {"LMCACHE_EXTRA_CONFIG", "{", "at byte 1: expected a string key, found end of input"},
+    {"LMCACHE_EXTRA_CONFIG", "", "at byte 0: expected a JSON object '{', found end of input"},
+    {"LMCACHE_EXTRA_CONFIG", "null", "expected a JSON object"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\": 1} x", "at byte 9: unexpected 'x' after the object"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\": 1}}", "at byte 8: unexpected '}' after the object"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\": 1,}", "at byte 8: expected a string key, found '}'"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\" 1}", "at byte 5: expected ':' after a key"},
+    {"LMCACHE_EXTRA_CONFIG", "{a: 1}", "at byte 1: expected a string key, found 'a'"},
+    {"LMCACHE_EXTRA_CONFIG", "{'enable_sparse': true}", "expected a string key, found '''"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\": [1 2]}", "at byte 9: expected ',' or ']'"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\": 1 \"b\": 2}", "at byte 8: expected ',' or '}', found '\"'"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\": 01}", "at byte 7: expected ',' or '}', found '1'"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\": 1.}", "expected a digit after '.'"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\": 1e}", "expected a digit in the exponent"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\": -}", "expected a digit"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\": +1}", "expected a value, found '+'"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\": \"x}", "unterminated string"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\": \"\\q\"}", "invalid escape '\\q'"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\": \"\\u12G4\"}", "expected 4 hex digits after \\u"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\": \"\\uD800\"}", "high surrogate \\uD800 not followed"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\": \"\\uDC00\"}", "unpaired low surrogate"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\": \"\t\"}", "control character 0x09 in a string"},
+};
+
+START_TEST(test_config_set_rejects_bad_values)
+{
+    const bad_value *b = &kBadValues[_i];
+    kvb_config c;
+    kvb_config before;
+    kvb_config_init(&c);
+    /* non-default contents, so "unchanged" is not just "still default" */
+    set_ok(&c, "LMCACHE_BLEND_CHECK_LAYERS", "2,5");
+    set_ok(&c, "LMCACHE_BLEND_RECOMPUTE_RATIOS", "0.3,0.2");
+    set_ok(&c, "LMCACHE_BLEND_THRESHOLDS", "4");
+    set_ok(&c, "LMCACHE_CHUNK_SIZE", "64");
+    set_ok(&c, "LMCACHE_ENABLE_BLENDING", "true");
+    set_ok(&c, "LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": true}");
+    memcpy(&before, &c, sizeof c);
+    kvb_clear_error();
+    ck_assert_int_eq(kvb_config_set(&c, b->name, b->value), KVB_ERR_INVALID);
+    const char *msg = kvb_last_error();
+    char quoted[512];
+    snprintf(quoted, sizeof quoted, "%s=\"%s\"", b->name, b->value);
+    ck_assert_has(msg, quoted);
+    ck_assert_has(msg, b->reason);
+    ck_assert_msg(memcmp(&before, &c, sizeof c) == 0,
+                  "%s=\"%s\" changed the config", b->name, b->value);
+}
+END_TEST
+
+START_TEST(test_config_set_unknown_lmcache_name_ignored)
+{
+    kvb_config c;
+    kvb_config before;
+    kvb_config_init(&c);
+    memcpy(&before, &c, sizeof c);
+    ck_assert_int_eq(kvb_config_set(&c, "LMCACHE_REMOTE_URL", "lm://x:1"),
+                     KVB_OK);
+    ck_assert_int_eq(memcmp(&before, &c, sizeof c), 0);
+}
+END_TEST
+
+START_TEST(test_config_set_null_arguments)
+{
+    kvb_config c;
+    kvb_config_init(&c);
+    ck_assert_int_eq(kvb_config_set(NULL, "LMCACHE_CHUNK_SIZE", "1"),
+                     KVB_ERR_INVALID);
+    ck_assert_has(kvb_last_error(), "cfg is NULL");
+    ck_assert_int_eq(kvb_config_set(&c, NULL, "1"), KVB_ERR_INVALID);
+    ck_assert_has(kvb_last_error(), "name is NULL");
+    ck_assert_int_eq(kvb_config_set(&c, "LMCACHE_CHUNK_SIZE", NULL),
+                     KVB_ERR_INVALID);
+    ck_assert_has(kvb_last_error(), "value is NULL");
+    ck_assert_int_eq(kvb_config_validate(NULL), KVB_ERR_INVALID);
+    ck_assert_int_eq(kvb_config_from_env(NULL), KVB_ERR_INVALID);
+}
+END_TEST
+
+START_TEST(test_config_long_value_is_truncated_in_message)
+{
+    char value[400];
+    memset(value, ' ', sizeof value);
+    value[0] = '{';
+    memcpy(value + 1, "\"k\": ", 5);
+    value[sizeof value - 2] = '!';
+    value[sizeof value - 1] = '\0';
+    kvb_config c;
+    kvb_config_init(&c);
+    ck_assert_int_eq(kvb_config_set(&c, "LMCACHE_EXTRA_CONFIG", value),
+                     KVB_ERR_INVALID);
+    const char *msg = kvb_last_error();
+    ck_assert_has(msg, "LMCACHE_EXTRA_CONFIG=\"{\"k\": ");
+    ck_assert_has(msg, "...\": invalid JSON at byte 398: expected a value, "
+                       "found '!'");
+    ck_assert_ptr_null(strstr(msg, value));
+    ck_assert_uint_lt(strlen(msg), 250);
+}
+END_TEST
+
+START_TEST(test_config_validate_ratio_count_mismatch)
+{
+    kvb_config c;
+    kvb_config_init(&c);
+    set_ok(&c, "LMCACHE_BLEND_CHECK_LAYERS", "1,2,3");
+    ck_assert_int_eq(kvb_config_validate(&c), KVB_OK); /* one ratio for all */
+    set_ok(&c, "LMCACHE_BLEND_RECOMPUTE_RATIOS", "0.3,0.2,0.1");
+    ck_assert_int_eq(kvb_config_validate(&c), KVB_OK);
+    set_ok(&c, "LMCACHE_BLEND_RECOMPUTE_RATIOS", "0.3,0.2");
+    kvb_clear_error();
+    ck_assert_int_eq(kvb_config_validate(&c), KVB_ERR_INVALID);
+    ck_assert_has(kvb_last_error(),
+                  "LMCACHE_BLEND_RECOMPUTE_RATIOS has 2 values but "
+                  "LMCACHE_BLEND_CHECK_LAYERS has 3 layers");
+}
+END_TEST
+
+START_TEST(test_config_validate_threshold_count_mismatch)
+{
+    kvb_config c;
+    kvb_config_init(&c);
+    set_ok(&c, "LMCACHE_BLEND_CHECK_LAYERS", "1,2,3");
+    set_ok(&c, "LMCACHE_BLEND_THRESHOLDS", "0.5");
+    ck_assert_int_eq(kvb_config_validate(&c), KVB_OK);
+    set_ok(&c, "LMCACHE_BLEND_THRESHOLDS", "0.5,1,2");
+    ck_assert_int_eq(kvb_config_validate(&c), KVB_OK);
+    set_ok(&c, "LMCACHE_BLEND_THRESHOLDS", "0.5,1");
+    ck_assert_int_eq(kvb_config_validate(&c), KVB_ERR_INVALID);
+    ck_assert_has(kvb_last_error(), "LMCACHE_BLEND_THRESHOLDS has 2 values "
+                                    "but LMCACHE_BLEND_CHECK_LAYERS has 3");
+}
+END_TEST
+
+START_TEST(test_config_validate_hand_filled_fields)
+{
+    kvb_config c;
+    kvb_config_init(&c);
+    c.chunk_size = 0;
+    ck_assert_int_eq(kvb_config_validate(&c), KVB_ERR_INVALID);
+    ck_assert_has(kvb_last_error(), "LMCACHE_CHUNK_SIZE: chunk_size=0");
+    kvb_config_init(&c);
+    c.recompute_ratios[0] = 0.0f;
+    ck_assert_int_eq(kvb_config_validate(&c), KVB_ERR_INVALID);
+    ck_assert_has(kvb_last_error(), "recompute_ratios[0]=0 is outside (0, 1]");
+    kvb_config_init(&c);
+    c.num_check_layers = 0;
+    ck_assert_int_eq(kvb_config_validate(&c), KVB_ERR_INVALID);
+    ck_assert_has(kvb_last_error(), "num_check_layers=0");
+    kvb_config_init(&c);
+    c.num_check_layers = 2;
+    c.check_layers[1] = 1; /* equal to check_layers[0] */
+    ck_assert_int_eq(kvb_config_validate(&c), KVB_ERR_INVALID);
+    ck_assert_has(kvb_last_error(), "check_layers[1]=1");
+    kvb_config_init(&c);
+    c.max_device_size_gb = NAN;
+    ck_assert_int_eq(kvb_config_validate(&c), KVB_ERR_INVALID);
+    ck_assert_has(kvb_last_error(), "KVBLEND_MAX_DEVICE_SIZE");
+    kvb_config_init(&c);
+    c.blend_special_str[0] = '\0';
+    ck_assert_int_eq(kvb_config_validate(&c), KVB_ERR_INVALID);
+    ck_assert_has(kvb_last_error(), "separator string is empty");
+}
+END_TEST
+
+START_TEST(test_config_ratio_at)
+{
+    kvb_config c;
+    kvb_config_init(&c);
+    set_ok(&c, "LMCACHE_BLEND_CHECK_LAYERS", "1,4,8");
+    ck_assert_float_eq(kvb_config_ratio_at(&c, 0), 0.15f);
+    ck_assert_float_eq(kvb_config_ratio_at(&c, 2), 0.15f);
+    set_ok(&c, "LMCACHE_BLEND_RECOMPUTE_RATIOS", "0.5,0.25,0.125");
+    ck_assert_float_eq(kvb_config_ratio_at(&c, 0), 0.5f);
+    ck_assert_float_eq(kvb_config_ratio_at(&c, 1), 0.25f);
+    ck_assert_float_eq(kvb_config_ratio_at(&c, 2), 0.125f);
+    /* out of range: recompute everything rather than crash */
+    kvb_set_log(NULL, NULL, KVB_LOG_ERROR); /* keep the warning quiet */
+    ck_assert_float_eq(kvb_config_ratio_at(&c, 3), 1.0f);
+    ck_assert_float_eq(kvb_config_ratio_at(&c, -1), 1.0f);
+    ck_assert_float_eq(kvb_config_ratio_at(NULL, 0), 1.0f);
+    kvb_set_log(NULL, NULL, KVB_LOG_WARNING);
+}
+END_TEST
+
+/* Every variable kvb_config_from_env reads. */
+static const char *const kEnvNames[] = {
+    "LMCACHE_ENABLE_BLENDING", "LMCACHE_BLEND_SPECIAL_STR",
+    "LMCACHE_USE_LAYERWISE", "LMCACHE_BLEND_CHECK_LAYERS",
+    "LMCACHE_BLEND_RECOMPUTE_RATIOS", "LMCACHE_BLEND_THRESHOLDS",
+    "LMCACHE_CHUNK_SIZE", "LMCACHE_LOCAL_CPU", "LMCACHE_MAX_LOCAL_CPU_SIZE",
+    "LMCACHE_EXTRA_CONFIG", "KVBLEND_MAX_DEVICE_SIZE", "KVBLEND_DEVIATION",
+    "KVBLEND_NUM_THREADS", "KVBLEND_LOG_LEVEL",
+};
+
+/* Fixture: starts and ends every env test with none of the variables set,
+ * whatever the environment the suite runs in. */
+static void env_clear(void)
+{
+    for (size_t i = 0; i < sizeof kEnvNames / sizeof kEnvNames[0]; i++) {
+        unsetenv(kEnvNames[i]);
+    }
+    unsetenv("KVBLEND_DEVIATON");
+    unsetenv("LMCACHE_SOMETHING_ELSE");
+}
+
+START_TEST(test_config_from_env_defaults)
+{
+    kvb_config c;
+    kvb_config d;
+    memset(&c, 0x33, sizeof c);
+    ck_assert_int_eq(kvb_config_from_env(&c), KVB_OK);
+    kvb_config_init(&d);
+    ck_assert_int_eq(memcmp(&c, &d, sizeof c), 0);
+}
+END_TEST
+
+START_TEST(test_config_from_env_reads_every_variable)
+{
+    setenv("LMCACHE_ENABLE_BLENDING", "True", 1);
+    setenv("LMCACHE_BLEND_SPECIAL_STR", " ## ", 1);
+    setenv("LMCACHE_USE_LAYERWISE", "true", 1);
+    setenv("LMCACHE_BLEND_CHECK_LAYERS", "[1, 3]", 1);
+    setenv("LMCACHE_BLEND_RECOMPUTE_RATIOS", "0.2,0.1", 1);
+    setenv("LMCACHE_BLEND_THRESHOLDS", "0.5", 1);
+    setenv("LMCACHE_CHUNK_SIZE", "128", 1);
+    setenv("LMCACHE_LOCAL_CPU", "False", 1);
+    setenv("LMCACHE_MAX_LOCAL_CPU_SIZE", "7.5", 1);
+    setenv("LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": true}", 1);
+    setenv("KVBLEND_MAX_DEVICE_SIZE", "2", 1);
+    setenv("KVBLEND_DEVIATION", "kv", 1);
+    setenv("KVBLEND_NUM_THREADS", "3", 1);
+    setenv("KVBLEND_LOG_LEVEL", "debug", 1);
+    setenv("LMCACHE_SOMETHING_ELSE", "whatever", 1); /* ignored */
+    kvb_config c;
+    ck_assert_int_eq(kvb_config_from_env(&c), KVB_OK);
+    ck_assert_int_eq(c.enable_blending, 1);
+    ck_assert_str_eq(c.blend_special_str, " ## ");
+    ck_assert_int_eq(c.use_layerwise, 1);
+    ck_assert_int_eq(c.num_check_layers, 2);
+    ck_assert_int_eq(c.check_layers[1], 3);
+    ck_assert_int_eq(c.num_recompute_ratios, 2);
+    ck_assert_float_eq(c.recompute_ratios[1], 0.1f);
+    ck_assert_int_eq(c.num_thresholds, 1);
+    ck_assert_int_eq(c.chunk_size, 128);
+    ck_assert_int_eq(c.local_cpu, 0);
+    ck_assert_double_eq(c.max_local_cpu_size_gb, 7.5);
+    ck_assert_int_eq(c.enable_sparse, 1);
+    ck_assert_double_eq(c.max_device_size_gb, 2.0);
+    ck_assert_int_eq(c.deviation, KVB_DEVIATION_KV);
+    ck_assert_int_eq(c.num_threads, 3);
+    ck_assert_int_eq(c.log_level, KVB_LOG_DEBUG);
+}
+END_TEST
+
+START_TEST(test_config_from_env_bad_value_leaves_cfg)
+{
+    kvb_config c;
+    kvb_config before;
+    kvb_config_init(&c);
+    c.chunk_size = 99;
+    memcpy(&before, &c, sizeof c);
+    setenv("LMCACHE_ENABLE_BLENDING", "True", 1);
+    setenv("LMCACHE_BLEND_RECOMPUTE_RATIOS", "0.15,1.5", 1);
+    ck_assert_int_eq(kvb_config_from_env(&c), KVB_ERR_INVALID);
+    ck_assert_has(kvb_last_error(), "LMCACHE_BLEND_RECOMPUTE_RATIOS=\"0.15,1.5\": "
+                                    "ratio 1.5 is outside (0, 1]");
+    ck_assert_int_eq(memcmp(&before, &c, sizeof c), 0);
+}
+END_TEST
+
+START_TEST(test_config_from_env_unknown_kvblend_variable)
+{
+    setenv("KVBLEND_DEVIATON", "v", 1); /* typo */
+    kvb_config c;
+    kvb_config_init(&c);
+    ck_assert_int_eq(kvb_config_from_env(&c), KVB_ERR_INVALID);
+    ck_assert_has(kvb_last_error(), "KVBLEND_DEVIATON=\"v\"");
+    ck_assert_has(kvb_last_error(), "unknown kvblend variable KVBLEND_DEVIATON");
+    ck_assert_has(kvb_last_error(), "KVBLEND_DEVIATION");
+}
+END_TEST
+
+START_TEST(test_config_from_env_cross_field_mismatch)
+{
+    setenv("LMCACHE_BLEND_CHECK_LAYERS", "1,2,3", 1);
+    setenv("LMCACHE_BLEND_RECOMPUTE_RATIOS", "0.3,0.2", 1);
+    kvb_config c;
+    kvb_config_init(&c);
+    ck_assert_int_eq(kvb_config_from_env(&c), KVB_ERR_INVALID);
+    ck_assert_has(kvb_last_error(), "LMCACHE_BLEND_RECOMPUTE_RATIOS");
+    ck_assert_has(kvb_last_error(), "LMCACHE_BLEND_CHECK_LAYERS");
+    ck_assert_int_eq(c.num_check_layers, 1); /* unchanged */
+}
+END_TEST
+
+Suite *config_suite(void)
+{
+    Suite *s = suite_create("config");
+    TCase *tc = tcase_create("set");
+    tcase_add_test(tc, test_config_init_defaults);
+    tcase_add_test(tc, test_config_set_bool_forms);
+    tcase_add_test(tc, test_config_set_special_str);
+    tcase_add_test(tc, test_config_set_check_layers_forms);
+    tcase_add_test(tc, test_config_set_float_lists);
+    tcase_add_test(tc, test_config_set_numbers);
+    tcase_add_test(tc, test_config_set_enums);
+    tcase_add_test(tc, test_config_set_extra_config_forms);
+    tcase_add_test(tc, test_config_extra_config_nesting_limit);
+    tcase_add_loop_test(tc, test_config_set_rejects_bad_values, 0,
+                        (int)(sizeof kBadValues / sizeof kBadValues[0]));
+    tcase_add_test(tc, test_config_set_unknown_lmcache_name_ignored);
+    tcase_add_test(tc, test_config_set_null_arguments);
+    tcase_add_test(tc, test_config_long_value_is_truncated_in_message);
+    suite_add_tcase(s, tc);
+    TCase *tv = tcase_create("validate");
+    tcase_add_test(tv, test_config_validate_ratio_count_mismatch);
+    tcase_add_test(tv, test_config_validate_threshold_count_mismatch);
+    tcase_add_test(tv, test_config_validate_hand_filled_fields);
+    tcase_add_test(tv, test_config_ratio_at);
+    suite_add_tcase(s, tv);
+    TCase *te = tcase_create("env");
+    tcase_add_checked_fixture(te, env_clear, env_clear);
+    tcase_add_test(te, test_config_from_env_defaults);
+    tcase_add_test(te, test_config_from_env_reads_every_variable);
+    tcase_add_test(te, test_config_from_env_bad_value_leaves_cfg);
+    tcase_add_test(te, test_config_from_env_unknown_kvblend_variable);
+    tcase_add_test(te, test_config_from_env_cross_field_mismatch);
+    suite_add_tcase(s, te);
+    return s;
+}
