@@ -1,0 +1,180 @@
+/*
+ * ops_copy.c: CPU gather and scatter between an engine's paged KV cache and
+ * contiguous [n, num_kv_heads, head_size] rows.
+ *
+ * The paged cache is described by a kvb_paged_layout (two base pointers and
+ * four element strides), which covers every layout vLLM has used: (2,B,N,H,D),
+ * (B,2,N,H,D), (B,N,H,2D) with K|V interleaved per token, and HND planes.
+ * Copies keep the dtype (no conversion); a head whose dims are contiguous
+ * (dim_stride == 1) is moved with one memcpy, otherwise element by element.
+ */
+#include <string.h>
+
+#include "internal.h"
+
+/* Which way a copy goes. */
+typedef enum kvb_copy_dir {
+    KVB_COPY_GATHER = 0, /* paged cache -> contiguous rows */
+    KVB_COPY_SCATTER = 1 /* contiguous rows -> paged cache */
+} kvb_copy_dir;
+
+/* Everything one parallel range of a copy needs. */
+typedef struct kvb_copy_job {
+    const kvb_paged_layout *layout;
+    const int64_t *slots;
+    size_t esize;
+    kvb_copy_dir dir;
+    char *paged[2];  /* k_base, v_base (NULL: plane not copied) */
+    char *dense[2];  /* contiguous k, v (NULL: plane not copied) */
+} kvb_copy_job;
+
+/* Copies one head of `head_size` elements between the paged cache address
+ * `paged` (elements `dim_stride` apart) and the contiguous `dense` row, in
+ * the job's direction.  Elements are moved as raw bytes of size esize. */
+static void kvb_copy_head(char *paged, char *dense, int64_t head_size,
+                          int64_t dim_stride, size_t esize, kvb_copy_dir dir)
+{
+    if (dim_stride == 1) {
+        if (dir == KVB_COPY_GATHER) {
+            memcpy(dense, paged, (size_t)head_size * esize);
+        } else {
+            memcpy(paged, dense, (size_t)head_size * esize);
+        }
+        return;
+    }
+    size_t step = (size_t)dim_stride * esize;
+    for (int64_t d = 0; d < head_size; d++) {
+        char *p = paged + (size_t)d * step;
+        char *q = dense + (size_t)d * esize;
+        if (dir == KVB_COPY_GATHER) {
+            memcpy(q, p, esize);
+        } else {
+            memcpy(p, q, esize);
+        }
+    }
+}
+
+/* Parallel body: copies tokens [begin, end) of the slot mapping for each
+ * plane that has both a paged base and a dense pointer.  Padding slots
+ * (negative) are skipped, leaving their dense rows untouched. */
+static void kvb_copy_range(int64_t begin, int64_t end, void *ctx)
+{
+    const kvb_copy_job *job = ctx;
+    const kvb_paged_layout *L = job->layout;
+    const int64_t H = L->num_kv_heads;
+    const int64_t D = L->head_size;
+    const size_t es = job->esize;
+    for (int64_t i = begin; i < end; i++) {
+        int64_t slot = job->slots[i];
+        if (slot < 0) {
+            continue;
+        }
+        int64_t block = slot / L->block_size;
+        int64_t tok = slot % L->block_size;
+        int64_t tok_off = block * L->block_stride + tok * L->token_stride;
+        for (int plane = 0; plane < 2; plane++) {
+            if (job->paged[plane] == NULL || job->dense[plane] == NULL) {
+                continue;
+            }
+            for (int64_t h = 0; h < H; h++) {
+                char *p = job->paged[plane] +
+                          (size_t)(tok_off + h * L->head_stride) * es;
+                char *q = job->dense[plane] + (size_t)((i * H + h) * D) * es;
+                kvb_copy_head(p, q, D, L->dim_stride, es, job->dir);
+            }
+        }
+    }
+}
+
+/* Validates the common arguments of gather and scatter: a valid layout in
+ * host memory, n >= 0, a slot array when n > 0, and every slot in range.
+ * Returns KVB_OK or the first failure (message set). */
+static kvb_status kvb_copy_check(const char *fn,
+                                 const kvb_paged_layout *layout,
+                                 const int64_t *slots, int64_t n)
+{
+    if (layout == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: layout is NULL", fn);
+    }
+    kvb_status st = kvb_layout_validate(layout);
+    if (st != KVB_OK) {
+        return st;
+    }
+    if (layout->device >= 0) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "%s: layout.device=%d: the CPU op needs host memory "
+                        "(device -1)",
+                        fn, (int)layout->device);
+    }
+    if (n < 0) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: n=%lld: expected n >= 0", fn,
+                        (long long)n);
+    }
+    if (n > 0 && slots == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: slots is NULL with n=%lld", fn,
+                        (long long)n);
+    }
+    return kvb_layout_check_slots(layout, slots, n);
+}
+
+/* Gathers n tokens from the paged cache into contiguous k_out/v_out
+ * [n, num_kv_heads, head_size]; padding slots leave their rows untouched.
+ * Either output may be NULL to read only the other plane, not both. */
+kvb_status kvb_cpu_gather(const kvb_paged_layout *layout,
+                          const int64_t *slots, int64_t n, void *k_out,
+                          void *v_out)
+{
+    kvb_status st = kvb_copy_check("kvb_cpu_gather", layout, slots, n);
+    if (st != KVB_OK) {
+        return st;
+    }
+    if (n > 0 && k_out == NULL && v_out == NULL) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_cpu_gather: k_out and v_out are both NULL "
+                        "with n=%lld",
+                        (long long)n);
+    }
+    kvb_copy_job job = {
+        .layout = layout,
+        .slots = slots,
+        .esize = kvb_dtype_size(layout->dtype),
+        .dir = KVB_COPY_GATHER,
+        .paged = {layout->k_base, layout->v_base},
+        .dense = {k_out, v_out},
+    };
+    int64_t per_token = (int64_t)layout->num_kv_heads * layout->head_size;
+    kvb_parallel_for(n, 1 + (1 << 16) / (per_token > 0 ? per_token : 1),
+                     kvb_copy_range, &job);
+    return KVB_OK;
+}
+
+/* Scatters contiguous k_in/v_in [n, num_kv_heads, head_size] into the paged
+ * cache at slots; padding slots are skipped.  Either input may be NULL to
+ * write only the other plane, not both. */
+kvb_status kvb_cpu_scatter(const kvb_paged_layout *layout,
+                           const int64_t *slots, int64_t n, const void *k_in,
+                           const void *v_in)
+{
+    kvb_status st = kvb_copy_check("kvb_cpu_scatter", layout, slots, n);
+    if (st != KVB_OK) {
+        return st;
+    }
+    if (n > 0 && k_in == NULL && v_in == NULL) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_cpu_scatter: k_in and v_in are both NULL "
+                        "with n=%lld",
+                        (long long)n);
+    }
+    kvb_copy_job job = {
+        .layout = layout,
+        .slots = slots,
+        .esize = kvb_dtype_size(layout->dtype),
+        .dir = KVB_COPY_SCATTER,
+        .paged = {layout->k_base, layout->v_base},
+        .dense = {(char *)(uintptr_t)k_in, (char *)(uintptr_t)v_in},
+    };
+    int64_t per_token = (int64_t)layout->num_kv_heads * layout->head_size;
+    kvb_parallel_for(n, 1 + (1 << 16) / (per_token > 0 ? per_token : 1),
+                     kvb_copy_range, &job);
+    return KVB_OK;
+}
