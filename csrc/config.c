@@ -48,7 +48,8 @@ extern char **environ;
 
 /* Records `NAME="value": reason` as the last error and returns
  * KVB_ERR_INVALID.  Values longer than KVB_CFG_SHOW_MAX bytes are cut and
- * marked with "..." so a huge JSON blob cannot drown the reason. */
+ * marked with "..." (at a UTF-8 character boundary) so a huge JSON blob
+ * cannot drown the reason. */
 static kvb_status cfg_fail(const char *name, const char *value,
                            const char *fmt, ...) KVB_PRINTF(3, 4);
 
@@ -62,6 +63,10 @@ static kvb_status cfg_fail(const char *name, const char *value,
     va_end(ap);
     size_t len = strlen(value);
     int shown = len > KVB_CFG_SHOW_MAX ? KVB_CFG_SHOW_MAX : (int)len;
+    while (shown > 0 && (size_t)shown < len &&
+           ((unsigned char)value[shown] & 0xC0) == 0x80) {
+        shown--; /* do not cut a UTF-8 sequence in half */
+    }
     return kvb_fail(KVB_ERR_INVALID, "%s=\"%.*s%s\": %s", name, shown, value,
                     len > KVB_CFG_SHOW_MAX ? "..." : "", reason);
 }
