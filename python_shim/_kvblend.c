@@ -1,0 +1,1837 @@
+/*
+ * _kvblend.c: the CPython extension over libkvblend (module kvblend._kvblend).
+ *
+ * A thin, torch-free layer: tensors arrive as integers (data_ptr()), sizes,
+ * dtype codes and a CUDA stream handle; token sequences as Python sequences
+ * or integer buffers.  Every C status is turned into a kvblend exception by
+ * one function, set_error_from_status().  The GIL is released around every
+ * call into libkvblend that may take a lock, start threads or log, because
+ * the log sink re-enters Python (PyGILState_Ensure) from any thread.
+ *
+ * Built with multi-phase initialisation: exceptions and the two heap types
+ * (Connector, Request) live in the module state, never in static globals.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvblend.h"
+
+/* ------------------------------------------------------------------------ */
+/* Module state and errors                                                   */
+/* ------------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject *error;            /* kvblend.Error(Exception) */
+    PyObject *invalid_error;    /* (Error, ValueError) */
+    PyObject *nomem_error;      /* (Error, MemoryError) */
+    PyObject *unsupported_error;/* (Error, NotImplementedError) */
+    PyObject *cuda_error;       /* (Error, RuntimeError) */
+    PyObject *notfound_error;   /* (Error, LookupError) */
+    PyObject *internal_error;   /* (Error, RuntimeError) */
+    PyTypeObject *connector_type;
+    PyTypeObject *request_type;
+} module_state;
+
+/* Returns the state of the module `m` (never NULL for this module). */
+static inline module_state *get_state(PyObject *m)
+{
+    return (module_state *)PyModule_GetState(m);
+}
+
+/* Returns the module state reached from an instance of one of this
+ * module's heap types.  The types are not subclassable, so Py_TYPE(self) is
+ * always the type created in module exec. */
+static inline module_state *state_of(PyObject *self)
+{
+    return (module_state *)PyType_GetModuleState(Py_TYPE(self));
+}
+
+/*
+ * Raises the kvblend exception that matches `status`, with this thread's
+ * kvb_last_error() as the message (kvb_status_str() when it is empty).
+ * Must be called on the thread that made the failing call.  Always returns
+ * NULL so callers can `return set_error_from_status(...)`.
+ */
+static PyObject *set_error_from_status(module_state *st, kvb_status status)
+{
+    PyObject *exc;
+    switch (status) {
+    case KVB_ERR_INVALID:
+        exc = st->invalid_error;
+        break;
+    case KVB_ERR_NOMEM:
+        exc = st->nomem_error;
+        break;
+    case KVB_ERR_UNSUPPORTED:
+        exc = st->unsupported_error;
+        break;
+    case KVB_ERR_CUDA:
+        exc = st->cuda_error;
+        break;
+    case KVB_ERR_NOT_FOUND:
+        exc = st->notfound_error;
+        break;
+    case KVB_ERR_INTERNAL:
+        exc = st->internal_error;
+        break;
+    default:
+        exc = st->error;
+        break;
+    }
+    const char *msg = kvb_last_error();
+    if (msg == NULL || msg[0] == '\0') {
+        msg = kvb_status_str(status);
+    }
+    PyErr_SetString(exc, msg);
+    return NULL;
+}
+
+/* Raises kvblend.InvalidError (a ValueError) with a formatted message for
+ * bad input detected in the shim itself; returns NULL. */
+static PyObject *raise_invalid(module_state *st, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    PyObject *msg = PyUnicode_FromFormatV(fmt, ap);
+    va_end(ap);
+    if (msg != NULL) {
+        PyErr_SetObject(st->invalid_error, msg);
+        Py_DECREF(msg);
+    }
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Logging: C log lines go to logging.getLogger("kvblend")                   */
+/* ------------------------------------------------------------------------ */
+
+/* Reports whether the interpreter is shutting down, when calling into
+ * Python is no longer safe. */
+static int interpreter_finalizing(void)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    return Py_IsFinalizing();
+#else
+    return _Py_IsFinalizing();
+#endif
+}
+
+/*
+ * The log sink installed in libkvblend.  Called from any thread, with or
+ * without the GIL: takes the GIL with PyGILState_Ensure, preserves any
+ * pending exception of that thread and calls logger.log(level, msg).
+ * Errors raised by handlers are reported as unraisable, never propagated.
+ * While the interpreter finalizes, WARNING and above go to stderr instead.
+ */
+static void log_sink(kvb_log_level level, const char *msg, void *user)
+{
+    (void)user;
+    if (!Py_IsInitialized() || interpreter_finalizing()) {
+        if (level >= KVB_LOG_WARNING) {
+            fprintf(stderr, "kvblend: %s\n", msg);
+        }
+        return;
+    }
+    static const int py_levels[] = {10, 20, 30, 40};
+    int py_level = (level >= KVB_LOG_DEBUG && level <= KVB_LOG_ERROR)
+                       ? py_levels[level]
+                       : 40;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *logging = PyImport_ImportModule("logging");
+    PyObject *res = NULL;
+    if (logging != NULL) {
+        PyObject *logger =
+            PyObject_CallMethod(logging, "getLogger", "s", "kvblend");
+        if (logger != NULL) {
+            res = PyObject_CallMethod(logger, "log", "iss", py_level, "%s",
+                                      msg);
+            Py_DECREF(logger);
+        }
+        Py_DECREF(logging);
+    }
+    if (res == NULL) {
+        PyErr_WriteUnraisable(NULL);
+    }
+    Py_XDECREF(res);
+    PyErr_Restore(type, value, tb);
+    PyGILState_Release(gil);
+}
+
+/* Parses a log level given as a name ("debug", "info", "warning", "error")
+ * or a kvb_log_level int.  Returns 0, or -1 with ValueError set. */
+static int parse_log_level(module_state *st, PyObject *obj,
+                           kvb_log_level *out)
+{
+    static const char *names[] = {"debug", "info", "warning", "error"};
+    if (PyUnicode_Check(obj)) {
+        const char *s = PyUnicode_AsUTF8(obj);
+        if (s == NULL) {
+            return -1;
+        }
+        for (int i = 0; i < 4; i++) {
+            if (strcmp(s, names[i]) == 0) {
+                *out = (kvb_log_level)i;
+                return 0;
+            }
+        }
+    } else if (PyLong_Check(obj)) {
+        long v = PyLong_AsLong(obj);
+        if (v == -1 && PyErr_Occurred()) {
+            return -1;
+        }
+        if (v >= 0 && v <= 3) {
+            *out = (kvb_log_level)v;
+            return 0;
+        }
+    }
+    raise_invalid(st, "log level %R is not one of 'debug', 'info', "
+                      "'warning', 'error' (or 0..3)", obj);
+    return -1;
+}
+
+/* set_log_level(level): minimum level of C log lines forwarded to the
+ * "kvblend" logger. */
+static PyObject *mod_set_log_level(PyObject *m, PyObject *arg)
+{
+    kvb_log_level lvl;
+    if (parse_log_level(get_state(m), arg, &lvl) < 0) {
+        return NULL;
+    }
+    kvb_set_log(log_sink, NULL, lvl);
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Argument conversion                                                       */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * Copies a token sequence into a new int32 array (*out, freed by the caller
+ * with PyMem_Free; non-NULL even when empty).  Accepts a C-contiguous 1-D
+ * buffer of any integer format (array('i'), numpy int32/int64, ...) or any
+ * sequence of objects with __index__ (list, tuple, torch tensor); str is
+ * refused.  Each id must fit int32; the ValueError names `what`, the index
+ * and the value.  Returns 0, or -1 with an exception set.
+ */
+static int tokens_from_object(module_state *st, PyObject *obj,
+                              const char *what, int32_t **out, int64_t *n_out)
+{
+    *out = NULL;
+    *n_out = 0;
+    if (PyUnicode_Check(obj)) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s must be a sequence of int token ids, not str", what);
+        return -1;
+    }
+    if (PyObject_CheckBuffer(obj)) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(obj, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
+            == 0) {
+            const char *f = view.format ? view.format : "B";
+            while (*f == '@' || *f == '=' || *f == '<') {
+                f++;
+            }
+            int is_signed = strchr("bhilqn", *f) != NULL && *f != '\0';
+            int is_int = *f != '\0' && f[1] == '\0'
+                         && strchr("bBhHiIlLqQnN", *f) != NULL;
+            if (!is_int || view.ndim > 1) {
+                PyErr_Format(PyExc_TypeError,
+                             "%s: buffer of format '%s' with %d dimensions is "
+                             "not a 1-D integer array",
+                             what, view.format ? view.format : "B",
+                             view.ndim);
+                PyBuffer_Release(&view);
+                return -1;
+            }
+            Py_ssize_t n = view.len / view.itemsize;
+            int32_t *buf = PyMem_Malloc(sizeof(int32_t) * (size_t)(n ? n : 1));
+            if (buf == NULL) {
+                PyBuffer_Release(&view);
+                PyErr_NoMemory();
+                return -1;
+            }
+            const char *p = view.buf;
+            for (Py_ssize_t i = 0; i < n; i++) {
+                const char *e = p + i * view.itemsize;
+                long long sv = 0;
+                unsigned long long uv = 0;
+                switch (view.itemsize) {
+                case 1: sv = is_signed ? *(const int8_t *)e : *(const uint8_t *)e; uv = (unsigned long long)sv; break;
+                case 2: { int16_t a; uint16_t b; memcpy(&a, e, 2); memcpy(&b, e, 2); sv = is_signed ? a : b; uv = (unsigned long long)sv; break; }
+                case 4: { int32_t a; uint32_t b; memcpy(&a, e, 4); memcpy(&b, e, 4); sv = is_signed ? a : (long long)b; uv = (unsigned long long)sv; break; }
+                default: { int64_t a; uint64_t b; memcpy(&a, e, 8); memcpy(&b, e, 8); sv = a; uv = b; break; }
+                }
+                int bad = is_signed ? (sv < INT32_MIN || sv > INT32_MAX)
+                                    : (uv > (unsigned long long)INT32_MAX);
+                if (bad) {
+                    if (is_signed) {
+                        raise_invalid(st, "%s[%zd] = %lld is outside the int32 "
+                                          "range of token ids", what, i, sv);
+                    } else {
+                        raise_invalid(st, "%s[%zd] = %llu is outside the int32 "
+                                          "range of token ids", what, i, uv);
+                    }
+                    PyMem_Free(buf);
+                    PyBuffer_Release(&view);
+                    return -1;
+                }
+                buf[i] = (int32_t)sv;
+            }
+            PyBuffer_Release(&view);
+            *out = buf;
+            *n_out = n;
+            return 0;
+        }
+        PyErr_Clear(); /* not C-contiguous: iterate it instead */
+    }
+    PyObject *seq = PySequence_Fast(
+        obj, "token ids must be a sequence of ints or a 1-D integer buffer");
+    if (seq == NULL) {
+        return -1;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    int32_t *buf = PyMem_Malloc(sizeof(int32_t) * (size_t)(n ? n : 1));
+    if (buf == NULL) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int overflow = 0;
+        PyObject *idx = PyNumber_Index(items[i]);
+        if (idx == NULL) {
+            PyErr_Format(PyExc_TypeError, "%s[%zd] must be an int, not %.100s",
+                         what, i, Py_TYPE(items[i])->tp_name);
+            goto fail;
+        }
+        long long v = PyLong_AsLongLongAndOverflow(idx, &overflow);
+        if (v == -1 && PyErr_Occurred()) {
+            Py_DECREF(idx);
+            goto fail;
+        }
+        if (overflow || v < INT32_MIN || v > INT32_MAX) {
+            raise_invalid(st, "%s[%zd] = %S is outside the int32 range of "
+                              "token ids", what, i, idx);
+            Py_DECREF(idx);
+            goto fail;
+        }
+        Py_DECREF(idx);
+        buf[i] = (int32_t)v;
+    }
+    Py_DECREF(seq);
+    *out = buf;
+    *n_out = n;
+    return 0;
+fail:
+    PyMem_Free(buf);
+    Py_DECREF(seq);
+    return -1;
+}
+
+/*
+ * Converts a sequence of (start, end) pairs into a new kvb_span array
+ * (*out, PyMem_Free by the caller).  None gives *out = NULL, *n_out = 0.
+ * Returns 0, or -1 with TypeError/ValueError set naming the bad item.
+ */
+static int spans_from_object(PyObject *obj, kvb_span **out, int64_t *n_out)
+{
+    *out = NULL;
+    *n_out = 0;
+    if (obj == NULL || obj == Py_None) {
+        return 0;
+    }
+    PyObject *seq = PySequence_Fast(obj, "spans must be a sequence of "
+                                         "(start, end) pairs");
+    if (seq == NULL) {
+        return -1;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    kvb_span *spans = PyMem_Malloc(sizeof(kvb_span) * (size_t)(n ? n : 1));
+    if (spans == NULL) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *pair = PySequence_Fast_GET_ITEM(seq, i);
+        long long a, b;
+        if (!PyTuple_Check(pair) && !PyList_Check(pair)) {
+            PyErr_Format(PyExc_TypeError,
+                         "spans[%zd] must be a (start, end) pair, not %.100s",
+                         i, Py_TYPE(pair)->tp_name);
+            goto fail;
+        }
+        if (PySequence_Size(pair) != 2) {
+            PyErr_Format(PyExc_ValueError,
+                         "spans[%zd] must have 2 items (start, end), has %zd",
+                         i, PySequence_Size(pair));
+            goto fail;
+        }
+        PyObject *pa = PySequence_GetItem(pair, 0);
+        PyObject *pb = PySequence_GetItem(pair, 1);
+        a = pa ? PyLong_AsLongLong(pa) : -1;
+        if (!(a == -1 && PyErr_Occurred())) {
+            b = pb ? PyLong_AsLongLong(pb) : -1;
+        } else {
+            b = -1;
+        }
+        Py_XDECREF(pa);
+        Py_XDECREF(pb);
+        if (PyErr_Occurred()) {
+            goto fail;
+        }
+        spans[i].start = a;
+        spans[i].end = b;
+    }
+    Py_DECREF(seq);
+    *out = spans;
+    *n_out = n;
+    return 0;
+fail:
+    PyMem_Free(spans);
+    Py_DECREF(seq);
+    return -1;
+}
+
+/*
+ * Converts the 12-int layout tuple (k_ptr, v_ptr, block_stride,
+ * token_stride, head_stride, dim_stride, num_blocks, block_size,
+ * num_kv_heads, head_size, dtype, device) into a kvb_paged_layout.  Only
+ * types and ranges are checked here; kvb_layout_validate and the ops check
+ * meaning.  Returns 0, or -1 with an exception set.
+ */
+static int layout_from_object(const char *fn, PyObject *obj,
+                              kvb_paged_layout *lay)
+{
+    static const char *names[12] = {
+        "k_ptr", "v_ptr", "block_stride", "token_stride", "head_stride",
+        "dim_stride", "num_blocks", "block_size", "num_kv_heads",
+        "head_size", "dtype", "device"};
+    if (!PyTuple_Check(obj) || PyTuple_GET_SIZE(obj) != 12) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s(): layout must be a tuple of 12 ints (k_ptr, v_ptr, "
+                     "block_stride, token_stride, head_stride, dim_stride, "
+                     "num_blocks, block_size, num_kv_heads, head_size, "
+                     "dtype, device), got %.100s",
+                     fn, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    long long v[12];
+    for (int i = 0; i < 12; i++) {
+        PyObject *it = PyTuple_GET_ITEM(obj, i);
+        if (!PyLong_Check(it)) {
+            PyErr_Format(PyExc_TypeError, "%s(): layout[%d] (%s) must be an "
+                         "int, not %.100s", fn, i, names[i],
+                         Py_TYPE(it)->tp_name);
+            return -1;
+        }
+        if (i < 2) {
+            unsigned long long u = PyLong_AsUnsignedLongLong(it);
+            if (u == (unsigned long long)-1 && PyErr_Occurred()) {
+                PyErr_Format(PyExc_ValueError, "%s(): layout[%d] (%s) = %R "
+                             "is not a valid address", fn, i, names[i], it);
+                return -1;
+            }
+            v[i] = (long long)u;
+        } else {
+            v[i] = PyLong_AsLongLong(it);
+            if (v[i] == -1 && PyErr_Occurred()) {
+                return -1;
+            }
+            if (i >= 8 && (v[i] < INT32_MIN || v[i] > INT32_MAX)) {
+                PyErr_Format(PyExc_ValueError, "%s(): layout[%d] (%s) = %lld "
+                             "does not fit int32", fn, i, names[i], v[i]);
+                return -1;
+            }
+        }
+    }
+    lay->k_base = (void *)(uintptr_t)(unsigned long long)v[0];
+    lay->v_base = (void *)(uintptr_t)(unsigned long long)v[1];
+    lay->block_stride = v[2];
+    lay->token_stride = v[3];
+    lay->head_stride = v[4];
+    lay->dim_stride = v[5];
+    lay->num_blocks = v[6];
+    lay->block_size = v[7];
+    lay->num_kv_heads = (int32_t)v[8];
+    lay->head_size = (int32_t)v[9];
+    lay->dtype = (kvb_dtype)v[10];
+    lay->device = (int32_t)v[11];
+    return 0;
+}
+
+/*
+ * Positional argument parser for METH_FASTCALL functions.  `fmt` has one
+ * letter per argument, optional ones after '|':
+ *   'l' int64_t*   'i' int32_t*   'p' void** (an int address, 0 = NULL)
+ *   'f' float*     'L' kvb_paged_layout* (the 12-int tuple)
+ * `names` gives each argument's name for messages.  Optional outputs keep
+ * the value the caller initialised.  Returns 0, or -1 with TypeError or
+ * ValueError naming the function and argument.
+ */
+static int parse_fast(const char *fn, PyObject *const *args, Py_ssize_t nargs,
+                      const char *fmt, const char *const *names, ...)
+{
+    Py_ssize_t min = 0, max = 0;
+    int optional = 0;
+    for (const char *c = fmt; *c; c++) {
+        if (*c == '|') {
+            optional = 1;
+            continue;
+        }
+        max++;
+        if (!optional) {
+            min++;
+        }
+    }
+    if (nargs < min || nargs > max) {
+        if (min == max) {
+            PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd "
+                         "given)", fn, min, nargs);
+        } else {
+            PyErr_Format(PyExc_TypeError, "%s() takes from %zd to %zd "
+                         "arguments (%zd given)", fn, min, max, nargs);
+        }
+        return -1;
+    }
+    va_list ap;
+    va_start(ap, names);
+    int rc = 0;
+    Py_ssize_t i = 0;
+    for (const char *c = fmt; *c; c++) {
+        if (*c == '|') {
+            continue;
+        }
+        void *dst = va_arg(ap, void *);
+        if (i >= nargs) {
+            i++;
+            continue;
+        }
+        PyObject *o = args[i];
+        const char *name = names[i];
+        i++;
+        if (*c == 'L') {
+            if (layout_from_object(fn, o, dst) < 0) {
+                rc = -1;
+                break;
+            }
+            continue;
+        }
+        if (*c == 'f') {
+            double d = PyFloat_AsDouble(o);
+            if (d == -1.0 && PyErr_Occurred()) {
+                PyErr_Format(PyExc_TypeError, "%s() argument '%s' must be a "
+                             "float, not %.100s", fn, name, Py_TYPE(o)->tp_name);
+                rc = -1;
+                break;
+            }
+            *(float *)dst = (float)d;
+            continue;
+        }
+        if (!PyLong_Check(o)) {
+            PyErr_Format(PyExc_TypeError, "%s() argument '%s' must be an int, "
+                         "not %.100s", fn, name, Py_TYPE(o)->tp_name);
+            rc = -1;
+            break;
+        }
+        if (*c == 'p') {
+            unsigned long long u = PyLong_AsUnsignedLongLong(o);
+            if (u == (unsigned long long)-1 && PyErr_Occurred()) {
+                PyErr_Format(PyExc_ValueError, "%s() argument '%s' = %R is not "
+                             "a valid address", fn, name, o);
+                rc = -1;
+                break;
+            }
+            *(void **)dst = (void *)(uintptr_t)u;
+            continue;
+        }
+        long long v = PyLong_AsLongLong(o);
+        if (v == -1 && PyErr_Occurred()) {
+            PyErr_Format(PyExc_ValueError, "%s() argument '%s' = %R does not "
+                         "fit int64", fn, name, o);
+            rc = -1;
+            break;
+        }
+        if (*c == 'i') {
+            if (v < INT32_MIN || v > INT32_MAX) {
+                PyErr_Format(PyExc_ValueError, "%s() argument '%s' = %lld "
+                             "does not fit int32", fn, name, v);
+                rc = -1;
+                break;
+            }
+            *(int32_t *)dst = (int32_t)v;
+        } else {
+            *(int64_t *)dst = (int64_t)v;
+        }
+    }
+    va_end(ap);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Configuration                                                             */
+/* ------------------------------------------------------------------------ */
+
+/* Returns a new list of the first `n` ints of `v`. */
+static PyObject *list_of_i32(const int32_t *v, int n)
+{
+    PyObject *l = PyList_New(n);
+    for (int i = 0; l != NULL && i < n; i++) {
+        PyObject *x = PyLong_FromLong(v[i]);
+        if (x == NULL) {
+            Py_CLEAR(l);
+            break;
+        }
+        PyList_SET_ITEM(l, i, x);
+    }
+    return l;
+}
+
+/* Returns a new list of the first `n` floats of `v`. */
+static PyObject *list_of_f32(const float *v, int n)
+{
+    PyObject *l = PyList_New(n);
+    for (int i = 0; l != NULL && i < n; i++) {
+        PyObject *x = PyFloat_FromDouble((double)v[i]);
+        if (x == NULL) {
+            Py_CLEAR(l);
+            break;
+        }
+        PyList_SET_ITEM(l, i, x);
+    }
+    return l;
+}
+
+/* Returns a new dict with one key per kvb_config field (Python values:
+ * bools, ints, floats, str, lists; thresholds None when unset; deviation
+ * "k"/"v"/"kv"; log_level its name). */
+static PyObject *config_to_dict(const kvb_config *c)
+{
+    static const char *dev[] = {"k", "v", "kv"};
+    static const char *lvl[] = {"debug", "info", "warning", "error"};
+    PyObject *thr;
+    if (c->num_thresholds > 0) {
+        thr = list_of_f32(c->thresholds, c->num_thresholds);
+        if (thr == NULL) {
+            return NULL;
+        }
+    } else {
+        thr = Py_NewRef(Py_None);
+    }
+    PyObject *checks = list_of_i32(c->check_layers, c->num_check_layers);
+    PyObject *ratios = list_of_f32(c->recompute_ratios,
+                                   c->num_recompute_ratios);
+    if (checks == NULL || ratios == NULL) {
+        Py_XDECREF(checks);
+        Py_XDECREF(ratios);
+        Py_DECREF(thr);
+        return NULL;
+    }
+    unsigned d = (unsigned)c->deviation;
+    unsigned l = (unsigned)c->log_level;
+    return Py_BuildValue(
+        "{s:O,s:s,s:O,s:N,s:N,s:N,s:L,s:O,s:d,s:O,s:d,s:s,s:i,s:s}",
+        "enable_blending", c->enable_blending ? Py_True : Py_False,
+        "blend_special_str", c->blend_special_str,
+        "use_layerwise", c->use_layerwise ? Py_True : Py_False,
+        "check_layers", checks,
+        "recompute_ratios", ratios,
+        "thresholds", thr,
+        "chunk_size", (long long)c->chunk_size,
+        "local_cpu", c->local_cpu ? Py_True : Py_False,
+        "max_local_cpu_size_gb", c->max_local_cpu_size_gb,
+        "enable_sparse", c->enable_sparse ? Py_True : Py_False,
+        "max_device_size_gb", c->max_device_size_gb,
+        "deviation", d < 3 ? dev[d] : "unknown",
+        "num_threads", c->num_threads,
+        "log_level", l < 4 ? lvl[l] : "unknown");
+}
+
+/*
+ * Builds a kvb_config from `items`, a mapping (or iterable of pairs) of
+ * variable name -> value: defaults, kvb_config_set per item, then
+ * kvb_config_validate.  Values must be str (int, float and bool are
+ * converted with str()).  Returns 0, or -1 with the C message raised as
+ * InvalidError (it names the variable) or TypeError for non-str names.
+ */
+static int config_from_items(module_state *st, PyObject *items,
+                             kvb_config *cfg)
+{
+    kvb_config_init(cfg);
+    if (items == NULL || items == Py_None) {
+        items = NULL;
+    }
+    PyObject *d = NULL;
+    if (items != NULL) {
+        d = PyObject_CallOneArg((PyObject *)&PyDict_Type, items);
+        if (d == NULL) {
+            return -1;
+        }
+    }
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (d != NULL && PyDict_Next(d, &pos, &key, &value)) {
+        if (!PyUnicode_Check(key)) {
+            PyErr_Format(PyExc_TypeError, "configuration names must be str, "
+                         "not %.100s", Py_TYPE(key)->tp_name);
+            goto fail;
+        }
+        PyObject *sval;
+        if (PyUnicode_Check(value)) {
+            sval = Py_NewRef(value);
+        } else if (PyBool_Check(value) || PyLong_Check(value)
+                   || PyFloat_Check(value)) {
+            sval = PyObject_Str(value);
+        } else {
+            PyErr_Format(PyExc_TypeError, "configuration value of %U must be "
+                         "str, not %.100s", key, Py_TYPE(value)->tp_name);
+            goto fail;
+        }
+        if (sval == NULL) {
+            goto fail;
+        }
+        const char *k = PyUnicode_AsUTF8(key);
+        const char *v = PyUnicode_AsUTF8(sval);
+        if (k == NULL || v == NULL) {
+            Py_DECREF(sval);
+            goto fail;
+        }
+        kvb_status s = kvb_config_set(cfg, k, v);
+        Py_DECREF(sval);
+        if (s != KVB_OK) {
+            set_error_from_status(st, s);
+            goto fail;
+        }
+    }
+    Py_XDECREF(d);
+    kvb_status s = kvb_config_validate(cfg);
+    if (s != KVB_OK) {
+        set_error_from_status(st, s);
+        return -1;
+    }
+    return 0;
+fail:
+    Py_XDECREF(d);
+    return -1;
+}
+
+/* config_parse(items) -> dict: validates a mapping of LMCACHE_* /
+ * KVBLEND_* variables exactly as the connector will. */
+static PyObject *mod_config_parse(PyObject *m, PyObject *items)
+{
+    kvb_config cfg;
+    if (config_from_items(get_state(m), items, &cfg) < 0) {
+        return NULL;
+    }
+    return config_to_dict(&cfg);
+}
+
+/* config_from_env() -> dict: kvb_config_from_env over the process
+ * environment. */
+static PyObject *mod_config_from_env(PyObject *m, PyObject *unused)
+{
+    kvb_config cfg;
+    kvb_status s = kvb_config_from_env(&cfg);
+    if (s != KVB_OK) {
+        return set_error_from_status(get_state(m), s);
+    }
+    return config_to_dict(&cfg);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Hashing and segmentation                                                  */
+/* ------------------------------------------------------------------------ */
+
+/* hash_tokens(tokens) -> int: the position-independent 64-bit key. */
+static PyObject *mod_hash_tokens(PyObject *m, PyObject *arg)
+{
+    int32_t *tok;
+    int64_t n;
+    if (tokens_from_object(get_state(m), arg, "tokens", &tok, &n) < 0) {
+        return NULL;
+    }
+    uint64_t h;
+    Py_BEGIN_ALLOW_THREADS
+    h = kvb_hash_tokens(tok, n);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(tok);
+    return PyLong_FromUnsignedLongLong(h);
+}
+
+/* Returns a new list of (start, end) tuples for `n` spans. */
+static PyObject *spans_to_list(const kvb_span *s, int64_t n)
+{
+    PyObject *l = PyList_New((Py_ssize_t)n);
+    for (int64_t i = 0; l != NULL && i < n; i++) {
+        PyObject *t = Py_BuildValue("(LL)", (long long)s[i].start,
+                                    (long long)s[i].end);
+        if (t == NULL) {
+            Py_CLEAR(l);
+            break;
+        }
+        PyList_SET_ITEM(l, (Py_ssize_t)i, t);
+    }
+    return l;
+}
+
+/* segment_split(tokens, sep) -> list[(start, end)]: the segments between
+ * separator occurrences (kvb_segment_split). */
+static PyObject *mod_segment_split(PyObject *m, PyObject *const *args,
+                                   Py_ssize_t nargs)
+{
+    module_state *st = get_state(m);
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "segment_split() takes 2 arguments "
+                     "(tokens, sep), %zd given", nargs);
+        return NULL;
+    }
+    int32_t *tok = NULL, *sep = NULL;
+    int64_t n, sep_len;
+    PyObject *res = NULL;
+    if (tokens_from_object(st, args[0], "tokens", &tok, &n) < 0
+        || tokens_from_object(st, args[1], "sep", &sep, &sep_len) < 0) {
+        goto done;
+    }
+    /* With sep_len >= 1 there are at most ceil(n / 2) segments. */
+    int64_t cap = n / 2 + 1;
+    kvb_span *spans = PyMem_Malloc(sizeof(kvb_span) * (size_t)cap);
+    if (spans == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int64_t count = 0;
+    kvb_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = kvb_segment_split(tok, n, sep, sep_len, spans, cap, &count);
+    Py_END_ALLOW_THREADS
+    if (s != KVB_OK) {
+        set_error_from_status(st, s);
+    } else {
+        res = spans_to_list(spans, count);
+    }
+    PyMem_Free(spans);
+done:
+    PyMem_Free(tok);
+    PyMem_Free(sep);
+    return res;
+}
+
+/* segment_check(spans, n): raises InvalidError unless `spans` are valid,
+ * sorted, non-overlapping boundaries for a prompt of n tokens. */
+static PyObject *mod_segment_check(PyObject *m, PyObject *const *args,
+                                   Py_ssize_t nargs)
+{
+    module_state *st = get_state(m);
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "segment_check() takes 2 arguments "
+                     "(spans, n), %zd given", nargs);
+        return NULL;
+    }
+    long long n = PyLong_AsLongLong(args[1]);
+    if (n == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    kvb_span *spans;
+    int64_t ns;
+    if (args[0] == Py_None) {
+        PyErr_SetString(PyExc_TypeError, "segment_check() spans must be a "
+                        "sequence of (start, end) pairs, not None");
+        return NULL;
+    }
+    if (spans_from_object(args[0], &spans, &ns) < 0) {
+        return NULL;
+    }
+    kvb_status s = kvb_segment_check(spans, ns, (int64_t)n);
+    PyMem_Free(spans);
+    if (s != KVB_OK) {
+        return set_error_from_status(st, s);
+    }
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Ops: device -1 runs kvb_cpu_*, device >= 0 runs kvb_cuda_* on `stream`    */
+/* ------------------------------------------------------------------------ */
+
+/* gather(device, layout, slots_ptr, n, k_out_ptr, v_out_ptr, stream=0) */
+static PyObject *mod_gather(PyObject *m, PyObject *const *args,
+                            Py_ssize_t nargs)
+{
+    static const char *const names[] = {"device", "layout", "slots_ptr", "n",
+                                        "k_out_ptr", "v_out_ptr", "stream"};
+    int32_t device;
+    kvb_paged_layout lay;
+    void *slots, *k, *v, *stream = NULL;
+    int64_t n;
+    if (parse_fast("gather", args, nargs, "iLplpp|p", names, &device, &lay,
+                   &slots, &n, &k, &v, &stream) < 0) {
+        return NULL;
+    }
+    kvb_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = device < 0 ? kvb_cpu_gather(&lay, slots, n, k, v)
+                   : kvb_cuda_gather(&lay, slots, n, k, v, stream);
+    Py_END_ALLOW_THREADS
+    if (s != KVB_OK) {
+        return set_error_from_status(get_state(m), s);
+    }
+    Py_RETURN_NONE;
+}
+
+/* scatter(device, layout, slots_ptr, n, k_in_ptr, v_in_ptr, stream=0);
+ * a 0 input pointer writes only the other tensor. */
+static PyObject *mod_scatter(PyObject *m, PyObject *const *args,
+                             Py_ssize_t nargs)
+{
+    static const char *const names[] = {"device", "layout", "slots_ptr", "n",
+                                        "k_in_ptr", "v_in_ptr", "stream"};
+    int32_t device;
+    kvb_paged_layout lay;
+    void *slots, *k, *v, *stream = NULL;
+    int64_t n;
+    if (parse_fast("scatter", args, nargs, "iLplpp|p", names, &device, &lay,
+                   &slots, &n, &k, &v, &stream) < 0) {
+        return NULL;
+    }
+    kvb_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = device < 0 ? kvb_cpu_scatter(&lay, slots, n, k, v)
+                   : kvb_cuda_scatter(&lay, slots, n, k, v, stream);
+    Py_END_ALLOW_THREADS
+    if (s != KVB_OK) {
+        return set_error_from_status(get_state(m), s);
+    }
+    Py_RETURN_NONE;
+}
+
+/* rerotate(device, k_ptr, n, num_heads, head_size, dtype, rotary_dim,
+ *          style, inv_freq_ptr, attention_factor, old_pos_ptr, new_pos_ptr,
+ *          stream=0); inv_freq is a host float32 array in both cases. */
+static PyObject *mod_rerotate(PyObject *m, PyObject *const *args,
+                              Py_ssize_t nargs)
+{
+    static const char *const names[] = {
+        "device", "k_ptr", "n", "num_heads", "head_size", "dtype",
+        "rotary_dim", "style", "inv_freq_ptr", "attention_factor",
+        "old_pos_ptr", "new_pos_ptr", "stream"};
+    int32_t device, heads, hs, dtype, rdim, style;
+    void *k, *inv, *oldp, *newp, *stream = NULL;
+    int64_t n;
+    float af;
+    if (parse_fast("rerotate", args, nargs, "iplii" "iiipfpp|p", names,
+                   &device, &k, &n, &heads, &hs, &dtype, &rdim, &style, &inv,
+                   &af, &oldp, &newp, &stream) < 0) {
+        return NULL;
+    }
+    kvb_rope rope = {rdim, (kvb_rope_style)style, inv, af};
+    kvb_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = device < 0 ? kvb_cpu_rerotate(k, n, heads, hs, (kvb_dtype)dtype,
+                                      &rope, oldp, newp)
+                   : kvb_cuda_rerotate(k, n, heads, hs, (kvb_dtype)dtype,
+                                       &rope, oldp, newp, stream);
+    Py_END_ALLOW_THREADS
+    if (s != KVB_OK) {
+        return set_error_from_status(get_state(m), s);
+    }
+    Py_RETURN_NONE;
+}
+
+/* deviation(device, a_ptr, b_ptr, n, num_heads, head_size, dtype, out_ptr,
+ *           stream=0); out is float32 [n]. */
+static PyObject *mod_deviation(PyObject *m, PyObject *const *args,
+                               Py_ssize_t nargs)
+{
+    static const char *const names[] = {"device", "a_ptr", "b_ptr", "n",
+                                        "num_heads", "head_size", "dtype",
+                                        "out_ptr", "stream"};
+    int32_t device, heads, hs, dtype;
+    void *a, *b, *out, *stream = NULL;
+    int64_t n;
+    if (parse_fast("deviation", args, nargs, "ippliiip|p", names, &device,
+                   &a, &b, &n, &heads, &hs, &dtype, &out, &stream) < 0) {
+        return NULL;
+    }
+    kvb_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = device < 0 ? kvb_cpu_deviation(a, b, n, heads, hs, (kvb_dtype)dtype,
+                                       out)
+                   : kvb_cuda_deviation(a, b, n, heads, hs, (kvb_dtype)dtype,
+                                        out, stream);
+    Py_END_ALLOW_THREADS
+    if (s != KVB_OK) {
+        return set_error_from_status(get_state(m), s);
+    }
+    Py_RETURN_NONE;
+}
+
+/* select(device, score_ptr, forced_ptr, n, k, out_idx_ptr, stream=0,
+ *        n_forced=0) -> count.  On the CPU the count comes from the op; on
+ * the device it is n_forced + min(k, n - n_forced), which the caller must
+ * know (nothing is read back). */
+static PyObject *mod_select(PyObject *m, PyObject *const *args,
+                            Py_ssize_t nargs)
+{
+    static const char *const names[] = {"device", "score_ptr", "forced_ptr",
+                                        "n", "k", "out_idx_ptr", "stream",
+                                        "n_forced"};
+    int32_t device;
+    void *score, *forced, *out, *stream = NULL;
+    int64_t n, k, n_forced = 0, count = 0;
+    if (parse_fast("select", args, nargs, "ipppllp|pl", names, &device,
+                   &score, &forced, &n, &k, &out, &stream, &n_forced) < 0) {
+        return NULL;
+    }
+    if (device >= 0 && (n_forced < 0 || n_forced > n)) {
+        return raise_invalid(get_state(m), "select(): n_forced = %lld must "
+                             "be in [0, n = %lld]", (long long)n_forced,
+                             (long long)n);
+    }
+    kvb_status s;
+    Py_BEGIN_ALLOW_THREADS
+    if (device < 0) {
+        s = kvb_cpu_select(score, forced, n, k, out, &count);
+    } else {
+        s = kvb_cuda_select(score, forced, n, k, out, stream);
+        int64_t rest = n - n_forced;
+        count = n_forced + (k < 0 ? 0 : (k < rest ? k : rest));
+    }
+    Py_END_ALLOW_THREADS
+    if (s != KVB_OK) {
+        return set_error_from_status(get_state(m), s);
+    }
+    return PyLong_FromLongLong((long long)count);
+}
+
+/* attention(device, q_ptr, q_pos_ptr, nq, k_ptr, v_ptr, k_pos_ptr, nk,
+ *           num_q_heads, num_kv_heads, head_size, scale, dtype, out_ptr,
+ *           stream=0) */
+static PyObject *mod_attention(PyObject *m, PyObject *const *args,
+                               Py_ssize_t nargs)
+{
+    static const char *const names[] = {
+        "device", "q_ptr", "q_pos_ptr", "nq", "k_ptr", "v_ptr", "k_pos_ptr",
+        "nk", "num_q_heads", "num_kv_heads", "head_size", "scale", "dtype",
+        "out_ptr", "stream"};
+    int32_t device, nqh, nkh, hs, dtype;
+    void *q, *qpos, *k, *v, *kpos, *out, *stream = NULL;
+    int64_t nq, nk;
+    float scale;
+    if (parse_fast("attention", args, nargs, "ippl" "pppl" "iiifip|p", names,
+                   &device, &q, &qpos, &nq, &k, &v, &kpos, &nk, &nqh, &nkh,
+                   &hs, &scale, &dtype, &out, &stream) < 0) {
+        return NULL;
+    }
+    kvb_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = device < 0
+            ? kvb_cpu_attention(q, qpos, nq, k, v, kpos, nk, nqh, nkh, hs,
+                                scale, (kvb_dtype)dtype, out)
+            : kvb_cuda_attention(q, qpos, nq, k, v, kpos, nk, nqh, nkh, hs,
+                                 scale, (kvb_dtype)dtype, out, stream);
+    Py_END_ALLOW_THREADS
+    if (s != KVB_OK) {
+        return set_error_from_status(get_state(m), s);
+    }
+    Py_RETURN_NONE;
+}
+
+/* set_num_threads(n): threads CPU ops may use (0 = all cores). */
+static PyObject *mod_set_num_threads(PyObject *m, PyObject *arg)
+{
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (n < 0 || n > 4096) {
+        return raise_invalid(get_state(m), "set_num_threads(): n = %ld must "
+                             "be in [0, 4096] (0 = all cores)", n);
+    }
+    kvb_status s = kvb_cpu_set_threads((int)n);
+    if (s != KVB_OK) {
+        return set_error_from_status(get_state(m), s);
+    }
+    Py_RETURN_NONE;
+}
+
+/* version() -> str: the C library's version. */
+static PyObject *mod_version(PyObject *m, PyObject *unused)
+{
+    return PyUnicode_FromString(kvb_version());
+}
+
+/* has_cuda() -> bool: whether libkvblend was built with CUDA kernels. */
+static PyObject *mod_has_cuda(PyObject *m, PyObject *unused)
+{
+    return PyBool_FromLong(kvb_has_cuda());
+}
+
+/* ------------------------------------------------------------------------ */
+/* Connector                                                                 */
+/* ------------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    kvb_connector *conn; /* owned */
+    int32_t device;
+} ConnectorObject;
+
+typedef struct {
+    PyObject_HEAD
+    kvb_request *req;    /* owned until finish; NULL after */
+    PyObject *connector; /* strong reference: the request uses its store */
+    int busy;            /* calls in flight with the GIL released */
+} RequestObject;
+
+/*
+ * Connector(config_items, num_layers, num_q_heads, num_kv_heads, head_size,
+ *           dtype, rotary_dim, rope_style, inv_freq, attention_factor=1.0,
+ *           device=-1): parses config_items like config_parse, copies
+ * inv_freq (rotary_dim/2 floats) and creates the C connector with its
+ * store.  The connector's log level becomes the configured
+ * KVBLEND_LOG_LEVEL.
+ */
+static PyObject *connector_new(PyTypeObject *type, PyObject *args,
+                               PyObject *kwds)
+{
+    static char *kwlist[] = {"config_items", "num_layers", "num_q_heads",
+                             "num_kv_heads", "head_size", "dtype",
+                             "rotary_dim", "rope_style", "inv_freq",
+                             "attention_factor", "device", NULL};
+    module_state *st = PyType_GetModuleState(type);
+    PyObject *items, *inv_obj;
+    kvb_model_desc md;
+    int dtype, style, device = -1;
+    float af = 1.0f;
+    memset(&md, 0, sizeof md);
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kwds, "OiiiiiiiO|fi:Connector", kwlist, &items,
+            &md.num_layers, &md.num_q_heads, &md.num_kv_heads, &md.head_size,
+            &dtype, &md.rope.rotary_dim, &style, &inv_obj, &af, &device)) {
+        return NULL;
+    }
+    md.dtype = (kvb_dtype)dtype;
+    md.rope.style = (kvb_rope_style)style;
+    md.rope.attention_factor = af;
+    kvb_config cfg;
+    if (config_from_items(st, items, &cfg) < 0) {
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(inv_obj, "inv_freq must be a sequence "
+                                             "of floats");
+    if (seq == NULL) {
+        return NULL;
+    }
+    Py_ssize_t nf = PySequence_Fast_GET_SIZE(seq);
+    if (md.rope.rotary_dim > 0 && nf != md.rope.rotary_dim / 2) {
+        Py_DECREF(seq);
+        return raise_invalid(st, "inv_freq has %zd entries; rotary_dim = %d "
+                             "needs rotary_dim/2 = %d", nf,
+                             (int)md.rope.rotary_dim,
+                             (int)(md.rope.rotary_dim / 2));
+    }
+    float *inv = PyMem_Malloc(sizeof(float) * (size_t)(nf ? nf : 1));
+    if (inv == NULL) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < nf; i++) {
+        double d = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(seq, i));
+        if (d == -1.0 && PyErr_Occurred()) {
+            PyMem_Free(inv);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        inv[i] = (float)d;
+    }
+    Py_DECREF(seq);
+    md.rope.inv_freq = inv;
+    kvb_connector *conn = NULL;
+    kvb_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = kvb_connector_create(&cfg, &md, device, &conn);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(inv);
+    if (s != KVB_OK) {
+        return set_error_from_status(st, s);
+    }
+    ConnectorObject *self = (ConnectorObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        kvb_connector_free(conn);
+        return NULL;
+    }
+    self->conn = conn;
+    self->device = device;
+    kvb_set_log(log_sink, NULL, cfg.log_level);
+    return (PyObject *)self;
+}
+
+/* Frees the C connector (and its store) and drops the type reference. */
+static void connector_dealloc(ConnectorObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    kvb_connector *conn = self->conn;
+    self->conn = NULL;
+    if (conn != NULL) {
+        Py_BEGIN_ALLOW_THREADS
+        kvb_connector_free(conn);
+        Py_END_ALLOW_THREADS
+    }
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+/* set_separator(tokens): the separator's token ids ([] disables splitting). */
+static PyObject *connector_set_separator(ConnectorObject *self, PyObject *arg)
+{
+    module_state *st = state_of((PyObject *)self);
+    int32_t *sep;
+    int64_t n;
+    if (tokens_from_object(st, arg, "separator", &sep, &n) < 0) {
+        return NULL;
+    }
+    kvb_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = kvb_connector_set_separator(self->conn, sep, n);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(sep);
+    if (s != KVB_OK) {
+        return set_error_from_status(st, s);
+    }
+    Py_RETURN_NONE;
+}
+
+/* lookup(tokens, spans=None) -> ([(start, end, hit)], reuse_end): which
+ * segments are stored; no side effects. */
+static PyObject *connector_lookup(ConnectorObject *self, PyObject *args,
+                                  PyObject *kwds)
+{
+    static char *kwlist[] = {"tokens", "spans", NULL};
+    module_state *st = state_of((PyObject *)self);
+    PyObject *tok_obj, *spans_obj = Py_None, *res = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:lookup", kwlist,
+                                     &tok_obj, &spans_obj)) {
+        return NULL;
+    }
+    int32_t *tok = NULL;
+    kvb_span *spans = NULL, *segs = NULL;
+    uint8_t *hit = NULL;
+    int64_t n, ns;
+    if (tokens_from_object(st, tok_obj, "tokens", &tok, &n) < 0
+        || spans_from_object(spans_obj, &spans, &ns) < 0) {
+        goto done;
+    }
+    int64_t cap = spans != NULL ? ns : n / 2 + 1;
+    if (cap < 1) {
+        cap = 1;
+    }
+    segs = PyMem_Malloc(sizeof(kvb_span) * (size_t)cap);
+    hit = PyMem_Malloc((size_t)cap);
+    if (segs == NULL || hit == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int64_t nseg = 0, reuse_end = 0;
+    kvb_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = kvb_connector_lookup(self->conn, tok, n, spans, ns, segs, hit, cap,
+                             &nseg, &reuse_end);
+    Py_END_ALLOW_THREADS
+    if (s != KVB_OK) {
+        set_error_from_status(st, s);
+        goto done;
+    }
+    PyObject *l = PyList_New((Py_ssize_t)nseg);
+    for (int64_t i = 0; l != NULL && i < nseg; i++) {
+        PyObject *t = Py_BuildValue("(LLO)", (long long)segs[i].start,
+                                    (long long)segs[i].end,
+                                    hit[i] ? Py_True : Py_False);
+        if (t == NULL) {
+            Py_CLEAR(l);
+            break;
+        }
+        PyList_SET_ITEM(l, (Py_ssize_t)i, t);
+    }
+    if (l != NULL) {
+        res = Py_BuildValue("(NL)", l, (long long)reuse_end);
+    }
+done:
+    PyMem_Free(tok);
+    PyMem_Free(spans);
+    PyMem_Free(segs);
+    PyMem_Free(hit);
+    return res;
+}
+
+/* begin(tokens, spans=None, max_blend_end=-1, save=True) -> Request: the
+ * worker-side state of one prefill; max_blend_end < 0 means len(tokens). */
+static PyObject *connector_begin(ConnectorObject *self, PyObject *args,
+                                 PyObject *kwds)
+{
+    static char *kwlist[] = {"tokens", "spans", "max_blend_end", "save", NULL};
+    module_state *st = state_of((PyObject *)self);
+    PyObject *tok_obj, *spans_obj = Py_None, *res = NULL;
+    long long max_end = -1;
+    int save = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OLp:begin", kwlist,
+                                     &tok_obj, &spans_obj, &max_end, &save)) {
+        return NULL;
+    }
+    int32_t *tok = NULL;
+    kvb_span *spans = NULL;
+    int64_t n, ns;
+    if (tokens_from_object(st, tok_obj, "tokens", &tok, &n) < 0
+        || spans_from_object(spans_obj, &spans, &ns) < 0) {
+        goto done;
+    }
+    if (max_end < 0) {
+        max_end = n;
+    }
+    kvb_request *req = NULL;
+    kvb_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = kvb_request_begin(self->conn, tok, n, spans, ns, (int64_t)max_end,
+                          save, &req);
+    Py_END_ALLOW_THREADS
+    if (s != KVB_OK) {
+        set_error_from_status(st, s);
+        goto done;
+    }
+    RequestObject *r =
+        (RequestObject *)st->request_type->tp_alloc(st->request_type, 0);
+    if (r == NULL) {
+        kvb_request_finish(req, 0);
+        goto done;
+    }
+    r->req = req;
+    r->connector = Py_NewRef((PyObject *)self);
+    r->busy = 0;
+    res = (PyObject *)r;
+done:
+    PyMem_Free(tok);
+    PyMem_Free(spans);
+    return res;
+}
+
+/* store_stats() -> dict of the store's counters and sizes. */
+static PyObject *connector_store_stats(ConnectorObject *self,
+                                       PyObject *unused)
+{
+    kvb_store_stats ss;
+    kvb_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = kvb_store_get_stats(kvb_connector_store(self->conn), &ss);
+    Py_END_ALLOW_THREADS
+    if (s != KVB_OK) {
+        return set_error_from_status(state_of((PyObject *)self), s);
+    }
+    return Py_BuildValue(
+        "{s:L,s:n,s:n,s:L,s:L,s:L,s:L,s:L,s:L}",
+        "num_entries", (long long)ss.num_entries,
+        "host_bytes", (Py_ssize_t)ss.host_bytes,
+        "device_bytes", (Py_ssize_t)ss.device_bytes,
+        "lookups", (long long)ss.lookups, "hits", (long long)ss.hits,
+        "inserts", (long long)ss.inserts,
+        "evictions", (long long)ss.evictions,
+        "rejected", (long long)ss.rejected,
+        "collisions", (long long)ss.collisions);
+}
+
+/* store_clear(): removes every unpinned entry. */
+static PyObject *connector_store_clear(ConnectorObject *self,
+                                       PyObject *unused)
+{
+    kvb_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = kvb_store_clear(kvb_connector_store(self->conn));
+    Py_END_ALLOW_THREADS
+    if (s != KVB_OK) {
+        return set_error_from_status(state_of((PyObject *)self), s);
+    }
+    Py_RETURN_NONE;
+}
+
+/* Getter of Connector.device. */
+static PyObject *connector_get_device(ConnectorObject *self, void *closure)
+{
+    return PyLong_FromLong(self->device);
+}
+
+static PyMethodDef connector_methods[] = {
+    {"set_separator", (PyCFunction)connector_set_separator, METH_O,
+     "set_separator(tokens)\n--\n\nSets the separator's token ids."},
+    {"lookup", (PyCFunction)(void (*)(void))connector_lookup,
+     METH_VARARGS | METH_KEYWORDS,
+     "lookup(tokens, spans=None)\n--\n\n"
+     "Returns ([(start, end, hit), ...], reuse_end); no side effects."},
+    {"begin", (PyCFunction)(void (*)(void))connector_begin,
+     METH_VARARGS | METH_KEYWORDS,
+     "begin(tokens, spans=None, max_blend_end=-1, save=True)\n--\n\n"
+     "Starts one prefill and returns its Request."},
+    {"store_stats", (PyCFunction)connector_store_stats, METH_NOARGS,
+     "store_stats()\n--\n\nReturns the store's counters as a dict."},
+    {"store_clear", (PyCFunction)connector_store_clear, METH_NOARGS,
+     "store_clear()\n--\n\nRemoves every unpinned entry."},
+    {NULL, NULL, 0, NULL}};
+
+static PyGetSetDef connector_getset[] = {
+    {"device", (getter)connector_get_device, NULL,
+     "-1 for the CPU path, else the CUDA device ordinal", NULL},
+    {NULL, NULL, NULL, NULL, NULL}};
+
+static PyType_Slot connector_slots[] = {
+    {Py_tp_new, connector_new},
+    {Py_tp_dealloc, connector_dealloc},
+    {Py_tp_methods, connector_methods},
+    {Py_tp_getset, connector_getset},
+    {Py_tp_doc,
+     "Connector(config_items, num_layers, num_q_heads, num_kv_heads, "
+     "head_size, dtype, rotary_dim, rope_style, inv_freq, "
+     "attention_factor=1.0, device=-1)\n\n"
+     "Blending state of one model: a chunk store and the separator."},
+    {0, NULL}};
+
+static PyType_Spec connector_spec = {
+    .name = "kvblend._kvblend.Connector",
+    .basicsize = sizeof(ConnectorObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = connector_slots,
+};
+
+/* ------------------------------------------------------------------------ */
+/* Request                                                                   */
+/* ------------------------------------------------------------------------ */
+
+/* Returns the live kvb_request of `self`, or NULL with InvalidError set
+ * when the request was finished. */
+static kvb_request *request_live(RequestObject *self)
+{
+    if (self->req == NULL) {
+        raise_invalid(state_of((PyObject *)self),
+                      "the request is finished");
+    }
+    return self->req;
+}
+
+/* Ends the request without committing if the owner never finished it,
+ * then drops the connector reference (after, since the request uses the
+ * connector's store). */
+static void request_dealloc(RequestObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    kvb_request *req = self->req;
+    self->req = NULL;
+    if (req != NULL) {
+        Py_BEGIN_ALLOW_THREADS
+        kvb_request_finish(req, 0);
+        Py_END_ALLOW_THREADS
+    }
+    Py_CLEAR(self->connector);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+/* Getter of Request.blend_end: rows [0, blend_end) are blended. */
+static PyObject *request_get_blend_end(RequestObject *self, void *closure)
+{
+    kvb_request *req = request_live(self);
+    return req ? PyLong_FromLongLong(kvb_request_blend_end(req)) : NULL;
+}
+
+/* Getter of Request.finished. */
+static PyObject *request_get_finished(RequestObject *self, void *closure)
+{
+    return PyBool_FromLong(self->req == NULL);
+}
+
+/* forced() -> bytes of length blend_end; 1 marks rows always recomputed. */
+static PyObject *request_forced(RequestObject *self, PyObject *unused)
+{
+    kvb_request *req = request_live(self);
+    if (req == NULL) {
+        return NULL;
+    }
+    int64_t n = kvb_request_blend_end(req);
+    const uint8_t *f = kvb_request_forced(req);
+    if (n <= 0 || f == NULL) {
+        return PyBytes_FromStringAndSize("", 0);
+    }
+    return PyBytes_FromStringAndSize((const char *)f, (Py_ssize_t)n);
+}
+
+/* counts() -> (n_segments, n_hit, n_forced). */
+static PyObject *request_counts(RequestObject *self, PyObject *unused)
+{
+    kvb_request *req = request_live(self);
+    if (req == NULL) {
+        return NULL;
+    }
+    int64_t a = 0, b = 0, c = 0;
+    kvb_status s = kvb_request_counts(req, &a, &b, &c);
+    if (s != KVB_OK) {
+        return set_error_from_status(state_of((PyObject *)self), s);
+    }
+    return Py_BuildValue("(LLL)", (long long)a, (long long)b, (long long)c);
+}
+
+/* load_layer(layer, k_ptr, v_ptr, stream=0): fills the staging rows of
+ * stored segments with layer `layer`'s KV, keys re-rotated. */
+static PyObject *request_load_layer(RequestObject *self,
+                                    PyObject *const *args, Py_ssize_t nargs)
+{
+    static const char *const names[] = {"layer", "k_ptr", "v_ptr", "stream"};
+    int32_t layer;
+    void *k, *v, *stream = NULL;
+    if (parse_fast("load_layer", args, nargs, "ipp|p", names, &layer, &k, &v,
+                   &stream) < 0) {
+        return NULL;
+    }
+    kvb_request *req = request_live(self);
+    if (req == NULL) {
+        return NULL;
+    }
+    kvb_status s;
+    self->busy++;
+    Py_BEGIN_ALLOW_THREADS
+    s = kvb_request_load_layer(req, layer, k, v, stream);
+    Py_END_ALLOW_THREADS
+    self->busy--;
+    if (s != KVB_OK) {
+        return set_error_from_status(state_of((PyObject *)self), s);
+    }
+    Py_RETURN_NONE;
+}
+
+/* save_layer(layer, layout, slots_ptr, n, stream=0): copies layer `layer`
+ * of every reserved segment out of the paged cache into the store; slots
+ * are host int64 [n]. */
+static PyObject *request_save_layer(RequestObject *self,
+                                    PyObject *const *args, Py_ssize_t nargs)
+{
+    static const char *const names[] = {"layer", "layout", "slots_ptr", "n",
+                                        "stream"};
+    int32_t layer;
+    kvb_paged_layout lay;
+    void *slots, *stream = NULL;
+    int64_t n;
+    if (parse_fast("save_layer", args, nargs, "iLpl|p", names, &layer, &lay,
+                   &slots, &n, &stream) < 0) {
+        return NULL;
+    }
+    kvb_request *req = request_live(self);
+    if (req == NULL) {
+        return NULL;
+    }
+    kvb_status s;
+    self->busy++;
+    Py_BEGIN_ALLOW_THREADS
+    s = kvb_request_save_layer(req, layer, &lay, slots, n, stream);
+    Py_END_ALLOW_THREADS
+    self->busy--;
+    if (s != KVB_OK) {
+        return set_error_from_status(state_of((PyObject *)self), s);
+    }
+    Py_RETURN_NONE;
+}
+
+/* finish(commit=True): ends the request (idempotent).  Refused while a
+ * load/save of the same request runs on another thread. */
+static PyObject *request_finish(RequestObject *self, PyObject *args,
+                                PyObject *kwds)
+{
+    static char *kwlist[] = {"commit", NULL};
+    int commit = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|p:finish", kwlist,
+                                     &commit)) {
+        return NULL;
+    }
+    if (self->busy > 0) {
+        return raise_invalid(state_of((PyObject *)self),
+                             "finish() while load_layer/save_layer of the same "
+                             "request runs on another thread");
+    }
+    kvb_request *req = self->req;
+    self->req = NULL;
+    if (req != NULL) {
+        Py_BEGIN_ALLOW_THREADS
+        kvb_request_finish(req, commit);
+        Py_END_ALLOW_THREADS
+    }
+    Py_RETURN_NONE;
+}
+
+/* __enter__() returns the request itself. */
+static PyObject *request_enter(RequestObject *self, PyObject *unused)
+{
+    return Py_NewRef((PyObject *)self);
+}
+
+/* __exit__(exc_type, exc, tb): finishes, committing only without an
+ * exception. */
+static PyObject *request_exit(RequestObject *self, PyObject *const *args,
+                              Py_ssize_t nargs)
+{
+    int commit = nargs < 1 || args[0] == Py_None;
+    PyObject *a = Py_BuildValue("(i)", commit);
+    if (a == NULL) {
+        return NULL;
+    }
+    PyObject *r = request_finish(self, a, NULL);
+    Py_DECREF(a);
+    if (r == NULL) {
+        return NULL;
+    }
+    Py_DECREF(r);
+    Py_RETURN_FALSE;
+}
+
+static PyMethodDef request_methods[] = {
+    {"forced", (PyCFunction)request_forced, METH_NOARGS,
+     "forced()\n--\n\nbytes of length blend_end; 1 = row always recomputed."},
+    {"counts", (PyCFunction)request_counts, METH_NOARGS,
+     "counts()\n--\n\nReturns (n_segments, n_hit, n_forced)."},
+    {"load_layer", (PyCFunction)(void (*)(void))request_load_layer,
+     METH_FASTCALL,
+     "load_layer(layer, k_ptr, v_ptr, stream=0)\n--\n\n"
+     "Loads a layer's stored KV into staging [blend_end, H, D]."},
+    {"save_layer", (PyCFunction)(void (*)(void))request_save_layer,
+     METH_FASTCALL,
+     "save_layer(layer, layout, slots_ptr, n, stream=0)\n--\n\n"
+     "Saves a layer of the reserved segments from the paged cache."},
+    {"finish", (PyCFunction)(void (*)(void))request_finish,
+     METH_VARARGS | METH_KEYWORDS,
+     "finish(commit=True)\n--\n\nEnds the request (idempotent)."},
+    {"__enter__", (PyCFunction)request_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))request_exit, METH_FASTCALL,
+     NULL},
+    {NULL, NULL, 0, NULL}};
+
+static PyGetSetDef request_getset[] = {
+    {"blend_end", (getter)request_get_blend_end, NULL,
+     "rows [0, blend_end) are blended", NULL},
+    {"finished", (getter)request_get_finished, NULL,
+     "True once finish() ran", NULL},
+    {NULL, NULL, NULL, NULL, NULL}};
+
+static PyType_Slot request_slots[] = {
+    {Py_tp_dealloc, request_dealloc},
+    {Py_tp_methods, request_methods},
+    {Py_tp_getset, request_getset},
+    {Py_tp_doc, "One prefill's blend state; made by Connector.begin()."},
+    {0, NULL}};
+
+static PyType_Spec request_spec = {
+    .name = "kvblend._kvblend.Request",
+    .basicsize = sizeof(RequestObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE
+             | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = request_slots,
+};
+
+/* ------------------------------------------------------------------------ */
+/* Module                                                                    */
+/* ------------------------------------------------------------------------ */
+
+static PyMethodDef module_methods[] = {
+    {"version", mod_version, METH_NOARGS,
+     "version()\n--\n\nThe C library's version string."},
+    {"has_cuda", mod_has_cuda, METH_NOARGS,
+     "has_cuda()\n--\n\nTrue when built with CUDA kernels."},
+    {"set_log_level", mod_set_log_level, METH_O,
+     "set_log_level(level)\n--\n\nMinimum level of C log lines forwarded to "
+     "logging.getLogger('kvblend')."},
+    {"set_num_threads", mod_set_num_threads, METH_O,
+     "set_num_threads(n)\n--\n\nThreads CPU ops may use (0 = all cores)."},
+    {"config_from_env", mod_config_from_env, METH_NOARGS,
+     "config_from_env()\n--\n\nThe configuration of the process environment "
+     "as a dict."},
+    {"config_parse", mod_config_parse, METH_O,
+     "config_parse(items)\n--\n\nValidates a mapping of LMCACHE_*/KVBLEND_* "
+     "variables; returns the configuration as a dict."},
+    {"hash_tokens", mod_hash_tokens, METH_O,
+     "hash_tokens(tokens)\n--\n\nXXH3-64 of the token ids as int32."},
+    {"segment_split", (PyCFunction)(void (*)(void))mod_segment_split,
+     METH_FASTCALL,
+     "segment_split(tokens, sep)\n--\n\nSegments between separators as "
+     "[(start, end)]."},
+    {"segment_check", (PyCFunction)(void (*)(void))mod_segment_check,
+     METH_FASTCALL,
+     "segment_check(spans, n)\n--\n\nRaises InvalidError on bad spans."},
+    {"gather", (PyCFunction)(void (*)(void))mod_gather, METH_FASTCALL,
+     "gather(device, layout, slots_ptr, n, k_out_ptr, v_out_ptr, stream=0)"},
+    {"scatter", (PyCFunction)(void (*)(void))mod_scatter, METH_FASTCALL,
+     "scatter(device, layout, slots_ptr, n, k_in_ptr, v_in_ptr, stream=0)"},
+    {"rerotate", (PyCFunction)(void (*)(void))mod_rerotate, METH_FASTCALL,
+     "rerotate(device, k_ptr, n, num_heads, head_size, dtype, rotary_dim, "
+     "style, inv_freq_ptr, attention_factor, old_pos_ptr, new_pos_ptr, "
+     "stream=0)"},
+    {"deviation", (PyCFunction)(void (*)(void))mod_deviation, METH_FASTCALL,
+     "deviation(device, a_ptr, b_ptr, n, num_heads, head_size, dtype, "
+     "out_ptr, stream=0)"},
+    {"select", (PyCFunction)(void (*)(void))mod_select, METH_FASTCALL,
+     "select(device, score_ptr, forced_ptr, n, k, out_idx_ptr, stream=0, "
+     "n_forced=0) -> count"},
+    {"attention", (PyCFunction)(void (*)(void))mod_attention, METH_FASTCALL,
+     "attention(device, q_ptr, q_pos_ptr, nq, k_ptr, v_ptr, k_pos_ptr, nk, "
+     "num_q_heads, num_kv_heads, head_size, scale, dtype, out_ptr, "
+     "stream=0)"},
+    {NULL, NULL, 0, NULL}};
+
+/* Creates exception `name` (qualified "kvblend.<name>") deriving from
+ * `error` and, when non-NULL, `extra`; adds it to the module.  Returns a
+ * new reference or NULL. */
+static PyObject *make_exception(PyObject *m, const char *name,
+                                PyObject *error, PyObject *extra,
+                                const char *doc)
+{
+    char qual[64];
+    snprintf(qual, sizeof qual, "kvblend.%s", name);
+    PyObject *bases = extra ? PyTuple_Pack(2, error, extra)
+                            : PyTuple_Pack(1, error);
+    if (bases == NULL) {
+        return NULL;
+    }
+    PyObject *exc = PyErr_NewExceptionWithDoc(qual, doc, bases, NULL);
+    Py_DECREF(bases);
+    if (exc == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(m, name, exc) < 0) {
+        Py_DECREF(exc);
+        return NULL;
+    }
+    return exc;
+}
+
+/* Module exec slot: creates the exceptions, types and constants, and
+ * routes C log lines (WARNING and above) to logging.getLogger("kvblend"). */
+static int module_exec(PyObject *m)
+{
+    module_state *st = get_state(m);
+    st->error = PyErr_NewExceptionWithDoc(
+        "kvblend.Error", "Base class of every error raised by kvblend.",
+        NULL, NULL);
+    if (st->error == NULL || PyModule_AddObjectRef(m, "Error", st->error) < 0) {
+        return -1;
+    }
+    if (!(st->invalid_error = make_exception(m, "InvalidError", st->error,
+            PyExc_ValueError, "A bad argument or configuration value."))
+        || !(st->nomem_error = make_exception(m, "NoMemoryError", st->error,
+            PyExc_MemoryError, "An allocation failed."))
+        || !(st->unsupported_error = make_exception(m, "UnsupportedError",
+            st->error, PyExc_NotImplementedError,
+            "A dtype, layout or feature is not supported."))
+        || !(st->cuda_error = make_exception(m, "CudaError", st->error,
+            PyExc_RuntimeError, "A CUDA runtime call failed."))
+        || !(st->notfound_error = make_exception(m, "NotFoundError",
+            st->error, PyExc_LookupError, "A looked-up object is missing."))
+        || !(st->internal_error = make_exception(m, "InternalError",
+            st->error, PyExc_RuntimeError,
+            "An internal invariant failed (a bug in kvblend)."))) {
+        return -1;
+    }
+    st->connector_type = (PyTypeObject *)PyType_FromModuleAndSpec(
+        m, &connector_spec, NULL);
+    if (st->connector_type == NULL
+        || PyModule_AddType(m, st->connector_type) < 0) {
+        return -1;
+    }
+    st->request_type = (PyTypeObject *)PyType_FromModuleAndSpec(
+        m, &request_spec, NULL);
+    if (st->request_type == NULL
+        || PyModule_AddType(m, st->request_type) < 0) {
+        return -1;
+    }
+    static const struct {
+        const char *name;
+        long value;
+    } consts[] = {
+        {"DTYPE_F32", KVB_DTYPE_F32}, {"DTYPE_F16", KVB_DTYPE_F16},
+        {"DTYPE_BF16", KVB_DTYPE_BF16}, {"ROPE_NEOX", KVB_ROPE_NEOX},
+        {"ROPE_GPTJ", KVB_ROPE_GPTJ}, {"DEVIATION_K", KVB_DEVIATION_K},
+        {"DEVIATION_V", KVB_DEVIATION_V}, {"DEVIATION_KV", KVB_DEVIATION_KV},
+        {"TIER_HOST", KVB_TIER_HOST}, {"TIER_DEVICE", KVB_TIER_DEVICE},
+        {"LOG_DEBUG", KVB_LOG_DEBUG}, {"LOG_INFO", KVB_LOG_INFO},
+        {"LOG_WARNING", KVB_LOG_WARNING}, {"LOG_ERROR", KVB_LOG_ERROR},
+    };
+    for (size_t i = 0; i < sizeof consts / sizeof consts[0]; i++) {
+        if (PyModule_AddIntConstant(m, consts[i].name, consts[i].value) < 0) {
+            return -1;
+        }
+    }
+    kvb_set_log(log_sink, NULL, KVB_LOG_WARNING);
+    return 0;
+}
+
+/* GC traversal of the module state (types and exceptions refer back to the
+ * module through their heap-type module reference). */
+static int module_traverse(PyObject *m, visitproc visit, void *arg)
+{
+    module_state *st = get_state(m);
+    Py_VISIT(st->error);
+    Py_VISIT(st->invalid_error);
+    Py_VISIT(st->nomem_error);
+    Py_VISIT(st->unsupported_error);
+    Py_VISIT(st->cuda_error);
+    Py_VISIT(st->notfound_error);
+    Py_VISIT(st->internal_error);
+    Py_VISIT(st->connector_type);
+    Py_VISIT(st->request_type);
+    return 0;
+}
+
+/* Drops the module state's references. */
+static int module_clear(PyObject *m)
+{
+    module_state *st = get_state(m);
+    Py_CLEAR(st->error);
+    Py_CLEAR(st->invalid_error);
+    Py_CLEAR(st->nomem_error);
+    Py_CLEAR(st->unsupported_error);
+    Py_CLEAR(st->cuda_error);
+    Py_CLEAR(st->notfound_error);
+    Py_CLEAR(st->internal_error);
+    Py_CLEAR(st->connector_type);
+    Py_CLEAR(st->request_type);
+    return 0;
+}
+
+/* Frees the module: restores libkvblend's default stderr log sink so no C
+ * thread calls into a dying interpreter, then clears the state. */
+static void module_free(void *m)
+{
+    kvb_set_log(NULL, NULL, KVB_LOG_WARNING);
+    module_clear((PyObject *)m);
+}
+
+static PyModuleDef_Slot module_slots[] = {
+    {Py_mod_exec, module_exec},
+    {0, NULL}};
+
+static struct PyModuleDef kvblend_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "kvblend._kvblend",
+    .m_doc = "Thin CPython bindings of libkvblend (CacheBlend KV blending).",
+    .m_size = sizeof(module_state),
+    .m_methods = module_methods,
+    .m_slots = module_slots,
+    .m_traverse = module_traverse,
+    .m_clear = module_clear,
+    .m_free = module_free,
+};
+
+/* Module entry point (multi-phase initialisation). */
+PyMODINIT_FUNC PyInit__kvblend(void);
+PyMODINIT_FUNC PyInit__kvblend(void)
+{
+    return PyModuleDef_Init(&kvblend_module);
+}
