@@ -527,6 +527,13 @@ kvb_status kvb_request_save_layer(kvb_request *req, int32_t layer,
                         "kvb_request_save_layer: device caches are not "
                         "supported by this build");
     }
+    kvb_status vst = kvb_layout_validate(layout);
+    if (vst == KVB_OK) {
+        vst = kvb_layout_check_slots(layout, slots, req->n);
+    }
+    if (vst != KVB_OK) {
+        return vst; /* a bad mapping fails the call before any row is read */
+    }
     for (int64_t i = 0; i < req->nseg; i++) {
         kvb_entry *e = req->saves[i];
         if (e == NULL || req->saved_layers[i] != layer) {

@@ -1,0 +1,387 @@
+/*
+ * check_connector.c: the hook layer.  A tiny model (2 layers, 2 KV heads of
+ * size 8) and a host paged cache in the (2, blocks, block_size, H, D) layout
+ * drive the request lifecycle: a first prompt saves its segments, a prompt
+ * with the same segments reordered reuses them, and the staged rows equal
+ * the saved rows re-rotated to their new positions.
+ */
+#include <check.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvblend.h"
+
+#define L 2
+#define H 2
+#define D 8
+#define BS 4
+#define NB 32
+#define ROW (H * D)
+
+static float g_inv_freq[D / 2];
+static float g_cache[2][NB][BS][H][D];
+
+/* Fills the rotary table with the usual 10000^(-2i/D) frequencies. */
+static void init_rope(kvb_model_desc *m)
+{
+    for (int i = 0; i < D / 2; i++) {
+        g_inv_freq[i] = (float)pow(10000.0, -2.0 * i / D);
+    }
+    m->num_layers = L;
+    m->num_q_heads = 4;
+    m->num_kv_heads = H;
+    m->head_size = D;
+    m->dtype = KVB_DTYPE_F32;
+    m->rope.rotary_dim = D;
+    m->rope.style = KVB_ROPE_NEOX;
+    m->rope.inv_freq = g_inv_freq;
+    m->rope.attention_factor = 1.0f;
+}
+
+/* Creates a blending connector with separator [99, 98]. */
+static kvb_connector *make_conn(int blending)
+{
+    kvb_config cfg;
+    kvb_model_desc m;
+    kvb_connector *c = NULL;
+    ck_assert_int_eq(kvb_config_init(&cfg), KVB_OK);
+    cfg.enable_blending = blending;
+    init_rope(&m);
+    ck_assert_int_eq(kvb_connector_create(&cfg, &m, -1, &c), KVB_OK);
+    const int32_t sep[2] = {99, 98};
+    ck_assert_int_eq(kvb_connector_set_separator(c, sep, 2), KVB_OK);
+    return c;
+}
+
+/* Describes layer `layer` of the global paged cache (planes K and V). */
+static kvb_paged_layout layout_of(void)
+{
+    kvb_paged_layout lay = {
+        .k_base = &g_cache[0][0][0][0][0],
+        .v_base = &g_cache[1][0][0][0][0],
+        .block_stride = BS * H * D,
+        .token_stride = H * D,
+        .head_stride = D,
+        .dim_stride = 1,
+        .num_blocks = NB,
+        .block_size = BS,
+        .num_kv_heads = H,
+        .head_size = D,
+        .dtype = KVB_DTYPE_F32,
+        .device = -1,
+    };
+    return lay;
+}
+
+/* Deterministic value of element (layer, kv, token id, pos, h, d): the
+ * cache content a forward would have written for that token. */
+static float val(int layer, int kv, int tok, int h, int d)
+{
+    return (float)sin(0.37 * tok + 1.3 * layer + 0.7 * kv + 0.11 * h + 0.05 * d);
+}
+
+/* Writes every layer's K/V of a prompt into the cache at slots[i] (the
+ * save path reads them back from there); the layer index is encoded by
+ * running the request's save_layer right after writing each layer. */
+static void forward_and_save(kvb_request *req, const int32_t *toks, int n,
+                             const int64_t *slots)
+{
+    kvb_paged_layout lay = layout_of();
+    for (int layer = 0; layer < L; layer++) {
+        for (int i = 0; i < n; i++) {
+            int64_t b = slots[i] / BS, t = slots[i] % BS;
+            for (int h = 0; h < H; h++) {
+                for (int d = 0; d < D; d++) {
+                    g_cache[0][b][t][h][d] = val(layer, 0, toks[i], h, d);
+                    g_cache[1][b][t][h][d] = val(layer, 1, toks[i], h, d);
+                }
+            }
+        }
+        ck_assert_int_eq(kvb_request_save_layer(req, layer, &lay, slots, n, NULL), KVB_OK);
+    }
+}
+
+/* sys | A | B | q  with separators 99 98 between segments. */
+static const int32_t P1[] = {1, 2, 99, 98, 10, 11, 12, 99, 98, 20, 21, 99, 98, 30};
+/* sys | B | A | q2: same chunks reordered, another question. */
+static const int32_t P2[] = {1, 2, 99, 98, 20, 21, 99, 98, 10, 11, 12, 99, 98, 31, 32};
+#define N1 ((int)(sizeof P1 / sizeof P1[0]))
+#define N2 ((int)(sizeof P2 / sizeof P2[0]))
+
+/* Identity slot mapping 0..n-1 offset by `base`. */
+static void slots_from(int64_t *s, int n, int64_t base)
+{
+    for (int i = 0; i < n; i++) {
+        s[i] = base + i;
+    }
+}
+
+/* Runs P1 through a saving request and commits it. */
+static void store_p1(kvb_connector *c)
+{
+    int64_t slots[N1];
+    kvb_request *req = NULL;
+    slots_from(slots, N1, 0);
+    ck_assert_int_eq(kvb_request_begin(c, P1, N1, NULL, 0, -1, 1, &req), KVB_OK);
+    ck_assert_int_eq(kvb_request_blend_end(req), 0);
+    forward_and_save(req, P1, N1, slots);
+    kvb_request_finish(req, 1);
+}
+
+START_TEST(test_lookup_empty_store_misses)
+{
+    kvb_connector *c = make_conn(1);
+    kvb_span segs[8];
+    uint8_t hit[8];
+    int64_t ns = -1, end = -1;
+    ck_assert_int_eq(kvb_connector_lookup(c, P1, N1, NULL, 0, segs, hit, 8, &ns, &end), KVB_OK);
+    ck_assert_int_eq(ns, 4);
+    ck_assert_int_eq(end, 0);
+    ck_assert_int_eq(segs[1].start, 4);
+    ck_assert_int_eq(segs[1].end, 7);
+    for (int i = 0; i < 4; i++) {
+        ck_assert_int_eq(hit[i], 0);
+    }
+    kvb_connector_free(c);
+}
+END_TEST
+
+START_TEST(test_reordered_prompt_reuses_every_chunk)
+{
+    kvb_connector *c = make_conn(1);
+    store_p1(c);
+    kvb_span segs[8];
+    uint8_t hit[8];
+    int64_t ns = 0, end = 0;
+    ck_assert_int_eq(kvb_connector_lookup(c, P2, N2, NULL, 0, segs, hit, 8, &ns, &end), KVB_OK);
+    ck_assert_int_eq(ns, 4);
+    ck_assert_int_eq(hit[0], 1); /* sys */
+    ck_assert_int_eq(hit[1], 1); /* B, now second */
+    ck_assert_int_eq(hit[2], 1); /* A, now third */
+    ck_assert_int_eq(hit[3], 0); /* new question */
+    ck_assert_int_eq(end, 11);   /* end of A in P2 */
+    /* the lookup has no side effects: the same answer twice */
+    int64_t ns2 = 0, end2 = 0;
+    ck_assert_int_eq(kvb_connector_lookup(c, P2, N2, NULL, 0, segs, hit, 8, &ns2, &end2), KVB_OK);
+    ck_assert_int_eq(end2, end);
+    kvb_store_stats st;
+    ck_assert_int_eq(kvb_store_get_stats(kvb_connector_store(c), &st), KVB_OK);
+    ck_assert_int_eq(st.num_entries, 4); /* P1's four segments */
+    kvb_connector_free(c);
+}
+END_TEST
+
+START_TEST(test_load_layer_rerotates_to_new_positions)
+{
+    kvb_connector *c = make_conn(1);
+    store_p1(c);
+    kvb_request *req = NULL;
+    ck_assert_int_eq(kvb_request_begin(c, P2, N2, NULL, 0, -1, 1, &req), KVB_OK);
+    int64_t be = kvb_request_blend_end(req);
+    ck_assert_int_eq(be, 11);
+    const uint8_t *forced = kvb_request_forced(req);
+    /* separators (2,3 and 6,7) are forced, chunk rows are not */
+    const uint8_t want[11] = {0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 0};
+    ck_assert_mem_eq(forced, want, 11);
+    int64_t nseg, nhit, nforced;
+    ck_assert_int_eq(kvb_request_counts(req, &nseg, &nhit, &nforced), KVB_OK);
+    ck_assert_int_eq(nseg, 4);
+    ck_assert_int_eq(nhit, 3);
+    ck_assert_int_eq(nforced, 4);
+    float k[11][ROW], v[11][ROW];
+    for (int layer = 0; layer < L; layer++) {
+        memset(k, 0x7f, sizeof k);
+        ck_assert_int_eq(kvb_request_load_layer(req, layer, k, v, NULL), KVB_OK);
+        /* P2 row 8 is token 10, stored at P1 position 4: rotate 4 -> 8 */
+        for (int row = 0; row < 11; row++) {
+            if (want[row]) {
+                continue;
+            }
+            int tok = P2[row];
+            int64_t old = -1;
+            for (int j = 0; j < N1; j++) {
+                if (P1[j] == tok) {
+                    old = j;
+                }
+            }
+            float ref[ROW];
+            for (int h = 0; h < H; h++) {
+                for (int d = 0; d < D; d++) {
+                    ref[h * D + d] = val(layer, 0, tok, h, d);
+                    ck_assert_float_eq(v[row][h * D + d], val(layer, 1, tok, h, d));
+                }
+            }
+            kvb_model_desc m;
+            init_rope(&m);
+            int64_t np = row;
+            ck_assert_int_eq(kvb_cpu_rerotate(ref, 1, H, D, KVB_DTYPE_F32, &m.rope, &old, &np), KVB_OK);
+            for (int e = 0; e < ROW; e++) {
+                ck_assert_float_eq_tol(k[row][e], ref[e], 1e-6);
+            }
+        }
+    }
+    kvb_request_finish(req, 1);
+    kvb_connector_free(c);
+}
+END_TEST
+
+START_TEST(test_promised_rows_survive_eviction)
+{
+    /* the scheduler promised 11 rows; the store was cleared since: every
+     * row is then forced (recomputed), none is lost */
+    kvb_connector *c = make_conn(1);
+    store_p1(c);
+    ck_assert_int_eq(kvb_store_clear(kvb_connector_store(c)), KVB_OK);
+    kvb_request *req = NULL;
+    ck_assert_int_eq(kvb_request_begin(c, P2, N2, NULL, 0, 11, 0, &req), KVB_OK);
+    ck_assert_int_eq(kvb_request_blend_end(req), 11);
+    int64_t nforced = 0;
+    kvb_request_counts(req, NULL, NULL, &nforced);
+    ck_assert_int_eq(nforced, 11);
+    kvb_request_finish(req, 0);
+    kvb_connector_free(c);
+}
+END_TEST
+
+START_TEST(test_whole_prompt_stored_keeps_last_token)
+{
+    kvb_connector *c = make_conn(1);
+    store_p1(c);
+    kvb_span segs[8];
+    uint8_t hit[8];
+    int64_t ns, end;
+    ck_assert_int_eq(kvb_connector_lookup(c, P1, N1, NULL, 0, segs, hit, 8, &ns, &end), KVB_OK);
+    ck_assert_int_eq(end, N1 - 1); /* the engine computes the last token */
+    kvb_connector_free(c);
+}
+END_TEST
+
+START_TEST(test_blending_disabled_reuses_nothing)
+{
+    kvb_connector *c = make_conn(0);
+    store_p1(c);
+    kvb_span segs[8];
+    uint8_t hit[8];
+    int64_t ns, end;
+    ck_assert_int_eq(kvb_connector_lookup(c, P2, N2, NULL, 0, segs, hit, 8, &ns, &end), KVB_OK);
+    ck_assert_int_eq(end, 0);
+    kvb_connector_free(c);
+}
+END_TEST
+
+START_TEST(test_short_prompt_and_no_separator)
+{
+    kvb_connector *c = make_conn(1);
+    const int32_t tiny[1] = {99};
+    kvb_span segs[4];
+    uint8_t hit[4];
+    int64_t ns = -1, end = -1;
+    ck_assert_int_eq(kvb_connector_lookup(c, tiny, 1, NULL, 0, segs, hit, 4, &ns, &end), KVB_OK);
+    ck_assert_int_eq(ns, 0);
+    ck_assert_int_eq(end, 0);
+    const int32_t plain[5] = {5, 6, 7, 8, 9};
+    ck_assert_int_eq(kvb_connector_lookup(c, plain, 5, NULL, 0, segs, hit, 4, &ns, &end), KVB_OK);
+    ck_assert_int_eq(ns, 1);
+    ck_assert_int_eq(segs[0].start, 0);
+    ck_assert_int_eq(segs[0].end, 5);
+    kvb_connector_free(c);
+}
+END_TEST
+
+START_TEST(test_duplicate_chunk_hits_twice)
+{
+    kvb_connector *c = make_conn(1);
+    store_p1(c);
+    /* A twice: sys | A | A | q */
+    const int32_t p[] = {1, 2, 99, 98, 10, 11, 12, 99, 98, 10, 11, 12, 99, 98, 40};
+    kvb_request *req = NULL;
+    ck_assert_int_eq(kvb_request_begin(c, p, 15, NULL, 0, -1, 1, &req), KVB_OK);
+    int64_t nhit = 0;
+    kvb_request_counts(req, NULL, &nhit, NULL);
+    ck_assert_int_eq(nhit, 3);
+    ck_assert_int_eq(kvb_request_blend_end(req), 12);
+    kvb_request_finish(req, 0);
+    kvb_connector_free(c);
+}
+END_TEST
+
+START_TEST(test_incomplete_save_is_dropped)
+{
+    kvb_connector *c = make_conn(1);
+    int64_t slots[N1];
+    slots_from(slots, N1, 0);
+    kvb_request *req = NULL;
+    ck_assert_int_eq(kvb_request_begin(c, P1, N1, NULL, 0, -1, 1, &req), KVB_OK);
+    kvb_paged_layout lay = layout_of();
+    /* only layer 0 saved: nothing may become visible */
+    ck_assert_int_eq(kvb_request_save_layer(req, 0, &lay, slots, N1, NULL), KVB_OK);
+    kvb_request_finish(req, 1);
+    kvb_store_stats st;
+    kvb_store_get_stats(kvb_connector_store(c), &st);
+    ck_assert_int_eq(st.num_entries, 0);
+    ck_assert_uint_eq(st.host_bytes, 0);
+    kvb_connector_free(c);
+}
+END_TEST
+
+START_TEST(test_bad_arguments_named)
+{
+    kvb_connector *c = make_conn(1);
+    kvb_request *req = NULL;
+    ck_assert_int_eq(kvb_request_begin(c, P1, N1, NULL, 0, N1, 1, &req), KVB_ERR_INVALID);
+    ck_assert_ptr_nonnull(strstr(kvb_last_error(), "blend_end=14"));
+    ck_assert_int_eq(kvb_request_begin(c, P1, N1, NULL, 0, -1, 1, &req), KVB_OK);
+    kvb_paged_layout lay = layout_of();
+    int64_t slots[N1];
+    slots_from(slots, N1, 0);
+    slots[3] = NB * BS; /* one past the end */
+    ck_assert_int_eq(kvb_request_save_layer(req, 0, &lay, slots, N1, NULL), KVB_ERR_INVALID);
+    ck_assert_ptr_nonnull(strstr(kvb_last_error(), "out of range"));
+    ck_assert_int_eq(kvb_request_save_layer(req, L, &lay, slots, N1, NULL), KVB_ERR_INVALID);
+    ck_assert_ptr_nonnull(strstr(kvb_last_error(), "layer 2 out of range"));
+    ck_assert_int_eq(kvb_request_save_layer(req, 0, &lay, slots, N1 - 1, NULL), KVB_ERR_INVALID);
+    ck_assert_ptr_nonnull(strstr(kvb_last_error(), "slot mapping has 13 entries"));
+    lay.head_size = 4;
+    ck_assert_int_eq(kvb_request_save_layer(req, 0, &lay, slots, N1, NULL), KVB_ERR_INVALID);
+    ck_assert_ptr_nonnull(strstr(kvb_last_error(), "size 4"));
+    float buf[1];
+    ck_assert_int_eq(kvb_request_load_layer(req, -1, buf, buf, NULL), KVB_ERR_INVALID);
+    kvb_request_finish(req, 0);
+
+    kvb_config cfg;
+    kvb_model_desc m;
+    kvb_connector *bad = NULL;
+    kvb_config_init(&cfg);
+    init_rope(&m);
+    m.num_q_heads = 3; /* not a multiple of 2 kv heads */
+    ck_assert_int_eq(kvb_connector_create(&cfg, &m, -1, &bad), KVB_ERR_INVALID);
+    ck_assert_ptr_nonnull(strstr(kvb_last_error(), "num_q_heads=3"));
+    init_rope(&m);
+    m.rope.rotary_dim = 5;
+    ck_assert_int_eq(kvb_connector_create(&cfg, &m, -1, &bad), KVB_ERR_INVALID);
+    ck_assert_ptr_nonnull(strstr(kvb_last_error(), "rotary_dim=5"));
+    ck_assert_ptr_null(bad);
+    kvb_connector_free(NULL);
+    kvb_request_finish(NULL, 1);
+    kvb_connector_free(c);
+}
+END_TEST
+
+Suite *connector_suite(void)
+{
+    Suite *s = suite_create("connector");
+    TCase *tc = tcase_create("core");
+    tcase_add_test(tc, test_lookup_empty_store_misses);
+    tcase_add_test(tc, test_reordered_prompt_reuses_every_chunk);
+    tcase_add_test(tc, test_load_layer_rerotates_to_new_positions);
+    tcase_add_test(tc, test_promised_rows_survive_eviction);
+    tcase_add_test(tc, test_whole_prompt_stored_keeps_last_token);
+    tcase_add_test(tc, test_blending_disabled_reuses_nothing);
+    tcase_add_test(tc, test_short_prompt_and_no_separator);
+    tcase_add_test(tc, test_duplicate_chunk_hits_twice);
+    tcase_add_test(tc, test_incomplete_save_is_dropped);
+    tcase_add_test(tc, test_bad_arguments_named);
+    suite_add_tcase(s, tc);
+    return s;
+}
