@@ -1,0 +1,293 @@
+"""KVBlendConnector: kvblend's KVConnectorBase_V1.
+
+Scheduler role: splits each new prompt into segments, asks the shared store
+which are stored, and tells the engine that the prompt up to the end of the
+last stored segment is an external hit (never the whole prompt).  The
+lookup has no side effects.  ``update_state_after_alloc`` records the blocks,
+``build_connector_meta`` hands a picklable description of each new request
+to the workers.
+
+Worker role: ``start_load_kv`` blends the external rows of each request into
+the paged cache (selective recompute through the model's own layers);
+``save_kv_layer`` copies every segment seen for the first time out of the
+paged cache into the store, layer by layer; ``wait_for_save`` commits them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import runtime
+from .._vllm_compat import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
+from ..config import Config
+
+logger = logging.getLogger("kvblend")
+
+_LAYER_RE = re.compile(r"layers\.(\d+)\.")
+
+
+@dataclass
+class ReqMeta:
+    """What a worker needs to know about one new request."""
+
+    req_id: str
+    token_ids: list[int]
+    block_ids: list[int]
+    num_external: int
+    save: bool = True
+
+
+@dataclass
+class KVBlendMetadata(KVConnectorMetadata):
+    """Scheduler → worker metadata of one step (plain data: it pickles)."""
+
+    requests: list[ReqMeta] = field(default_factory=list)
+
+
+class _BlendState:
+    """The C connector (store + separator + model shape) shared by the
+    scheduler and worker connectors of one engine in one process."""
+
+    def __init__(self, cconn, config: Config, sep_ids: list[int]):
+        self.conn = cconn
+        self.config = config
+        self.sep_ids = sep_ids
+
+
+def _extra(vllm_config) -> dict:
+    """kv_connector_extra_config as a dict (may be None in configs)."""
+    ktc = getattr(vllm_config, "kv_transfer_config", None)
+    return dict(getattr(ktc, "kv_connector_extra_config", None) or {})
+
+
+def _state_key(vllm_config) -> str:
+    """Key of the shared state: the engine id when set, else the model."""
+    ktc = getattr(vllm_config, "kv_transfer_config", None)
+    engine_id = getattr(ktc, "engine_id", None)
+    model = getattr(getattr(vllm_config, "model_config", None), "model", None)
+    return f"{engine_id or ''}|{model or ''}"
+
+
+def _layer_index(name: str) -> int:
+    """Layer number in a vLLM layer name like 'model.layers.7.self_attn.attn'."""
+    m = _LAYER_RE.search(name)
+    if m is None:
+        raise ValueError(f"cannot find a layer index in KV cache name {name!r}")
+    return int(m.group(1))
+
+
+class KVBlendConnector(KVConnectorBase_V1):
+    """CacheBlend for vLLM: reuse stored chunk KV anywhere in the prompt."""
+
+    def __init__(self, vllm_config, role, kv_cache_config=None):
+        try:
+            super().__init__(vllm_config, role, kv_cache_config)
+        except TypeError:  # vLLM releases whose base takes (vllm_config, role)
+            super().__init__(vllm_config, role)
+        self.vllm_config = vllm_config
+        self.role_ = role
+        self.config = Config.from_env()  # bad LMCACHE_* values fail here
+        extra = _extra(vllm_config)
+        ratios = extra.get("kvblend.recompute_ratios")
+        self.ratios_override = None if ratios is None else [float(r) for r in ratios]
+        self.key = _state_key(vllm_config)
+        self.kv_layout = extra.get("kvblend.kv_layout") or getattr(
+            getattr(vllm_config, "cache_config", None), "kv_cache_layout", None)
+        # scheduler state
+        self._pending: dict[str, ReqMeta] = {}
+        # worker state
+        self._kv_caches: dict[str, torch.Tensor] = {}
+        self._layouts: list | None = None
+        self._active: dict[str, tuple[Any, torch.Tensor, dict]] = {}
+        self.block_size = int(getattr(getattr(vllm_config, "cache_config", None), "block_size", 16))
+        self.stats = {"requests": 0, "blended": 0, "segments_total": 0, "segments_hit": 0,
+                      "tokens_recomputed": 0, "tokens_saved": 0}
+
+    # ------------------------------------------------------------------ state
+    def _state(self, create: bool) -> _BlendState | None:
+        """The shared blend state, created from the runtime's model when
+        ``create`` is set (worker side) and absent."""
+        st = runtime.get_state(self.key)
+        if st is not None or not create:
+            return st
+        from .. import _ext
+        from ..adapters import get_adapter
+
+        model = runtime.get_model()
+        if model is None:
+            raise RuntimeError("kvblend: no model was handed over (the engine must call "
+                               "kvblend.runtime.set_model, which kvblend's vLLM plugin does)")
+        adapter = get_adapter(model)
+        ext = _ext.load()
+        cache_dtype = next(iter(self._kv_caches.values())).dtype if self._kv_caches else adapter.dtype
+        rope = adapter.rope
+        cconn = ext.Connector(self.config.items, adapter.num_layers, adapter.num_q_heads,
+                              adapter.num_kv_heads, adapter.head_size, _dtype_code(ext, cache_dtype),
+                              rope.rotary_dim, ext.ROPE_NEOX if rope.style == "neox" else ext.ROPE_GPTJ,
+                              [float(x) for x in rope.inv_freq.tolist()], float(rope.attention_scaling),
+                              -1 if adapter.device.type == "cpu" else (adapter.device.index or 0))
+        sep_ids = self._separator_ids()
+        cconn.set_separator(sep_ids)
+        st = _BlendState(cconn, self.config, sep_ids)
+        st.adapter = adapter
+        return runtime.put_state(self.key, st)
+
+    def _separator_ids(self) -> list[int]:
+        """The separator string tokenized alone, without special tokens."""
+        tok = runtime.get_tokenizer()
+        if tok is None:
+            from transformers import AutoTokenizer
+
+            mc = getattr(self.vllm_config, "model_config", None)
+            path = getattr(mc, "tokenizer", None) or getattr(mc, "model", None)
+            tok = AutoTokenizer.from_pretrained(path)
+        ids = tok.encode(self.config.blend_special_str, add_special_tokens=False)
+        if not ids:
+            raise ValueError(f"LMCACHE_BLEND_SPECIAL_STR={self.config.blend_special_str!r} "
+                             "tokenizes to no tokens")
+        return list(ids)
+
+    # -------------------------------------------------------------- scheduler
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
+        """Tokens up to the end of the last stored segment, as an external
+        hit (synchronous).  No side effects."""
+        if not self.config.enable_blending or num_computed_tokens > 0:
+            return 0, False
+        st = self._state(create=False)
+        if st is None:
+            return 0, False
+        _, reuse_end = st.conn.lookup(list(request.prompt_token_ids))
+        return max(0, int(reuse_end) - num_computed_tokens), False
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
+        """Remember the request's blocks and external count for the workers."""
+        block_ids = list(blocks.get_block_ids()[0]) if blocks is not None else []
+        self._pending[request.request_id] = ReqMeta(
+            req_id=request.request_id, token_ids=list(request.prompt_token_ids),
+            block_ids=block_ids, num_external=int(num_external_tokens))
+
+    def build_connector_meta(self, scheduler_output) -> KVBlendMetadata:
+        """Describe this step's new requests; resets the pending state."""
+        meta = KVBlendMetadata()
+        for new in getattr(scheduler_output, "scheduled_new_reqs", []) or []:
+            rm = self._pending.pop(new.req_id, None)
+            if rm is None:
+                continue
+            ids = new.block_ids[0] if new.block_ids and isinstance(new.block_ids[0], (list, tuple)) \
+                else new.block_ids
+            rm.block_ids = list(ids)
+            meta.requests.append(rm)
+        self._pending.clear()
+        return meta
+
+    def request_finished(self, request, block_ids):
+        """Blocks may be freed at once: nothing is sent asynchronously."""
+        return False, None
+
+    # ----------------------------------------------------------------- worker
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        """Keep the engine's per-layer paged caches and describe them to C."""
+        from .. import ops
+
+        self._kv_caches = dict(kv_caches)
+        order = sorted(self._kv_caches, key=_layer_index)
+        self._layer_of = {name: _layer_index(name) for name in order}
+        self._layouts = [ops.paged_layout(self._kv_caches[name], self.kv_layout or "cpu")
+                         for name in order]
+        self._state(create=True)
+
+    def _slots(self, rm: ReqMeta) -> torch.Tensor:
+        """Slot of each prompt token from the request's block ids."""
+        n = len(rm.token_ids)
+        blocks = torch.tensor(rm.block_ids, dtype=torch.int64)
+        pos = torch.arange(n, dtype=torch.int64)
+        return blocks[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def start_load_kv(self, forward_context, **kwargs):
+        """Start each new request; blend those with external rows."""
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, KVBlendMetadata) or not meta.requests:
+            return
+        st = self._state(create=True)
+        from ..blend import blend_prefill
+
+        cfg = self.config
+        ratios = self.ratios_override or list(cfg.recompute_ratios)
+        checks = list(cfg.check_layers)
+        if len(ratios) == 1 and len(checks) > 1:
+            ratios = ratios * len(checks)
+        for rm in meta.requests:
+            slots = self._slots(rm)
+            t0 = time.perf_counter()
+            req = st.conn.begin(rm.token_ids, blend_end=rm.num_external, save=rm.save)
+            info = {"segments_total": 0, "segments_hit": 0, "tokens_recomputed": 0,
+                    "blend_rows": 0, "blend_s": 0.0}
+            if rm.num_external > 0:
+                ids = torch.tensor(rm.token_ids, dtype=torch.int64)
+                bs = blend_prefill(st.adapter, req, ids, self._layouts, slots, checks, ratios,
+                                   deviation=cfg.deviation,
+                                   kv_dtype=next(iter(self._kv_caches.values())).dtype)
+                info.update(bs.as_dict())
+                info["blend_s"] = time.perf_counter() - t0
+                self.stats["blended"] += 1
+            else:
+                n_seg, n_hit, _ = req.counts()
+                info["segments_total"], info["segments_hit"] = n_seg, n_hit
+            self._active[rm.req_id] = (req, slots, info)
+
+    def wait_for_layer_load(self, layer_name: str):
+        """The blend ran to completion in start_load_kv: nothing to wait for."""
+        return None
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs):
+        """Copy this layer of each request's first-seen segments into the store."""
+        if not self._active:
+            return
+        layer = self._layer_of.get(layer_name)
+        if layer is None:
+            layer = _layer_index(layer_name)
+        layout = self._layouts[layer]
+        for req, slots, _ in self._active.values():
+            req.save_layer(layer, layout, slots.data_ptr(), slots.numel())
+
+    def wait_for_save(self):
+        """Commit the segments saved at every layer; end the requests."""
+        for req_id, (req, slots, info) in self._active.items():
+            req.finish(True)
+            self.stats["requests"] += 1
+            self.stats["segments_total"] += info["segments_total"]
+            self.stats["segments_hit"] += info["segments_hit"]
+            self.stats["tokens_recomputed"] += info["tokens_recomputed"]
+            runtime.record_request_stats(req_id, info)
+        self._active.clear()
+
+    def get_finished(self, finished_req_ids):
+        return None, None
+
+    def get_kv_connector_stats(self):
+        """Cumulative counters of this worker (plain dict)."""
+        st = runtime.get_state(self.key)
+        out = dict(self.stats)
+        if st is not None:
+            out["store"] = st.conn.store_stats()
+        return out
+
+    def shutdown(self):
+        for req, _, _ in self._active.values():
+            req.finish(False)
+        self._active.clear()
+
+
+def _dtype_code(ext, dtype: torch.dtype) -> int:
+    """kvblend dtype code of a torch dtype (ValueError for others)."""
+    codes = {torch.float32: ext.DTYPE_F32, torch.float16: ext.DTYPE_F16,
+             torch.bfloat16: ext.DTYPE_BF16}
+    if dtype not in codes:
+        raise ValueError(f"KV cache dtype {dtype} is not supported (float32, float16, bfloat16)")
+    return codes[dtype]

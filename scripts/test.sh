@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs kvblend's whole test suite on a fresh machine: installs what is
+# missing, then
+#   1. the Check suites (CTest) in a release build,
+#   2. the same suites built with AddressSanitizer + UBSan,
+#   3. a compile of every CUDA source when nvcc is present,
+#   4. pytest (tests/python, and tests/gpu which skips without a GPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PY=${PYTHON:-python3}
+JOBS=$(nproc 2>/dev/null || echo 2)
+bash scripts/bootstrap.sh
+
+BUILD=${KVB_TEST_BUILD:-$ROOT/build}
+echo "== Check suites (release)"
+cmake -S . -B "$BUILD/release" -G Ninja -DKVB_BUILD_TESTS=ON -DKVB_WERROR=ON -DKVB_CUDA=OFF -DKVB_PYTHON=OFF >/dev/null
+cmake --build "$BUILD/release" -j "$JOBS"
+(cd "$BUILD/release" && ctest --output-on-failure -j "$JOBS")
+
+echo "== Check suites (address,undefined sanitizers)"
+cmake -S . -B "$BUILD/sanitize" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DKVB_BUILD_TESTS=ON -DKVB_WERROR=ON \
+      -DKVB_CUDA=OFF -DKVB_PYTHON=OFF -DKVB_SANITIZE=address,undefined >/dev/null
+cmake --build "$BUILD/sanitize" -j "$JOBS"
+(cd "$BUILD/sanitize" && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure -j "$JOBS")
+
+if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
+  echo "== CUDA sources compile (-DKVB_CUDA=ON)"
+  export PATH="$PATH:/usr/local/cuda/bin"
+  cmake -S . -B "$BUILD/cuda" -G Ninja -DKVB_CUDA=ON -DKVB_BUILD_TESTS=ON -DKVB_WERROR=ON -DKVB_PYTHON=OFF >/dev/null
+  cmake --build "$BUILD/cuda" -j "$JOBS"
+  sh tests/c/check_exports.sh "$BUILD/cuda/libkvblend.so"
+  # no GPU here: the GPU suites must skip (exit 77), the CPU suites pass
+  (cd "$BUILD/cuda" && ctest --output-on-failure -j "$JOBS")
+else
+  echo "== nvcc not found: CUDA compile step skipped"
+fi
+
+echo "== pytest"
+$PY -m pytest -q -p no:cacheprovider tests/python tests/gpu
