@@ -596,12 +596,26 @@ static PyObject *list_of_i32(const int32_t *v, int n)
     return l;
 }
 
+/* Returns the double with the shortest decimal form that rounds to the
+ * float `f`, so 0.15f reads back as 0.15 rather than 0.15000000596. */
+static double f32_to_short_double(float f)
+{
+    char buf[32];
+    for (int prec = 6; prec <= 9; prec++) {
+        snprintf(buf, sizeof buf, "%.*g", prec, (double)f);
+        if (strtof(buf, NULL) == f) {
+            return strtod(buf, NULL);
+        }
+    }
+    return (double)f;
+}
+
 /* Returns a new list of the first `n` floats of `v`. */
 static PyObject *list_of_f32(const float *v, int n)
 {
     PyObject *l = PyList_New(n);
     for (int i = 0; l != NULL && i < n; i++) {
-        PyObject *x = PyFloat_FromDouble((double)v[i]);
+        PyObject *x = PyFloat_FromDouble(f32_to_short_double(v[i]));
         if (x == NULL) {
             Py_CLEAR(l);
             break;
