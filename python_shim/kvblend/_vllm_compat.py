@@ -1,0 +1,297 @@
+"""vLLM's KV-connector types, or small stand-ins when vLLM is absent.
+
+When ``vllm`` imports, ``KVConnectorBase_V1``, ``KVConnectorRole`` and
+``KVConnectorMetadata`` are vLLM's own classes, so a connector written against
+this module is a real vLLM connector.  Otherwise local stand-ins with the same
+constructor and method signatures as vLLM's current base class take their
+place, so the same connector runs inside kvblend's built-in engine.
+
+The remaining classes are what the built-in engine hands to a connector,
+shaped like the vLLM objects a connector reads (only the fields connectors
+use): a VllmConfig with its kv_transfer/model/cache configs, a Request,
+KVCacheBlocks, a SchedulerOutput with NewRequestData/CachedRequestData, and a
+ForwardContext whose layers carry ``kv_cache`` and whose attention metadata
+carries ``slot_mapping``.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+
+if _HAVE_VLLM:  # pragma: no cover - exercised only where vLLM is installed
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # noqa: F401
+        KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole)
+else:
+
+    class KVConnectorRole(enum.Enum):
+        """Which side of vLLM a connector instance serves."""
+
+        SCHEDULER = 0
+        WORKER = 1
+
+    class KVConnectorMetadata(ABC):  # noqa: B024 - an empty marker, as in vLLM
+        """Scheduler-to-worker metadata of one step; subclass it as a dataclass."""
+
+    class KVConnectorBase_V1(ABC):
+        """Stand-in for vLLM's KVConnectorBase_V1 (same signatures and defaults).
+
+        The scheduler-role instance answers lookups and builds per-step
+        metadata; the worker-role instance loads and saves KV around each
+        layer of the forward.  The two live in different processes in vLLM,
+        so metadata must pickle.
+        """
+
+        def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
+            if vllm_config.kv_transfer_config is None:
+                raise ValueError("kv_transfer_config must be set for KVConnectorBase_V1")
+            self._connector_metadata: KVConnectorMetadata | None = None
+            self._vllm_config = vllm_config
+            self._kv_transfer_config = vllm_config.kv_transfer_config
+            self._kv_cache_config = kv_cache_config
+            self._role = role
+
+        @property
+        def role(self) -> KVConnectorRole:
+            return self._role
+
+        # ---- worker side ----
+        def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+            """Set the metadata of the step about to run."""
+            self._connector_metadata = connector_metadata
+
+        def clear_connector_metadata(self) -> None:
+            """Drop the step's metadata once the forward is done."""
+            self._connector_metadata = None
+
+        def _get_connector_metadata(self) -> KVConnectorMetadata:
+            """Return the bound metadata; it must have been bound."""
+            assert self._connector_metadata is not None
+            return self._connector_metadata
+
+        def has_connector_metadata(self) -> bool:
+            return self._connector_metadata is not None
+
+        def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+            """Receive the per-layer paged KV tensors, keyed by layer name."""
+            return
+
+        @abstractmethod
+        def start_load_kv(self, forward_context, **kwargs: Any) -> None: ...
+
+        @abstractmethod
+        def wait_for_layer_load(self, layer_name: str) -> None: ...
+
+        @abstractmethod
+        def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata,
+                          **kwargs: Any) -> None: ...
+
+        @abstractmethod
+        def wait_for_save(self): ...
+
+        def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+            """Return (finished sending, finished receiving) request ids."""
+            return None, None
+
+        def get_block_ids_with_load_errors(self) -> set[int]:
+            return set()
+
+        def get_kv_connector_stats(self):
+            return None
+
+        def shutdown(self):
+            return None
+
+        # ---- scheduler side ----
+        @abstractmethod
+        def get_num_new_matched_tokens(self, request, num_computed_tokens: int
+                                       ) -> tuple[int | None, bool]: ...
+
+        @abstractmethod
+        def update_state_after_alloc(self, request, blocks, num_external_tokens: int): ...
+
+        @abstractmethod
+        def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata: ...
+
+        def update_connector_output(self, connector_output) -> None:
+            return
+
+        def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+            """Return (delay freeing the blocks, KV transfer params)."""
+            return False, None
+
+        def take_events(self):
+            return ()
+
+        @classmethod
+        def get_required_kvcache_layout(cls, vllm_config) -> str | None:
+            return None
+
+
+# ---------------------------------------------------------------- configs
+@dataclass
+class KVTransferConfig:
+    """Which connector to build and its settings (vLLM's KVTransferConfig fields)."""
+
+    kv_connector: str | None = None
+    kv_role: str | None = "kv_both"
+    kv_connector_extra_config: dict[str, Any] = field(default_factory=dict)
+    kv_connector_module_path: str | None = None
+    engine_id: str | None = None
+
+    @property
+    def is_kv_producer(self) -> bool:
+        return self.kv_role in ("kv_producer", "kv_both")
+
+    @property
+    def is_kv_consumer(self) -> bool:
+        return self.kv_role in ("kv_consumer", "kv_both")
+
+    def get_from_extra_config(self, key, default) -> Any:
+        return self.kv_connector_extra_config.get(key, default)
+
+
+@dataclass
+class ModelConfig:
+    model: str
+    dtype: torch.dtype
+    max_model_len: int
+
+
+@dataclass
+class CacheConfig:
+    block_size: int
+
+
+@dataclass
+class VllmConfig:
+    model_config: ModelConfig
+    cache_config: CacheConfig
+    kv_transfer_config: KVTransferConfig | None = None
+
+
+@dataclass
+class KVCacheSpec:
+    block_size: int
+    num_kv_heads: int
+    head_size: int
+    dtype: torch.dtype
+
+
+@dataclass
+class KVCacheGroupSpec:
+    layer_names: list[str]
+    kv_cache_spec: KVCacheSpec
+
+
+@dataclass
+class KVCacheConfig:
+    """One KV-cache group spanning every attention layer (no hybrid models)."""
+
+    num_blocks: int
+    kv_cache_groups: list[KVCacheGroupSpec]
+
+
+# ---------------------------------------------------------------- scheduler side
+@dataclass
+class Request:
+    """A request as the scheduler connector sees it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: Any = None
+    num_computed_tokens: int = 0
+    output_token_ids: list[int] = field(default_factory=list)
+    block_hashes: list = field(default_factory=list)
+    kv_transfer_params: dict[str, Any] | None = None
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+@dataclass
+class KVCacheBlocks:
+    """The blocks of one request, one list per KV-cache group."""
+
+    block_ids: tuple[list[int], ...]
+
+    def get_block_ids(self) -> tuple[list[int], ...]:
+        return tuple(list(b) for b in self.block_ids)
+
+
+@dataclass
+class NewRequestData:
+    req_id: str
+    prompt_token_ids: list[int]
+    block_ids: tuple[list[int], ...]
+    num_computed_tokens: int
+    sampling_params: Any = None
+
+
+@dataclass
+class CachedRequestData:
+    """Requests scheduled again (decode steps); new_block_ids[i] may be None."""
+
+    req_ids: list[str] = field(default_factory=list)
+    resumed_from_preemption: list[bool] = field(default_factory=list)
+    new_token_ids: list[list[int]] = field(default_factory=list)
+    new_block_ids: list[tuple[list[int], ...] | None] = field(default_factory=list)
+    num_computed_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.req_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled_new_reqs: list[NewRequestData] = field(default_factory=list)
+    scheduled_cached_reqs: CachedRequestData = field(default_factory=CachedRequestData)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    total_num_scheduled_tokens: int = 0
+    finished_req_ids: set[str] = field(default_factory=set)
+    kv_connector_metadata: Any = None
+
+
+# ---------------------------------------------------------------- worker side
+@dataclass
+class AttentionLayer:
+    """An attention layer as a connector finds it in no_compile_layers."""
+
+    layer_name: str
+    kv_cache: list[torch.Tensor]
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step attention metadata; slot_mapping[i] is the paged slot of scheduled token i."""
+
+    slot_mapping: torch.Tensor
+    num_actual_tokens: int
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    max_query_len: int
+    max_seq_len: int
+
+
+@dataclass
+class ForwardContext:
+    no_compile_layers: dict[str, AttentionLayer]
+    attn_metadata: dict[str, AttentionMetadata] | AttentionMetadata | None
+    virtual_engine: int = 0
