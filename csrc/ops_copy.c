@@ -150,7 +150,8 @@ kvb_status kvb_cpu_gather(const kvb_paged_layout *layout,
 
 /* Scatters contiguous k_in/v_in [n, num_kv_heads, head_size] into the paged
  * cache at slots; padding slots are skipped.  Either input may be NULL to
- * write only the other plane, not both. */
+ * write only the other plane, not both.  Tokens are written in parallel, so
+ * when a slot appears twice which row it ends up holding is unspecified. */
 kvb_status kvb_cpu_scatter(const kvb_paged_layout *layout,
                            const int64_t *slots, int64_t n, const void *k_in,
                            const void *v_in)
