@@ -3,7 +3,362 @@
  * once and calls the launcher in cuda/; without CUDA they return
  * KVB_ERR_UNSUPPORTED so callers can fall back to the CPU ops.
  */
+#include <string.h>
+
 #include "internal.h"
+
+#ifdef KVB_WITH_CUDA
+
+#include "kvb_cuda.h"
+
+/* Returns 1: this build has CUDA kernels. */
+int kvb_has_cuda(void)
+{
+    return 1;
+}
+
+/* Maps a launcher's cudaError_t to a kvb_status: KVB_OK for cudaSuccess,
+ * else KVB_ERR_CUDA with the op and CUDA's own description. */
+static kvb_status cuda_status(const char *op, cudaError_t err)
+{
+    if (err == cudaSuccess) {
+        return KVB_OK;
+    }
+    return kvb_fail(KVB_ERR_CUDA, "%s: CUDA error %d (%s): %s", op, (int)err,
+                    cudaGetErrorName(err), cudaGetErrorString(err));
+}
+
+/* The failure of every entry point's `default:` dtype branch. */
+static kvb_status bad_dtype(const char *op, kvb_dtype dtype)
+{
+    return kvb_fail(KVB_ERR_UNSUPPORTED,
+                    "%s: dtype=%d is not supported (expected 0=f32, 1=f16, "
+                    "2=bf16)",
+                    op, (int)dtype);
+}
+
+/* Calls the f32/f16/bf16 twin of launcher NAME with ARGS into `err`, or
+ * returns bad_dtype for any other dtype: the one dtype switch of an entry
+ * point. */
+#define KVB_CUDA_DISPATCH(op, dtype, err, name, args)                        \
+    switch (dtype) {                                                         \
+    case KVB_DTYPE_F32: err = name##_f32 args; break;                        \
+    case KVB_DTYPE_F16: err = name##_f16 args; break;                        \
+    case KVB_DTYPE_BF16: err = name##_bf16 args; break;                      \
+    default: return bad_dtype(op, dtype);                                    \
+    }
+
+/* Validates the common arguments of gather and scatter (the CPU checks
+ * minus the host-side slot scan: slots live on the device, and the kernel
+ * skips any slot outside the cache) and fills the kernel geometry. */
+static kvb_status copy_check(const char *fn, const kvb_paged_layout *layout,
+                             const int64_t *slots, int64_t n,
+                             const void *k, const void *v,
+                             kvb_cuda_paged *geom)
+{
+    if (layout == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: layout is NULL", fn);
+    }
+    kvb_status st = kvb_layout_validate(layout);
+    if (st != KVB_OK) {
+        return st;
+    }
+    if (layout->device < 0) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "%s: layout.device=%d: the CUDA op needs device "
+                        "memory (a CUDA device ordinal >= 0)",
+                        fn, (int)layout->device);
+    }
+    if (n < 0) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: n=%lld: expected n >= 0", fn,
+                        (long long)n);
+    }
+    if (n > 0 && slots == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: slots is NULL with n=%lld", fn,
+                        (long long)n);
+    }
+    if (n > 0 && k == NULL && v == NULL) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "%s: the K and V rows are both NULL with n=%lld", fn,
+                        (long long)n);
+    }
+    geom->block_stride = layout->block_stride;
+    geom->token_stride = layout->token_stride;
+    geom->head_stride = layout->head_stride;
+    geom->dim_stride = layout->dim_stride;
+    geom->num_slots = layout->num_blocks * layout->block_size;
+    geom->block_size = layout->block_size;
+    geom->num_kv_heads = layout->num_kv_heads;
+    geom->head_size = layout->head_size;
+    return KVB_OK;
+}
+
+/* Gathers n tokens of the paged cache into k_out/v_out on `stream`.  Copies
+ * are bitwise, so the dtype only sets the element size.  Slots outside the
+ * cache are skipped like padding (they cannot be checked without a sync). */
+kvb_status kvb_cuda_gather(const kvb_paged_layout *layout,
+                           const int64_t *slots, int64_t n, void *k_out,
+                           void *v_out, void *stream)
+{
+    kvb_cuda_paged g;
+    kvb_status st = copy_check("kvb_cuda_gather", layout, slots, n, k_out,
+                               v_out, &g);
+    if (st != KVB_OK) {
+        return st;
+    }
+    int esize = (int)kvb_dtype_size(layout->dtype);
+    return cuda_status("kvb_cuda_gather",
+                       kvb_launch_paged_copy(layout->k_base, layout->v_base,
+                                             g, slots, n, k_out, v_out, esize,
+                                             1, (cudaStream_t)stream));
+}
+
+/* Scatters k_in/v_in into the paged cache at slots on `stream` (either
+ * input may be NULL to write only the other plane). */
+kvb_status kvb_cuda_scatter(const kvb_paged_layout *layout,
+                            const int64_t *slots, int64_t n,
+                            const void *k_in, const void *v_in, void *stream)
+{
+    kvb_cuda_paged g;
+    kvb_status st = copy_check("kvb_cuda_scatter", layout, slots, n, k_in,
+                               v_in, &g);
+    if (st != KVB_OK) {
+        return st;
+    }
+    int esize = (int)kvb_dtype_size(layout->dtype);
+    return cuda_status(
+        "kvb_cuda_scatter",
+        kvb_launch_paged_copy(layout->k_base, layout->v_base, g, slots, n,
+                              (void *)(uintptr_t)k_in,
+                              (void *)(uintptr_t)v_in, esize, 0,
+                              (cudaStream_t)stream));
+}
+
+/* Checks a rotary description for heads of `head_size` and copies it into
+ * the by-value kernel form.  Messages match kvb_cpu_rerotate's. */
+static kvb_status rope_check(const char *fn, const kvb_rope *rope,
+                             int32_t head_size, kvb_cuda_rope *out)
+{
+    if (rope == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: rope is NULL", fn);
+    }
+    if (rope->rotary_dim <= 0 || rope->rotary_dim % 2 != 0 ||
+        rope->rotary_dim > head_size) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "%s: rope.rotary_dim=%d: expected an even value in "
+                        "(0, head_size=%d]",
+                        fn, (int)rope->rotary_dim, (int)head_size);
+    }
+    if (rope->rotary_dim / 2 > KVB_CUDA_ROPE_MAX_PAIRS) {
+        return kvb_fail(KVB_ERR_UNSUPPORTED,
+                        "%s: rope.rotary_dim=%d: at most %d is supported",
+                        fn, (int)rope->rotary_dim,
+                        2 * KVB_CUDA_ROPE_MAX_PAIRS);
+    }
+    if (rope->style != KVB_ROPE_NEOX && rope->style != KVB_ROPE_GPTJ) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "%s: rope.style=%d: expected KVB_ROPE_NEOX (0) or "
+                        "KVB_ROPE_GPTJ (1)",
+                        fn, (int)rope->style);
+    }
+    if (rope->inv_freq == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: rope.inv_freq is NULL", fn);
+    }
+    memset(out, 0, sizeof *out);
+    memcpy(out->inv_freq, rope->inv_freq,
+           (size_t)(rope->rotary_dim / 2) * sizeof(float));
+    out->rotary_dim = rope->rotary_dim;
+    out->style = (int32_t)rope->style;
+    return KVB_OK;
+}
+
+/* Re-rotates k in place on `stream` (kvb_cpu_rerotate's contract; rows
+ * with equal old and new positions stay bit-exact). */
+kvb_status kvb_cuda_rerotate(void *k, int64_t n, int32_t num_heads,
+                             int32_t head_size, kvb_dtype dtype,
+                             const kvb_rope *rope, const int64_t *old_pos,
+                             const int64_t *new_pos, void *stream)
+{
+    const char *fn = "kvb_cuda_rerotate";
+    if (n < 0) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: n=%lld: expected n >= 0", fn,
+                        (long long)n);
+    }
+    if (num_heads <= 0 || head_size <= 0) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "%s: num_heads=%d head_size=%d: expected both > 0",
+                        fn, (int)num_heads, (int)head_size);
+    }
+    kvb_cuda_rope r;
+    kvb_status st = rope_check(fn, rope, head_size, &r);
+    if (st != KVB_OK) {
+        return st;
+    }
+    if (n > 0 && (k == NULL || old_pos == NULL || new_pos == NULL)) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: %s is NULL with n=%lld", fn,
+                        k == NULL ? "k" : old_pos == NULL ? "old_pos"
+                                                          : "new_pos",
+                        (long long)n);
+    }
+    cudaError_t err = cudaSuccess;
+    KVB_CUDA_DISPATCH(fn, dtype, err, kvb_launch_rerotate,
+                      (k, n, num_heads, head_size, &r, old_pos, new_pos,
+                       (cudaStream_t)stream));
+    return cuda_status(fn, err);
+}
+
+/* Per-row squared L2 distance of a and b into out (fp32) on `stream`. */
+kvb_status kvb_cuda_deviation(const void *a, const void *b, int64_t n,
+                              int32_t num_heads, int32_t head_size,
+                              kvb_dtype dtype, float *out, void *stream)
+{
+    const char *fn = "kvb_cuda_deviation";
+    if (n < 0) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: n=%lld: expected n >= 0", fn,
+                        (long long)n);
+    }
+    if (num_heads <= 0 || head_size <= 0) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "%s: num_heads=%d head_size=%d: expected both > 0",
+                        fn, (int)num_heads, (int)head_size);
+    }
+    if (n > 0 && (a == NULL || b == NULL || out == NULL)) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: %s is NULL with n=%lld", fn,
+                        a == NULL ? "a" : b == NULL ? "b" : "out",
+                        (long long)n);
+    }
+    int64_t row = (int64_t)num_heads * head_size;
+    cudaError_t err = cudaSuccess;
+    KVB_CUDA_DISPATCH(fn, dtype, err, kvb_launch_deviation,
+                      (a, b, n, row, out, (cudaStream_t)stream));
+    return cuda_status(fn, err);
+}
+
+/* Causal-by-position attention on `stream` (kvb_cpu_attention's
+ * contract).  Head sizes without a kernel are KVB_ERR_UNSUPPORTED. */
+kvb_status kvb_cuda_attention(const void *q, const int64_t *q_pos, int64_t nq,
+                              const void *k, const void *v,
+                              const int64_t *k_pos, int64_t nk,
+                              int32_t num_q_heads, int32_t num_kv_heads,
+                              int32_t head_size, float scale, kvb_dtype dtype,
+                              void *out, void *stream)
+{
+    const char *fn = "kvb_cuda_attention";
+    if (nq < 0 || nk < 0) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "%s: nq=%lld nk=%lld: expected both >= 0", fn,
+                        (long long)nq, (long long)nk);
+    }
+    if (num_q_heads <= 0 || num_kv_heads <= 0 ||
+        num_q_heads % num_kv_heads != 0) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "%s: num_q_heads=%d num_kv_heads=%d: expected "
+                        "positive counts with num_q_heads a multiple of "
+                        "num_kv_heads",
+                        fn, (int)num_q_heads, (int)num_kv_heads);
+    }
+    if (head_size <= 0) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: head_size=%d: expected > 0",
+                        fn, (int)head_size);
+    }
+    if (!kvb_cuda_attention_supported(head_size)) {
+        return kvb_fail(KVB_ERR_UNSUPPORTED,
+                        "%s: head_size=%d is not supported by the CUDA "
+                        "kernels (supported: 64, 128)",
+                        fn, (int)head_size);
+    }
+    if (num_q_heads > 65535) {
+        return kvb_fail(KVB_ERR_UNSUPPORTED,
+                        "%s: num_q_heads=%d: at most 65535 are supported", fn,
+                        (int)num_q_heads);
+    }
+    if (!(scale > 0.0f) || scale != scale) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: scale=%g: expected > 0", fn,
+                        (double)scale);
+    }
+    if (nq > 0 && (q == NULL || q_pos == NULL || out == NULL ||
+                   (nk > 0 && (k == NULL || v == NULL || k_pos == NULL)))) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "%s: a NULL tensor with nq=%lld nk=%lld (q, q_pos, "
+                        "out, k, v and k_pos are required)",
+                        fn, (long long)nq, (long long)nk);
+    }
+    cudaError_t err = cudaSuccess;
+    KVB_CUDA_DISPATCH(fn, dtype, err, kvb_launch_attention,
+                      (q, q_pos, nq, k, v, k_pos, nk, num_q_heads,
+                       num_kv_heads, head_size, scale, out,
+                       (cudaStream_t)stream));
+    return cuda_status(fn, err);
+}
+
+/* The fused per-layer load on `stream`.  The segment table lives on the
+ * device (or is host-mapped), so its contents cannot be checked here: the
+ * kernel writes only rows inside [0, num_rows) that some segment covers
+ * (the lowest-numbered segment wins if a bad table overlaps). */
+kvb_status kvb_cuda_load_rotate(const kvb_load_seg *segs, int64_t nseg,
+                                int32_t layer, void *dst_k, void *dst_v,
+                                const int64_t *dst_pos, int64_t num_rows,
+                                int32_t num_kv_heads, int32_t head_size,
+                                kvb_dtype dtype, const kvb_rope *rope,
+                                void *stream)
+{
+    const char *fn = "kvb_cuda_load_rotate";
+    if (nseg < 0 || (nseg > 0 && segs == NULL) || layer < 0 ||
+        num_rows < 0 || num_kv_heads <= 0 || head_size <= 0) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "%s: bad arguments (nseg=%lld, layer=%d, "
+                        "num_rows=%lld, num_kv_heads=%d, head_size=%d)",
+                        fn, (long long)nseg, (int)layer, (long long)num_rows,
+                        (int)num_kv_heads, (int)head_size);
+    }
+    if (kvb_dtype_size(dtype) == 0) {
+        return bad_dtype(fn, dtype);
+    }
+    if (nseg == 0) {
+        return KVB_OK;
+    }
+    if (dst_k == NULL || dst_v == NULL || dst_pos == NULL || rope == NULL) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "%s: NULL dst_k, dst_v, dst_pos or rope", fn);
+    }
+    kvb_cuda_rope r;
+    kvb_status st = rope_check(fn, rope, head_size, &r);
+    if (st != KVB_OK) {
+        return st;
+    }
+    cudaError_t err = cudaSuccess;
+    KVB_CUDA_DISPATCH(fn, dtype, err, kvb_launch_load_rotate,
+                      (segs, nseg, layer, dst_k, dst_v, dst_pos, num_rows,
+                       num_kv_heads, head_size, &r, (cudaStream_t)stream));
+    return cuda_status(fn, err);
+}
+
+/* Top-k selection on `stream` (kvb_cpu_select's contract, indices written
+ * ascending; the count is forced count + min(k, others), known to the
+ * caller, so nothing is read back). */
+kvb_status kvb_cuda_select(const float *score, const uint8_t *forced,
+                           int64_t n, int64_t k, int64_t *out_idx,
+                           void *stream)
+{
+    const char *fn = "kvb_cuda_select";
+    if (n < 0 || n > KVB_CUDA_SELECT_MAX_N) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "%s: n=%lld: expected 0 <= n <= %lld", fn,
+                        (long long)n, (long long)KVB_CUDA_SELECT_MAX_N);
+    }
+    if (k < 0) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: k=%lld: expected k >= 0", fn,
+                        (long long)k);
+    }
+    if (n > 0 && (score == NULL || out_idx == NULL)) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: %s is NULL with n=%lld", fn,
+                        score == NULL ? "score" : "out_idx", (long long)n);
+    }
+    return cuda_status(fn, kvb_launch_select(score, forced, n, k, out_idx,
+                                             (cudaStream_t)stream));
+}
+
+#endif /* KVB_WITH_CUDA */
 
 #ifndef KVB_WITH_CUDA
 
@@ -64,6 +419,25 @@ kvb_status kvb_cuda_attention(const void *q, const int64_t *q_pos, int64_t nq,
                               void *out, void *stream)
 {
     return no_cuda("kvb_cuda_attention");
+}
+
+/* CPU-only build: unsupported. */
+kvb_status kvb_cuda_load_rotate(const kvb_load_seg *segs, int64_t nseg,
+                                int32_t layer, void *dst_k, void *dst_v,
+                                const int64_t *dst_pos, int64_t num_rows,
+                                int32_t num_kv_heads, int32_t head_size,
+                                kvb_dtype dtype, const kvb_rope *rope,
+                                void *stream)
+{
+    return no_cuda("kvb_cuda_load_rotate");
+}
+
+/* CPU-only build: unsupported. */
+kvb_status kvb_cuda_select(const float *score, const uint8_t *forced,
+                           int64_t n, int64_t k, int64_t *out_idx,
+                           void *stream)
+{
+    return no_cuda("kvb_cuda_select");
 }
 
 #endif /* !KVB_WITH_CUDA */

@@ -1,0 +1,897 @@
+/*
+ * check_gpu.c: every kvb_cuda_* op against its kvb_cpu_* reference.
+ *
+ * How to run (on a machine with an NVIDIA GPU, sm_80 or sm_90):
+ *   cmake -S . -B build -G Ninja -DKVB_CUDA=ON -DKVB_BUILD_TESTS=ON
+ *   cmake --build build
+ *   (cd build && ctest -R gpu --output-on-failure)     # or: build/tests/gpu/kvb_check_gpu
+ *   build/tests/gpu/kvb_check_gpu attention             # one suite/tcase by name
+ * Under the memory checker (sizes shrink with KVB_GPU_TEST_QUICK=1 so it
+ * finishes in a few minutes):
+ *   KVB_GPU_TEST_QUICK=1 compute-sanitizer --tool memcheck --leak-check full \
+ *       build/tests/gpu/kvb_check_gpu
+ *
+ * The argument tests run everywhere; everything else needs a device, and
+ * without one the program exits 77 (CTest reports "skipped").
+ *
+ * Every op gets fresh random inputs; device outputs are poisoned with a NaN
+ * pattern (all bits set) before the call and host reference outputs with
+ * the same pattern, so rows an op must leave untouched compare equal and
+ * rows it forgot to write show up as NaN.  Copies must be bit-exact; the
+ * arithmetic ops are compared with max|gpu - cpu| / max|cpu| against a
+ * bound per dtype (fp32 1e-5, fp16 1e-3, bf16 1e-2; attention 2e-3 and
+ * 2e-2 for the 16-bit types because, as in flash-attention, the softmax
+ * weights are rounded to the storage type before the P*V product).
+ * Tests run in one process (CK_NOFORK): a CUDA context does not survive
+ * fork.
+ */
+#include <check.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cuda_runtime_api.h>
+
+#include "internal.h"
+
+/* ---------------------------------------------------------------------- */
+/* Helpers                                                                  */
+/* ---------------------------------------------------------------------- */
+
+static const kvb_dtype all_dtypes[3] = {KVB_DTYPE_F32, KVB_DTYPE_F16,
+                                        KVB_DTYPE_BF16};
+static int quick; /* KVB_GPU_TEST_QUICK: smaller sizes */
+static uint64_t rng_state = 0x243f6a8885a308d3ull;
+
+/* Next pseudo-random 64-bit value (xorshift64*). */
+static uint64_t rnd(void)
+{
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return rng_state * 0x2545f4914f6cdd1dull;
+}
+
+/* Uniform float in [-1, 1). */
+static float rndf(void)
+{
+    return (float)((double)(rnd() >> 11) / 9007199254740992.0 * 2.0 - 1.0);
+}
+
+/* Uniform integer in [0, n). */
+static int64_t rndi(int64_t n)
+{
+    return (int64_t)(rnd() % (uint64_t)n);
+}
+
+/* Allocates `n` elements of `dt` on the host filled with random values in
+ * [-1, 1) rounded to the dtype. */
+static void *host_random(int64_t n, kvb_dtype dt)
+{
+    void *p = malloc((size_t)n * kvb_dtype_size(dt) + 16);
+    ck_assert_ptr_nonnull(p);
+    for (int64_t i = 0; i < n; i++) {
+        kvb_store_elem(p, i, dt, rndf());
+    }
+    return p;
+}
+
+/* Allocates `bytes` on the host with every byte 0xff (NaN in every dtype). */
+static void *host_poison(size_t bytes)
+{
+    void *p = malloc(bytes + 16);
+    ck_assert_ptr_nonnull(p);
+    memset(p, 0xff, bytes);
+    return p;
+}
+
+/* Allocates `bytes` of device memory, poisoned with 0xff. */
+static void *dev_alloc(size_t bytes)
+{
+    void *p = NULL;
+    ck_assert_int_eq(cudaMalloc(&p, bytes + 16), cudaSuccess);
+    ck_assert_int_eq(cudaMemset(p, 0xff, bytes + 16), cudaSuccess);
+    return p;
+}
+
+/* Copies host memory to a new device buffer. */
+static void *dev_from(const void *h, size_t bytes)
+{
+    void *p = dev_alloc(bytes);
+    ck_assert_int_eq(cudaMemcpy(p, h, bytes, cudaMemcpyHostToDevice),
+                     cudaSuccess);
+    return p;
+}
+
+/* Copies a device buffer back into new host memory, after synchronising
+ * (which also surfaces asynchronous kernel faults). */
+static void *host_from(const void *d, size_t bytes)
+{
+    ck_assert_int_eq(cudaDeviceSynchronize(), cudaSuccess);
+    void *h = malloc(bytes + 16);
+    ck_assert_ptr_nonnull(h);
+    ck_assert_int_eq(cudaMemcpy(h, d, bytes, cudaMemcpyDeviceToHost),
+                     cudaSuccess);
+    return h;
+}
+
+/* Fails unless a kvblend call returned KVB_OK, printing its message. */
+#define OK(call)                                                            \
+    do {                                                                    \
+        kvb_status st_ = (call);                                            \
+        ck_assert_msg(st_ == KVB_OK, "%s -> %s: %s", #call,                 \
+                      kvb_status_str(st_), kvb_last_error());               \
+    } while (0)
+
+/* Compares n elements of dtype dt: both NaN counts as equal (untouched
+ * poison), one NaN fails, otherwise max|got-ref| / max|ref| <= tol. */
+static void assert_close(const void *got, const void *ref, int64_t n,
+                         kvb_dtype dt, double tol, const char *what)
+{
+    double max_ref = 0.0, max_err = 0.0;
+    int64_t worst = -1;
+    for (int64_t i = 0; i < n; i++) {
+        double r = kvb_load(ref, i, dt), g = kvb_load(got, i, dt);
+        if (isnan(r) || isnan(g)) {
+            ck_assert_msg(isnan(r) && isnan(g),
+                          "%s [%s]: element %lld got %g, expected %g", what,
+                          kvb_dtype_str(dt), (long long)i, g, r);
+            continue;
+        }
+        if (fabs(r) > max_ref) max_ref = fabs(r);
+        if (fabs(g - r) > max_err) {
+            max_err = fabs(g - r);
+            worst = i;
+        }
+    }
+    double rel = max_ref > 0 ? max_err / max_ref : max_err;
+    ck_assert_msg(rel <= tol,
+                  "%s [%s]: relative error %.3g > %.3g (element %lld: got "
+                  "%.8g expected %.8g)",
+                  what, kvb_dtype_str(dt), rel, tol, (long long)worst,
+                  worst >= 0 ? kvb_load(got, worst, dt) : 0.0,
+                  worst >= 0 ? kvb_load(ref, worst, dt) : 0.0);
+}
+
+/* Tolerance of the element-wise arithmetic ops per dtype. */
+static double tol_of(kvb_dtype dt)
+{
+    return dt == KVB_DTYPE_F32 ? 1e-5 : dt == KVB_DTYPE_F16 ? 1e-3 : 1e-2;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Paged layouts                                                            */
+/* ---------------------------------------------------------------------- */
+
+enum { L_2BNHD, L_B2NHD, L_BNH2D, L_HND, L_DIMT, L_COUNT };
+static const char *layout_names[L_COUNT] = {
+    "(2,B,N,H,D)", "(B,2,N,H,D)", "(B,N,H,2D)", "HND (B,H,N,D) planes",
+    "(B,N,D,H) strided dims"};
+
+/* Describes a cache of B blocks x N tokens x H heads x D dims in `kind`
+ * over one buffer `base` of 2*B*N*H*D elements (planes at their offsets). */
+static kvb_paged_layout make_layout(int kind, char *base, int64_t B,
+                                    int64_t N, int32_t H, int32_t D,
+                                    kvb_dtype dt, int device)
+{
+    const size_t es = kvb_dtype_size(dt);
+    const int64_t plane = B * N * H * D;
+    kvb_paged_layout L;
+    memset(&L, 0, sizeof L);
+    L.num_blocks = B;
+    L.block_size = N;
+    L.num_kv_heads = H;
+    L.head_size = D;
+    L.dtype = dt;
+    L.device = device;
+    L.k_base = base;
+    L.dim_stride = 1;
+    switch (kind) {
+    case L_2BNHD:
+        L.v_base = base + plane * es;
+        L.block_stride = N * H * D;
+        L.token_stride = H * D;
+        L.head_stride = D;
+        break;
+    case L_B2NHD:
+        L.v_base = base + N * H * D * es;
+        L.block_stride = 2 * N * H * D;
+        L.token_stride = H * D;
+        L.head_stride = D;
+        break;
+    case L_BNH2D:
+        L.v_base = base + D * es;
+        L.block_stride = N * H * 2 * D;
+        L.token_stride = H * 2 * D;
+        L.head_stride = 2 * D;
+        break;
+    case L_HND:
+        L.v_base = base + plane * es;
+        L.block_stride = H * N * D;
+        L.token_stride = D;
+        L.head_stride = N * D;
+        break;
+    default: /* L_DIMT */
+        L.v_base = base + plane * es;
+        L.block_stride = N * H * D;
+        L.token_stride = H * D;
+        L.head_stride = 1;
+        L.dim_stride = H;
+        break;
+    }
+    return L;
+}
+
+/* Builds a ragged slot mapping of n tokens over B*N slots: runs of
+ * consecutive slots of random length starting at random blocks, with about
+ * one padding slot (-1) in 8. */
+static int64_t *make_slots(int64_t n, int64_t B, int64_t N)
+{
+    int64_t *s = malloc((size_t)n * sizeof *s);
+    ck_assert_ptr_nonnull(s);
+    int64_t i = 0;
+    while (i < n) {
+        int64_t run = 1 + rndi(3 * N);
+        int64_t start = rndi(B) * N;
+        for (int64_t j = 0; j < run && i < n; j++, i++) {
+            s[i] = rndi(8) == 0 ? -1 : (start + j) % (B * N);
+        }
+    }
+    return s;
+}
+
+/* ---------------------------------------------------------------------- */
+/* gather / scatter                                                         */
+/* ---------------------------------------------------------------------- */
+
+/* Gather in every layout and dtype equals the CPU gather bit for bit,
+ * padding rows keep the poison. */
+START_TEST(test_gather_layouts)
+{
+    const int64_t B = 37, N = 16, n = quick ? 300 : 2000;
+    const int32_t H = 3, D = 64;
+    for (int d = 0; d < 3; d++) {
+        kvb_dtype dt = all_dtypes[d];
+        size_t es = kvb_dtype_size(dt);
+        size_t cache_bytes = (size_t)(2 * B * N * H * D) * es;
+        size_t rows_bytes = (size_t)(n * H * D) * es;
+        for (int kind = 0; kind < L_COUNT; kind++) {
+            char *hc = host_random(2 * B * N * H * D, dt);
+            char *dc = dev_from(hc, cache_bytes);
+            int64_t *slots = make_slots(n, B, N);
+            int64_t *dslots = dev_from(slots, (size_t)n * 8);
+            void *hk = host_poison(rows_bytes), *hv = host_poison(rows_bytes);
+            void *dk = dev_alloc(rows_bytes), *dv = dev_alloc(rows_bytes);
+            kvb_paged_layout hl = make_layout(kind, hc, B, N, H, D, dt, -1);
+            kvb_paged_layout dl = make_layout(kind, dc, B, N, H, D, dt, 0);
+            OK(kvb_cpu_gather(&hl, slots, n, hk, hv));
+            OK(kvb_cuda_gather(&dl, dslots, n, dk, dv, NULL));
+            void *gk = host_from(dk, rows_bytes), *gv = host_from(dv, rows_bytes);
+            ck_assert_msg(memcmp(gk, hk, rows_bytes) == 0, "gather K %s %s",
+                          layout_names[kind], kvb_dtype_str(dt));
+            ck_assert_msg(memcmp(gv, hv, rows_bytes) == 0, "gather V %s %s",
+                          layout_names[kind], kvb_dtype_str(dt));
+            free(gk); free(gv); free(hk); free(hv); free(hc); free(slots);
+            cudaFree(dk); cudaFree(dv); cudaFree(dc); cudaFree(dslots);
+        }
+    }
+}
+END_TEST
+
+/* Scatter in every layout and dtype leaves the same cache bytes as the
+ * CPU scatter (padding skipped, everything else untouched); K-only too.
+ * Slots are distinct so the result does not depend on write order. */
+START_TEST(test_scatter_layouts)
+{
+    const int64_t B = 41, N = 16;
+    const int32_t H = 2, D = 128;
+    const int64_t n = B * N / 2;
+    for (int d = 0; d < 3; d++) {
+        kvb_dtype dt = all_dtypes[d];
+        size_t es = kvb_dtype_size(dt);
+        size_t cache_bytes = (size_t)(2 * B * N * H * D) * es;
+        size_t rows_bytes = (size_t)(n * H * D) * es;
+        for (int kind = 0; kind < L_COUNT; kind++) {
+            for (int k_only = 0; k_only < 2; k_only++) {
+                char *hc = host_random(2 * B * N * H * D, dt);
+                char *dc = dev_from(hc, cache_bytes);
+                /* a random permutation of slots, some replaced by padding */
+                int64_t *slots = malloc((size_t)(B * N) * 8);
+                for (int64_t i = 0; i < B * N; i++) slots[i] = i;
+                for (int64_t i = B * N - 1; i > 0; i--) {
+                    int64_t j = rndi(i + 1), t = slots[i];
+                    slots[i] = slots[j];
+                    slots[j] = t;
+                }
+                for (int64_t i = 0; i < n; i += 7) slots[i] = -1;
+                int64_t *dslots = dev_from(slots, (size_t)n * 8);
+                void *hk = host_random(n * H * D, dt), *hv = host_random(n * H * D, dt);
+                void *dk = dev_from(hk, rows_bytes), *dv = dev_from(hv, rows_bytes);
+                kvb_paged_layout hl = make_layout(kind, hc, B, N, H, D, dt, -1);
+                kvb_paged_layout dl = make_layout(kind, dc, B, N, H, D, dt, 0);
+                OK(kvb_cpu_scatter(&hl, slots, n, hk, k_only ? NULL : hv));
+                OK(kvb_cuda_scatter(&dl, dslots, n, dk, k_only ? NULL : dv, NULL));
+                char *gc = host_from(dc, cache_bytes);
+                ck_assert_msg(memcmp(gc, hc, cache_bytes) == 0, "scatter %s %s k_only=%d",
+                              layout_names[kind], kvb_dtype_str(dt), k_only);
+                free(gc); free(hc); free(slots); free(hk); free(hv);
+                cudaFree(dc); cudaFree(dslots); cudaFree(dk); cudaFree(dv);
+            }
+        }
+    }
+}
+END_TEST
+
+/* A slot beyond the cache (which the device op cannot report without a
+ * sync) is skipped: nothing outside the cache is written and the other
+ * rows are gathered. */
+START_TEST(test_gather_out_of_range_slot_skipped)
+{
+    const int64_t B = 4, N = 8, n = 3;
+    const int32_t H = 2, D = 64;
+    kvb_dtype dt = KVB_DTYPE_F16;
+    size_t es = 2, cache_bytes = (size_t)(2 * B * N * H * D) * es;
+    size_t rows_bytes = (size_t)(n * H * D) * es;
+    char *hc = host_random(2 * B * N * H * D, dt);
+    char *dc = dev_from(hc, cache_bytes);
+    int64_t slots[3] = {5, B * N + 100, 7};
+    int64_t *dslots = dev_from(slots, sizeof slots);
+    void *dk = dev_alloc(rows_bytes), *dv = dev_alloc(rows_bytes);
+    kvb_paged_layout dl = make_layout(L_2BNHD, dc, B, N, H, D, dt, 0);
+    OK(kvb_cuda_gather(&dl, dslots, n, dk, dv, NULL));
+    uint16_t *gk = host_from(dk, rows_bytes);
+    ck_assert_int_eq(memcmp(gk, hc + 5 * H * D * es, (size_t)(H * D) * es), 0);
+    ck_assert_int_eq(gk[H * D], 0xffff); /* skipped row keeps its poison */
+    ck_assert_int_eq(memcmp(gk + 2 * H * D, hc + 7 * H * D * es, (size_t)(H * D) * es), 0);
+    free(gk); free(hc);
+    cudaFree(dc); cudaFree(dslots); cudaFree(dk); cudaFree(dv);
+}
+END_TEST
+
+/* ---------------------------------------------------------------------- */
+/* Re-rotation and the fused load                                          */
+/* ---------------------------------------------------------------------- */
+
+/* Fills an inv_freq table of `pairs` entries the usual way (base 10000),
+ * scaled by 0.5 on the high half (a stand-in for llama3-style scaling). */
+static float *make_inv_freq(int32_t rotary_dim)
+{
+    int32_t pairs = rotary_dim / 2;
+    float *f = malloc((size_t)pairs * sizeof *f);
+    for (int32_t i = 0; i < pairs; i++) {
+        f[i] = (float)pow(10000.0, -2.0 * i / rotary_dim);
+        if (i >= pairs / 2) f[i] *= 0.5f;
+    }
+    return f;
+}
+
+/* Position pairs: old in [0, 3000), new = old + 100000, new = 0, or equal
+ * (delta 0 must leave the row bit-exact). */
+static void make_positions(int64_t n, int64_t *old_pos, int64_t *new_pos)
+{
+    for (int64_t i = 0; i < n; i++) {
+        old_pos[i] = rndi(3000);
+        switch (rndi(4)) {
+        case 0: new_pos[i] = old_pos[i] + 100000; break;
+        case 1: new_pos[i] = 0; break;
+        case 2: new_pos[i] = old_pos[i]; break;
+        default: new_pos[i] = old_pos[i] + rndi(5000) - 2500; break;
+        }
+    }
+}
+
+/* Re-rotation equals the CPU op for every dtype, both pairings, full and
+ * partial rotary dims, and aligned (vector) and misaligned (scalar) rows. */
+START_TEST(test_rerotate_matches_cpu)
+{
+    const int64_t n = quick ? 64 : 500;
+    const int32_t H = 3;
+    const int32_t shapes[4][2] = {{128, 128}, {128, 64}, {64, 64}, {80, 48}};
+    for (int d = 0; d < 3; d++) {
+        kvb_dtype dt = all_dtypes[d];
+        size_t es = kvb_dtype_size(dt);
+        for (int sh = 0; sh < 4; sh++) {
+            for (int style = 0; style < 2; style++) {
+                for (int misalign = 0; misalign < 2; misalign++) {
+                    int32_t D = shapes[sh][0];
+                    kvb_rope rope = {shapes[sh][1], (kvb_rope_style)style,
+                                     make_inv_freq(shapes[sh][1]), 1.0f};
+                    int64_t elems = n * H * D;
+                    char *hk = host_random(elems + 1, dt);
+                    int64_t *op = malloc((size_t)n * 8), *np = malloc((size_t)n * 8);
+                    make_positions(n, op, np);
+                    size_t off = misalign ? es : 0;
+                    char *dbuf = dev_from(hk, (size_t)(elems + 1) * es);
+                    int64_t *dop = dev_from(op, (size_t)n * 8), *dnp = dev_from(np, (size_t)n * 8);
+                    OK(kvb_cpu_rerotate(hk + off, n, H, D, dt, &rope, op, np));
+                    OK(kvb_cuda_rerotate(dbuf + off, n, H, D, dt, &rope, dop, dnp, NULL));
+                    char *g = host_from(dbuf, (size_t)(elems + 1) * es);
+                    char what[96];
+                    snprintf(what, sizeof what, "rerotate D=%d rot=%d style=%d misalign=%d", D,
+                             rope.rotary_dim, style, misalign);
+                    assert_close(g + off, hk + off, elems, dt, tol_of(dt), what);
+                    /* delta-0 rows are bit-exact */
+                    for (int64_t i = 0; i < n; i++) {
+                        if (op[i] == np[i]) {
+                            ck_assert_int_eq(memcmp(g + off + (size_t)(i * H * D) * es,
+                                                    hk + off + (size_t)(i * H * D) * es,
+                                                    (size_t)(H * D) * es), 0);
+                        }
+                    }
+                    free(g); free(hk); free(op); free(np); free((void *)rope.inv_freq);
+                    cudaFree(dbuf); cudaFree(dop); cudaFree(dnp);
+                }
+            }
+        }
+    }
+}
+END_TEST
+
+/* One load_rotate case: `nseg` ragged segments with gaps, layer 2 of 3,
+ * stored rows in device memory or in mapped pinned host memory (the table
+ * too), compared with kvb_cpu_load_rotate on the same bytes. */
+static void load_case(kvb_dtype dt, int style, int32_t D, int32_t rot, int host_mapped)
+{
+    const int32_t H = 4, L = 3, layer = 2;
+    const int64_t sizes[] = {1, 7, 64, 130, 33, 250, 2, 97};
+    const int nseg = quick ? 4 : 8;
+    size_t es = kvb_dtype_size(dt);
+    kvb_rope rope = {rot, (kvb_rope_style)style, make_inv_freq(rot), 1.0f};
+    kvb_load_seg hsegs[8], dsegs[8];
+    void *store_k[8], *store_v[8], *dev_k[8], *dev_v[8];
+    int64_t *hsrc[8], *dsrc[8];
+    int64_t row = 0;
+    for (int s = 0; s < nseg; s++) {
+        int64_t T = sizes[s];
+        row += rndi(5); /* a gap (rows that must stay untouched) */
+        int64_t per_layer = T * H * D;
+        size_t bytes = (size_t)(L * per_layer) * es;
+        store_k[s] = host_random(L * per_layer, dt);
+        store_v[s] = host_random(L * per_layer, dt);
+        hsrc[s] = malloc((size_t)T * 8);
+        for (int64_t t = 0; t < T; t++) hsrc[s][t] = rndi(4000);
+        if (host_mapped) {
+            void *pk, *pv, *pp;
+            ck_assert_int_eq(cudaHostAlloc(&pk, bytes, cudaHostAllocMapped), cudaSuccess);
+            ck_assert_int_eq(cudaHostAlloc(&pv, bytes, cudaHostAllocMapped), cudaSuccess);
+            ck_assert_int_eq(cudaHostAlloc(&pp, (size_t)T * 8, cudaHostAllocMapped), cudaSuccess);
+            memcpy(pk, store_k[s], bytes);
+            memcpy(pv, store_v[s], bytes);
+            memcpy(pp, hsrc[s], (size_t)T * 8);
+            ck_assert_int_eq(cudaHostGetDevicePointer(&dev_k[s], pk, 0), cudaSuccess);
+            ck_assert_int_eq(cudaHostGetDevicePointer(&dev_v[s], pv, 0), cudaSuccess);
+            void *dp;
+            ck_assert_int_eq(cudaHostGetDevicePointer(&dp, pp, 0), cudaSuccess);
+            dsrc[s] = dp;
+        } else {
+            dev_k[s] = dev_from(store_k[s], bytes);
+            dev_v[s] = dev_from(store_v[s], bytes);
+            dsrc[s] = dev_from(hsrc[s], (size_t)T * 8);
+        }
+        hsegs[s] = (kvb_load_seg){store_k[s], store_v[s], per_layer, hsrc[s], row, T};
+        dsegs[s] = (kvb_load_seg){dev_k[s], dev_v[s], per_layer, dsrc[s], row, T};
+        row += T;
+    }
+    /* reverse the table order: the kernel must not assume sorted segments */
+    for (int s = 0; s < nseg / 2; s++) {
+        kvb_load_seg t = dsegs[s];
+        dsegs[s] = dsegs[nseg - 1 - s];
+        dsegs[nseg - 1 - s] = t;
+        t = hsegs[s];
+        hsegs[s] = hsegs[nseg - 1 - s];
+        hsegs[nseg - 1 - s] = t;
+    }
+    const int64_t num_rows = row + 3;
+    int64_t *dst_pos = malloc((size_t)num_rows * 8);
+    for (int64_t r = 0; r < num_rows; r++) {
+        dst_pos[r] = rndi(3) == 0 ? r : 100000 + r; /* near and far */
+    }
+    /* some rows keep their stored position exactly (delta 0) */
+    dst_pos[hsegs[0].dst_start] = hsegs[0].src_pos[0];
+    size_t stage = (size_t)(num_rows * H * D) * es;
+    void *hk = host_poison(stage), *hv = host_poison(stage);
+    void *dk = dev_alloc(stage), *dv = dev_alloc(stage);
+    int64_t *ddst = dev_from(dst_pos, (size_t)num_rows * 8);
+    kvb_load_seg *dtab;
+    void *tab_host = NULL;
+    if (host_mapped) {
+        ck_assert_int_eq(cudaHostAlloc(&tab_host, sizeof dsegs, cudaHostAllocMapped), cudaSuccess);
+        memcpy(tab_host, dsegs, sizeof dsegs);
+        void *p;
+        ck_assert_int_eq(cudaHostGetDevicePointer(&p, tab_host, 0), cudaSuccess);
+        dtab = p;
+    } else {
+        dtab = dev_from(dsegs, sizeof dsegs);
+    }
+    OK(kvb_cpu_load_rotate(hsegs, nseg, layer, hk, hv, dst_pos, num_rows, H, D, dt, &rope));
+    OK(kvb_cuda_load_rotate(dtab, nseg, layer, dk, dv, ddst, num_rows, H, D, dt, &rope, NULL));
+    void *gk = host_from(dk, stage), *gv = host_from(dv, stage);
+    char what[96];
+    snprintf(what, sizeof what, "load_rotate K D=%d rot=%d style=%d mapped=%d", D, rot, style,
+             host_mapped);
+    assert_close(gk, hk, num_rows * H * D, dt, tol_of(dt), what);
+    ck_assert_msg(memcmp(gv, hv, stage) == 0, "load_rotate V differs (%s)", what);
+    /* uncovered rows keep their poison bit for bit */
+    ck_assert_int_eq(((unsigned char *)gk)[stage - 1], 0xff);
+    free(gk); free(gv); free(hk); free(hv); free(dst_pos); free((void *)rope.inv_freq);
+    cudaFree(dk); cudaFree(dv); cudaFree(ddst);
+    if (host_mapped) cudaFreeHost(tab_host); else cudaFree(dtab);
+    for (int s = 0; s < nseg; s++) {
+        if (host_mapped) {
+            void *hp;
+            /* the device pointer of a mapped allocation is its host pointer
+             * under unified addressing, which every supported GPU has */
+            hp = dev_k[s]; cudaFreeHost(hp);
+            hp = dev_v[s]; cudaFreeHost(hp);
+            hp = dsrc[s]; cudaFreeHost(hp);
+        } else {
+            cudaFree(dev_k[s]); cudaFree(dev_v[s]); cudaFree(dsrc[s]);
+        }
+        free(store_k[s]); free(store_v[s]); free(hsrc[s]);
+    }
+}
+
+/* The fused load equals the CPU load for every dtype and pairing, full and
+ * partial rotary dims, from device memory. */
+START_TEST(test_load_rotate_device)
+{
+    for (int d = 0; d < 3; d++) {
+        for (int style = 0; style < 2; style++) {
+            load_case(all_dtypes[d], style, 128, 128, 0);
+            load_case(all_dtypes[d], style, 128, 64, 0);
+            load_case(all_dtypes[d], style, 64, 64, 0);
+            load_case(all_dtypes[d], style, 80, 48, 0); /* scalar path */
+        }
+    }
+}
+END_TEST
+
+/* The same from pinned host memory mapped into the device. */
+START_TEST(test_load_rotate_host_mapped)
+{
+    for (int d = 0; d < 3; d++) {
+        for (int style = 0; style < 2; style++) {
+            load_case(all_dtypes[d], style, 128, 128, 1);
+            load_case(all_dtypes[d], style, 64, 32, 1);
+        }
+    }
+}
+END_TEST
+
+/* ---------------------------------------------------------------------- */
+/* Deviation and select                                                    */
+/* ---------------------------------------------------------------------- */
+
+/* Deviation equals the CPU op within 1e-5 relative per row for all dtypes,
+ * vector (H*D multiple of 8) and scalar (odd row) paths. */
+START_TEST(test_deviation_matches_cpu)
+{
+    const int64_t n = quick ? 200 : 3000;
+    const int32_t shapes[2][2] = {{8, 128}, {3, 5}};
+    for (int d = 0; d < 3; d++) {
+        kvb_dtype dt = all_dtypes[d];
+        size_t es = kvb_dtype_size(dt);
+        for (int sh = 0; sh < 2; sh++) {
+            int32_t H = shapes[sh][0], D = shapes[sh][1];
+            int64_t elems = n * H * D;
+            void *a = host_random(elems, dt), *b = host_random(elems, dt);
+            float *ref = malloc((size_t)n * 4);
+            void *da = dev_from(a, (size_t)elems * es), *db = dev_from(b, (size_t)elems * es);
+            float *dout = dev_alloc((size_t)n * 4);
+            OK(kvb_cpu_deviation(a, b, n, H, D, dt, ref));
+            OK(kvb_cuda_deviation(da, db, n, H, D, dt, dout, NULL));
+            float *g = host_from(dout, (size_t)n * 4);
+            for (int64_t i = 0; i < n; i++) {
+                ck_assert_msg(fabs(g[i] - ref[i]) <= 1e-5 * fabs(ref[i]) + 1e-30,
+                              "deviation[%lld] %s H=%d D=%d: got %.9g expected %.9g",
+                              (long long)i, kvb_dtype_str(dt), H, D, g[i], ref[i]);
+            }
+            free(a); free(b); free(ref); free(g);
+            cudaFree(da); cudaFree(db); cudaFree(dout);
+        }
+    }
+}
+END_TEST
+
+/* Runs one select case on both sides and requires identical index lists. */
+static void select_case(int64_t n, int64_t k, int ties, double nan_frac, double forced_frac,
+                        int with_forced)
+{
+    float *score = malloc((size_t)n * 4 + 4);
+    uint8_t *forced = malloc((size_t)n + 1);
+    int64_t nf = 0;
+    for (int64_t i = 0; i < n; i++) {
+        double u = (double)(rnd() >> 11) / 9007199254740992.0;
+        if (u < nan_frac) {
+            score[i] = NAN;
+        } else if (ties) {
+            score[i] = (float)rndi(ties) - (float)ties / 2; /* many equal scores */
+            if (score[i] == 0.0f && rndi(2)) score[i] = -0.0f;
+        } else {
+            score[i] = rndf() * 1e3f;
+        }
+        forced[i] = with_forced && (double)(rnd() >> 11) / 9007199254740992.0 < forced_frac;
+        nf += forced[i];
+    }
+    int64_t expect = nf + (k < n - nf ? k : n - nf);
+    int64_t *ref = malloc((size_t)n * 8 + 8), nref = -1;
+    OK(kvb_cpu_select(score, with_forced ? forced : NULL, n, k, ref, &nref));
+    ck_assert_int_eq(nref, expect);
+    float *ds = dev_from(score, (size_t)n * 4);
+    uint8_t *dfo = dev_from(forced, (size_t)n);
+    int64_t *dout = dev_alloc((size_t)n * 8);
+    OK(kvb_cuda_select(ds, with_forced ? dfo : NULL, n, k, dout, NULL));
+    int64_t *g = host_from(dout, (size_t)n * 8);
+    for (int64_t i = 0; i < nref; i++) {
+        ck_assert_msg(g[i] == ref[i],
+                      "select n=%lld k=%lld ties=%d: out[%lld]=%lld expected %lld",
+                      (long long)n, (long long)k, ties, (long long)i, (long long)g[i],
+                      (long long)ref[i]);
+    }
+    if (nref < n) {
+        ck_assert_msg(g[nref] == -1, "select wrote past its count"); /* poison 0xff.. */
+    }
+    free(score); free(forced); free(ref); free(g);
+    cudaFree(ds); cudaFree(dfo); cudaFree(dout);
+}
+
+/* Select equals the CPU select exactly: distinct scores, heavy ties (lower
+ * index first), NaNs (lowest), -0/+0, forced tokens, k of 0, 1, 15%, all
+ * and more than all, sizes from 1 to 200k. */
+START_TEST(test_select_matches_cpu)
+{
+    const int64_t sizes[] = {1, 2, 33, 1000, 4097, 60000, 200000};
+    const int ns = quick ? 5 : 7;
+    for (int s = 0; s < ns; s++) {
+        int64_t n = sizes[s];
+        const int64_t ks[] = {0, 1, (n * 15) / 100, n / 2, n, n + 5};
+        for (int ki = 0; ki < 6; ki++) {
+            select_case(n, ks[ki], 0, 0.0, 0.0, 0);
+            select_case(n, ks[ki], 7, 0.1, 0.2, 1);
+            select_case(n, ks[ki], 0, 0.3, 0.05, 1);
+            select_case(n, ks[ki], 2, 0.0, 0.5, 1);
+        }
+    }
+}
+END_TEST
+
+/* ---------------------------------------------------------------------- */
+/* Attention                                                               */
+/* ---------------------------------------------------------------------- */
+
+/* One attention case: nk keys at unsorted positions (chunks of a shuffled
+ * prompt, some positions repeated), nq = 15% of nk queries at positions
+ * of the prompt plus two that see no key; misalign shifts q/k/v/out by one
+ * element (the CUDA-core fallback for 16-bit types). */
+static void attn_case(kvb_dtype dt, int32_t Hq, int32_t Hkv, int32_t D, int64_t nk, int misalign)
+{
+    const int64_t nq = nk * 15 / 100 + 2;
+    size_t es = kvb_dtype_size(dt), off = misalign ? es : 0;
+    int64_t qe = nq * Hq * D, ke = nk * Hkv * D;
+    char *q = host_random(qe + 1, dt), *k = host_random(ke + 1, dt), *v = host_random(ke + 1, dt);
+    int64_t *kp = malloc((size_t)nk * 8), *qp = malloc((size_t)nq * 8);
+    /* key positions: 10 + a permutation of 0..nk-1 built from chunks */
+    for (int64_t j = 0; j < nk; j++) kp[j] = 10 + j;
+    for (int64_t c = 0; c + 256 < nk; c += 256) {
+        int64_t o = rndi((nk - c) / 256) * 256 + c; /* swap chunk c with o */
+        for (int64_t j = 0; j < 256 && o + j < nk; j++) {
+            int64_t t = kp[c + j];
+            kp[c + j] = kp[o + j];
+            kp[o + j] = t;
+        }
+    }
+    for (int64_t j = 0; j < nk; j += 97) kp[j] = kp[rndi(nk)]; /* duplicates */
+    for (int64_t i = 0; i < nq; i++) qp[i] = kp[rndi(nk)];
+    qp[0] = 0;                 /* sees no key: zeros */
+    qp[nq - 1] = 5;            /* likewise */
+    qp[1] = 10 + nk + 50;      /* sees every key */
+    size_t qb = (size_t)(qe + 1) * es, kb = (size_t)(ke + 1) * es;
+    void *hout = host_poison(qb);
+    char *dq = dev_from(q, qb), *dk = dev_from(k, kb), *dv = dev_from(v, kb);
+    char *dout = dev_alloc(qb);
+    int64_t *dqp = dev_from(qp, (size_t)nq * 8), *dkp = dev_from(kp, (size_t)nk * 8);
+    float scale = 1.0f / sqrtf((float)D);
+    OK(kvb_cpu_attention(q + off, qp, nq, k + off, v + off, kp, nk, Hq, Hkv, D, scale, dt,
+                         (char *)hout + off));
+    OK(kvb_cuda_attention(dq + off, dqp, nq, dk + off, dv + off, dkp, nk, Hq, Hkv, D, scale, dt,
+                          dout + off, NULL));
+    char *g = host_from(dout, qb);
+    char what[96];
+    snprintf(what, sizeof what, "attention Hq=%d Hkv=%d D=%d nk=%lld misalign=%d", Hq, Hkv, D,
+             (long long)nk, misalign);
+    double tol = dt == KVB_DTYPE_F32 ? 1e-5 : dt == KVB_DTYPE_F16 ? 2e-3 : 2e-2;
+    assert_close(g + off, (char *)hout + off, qe, dt, tol, what);
+    for (int64_t e = 0; e < Hq * D; e++) { /* query 0 sees nothing */
+        ck_assert_msg(kvb_load(g + off, e, dt) == 0.0f, "%s: blind query not zero", what);
+    }
+    free(q); free(k); free(v); free(kp); free(qp); free(hout); free(g);
+    cudaFree(dq); cudaFree(dk); cudaFree(dv); cudaFree(dout); cudaFree(dqp); cudaFree(dkp);
+}
+
+/* 9 query / 3 KV heads of 64 dims, every dtype, aligned and misaligned. */
+START_TEST(test_attention_gqa_d64)
+{
+    for (int d = 0; d < 3; d++) {
+        attn_case(all_dtypes[d], 9, 3, 64, quick ? 700 : 3000, 0);
+        attn_case(all_dtypes[d], 9, 3, 64, 333, 1);
+    }
+}
+END_TEST
+
+/* 32 query / 8 KV heads of 128 dims, every dtype; 8192 keys for the 16-bit
+ * tensor-core path unless quick. */
+START_TEST(test_attention_gqa_d128)
+{
+    for (int d = 0; d < 3; d++) {
+        attn_case(all_dtypes[d], 32, 8, 128, quick ? 600 : 2048, 0);
+        attn_case(all_dtypes[d], 32, 8, 128, 257, 1);
+    }
+    if (!quick) {
+        attn_case(KVB_DTYPE_BF16, 32, 8, 128, 8192, 0);
+        attn_case(KVB_DTYPE_F16, 32, 8, 128, 8192, 0);
+    }
+}
+END_TEST
+
+/* Tiny and edge shapes: one key, one query, nk not a multiple of any tile,
+ * MHA (Hq == Hkv). */
+START_TEST(test_attention_edges)
+{
+    for (int d = 0; d < 3; d++) {
+        attn_case(all_dtypes[d], 2, 2, 64, 1, 0);
+        attn_case(all_dtypes[d], 4, 1, 128, 65, 0);
+        attn_case(all_dtypes[d], 8, 8, 64, 129, 0);
+    }
+}
+END_TEST
+
+/* ---------------------------------------------------------------------- */
+/* Argument checks (no device needed)                                      */
+/* ---------------------------------------------------------------------- */
+
+/* Fails unless `call` returns `want` and the message contains `frag`. */
+#define EXPECT_FAIL(call, want, frag)                                       \
+    do {                                                                    \
+        kvb_clear_error();                                                  \
+        kvb_status st_ = (call);                                            \
+        ck_assert_msg(st_ == (want), "%s -> %s (%s)", #call,                \
+                      kvb_status_str(st_), kvb_last_error());               \
+        ck_assert_msg(strstr(kvb_last_error(), (frag)) != NULL,             \
+                      "%s: message '%s' lacks '%s'", #call,                 \
+                      kvb_last_error(), (frag));                            \
+    } while (0)
+
+/* Bad dtype, bad layout, unsupported head size and friends are rejected
+ * before any launch with messages naming the argument. */
+START_TEST(test_cuda_args_rejected)
+{
+    ck_assert_int_eq(kvb_has_cuda(), 1);
+    static char buf[4096];
+    kvb_paged_layout L = make_layout(L_2BNHD, buf, 2, 4, 1, 8, KVB_DTYPE_F16, 0);
+    int64_t slots[1] = {0};
+    L.dtype = (kvb_dtype)9;
+    EXPECT_FAIL(kvb_cuda_gather(&L, slots, 1, buf, buf, NULL), KVB_ERR_INVALID, "dtype=9");
+    L = make_layout(L_2BNHD, buf, 2, 4, 1, 8, KVB_DTYPE_F16, 0);
+    L.block_size = 0;
+    EXPECT_FAIL(kvb_cuda_scatter(&L, slots, 1, buf, buf, NULL), KVB_ERR_INVALID, "block_size=0");
+    L = make_layout(L_2BNHD, buf, 2, 4, 1, 8, KVB_DTYPE_F16, -1);
+    EXPECT_FAIL(kvb_cuda_gather(&L, slots, 1, buf, buf, NULL), KVB_ERR_INVALID, "device=-1");
+    L.device = 0;
+    EXPECT_FAIL(kvb_cuda_gather(&L, NULL, 1, buf, buf, NULL), KVB_ERR_INVALID, "slots is NULL");
+    EXPECT_FAIL(kvb_cuda_gather(NULL, slots, 1, buf, buf, NULL), KVB_ERR_INVALID, "layout is NULL");
+
+    float inv[64] = {1.0f};
+    kvb_rope rope = {64, KVB_ROPE_NEOX, inv, 1.0f};
+    int64_t pos[1] = {0};
+    EXPECT_FAIL(kvb_cuda_rerotate(buf, 1, 1, 64, (kvb_dtype)7, &rope, pos, pos, NULL),
+                KVB_ERR_UNSUPPORTED, "dtype=7");
+    rope.rotary_dim = 63;
+    EXPECT_FAIL(kvb_cuda_rerotate(buf, 1, 1, 64, KVB_DTYPE_F32, &rope, pos, pos, NULL),
+                KVB_ERR_INVALID, "rotary_dim=63");
+    rope.rotary_dim = 64;
+    rope.style = (kvb_rope_style)5;
+    EXPECT_FAIL(kvb_cuda_rerotate(buf, 1, 1, 64, KVB_DTYPE_F32, &rope, pos, pos, NULL),
+                KVB_ERR_INVALID, "rope.style=5");
+    rope.style = KVB_ROPE_NEOX;
+    EXPECT_FAIL(kvb_cuda_rerotate(buf, 1, 1, 64, KVB_DTYPE_F32, NULL, pos, pos, NULL),
+                KVB_ERR_INVALID, "rope is NULL");
+
+    EXPECT_FAIL(kvb_cuda_attention(buf, pos, 1, buf, buf, pos, 1, 4, 4, 96, 0.1f,
+                                   KVB_DTYPE_BF16, buf, NULL),
+                KVB_ERR_UNSUPPORTED, "head_size=96");
+    EXPECT_FAIL(kvb_cuda_attention(buf, pos, 1, buf, buf, pos, 1, 6, 4, 64, 0.1f,
+                                   KVB_DTYPE_BF16, buf, NULL),
+                KVB_ERR_INVALID, "num_q_heads=6 num_kv_heads=4");
+    EXPECT_FAIL(kvb_cuda_attention(buf, pos, 1, buf, buf, pos, 1, 4, 4, 64, 0.1f,
+                                   (kvb_dtype)3, buf, NULL),
+                KVB_ERR_UNSUPPORTED, "dtype=3");
+
+    EXPECT_FAIL(kvb_cuda_deviation(buf, buf, 1, 1, 8, (kvb_dtype)4, (float *)buf, NULL),
+                KVB_ERR_UNSUPPORTED, "dtype=4");
+    EXPECT_FAIL(kvb_cuda_deviation(buf, NULL, 1, 1, 8, KVB_DTYPE_F32, (float *)buf, NULL),
+                KVB_ERR_INVALID, "b is NULL");
+
+    kvb_load_seg seg = {buf, buf, 0, pos, 0, 1};
+    EXPECT_FAIL(kvb_cuda_load_rotate(&seg, 1, -1, buf, buf, pos, 1, 1, 64, KVB_DTYPE_F16,
+                                     &rope, NULL),
+                KVB_ERR_INVALID, "layer=-1");
+    EXPECT_FAIL(kvb_cuda_load_rotate(&seg, 1, 0, buf, buf, pos, 1, 1, 64, (kvb_dtype)8,
+                                     &rope, NULL),
+                KVB_ERR_UNSUPPORTED, "dtype=8");
+    rope.rotary_dim = 2048;
+    EXPECT_FAIL(kvb_cuda_load_rotate(&seg, 1, 0, buf, buf, pos, 1, 1, 4096, KVB_DTYPE_F16,
+                                     &rope, NULL),
+                KVB_ERR_UNSUPPORTED, "rotary_dim=2048");
+
+    EXPECT_FAIL(kvb_cuda_select((float *)buf, NULL, 4, -1, (int64_t *)buf, NULL),
+                KVB_ERR_INVALID, "k=-1");
+    EXPECT_FAIL(kvb_cuda_select(NULL, NULL, 4, 1, (int64_t *)buf, NULL), KVB_ERR_INVALID,
+                "score is NULL");
+}
+END_TEST
+
+/* ---------------------------------------------------------------------- */
+/* Runner                                                                   */
+/* ---------------------------------------------------------------------- */
+
+/* The suite of tests that need a device. */
+static Suite *gpu_suite(void)
+{
+    Suite *s = suite_create("gpu");
+    struct { const char *name; const TTest *fn; } cases[] = {
+        {"copy", test_gather_layouts},
+        {"copy", test_scatter_layouts},
+        {"copy", test_gather_out_of_range_slot_skipped},
+        {"rope", test_rerotate_matches_cpu},
+        {"load", test_load_rotate_device},
+        {"load", test_load_rotate_host_mapped},
+        {"select", test_deviation_matches_cpu},
+        {"select", test_select_matches_cpu},
+        {"attention", test_attention_gqa_d64},
+        {"attention", test_attention_gqa_d128},
+        {"attention", test_attention_edges},
+    };
+    TCase *tc = NULL;
+    const char *cur = "";
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        if (strcmp(cur, cases[i].name) != 0) {
+            tc = tcase_create(cases[i].name);
+            tcase_set_timeout(tc, 0);
+            suite_add_tcase(s, tc);
+            cur = cases[i].name;
+        }
+        tcase_add_test(tc, cases[i].fn);
+    }
+    return s;
+}
+
+/* Runs the argument tests, then (with a device) the GPU suite; argv[1]
+ * optionally names one tcase (copy, rope, load, select, attention). */
+int main(int argc, char **argv)
+{
+    quick = getenv("KVB_GPU_TEST_QUICK") != NULL && atoi(getenv("KVB_GPU_TEST_QUICK")) != 0;
+    Suite *args = suite_create("cuda_args");
+    TCase *tc = tcase_create("args");
+    tcase_add_test(tc, test_cuda_args_rejected);
+    suite_add_tcase(args, tc);
+    SRunner *sr = srunner_create(args);
+    srunner_set_fork_status(sr, CK_NOFORK);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    if (failed) {
+        return 1;
+    }
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+        printf("no CUDA device: GPU tests skipped\n");
+        return 77;
+    }
+    sr = srunner_create(gpu_suite());
+    srunner_set_fork_status(sr, CK_NOFORK);
+    srunner_run_tagged(sr, NULL, argc > 1 ? argv[1] : NULL, NULL, NULL, CK_NORMAL);
+    failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? 1 : 0;
+}
