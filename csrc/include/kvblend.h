@@ -387,8 +387,10 @@ typedef enum kvb_rope_style {
  * Rotary embedding of a model's keys: dims [0, rotary_dim) of each head are
  * rotated, the rest pass through.  inv_freq[i] (i < rotary_dim/2) is the
  * angular frequency of pair i, including any scaling (llama3, linear, YaRN);
- * a position p rotates pair i by p*inv_freq[i].  `attention_factor` scales
- * cos and sin (YaRN's mscale; 1.0 otherwise).  The table is borrowed.
+ * a position p rotates pair i by p*inv_freq[i].  `attention_factor` is the
+ * model's scale of cos and sin (YaRN's mscale; 1.0 otherwise); re-rotation
+ * never applies it, since stored keys already carry it and a rotation by the
+ * position delta keeps their norm.  The table is borrowed.
  */
 typedef struct kvb_rope {
     int32_t rotary_dim;
