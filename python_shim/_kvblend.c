@@ -1286,18 +1286,20 @@ done:
     return res;
 }
 
-/* begin(tokens, spans=None, max_blend_end=-1, save=True) -> Request: the
- * worker-side state of one prefill; max_blend_end < 0 means len(tokens). */
+/* begin(tokens, spans=None, blend_end=-1, save=True) -> Request: the
+ * worker-side state of one prefill.  blend_end >= 0 is the row count the
+ * scheduler promised the engine; < 0 uses the lookup's reuse_end. */
 static PyObject *connector_begin(ConnectorObject *self, PyObject *args,
                                  PyObject *kwds)
 {
-    static char *kwlist[] = {"tokens", "spans", "max_blend_end", "save", NULL};
+    static char *kwlist[] = {"tokens", "spans", "blend_end", "save", NULL};
     module_state *st = state_of((PyObject *)self);
     PyObject *tok_obj, *spans_obj = Py_None, *res = NULL;
-    long long max_end = -1;
+    long long blend_end = -1;
     int save = 1;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OLp:begin", kwlist,
-                                     &tok_obj, &spans_obj, &max_end, &save)) {
+                                     &tok_obj, &spans_obj, &blend_end,
+                                     &save)) {
         return NULL;
     }
     int32_t *tok = NULL;
@@ -1307,13 +1309,10 @@ static PyObject *connector_begin(ConnectorObject *self, PyObject *args,
         || spans_from_object(spans_obj, &spans, &ns) < 0) {
         goto done;
     }
-    if (max_end < 0) {
-        max_end = n;
-    }
     kvb_request *req = NULL;
     kvb_status s;
     Py_BEGIN_ALLOW_THREADS
-    s = kvb_request_begin(self->conn, tok, n, spans, ns, (int64_t)max_end,
+    s = kvb_request_begin(self->conn, tok, n, spans, ns, (int64_t)blend_end,
                           save, &req);
     Py_END_ALLOW_THREADS
     if (s != KVB_OK) {
@@ -1389,7 +1388,7 @@ static PyMethodDef connector_methods[] = {
      "Returns ([(start, end, hit), ...], reuse_end); no side effects."},
     {"begin", (PyCFunction)(void (*)(void))connector_begin,
      METH_VARARGS | METH_KEYWORDS,
-     "begin(tokens, spans=None, max_blend_end=-1, save=True)\n--\n\n"
+     "begin(tokens, spans=None, blend_end=-1, save=True)\n--\n\n"
      "Starts one prefill and returns its Request."},
     {"store_stats", (PyCFunction)connector_store_stats, METH_NOARGS,
      "store_stats()\n--\n\nReturns the store's counters as a dict."},

@@ -414,3 +414,114 @@ def test_ops_attention_query_without_keys_gets_zeros_and_bad_input():
         ops.attention(q, torch.tensor([0, 1]), torch.zeros(3, 3, 8), torch.zeros(3, 3, 8), torch.arange(3))
     with pytest.raises(ValueError, match=r"q_pos: expected shape \(2,\), got \(3,\)"):
         ops.attention(q, torch.arange(3), k, v, torch.arange(3))
+
+
+# --- Connector and Request -------------------------------------------------------------
+
+SEP = 99
+A, B, Q = [1, 2, 3, 4, 5], [10, 11, 12, 13, 14], [20, 21]
+HQ, HKV, D, LAYERS = 4, 2, 8, 2
+
+
+def make_connector(**items):
+    cfg = {"LMCACHE_ENABLE_BLENDING": "True", "LMCACHE_MAX_LOCAL_CPU_SIZE": "0.01", **items}
+    conn = ext.Connector(cfg, LAYERS, HQ, HKV, D, ext.DTYPE_F32, D, ext.ROPE_NEOX,
+                         inv_freq_for(D).tolist(), 1.0, -1)
+    conn.set_separator([SEP])
+    return conn
+
+
+def save_prompt(conn, tokens, caches):
+    """Run the save path of one prefill whose KV sits at slots 0..n-1."""
+    slots = torch.arange(len(tokens))
+    with conn.begin(tokens) as req:
+        for layer, kv in enumerate(caches):
+            req.save_layer(layer, ops.paged_layout(kv, "flash"), slots.data_ptr(), len(tokens))
+    assert req.finished
+
+
+def test_connector_save_then_reuse_reordered_chunks():
+    torch.manual_seed(4)
+    conn = make_connector()
+    assert conn.device == -1
+    p1 = A + [SEP] + B + [SEP] + Q
+    segs, reuse_end = conn.lookup(p1)
+    assert segs == [(0, 5, False), (6, 11, False), (12, 14, False)] and reuse_end == 0
+    caches = [torch.randn(2, 4, 8, HKV, D) for _ in range(LAYERS)]  # flash: (2, blocks, block, H, D)
+    save_prompt(conn, p1, caches)
+    stats = conn.store_stats()
+    assert stats["num_entries"] == 3 and stats["inserts"] == 3 and stats["host_bytes"] > 0
+
+    p2 = B + [SEP] + A + [SEP] + [30, 31]
+    segs, reuse_end = conn.lookup(p2)
+    assert segs == [(0, 5, True), (6, 11, True), (12, 14, False)] and reuse_end == 11
+    assert conn.lookup(p2) == (segs, reuse_end)  # no side effects
+    req = conn.begin(p2, blend_end=reuse_end, save=False)
+    assert req.blend_end == 11
+    assert list(req.forced()) == [0] * 5 + [1] + [0] * 5
+    assert req.counts() == (3, 2, 1)
+    new_pos = torch.arange(11)
+    old_pos = torch.tensor([6, 7, 8, 9, 10, -1, 0, 1, 2, 3, 4])  # where each row was stored
+    for layer in range(LAYERS):
+        stage_k = torch.full((11, HKV, D), 7.0)
+        stage_v = torch.full((11, HKV, D), 7.0)
+        req.load_layer(layer, stage_k.data_ptr(), stage_v.data_ptr())
+        for row in range(11):
+            if row == 5:  # the separator has no stored KV: untouched
+                assert (stage_k[row] == 7).all() and (stage_v[row] == 7).all()
+                continue
+            src = int(old_pos[row])
+            k_stored = caches[layer][0].reshape(-1, HKV, D)[src]
+            v_stored = caches[layer][1].reshape(-1, HKV, D)[src]
+            assert torch.equal(stage_v[row], v_stored)
+            ref = rope_ref(k_stored[None], torch.tensor([int(new_pos[row]) - src]), inv_freq_for(D), D, "neox")[0]
+            torch.testing.assert_close(stage_k[row].double(), ref, atol=2e-5, rtol=1e-5)
+    req.finish(commit=False)
+    assert req.finished
+    req.finish()  # idempotent
+    with pytest.raises(ext.InvalidError, match="the request is finished"):
+        req.blend_end
+    with pytest.raises(ext.InvalidError, match="the request is finished"):
+        req.load_layer(0, 1, 1)
+    conn.store_clear()
+    assert conn.store_stats()["num_entries"] == 0
+    assert conn.lookup(p2)[1] == 0
+
+
+def test_connector_spans_and_uncommitted_requests():
+    torch.manual_seed(5)
+    conn = make_connector()
+    toks = A + B
+    spans = [(0, 5), (5, 10)]
+    assert conn.lookup(toks, spans=spans) == ([(0, 5, False), (5, 10, False)], 0)
+    caches = [torch.randn(2, 2, 8, HKV, D) for _ in range(LAYERS)]
+    slots = torch.arange(len(toks))
+    req = conn.begin(toks, spans=spans)
+    for layer, kv in enumerate(caches):
+        req.save_layer(layer, ops.paged_layout(kv, "flash"), slots.data_ptr(), len(toks))
+    del req  # dropped without finish(): nothing is committed
+    assert conn.store_stats()["num_entries"] == 0
+    with pytest.raises(ValueError):
+        with conn.begin(toks, spans=spans) as req:  # an exception inside the block aborts
+            req.save_layer(0, ops.paged_layout(caches[0], "flash"), slots.data_ptr(), len(toks))
+            raise ValueError("engine failed")
+    assert conn.store_stats()["num_entries"] == 0
+    with pytest.raises(ext.InvalidError):
+        conn.lookup(toks, spans=[(0, 5), (4, 10)])  # overlapping spans
+
+
+def test_connector_bad_arguments():
+    inv = inv_freq_for(D).tolist()
+    with pytest.raises(ext.InvalidError, match="LMCACHE_CHUNK_SIZE"):
+        ext.Connector({"LMCACHE_CHUNK_SIZE": "-1"}, LAYERS, HQ, HKV, D, ext.DTYPE_F32, D, ext.ROPE_NEOX, inv)
+    with pytest.raises(ext.InvalidError, match=r"inv_freq has 3 entries; rotary_dim = 8 needs rotary_dim/2 = 4"):
+        ext.Connector({}, LAYERS, HQ, HKV, D, ext.DTYPE_F32, D, ext.ROPE_NEOX, inv[:3])
+    with pytest.raises(ext.Error):
+        ext.Connector({}, LAYERS, HQ, 3, D, ext.DTYPE_F32, D, ext.ROPE_NEOX, inv)  # 4 q heads over 3 kv heads
+    with pytest.raises(TypeError):
+        ext.Request()
+    conn = make_connector()
+    with pytest.raises(ext.InvalidError, match="int32 range"):
+        conn.lookup([2**40])
+    with pytest.raises(TypeError):
+        conn.begin("text")
