@@ -525,3 +525,13 @@ def test_connector_bad_arguments():
         conn.lookup([2**40])
     with pytest.raises(TypeError):
         conn.begin("text")
+
+
+def test_c_log_lines_reach_the_kvblend_logger(caplog):
+    conn = make_connector(LMCACHE_MAX_LOCAL_CPU_SIZE="0.000000001")  # ~1 byte: every chunk is too large
+    with caplog.at_level(logging.INFO, logger="kvblend"):
+        conn.begin(A + [SEP] + B).finish(commit=False)
+    records = [r for r in caplog.records if r.name == "kvblend"]
+    assert any("not storing a chunk of 5 tokens" in r.getMessage() and r.levelno == logging.WARNING
+               for r in records), [r.getMessage() for r in records]
+    assert conn.store_stats()["rejected"] >= 1
