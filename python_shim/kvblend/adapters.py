@@ -126,6 +126,7 @@ class ModelAdapter:
         self.device = param.device
         self.rope = _rope_spec(model)
         self.has_qk_norm = hasattr(attn0, "q_norm")
+        self._rope_memo = None
         # Sliding window per layer (None = full attention): Mistral applies
         # config.sliding_window to every layer, Qwen2/3 mark layers themselves.
         if self.architecture == "MistralForCausalLM":
@@ -152,8 +153,18 @@ class ModelAdapter:
         if self.has_qk_norm:
             q = attn.q_norm(q)
             k = attn.k_norm(k)
-        cos, sin = self.rope.cos_sin(positions, q.dtype, q.device)
+        cos, sin = self._cos_sin(positions, q.dtype)
         return self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin), v
+
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
+        """RoPE tables for ``positions``, reused while consecutive calls (the
+        layers of one forward) pass equal positions."""
+        last = self._rope_memo
+        if last is not None and last[1] == dtype and torch.equal(last[0], positions):
+            return last[2], last[3]
+        cos, sin = self.rope.cos_sin(positions, dtype, self.device)
+        self._rope_memo = (positions.clone(), dtype, cos, sin)
+        return cos, sin
 
     def out(self, layer: int, attn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """Finish ``layer``: o_proj of ``attn`` [T,Hq,D] + residual, then the MLP block."""
@@ -176,11 +187,15 @@ class ModelAdapter:
         window, if any), whatever the order of the rows.
         """
         window = self.sliding_windows[layer]
-        qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-        gqa = self.num_q_heads != self.num_kv_heads
+        rep = self.num_q_heads // self.num_kv_heads
+        if rep > 1:
+            # Expand KV heads as transformers' repeat_kv does: SDPA's own
+            # enable_gqa falls back to the slow math kernel on the CPU.
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        qh, kh, vh = (x[None].transpose(1, 2) for x in (q, k, v))
         if q_positions is None and window is None and q.shape[0] == k.shape[0]:
-            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True,
-                                               scale=self.scale, enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale)
         else:
             if q_positions is None:
                 q_positions = torch.arange(k.shape[0] - q.shape[0], k.shape[0])
@@ -190,9 +205,8 @@ class ModelAdapter:
             mask = kp <= qp
             if window is not None:
                 mask &= kp > qp - window
-            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask,
-                                               scale=self.scale, enable_gqa=gqa)
-        return o.transpose(0, 1)
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale)
+        return o[0].transpose(0, 1)
 
 
 def get_adapter(model) -> ModelAdapter:
