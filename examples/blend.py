@@ -59,38 +59,24 @@ def set_env(ratio):
         os.environ["LMCACHE_BLEND_RECOMPUTE_RATIOS"] = repr(float(ratio))
 
 
-def chat_pieces(tokenizer):
-    """Split the model's chat template around the user turn: (before, after)."""
-    marker = "\x00USER\x00"
-    text = tokenizer.apply_chat_template(
-        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": marker}],
-        tokenize=False, add_generation_prompt=True)
-    before, after = text.split(marker)
-    return before, after
-
-
 def build_prompts(tokenizer, data_path, per_chunk):
-    """Token ids of the two prompts plus the pieces they are made of."""
+    """Token ids of the two prompts: chunks (0,1,2) with the sample's question,
+    then chunks (2,0,1) with another question."""
+    from kvblend.prompt import chat_pieces, encode, join
+
     data = json.loads(Path(data_path).read_text())
     passages = [data[str(i)] for i in range(int(data["chunk_num"]))]
     chunks = ["".join(passages[i:i + per_chunk]) for i in range(0, per_chunk * 3, per_chunk)]
     if len(chunks) != 3 or any(not c for c in chunks):
         raise SystemExit(f"{data_path}: needs {3 * per_chunk} passages for 3 chunks")
-    enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-    before, after = chat_pieces(tokenizer)
-    sep = enc(os.environ["LMCACHE_BLEND_SPECIAL_STR"])
-    sys_ids = enc(before)
-    chunk_ids = [enc(c) for c in chunks]
-    q1 = enc(data["query"].strip() + after)
-    q2 = enc("\n\nQuestion: " + QUESTION_2 + "\nAnswer:" + after)
-
-    def join(order, q):
-        ids = list(sys_ids)
-        for i in order:
-            ids += sep + chunk_ids[i]
-        return ids + sep + q
-
-    return join((0, 1, 2), q1), join((2, 0, 1), q2)
+    before, after = chat_pieces(tokenizer, SYSTEM)
+    sep = encode(tokenizer, os.environ["LMCACHE_BLEND_SPECIAL_STR"])
+    sys_ids = encode(tokenizer, before)
+    chunk_ids = [encode(tokenizer, c) for c in chunks]
+    q1 = encode(tokenizer, data["query"].strip() + after)
+    q2 = encode(tokenizer, "\n\nQuestion: " + QUESTION_2 + "\nAnswer:" + after)
+    return (join(sys_ids, [chunk_ids[i] for i in (0, 1, 2)], q1, sep),
+            join(sys_ids, [chunk_ids[i] for i in (2, 0, 1)], q2, sep))
 
 
 def make_engines(kind, model):
@@ -125,15 +111,16 @@ def make_engines(kind, model):
     return blend, full, SamplingParams, "builtin"
 
 
-def run_one(llm, ids, sp, label):
-    """Generate for one prompt; return a result row."""
+def run_one(llm, ids, sp, label, blended=True):
+    """Generate for one prompt; return a result row (blend statistics only
+    for the engine with the connector)."""
     from kvblend import runtime
 
     t0 = time.perf_counter()
     out = llm.generate({"prompt_token_ids": ids}, sp)[0]
     wall = time.perf_counter() - t0
     ttft = _ttft(out, wall)
-    st = runtime.request_stats(str(out.request_id)) or {}
+    st = (runtime.request_stats(str(out.request_id)) or {}) if blended else {}
     return {
         "label": label,
         "prompt_tokens": len(ids),
@@ -174,9 +161,7 @@ def main(argv=None):
 
     rows = [run_one(blend, p1, sp, "first (stores chunks)"),
             run_one(blend, p2, sp, "reordered (reuses chunks)"),
-            run_one(full, p2, sp, "reordered, full prefill")]
-    for r in rows[2:]:
-        r["segments_total"] = rows[1]["segments_total"]
+            run_one(full, p2, sp, "reordered, full prefill", blended=False)]
     ratio = rows[2]["ttft_s"] / rows[1]["ttft_s"] if rows[1]["ttft_s"] > 0 else float("nan")
     print(f"engine: {engine}   model: {args.model}   recompute ratio: "
           f"{os.environ['LMCACHE_BLEND_RECOMPUTE_RATIOS']}   check layers: "

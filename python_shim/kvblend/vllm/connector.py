@@ -67,11 +67,12 @@ def _extra(vllm_config) -> dict:
 
 
 def _state_key(vllm_config) -> str:
-    """Key of the shared state: the engine id when set, else the model."""
+    """Key of the shared state: the engine id, the model name and the loaded
+    model object (two engines over one loaded model share one store)."""
     ktc = getattr(vllm_config, "kv_transfer_config", None)
     engine_id = getattr(ktc, "engine_id", None)
     model = getattr(getattr(vllm_config, "model_config", None), "model", None)
-    return f"{engine_id or ''}|{model or ''}"
+    return f"{engine_id or ''}|{model or ''}|{id(runtime.get_model()):x}"
 
 
 def _layer_index(name: str) -> int:
@@ -96,7 +97,6 @@ class KVBlendConnector(KVConnectorBase_V1):
         extra = _extra(vllm_config)
         ratios = extra.get("kvblend.recompute_ratios")
         self.ratios_override = None if ratios is None else [float(r) for r in ratios]
-        self.key = _state_key(vllm_config)
         self.kv_layout = extra.get("kvblend.kv_layout") or getattr(
             getattr(vllm_config, "cache_config", None), "kv_cache_layout", None)
         # scheduler state
@@ -113,6 +113,7 @@ class KVBlendConnector(KVConnectorBase_V1):
     def _state(self, create: bool) -> _BlendState | None:
         """The shared blend state, created from the runtime's model when
         ``create`` is set (worker side) and absent."""
+        self.key = _state_key(self.vllm_config)
         st = runtime.get_state(self.key)
         if st is not None or not create:
             return st
@@ -144,9 +145,11 @@ class KVBlendConnector(KVConnectorBase_V1):
         if tok is None:
             from transformers import AutoTokenizer
 
+            from ..models import resolve_model_path
+
             mc = getattr(self.vllm_config, "model_config", None)
             path = getattr(mc, "tokenizer", None) or getattr(mc, "model", None)
-            tok = AutoTokenizer.from_pretrained(path)
+            tok = AutoTokenizer.from_pretrained(resolve_model_path(str(path)))
         ids = tok.encode(self.config.blend_special_str, add_special_tokens=False)
         if not ids:
             raise ValueError(f"LMCACHE_BLEND_SPECIAL_STR={self.config.blend_special_str!r} "
@@ -272,7 +275,7 @@ class KVBlendConnector(KVConnectorBase_V1):
 
     def get_kv_connector_stats(self):
         """Cumulative counters of this worker (plain dict)."""
-        st = runtime.get_state(self.key)
+        st = runtime.get_state(_state_key(self.vllm_config))
         out = dict(self.stats)
         if st is not None:
             out["store"] = st.conn.store_stats()

@@ -1,0 +1,186 @@
+"""Answer quality of blending against full prefill on MuSiQue.
+
+For each item, every passage is stored the way a RAG system precomputes it:
+prefilled on its own after the system prompt (``sys + sep + passage``), so
+its KV has never seen the other passages.  The question prompt
+``sys + sep + p1 + ... + p10 + sep + query`` then runs:
+  * through an engine without the connector (full prefill), and
+  * blended, once per recompute ratio (0 = pure reuse of the stored KV).
+Per ratio: token F1 against the gold answers (SQuAD-style), the mean
+KL(full || blend) of the first answer token's distribution, and the share of
+items whose greedy answer equals full prefill's.
+
+    python benchmarks/quality.py --data musique_dev.json --n 10 \
+        --ratios 0,0.05,0.15,0.3,1.0 [--json out.json] [--plot out.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import os
+import re
+import string
+import sys
+import time
+from pathlib import Path
+
+PREFIX = ("You will be asked a question after reading several passages. Please directly answer the "
+          "question based on the given passages. Do NOT repeat the question. The answer should be "
+          "within 5 words..\nPassages:\n")
+QUERY = ("\n\nAnswer the question directly based on the given passages. Do NOT repeat the question. "
+         "The answer should be within 5 words. \nQuestion:{q}\nAnswer:")
+
+
+def normalize(s: str) -> str:
+    """SQuAD answer normalisation: lower case, no punctuation, no articles,
+    single spaces."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def f1(pred: str, golds: list[str]) -> float:
+    """Token F1 of ``pred`` against the best of ``golds``."""
+    best = 0.0
+    p = normalize(pred).split()
+    for g in golds:
+        t = normalize(g).split()
+        common = collections.Counter(p) & collections.Counter(t)
+        same = sum(common.values())
+        if same == 0:
+            continue
+        prec, rec = same / len(p), same / len(t)
+        best = max(best, 2 * prec * rec / (prec + rec))
+    return best
+
+
+def kl(p_logits, q_logits) -> float:
+    """KL(p || q) of the softmax distributions of two logit vectors."""
+    import torch
+
+    lp = torch.log_softmax(p_logits.double(), -1)
+    lq = torch.log_softmax(q_logits.double(), -1)
+    return float((lp.exp() * (lp - lq)).sum())
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, help="MuSiQue-format JSON (question, answers, ctxs)")
+    ap.add_argument("--n", type=int, default=10, help="first N items")
+    ap.add_argument("--ratios", default="0,0.05,0.15,0.3,1.0")
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--check-layers", default=None, help="overrides LMCACHE_BLEND_CHECK_LAYERS")
+    ap.add_argument("--json", dest="json_path", default=None)
+    ap.add_argument("--plot", default=None, help="PNG of F1 and KL against the ratio")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    os.environ.setdefault("LMCACHE_ENABLE_BLENDING", "True")
+    os.environ.setdefault("LMCACHE_BLEND_SPECIAL_STR", " # # ")
+    os.environ.setdefault("LMCACHE_BLEND_CHECK_LAYERS", "1")
+    if args.check_layers:
+        os.environ["LMCACHE_BLEND_CHECK_LAYERS"] = args.check_layers
+    import torch  # noqa: F401
+
+    from kvblend import runtime
+    from kvblend._vllm_compat import KVTransferConfig
+    from kvblend.engine import LLM, SamplingParams
+    from kvblend.prompt import chat_pieces, encode, join
+
+    items = json.loads(Path(args.data).read_text())[: args.n]
+    full = LLM(model=args.model)
+    tok = full.get_tokenizer()
+    n_checks = len(os.environ["LMCACHE_BLEND_CHECK_LAYERS"].split(","))
+    engines = {}
+    for r in ratios:
+        ktc = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
+                               kv_role="kv_both",
+                               kv_connector_extra_config={"kvblend.recompute_ratios": [r] * n_checks})
+        engines[r] = LLM(model=full.model, tokenizer=tok, kv_transfer_config=ktc)
+    sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    one = SamplingParams(temperature=0.0, max_tokens=1)
+    before, after = chat_pieces(tok, "You are a helpful assistant.")
+    sys_ids = encode(tok, before + PREFIX)
+    sep = encode(tok, os.environ["LMCACHE_BLEND_SPECIAL_STR"])
+
+    acc = {r: {"f1": [], "kl": [], "agree": [], "hit": [], "recomputed": [], "ttft": []} for r in ratios}
+    acc_full = {"f1": [], "ttft": []}
+    t_start = time.perf_counter()
+    for i, item in enumerate(items):
+        chunks = [encode(tok, f"{c['title']}\n\n{c['text']}\n\n") for c in item["ctxs"]]
+        q_ids = encode(tok, QUERY.format(q=item["question"]) + after)
+        prompt = join(sys_ids, chunks, q_ids, sep)
+        store = engines[ratios[0]]
+        for c in chunks:  # each passage prefilled alone after the system prompt
+            store.generate({"prompt_token_ids": join(sys_ids, [c], [], sep)}, one)
+        ref = full.generate({"prompt_token_ids": prompt}, sp, return_first_logits=True)[0]
+        ref_text = ref.outputs[0].text.strip()
+        acc_full["f1"].append(f1(ref_text, item["answers"]))
+        acc_full["ttft"].append(ref.metrics.ttft)
+        for r in ratios:
+            out = engines[r].generate({"prompt_token_ids": prompt}, sp, return_first_logits=True)[0]
+            text = out.outputs[0].text.strip()
+            st = runtime.request_stats(str(out.request_id)) or {}
+            a = acc[r]
+            a["f1"].append(f1(text, item["answers"]))
+            a["kl"].append(kl(ref.first_logits, out.first_logits))
+            a["agree"].append(float(normalize(text) == normalize(ref_text)))
+            a["hit"].append(st.get("segments_hit", 0) / max(1, st.get("segments_total", 1)))
+            a["recomputed"].append(st.get("tokens_recomputed", 0) / max(1, st.get("blend_rows", 1)))
+            a["ttft"].append(out.metrics.ttft)
+            print(f"item {i} r={r:<5} f1={a['f1'][-1]:.2f} kl={a['kl'][-1]:.4f} "
+                  f"agree={int(a['agree'][-1])} {text!r} | full {ref_text!r} | gold {item['answers']}",
+                  flush=True)
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    rows = [{"ratio": "full", "f1": mean(acc_full["f1"]), "kl_vs_full": 0.0, "agree_vs_full": 1.0,
+             "ttft_s": mean(acc_full["ttft"]), "n": len(items)}]
+    for r in ratios:
+        a = acc[r]
+        rows.append({"ratio": r, "f1": mean(a["f1"]), "kl_vs_full": mean(a["kl"]),
+                     "agree_vs_full": mean(a["agree"]), "segments_hit_share": mean(a["hit"]),
+                     "recomputed_share": mean(a["recomputed"]), "ttft_s": mean(a["ttft"]),
+                     "n": len(items)})
+    print(f"\nquality on {len(items)} items of {args.data} ({args.model}, check layers "
+          f"{os.environ['LMCACHE_BLEND_CHECK_LAYERS']}, {time.perf_counter() - t_start:.0f} s)")
+    print(f"{'ratio':>6} {'F1':>6} {'KL(full||blend)':>16} {'agree':>6} {'hit':>5} {'recomp':>7} {'TTFT s':>7}")
+    for row in rows:
+        rr = row["ratio"] if isinstance(row["ratio"], str) else f"{row['ratio']:.2f}"
+        print(f"{rr:>6} {row['f1']:>6.3f} {row['kl_vs_full']:>16.5f} {row['agree_vs_full']:>6.2f} "
+              f"{row.get('segments_hit_share', 1.0):>5.2f} {row.get('recomputed_share', 1.0):>7.3f} "
+              f"{row['ttft_s']:>7.2f}")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(rows, indent=2))
+    if args.plot:
+        _plot(rows, args.plot)
+    return 0
+
+
+def _plot(rows, path):
+    """F1 and KL against the recompute ratio, full prefill as a line."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return
+    pts = [r for r in rows if not isinstance(r["ratio"], str)]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax[0].plot([r["ratio"] for r in pts], [r["f1"] for r in pts], "o-", label="blend")
+    ax[0].axhline(rows[0]["f1"], color="gray", ls="--", label="full prefill")
+    ax[0].set_xlabel("recompute ratio"); ax[0].set_ylabel("F1"); ax[0].legend()
+    ax[1].plot([r["ratio"] for r in pts], [max(r["kl_vs_full"], 1e-9) for r in pts], "o-")
+    ax[1].set_yscale("log"); ax[1].set_xlabel("recompute ratio"); ax[1].set_ylabel("KL(full || blend)")
+    fig.tight_layout(); fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
