@@ -37,4 +37,4 @@ else
 fi
 
 echo "== pytest"
-$PY -m pytest -q -p no:cacheprovider tests/python tests/gpu
+(cd tests && KVBLEND_TEST_REQUIRE_EXT=1 $PY -m pytest -q -p no:cacheprovider -c ../pyproject.toml --rootdir .. python gpu)

@@ -1,0 +1,252 @@
+"""The blend end to end on the built-in engine with the real SmolLM2.
+
+Each property is the one DESIGN.md names: ratio 1.0 reproduces full prefill;
+ratio 0 is pure reuse of the stored rows re-rotated; a prompt of only new
+chunks is exactly the engine without the connector; reordered, new-in-the-
+middle and repeated chunks are reused; odd prompts fall back to a full
+prefill; bad LMCACHE_* values fail at construction, naming the variable.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("kvblend._kvblend")
+
+from kvblend import runtime  # noqa: E402
+from kvblend._vllm_compat import KVTransferConfig  # noqa: E402
+from kvblend.engine import LLM, SamplingParams, kv_read  # noqa: E402
+from kvblend.prompt import encode, join  # noqa: E402
+
+SEP = " # # "
+ENV = {"LMCACHE_ENABLE_BLENDING": "True", "LMCACHE_BLEND_SPECIAL_STR": SEP,
+       "LMCACHE_BLEND_CHECK_LAYERS": "1", "LMCACHE_BLEND_RECOMPUTE_RATIOS": "0.15"}
+TEXTS = [
+    "The Amazon river flows through Brazil, Peru and Colombia and carries more water than any "
+    "other river. Its basin is home to the largest tropical rainforest on Earth, with millions of "
+    "species of insects, plants, birds and other forms of life.",
+    "Mount Kilimanjaro in Tanzania is the highest mountain in Africa. It is a dormant volcano "
+    "with three cones, Kibo, Mawenzi and Shira, and climbers reach its summit, Uhuru Peak, "
+    "after several days of walking through five climate zones.",
+    "The Great Barrier Reef lies off the coast of Queensland in Australia. It is the world's "
+    "largest coral reef system, made of nearly three thousand individual reefs and hundreds of "
+    "islands, and it can be seen from outer space.",
+    "Johann Sebastian Bach was a German composer of the Baroque period. He wrote the "
+    "Brandenburg Concertos, the Mass in B minor and hundreds of cantatas, and he worked in "
+    "Leipzig as a cantor for the last twenty-seven years of his life.",
+]
+
+
+@pytest.fixture
+def blend_env(monkeypatch):
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+
+
+def _ktc(ratio=None):
+    extra = {} if ratio is None else {"kvblend.recompute_ratios": [ratio]}
+    return KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
+                            kv_role="kv_both", kv_connector_extra_config=extra)
+
+
+@pytest.fixture
+def engines(smollm2, blend_env):
+    """A factory of engines over the one loaded model, plus a full-prefill one.
+    Every engine made here shares one fresh store."""
+    model, tok = smollm2
+    made = []
+
+    def make(ratio=None):
+        e = LLM(model=model, tokenizer=tok, kv_transfer_config=_ktc(ratio))
+        made.append(e)
+        return e
+
+    full = LLM(model=model, tokenizer=tok)
+    yield make, full, tok
+    for e in made:
+        assert e.num_free_blocks() == e.allocator.num_blocks  # no leaked blocks
+        e.shutdown()
+    runtime.drop_state(made[0].worker_connector.key if made else "")
+
+
+def _pieces(tok):
+    sys_ids = encode(tok, "<|im_start|>system\nAnswer briefly from the passages.<|im_end|>\n"
+                          "<|im_start|>user\n")
+    chunks = [encode(tok, t) for t in TEXTS]
+    q = encode(tok, "\nQuestion: Which mountain is the highest in Africa?<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    return sys_ids, chunks, q, encode(tok, SEP)
+
+
+def _question(tok, text):
+    return encode(tok, f"\nQuestion: {text}<|im_end|>\n<|im_start|>assistant\n")
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
+
+
+def _run(llm, ids):
+    out = llm.generate({"prompt_token_ids": ids}, GREEDY, return_first_logits=True)[0]
+    return out, runtime.request_stats(str(out.request_id)) or {}
+
+
+def test_ratio_one_reproduces_full_prefill(engines):
+    make, full, tok = engines
+    sys_ids, chunks, q, sep = _pieces(tok)
+    llm = make(ratio=1.0)
+    _run(llm, join(sys_ids, chunks[:3], q, sep))  # stores sys and the chunks
+    p2 = join(sys_ids, [chunks[2], chunks[0], chunks[1]], _question(tok, "Where is the reef?"), sep)
+    out, st = _run(llm, p2)
+    ref, _ = _run(full, p2)
+    assert st["segments_hit"] == 4 and st["segments_total"] == 5
+    assert out.num_cached_tokens > 0
+    diff = (out.first_logits - ref.first_logits).abs().max().item()
+    assert diff <= 1e-4, diff
+    assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+
+
+def test_ratio_zero_is_pure_reuse_of_rerotated_rows(engines):
+    make, full, tok = engines
+    sys_ids, chunks, q, sep = _pieces(tok)
+    llm = make(ratio=0.0)
+    worker = llm.worker_connector
+    snaps = []
+    orig = worker.wait_for_save
+
+    def snapshot():  # the request's rows of every layer, before the blocks go back
+        for req, slots, _ in worker._active.values():
+            layers = [kv_read(llm.kv_caches[n], llm.kv_cache_layout, slots) for n in llm.layer_names]
+            snaps.append([(k.clone(), v.clone()) for k, v in layers])
+        orig()
+
+    worker.wait_for_save = snapshot
+    p1 = join(sys_ids, chunks[:3], q, sep)
+    p2 = join(sys_ids, [chunks[1], chunks[2], chunks[0]], _question(tok, "Who was Bach?"), sep)
+    _run(llm, p1)
+    _, st = _run(llm, p2)
+    assert st["segments_hit"] == 4
+    rope = llm.adapter.rope
+    L = llm.adapter.num_layers
+    s1, s2 = snaps[-2], snaps[-1]
+    # where each chunk starts in p1 and p2
+    start1 = len(sys_ids) + len(sep)
+    starts1, pos = [], start1
+    for c in chunks[:3]:
+        starts1.append(pos)
+        pos += len(c) + len(sep)
+    starts2, pos = {}, start1
+    for i in (1, 2, 0):
+        starts2[i] = pos
+        pos += len(chunks[i]) + len(sep)
+    checked = 0
+    for layer in range(2, L):  # every layer after the last check layer (1)
+        for i in range(3):
+            n = len(chunks[i])
+            a, b = starts1[i], starts2[i]
+            k1, v1 = s1[layer][0][a:a + n], s1[layer][1][a:a + n]
+            k2, v2 = s2[layer][0][b:b + n], s2[layer][1][b:b + n]
+            delta = torch.full((n,), b - a, dtype=torch.long)
+            cos, sin = rope.cos_sin(delta, torch.float32, k1.device)
+            want = rope.apply(k1, cos, sin)
+            assert torch.equal(v2, v1)
+            assert (k2 - want).abs().max().item() < 1e-5
+            checked += 1
+    assert checked == (L - 2) * 3
+
+
+def test_only_new_chunks_equal_engine_without_connector(engines):
+    make, full, tok = engines
+    sys_ids, chunks, q, sep = _pieces(tok)
+    llm = make()
+    p = join(sys_ids, chunks[:2], q, sep)
+    out, st = _run(llm, p)
+    ref, _ = _run(full, p)
+    assert out.num_cached_tokens == 0
+    assert st["segments_hit"] == 0
+    assert torch.equal(out.first_logits, ref.first_logits)
+    assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+
+
+def test_new_chunk_in_the_middle_reuses_the_others(engines):
+    make, full, tok = engines
+    sys_ids, chunks, q, sep = _pieces(tok)
+    llm = make(ratio=1.0)
+    _run(llm, join(sys_ids, [chunks[0], chunks[1]], q, sep))
+    p = join(sys_ids, [chunks[0], chunks[3], chunks[1]], _question(tok, "Who wrote cantatas?"),
+             sep)  # chunk 3 is new, in the middle
+    out, st = _run(llm, p)
+    assert st["segments_total"] == 5 and st["segments_hit"] == 3
+    # the new chunk and the separators are forced into the recompute set
+    assert st["forced_rows"] >= len(chunks[3]) + 3 * len(sep)
+    ref, _ = _run(full, p)
+    assert (out.first_logits - ref.first_logits).abs().max().item() <= 1e-4
+
+
+def test_reordered_chunks_at_default_ratio(engines):
+    make, full, tok = engines
+    sys_ids, chunks, q, sep = _pieces(tok)
+    llm = make()
+    _run(llm, join(sys_ids, chunks[:3], q, sep))
+    p2 = join(sys_ids, [chunks[2], chunks[1], chunks[0]], _question(tok, "What is the Amazon?"), sep)
+    out, st = _run(llm, p2)
+    ref, _ = _run(full, p2)
+    assert st["segments_hit"] == 4
+    n_reused = sum(len(c) for c in chunks[:3]) + len(sys_ids)
+    # layers after the check layer recompute the forced rows + 15% of the reused
+    assert st["active_per_layer"][-1] == st["forced_rows"] + round(0.15 * n_reused)
+    assert st["tokens_recomputed"] < 0.3 * st["blend_rows"]
+    # a faithful blend: the first token's distribution stays close to full prefill's
+    p = torch.log_softmax(ref.first_logits.double(), -1)
+    qd = torch.log_softmax(out.first_logits.double(), -1)
+    assert float((p.exp() * (p - qd)).sum()) < 0.5
+
+
+def test_same_chunk_twice_in_one_prompt(engines):
+    make, full, tok = engines
+    sys_ids, chunks, q, sep = _pieces(tok)
+    llm = make(ratio=1.0)
+    _run(llm, join(sys_ids, [chunks[0]], q, sep))
+    p = join(sys_ids, [chunks[0], chunks[2], chunks[0]], _question(tok, "Name a river."), sep)
+    out, st = _run(llm, p)
+    assert st["segments_hit"] == 3  # sys and both copies of chunk 0
+    ref, _ = _run(full, p)
+    assert (out.first_logits - ref.first_logits).abs().max().item() <= 1e-4
+
+
+def test_prompt_without_separator(engines):
+    make, full, tok = engines
+    ids = encode(tok, TEXTS[0] + " What flows through Brazil?")
+    llm = make(ratio=1.0)
+    first, st1 = _run(llm, ids)
+    ref, _ = _run(full, ids)
+    assert st1["segments_total"] == 1 and st1["segments_hit"] == 0
+    assert torch.equal(first.first_logits, ref.first_logits)
+    again, st2 = _run(llm, ids)  # the whole prompt is one stored segment now
+    assert st2["segments_hit"] == 1
+    assert again.num_cached_tokens == len(ids) - 1  # the engine computes the last token
+    assert (again.first_logits - ref.first_logits).abs().max().item() <= 1e-4
+
+
+def test_prompt_shorter_than_separator(engines):
+    make, full, tok = engines
+    ids = encode(tok, "Hi")[:2]
+    assert len(ids) < len(encode(tok, SEP))
+    llm = make()
+    out, st = _run(llm, ids)
+    ref, _ = _run(full, ids)
+    assert st["segments_total"] == 0
+    assert torch.equal(out.first_logits, ref.first_logits)
+
+
+@pytest.mark.parametrize("name,value", [
+    ("LMCACHE_BLEND_RECOMPUTE_RATIOS", "1.5"),
+    ("LMCACHE_BLEND_CHECK_LAYERS", "3,2"),
+    ("LMCACHE_ENABLE_BLENDING", "maybe"),
+    ("LMCACHE_MAX_LOCAL_CPU_SIZE", "-2"),
+    ("LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": tru}"),
+])
+def test_bad_env_fails_at_construction(smollm2, blend_env, monkeypatch, name, value):
+    model, tok = smollm2
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError) as ei:
+        LLM(model=model, tokenizer=tok, kv_transfer_config=_ktc())
+    assert name in str(ei.value) and value in str(ei.value)
