@@ -103,6 +103,10 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
     active = rows  # rows whose hidden state h holds, ascending
     for layer in range(adapter.num_layers):
         request.load_layer(layer, stage_k.data_ptr(), stage_v.data_ptr())
+        if active.numel() == 0:  # nothing left to recompute: pure reuse
+            stats.active_per_layer.append(0)
+            ops.scatter(layouts[layer], row_slots, stage_k, stage_v)
+            continue
         q, k, v = adapter.qkv(layer, h, active)
         k = k.to(kv_dtype)
         v = v.to(kv_dtype)
@@ -119,8 +123,9 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
             stage_k[active] = k
             stage_v[active] = v
         stats.active_per_layer.append(int(active.numel()))
-        attn = ops.attention(q, active, stage_k, stage_v, rows, adapter.scale)
-        h = adapter.out(layer, attn.to(h.dtype), h)
+        if active.numel() > 0:
+            attn = ops.attention(q, active, stage_k, stage_v, rows, adapter.scale)
+            h = adapter.out(layer, attn.to(h.dtype), h)
         ops.scatter(layouts[layer], row_slots, stage_k, stage_v)
     stats.tokens_recomputed = int(active.numel())
     stats.seconds = time.perf_counter() - t0

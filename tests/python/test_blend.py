@@ -250,3 +250,16 @@ def test_bad_env_fails_at_construction(smollm2, blend_env, monkeypatch, name, va
     with pytest.raises(ValueError) as ei:
         LLM(model=model, tokenizer=tok, kv_transfer_config=_ktc())
     assert name in str(ei.value) and value in str(ei.value)
+
+
+def test_ratio_zero_without_forced_rows(engines):
+    """Every blended row reused and none forced: after the check layer no row
+    is recomputed, and the layers are pure loads."""
+    make, full, tok = engines
+    sys_ids, chunks, q, sep = _pieces(tok)
+    llm = make(ratio=0.0)
+    _run(llm, join(sys_ids, [], q, sep))  # stores the system prompt
+    out, st = _run(llm, join(sys_ids, [chunks[0]], [], sep))  # blends only sys rows
+    assert st["segments_hit"] == 1 and st["forced_rows"] == 0
+    assert st["active_per_layer"][2:] == [0] * (llm.adapter.num_layers - 2)
+    assert len(out.outputs[0].token_ids) > 0
