@@ -12,6 +12,7 @@
 #include <math.h>
 #include <stdlib.h>
 
+#include "cuda_tier.h"
 #include "internal.h"
 
 struct kvb_connector {
@@ -22,6 +23,8 @@ struct kvb_connector {
     kvb_store *store;
     int32_t *sep;     /* owned; NULL when sep_len == 0 */
     int64_t sep_len;
+    kvb_pool *dev_pool;  /* device tier rows (device connectors) */
+    kvb_pool *host_pool; /* pinned host tier rows (device connectors) */
 };
 
 struct kvb_request {
@@ -39,6 +42,18 @@ struct kvb_request {
     kvb_load_seg *load;    /* [n_load] hit segments inside the blend */
     int64_t n_load;
     int64_t *positions;    /* [n] 0..n-1 */
+    /* Device connectors: the load table (segments, their source positions,
+     * the destination positions) and the slot mapping on the device,
+     * uploaded at the first load and the first save, released at the end
+     * in the order of the stream that used them. */
+    void *h_load;          /* host image of d_load, kept until the end */
+    void *d_load;          /* device block: positions, src positions, segs */
+    kvb_load_seg *d_segs;  /* inside d_load */
+    int64_t *d_positions;  /* inside d_load */
+    void *load_stream;
+    int64_t *h_slots;      /* [n] host copy of the slot mapping */
+    int64_t *d_slots;      /* [n] uploaded at the first save */
+    void *save_stream;
 };
 
 /* Bytes in a size given in GB (LMCache counts 1 GB as 2^30 bytes).  Values
@@ -53,6 +68,38 @@ static size_t gb_to_bytes(double gb)
         return SIZE_MAX;
     }
     return (size_t)b;
+}
+
+/*
+ * Backs the store of a device connector with CUDA memory: the device tier
+ * with a pool of KVBLEND_MAX_DEVICE_SIZE in device memory, the host tier
+ * with a pool of LMCACHE_MAX_LOCAL_CPU_SIZE in pinned host memory mapped
+ * into the device, so that every entry is readable by the kernels.  A tier
+ * whose budget is 0 gets no pool (and the host tier then stores nothing,
+ * never in malloc memory).  Returns KVB_ERR_CUDA when a pool cannot be
+ * allocated.
+ */
+static kvb_status connector_setup_tiers(kvb_connector *c,
+                                        const kvb_store_params *sp)
+{
+    kvb_status st = kvb_pool_create(c->device, sp->device_budget_bytes, 0,
+                                    &c->dev_pool);
+    if (st == KVB_OK) {
+        st = kvb_pool_create(c->device, sp->host_budget_bytes, 1,
+                             &c->host_pool);
+    }
+    if (st != KVB_OK) {
+        return st;
+    }
+    if (c->dev_pool != NULL) {
+        kvb_allocator a = kvb_pool_allocator(c->dev_pool);
+        st = kvb_store_set_allocator(c->store, KVB_TIER_DEVICE, &a);
+    }
+    if (st == KVB_OK && c->host_pool != NULL) {
+        kvb_allocator a = kvb_pool_allocator(c->host_pool);
+        st = kvb_store_set_allocator(c->store, KVB_TIER_HOST, &a);
+    }
+    return st;
 }
 
 /* Creates a connector: validates the model description, copies the rotary
@@ -139,6 +186,13 @@ kvb_status kvb_connector_create(const kvb_config *cfg,
         free(c);
         return st;
     }
+    if (c->device >= 0) {
+        st = connector_setup_tiers(c, &sp);
+        if (st != KVB_OK) {
+            kvb_connector_free(c);
+            return st;
+        }
+    }
     kvb_set_log(NULL, NULL, cfg->log_level);
     *out = c;
     return KVB_OK;
@@ -150,7 +204,9 @@ void kvb_connector_free(kvb_connector *conn)
     if (conn == NULL) {
         return;
     }
-    kvb_store_free(conn->store);
+    kvb_store_free(conn->store); /* returns every block to the pools */
+    kvb_pool_free(conn->dev_pool);
+    kvb_pool_free(conn->host_pool);
     free(conn->sep);
     free(conn->inv_freq);
     free(conn);
@@ -312,6 +368,10 @@ static void request_release(kvb_request *req, int commit)
             }
         }
     }
+    kvb_cuda_release(c->device, req->d_load, req->load_stream);
+    kvb_cuda_release(c->device, req->d_slots, req->save_stream);
+    free(req->h_load);
+    free(req->h_slots);
     free(req->segs);
     free(req->hits);
     free(req->saves);
@@ -340,11 +400,6 @@ kvb_status kvb_request_begin(kvb_connector *conn, const int32_t *tokens,
                         "kvb_request_begin: blend_end=%lld must be below the "
                         "prompt length %lld",
                         (long long)blend_end, (long long)n);
-    }
-    if (conn->device >= 0) {
-        return kvb_fail(KVB_ERR_UNSUPPORTED,
-                        "kvb_request_begin: device connectors are not "
-                        "supported by this build");
     }
     kvb_request *req = calloc(1, sizeof *req);
     if (req == NULL) {
@@ -468,6 +523,62 @@ kvb_status kvb_request_counts(const kvb_request *req, int64_t *n_segments,
     return KVB_OK;
 }
 
+/*
+ * Puts a device connector's load table on the device, once per request, in
+ * the order of `stream` (the stream of the first load, on which it is also
+ * released): destination positions [blend_end], the source positions of
+ * every reused segment, and the segment table whose src_pos pointers point
+ * at those device copies.  The host image stays with the request until it
+ * ends.
+ */
+static kvb_status request_upload_load(kvb_request *req, void *stream)
+{
+    int64_t rows = 0;
+    for (int64_t i = 0; i < req->n_load; i++) {
+        rows += req->load[i].num_tokens;
+    }
+    size_t pos_bytes = (size_t)req->blend_end * sizeof(int64_t);
+    size_t src_bytes = (size_t)rows * sizeof(int64_t);
+    size_t seg_bytes = (size_t)req->n_load * sizeof(kvb_load_seg);
+    size_t total = pos_bytes + src_bytes + seg_bytes;
+    unsigned char *h = malloc(total);
+    if (h == NULL) {
+        return kvb_fail(KVB_ERR_NOMEM, "kvb_request_load_layer: out of memory");
+    }
+    void *d = NULL;
+    kvb_status st =
+        kvb_cuda_alloc_async(req->conn->device, total, stream, &d);
+    if (st != KVB_OK) {
+        free(h);
+        return st;
+    }
+    unsigned char *dp = d;
+    memcpy(h, req->positions, pos_bytes);
+    int64_t *hsrc = (int64_t *)(h + pos_bytes);
+    kvb_load_seg *hseg = (kvb_load_seg *)(h + pos_bytes + src_bytes);
+    int64_t off = 0;
+    for (int64_t i = 0; i < req->n_load; i++) {
+        const kvb_load_seg *ls = &req->load[i];
+        memcpy(hsrc + off, ls->src_pos,
+               (size_t)ls->num_tokens * sizeof(int64_t));
+        hseg[i] = *ls;
+        hseg[i].src_pos = (const int64_t *)(dp + pos_bytes) + off;
+        off += ls->num_tokens;
+    }
+    st = kvb_cuda_copy_async(req->conn->device, d, h, total, stream);
+    if (st != KVB_OK) {
+        kvb_cuda_release(req->conn->device, d, stream);
+        free(h);
+        return st;
+    }
+    req->h_load = h;
+    req->d_load = d;
+    req->d_positions = (int64_t *)dp;
+    req->d_segs = (kvb_load_seg *)(dp + pos_bytes + src_bytes);
+    req->load_stream = stream;
+    return KVB_OK;
+}
+
 /* Loads layer `layer` of every reused segment into the staging buffers with
  * keys re-rotated.  See kvblend.h. */
 kvb_status kvb_request_load_layer(kvb_request *req, int32_t layer,
@@ -483,10 +594,55 @@ kvb_status kvb_request_load_layer(kvb_request *req, int32_t layer,
                         "[0, %d)",
                         (int)layer, (int)m->num_layers);
     }
+    if (req->conn->device >= 0) {
+        if (req->n_load == 0) {
+            return KVB_OK;
+        }
+        if (req->d_load == NULL) {
+            kvb_status st = request_upload_load(req, stream);
+            if (st != KVB_OK) {
+                return st;
+            }
+        }
+        return kvb_cuda_load_rotate(req->d_segs, req->n_load, layer, dst_k,
+                                    dst_v, req->d_positions, req->blend_end,
+                                    m->num_kv_heads, m->head_size, m->dtype,
+                                    &m->rope, stream);
+    }
     return kvb_cpu_load_rotate(req->load, req->n_load, layer, dst_k, dst_v,
                                req->positions, req->blend_end,
                                m->num_kv_heads, m->head_size, m->dtype,
                                &m->rope);
+}
+
+/* Puts the request's slot mapping (host slots[0..n)) on the device at its
+ * first device save, in the order of `stream` (on which it is released
+ * when the request ends).  The host copy stays with the request. */
+static kvb_status request_upload_slots(kvb_request *req, const int64_t *slots,
+                                       void *stream)
+{
+    size_t bytes = (size_t)req->n * sizeof(int64_t);
+    int64_t *h = malloc(bytes > 0 ? bytes : 1);
+    if (h == NULL) {
+        return kvb_fail(KVB_ERR_NOMEM, "kvb_request_save_layer: out of memory");
+    }
+    memcpy(h, slots, bytes);
+    void *d = NULL;
+    kvb_status st = kvb_cuda_alloc_async(req->conn->device, bytes, stream, &d);
+    if (st == KVB_OK) {
+        st = kvb_cuda_copy_async(req->conn->device, d, h, bytes, stream);
+        if (st != KVB_OK) {
+            kvb_cuda_release(req->conn->device, d, stream);
+        }
+    }
+    if (st != KVB_OK) {
+        free(h);
+        return st;
+    }
+    req->h_slots = h;
+    req->d_slots = d;
+    req->save_stream = stream;
+    return KVB_OK;
 }
 
 /* Copies layer `layer` of each reserved segment from the paged cache into
@@ -522,10 +678,14 @@ kvb_status kvb_request_save_layer(kvb_request *req, int32_t layer,
                         kvb_dtype_str(layout->dtype), (int)m->num_kv_heads,
                         (int)m->head_size, kvb_dtype_str(m->dtype));
     }
-    if (layout->device >= 0) {
-        return kvb_fail(KVB_ERR_UNSUPPORTED,
-                        "kvb_request_save_layer: device caches are not "
-                        "supported by this build");
+    int32_t dev = req->conn->device;
+    if ((dev >= 0) != (layout->device >= 0) ||
+        (dev >= 0 && layout->device != dev)) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_request_save_layer: layout.device=%d but the "
+                        "connector runs on device %d (-1 = CPU): the cache "
+                        "must be on the connector's device",
+                        (int)layout->device, (int)dev);
     }
     kvb_status vst = kvb_layout_validate(layout);
     if (vst == KVB_OK) {
@@ -547,9 +707,21 @@ kvb_status kvb_request_save_layer(kvb_request *req, int32_t layer,
         if (padded) {
             continue; /* rows missing from the cache: never stored */
         }
-        kvb_status st = kvb_cpu_gather(layout, slots + s->start,
-                                       s->end - s->start, kvb_entry_k(e, layer),
-                                       kvb_entry_v(e, layer));
+        kvb_status st;
+        if (dev >= 0) {
+            if (req->d_slots == NULL) {
+                st = request_upload_slots(req, slots, stream);
+                if (st != KVB_OK) {
+                    return st;
+                }
+            }
+            st = kvb_cuda_gather(layout, req->d_slots + s->start,
+                                 s->end - s->start, kvb_entry_k(e, layer),
+                                 kvb_entry_v(e, layer), stream);
+        } else {
+            st = kvb_cpu_gather(layout, slots + s->start, s->end - s->start,
+                                kvb_entry_k(e, layer), kvb_entry_v(e, layer));
+        }
         if (st != KVB_OK) {
             return st;
         }

@@ -1,0 +1,52 @@
+/*
+ * cuda_tier.h: the CUDA side of a device connector (cuda_tier.c); internal,
+ * never installed.
+ *
+ * Two memory pools back the store's tiers of a device connector: a device
+ * pool carved from one cudaMalloc and a pinned host pool carved from one
+ * mapped cudaHostAlloc, both made when the connector is created, so no CUDA
+ * allocation happens when entries come and go.  Rows in either pool are
+ * readable and writable by kernels (pinned host rows through the unified
+ * address space, over the bus).  A request's small device tables (segment
+ * table, positions, slot mapping) come from the stream-ordered allocator
+ * (cudaMallocAsync), once per request.
+ *
+ * Without CUDA every function returns KVB_ERR_UNSUPPORTED (device
+ * connectors are refused earlier, at creation).
+ */
+#pragma once
+
+#include <stddef.h>
+
+#include "internal.h"
+#include "store.h"
+
+typedef struct kvb_pool kvb_pool;
+
+/* Creates a pool of `bytes` in device memory of `device` (pinned = 0) or in
+ * pinned host memory mapped into every device (pinned = 1).  bytes == 0
+ * gives *out = NULL and KVB_OK (no pool). */
+KVB_HIDDEN kvb_status kvb_pool_create(int32_t device, size_t bytes,
+                                      int pinned, kvb_pool **out);
+
+/* Frees a pool and its memory.  NULL is a no-op. */
+KVB_HIDDEN void kvb_pool_free(kvb_pool *pool);
+
+/* The store allocator (store.h) that carves blocks out of `pool`. */
+KVB_HIDDEN kvb_allocator kvb_pool_allocator(kvb_pool *pool);
+
+/* Allocates a device block of `bytes` (at least 1) on `device` with
+ * cudaMallocAsync on `stream`; *dptr is the block. */
+KVB_HIDDEN kvb_status kvb_cuda_alloc_async(int32_t device, size_t bytes,
+                                           void *stream, void **dptr);
+
+/* Copies `bytes` of host memory to device memory `dst` on `stream`.  The
+ * host buffer must stay valid until the copy has run (callers keep it
+ * until the request ends). */
+KVB_HIDDEN kvb_status kvb_cuda_copy_async(int32_t device, void *dst,
+                                          const void *host, size_t bytes,
+                                          void *stream);
+
+/* Releases a block from kvb_cuda_alloc_async in the order of `stream`.
+ * NULL is a no-op. */
+KVB_HIDDEN void kvb_cuda_release(int32_t device, void *dptr, void *stream);
