@@ -158,12 +158,19 @@ class ModelAdapter:
 
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
         """RoPE tables for ``positions``, reused while consecutive calls (the
-        layers of one forward) pass equal positions."""
+        layers of one forward) pass the same positions tensor, or equal host
+        positions."""
         last = self._rope_memo
-        if last is not None and last[1] == dtype and torch.equal(last[0], positions):
-            return last[2], last[3]
+        if last is not None and last[1] == dtype:
+            if last[4] is positions:
+                return last[2], last[3]
+            # Comparing values needs the host: only for host tensors (a
+            # device comparison would wait for the device at every layer).
+            if (positions.device.type == "cpu" and last[0].device.type == "cpu"
+                    and torch.equal(last[0], positions)):
+                return last[2], last[3]
         cos, sin = self.rope.cos_sin(positions, dtype, self.device)
-        self._rope_memo = (positions.clone(), dtype, cos, sin)
+        self._rope_memo = (positions.clone(), dtype, cos, sin, positions)
         return cos, sin
 
     def out(self, layer: int, attn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
