@@ -1,0 +1,275 @@
+"""GPU benchmark of the blend on a Llama-3-8B-shaped model (random bf16
+weights): TTFT of full prefill against kvblend at r=0.15 with the chunks in
+the device tier and in the pinned host tier, the load+re-rotate kernel's
+bandwidth against the device copy rate, and subset attention (15% of the
+queries) against SDPA's full causal attention at the same N.
+
+    python3 benchmarks/bench_gpu.py [--sizes 4096,8192,16384] [--reps 3]
+                                    [--out DIR]
+
+Prints a table and writes results.md (a snippet for benchmarks/RESULTS.md)
+and results.json to --out (default: the current folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+SEP_IDS = [11, 12, 11]
+HEADS, KV_HEADS, HEAD = 32, 8, 128
+
+
+class _Tok:
+    """The connector only asks a tokenizer for the separator's ids."""
+
+    def encode(self, text, add_special_tokens=False):
+        return list(SEP_IDS)
+
+
+def build_model():
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                         vocab_size=128256, max_position_embeddings=32768,
+                         rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                         tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = tf.LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
+
+
+def make_prompt(rng, n_total, n_chunks, chunks=None, question_seed=0):
+    """sys + sep + chunk_1 + ... + sep + question, ~n_total tokens; reuses
+    `chunks` (shuffled) when given."""
+    from kvblend.prompt import join
+
+    sys_len, q_len = 32, 32
+    if chunks is None:
+        clen = (n_total - sys_len - q_len) // n_chunks - len(SEP_IDS)
+        chunks = [[rng.randrange(1000, 120000) for _ in range(clen)] for _ in range(n_chunks)]
+    qr = random.Random(question_seed)
+    question = [qr.randrange(1000, 120000) for _ in range(q_len)]
+    sys_ids = [7] * sys_len
+    order = list(chunks)
+    qr.shuffle(order)
+    return join(sys_ids, order, question, SEP_IDS), chunks
+
+
+def engine(model, kind, max_len):
+    """An engine without connector ("full"), or with kvblend keeping chunks
+    in the device tier ("device") or the pinned host tier ("host")."""
+    from kvblend import runtime
+    from kvblend._vllm_compat import KVTransferConfig
+    from kvblend.engine import LLM
+
+    runtime.set_model(model, _Tok())
+    if kind == "full":
+        return LLM(model=model, tokenizer=None, max_model_len=max_len)
+    os.environ.update({"LMCACHE_ENABLE_BLENDING": "True", "LMCACHE_BLEND_CHECK_LAYERS": "1",
+                       "LMCACHE_BLEND_RECOMPUTE_RATIOS": "0.15"})
+    if kind == "device":
+        os.environ.update({"KVBLEND_MAX_DEVICE_SIZE": "8", "LMCACHE_LOCAL_CPU": "False"})
+    else:
+        os.environ.update({"KVBLEND_MAX_DEVICE_SIZE": "0", "LMCACHE_LOCAL_CPU": "True",
+                           "LMCACHE_MAX_LOCAL_CPU_SIZE": "8"})
+    ktc = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
+                           kv_role="kv_both", engine_id=f"bench-{kind}")
+    return LLM(model=model, tokenizer=None, max_model_len=max_len, kv_transfer_config=ktc)
+
+
+def ttft(llm, ids):
+    from kvblend.engine import SamplingParams
+
+    torch.cuda.synchronize()
+    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, ignore_eos=True))[0]
+    return out.metrics.ttft, out
+
+
+def cuda_time(fn, iters=20, warm=3):
+    """Median milliseconds of fn() over iters (CUDA events)."""
+    for _ in range(warm):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def copy_bandwidth():
+    x = torch.randn(1 << 28, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    ms = cuda_time(lambda: y.copy_(x))
+    return 2 * x.numel() * 2 / (ms * 1e-3)
+
+
+def load_bandwidth(llm, ids):
+    """Bytes/s of Request.load_layer (read + write of every loaded row),
+    cycling over the layers."""
+    from kvblend import runtime
+
+    st = runtime.get_state(llm.worker_connector.key)
+    _, reuse_end = st.conn.lookup(ids)
+    req = st.conn.begin(ids, blend_end=int(reuse_end), save=False)
+    n_rows = int(req.blend_end)
+    _, _, n_forced = req.counts()
+    k = torch.empty(n_rows, KV_HEADS, HEAD, dtype=torch.bfloat16, device="cuda")
+    v = torch.empty_like(k)
+    stream = torch.cuda.current_stream().cuda_stream
+    layer = [0]
+
+    def one():
+        req.load_layer(layer[0] % 32, k.data_ptr(), v.data_ptr(), stream)
+        layer[0] += 1
+    ms = cuda_time(one, iters=64)
+    req.finish(False)
+    loaded = n_rows - n_forced
+    return 2 * 2 * loaded * KV_HEADS * HEAD * 2 / (ms * 1e-3), ms
+
+
+def attention_times(n, ratio=0.15):
+    from kvblend import ops
+
+    g = torch.Generator(device="cuda").manual_seed(n)
+    q = torch.randn(n, HEADS, HEAD, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(n, KV_HEADS, HEAD, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn_like(k)
+    rep = HEADS // KV_HEADS
+    qh = q[None].transpose(1, 2)
+    kh = k.repeat_interleave(rep, dim=1)[None].transpose(1, 2)
+    vh = v.repeat_interleave(rep, dim=1)[None].transpose(1, 2)
+    full = cuda_time(lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True))
+    idx = torch.sort(torch.randperm(n, device="cuda", generator=g)[: int(ratio * n)]).values
+    qs = q[idx].contiguous()
+    pos = torch.arange(n, device="cuda")
+    out = torch.empty_like(qs)
+    sub = cuda_time(lambda: ops.attention(qs, idx, k, v, pos, HEAD ** -0.5, out=out))
+    qsh = qs[None].transpose(1, 2)
+    mask = pos[None, :] <= idx[:, None]
+    sub_sdpa = cuda_time(lambda: F.scaled_dot_product_attention(qsh, kh, vh, attn_mask=mask))
+    # reference check of the subset against SDPA's rows
+    ref = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)[0].transpose(0, 1)[idx]
+    err = float((out.float() - ref.float()).norm() / ref.float().norm())
+    return full, sub, sub_sdpa, err
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="4096,8192,16384")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--subset-attention", default="sdpa", choices=("sdpa", "kvblend"),
+                    help="subset attention of the blend on CUDA")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    from kvblend import blend
+    blend.SUBSET_ATTENTION = args.subset_attention
+    chunks_of = {4096: 4, 8192: 6, 16384: 8}
+    t0 = time.time()
+    model = build_model()
+    print(f"model built in {time.time() - t0:.1f}s", flush=True)
+    max_len = max(sizes) + 512
+    engines = {k: engine(model, k, max_len) for k in ("full", "device", "host")}
+    rows, details = [], {}
+    rng = random.Random(1)
+    for n in sizes:
+        nch = chunks_of.get(n, 6)
+        warm_ids, chunks = make_prompt(rng, n, nch, question_seed=0)
+        res = {"n": len(warm_ids), "chunks": nch}
+        ttft(engines["full"], warm_ids)  # warm-up
+        res["full_s"] = statistics.median(ttft(engines["full"], make_prompt(rng, n, nch, chunks, 100 + i)[0])[0]
+                                          for i in range(args.reps))
+        for tier in ("device", "host"):
+            llm = engines[tier]
+            ttft(llm, warm_ids)  # stores the chunks
+            ttft(llm, make_prompt(rng, n, nch, chunks, 50)[0])  # warm-up blend
+            ts, infos = [], []
+            for i in range(args.reps):
+                t, out = ttft(llm, make_prompt(rng, n, nch, chunks, 200 + i)[0])
+                from kvblend import runtime
+                ts.append(t)
+                infos.append(runtime.request_stats(out.request_id))
+            res[f"{tier}_s"] = statistics.median(ts)
+            info = infos[-1]
+            res[f"{tier}_hit"] = f"{info['segments_hit']}/{info['segments_total']}"
+            res[f"{tier}_recomputed"] = info["tokens_recomputed"]
+            res[f"{tier}_blend_s"] = statistics.median(i["blend_s"] for i in infos)
+            # one more run with per-phase events
+            llm.worker_connector.timing = True
+            t, out = ttft(llm, make_prompt(rng, n, nch, chunks, 300)[0])
+            llm.worker_connector.timing = False
+            pinfo = runtime.request_stats(out.request_id)
+            res[f"{tier}_phase_ms"] = {k: round(v, 2) for k, v in pinfo["phase_ms"].items()}
+            res[f"{tier}_timed_ttft_s"] = t
+            res[f"{tier}_timed_blend_s"] = pinfo["blend_s"]
+            bw, ms = load_bandwidth(llm, make_prompt(rng, n, nch, chunks, 400)[0])
+            res[f"{tier}_load_GBps"] = bw / 1e9
+            res[f"{tier}_load_ms_per_layer"] = ms
+        full_a, sub_a, sub_s, err = attention_times(len(warm_ids))
+        res.update(sdpa_full_ms=full_a, subset_ms=sub_a, subset_sdpa_ms=sub_s, subset_err=err)
+        details[n] = res
+        print(json.dumps(res), flush=True)
+    copy_bw = copy_bandwidth()
+    card = torch.cuda.get_device_name()
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cmd = "python3 " + " ".join(sys.argv)
+    lines = [f"## GPU: {card}, {date}", "", f"Command: `{cmd}` (Llama-3-8B shape, random bf16 weights, "
+             f"transformers {__import__('transformers').__version__}, torch {torch.__version__}; "
+             f"r=0.15, check layer 1, subset attention {args.subset_attention}; TTFT = engine arrival to first token, median of {args.reps})", "",
+             f"Device copy rate (torch copy_ of 512 MiB, read+write): {copy_bw / 1e9:.0f} GB/s", "",
+             "| N | chunks | full TTFT s | kvblend GPU tier s | ratio | kvblend pinned host s | ratio "
+             "| load+rerotate GPU tier GB/s (% of copy) | host tier GB/s | SDPA full causal ms "
+             "| subset 15% kvblend kernel ms (/full) | subset 15% SDPA+mask ms (/full) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n, r in details.items():
+        lines.append(
+            f"| {r['n']} | {r['chunks']} | {r['full_s']:.3f} | {r['device_s']:.3f} | "
+            f"{r['full_s'] / r['device_s']:.2f}x | {r['host_s']:.3f} | {r['full_s'] / r['host_s']:.2f}x | "
+            f"{r['device_load_GBps']:.0f} ({100 * r['device_load_GBps'] * 1e9 / copy_bw:.0f}%) | "
+            f"{r['host_load_GBps']:.1f} | {r['sdpa_full_ms']:.2f} | "
+            f"{r['subset_ms']:.2f} ({r['subset_ms'] / r['sdpa_full_ms']:.2f}) | "
+            f"{r['subset_sdpa_ms']:.2f} ({r['subset_sdpa_ms'] / r['sdpa_full_ms']:.2f}) |")
+    lines += ["", "Per-phase device time of one blend (ms over all 32 layers; CUDA events), "
+              "and blend / TTFT seconds:", "",
+              "| N | tier | TTFT s | blend s | " + " | ".join(("load", "qkv", "select", "attention", "out", "scatter")) + " |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for n, r in details.items():
+        for tier in ("device", "host"):
+            p = r[f"{tier}_phase_ms"]
+            lines.append(f"| {r['n']} | {tier} | {r[f'{tier}_timed_ttft_s']:.3f} | {r[f'{tier}_timed_blend_s']:.3f} | "
+                         + " | ".join(f"{p.get(k, 0.0):.1f}" for k in ("load", "qkv", "select", "attention", "out", "scatter"))
+                         + " |")
+    md = "\n".join(lines) + "\n"
+    print(md)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"card": card, "date": date, "command": cmd, "copy_GBps": copy_bw / 1e9,
+                   "sizes": details}, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""The CUDA path from Python: each kvblend op on CUDA tensors equals the CPU
+op on the same inputs, and the whole blend on the GPU (device tier and
+pinned host tier) gives the CPU blend's greedy tokens and logits on a
+random-weight model of SmolLM2's shape.  Skips without CUDA or without a
+CUDA build of the extension."""
+
+import copy
+
+import pytest
+import torch
+
+kvb_ext = pytest.importorskip("kvblend._kvblend")
+if not torch.cuda.is_available() or not kvb_ext.has_cuda():
+    pytest.skip("needs a CUDA device and a CUDA build of kvblend", allow_module_level=True)
+
+from kvblend import ops, runtime  # noqa: E402
+from kvblend._vllm_compat import KVTransferConfig  # noqa: E402
+from kvblend.engine import LLM, SamplingParams  # noqa: E402
+from kvblend.prompt import join  # noqa: E402
+
+DEV = torch.device("cuda", 0)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+SEP_IDS = [5, 6]
+
+
+def _rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+# ------------------------------------------------------------------ ops
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["cpu", "flash", "flashinfer", "joint"])
+def test_gather_scatter_match_cpu(dtype, layout):
+    g = torch.Generator().manual_seed(1)
+    blocks, bs, h, d = 12, 16, 3, 64
+    shape = {"cpu": (2, blocks, h, bs, d), "flash": (2, blocks, bs, h, d),
+             "flashinfer": (blocks, 2, bs, h, d), "joint": (blocks, bs, h, 2 * d)}[layout]
+    cache = torch.randn(shape, generator=g).to(dtype)
+    slots = torch.randperm(blocks * bs, generator=g)[:70].to(torch.int64)
+    slots[3] = -1
+    k_in = torch.randn(70, h, d, generator=g).to(dtype)
+    v_in = torch.randn(70, h, d, generator=g).to(dtype)
+    gcache = cache.to(DEV)
+    ops.scatter(ops.paged_layout(cache, layout), slots, k_in, v_in)
+    ops.scatter(ops.paged_layout(gcache, layout), slots.to(DEV), k_in.to(DEV), v_in.to(DEV))
+    assert torch.equal(gcache.cpu(), cache)
+    ko, vo = torch.full_like(k_in, 7), torch.full_like(v_in, 7)
+    gko, gvo = ko.to(DEV), vo.to(DEV)
+    ops.gather(ops.paged_layout(cache, layout), slots, ko, vo)
+    ops.gather(ops.paged_layout(gcache, layout), slots.to(DEV), gko, gvo)
+    assert torch.equal(gko.cpu(), ko) and torch.equal(gvo.cpu(), vo)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rerotate_deviation_match_cpu(dtype):
+    g = torch.Generator().manual_seed(2)
+    n, h, d = 300, 4, 128
+    inv = 1.0 / (500000.0 ** (torch.arange(0, d, 2).float() / d))
+    k = torch.randn(n, h, d, generator=g).to(dtype)
+    old = torch.randint(0, 4000, (n,), generator=g)
+    new = torch.randint(0, 4000, (n,), generator=g)
+    gk = k.to(DEV)
+    ops.rerotate(k, inv, d, "neox", old, new)
+    ops.rerotate(gk, inv, d, "neox", old.to(DEV), new.to(DEV))
+    assert _rel(gk, k) <= TOL[dtype]
+    b = torch.randn(n, h, d, generator=g).to(dtype)
+    dev_cpu = ops.deviation(k, b)
+    dev_gpu = ops.deviation(gk, b.to(DEV))
+    assert _rel(dev_gpu, ops.deviation(gk.cpu(), b)) <= 1e-5
+    assert dev_cpu.shape == dev_gpu.shape
+
+
+def test_select_matches_cpu():
+    g = torch.Generator().manual_seed(3)
+    n = 5000
+    score = torch.randn(n, generator=g)
+    score[10:20] = 0.5  # ties: lower index first
+    forced = (torch.rand(n, generator=g) < 0.05).to(torch.uint8)
+    nf = int(forced.sum())
+    for k in (0, 1, 750, n):
+        cpu = ops.select(score, forced, k)
+        gpu = ops.select(score.to(DEV), forced.to(DEV), k, n_forced=nf)
+        assert torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_size", [64, 128])
+def test_attention_matches_cpu(dtype, head_size):
+    g = torch.Generator().manual_seed(4)
+    nk, hq, hkv = 700, 8, 2
+    q_all = torch.randn(nk, hq, head_size, generator=g).to(dtype)
+    k = torch.randn(nk, hkv, head_size, generator=g).to(dtype)
+    v = torch.randn(nk, hkv, head_size, generator=g).to(dtype)
+    k_pos = torch.arange(nk)
+    q_pos = torch.sort(torch.randperm(nk, generator=g)[:105]).values
+    q = q_all[q_pos].contiguous()
+    cpu = ops.attention(q, q_pos, k, v, k_pos)
+    gpu = ops.attention(q.to(DEV), q_pos.to(DEV), k.to(DEV), v.to(DEV), k_pos.to(DEV))
+    bound = 1e-5 if dtype == torch.float32 else (2e-3 if dtype == torch.float16 else 2e-2)
+    assert _rel(gpu, cpu) <= bound
+
+
+# ---------------------------------------------------------------- blend
+class _Tok:
+    """The one thing the connector asks a tokenizer: the separator's ids."""
+
+    def encode(self, text, add_special_tokens=False):
+        return list(SEP_IDS)
+
+
+def _smollm2_shaped(seed=0):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         max_position_embeddings=8192, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(5)
+    chunks = [torch.randint(100, 49000, (n,), generator=g).tolist() for n in (90, 120, 75, 110)]
+    sys_ids = torch.randint(100, 49000, (12,), generator=g).tolist()
+    q1 = torch.randint(100, 49000, (14,), generator=g).tolist()
+    q2 = torch.randint(100, 49000, (17,), generator=g).tolist()
+    warm = join(sys_ids, chunks, q1, SEP_IDS)
+    blended = join(sys_ids, [chunks[2], chunks[0], chunks[3], chunks[1]], q2, SEP_IDS)
+    return warm, blended
+
+
+def _run_blend(model, monkeypatch, engine_id, device_gb, host_gb):
+    """Store the chunks with one prompt, then blend a reordered prompt;
+    returns (tokens, first logits, store stats, blend stats)."""
+    monkeypatch.setenv("LMCACHE_ENABLE_BLENDING", "True")
+    monkeypatch.setenv("LMCACHE_BLEND_CHECK_LAYERS", "1")
+    monkeypatch.setenv("LMCACHE_BLEND_RECOMPUTE_RATIOS", "0.15")
+    monkeypatch.setenv("LMCACHE_MAX_LOCAL_CPU_SIZE", str(host_gb))
+    monkeypatch.setenv("KVBLEND_MAX_DEVICE_SIZE", str(device_gb))
+    runtime.set_model(model, _Tok())
+    ktc = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
+                           kv_role="kv_both", engine_id=engine_id)
+    llm = LLM(model=model, tokenizer=None, kv_transfer_config=ktc, max_model_len=2048)
+    warm, blended = _prompts()
+    sp = SamplingParams(max_tokens=4, ignore_eos=True)
+    llm.generate({"prompt_token_ids": warm}, sp)
+    out = llm.generate({"prompt_token_ids": blended}, sp, return_first_logits=True)[0]
+    stats = llm.worker_connector.get_kv_connector_stats()
+    info = runtime.request_stats(out.request_id)
+    llm.shutdown()
+    return out.outputs[0].token_ids, out.first_logits.float().cpu(), stats, info
+
+
+@pytest.fixture(scope="module")
+def cpu_model():
+    return _smollm2_shaped()
+
+
+@pytest.fixture(scope="module")
+def cpu_result(cpu_model):
+    mp = pytest.MonkeyPatch()
+    try:
+        return _run_blend(cpu_model, mp, "cpu", 0, 0.25)
+    finally:
+        mp.undo()
+
+
+@pytest.mark.parametrize("tier", ["device", "host"])
+def test_blend_fp32_gpu_equals_cpu(cpu_model, cpu_result, monkeypatch, tier):
+    gmodel = copy.deepcopy(cpu_model).to(DEV)
+    dev_gb, host_gb = (0.25, 0) if tier == "device" else (0, 0.25)
+    toks, logits, stats, info = _run_blend(gmodel, monkeypatch, f"gpu32-{tier}", dev_gb, host_gb)
+    ctoks, clogits, cstats, cinfo = cpu_result
+    assert info["segments_hit"] == 5 and info["blend_rows"] > 0
+    assert info["tokens_recomputed"] == cinfo["tokens_recomputed"]
+    key = "device_bytes" if tier == "device" else "host_bytes"
+    assert stats["store"][key] > 0
+    assert toks == ctoks
+    rel = float((logits - clogits).norm() / clogits.norm())
+    assert rel < 1e-3, rel
+
+
+def test_blend_bf16_gpu_near_fp32_cpu(cpu_model, cpu_result, monkeypatch):
+    gmodel = copy.deepcopy(cpu_model).to(DEV, torch.bfloat16)
+    toks, logits, stats, info = _run_blend(gmodel, monkeypatch, "gpu16", 0.25, 0.25)
+    _, clogits, _, _ = cpu_result
+    assert info["segments_hit"] == 5
+    rel = float((logits - clogits).norm() / clogits.norm())
+    cos = float(torch.nn.functional.cosine_similarity(logits, clogits, dim=0))
+    assert rel < 0.1 and cos > 0.99, (rel, cos)
+
+
+def test_blend_fp32_kvblend_attention_equals_cpu(cpu_model, cpu_result, monkeypatch):
+    """The same blend with kvblend's subset-attention kernel instead of SDPA."""
+    from kvblend import blend
+
+    monkeypatch.setattr(blend, "SUBSET_ATTENTION", "kvblend")
+    gmodel = copy.deepcopy(cpu_model).to(DEV)
+    toks, logits, _, info = _run_blend(gmodel, monkeypatch, "gpu32-kvb", 0.25, 0)
+    ctoks, clogits, _, _ = cpu_result
+    assert info["segments_hit"] == 5
+    assert toks == ctoks
+    assert float((logits - clogits).norm() / clogits.norm()) < 1e-3
