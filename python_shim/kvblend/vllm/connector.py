@@ -96,16 +96,23 @@ class KVBlendConnector(KVConnectorBase_V1):
         self.config = Config.from_env()  # bad LMCACHE_* values fail here
         extra = _extra(vllm_config)
         ratios = extra.get("kvblend.recompute_ratios")
-        self.timing = bool(extra.get("kvblend.timing", False))
         self.ratios_override = None if ratios is None else [float(r) for r in ratios]
-        self.kv_layout = extra.get("kvblend.kv_layout") or getattr(
-            getattr(vllm_config, "cache_config", None), "kv_cache_layout", None)
+        # An explicit layout wins; kvblend's built-in engine names its own;
+        # under vLLM it is detected from the attention backend in
+        # register_kv_caches.
+        self.kv_layout = extra.get("kvblend.kv_layout")
+        self._in_vllm = not type(vllm_config).__module__.startswith("kvblend.")
+        if self.kv_layout is None and not self._in_vllm:
+            self.kv_layout = getattr(getattr(vllm_config, "cache_config", None),
+                                     "kv_cache_layout", None)
         # scheduler state
         self._pending: dict[str, ReqMeta] = {}
+        self._warned_chunked = False
         # worker state
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._layouts: list | None = None
         self._active: dict[str, tuple[Any, torch.Tensor, dict]] = {}
+        self._done: set[str] = set()  # begun and finished in this step
         self.block_size = int(getattr(getattr(vllm_config, "cache_config", None), "block_size", 16))
         self.stats = {"requests": 0, "blended": 0, "segments_total": 0, "segments_hit": 0,
                       "tokens_recomputed": 0, "tokens_saved": 0}
@@ -119,7 +126,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         if st is not None or not create:
             return st
         from .. import _ext
-        from ..adapters import get_adapter
+        from .adapters import get_adapter
 
         model = runtime.get_model()
         if model is None:
@@ -186,6 +193,19 @@ class KVBlendConnector(KVConnectorBase_V1):
             ids = new.block_ids[0] if new.block_ids and isinstance(new.block_ids[0], (list, tuple)) \
                 else new.block_ids
             rm.block_ids = list(ids)
+            # A prompt prefilled over several steps (chunked prefill) is not
+            # saved: its KV is complete only after the last step.
+            scheduled = (getattr(scheduler_output, "num_scheduled_tokens", None) or {}).get(new.req_id)
+            if scheduled is not None and rm.save:
+                done = int(getattr(new, "num_computed_tokens", 0) or 0) + int(scheduled)
+                if done < len(rm.token_ids):
+                    rm.save = False
+                    if not self._warned_chunked:
+                        self._warned_chunked = True
+                        logger.warning("kvblend: a %d-token prompt is prefilled in chunks, so its "
+                                       "segments are not stored; raise max_num_batched_tokens to "
+                                       "at least max_model_len to store every prompt",
+                                       len(rm.token_ids))
             meta.requests.append(rm)
         self._pending.clear()
         return meta
@@ -198,12 +218,22 @@ class KVBlendConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
         """Keep the engine's per-layer paged caches and describe them to C."""
         from .. import ops
+        from . import layouts
 
         self._kv_caches = dict(kv_caches)
         order = sorted(self._kv_caches, key=_layer_index)
         self._layer_of = {name: _layer_index(name) for name in order}
-        self._layouts = [ops.paged_layout(self._kv_caches[name], self.kv_layout or "cpu")
-                         for name in order]
+        if self.kv_layout is None and self._in_vllm:
+            first = order[0]
+            backend = layouts.backend_name(self.vllm_config, first)
+            self.kv_layout = layouts.detect(self._kv_caches[first], backend)
+            logger.info("kvblend: attention backend %s, KV cache %s, layout %r", backend,
+                        tuple(self._kv_caches[first].shape), self.kv_layout)
+        name = self.kv_layout or "cpu"
+        if name in layouts.VLLM_LAYOUTS:
+            self._layouts = [layouts.layout_of(self._kv_caches[n], name) for n in order]
+        else:
+            self._layouts = [ops.paged_layout(self._kv_caches[n], name) for n in order]
         self._state(create=True)
 
     def _slots(self, rm: ReqMeta) -> torch.Tensor:
@@ -215,8 +245,22 @@ class KVBlendConnector(KVConnectorBase_V1):
 
     def start_load_kv(self, forward_context, **kwargs):
         """Start each new request; blend those with external rows."""
-        meta = self._get_connector_metadata()
+        self._start_requests()
+
+    def _start_requests(self):
+        """Begin this step's new requests not begun yet (blending those with
+        external rows).
+
+        vLLM calls start_load_kv before the forward only when some request
+        of the step loads KV synchronously (a blend); otherwise it calls it
+        after the forward, so ``save_kv_layer`` begins the requests itself.
+        """
+        meta = self._get_connector_metadata() if self.has_connector_metadata() else None
         if not isinstance(meta, KVBlendMetadata) or not meta.requests:
+            return
+        todo = [rm for rm in meta.requests if rm.req_id not in self._active
+                and rm.req_id not in self._done]
+        if not todo:
             return
         st = self._state(create=True)
         from ..blend import blend_prefill
@@ -226,7 +270,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         checks = list(cfg.check_layers)
         if len(ratios) == 1 and len(checks) > 1:
             ratios = ratios * len(checks)
-        for rm in meta.requests:
+        for rm in todo:
             slots = self._slots(rm)
             t0 = time.perf_counter()
             req = st.conn.begin(rm.token_ids, blend_end=rm.num_external, save=rm.save)
@@ -236,8 +280,7 @@ class KVBlendConnector(KVConnectorBase_V1):
                 ids = torch.tensor(rm.token_ids, dtype=torch.int64)
                 bs = blend_prefill(st.adapter, req, ids, self._layouts, slots, checks, ratios,
                                    deviation=cfg.deviation,
-                                   kv_dtype=next(iter(self._kv_caches.values())).dtype,
-                                   timing=self.timing)
+                                   kv_dtype=next(iter(self._kv_caches.values())).dtype)
                 info.update(bs.as_dict())
                 info["blend_s"] = time.perf_counter() - t0
                 self.stats["blended"] += 1
@@ -252,16 +295,15 @@ class KVBlendConnector(KVConnectorBase_V1):
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs):
         """Copy this layer of each request's first-seen segments into the store."""
+        self._start_requests()
         if not self._active:
             return
         layer = self._layer_of.get(layer_name)
         if layer is None:
             layer = _layer_index(layer_name)
         layout = self._layouts[layer]
-        stream = torch.cuda.current_stream(kv_layer.device).cuda_stream \
-            if kv_layer.device.type == "cuda" else 0
         for req, slots, _ in self._active.values():
-            req.save_layer(layer, layout, slots.data_ptr(), slots.numel(), stream)
+            req.save_layer(layer, layout, slots.data_ptr(), slots.numel())
 
     def wait_for_save(self):
         """Commit the segments saved at every layer; end the requests."""
@@ -272,23 +314,45 @@ class KVBlendConnector(KVConnectorBase_V1):
             self.stats["segments_hit"] += info["segments_hit"]
             self.stats["tokens_recomputed"] += info["tokens_recomputed"]
             runtime.record_request_stats(req_id, info)
+            self._done.add(req_id)
+            external = _external_id(req_id)
+            if external != req_id:
+                runtime.record_request_stats(external, info)
         self._active.clear()
+
+    def clear_connector_metadata(self):
+        """Drop this step's metadata and the record of requests it began."""
+        super().clear_connector_metadata()
+        self._done.clear()
 
     def get_finished(self, finished_req_ids):
         return None, None
 
-    def get_kv_connector_stats(self):
-        """Cumulative counters of this worker (plain dict)."""
+    def blend_stats(self) -> dict:
+        """Cumulative counters of this worker (plain dict) with the store's."""
         st = runtime.get_state(_state_key(self.vllm_config))
         out = dict(self.stats)
         if st is not None:
             out["store"] = st.conn.store_stats()
         return out
 
+    def get_kv_connector_stats(self):
+        """``blend_stats()`` for kvblend's built-in engine; None under vLLM,
+        whose scheduler expects a KVConnectorStats (per-request statistics
+        are in ``kvblend.runtime.request_stats``)."""
+        return None if self._in_vllm else self.blend_stats()
+
     def shutdown(self):
         for req, _, _ in self._active.values():
             req.finish(False)
         self._active.clear()
+
+
+def _external_id(req_id: str) -> str:
+    """The id the caller gave a request: vLLM's engine appends '-' and 8
+    random characters to make its internal id unique; strip them."""
+    head, sep, tail = req_id.rpartition("-")
+    return head if sep and head and len(tail) == 8 and tail.isalnum() else req_id
 
 
 def _dtype_code(ext, dtype: torch.dtype) -> int:

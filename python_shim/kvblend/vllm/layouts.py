@@ -1,0 +1,131 @@
+"""Paged-KV layouts of the installed vLLM, found from its attention backend.
+
+vLLM hands a connector one tensor per attention layer.  Its shape and the
+meaning of its axes depend on the vLLM release and the attention backend:
+
+``"cpu"``         CPU_ATTN before vLLM 0.28:
+                  (2, num_blocks, num_kv_heads, block_size, head_size)
+``"flash"``       FLASH_ATTN / TRITON_ATTN before the blocks-first change:
+                  (2, num_blocks, block_size, num_kv_heads, head_size)
+``"flashinfer"``  FLASHINFER, and FLASH_ATTN / TRITON_ATTN after it:
+                  (num_blocks, 2, block_size, num_kv_heads, head_size)
+``"bhnc"``        every GPU backend from vLLM 0.28 (RFC #42082): logical
+                  (num_blocks, num_kv_heads, block_size, 2*head_size), K then V
+                  along the last axis; the memory order (NHD or HND) is in the
+                  strides, which are read from the tensor
+
+CPU_ATTN from vLLM 0.28 is refused.  Its tensor has the "bhnc" shape, but the
+backend views each (block, head) as a K plane followed by a V plane, and its
+kernels store the K plane in an ISA-specific order: with the "vec" kernels K
+is transposed ([head_size, block_size]) while V is not ([block_size,
+head_size]); the "amx" kernels pack bf16 pairs.  A kvblend PagedLayout has
+one set of strides for K and V, so it cannot describe that cache, and
+guessing would corrupt the KV.
+
+The shapes of "cpu" and "flash" are equal (and CPU_ATTN's shape equals
+"bhnc"), so the layout cannot be told from the shape alone: ``detect``
+takes the backend name too.  ``layout_of`` turns a tensor and a layout name
+into the ``kvblend.ops.PagedLayout`` the C ops use.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger("kvblend")
+
+VLLM_LAYOUTS = ("cpu", "flash", "flashinfer", "bhnc")
+
+_CPU_BACKENDS = ("CPU_ATTN", "TORCH_SDPA")
+_GPU_BACKENDS = ("FLASH_ATTN", "FLASHINFER", "TRITON_ATTN", "FLEX_ATTENTION",
+                 "ROCM_ATTN", "ROCM_AITER_FA", "ROCM_AITER_UNIFIED_ATTN")
+
+
+def detect(kv_cache: torch.Tensor, backend: str | None) -> str:
+    """Name the layout of one layer's cache ``kv_cache`` under the attention
+    backend named ``backend`` (vLLM's ``AttentionBackend.get_name()``).
+
+    Raises ValueError naming the backend and the shape when the pair matches
+    no known layout (a new vLLM release or an unsupported backend), rather
+    than guessing.
+    """
+    shape = tuple(kv_cache.shape)
+    name = (backend or "").upper()
+    if name.endswith("_VLLM_V1"):
+        name = name[: -len("_VLLM_V1")]
+    dims = kv_cache.dim()
+    if name in _CPU_BACKENDS:
+        if dims == 4:
+            raise ValueError(f"kvblend: vLLM's {backend} cache of shape {shape} stores K in a "
+                             "kernel-specific order (transposed or packed per block and head) "
+                             "that kvblend's paged layouts cannot describe; blending on this "
+                             "vLLM CPU backend is not supported")
+        if dims == 5 and shape[0] == 2:
+            return "cpu"
+    elif name in _GPU_BACKENDS:
+        if dims == 4 and shape[3] % 2 == 0:
+            return "bhnc"
+        if dims == 5 and shape[1] == 2:
+            return "flashinfer"
+        if dims == 5 and shape[0] == 2 and name != "FLASHINFER":
+            return "flash"
+    raise ValueError(f"kvblend: no known paged-KV layout for attention backend {backend!r} "
+                     f"with a cache of shape {shape}; set kv_connector_extra_config "
+                     f"{{'kvblend.kv_layout': <one of {', '.join(VLLM_LAYOUTS)}>}} if you know it")
+
+
+def kv_views(kv_cache: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of ``kv_cache`` as views of shape
+    (num_blocks, block_size, num_kv_heads, head_size) sharing its memory.
+
+    ValueError when the tensor's shape does not fit ``layout``.
+    """
+    shape = tuple(kv_cache.shape)
+    if layout == "cpu":
+        if kv_cache.dim() != 5 or shape[0] != 2:
+            raise ValueError(f"kv_cache: layout 'cpu' expects (2, num_blocks, num_kv_heads, block_size, head_size), got {shape}")
+        return kv_cache[0].transpose(1, 2), kv_cache[1].transpose(1, 2)
+    if layout == "flash":
+        if kv_cache.dim() != 5 or shape[0] != 2:
+            raise ValueError(f"kv_cache: layout 'flash' expects (2, num_blocks, block_size, num_kv_heads, head_size), got {shape}")
+        return kv_cache[0], kv_cache[1]
+    if layout == "flashinfer":
+        if kv_cache.dim() != 5 or shape[1] != 2:
+            raise ValueError(f"kv_cache: layout 'flashinfer' expects (num_blocks, 2, block_size, num_kv_heads, head_size), got {shape}")
+        return kv_cache[:, 0], kv_cache[:, 1]
+    if layout == "bhnc":
+        if kv_cache.dim() != 4 or shape[3] % 2 != 0:
+            raise ValueError(f"kv_cache: layout 'bhnc' expects (num_blocks, num_kv_heads, block_size, 2*head_size), got {shape}")
+        d = shape[3] // 2
+        t = kv_cache.transpose(1, 2)
+        return t[..., :d], t[..., d:]
+    raise ValueError(f"layout: expected one of {VLLM_LAYOUTS}, got {layout!r}")
+
+
+def layout_of(kv_cache: torch.Tensor, layout: str):
+    """The ``kvblend.ops.PagedLayout`` of ``kv_cache`` read as ``layout``
+    (strides come from the views, so NHD and HND memory orders both work)."""
+    from .. import ops
+
+    k, v = kv_views(kv_cache, layout)
+    return ops.layout_from_views(k, v)
+
+
+def backend_name(vllm_config, layer_name: str) -> str | None:
+    """Name of the attention backend vLLM chose for ``layer_name``, read from
+    the static forward context; None when it cannot be found."""
+    ctx = getattr(getattr(vllm_config, "compilation_config", None), "static_forward_context", None) or {}
+    layer = ctx.get(layer_name)
+    if layer is None:
+        return None
+    backend = getattr(layer, "attn_backend", None)
+    if backend is None and hasattr(layer, "get_attn_backend"):
+        backend = layer.get_attn_backend()
+    if backend is None:
+        return None
+    try:
+        return str(backend.get_name())
+    except Exception:  # noqa: BLE001 - any backend without a name is "unknown"
+        return None

