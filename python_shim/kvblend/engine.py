@@ -461,6 +461,12 @@ class LLM:
             keys, values = kv_read(cache, layout, all_slots)
             if start == 0:
                 attn = a.attend(i, q, keys, values)
+            elif T >= start:
+                # Mostly new tokens after a short reused prefix: pad the queries
+                # to the full length and take SDPA's fused causal path (an
+                # explicit [T, end] mask would fall back to the slow kernel).
+                pad = q.new_zeros((start,) + tuple(q.shape[1:]))
+                attn = a.attend(i, torch.cat((pad, q)), keys, values)[start:]
             else:
                 attn = a.attend(i, q, keys, values, q_positions=positions, k_positions=k_positions)
             h = a.out(i, attn, h)
