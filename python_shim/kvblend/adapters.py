@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM",
                            "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -185,34 +186,60 @@ class ModelAdapter:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                q_positions: torch.Tensor | None = None,
-               k_positions: torch.Tensor | None = None) -> torch.Tensor:
+               k_positions: torch.Tensor | None = None,
+               q_start: int | None = None) -> torch.Tensor:
         """Attention of queries q [Tq,Hq,D] over keys/values [Tk,Hkv,D] -> [Tq,Hq,D].
 
         With no positions, q and k are the same tokens in order and a plain
-        causal mask applies.  Otherwise query i sees key j exactly when
-        k_positions[j] <= q_positions[i] (and lies within the layer's sliding
-        window, if any), whatever the order of the rows.
+        causal mask applies.  ``q_start``: the queries are the positions
+        [q_start, q_start + Tq) and the keys the positions [0, Tk) in order
+        (Tk = q_start + Tq; a prefill after a cached prefix, or a decode step):
+        the bottom-right aligned causal mask.  Otherwise query i sees key j
+        exactly when k_positions[j] <= q_positions[i], whatever the order of
+        the rows.  The layer's sliding window, if any, applies in every case.
+
+        On CUDA the KV heads go to SDPA unexpanded (``enable_gqa``) and the
+        causal cases take its fused kernels without a materialized mask; on the
+        CPU the KV heads are expanded first (enable_gqa takes the slow math
+        kernel there).
         """
         window = self.sliding_windows[layer]
         rep = self.num_q_heads // self.num_kv_heads
-        if rep > 1:
-            # Expand KV heads as transformers' repeat_kv does: SDPA's own
-            # enable_gqa falls back to the slow math kernel on the CPU.
+        cuda = q.device.type == "cuda"
+        if rep > 1 and not cuda:
+            # Expand KV heads as transformers' repeat_kv does.
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
+        gqa = {"enable_gqa": True} if cuda and rep > 1 else {}
         qh, kh, vh = (x[None].transpose(1, 2) for x in (q, k, v))
-        if q_positions is None and window is None and q.shape[0] == k.shape[0]:
-            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale)
+        Tq, Tk = q.shape[0], k.shape[0]
+        if q_start is not None and q_start + Tq != Tk:
+            raise ValueError(f"q_start={q_start}: {Tq} queries end at {q_start + Tq}, "
+                             f"but there are {Tk} keys")
+        if q_start == 0:
+            q_start = None
+        if q_positions is None and q_start is None and window is None and Tq == Tk:
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, **gqa)
+        elif q_start is not None and window is None and cuda:
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(Tq, Tk),
+                                               scale=self.scale, **gqa)
+        elif q_start is not None and window is None and Tq >= q_start:
+            # Mostly new tokens after a short prefix: pad the queries to the
+            # full length and take SDPA's fused causal path (an explicit
+            # [Tq, Tk] mask would fall back to the slow kernel on the CPU).
+            pad = qh.new_zeros(qh.shape[:2] + (q_start, qh.shape[3]))
+            o = F.scaled_dot_product_attention(torch.cat((pad, qh), dim=2), kh, vh,
+                                               is_causal=True, scale=self.scale)[:, :, q_start:]
         else:
             if q_positions is None:
-                q_positions = torch.arange(k.shape[0] - q.shape[0], k.shape[0])
-                k_positions = torch.arange(k.shape[0])
+                q_positions = torch.arange(Tk - Tq, Tk, device=q.device)
+                k_positions = torch.arange(Tk, device=q.device)
             qp = q_positions.to(q.device)[:, None]
             kp = k_positions.to(q.device)[None, :]
             mask = kp <= qp
             if window is not None:
                 mask &= kp > qp - window
-            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale)
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale, **gqa)
         return o[0].transpose(0, 1)
 
 

@@ -94,6 +94,32 @@ def kv_read(kv_cache: torch.Tensor, layout: str, slots: torch.Tensor
     return out[0], out[1]
 
 
+def kv_read_blocks(kv_cache: torch.Tensor, layout: str, block_table: torch.Tensor,
+                   num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (k, v), each [num_tokens, H, D], of the positions [0, num_tokens)
+    of a request whose blocks are ``block_table`` [>= ceil(num_tokens/bs)]
+    (int64, on the cache's device), the way a paged-attention kernel reads
+    them: whole blocks, not slot by slot.
+
+    When the blocks are consecutive ids (``block_table`` may then be given as
+    a ``range``) the result views the cache without a copy for the "flash"
+    and "flashinfer" layouts; otherwise it is one block gather per plane.
+    """
+    block_size = kv_cache.shape[3] if layout == "cpu" else kv_cache.shape[2]
+    nb = -(-num_tokens // block_size)
+    out = []
+    for idx in (0, 1):
+        plane = kv_cache[:, idx] if layout == "flashinfer" else kv_cache[idx]
+        if isinstance(block_table, range):
+            blocks = plane[block_table.start:block_table.start + nb]
+        else:
+            blocks = plane.index_select(0, block_table[:nb])
+        if layout == "cpu":  # [nb, H, bs, D] -> [nb, bs, H, D]
+            blocks = blocks.transpose(1, 2)
+        out.append(blocks.reshape((nb * block_size,) + tuple(blocks.shape[2:]))[:num_tokens])
+    return out[0], out[1]
+
+
 def _plane(kv_cache: torch.Tensor, layout: str, idx: int, slots: torch.Tensor):
     """Return (K or V view with blocks first, block index, offset) for ``slots``."""
     block_size = kv_cache.shape[3] if layout == "cpu" else kv_cache.shape[2]
@@ -436,21 +462,33 @@ class LLM:
         pos = torch.arange(begin, end)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
+    def _block_table(self, rid, end: int, device: torch.device):
+        """The request's blocks covering positions [0, end): a ``range`` when
+        they are consecutive ids (the cache is then read in place), else an
+        int64 tensor on ``device``."""
+        blocks = self.allocator.blocks(rid)[: math.ceil(end / self.block_size)]
+        if blocks == list(range(blocks[0], blocks[0] + len(blocks))):
+            return range(blocks[0], blocks[0] + len(blocks))
+        return torch.tensor(blocks, dtype=torch.long).to(device)
+
     def _forward(self, rid, tokens, start, ctx) -> torch.Tensor:
         """Compute ``tokens`` at positions [start, start+T) over the paged cache.
 
         Per layer: wait for the connector's load, project, write K/V through the
         slot mapping, attend from the new queries to all keys [0, start+T) read
-        back from the paged cache (causal by position), finish the layer, and
-        hand the layer's cache to the connector.
+        back from the paged cache by whole blocks (causal by position), finish
+        the layer, and hand the layer's cache to the connector.  Index tensors
+        go to the device once per step, so the layers queue without waiting.
+        A prefill from position 0 attends over its own fresh K/V (the values
+        just written to the cache, read back only when the cache dtype differs).
         """
         a, worker, layout = self.adapter, self.worker_connector, self.kv_cache_layout
         T = len(tokens)
         end = start + T
-        slots = ctx.attn_metadata[self.layer_names[0]].slot_mapping
-        all_slots = slots if start == 0 else self._slots(rid, 0, end)
-        positions = torch.arange(start, end)
-        k_positions = torch.arange(0, end)
+        dev = a.device
+        slots = ctx.attn_metadata[self.layer_names[0]].slot_mapping.to(dev)
+        table = self._block_table(rid, end, dev) if start > 0 else None
+        positions = torch.arange(start, end, device=dev)
         h = a.embed(torch.tensor(tokens, dtype=torch.long))
         for i, name in enumerate(self.layer_names):
             if worker is not None:
@@ -458,17 +496,14 @@ class LLM:
             q, k, v = a.qkv(i, h, positions)
             cache = self.kv_caches[name]
             kv_write(cache, layout, slots, k, v)
-            keys, values = kv_read(cache, layout, all_slots)
-            if start == 0:
+            if start == 0 and cache.dtype == k.dtype:
+                attn = a.attend(i, q, k, v)
+            elif start == 0:
+                keys, values = kv_read(cache, layout, slots)
                 attn = a.attend(i, q, keys, values)
-            elif T >= start:
-                # Mostly new tokens after a short reused prefix: pad the queries
-                # to the full length and take SDPA's fused causal path (an
-                # explicit [T, end] mask would fall back to the slow kernel).
-                pad = q.new_zeros((start,) + tuple(q.shape[1:]))
-                attn = a.attend(i, torch.cat((pad, q)), keys, values)[start:]
             else:
-                attn = a.attend(i, q, keys, values, q_positions=positions, k_positions=k_positions)
+                keys, values = kv_read_blocks(cache, layout, table, end)
+                attn = a.attend(i, q, keys, values, q_start=start)
             h = a.out(i, attn, h)
             if worker is not None:
                 worker.save_kv_layer(name, cache, ctx.attn_metadata[name])
