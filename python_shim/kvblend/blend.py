@@ -28,17 +28,31 @@ breakdown in ``BlendStats.phase_ms`` (one synchronize at the end).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from . import ops
 
 
-# Subset attention on CUDA: "sdpa" (torch SDPA with an explicit mask by
-# position) or "kvblend" (kvb_cuda_attention).  The CPU always uses kvblend's.
-SUBSET_ATTENTION = "sdpa"
+# Subset attention on CUDA: "flex" (torch FlexAttention, compiled once, with
+# a block mask built once per blend from the active rows' positions, so key
+# tiles past a query tile's last position are skipped), "sdpa" (torch SDPA
+# with an explicit mask by position) or "kvblend" (kvb_cuda_attention).  The
+# CPU always uses kvblend's.  "flex" falls back to "sdpa" (logged once) where
+# FlexAttention cannot run.
+SUBSET_ATTENTION = "flex"
+
+# On CUDA, load layer l+1 on a second stream into a second staging buffer
+# while layer l computes (events order the two streams; no host waits).
+PIPELINE_LOADS = True
+
+logger = logging.getLogger("kvblend")
+_FLEX: dict = {}
+_LOAD_STREAMS: dict = {}
 
 
 @dataclass
@@ -103,7 +117,7 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
         raise ValueError(f"deviation={deviation!r}: expected 'k', 'v' or 'kv'")
     device = adapter.device
     cuda = device.type == "cuda"
-    stream = torch.cuda.current_stream(device).cuda_stream if cuda else 0
+    cur = torch.cuda.current_stream(device) if cuda else None
     kv_dtype = kv_dtype or adapter.dtype
     forced = torch.frombuffer(bytearray(request.forced()), dtype=torch.uint8)[:n_rows]
     forced = forced.to(device, non_blocking=True)
@@ -114,20 +128,24 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
     ids = token_ids[:n_rows].to(device)
     row_slots = slots[:n_rows].to(device)
     shape = (n_rows, adapter.num_kv_heads, adapter.head_size)
-    stage_k = torch.empty(shape, dtype=kv_dtype, device=device)
-    stage_v = torch.empty(shape, dtype=kv_dtype, device=device)
     check = dict(zip(check_layers, ratios))
     marks = _Marks(timing and cuda)
+    loader = _Loader(request, adapter.num_layers, shape, kv_dtype, device, cur,
+                     PIPELINE_LOADS and cuda)
+    windows = getattr(adapter, "sliding_windows", None) or [None] * adapter.num_layers
+    subset = SUBSET_ATTENTION
+    flex_mask = None  # FlexAttention block mask of the current active set
 
     h = adapter.embed(ids)
     active = rows  # rows whose hidden state h holds, ascending
     for layer in range(adapter.num_layers):
         marks.mark("load")
-        request.load_layer(layer, stage_k.data_ptr(), stage_v.data_ptr(), stream)
+        stage_k, stage_v = loader.take(layer)
         if active.numel() == 0:  # nothing left to recompute: pure reuse
             stats.active_per_layer.append(0)
             marks.mark("scatter")
             ops.scatter(layouts[layer], row_slots, stage_k, stage_v)
+            loader.done(layer)
             continue
         marks.mark("qkv")
         q, k, v = adapter.qkv(layer, h, active)
@@ -144,6 +162,7 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
             active = active[keep]
             q = q[keep]
             h = h[keep]
+            flex_mask = None
         elif active.numel() == n_rows:
             stage_k.copy_(k)
             stage_v.copy_(v)
@@ -153,27 +172,187 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
         stats.active_per_layer.append(int(active.numel()))
         if active.numel() > 0:
             marks.mark("attention")
+            window = windows[layer]
+            attn = None
             if cuda and active.numel() == n_rows:
                 # every row active (layers before the first check): plain
                 # causal attention, SDPA's fused kernel
-                attn = adapter.attend(layer, q, stage_k.to(q.dtype), stage_v.to(q.dtype))
-            elif cuda and SUBSET_ATTENTION == "sdpa":
+                attn = _sdpa(q, stage_k.to(q.dtype), stage_v.to(q.dtype), adapter.scale, window)
+            elif cuda and subset == "flex" and window is None and q.dtype in _FLEX_DTYPES:
+                if flex_mask is None:
+                    flex_mask = _flex_block_mask(active, n_rows)
+                attn = _flex_attention(q, stage_k.to(q.dtype), stage_v.to(q.dtype),
+                                       flex_mask, adapter.scale)
+                if attn is None:  # FlexAttention unavailable: SDPA from now on
+                    subset = "sdpa"
+            if attn is None and cuda and (subset != "kvblend" or window is not None):
                 # SDPA with the causal-by-position mask of the active rows
-                # (measured faster than kvblend's kernel on H200, see
-                # benchmarks/RESULTS.md)
-                attn = adapter.attend(layer, q, stage_k.to(q.dtype), stage_v.to(q.dtype),
-                                      q_positions=active, k_positions=rows)
-            else:
+                attn = _sdpa(q, stage_k.to(q.dtype), stage_v.to(q.dtype), adapter.scale, window,
+                             q_pos=active)
+            elif attn is None:
                 attn = ops.attention(q, active, stage_k, stage_v, rows, adapter.scale)
             marks.mark("out")
             h = adapter.out(layer, attn.to(h.dtype), h)
         marks.mark("scatter")
         ops.scatter(layouts[layer], row_slots, stage_k, stage_v)
+        loader.done(layer)
     marks.mark(None)
     stats.phase_ms = marks.totals()
     stats.tokens_recomputed = int(active.numel())
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+class _Loader:
+    """Staging buffers of the blend, filled by ``Request.load_layer``.
+
+    Serial (CPU, or ``pipelined`` off): one buffer pair, each layer loaded on
+    the compute stream when taken.  Pipelined (CUDA): two buffer pairs; taking
+    layer l makes the compute stream wait for l's load (an event) and queues
+    the load of l+1 into the other pair on a side stream, after the compute
+    stream's event marking that pair free (``done(l-1)``).  Nothing waits on
+    the host.
+    """
+
+    def __init__(self, request, num_layers: int, shape, dtype, device, compute, pipelined: bool):
+        self.request, self.compute, self.pipelined = request, compute, pipelined
+        self.num_layers = num_layers
+        n = 2 if pipelined else 1
+        self.bufs = [(torch.empty(shape, dtype=dtype, device=device),
+                      torch.empty(shape, dtype=dtype, device=device)) for _ in range(n)]
+        if pipelined:
+            key = (device.index, compute.cuda_stream)
+            side = _LOAD_STREAMS.get(key)
+            if side is None:
+                side = _LOAD_STREAMS[key] = torch.cuda.Stream(device)
+            self.side = side
+            self.loaded = [torch.cuda.Event(), torch.cuda.Event()]
+            self.free = [torch.cuda.Event(), torch.cuda.Event()]
+            self.free_recorded = [False, False]
+            self.issued = -1
+
+    def _issue(self, layer: int) -> None:
+        """Queue the load of ``layer`` on the side stream."""
+        b = layer % 2
+        if self.free_recorded[b]:
+            self.side.wait_event(self.free[b])
+        k, v = self.bufs[b]
+        self.request.load_layer(layer, k.data_ptr(), v.data_ptr(), self.side.cuda_stream)
+        self.loaded[b].record(self.side)
+        self.issued = layer
+
+    def take(self, layer: int):
+        """The staging pair holding ``layer``, ready on the compute stream."""
+        if not self.pipelined:
+            k, v = self.bufs[0]
+            stream = self.compute.cuda_stream if self.compute is not None else 0
+            self.request.load_layer(layer, k.data_ptr(), v.data_ptr(), stream)
+            return k, v
+        if self.issued < layer:
+            self.side.wait_stream(self.compute)  # inputs queued before the blend
+            self._issue(layer)
+        self.compute.wait_event(self.loaded[layer % 2])
+        if layer + 1 < self.num_layers:
+            self._issue(layer + 1)
+        return self.bufs[layer % 2]
+
+    def done(self, layer: int) -> None:
+        """The compute stream has queued its last use of ``layer``'s pair."""
+        if self.pipelined:
+            self.free[layer % 2].record(self.compute)
+            self.free_recorded[layer % 2] = True
+
+
+def _sdpa(q, k, v, scale: float, window, q_pos=None):
+    """CUDA attention of q [Tq,Hq,D] over k/v [N,Hkv,D] (rows = positions
+    0..N-1) with SDPA, KV heads unexpanded (enable_gqa).  Without ``q_pos``
+    the queries are the same N rows (plain causal, fused kernel); with it
+    query i sees key j iff j <= q_pos[i] (an explicit mask).  A sliding
+    ``window`` adds j > q_pos[i] - window."""
+    gqa = q.shape[1] != k.shape[1]
+    qh, kh, vh = (x[None].transpose(1, 2) for x in (q, k, v))
+    if q_pos is None and window is None:
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        if q_pos is None:
+            q_pos = torch.arange(k.shape[0], device=k.device)
+        kp = torch.arange(k.shape[0], device=k.device)[None, :]
+        mask = kp <= q_pos[:, None]
+        if window is not None:
+            mask &= kp > q_pos[:, None] - window
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return o[0].transpose(0, 1)
+
+
+# Inductor found no FlexAttention kernel for float32 nor float16 on H200
+# (NoValidChoicesError; torch 2.11): those take SDPA.
+_FLEX_DTYPES = (torch.bfloat16,)
+_FLEX_BLOCK = 128
+
+
+def _flex_block_mask(q_pos: torch.Tensor, n_keys: int):
+    """FlexAttention block mask for queries at positions ``q_pos`` (int64,
+    ascending) over keys 0..n_keys-1: key j is seen by query i iff
+    j <= q_pos[i].  Built directly from the sorted positions on the device
+    (no dense mask, no host wait): for the 128 queries of a tile at positions
+    [p_first, p_last], key tiles wholly <= p_first are full (no mask_mod),
+    tiles up to p_last's are partial, later ones skipped.  None where
+    FlexAttention is unavailable."""
+    if _FLEX.get("broken"):
+        return None
+    try:
+        from torch.nn.attention.flex_attention import BlockMask
+
+        B = _FLEX_BLOCK
+        nq = q_pos.numel()
+        nqb, nkb = -(-nq // B), -(-n_keys // B)
+        first = q_pos[::B]
+        last = q_pos[torch.clamp(torch.arange(1, nqb + 1, device=q_pos.device) * B, max=nq) - 1]
+        n_full = torch.div(first + 1, B, rounding_mode="floor").clamp(max=nkb)
+        n_part = (torch.div(last, B, rounding_mode="floor") + 1).clamp(max=nkb) - n_full
+        cols = torch.arange(nkb, device=q_pos.device)
+        part_idx = torch.clamp(n_full[:, None] + cols[None, :], max=nkb - 1)
+        full_idx = cols[None, :].expand(nqb, nkb)
+
+        def causal_by_position(b, h, q_idx, kv_idx):
+            return kv_idx <= q_pos[q_idx]
+
+        i32 = torch.int32
+        return BlockMask.from_kv_blocks(
+            n_part.to(i32)[None, None], part_idx.to(i32)[None, None].contiguous(),
+            n_full.to(i32)[None, None], full_idx.to(i32)[None, None].contiguous(),
+            BLOCK_SIZE=B, mask_mod=causal_by_position, seq_lengths=(nq, n_keys))
+    except Exception as e:  # noqa: BLE001 - any failure means: use SDPA
+        _flex_broken(e)
+        return None
+
+
+def _flex_attention(q, k, v, block_mask, scale: float):
+    """FlexAttention of q [nq,Hq,D] over k/v [N,Hkv,D] under ``block_mask``
+    (``_flex_block_mask``), compiled once (dynamic shapes).  Returns None
+    for float32 and (after logging once) where FlexAttention cannot run."""
+    if block_mask is None or _FLEX.get("broken") or q.dtype not in _FLEX_DTYPES:
+        return None
+    try:
+        fn = _FLEX.get("fn")
+        if fn is None:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            fn = _FLEX["fn"] = torch.compile(flex_attention, dynamic=True)
+        qh, kh, vh = (x[None].transpose(1, 2) for x in (q, k, v))
+        o = fn(qh, kh, vh, block_mask=block_mask, scale=scale,
+               enable_gqa=q.shape[1] != k.shape[1])
+        return o[0].transpose(0, 1)
+    except Exception as e:  # noqa: BLE001 - any failure means: use SDPA
+        _flex_broken(e)
+        return None
+
+
+def _flex_broken(e: Exception) -> None:
+    """Remember that FlexAttention failed; log the reason once."""
+    _FLEX["broken"] = True
+    logger.warning("kvblend: FlexAttention unavailable (%s: %s); subset attention uses SDPA "
+                   "with a mask", type(e).__name__, e)
 
 
 class _Marks:

@@ -102,6 +102,86 @@ def test_attention_matches_cpu(dtype, head_size):
     assert _rel(gpu, cpu) <= bound
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+@pytest.mark.parametrize("nk,nq", [(700, 105), (2000, 300), (1029, 1000)])
+def test_flex_subset_attention_matches_cpu(dtype, nk, nq):
+    """The blend's FlexAttention path (block mask by position, GQA) equals
+    kvblend's CPU attention on the same subset; fresh inputs per size."""
+    from kvblend import blend
+
+    g = torch.Generator().manual_seed(nk + nq)
+    hq, hkv, hs = 8, 2, 128
+    q_all = torch.randn(nk, hq, hs, generator=g).to(dtype)
+    k = torch.randn(nk, hkv, hs, generator=g).to(dtype)
+    v = torch.randn(nk, hkv, hs, generator=g).to(dtype)
+    q_pos = torch.sort(torch.randperm(nk, generator=g)[:nq]).values
+    q = q_all[q_pos].contiguous()
+    cpu = ops.attention(q, q_pos, k, v, torch.arange(nk), 0.1)
+    qd = q_pos.to(DEV)
+    bm = blend._flex_block_mask(qd, nk)
+    gpu = blend._flex_attention(q.to(DEV), k.to(DEV), v.to(DEV), bm, 0.1)
+    assert not blend._FLEX.get("broken"), "FlexAttention fell back to SDPA"
+    assert gpu is not None and torch.isfinite(gpu).all()
+    assert _rel(gpu, cpu) <= 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tq,tk", [(1, 300), (35, 1000), (400, 700)])
+def test_attend_bottom_right_causal_matches_mask(dtype, tq, tk):
+    """The engine's partial prefill on CUDA (bottom-right causal, unexpanded
+    KV heads) equals the explicit mask by position computed on the CPU."""
+    from kvblend.adapters import ModelAdapter
+
+    a = ModelAdapter.__new__(ModelAdapter)
+    a.sliding_windows, a.num_q_heads, a.num_kv_heads, a.scale = [None], 8, 2, 0.09
+    g = torch.Generator().manual_seed(tq * tk)
+    q = torch.randn(tq, 8, 64, generator=g).to(dtype)
+    k = torch.randn(tk, 2, 64, generator=g).to(dtype)
+    v = torch.randn(tk, 2, 64, generator=g).to(dtype)
+    ref = a.attend(0, q.double(), k.double(), v.double(),
+                   q_positions=torch.arange(tk - tq, tk), k_positions=torch.arange(tk))
+    got = a.attend(0, q.to(DEV), k.to(DEV), v.to(DEV), q_start=tk - tq)
+    assert _rel(got, ref) <= (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def _partial_prefill_check(device):
+    """Logits of prefilling tokens [start, n) over a cache holding [0, n),
+    with the request's blocks consecutive (read in place) and reversed
+    (gathered), against a full prefill."""
+    import transformers as tf
+
+    torch.manual_seed(3)
+    cfg = tf.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, vocab_size=1000,
+                         max_position_embeddings=4096)
+    model = tf.LlamaForCausalLM(cfg).eval().to(device)
+    n = 600
+    ids = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(1)).tolist()
+    llm = LLM(model=model, tokenizer=None, max_model_len=1024)
+    want = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, ignore_eos=True),
+                        return_first_logits=True)[0].first_logits.cpu()
+    for order in ("consecutive", "reversed"):
+        blocks = llm.allocator.allocate(order, -(-n // llm.block_size))
+        if order == "reversed":
+            llm.allocator._owned[order] = blocks[::-1]
+        with torch.inference_mode():
+            llm._forward(order, ids, 0, llm._forward_context(order, n, 0))  # fill the cache
+            for start in (1, 200, n - 10, n - 1):
+                ctx = llm._forward_context(order, n - start, start)
+                h = llm._forward(order, ids[start:], start, ctx)
+                got = llm.adapter.logits(h[-1:])[0].float().cpu()
+                rel = float((got - want).norm() / want.norm())
+                assert rel < 1e-4, (order, start, rel)
+        llm.allocator.free(order)
+
+
+def test_engine_partial_prefill_equals_full_gpu():
+    """A prefill after a cached prefix on CUDA (blocks read in place or
+    gathered, bottom-right causal, unexpanded KV heads) gives the full
+    prefill's logits."""
+    _partial_prefill_check(DEV)
+
+
 # ---------------------------------------------------------------- blend
 class _Tok:
     """The one thing the connector asks a tokenizer: the separator's ids."""
@@ -191,6 +271,9 @@ def test_blend_bf16_gpu_near_fp32_cpu(cpu_model, cpu_result, monkeypatch):
     rel = float((logits - clogits).norm() / clogits.norm())
     cos = float(torch.nn.functional.cosine_similarity(logits, clogits, dim=0))
     assert rel < 0.1 and cos > 0.99, (rel, cos)
+    from kvblend import blend
+
+    assert not blend._FLEX.get("broken"), "bf16 subset attention fell back from FlexAttention"
 
 
 def test_blend_fp32_kvblend_attention_equals_cpu(cpu_model, cpu_result, monkeypatch):
