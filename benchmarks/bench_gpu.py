@@ -150,17 +150,19 @@ def load_bandwidth(llm, ids):
 
 
 def attention_times(n, ratio=0.15):
-    from kvblend import ops
+    """Milliseconds of full causal SDPA, and of the subset attention (15% of
+    the queries, sorted positions) through kvblend's kernel, SDPA with a mask
+    and FlexAttention (block mask build timed apart), with the relative error
+    of the kernel and of FlexAttention against SDPA's full causal rows."""
+    from kvblend import blend, ops
 
     g = torch.Generator(device="cuda").manual_seed(n)
     q = torch.randn(n, HEADS, HEAD, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(n, KV_HEADS, HEAD, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn_like(k)
-    rep = HEADS // KV_HEADS
-    qh = q[None].transpose(1, 2)
-    kh = k.repeat_interleave(rep, dim=1)[None].transpose(1, 2)
-    vh = v.repeat_interleave(rep, dim=1)[None].transpose(1, 2)
-    full = cuda_time(lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True))
+    qh, kh, vh = (x[None].transpose(1, 2) for x in (q, k, v))
+    full = cuda_time(lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True,
+                                                            enable_gqa=True))
     idx = torch.sort(torch.randperm(n, device="cuda", generator=g)[: int(ratio * n)]).values
     qs = q[idx].contiguous()
     pos = torch.arange(n, device="cuda")
@@ -168,11 +170,44 @@ def attention_times(n, ratio=0.15):
     sub = cuda_time(lambda: ops.attention(qs, idx, k, v, pos, HEAD ** -0.5, out=out))
     qsh = qs[None].transpose(1, 2)
     mask = pos[None, :] <= idx[:, None]
-    sub_sdpa = cuda_time(lambda: F.scaled_dot_product_attention(qsh, kh, vh, attn_mask=mask))
+    sub_sdpa = cuda_time(lambda: F.scaled_dot_product_attention(qsh, kh, vh, attn_mask=mask,
+                                                                enable_gqa=True))
+    t0 = time.perf_counter()
+    bm = blend._flex_block_mask(idx, n)
+    fo = blend._flex_attention(qs, k, v, bm, HEAD ** -0.5)
+    torch.cuda.synchronize()
+    first_s = time.perf_counter() - t0
+    if fo is None:
+        flex_ms = mask_ms = float("nan")
+        flex_err = float("nan")
+    else:
+        flex_ms = cuda_time(lambda: blend._flex_attention(qs, k, v, bm, HEAD ** -0.5))
+        mask_ms = cuda_time(lambda: blend._flex_block_mask(idx, n), iters=5)
     # reference check of the subset against SDPA's rows
-    ref = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)[0].transpose(0, 1)[idx]
-    err = float((out.float() - ref.float()).norm() / ref.float().norm())
-    return full, sub, sub_sdpa, err
+    ref = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True,
+                                         enable_gqa=True)[0].transpose(0, 1)[idx].float()
+    err = float((out.float() - ref).norm() / ref.norm())
+    if fo is not None:
+        flex_err = float((fo.float() - ref).norm() / ref.norm())
+    return dict(sdpa_full_ms=full, subset_ms=sub, subset_sdpa_ms=sub_sdpa, subset_err=err,
+                subset_flex_ms=flex_ms, flex_mask_ms=mask_ms, flex_err=flex_err,
+                flex_first_call_s=first_s)
+
+
+def profile_ttft(llm, ids, path, title):
+    """One TTFT under torch.profiler: the 30 heaviest ops by device time and
+    by host time, appended to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t, _ = ttft(llm, ids)
+    ka = prof.key_averages()
+    with open(path, "a") as f:
+        f.write(f"==== {title}: TTFT {t * 1e3:.1f} ms (under the profiler)\n")
+        f.write(ka.table(sort_by="cuda_time_total", row_limit=30) + "\n")
+        f.write(ka.table(sort_by="cpu_time_total", row_limit=30) + "\n")
+    return t
 
 
 def main():
@@ -180,12 +215,17 @@ def main():
     ap.add_argument("--sizes", default="4096,8192,16384")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=".")
-    ap.add_argument("--subset-attention", default="sdpa", choices=("sdpa", "kvblend"),
+    ap.add_argument("--subset-attention", default="flex", choices=("flex", "sdpa", "kvblend"),
                     help="subset attention of the blend on CUDA")
+    ap.add_argument("--no-pipeline", action="store_true",
+                    help="load each layer on the compute stream (no layer-ahead loads)")
+    ap.add_argument("--profile", action="store_true",
+                    help="write torch.profiler tables of one 8K TTFT per engine to profile.txt")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     from kvblend import blend
     blend.SUBSET_ATTENTION = args.subset_attention
+    blend.PIPELINE_LOADS = not args.no_pipeline
     chunks_of = {4096: 4, 8192: 6, 16384: 8}
     t0 = time.time()
     model = build_model()
@@ -227,8 +267,13 @@ def main():
             bw, ms = load_bandwidth(llm, make_prompt(rng, n, nch, chunks, 400)[0])
             res[f"{tier}_load_GBps"] = bw / 1e9
             res[f"{tier}_load_ms_per_layer"] = ms
-        full_a, sub_a, sub_s, err = attention_times(len(warm_ids))
-        res.update(sdpa_full_ms=full_a, subset_ms=sub_a, subset_sdpa_ms=sub_s, subset_err=err)
+        if args.profile and n == 8192:
+            path = os.path.join(args.out, "profile.txt")
+            profile_ttft(engines["full"], make_prompt(rng, n, nch, chunks, 500)[0], path, "full 8K")
+            for tier in ("device", "host"):
+                profile_ttft(engines[tier], make_prompt(rng, n, nch, chunks, 501)[0], path,
+                             f"kvblend {tier} 8K")
+        res.update(attention_times(len(warm_ids)))
         details[n] = res
         print(json.dumps(res), flush=True)
     copy_bw = copy_bandwidth()
@@ -237,12 +282,14 @@ def main():
     cmd = "python3 " + " ".join(sys.argv)
     lines = [f"## GPU: {card}, {date}", "", f"Command: `{cmd}` (Llama-3-8B shape, random bf16 weights, "
              f"transformers {__import__('transformers').__version__}, torch {torch.__version__}; "
-             f"r=0.15, check layer 1, subset attention {args.subset_attention}; TTFT = engine arrival to first token, median of {args.reps})", "",
+             f"r=0.15, check layer 1, subset attention {args.subset_attention}, "
+             f"layer-ahead loads {'off' if args.no_pipeline else 'on'}; TTFT = engine arrival to first token, median of {args.reps})", "",
              f"Device copy rate (torch copy_ of 512 MiB, read+write): {copy_bw / 1e9:.0f} GB/s", "",
              "| N | chunks | full TTFT s | kvblend GPU tier s | ratio | kvblend pinned host s | ratio "
              "| load+rerotate GPU tier GB/s (% of copy) | host tier GB/s | SDPA full causal ms "
-             "| subset 15% kvblend kernel ms (/full) | subset 15% SDPA+mask ms (/full) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| subset 15% kvblend kernel ms (/full) | subset 15% SDPA+mask ms (/full) "
+             "| subset 15% FlexAttention ms (/full) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, r in details.items():
         lines.append(
             f"| {r['n']} | {r['chunks']} | {r['full_s']:.3f} | {r['device_s']:.3f} | "
@@ -250,7 +297,8 @@ def main():
             f"{r['device_load_GBps']:.0f} ({100 * r['device_load_GBps'] * 1e9 / copy_bw:.0f}%) | "
             f"{r['host_load_GBps']:.1f} | {r['sdpa_full_ms']:.2f} | "
             f"{r['subset_ms']:.2f} ({r['subset_ms'] / r['sdpa_full_ms']:.2f}) | "
-            f"{r['subset_sdpa_ms']:.2f} ({r['subset_sdpa_ms'] / r['sdpa_full_ms']:.2f}) |")
+            f"{r['subset_sdpa_ms']:.2f} ({r['subset_sdpa_ms'] / r['sdpa_full_ms']:.2f}) | "
+            f"{r['subset_flex_ms']:.2f} ({r['subset_flex_ms'] / r['sdpa_full_ms']:.2f}) |")
     lines += ["", "Per-phase device time of one blend (ms over all 32 layers; CUDA events), "
               "and blend / TTFT seconds:", "",
               "| N | tier | TTFT s | blend s | " + " | ".join(("load", "qkv", "select", "attention", "out", "scatter")) + " |",

@@ -2,6 +2,9 @@
 # One call on a GPU machine: build kvblend with CUDA, run the C GPU tests
 # (plain and under compute-sanitizer memcheck, quick sizes), the GPU pytest
 # suite and the benchmark.  Logs and results go to $OUT (default ./gpu_out).
+# At most 8 files come back: summary.txt, build.log (pip + ctest),
+# pytest_gpu.log, bench.log, results.md, results.json, profile.txt (with
+# --profile in BENCH_ARGS) and memcheck.log (SANITIZE=1, the default).
 # Build dependencies missing on the machine (libxxhash, check) may be
 # brought as .deb files in .debs/ and are unpacked to /tmp/debroot.
 set -u
@@ -17,18 +20,19 @@ if ls .debs/*.deb >/dev/null 2>&1; then
   export LD_LIBRARY_PATH=$R/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
   ARGS="-DCMAKE_PREFIX_PATH=$R -DXXHASH_INCLUDE_DIR=$R/include -DXXHASH_LIBRARY=$(ls $R/lib/x86_64-linux-gnu/libxxhash.so.0* | head -1)"
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/summary.txt" 2>&1
+echo "start $(date -u +%T)" >> "$OUT/summary.txt"
 KVB_CUDA=ON KVB_BUILD_DIR=/tmp/bgpu \
   KVB_CMAKE_ARGS="-DKVB_BUILD_TESTS=ON -DCMAKE_CUDA_ARCHITECTURES=90 $ARGS" \
-  python3 -m pip install -q --no-build-isolation --no-deps . > "$OUT/pip.log" 2>&1
+  python3 -m pip install -q --no-build-isolation --no-deps . > "$OUT/build.log" 2>&1
 echo "pip rc=$?" | tee -a "$OUT/summary.txt"
-(cd /tmp/bgpu && ctest --output-on-failure) > "$OUT/ctest.log" 2>&1
+(cd /tmp/bgpu && ctest --output-on-failure) >> "$OUT/build.log" 2>&1
 echo "ctest rc=$?" | tee -a "$OUT/summary.txt"
 (cd tests && timeout 240 python3 -m pytest -q gpu -rs -p no:cacheprovider) > "$OUT/pytest_gpu.log" 2>&1
-echo "pytest gpu rc=$?" | tee -a "$OUT/summary.txt"
+echo "pytest gpu rc=$? $(date -u +%T)" | tee -a "$OUT/summary.txt"
 tail -3 "$OUT/pytest_gpu.log"
 timeout 300 python3 benchmarks/bench_gpu.py --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
-echo "bench rc=$?" | tee -a "$OUT/summary.txt"
+echo "bench rc=$? $(date -u +%T)" | tee -a "$OUT/summary.txt"
 if [ "${SANITIZE:-1}" = 1 ]; then
   KVB_GPU_TEST_QUICK=1 timeout 120 compute-sanitizer --tool memcheck --leak-check full \
     /tmp/bgpu/tests/gpu/kvb_check_gpu > "$OUT/memcheck.log" 2>&1
