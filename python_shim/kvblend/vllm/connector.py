@@ -96,6 +96,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         self.config = Config.from_env()  # bad LMCACHE_* values fail here
         extra = _extra(vllm_config)
         ratios = extra.get("kvblend.recompute_ratios")
+        self.timing = bool(extra.get("kvblend.timing", False))
         self.ratios_override = None if ratios is None else [float(r) for r in ratios]
         # An explicit layout wins; kvblend's built-in engine names its own;
         # under vLLM it is detected from the attention backend in
@@ -280,7 +281,8 @@ class KVBlendConnector(KVConnectorBase_V1):
                 ids = torch.tensor(rm.token_ids, dtype=torch.int64)
                 bs = blend_prefill(st.adapter, req, ids, self._layouts, slots, checks, ratios,
                                    deviation=cfg.deviation,
-                                   kv_dtype=next(iter(self._kv_caches.values())).dtype)
+                                   kv_dtype=next(iter(self._kv_caches.values())).dtype,
+                                   timing=self.timing)
                 info.update(bs.as_dict())
                 info["blend_s"] = time.perf_counter() - t0
                 self.stats["blended"] += 1
@@ -302,8 +304,10 @@ class KVBlendConnector(KVConnectorBase_V1):
         if layer is None:
             layer = _layer_index(layer_name)
         layout = self._layouts[layer]
+        stream = torch.cuda.current_stream(kv_layer.device).cuda_stream \
+            if kv_layer.device.type == "cuda" else 0
         for req, slots, _ in self._active.values():
-            req.save_layer(layer, layout, slots.data_ptr(), slots.numel())
+            req.save_layer(layer, layout, slots.data_ptr(), slots.numel(), stream)
 
     def wait_for_save(self):
         """Commit the segments saved at every layer; end the requests."""
