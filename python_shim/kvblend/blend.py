@@ -296,8 +296,14 @@ def _flex_block_mask(q_pos: torch.Tensor, n_keys: int):
     j <= q_pos[i].  Built directly from the sorted positions on the device
     (no dense mask, no host wait): for the 128 queries of a tile at positions
     [p_first, p_last], key tiles wholly <= p_first are full (no mask_mod),
-    tiles up to p_last's are partial, later ones skipped.  None where
-    FlexAttention is unavailable."""
+    tiles up to p_last's are partial, later ones skipped.
+
+    Queries and keys are padded to whole tiles (at least one): padded
+    queries repeat the last position and are dropped afterwards, padded keys
+    lie past every query and are masked out.  Inductor finds no kernel for
+    some partial-tile shapes, whole tiles always compile.  Returns
+    (mask, nq, padded queries, padded keys), or None where FlexAttention is
+    unavailable."""
     if _FLEX.get("broken"):
         return None
     try:
@@ -305,9 +311,10 @@ def _flex_block_mask(q_pos: torch.Tensor, n_keys: int):
 
         B = _FLEX_BLOCK
         nq = q_pos.numel()
-        nqb, nkb = -(-nq // B), -(-n_keys // B)
-        first = q_pos[::B]
-        last = q_pos[torch.clamp(torch.arange(1, nqb + 1, device=q_pos.device) * B, max=nq) - 1]
+        nqb, nkb = max(1, -(-nq // B)), max(1, -(-n_keys // B))
+        q_pad = torch.cat((q_pos, q_pos[-1:].expand(nqb * B - nq)))
+        first = q_pad[::B]
+        last = q_pad[B - 1::B]
         n_full = torch.div(first + 1, B, rounding_mode="floor").clamp(max=nkb)
         n_part = (torch.div(last, B, rounding_mode="floor") + 1).clamp(max=nkb) - n_full
         cols = torch.arange(nkb, device=q_pos.device)
@@ -315,13 +322,14 @@ def _flex_block_mask(q_pos: torch.Tensor, n_keys: int):
         full_idx = cols[None, :].expand(nqb, nkb)
 
         def causal_by_position(b, h, q_idx, kv_idx):
-            return kv_idx <= q_pos[q_idx]
+            return kv_idx <= q_pad[q_idx]
 
         i32 = torch.int32
-        return BlockMask.from_kv_blocks(
+        mask = BlockMask.from_kv_blocks(
             n_part.to(i32)[None, None], part_idx.to(i32)[None, None].contiguous(),
             n_full.to(i32)[None, None], full_idx.to(i32)[None, None].contiguous(),
-            BLOCK_SIZE=B, mask_mod=causal_by_position, seq_lengths=(nq, n_keys))
+            BLOCK_SIZE=B, mask_mod=causal_by_position, seq_lengths=(nqb * B, nkb * B))
+        return mask, nq, nqb * B, nkb * B
     except Exception as e:  # noqa: BLE001 - any failure means: use SDPA
         _flex_broken(e)
         return None
@@ -333,16 +341,23 @@ def _flex_attention(q, k, v, block_mask, scale: float):
     for float32 and (after logging once) where FlexAttention cannot run."""
     if block_mask is None or _FLEX.get("broken") or q.dtype not in _FLEX_DTYPES:
         return None
+    mask, nq, nq_pad, nk_pad = block_mask
     try:
         fn = _FLEX.get("fn")
         if fn is None:
             from torch.nn.attention.flex_attention import flex_attention
 
             fn = _FLEX["fn"] = torch.compile(flex_attention, dynamic=True)
+        if nq_pad > nq:
+            q = torch.cat((q, q[-1:].expand(nq_pad - nq, -1, -1)))
+        if nk_pad > k.shape[0]:
+            pad = nk_pad - k.shape[0]
+            k = torch.cat((k, k.new_zeros((pad,) + tuple(k.shape[1:]))))
+            v = torch.cat((v, v.new_zeros((pad,) + tuple(v.shape[1:]))))
         qh, kh, vh = (x[None].transpose(1, 2) for x in (q, k, v))
-        o = fn(qh, kh, vh, block_mask=block_mask, scale=scale,
+        o = fn(qh, kh, vh, block_mask=mask, scale=scale,
                enable_gqa=q.shape[1] != k.shape[1])
-        return o[0].transpose(0, 1)
+        return o[0].transpose(0, 1)[:nq]
     except Exception as e:  # noqa: BLE001 - any failure means: use SDPA
         _flex_broken(e)
         return None
