@@ -75,6 +75,10 @@ def parse_args(argv=None):
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--check-layers", default=None, help="overrides LMCACHE_BLEND_CHECK_LAYERS")
+    ap.add_argument("--lead-ratios", default=None,
+                    help="gradual filtering: ratios of the check layers before the last, e.g. "
+                         "'0.5,0.3' with --check-layers 1,4,8; the last check layer takes each "
+                         "--ratios value (0 stays pure reuse at every check layer)")
     ap.add_argument("--json", dest="json_path", default=None)
     ap.add_argument("--plot", default=None, help="PNG of F1 and KL against the ratio")
     return ap.parse_args(argv)
@@ -99,11 +103,22 @@ def main(argv=None) -> int:
     full = LLM(model=args.model)
     tok = full.get_tokenizer()
     n_checks = len(os.environ["LMCACHE_BLEND_CHECK_LAYERS"].split(","))
+    lead = [float(x) for x in args.lead_ratios.split(",")] if args.lead_ratios else []
+    if lead and len(lead) != n_checks - 1:
+        raise SystemExit(f"--lead-ratios has {len(lead)} values for {n_checks} check layers "
+                         "(expected one fewer)")
+
+    def schedule(r):
+        """Ratios per check layer for final ratio r."""
+        if not lead:
+            return [r] * n_checks
+        return [0.0] * n_checks if r == 0 else [max(x, r) for x in lead] + [r]
+
     engines = {}
     for r in ratios:
         ktc = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
                                kv_role="kv_both",
-                               kv_connector_extra_config={"kvblend.recompute_ratios": [r] * n_checks})
+                               kv_connector_extra_config={"kvblend.recompute_ratios": schedule(r)})
         engines[r] = LLM(model=full.model, tokenizer=tok, kv_transfer_config=ktc)
     sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     one = SamplingParams(temperature=0.0, max_tokens=1)
@@ -149,7 +164,9 @@ def main(argv=None) -> int:
                      "recomputed_share": mean(a["recomputed"]), "ttft_s": mean(a["ttft"]),
                      "n": len(items)})
     print(f"\nquality on {len(items)} items of {args.data} ({args.model}, check layers "
-          f"{os.environ['LMCACHE_BLEND_CHECK_LAYERS']}, {time.perf_counter() - t_start:.0f} s)")
+          f"{os.environ['LMCACHE_BLEND_CHECK_LAYERS']}"
+          f"{', lead ratios ' + args.lead_ratios if lead else ''}, "
+          f"{time.perf_counter() - t_start:.0f} s)")
     print(f"{'ratio':>6} {'F1':>6} {'KL(full||blend)':>16} {'agree':>6} {'hit':>5} {'recomp':>7} {'TTFT s':>7}")
     for row in rows:
         rr = row["ratio"] if isinstance(row["ratio"], str) else f"{row['ratio']:.2f}"
