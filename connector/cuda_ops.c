@@ -82,10 +82,16 @@ static kvb_status copy_check(const char *fn, const kvb_paged_layout *layout,
                         "%s: the K and V rows are both NULL with n=%lld", fn,
                         (long long)n);
     }
-    geom->block_stride = layout->block_stride;
-    geom->token_stride = layout->token_stride;
-    geom->head_stride = layout->head_stride;
-    geom->dim_stride = layout->dim_stride;
+    kvb_plane_strides ks, vs;
+    kvb_layout_strides(layout, &ks, &vs);
+    geom->block_stride = ks.block;
+    geom->token_stride = ks.token;
+    geom->head_stride = ks.head;
+    geom->dim_stride = ks.dim;
+    geom->v_block_stride = vs.block;
+    geom->v_token_stride = vs.token;
+    geom->v_head_stride = vs.head;
+    geom->v_dim_stride = vs.dim;
     geom->num_slots = layout->num_blocks * layout->block_size;
     geom->block_size = layout->block_size;
     geom->num_kv_heads = layout->num_kv_heads;

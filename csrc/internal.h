@@ -159,3 +159,17 @@ static inline void kvb_store_elem(void *p, int64_t i, kvb_dtype dt, float v)
 
 /* Returns KVB_OK if dt is a known dtype, else fails naming `what`. */
 KVB_HIDDEN kvb_status kvb_check_dtype(kvb_dtype dt, const char *what);
+
+/* Element strides of one plane (K or V) of a paged layout. */
+typedef struct kvb_plane_strides {
+    int64_t block;
+    int64_t token;
+    int64_t head;
+    int64_t dim;
+} kvb_plane_strides;
+
+/* Fills *k with K's strides and *v with V's (K's when the layout's four V
+ * strides are all 0).  Either output may be NULL. */
+KVB_HIDDEN void kvb_layout_strides(const kvb_paged_layout *layout,
+                                   kvb_plane_strides *k,
+                                   kvb_plane_strides *v);

@@ -2,7 +2,8 @@
  * layout.c: checks of the paged-KV layout descriptor and of slot mappings.
  *
  * The paged cache belongs to the engine; kvblend only describes it (two base
- * pointers, four element strides, the block geometry) and must never read or
+ * pointers, four element strides for K and optionally four for V, the
+ * block geometry) and must never read or
  * write outside it.  Every op that touches the cache validates the
  * descriptor and the slots once, through these two functions, before its
  * hot loop; the loops themselves then need no bounds checks.
@@ -45,10 +46,63 @@ static int layout_extent_add(int64_t *acc, int64_t count, int64_t stride)
 }
 
 /*
+ * Reads K's and V's element strides from a layout.  V's are its own four
+ * fields unless all four are 0, which means "the same as K's" (the meaning
+ * a zero-initialised descriptor had before V could differ).  Either output
+ * may be NULL; the layout must be non-NULL.
+ */
+void kvb_layout_strides(const kvb_paged_layout *layout, kvb_plane_strides *k,
+                        kvb_plane_strides *v)
+{
+    kvb_plane_strides ks = {layout->block_stride, layout->token_stride,
+                            layout->head_stride, layout->dim_stride};
+    kvb_plane_strides vs = {layout->v_block_stride, layout->v_token_stride,
+                            layout->v_head_stride, layout->v_dim_stride};
+    if (vs.block == 0 && vs.token == 0 && vs.head == 0 && vs.dim == 0) {
+        vs = ks;
+    }
+    if (k != NULL) {
+        *k = ks;
+    }
+    if (v != NULL) {
+        *v = vs;
+    }
+}
+
+/*
+ * Checks that the offset of the last element of one plane, with strides
+ * `s`, fits in int64.  `plane` ("K" or "V") and `prefix` ("" or "v_") name
+ * the fields in the message.  Returns KVB_OK or KVB_ERR_INVALID.
+ */
+static kvb_status layout_check_extent(const kvb_paged_layout *layout,
+                                      const kvb_plane_strides *s,
+                                      const char *plane, const char *prefix)
+{
+    int64_t extent = 0;
+    if (!layout_extent_add(&extent, layout->num_blocks, s->block) ||
+        !layout_extent_add(&extent, layout->block_size, s->token) ||
+        !layout_extent_add(&extent, layout->num_kv_heads, s->head) ||
+        !layout_extent_add(&extent, layout->head_size, s->dim)) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "layout extent overflows int64 for %s (num_blocks=%lld, "
+                        "block_size=%lld, %sblock_stride=%lld, "
+                        "%stoken_stride=%lld, %shead_stride=%lld, "
+                        "%sdim_stride=%lld)",
+                        plane, (long long)layout->num_blocks,
+                        (long long)layout->block_size, prefix,
+                        (long long)s->block, prefix, (long long)s->token,
+                        prefix, (long long)s->head, prefix,
+                        (long long)s->dim);
+    }
+    return KVB_OK;
+}
+
+/*
  * Validates a paged-layout descriptor: non-NULL layout and bases, positive
- * num_blocks, block_size, num_kv_heads and head_size, non-negative strides,
- * a known dtype, device >= -1, and an element extent (the offset of the last
- * element and the number of slots) that fits in int64.  Returns KVB_OK or
+ * num_blocks, block_size, num_kv_heads and head_size, non-negative strides
+ * (K's, and V's own when set; all four V strides 0 means "as K"), a known
+ * dtype, device >= -1, and element extents of K and V (the offset of the
+ * last element) and a slot count that fit in int64.  Returns KVB_OK or
  * KVB_ERR_INVALID with a message naming the first bad field and its value.
  */
 kvb_status kvb_layout_validate(const kvb_paged_layout *layout)
@@ -76,7 +130,13 @@ kvb_status kvb_layout_validate(const kvb_paged_layout *layout)
     if ((st = layout_check_stride("block_stride", layout->block_stride)) ||
         (st = layout_check_stride("token_stride", layout->token_stride)) ||
         (st = layout_check_stride("head_stride", layout->head_stride)) ||
-        (st = layout_check_stride("dim_stride", layout->dim_stride))) {
+        (st = layout_check_stride("dim_stride", layout->dim_stride)) ||
+        (st = layout_check_stride("v_block_stride",
+                                  layout->v_block_stride)) ||
+        (st = layout_check_stride("v_token_stride",
+                                  layout->v_token_stride)) ||
+        (st = layout_check_stride("v_head_stride", layout->v_head_stride)) ||
+        (st = layout_check_stride("v_dim_stride", layout->v_dim_stride))) {
         return st;
     }
     if (kvb_dtype_size(layout->dtype) == 0) {
@@ -91,25 +151,22 @@ kvb_status kvb_layout_validate(const kvb_paged_layout *layout)
                         "memory or a CUDA device ordinal >= 0)",
                         (int)layout->device);
     }
+    kvb_plane_strides ks, vs;
+    kvb_layout_strides(layout, &ks, &vs);
+    int v_own = layout->v_block_stride != 0 || layout->v_token_stride != 0 ||
+                layout->v_head_stride != 0 || layout->v_dim_stride != 0;
+    if ((st = layout_check_extent(layout, &ks, "K", "")) ||
+        (st = layout_check_extent(layout, &vs, "V", v_own ? "v_" : ""))) {
+        return st;
+    }
     int64_t slots;
-    int64_t extent = 0;
     if (__builtin_mul_overflow(layout->num_blocks, layout->block_size,
-                               &slots) ||
-        !layout_extent_add(&extent, layout->num_blocks,
-                           layout->block_stride) ||
-        !layout_extent_add(&extent, layout->block_size,
-                           layout->token_stride) ||
-        !layout_extent_add(&extent, layout->num_kv_heads,
-                           layout->head_stride) ||
-        !layout_extent_add(&extent, layout->head_size, layout->dim_stride)) {
+                               &slots)) {
         return kvb_fail(KVB_ERR_INVALID,
-                        "layout extent overflows int64 (num_blocks=%lld, "
-                        "block_size=%lld, block_stride=%lld, "
-                        "token_stride=%lld)",
+                        "layout slot count overflows int64 (num_blocks=%lld, "
+                        "block_size=%lld)",
                         (long long)layout->num_blocks,
-                        (long long)layout->block_size,
-                        (long long)layout->block_stride,
-                        (long long)layout->token_stride);
+                        (long long)layout->block_size);
     }
     return KVB_OK;
 }

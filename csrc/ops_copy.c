@@ -2,11 +2,13 @@
  * ops_copy.c: CPU gather and scatter between an engine's paged KV cache and
  * contiguous [n, num_kv_heads, head_size] rows.
  *
- * The paged cache is described by a kvb_paged_layout (two base pointers and
- * four element strides), which covers every layout vLLM has used: (2,B,N,H,D),
- * (B,2,N,H,D), (B,N,H,2D) with K|V interleaved per token, and HND planes.
- * Copies keep the dtype (no conversion); a head whose dims are contiguous
- * (dim_stride == 1) is moved with one memcpy, otherwise element by element.
+ * The paged cache is described by a kvb_paged_layout (two base pointers,
+ * four element strides for K and optionally four of V's own), which covers
+ * every layout vLLM has used: (2,B,N,H,D), (B,2,N,H,D), (B,N,H,2D) with K|V
+ * interleaved per token, HND planes, and the CPU backend's K transposed per
+ * block and head next to a row-major V.  Copies keep the dtype (no
+ * conversion); a head whose dims are contiguous in its plane (that plane's
+ * dim_stride == 1) is moved with one memcpy, otherwise element by element.
  */
 #include <string.h>
 
@@ -26,6 +28,7 @@ typedef struct kvb_copy_job {
     kvb_copy_dir dir;
     char *paged[2];  /* k_base, v_base (NULL: plane not copied) */
     char *dense[2];  /* contiguous k, v (NULL: plane not copied) */
+    kvb_plane_strides strides[2]; /* K's, V's (V's may equal K's) */
 } kvb_copy_job;
 
 /* Copies one head of `head_size` elements between the paged cache address
@@ -71,16 +74,17 @@ static void kvb_copy_range(int64_t begin, int64_t end, void *ctx)
         }
         int64_t block = slot / L->block_size;
         int64_t tok = slot % L->block_size;
-        int64_t tok_off = block * L->block_stride + tok * L->token_stride;
         for (int plane = 0; plane < 2; plane++) {
             if (job->paged[plane] == NULL || job->dense[plane] == NULL) {
                 continue;
             }
+            const kvb_plane_strides *st = &job->strides[plane];
+            int64_t tok_off = block * st->block + tok * st->token;
             for (int64_t h = 0; h < H; h++) {
                 char *p = job->paged[plane] +
-                          (size_t)(tok_off + h * L->head_stride) * es;
+                          (size_t)(tok_off + h * st->head) * es;
                 char *q = job->dense[plane] + (size_t)((i * H + h) * D) * es;
-                kvb_copy_head(p, q, D, L->dim_stride, es, job->dir);
+                kvb_copy_head(p, q, D, st->dim, es, job->dir);
             }
         }
     }
@@ -142,6 +146,7 @@ kvb_status kvb_cpu_gather(const kvb_paged_layout *layout,
         .paged = {layout->k_base, layout->v_base},
         .dense = {k_out, v_out},
     };
+    kvb_layout_strides(layout, &job.strides[0], &job.strides[1]);
     int64_t per_token = (int64_t)layout->num_kv_heads * layout->head_size;
     kvb_parallel_for(n, 1 + (1 << 16) / (per_token > 0 ? per_token : 1),
                      kvb_copy_range, &job);
@@ -174,6 +179,7 @@ kvb_status kvb_cpu_scatter(const kvb_paged_layout *layout,
         .paged = {layout->k_base, layout->v_base},
         .dense = {(char *)(uintptr_t)k_in, (char *)(uintptr_t)v_in},
     };
+    kvb_layout_strides(layout, &job.strides[0], &job.strides[1]);
     int64_t per_token = (int64_t)layout->num_kv_heads * layout->head_size;
     kvb_parallel_for(n, 1 + (1 << 16) / (per_token > 0 ? per_token : 1),
                      kvb_copy_range, &job);

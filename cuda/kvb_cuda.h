@@ -53,12 +53,17 @@ typedef struct kvb_cuda_rope {
 } kvb_cuda_rope;
 
 /* Paged-cache geometry for the copy kernels (element strides, as in
- * kvb_paged_layout). */
+ * kvb_paged_layout; V's are always filled in, equal to K's when the layout
+ * shares them). */
 typedef struct kvb_cuda_paged {
     int64_t block_stride;
     int64_t token_stride;
     int64_t head_stride;
     int64_t dim_stride;
+    int64_t v_block_stride;
+    int64_t v_token_stride;
+    int64_t v_head_stride;
+    int64_t v_dim_stride;
     int64_t num_slots; /* num_blocks * block_size: slots >= this are skipped */
     int64_t block_size;
     int32_t num_kv_heads;

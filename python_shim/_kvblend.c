@@ -403,30 +403,36 @@ fail:
 }
 
 /*
- * Converts the 12-int layout tuple (k_ptr, v_ptr, block_stride,
- * token_stride, head_stride, dim_stride, num_blocks, block_size,
- * num_kv_heads, head_size, dtype, device) into a kvb_paged_layout.  Only
- * types and ranges are checked here; kvb_layout_validate and the ops check
- * meaning.  Returns 0, or -1 with an exception set.
+ * Converts the layout tuple (k_ptr, v_ptr, block_stride, token_stride,
+ * head_stride, dim_stride, num_blocks, block_size, num_kv_heads, head_size,
+ * dtype, device[, v_block_stride, v_token_stride, v_head_stride,
+ * v_dim_stride]) of 12 or 16 ints into a kvb_paged_layout; with 12 (or four
+ * zero V strides) V shares K's strides.  Only types and ranges are checked
+ * here; kvb_layout_validate and the ops check meaning.  Returns 0, or -1
+ * with an exception set.
  */
 static int layout_from_object(const char *fn, PyObject *obj,
                               kvb_paged_layout *lay)
 {
-    static const char *names[12] = {
+    static const char *names[16] = {
         "k_ptr", "v_ptr", "block_stride", "token_stride", "head_stride",
         "dim_stride", "num_blocks", "block_size", "num_kv_heads",
-        "head_size", "dtype", "device"};
-    if (!PyTuple_Check(obj) || PyTuple_GET_SIZE(obj) != 12) {
+        "head_size", "dtype", "device", "v_block_stride", "v_token_stride",
+        "v_head_stride", "v_dim_stride"};
+    Py_ssize_t count = PyTuple_Check(obj) ? PyTuple_GET_SIZE(obj) : -1;
+    if (count != 12 && count != 16) {
         PyErr_Format(PyExc_TypeError,
-                     "%s(): layout must be a tuple of 12 ints (k_ptr, v_ptr, "
-                     "block_stride, token_stride, head_stride, dim_stride, "
-                     "num_blocks, block_size, num_kv_heads, head_size, "
-                     "dtype, device), got %.100s",
-                     fn, Py_TYPE(obj)->tp_name);
+                     "%s(): layout must be a tuple of 12 or 16 ints (k_ptr, "
+                     "v_ptr, block_stride, token_stride, head_stride, "
+                     "dim_stride, num_blocks, block_size, num_kv_heads, "
+                     "head_size, dtype, device[, v_block_stride, "
+                     "v_token_stride, v_head_stride, v_dim_stride]), got "
+                     "%.100s of length %zd",
+                     fn, Py_TYPE(obj)->tp_name, count);
         return -1;
     }
-    long long v[12];
-    for (int i = 0; i < 12; i++) {
+    long long v[16] = {0};
+    for (int i = 0; i < (int)count; i++) {
         PyObject *it = PyTuple_GET_ITEM(obj, i);
         if (!PyLong_Check(it)) {
             PyErr_Format(PyExc_TypeError, "%s(): layout[%d] (%s) must be an "
@@ -447,7 +453,7 @@ static int layout_from_object(const char *fn, PyObject *obj,
             if (v[i] == -1 && PyErr_Occurred()) {
                 return -1;
             }
-            if (i >= 8 && (v[i] < INT32_MIN || v[i] > INT32_MAX)) {
+            if (i >= 8 && i < 12 && (v[i] < INT32_MIN || v[i] > INT32_MAX)) {
                 PyErr_Format(PyExc_ValueError, "%s(): layout[%d] (%s) = %lld "
                              "does not fit int32", fn, i, names[i], v[i]);
                 return -1;
@@ -466,6 +472,10 @@ static int layout_from_object(const char *fn, PyObject *obj,
     lay->head_size = (int32_t)v[9];
     lay->dtype = (kvb_dtype)v[10];
     lay->device = (int32_t)v[11];
+    lay->v_block_stride = v[12];
+    lay->v_token_stride = v[13];
+    lay->v_head_stride = v[14];
+    lay->v_dim_stride = v[15];
     return 0;
 }
 

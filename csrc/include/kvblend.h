@@ -345,9 +345,19 @@ KVB_API kvb_status kvb_store_debug_set_hash(kvb_store *store,
  * Describes one layer of a paged KV cache owned by the engine.  Element
  * (block b, token t, head h, dim d) of K lives at
  *   k_base + b*block_stride + t*token_stride + h*head_stride + d*dim_stride
- * (strides in elements, not bytes), and likewise for V.  This covers
- * (2,B,N,H,D), (B,2,N,H,D), (B,N,H,2D) with K|V per token, and HND planes.
- * A slot is block*block_size + token; a negative slot is padding (skipped).
+ * (strides in elements, not bytes), and likewise for V from v_base.  This
+ * covers (2,B,N,H,D), (B,2,N,H,D), (B,N,H,2D) with K|V per token, and HND
+ * planes.  A slot is block*block_size + token; a negative slot is padding
+ * (skipped).
+ *
+ * V may have strides of its own (v_block_stride .. v_dim_stride): when all
+ * four are 0, V uses K's strides (so a zero-initialised descriptor keeps
+ * the shared-stride meaning); otherwise V's element is at
+ *   v_base + b*v_block_stride + t*v_token_stride + h*v_head_stride
+ *          + d*v_dim_stride.
+ * vLLM's CPU attention backend needs this: per block and head it stores K
+ * transposed ([head_size, block_size]: token_stride 1, dim_stride
+ * block_size) and V row-major ([block_size, head_size]).
  */
 typedef struct kvb_paged_layout {
     void *k_base;
@@ -362,10 +372,15 @@ typedef struct kvb_paged_layout {
     int32_t head_size;
     kvb_dtype dtype;
     int32_t device; /* -1: host memory; >= 0: CUDA device ordinal */
+    /* V's own strides; all four 0 = the same as K's (see above). */
+    int64_t v_block_stride;
+    int64_t v_token_stride;
+    int64_t v_head_stride;
+    int64_t v_dim_stride;
 } kvb_paged_layout;
 
 /* Checks the descriptor: non-NULL bases, positive sizes, non-negative
- * strides, known dtype. */
+ * strides (K's and V's), known dtype, extents of K and V within int64. */
 KVB_API kvb_status kvb_layout_validate(const kvb_paged_layout *layout);
 
 /* Checks a slot mapping: every slot must be < num_blocks*block_size

@@ -20,7 +20,7 @@ from . import _ext
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ROPE_STYLES = {"neox": 0, "gptj": 1}
-LAYOUTS = ("cpu", "flash", "flashinfer", "joint")
+LAYOUTS = ("cpu", "flash", "flashinfer", "joint", "cpu_attn")
 
 
 class PagedLayout(NamedTuple):
@@ -28,8 +28,10 @@ class PagedLayout(NamedTuple):
 
     Element (block b, token t, head h, dim d) of K is at
     ``k_ptr + (b*block_stride + t*token_stride + h*head_stride + d*dim_stride)
-    * itemsize``; V likewise from ``v_ptr``.  The pointers are borrowed: keep
-    the cache tensor alive while the layout is used.
+    * itemsize``; V likewise from ``v_ptr``, with the ``v_*`` strides when
+    any of them is non-zero (all four 0, the default, means K's strides).
+    The pointers are borrowed: keep the cache tensor alive while the layout
+    is used.
     """
 
     k_ptr: int
@@ -44,6 +46,10 @@ class PagedLayout(NamedTuple):
     head_size: int
     dtype: int
     device: int
+    v_block_stride: int = 0
+    v_token_stride: int = 0
+    v_head_stride: int = 0
+    v_dim_stride: int = 0
 
 
 # --- checks -------------------------------------------------------------------
@@ -111,16 +117,42 @@ def _torch_device(index: int) -> torch.device:
 
 def layout_from_views(k: torch.Tensor, v: torch.Tensor) -> PagedLayout:
     """Describe K and V views of shape (num_blocks, block_size, num_kv_heads,
-    head_size) with arbitrary but equal element strides."""
+    head_size) with arbitrary element strides (V's may differ from K's, as
+    in vLLM's CPU backend, which stores K transposed per block and head)."""
     _check(k, "k", dtype=tuple(_DTYPE_CODES), contiguous=False)
     _check(v, "v", shape=tuple(k.shape), dtype=k.dtype, device=k.device, contiguous=False)
     if k.dim() != 4:
         raise ValueError(f"k: expected 4 dims (num_blocks, block_size, num_kv_heads, head_size), got shape {tuple(k.shape)}")
-    if k.stride() != v.stride():
-        raise ValueError(f"v: expected the strides of k {k.stride()}, got {v.stride()}")
+    if min(k.stride() + v.stride()) < 0:
+        raise ValueError(f"k, v: expected non-negative strides, got {k.stride()} and {v.stride()}")
     b, n, h, d = k.shape
+    v_strides = (0, 0, 0, 0) if v.stride() == k.stride() else v.stride()
     return PagedLayout(k.data_ptr(), v.data_ptr(), *k.stride(), b, n, h, d,
-                       dtype_code(k.dtype, "k"), device_index(k))
+                       dtype_code(k.dtype, "k"), device_index(k), *v_strides)
+
+
+def cpu_attn_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of a vLLM CPU_ATTN cache (its "vec"/"vec16" kernels) as views
+    of shape (num_blocks, block_size, num_kv_heads, head_size).
+
+    The tensor is (num_blocks, num_kv_heads, block_size, 2*head_size); the
+    backend reads each (block, head) as block_size*head_size elements of K
+    stored transposed ([head_size, block_size]: K[t, d] at d*block_size + t)
+    followed by as many of V stored row-major ([block_size, head_size]).
+    Needs each (block, head) contiguous; ValueError otherwise.
+    """
+    shape = tuple(kv_cache.shape)
+    if kv_cache.dim() != 4 or shape[3] % 2 != 0:
+        raise ValueError(f"kv_cache: layout 'cpu_attn' expects shape (num_blocks, num_kv_heads, block_size, 2*head_size), got {shape}")
+    b, h, n, d2 = shape
+    d = d2 // 2
+    sb, sh, st, sd = kv_cache.stride()
+    if sd != 1 or (n > 1 and st != d2):
+        raise ValueError(f"kv_cache: layout 'cpu_attn' needs each (block, head) contiguous "
+                         f"(strides (*, *, {d2}, 1)), got strides {kv_cache.stride()}")
+    k = kv_cache.as_strided((b, n, h, d), (sb, 1, sh, n))
+    v = kv_cache.as_strided((b, n, h, d), (sb, d, sh, 1), kv_cache.storage_offset() + n * d)
+    return k, v
 
 
 def paged_layout(kv_cache: torch.Tensor, layout: str) -> PagedLayout:
@@ -130,6 +162,9 @@ def paged_layout(kv_cache: torch.Tensor, layout: str) -> PagedLayout:
     ``"flash"``      (2, num_blocks, block_size, num_kv_heads, head_size)
     ``"flashinfer"`` (num_blocks, 2, block_size, num_kv_heads, head_size)
     ``"joint"``      (num_blocks, block_size, num_kv_heads, 2*head_size), K|V per token
+    ``"cpu_attn"``   (num_blocks, num_kv_heads, block_size, 2*head_size), vLLM's
+                     CPU_ATTN (vec kernels): per block and head K transposed
+                     ([head_size, block_size]), then V ([block_size, head_size])
 
     Strides are read from the tensor, so views and padded caches work.
     """
@@ -152,6 +187,8 @@ def paged_layout(kv_cache: torch.Tensor, layout: str) -> PagedLayout:
             raise ValueError(f"kv_cache: layout 'joint' expects shape (num_blocks, block_size, num_kv_heads, 2*head_size), got {shape}")
         d = shape[3] // 2
         k, v = kv_cache[..., :d], kv_cache[..., d:]
+    elif layout == "cpu_attn":
+        k, v = cpu_attn_views(kv_cache)
     else:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     return layout_from_views(k, v)
@@ -159,8 +196,8 @@ def paged_layout(kv_cache: torch.Tensor, layout: str) -> PagedLayout:
 
 def _layout_args(layout: Sequence[int]) -> tuple[PagedLayout, torch.device]:
     """Normalise a layout argument and return it with its torch device."""
-    if len(layout) != 12:
-        raise ValueError(f"layout: expected 12 fields (a PagedLayout), got {len(layout)}")
+    if len(layout) not in (12, 16):
+        raise ValueError(f"layout: expected 12 or 16 fields (a PagedLayout), got {len(layout)}")
     lay = PagedLayout(*(int(x) for x in layout))
     return lay, _torch_device(lay.device)
 

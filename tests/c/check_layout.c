@@ -107,6 +107,44 @@ START_TEST(test_layout_validate_rejects_overflowing_extent)
 }
 END_TEST
 
+/* V's own strides: a transposed K next to a row-major V (vLLM's CPU
+ * backend) validates, negative V strides are named with their v_ field, and
+ * V's extent is checked on its own. */
+START_TEST(test_layout_validate_v_strides)
+{
+    kvb_paged_layout l = good_layout();
+    l.head_stride = 2 * 16 * 64;
+    l.block_stride = 2 * 2 * 16 * 64;
+    l.token_stride = 1;
+    l.dim_stride = 16;
+    l.v_block_stride = l.block_stride;
+    l.v_head_stride = l.head_stride;
+    l.v_token_stride = 64;
+    l.v_dim_stride = 1;
+    ck_assert_int_eq(kvb_layout_validate(&l), KVB_OK);
+    kvb_paged_layout bad = l;
+    bad.v_block_stride = -1;
+    expect_invalid(&bad, "layout->v_block_stride=-1 is invalid (expected >= 0");
+    bad = l; bad.v_token_stride = -2;
+    expect_invalid(&bad, "layout->v_token_stride=-2 is invalid");
+    bad = l; bad.v_head_stride = -3;
+    expect_invalid(&bad, "layout->v_head_stride=-3 is invalid");
+    bad = l; bad.v_dim_stride = -4;
+    expect_invalid(&bad, "layout->v_dim_stride=-4 is invalid");
+    /* K fits, V does not */
+    bad = l; bad.v_block_stride = INT64_MAX / 2;
+    expect_invalid(&bad, "layout extent overflows int64 for V");
+    ck_assert_ptr_nonnull(strstr(kvb_last_error(), "v_block_stride="));
+    /* all V strides 0: V shares K's (here overflowing) strides */
+    bad = good_layout(); bad.block_stride = INT64_MAX / 2;
+    expect_invalid(&bad, "layout extent overflows int64 for K");
+    /* one non-zero V stride makes all four V's own: V's zero strides stay
+     * zero (a legal broadcast), so only K's extent can overflow here */
+    bad = good_layout(); bad.v_dim_stride = 1;
+    ck_assert_int_eq(kvb_layout_validate(&bad), KVB_OK);
+}
+END_TEST
+
 START_TEST(test_layout_check_slots_accepts_range_and_padding)
 {
     kvb_paged_layout l = good_layout();
@@ -154,6 +192,7 @@ Suite *layout_suite(void)
     tcase_add_test(tc, test_layout_validate_accepts_engine_layouts);
     tcase_add_test(tc, test_layout_validate_names_each_bad_field);
     tcase_add_test(tc, test_layout_validate_rejects_overflowing_extent);
+    tcase_add_test(tc, test_layout_validate_v_strides);
     tcase_add_test(tc, test_layout_check_slots_accepts_range_and_padding);
     tcase_add_test(tc, test_layout_check_slots_names_index_slot_and_limit);
     tcase_add_test(tc, test_layout_check_slots_bad_arguments);

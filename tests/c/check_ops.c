@@ -43,6 +43,7 @@ enum {
     LAYOUT_BNH2D, /* (B, N, H, 2D): K | V per token and head */
     LAYOUT_HND,   /* K and V planes of (B, H, N, D) */
     LAYOUT_BNDH,  /* (2, B, N, D, H): dims strided, element-wise path */
+    LAYOUT_CPU_ATTN, /* (B, H, [K^T: D, N | V: N, D]): V's own strides */
     NUM_LAYOUTS
 };
 
@@ -90,6 +91,20 @@ static kvb_paged_layout make_layout(int kind, char *base, int64_t B,
         L.block_stride = H * N * D;
         L.token_stride = D;
         L.head_stride = N * D;
+        break;
+    case LAYOUT_CPU_ATTN:
+        /* vLLM's CPU backend: per block and head a K plane stored
+         * transposed (element (t, d) at d*N + t), then a row-major V plane */
+        L.k_base = base;
+        L.v_base = base + (size_t)(N * D) * es;
+        L.block_stride = H * 2 * N * D;
+        L.head_stride = 2 * N * D;
+        L.token_stride = 1;
+        L.dim_stride = N;
+        L.v_block_stride = H * 2 * N * D;
+        L.v_head_stride = 2 * N * D;
+        L.v_token_stride = D;
+        L.v_dim_stride = 1;
         break;
     default: /* LAYOUT_BNDH */
         L.k_base = base;
@@ -216,6 +231,81 @@ START_TEST(test_copy_scatter_addresses_interleaved)
             ck_assert_float_eq(cache[base + d], k[h * D + d]);
             ck_assert_float_eq(cache[base + D + d], v[h * D + d]);
         }
+    }
+}
+END_TEST
+
+/* With V's own strides (vLLM's CPU backend) K lands transposed and V
+ * row-major: K(b, t, h, d) at ((b*H + h)*2*N*D) + d*N + t, V(b, t, h, d) at
+ * ((b*H + h)*2*N*D) + N*D + t*D + d; gather reads back the same rows. */
+START_TEST(test_copy_scatter_addresses_transposed_k)
+{
+    enum { B = 2, N = 4, H = 2, D = 3 };
+    float cache[2 * B * N * H * D];
+    memset(cache, 0, sizeof cache);
+    float k[2 * H * D], v[2 * H * D];
+    for (int i = 0; i < 2 * H * D; i++) {
+        k[i] = (float)(i + 1);
+        v[i] = (float)(-i - 1);
+    }
+    kvb_paged_layout L = make_layout(LAYOUT_CPU_ATTN, (char *)cache, B, N, H,
+                                     D, KVB_DTYPE_F32);
+    int64_t slots[2] = {6, 1}; /* block 1 token 2; block 0 token 1 */
+    ck_assert_int_eq(kvb_cpu_scatter(&L, slots, 2, k, v), KVB_OK);
+    int nonzero = 0;
+    for (size_t e = 0; e < sizeof cache / sizeof cache[0]; e++) {
+        nonzero += cache[e] != 0.0f;
+    }
+    ck_assert_int_eq(nonzero, 2 * 2 * H * D);
+    for (int i = 0; i < 2; i++) {
+        int64_t b = slots[i] / N, t = slots[i] % N;
+        for (int h = 0; h < H; h++) {
+            int64_t base = (b * H + h) * 2 * N * D;
+            for (int d = 0; d < D; d++) {
+                ck_assert_float_eq(cache[base + d * N + t],
+                                   k[(i * H + h) * D + d]);
+                ck_assert_float_eq(cache[base + N * D + t * D + d],
+                                   v[(i * H + h) * D + d]);
+            }
+        }
+    }
+    float ko[2 * H * D], vo[2 * H * D];
+    ck_assert_int_eq(kvb_cpu_gather(&L, slots, 2, ko, vo), KVB_OK);
+    ck_assert_mem_eq(ko, k, sizeof k);
+    ck_assert_mem_eq(vo, v, sizeof v);
+}
+END_TEST
+
+/* V strides of all 0 mean K's: such a layout and one spelling K's strides
+ * out for V write the same cache. */
+START_TEST(test_copy_zero_v_strides_mean_k_strides)
+{
+    enum { B = 3, N = 4, H = 2, D = 5 };
+    float a[2 * B * N * H * D], b[2 * B * N * H * D];
+    memset(a, 0, sizeof a);
+    memset(b, 0, sizeof b);
+    float k[3 * H * D], v[3 * H * D];
+    for (int i = 0; i < 3 * H * D; i++) {
+        k[i] = (float)(i + 1);
+        v[i] = (float)(1000 + i);
+    }
+    int64_t slots[3] = {0, 7, 11};
+    for (int kind = 0; kind < LAYOUT_CPU_ATTN; kind++) {
+        kvb_paged_layout La =
+            make_layout(kind, (char *)a, B, N, H, D, KVB_DTYPE_F32);
+        kvb_paged_layout Lb =
+            make_layout(kind, (char *)b, B, N, H, D, KVB_DTYPE_F32);
+        ck_assert_int_eq(La.v_block_stride | La.v_token_stride |
+                             La.v_head_stride | La.v_dim_stride,
+                         0);
+        Lb.v_block_stride = Lb.block_stride;
+        Lb.v_token_stride = Lb.token_stride;
+        Lb.v_head_stride = Lb.head_stride;
+        Lb.v_dim_stride = Lb.dim_stride;
+        ck_assert_int_eq(kvb_cpu_scatter(&La, slots, 3, k, v), KVB_OK);
+        ck_assert_int_eq(kvb_cpu_scatter(&Lb, slots, 3, k, v), KVB_OK);
+        ck_assert_msg(memcmp(a, b, sizeof a) == 0, "layout %d differs",
+                      kind);
     }
 }
 END_TEST
@@ -739,6 +829,8 @@ Suite *ops_suite(void)
     tcase_add_test(tc, test_copy_roundtrip_every_layout);
     tcase_add_test(tc, test_copy_scatter_addresses_interleaved);
     tcase_add_test(tc, test_copy_scatter_k_only);
+    tcase_add_test(tc, test_copy_scatter_addresses_transposed_k);
+    tcase_add_test(tc, test_copy_zero_v_strides_mean_k_strides);
     tcase_add_test(tc, test_copy_bad_slot_rejected);
     tcase_add_test(tc, test_copy_bad_args_rejected);
     tcase_add_test(tc, test_rerotate_equals_rotating_unrotated);

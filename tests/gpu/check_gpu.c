@@ -164,10 +164,10 @@ static double tol_of(kvb_dtype dt)
 /* Paged layouts                                                            */
 /* ---------------------------------------------------------------------- */
 
-enum { L_2BNHD, L_B2NHD, L_BNH2D, L_HND, L_DIMT, L_COUNT };
+enum { L_2BNHD, L_B2NHD, L_BNH2D, L_HND, L_DIMT, L_KT, L_COUNT };
 static const char *layout_names[L_COUNT] = {
     "(2,B,N,H,D)", "(B,2,N,H,D)", "(B,N,H,2D)", "HND (B,H,N,D) planes",
-    "(B,N,D,H) strided dims"};
+    "(B,N,D,H) strided dims", "(B,H,[K^T D,N | V N,D]) transposed K"};
 
 /* Describes a cache of B blocks x N tokens x H heads x D dims in `kind`
  * over one buffer `base` of 2*B*N*H*D elements (planes at their offsets). */
@@ -211,6 +211,19 @@ static kvb_paged_layout make_layout(int kind, char *base, int64_t B,
         L.block_stride = H * N * D;
         L.token_stride = D;
         L.head_stride = N * D;
+        break;
+    case L_KT:
+        /* vLLM's CPU backend: per block and head K transposed ([D, N]),
+         * then V row-major ([N, D]); V has its own strides */
+        L.v_base = base + N * D * es;
+        L.block_stride = H * 2 * N * D;
+        L.head_stride = 2 * N * D;
+        L.token_stride = 1;
+        L.dim_stride = N;
+        L.v_block_stride = H * 2 * N * D;
+        L.v_head_stride = 2 * N * D;
+        L.v_token_stride = D;
+        L.v_dim_stride = 1;
         break;
     default: /* L_DIMT */
         L.v_base = base + plane * es;

@@ -58,6 +58,12 @@ def select_ref(score, forced, k):
 def kv_row_ref(kv, layout, slot, block_size, which):
     """Row (H, D) of K (which=0) or V (which=1) at `slot` of a cache."""
     b, t = divmod(slot, block_size)
+    if layout == "cpu_attn":  # per (block, head): K^T [D, N], then V [N, D]
+        heads, d = kv.shape[1], kv.shape[3] // 2
+        planes = kv[b].reshape(heads, 2, d * block_size)
+        if which == 0:
+            return planes[:, 0].view(heads, d, block_size)[:, :, t]
+        return planes[:, 1].view(heads, block_size, d)[:, t]
     if layout == "cpu":
         return kv[which, b, :, t, :]
     if layout == "flash":
@@ -70,7 +76,8 @@ def kv_row_ref(kv, layout, slot, block_size, which):
 
 def make_cache(layout, blocks, block_size, heads, dim, dtype, padded=False):
     shapes = {"cpu": (2, blocks, heads, block_size, dim), "flash": (2, blocks, block_size, heads, dim),
-              "flashinfer": (blocks, 2, block_size, heads, dim), "joint": (blocks, block_size, heads, 2 * dim)}
+              "flashinfer": (blocks, 2, block_size, heads, dim), "joint": (blocks, block_size, heads, 2 * dim),
+              "cpu_attn": (blocks, heads, block_size, 2 * dim)}
     shape = list(shapes[layout])
     if not padded:
         return torch.randn(shape).to(dtype)
@@ -181,8 +188,12 @@ def test_ext_fastcall_argument_errors_name_the_argument():
         ext.gather(-1, lay, 0, 1, -5, 0)
     with pytest.raises(TypeError, match=r"layout\[3\] \(token_stride\) must be an int"):
         ext.gather(-1, lay[:3] + ("x",) + lay[4:], 0, 1, 0, 0)
-    with pytest.raises(TypeError, match="layout must be a tuple of 12 ints"):
+    with pytest.raises(TypeError, match="layout must be a tuple of 12 or 16 ints"):
         ext.gather(-1, lay[:11], 0, 1, 0, 0)
+    with pytest.raises(TypeError, match=r"layout\[14\] \(v_head_stride\) must be an int"):
+        ext.gather(-1, lay + (0, 0, "x", 0), 0, 1, 0, 0)
+    with pytest.raises(ext.InvalidError, match=r"layout->v_dim_stride=-1 is invalid"):
+        ext.gather(-1, lay + (1, 1, 1, -1), 0, 1, 0, 0)
     with pytest.raises(ext.InvalidError):  # NULL bases reach C and are refused there
         ext.gather(-1, (0, 0) + lay[2:], 0, 0, 0, 0)
 
@@ -246,6 +257,31 @@ def test_ops_gather_scatter_every_layout(layout, padded, dtype):
     ops.scatter(lay, slots[:1], None, torch.zeros(1, heads, dim).to(dtype))
     assert torch.equal(kv_row_ref(kv, layout, 5, bs, 0), k_now)
     assert (kv_row_ref(kv, layout, 5, bs, 1) == 0).all()
+
+
+def test_ops_cpu_attn_layout_transposed_k():
+    """'cpu_attn' (vLLM's CPU_ATTN): K rows land transposed per block and
+    head, V rows row-major, and the layout carries V's own strides."""
+    blocks, bs, heads, dim = 2, 4, 2, 3
+    kv = torch.zeros(blocks, heads, bs, 2 * dim)
+    lay = ops.paged_layout(kv, "cpu_attn")
+    assert (lay.block_stride, lay.token_stride, lay.head_stride, lay.dim_stride) == (heads * bs * 2 * dim, 1, bs * 2 * dim, bs)
+    assert (lay.v_block_stride, lay.v_token_stride, lay.v_head_stride, lay.v_dim_stride) == (heads * bs * 2 * dim, dim, bs * 2 * dim, 1)
+    assert lay.v_ptr - lay.k_ptr == bs * dim * 4
+    k = torch.arange(1, heads * dim + 1, dtype=torch.float32).view(1, heads, dim)
+    ops.scatter(lay, torch.tensor([bs + 2]), k, -k)
+    flat = kv.view(blocks, heads, 2 * bs * dim)
+    for h in range(heads):
+        for d in range(dim):
+            assert flat[1, h, d * bs + 2] == k[0, h, d]
+            assert flat[1, h, bs * dim + 2 * dim + d] == -k[0, h, d]
+    assert int((kv != 0).sum()) == 2 * heads * dim
+    # equal strides for K and V keep the 12-field meaning (V strides 0)
+    assert ops.paged_layout(torch.zeros(2, blocks, bs, heads, dim), "flash")[12:] == (0, 0, 0, 0)
+    with pytest.raises(ValueError, match=r"layout 'cpu_attn' needs each \(block, head\) contiguous"):
+        ops.paged_layout(torch.zeros(blocks, bs, heads, 2 * dim).transpose(1, 2), "cpu_attn")
+    with pytest.raises(ValueError, match=r"layout 'cpu_attn' expects shape \(num_blocks, num_kv_heads"):
+        ops.paged_layout(torch.zeros(blocks, heads, bs, 5), "cpu_attn")
 
 
 def test_ops_layout_bad_input():
