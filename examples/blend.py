@@ -6,7 +6,8 @@ with each piece tokenized on its own (no BOS) and `sep` the token ids of
 LMCACHE_BLEND_SPECIAL_STR.  The first request stores every chunk; the second
 puts the same chunks in another order with another question and reuses all
 of them.  The same second prompt then runs through an engine without the
-connector (full prefill) for the TTFT ratio.
+connector (full prefill) for the TTFT ratio; with vLLM that engine runs in a
+child process, since one process holds one vLLM engine with a connector.
 
     python examples/blend.py [--engine auto|builtin|vllm] [--model smollm2]
                              [--ratio 0.15] [--max-tokens 24] [--json out.json]
@@ -42,6 +43,7 @@ def parse_args(argv=None):
                    help="passages of the sample per chunk (2 gives a ~4K-token prompt)")
     p.add_argument("--data", default=str(HERE / "data" / "rag_sample.json"))
     p.add_argument("--json", dest="json_path", default=None, help="write the results here")
+    p.add_argument("--full-prefill-child", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -87,20 +89,22 @@ def make_engines(kind, model):
             kind = "vllm"
         except ImportError:
             kind = "builtin"
-    if kind == "vllm":
+    if kind in ("vllm", "vllm-full"):
         from vllm import LLM, SamplingParams
         from vllm.config import KVTransferConfig
 
         from kvblend.models import resolve_model_path
 
         path = resolve_model_path(model)
+        common = dict(model=path, enforce_eager=True, enable_prefix_caching=False,
+                      max_model_len=8192, max_num_batched_tokens=8192, dtype="float32")
+        if kind == "vllm-full":
+            return None, LLM(**common), SamplingParams, "vllm"
         ktc = KVTransferConfig(kv_connector="KVBlendConnector",
                                kv_connector_module_path="kvblend.vllm", kv_role="kv_both")
-        common = dict(model=path, enforce_eager=True, enable_prefix_caching=False,
-                      max_model_len=8192, dtype="float32")
-        blend = LLM(kv_transfer_config=ktc, **common)
-        full = LLM(**common)
-        return blend, full, SamplingParams, "vllm"
+        # vLLM keeps the KV-transfer group per process: the engine without
+        # the connector runs in a child process (see full_prefill_in_child)
+        return LLM(kv_transfer_config=ktc, **common), None, SamplingParams, "vllm"
     from kvblend._vllm_compat import KVTransferConfig as KTC
     from kvblend.engine import LLM, SamplingParams
 
@@ -147,21 +151,54 @@ def _ttft(out, wall):
     return wall
 
 
+def full_prefill_in_child(argv):
+    """Run this script with --full-prefill-child (a vLLM engine without the
+    connector) and return its result row for the reordered prompt."""
+    import subprocess
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv,
+                        "--full-prefill-child"], capture_output=True, text=True)
+    for line in p.stdout.splitlines():
+        if line.startswith("FULL_PREFILL_ROW "):
+            return json.loads(line.split(" ", 1)[1])
+    raise SystemExit(f"full-prefill child failed (rc={p.returncode}):\n{p.stderr[-3000:]}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     set_env(args.ratio)
-    blend, full, SamplingParams, engine = make_engines(args.engine, args.model)
+    if args.full_prefill_child:
+        _, full, SamplingParams, _ = make_engines("vllm-full", args.model)
+        _, p2 = build_prompts(full.get_tokenizer(), args.data, args.passages_per_chunk)
+        full.generate({"prompt_token_ids": p2[:64]}, SamplingParams(temperature=0.0, max_tokens=1))
+        row = run_one(full, p2, SamplingParams(temperature=0.0, max_tokens=args.max_tokens),
+                      "reordered, full prefill", blended=False)
+        print("FULL_PREFILL_ROW " + json.dumps(row), flush=True)
+        return 0
+    kind = args.engine
+    if kind == "auto":
+        try:
+            import vllm  # noqa: F401
+            kind = "vllm"
+        except ImportError:
+            kind = "builtin"
+    # with vLLM the full prefill runs first, in a child process, so the two
+    # engines never hold memory or cores at the same time
+    full_row = full_prefill_in_child(argv) if kind == "vllm" else None
+    blend, full, SamplingParams, engine = make_engines(kind, args.model)
     tok = blend.get_tokenizer()
     p1, p2 = build_prompts(tok, args.data, args.passages_per_chunk)
     sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     warm = SamplingParams(temperature=0.0, max_tokens=1)
     # warm-up both engines on a short prompt (one-time kernel and allocator costs)
     blend.generate({"prompt_token_ids": p1[:64]}, warm)
-    full.generate({"prompt_token_ids": p1[:64]}, warm)
+    if full is not None:
+        full.generate({"prompt_token_ids": p1[:64]}, warm)
 
     rows = [run_one(blend, p1, sp, "first (stores chunks)"),
             run_one(blend, p2, sp, "reordered (reuses chunks)"),
-            run_one(full, p2, sp, "reordered, full prefill", blended=False)]
+            full_row or run_one(full, p2, sp, "reordered, full prefill", blended=False)]
     ratio = rows[2]["ttft_s"] / rows[1]["ttft_s"] if rows[1]["ttft_s"] > 0 else float("nan")
     print(f"engine: {engine}   model: {args.model}   recompute ratio: "
           f"{os.environ['LMCACHE_BLEND_RECOMPUTE_RATIOS']}   check layers: "

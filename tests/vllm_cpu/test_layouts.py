@@ -28,6 +28,9 @@ def _backend_split(kv, layout):
         return kv.unbind(1)
     if layout == "bhnc":  # vLLM >= 0.28: kv_cache.transpose(1, 2).split(head_size, -1)
         return kv.transpose(1, 2).split(D, dim=-1)
+    if layout == "cpu_attn":  # CPU_ATTN: view (NB, H, 2*BS, D), chunk(2, dim=2); K^T per block/head
+        kc, vc = kv.view(NB, H, 2 * BS, D).chunk(2, dim=2)
+        return kc.reshape(NB, H, D, BS).permute(0, 3, 1, 2), vc.transpose(1, 2)
     raise AssertionError(layout)
 
 
@@ -39,12 +42,13 @@ def _alloc(layout, hnd=False):
     if layout == "flashinfer":
         return torch.zeros(NB, 2, BS, H, D)
     # (NB, H, BS, 2D) logical; NHD memory order is (NB, BS, H, 2D) permuted
-    if hnd:
+    if hnd or layout == "cpu_attn":
         return torch.zeros(NB, H, BS, 2 * D)
     return torch.zeros(NB, BS, H, 2 * D).permute(0, 2, 1, 3)
 
 
-CASES = [("cpu", False), ("flash", False), ("flashinfer", False), ("bhnc", False), ("bhnc", True)]
+CASES = [("cpu", False), ("flash", False), ("flashinfer", False), ("bhnc", False), ("bhnc", True),
+         ("cpu_attn", False)]
 
 
 @pytest.mark.parametrize("layout,hnd", CASES)
@@ -90,9 +94,42 @@ def test_detect_names_layout_from_backend_and_shape(backend, shape, want):
     assert layouts.detect(torch.empty(shape), backend) == want
 
 
-def test_detect_refuses_packed_cpu_attn_cache():
-    with pytest.raises(ValueError, match="CPU_ATTN cache of shape .* not supported"):
-        layouts.detect(torch.empty(NB, H, BS, 2 * D), "CPU_ATTN")
+@pytest.mark.parametrize("isa", ["vec", "vec16"])
+def test_detect_cpu_attn_transposed_k_kernels(isa):
+    assert layouts.detect(torch.empty(NB, H, BS, 2 * D), "CPU_ATTN", isa) == "cpu_attn"
+
+
+def test_detect_refuses_amx_packed_cpu_attn_cache():
+    with pytest.raises(ValueError, match="CPU_ATTN cache of shape .* 'amx' .*AMX-packed bf16 K"):
+        layouts.detect(torch.empty(NB, H, BS, 2 * D, dtype=torch.bfloat16), "CPU_ATTN", "amx")
+    with pytest.raises(ValueError, match="'neon' kernels.*not supported"):
+        layouts.detect(torch.empty(NB, H, BS, 2 * D), "CPU_ATTN", "neon")
+
+
+def test_cpu_attn_layout_matches_vllm_reshape_and_cache():
+    """Rows written by vLLM's own CPU_ATTN cache op (the kernels vLLM picks
+    for this cache) read back through the 'cpu_attn' layout, and rows
+    kvblend scatters sit where that op puts them."""
+    vops = pytest.importorskip("vllm._custom_ops")
+    nb, bs = 2, 32
+    kv = torch.zeros(nb, H, bs, 2 * D * 8)  # head_size 64: a size CPU_ATTN supports
+    d = 8 * D
+    isa = layouts.cpu_attn_isa(kv)
+    if isa not in ("vec", "vec16"):
+        pytest.skip(f"vLLM picks the {isa!r} kernels here")
+    assert layouts.detect(kv, "CPU_ATTN") == "cpu_attn"
+    kc, vc = kv.view(nb, H, 2 * bs, d).chunk(2, dim=2)
+    slots = torch.tensor([0, 5, bs + 1, 2 * bs - 1])
+    k = torch.randn(4, H, d)
+    v = torch.randn(4, H, d)
+    vops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa)
+    lay = layouts.layout_of(kv, "cpu_attn")
+    k_out, v_out = torch.empty(4, H, d), torch.empty(4, H, d)
+    ops.gather(lay, slots, k_out, v_out)
+    assert torch.equal(k_out, k) and torch.equal(v_out, v)
+    mine = torch.zeros_like(kv)
+    ops.scatter(layouts.layout_of(mine, "cpu_attn"), slots, k, v)
+    assert torch.equal(mine, kv)
 
 
 def test_detect_refuses_unknown_backend_naming_it():

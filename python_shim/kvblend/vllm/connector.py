@@ -227,7 +227,8 @@ class KVBlendConnector(KVConnectorBase_V1):
         if self.kv_layout is None and self._in_vllm:
             first = order[0]
             backend = layouts.backend_name(self.vllm_config, first)
-            self.kv_layout = layouts.detect(self._kv_caches[first], backend)
+            self.kv_layout = layouts.detect(self._kv_caches[first], backend,
+                                            layouts.layer_isa(self.vllm_config, first))
             logger.info("kvblend: attention backend %s, KV cache %s, layout %r", backend,
                         tuple(self._kv_caches[first].shape), self.kv_layout)
         name = self.kv_layout or "cpu"

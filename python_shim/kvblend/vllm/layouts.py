@@ -13,14 +13,17 @@ meaning of its axes depend on the vLLM release and the attention backend:
                   (num_blocks, num_kv_heads, block_size, 2*head_size), K then V
                   along the last axis; the memory order (NHD or HND) is in the
                   strides, which are read from the tensor
+``"cpu_attn"``    CPU_ATTN from vLLM 0.28 with its "vec"/"vec16" kernels: the
+                  tensor has the "bhnc" shape, but the backend views each
+                  (block, head) as a K plane followed by a V plane, K stored
+                  transposed ([head_size, block_size]) and V row-major
+                  ([block_size, head_size]); the PagedLayout gives V its own
+                  strides
 
-CPU_ATTN from vLLM 0.28 is refused.  Its tensor has the "bhnc" shape, but the
-backend views each (block, head) as a K plane followed by a V plane, and its
-kernels store the K plane in an ISA-specific order: with the "vec" kernels K
-is transposed ([head_size, block_size]) while V is not ([block_size,
-head_size]); the "amx" kernels pack bf16 pairs.  A kvblend PagedLayout has
-one set of strides for K and V, so it cannot describe that cache, and
-guessing would corrupt the KV.
+CPU_ATTN's "amx" kernels (bf16 on CPUs with AMX tiles) pack K in bf16 pairs,
+which no PagedLayout describes: that cache is refused with an error naming
+it, as are the ARM/POWER/s390x/RISC-V kernels, whose K order kvblend has
+not been checked against.
 
 The shapes of "cpu" and "flash" are equal (and CPU_ATTN's shape equals
 "bhnc"), so the layout cannot be told from the shape alone: ``detect``
@@ -36,20 +39,40 @@ import torch
 
 logger = logging.getLogger("kvblend")
 
-VLLM_LAYOUTS = ("cpu", "flash", "flashinfer", "bhnc")
+VLLM_LAYOUTS = ("cpu", "flash", "flashinfer", "bhnc", "cpu_attn")
+
+# CPU_ATTN kernels whose K is stored transposed per block and head (checked
+# against vLLM's cpu_attn_reshape_and_cache).
+_CPU_ATTN_TRANSPOSED_K = ("vec", "vec16")
 
 _CPU_BACKENDS = ("CPU_ATTN", "TORCH_SDPA")
 _GPU_BACKENDS = ("FLASH_ATTN", "FLASHINFER", "TRITON_ATTN", "FLEX_ATTENTION",
                  "ROCM_ATTN", "ROCM_AITER_FA", "ROCM_AITER_UNIFIED_ATTN")
 
 
-def detect(kv_cache: torch.Tensor, backend: str | None) -> str:
+def cpu_attn_isa(kv_cache: torch.Tensor) -> str | None:
+    """The kernel family ("vec", "vec16", "amx", "neon", ...) vLLM's CPU_ATTN
+    picks for a cache like ``kv_cache`` (num_blocks, num_kv_heads,
+    block_size, 2*head_size), asked from vLLM itself; None when the
+    installed vLLM has no such function."""
+    try:
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+    except Exception:  # noqa: BLE001 - another vLLM layout: unknown
+        return None
+    _, _, block_size, d2 = kv_cache.shape
+    return str(_get_attn_isa(kv_cache.dtype, int(block_size), int(d2) // 2))
+
+
+def detect(kv_cache: torch.Tensor, backend: str | None, isa: str | None = None) -> str:
     """Name the layout of one layer's cache ``kv_cache`` under the attention
     backend named ``backend`` (vLLM's ``AttentionBackend.get_name()``).
+    ``isa`` is CPU_ATTN's kernel family (the attention layer's ``isa``);
+    when None it is asked from vLLM (``cpu_attn_isa``).
 
     Raises ValueError naming the backend and the shape when the pair matches
-    no known layout (a new vLLM release or an unsupported backend), rather
-    than guessing.
+    no known layout (a new vLLM release or an unsupported backend), and
+    naming the kernel family for a CPU_ATTN cache whose K order kvblend
+    cannot describe (AMX-packed bf16), rather than guessing.
     """
     shape = tuple(kv_cache.shape)
     name = (backend or "").upper()
@@ -58,10 +81,19 @@ def detect(kv_cache: torch.Tensor, backend: str | None) -> str:
     dims = kv_cache.dim()
     if name in _CPU_BACKENDS:
         if dims == 4:
-            raise ValueError(f"kvblend: vLLM's {backend} cache of shape {shape} stores K in a "
-                             "kernel-specific order (transposed or packed per block and head) "
-                             "that kvblend's paged layouts cannot describe; blending on this "
-                             "vLLM CPU backend is not supported")
+            kind = isa if isa is not None else cpu_attn_isa(kv_cache)
+            if kind in _CPU_ATTN_TRANSPOSED_K and shape[3] % 2 == 0:
+                return "cpu_attn"
+            if kind == "amx":
+                raise ValueError(f"kvblend: vLLM's {backend} cache of shape {shape} uses the 'amx' "
+                                 "kernels, which store K packed in bf16 pairs (AMX-packed bf16 K) "
+                                 "per block and head; kvblend's paged layouts cannot describe that "
+                                 "order, so blending is not supported there (use dtype float32 or "
+                                 "float16, whose kernels store K transposed)")
+            raise ValueError(f"kvblend: vLLM's {backend} cache of shape {shape} uses the {kind!r} "
+                             "kernels, whose K order per block and head kvblend has not been "
+                             "checked against (known: 'vec', 'vec16'); blending on this vLLM CPU "
+                             "backend is not supported")
         if dims == 5 and shape[0] == 2:
             return "cpu"
     elif name in _GPU_BACKENDS:
@@ -101,6 +133,10 @@ def kv_views(kv_cache: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.T
         d = shape[3] // 2
         t = kv_cache.transpose(1, 2)
         return t[..., :d], t[..., d:]
+    if layout == "cpu_attn":
+        from .. import ops
+
+        return ops.cpu_attn_views(kv_cache)
     raise ValueError(f"layout: expected one of {VLLM_LAYOUTS}, got {layout!r}")
 
 
@@ -111,6 +147,14 @@ def layout_of(kv_cache: torch.Tensor, layout: str):
 
     k, v = kv_views(kv_cache, layout)
     return ops.layout_from_views(k, v)
+
+
+def layer_isa(vllm_config, layer_name: str) -> str | None:
+    """CPU_ATTN's kernel family recorded on the attention layer
+    ``layer_name`` (its ``isa`` attribute); None when absent."""
+    ctx = getattr(getattr(vllm_config, "compilation_config", None), "static_forward_context", None) or {}
+    isa = getattr(ctx.get(layer_name), "isa", None)
+    return str(isa) if isa is not None else None
 
 
 def backend_name(vllm_config, layer_name: str) -> str | None:
