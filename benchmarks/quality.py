@@ -114,12 +114,16 @@ def main(argv=None) -> int:
             return [r] * n_checks
         return [0.0] * n_checks if r == 0 else [max(x, r) for x in lead] + [r]
 
-    engines = {}
-    for r in ratios:
+    def engine(extra):
         ktc = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
-                               kv_role="kv_both",
-                               kv_connector_extra_config={"kvblend.recompute_ratios": schedule(r)})
-        engines[r] = LLM(model=full.model, tokenizer=tok, kv_transfer_config=ktc)
+                               kv_role="kv_both", kv_connector_extra_config=extra)
+        return LLM(model=full.model, tokenizer=tok, kv_transfer_config=ktc)
+
+    # One engine stores the passages; the evaluated engines only read the
+    # store, so no ratio's run leaves the question's KV behind for the next.
+    store = engine({})
+    engines = {r: engine({"kvblend.recompute_ratios": schedule(r), "kvblend.save": False})
+               for r in ratios}
     sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     one = SamplingParams(temperature=0.0, max_tokens=1)
     before, after = chat_pieces(tok, "You are a helpful assistant.")
@@ -133,7 +137,6 @@ def main(argv=None) -> int:
         chunks = [encode(tok, f"{c['title']}\n\n{c['text']}\n\n") for c in item["ctxs"]]
         q_ids = encode(tok, QUERY.format(q=item["question"]) + after)
         prompt = join(sys_ids, chunks, q_ids, sep)
-        store = engines[ratios[0]]
         for c in chunks:  # each passage prefilled alone after the system prompt
             store.generate({"prompt_token_ids": join(sys_ids, [c], [], sep)}, one)
         ref = full.generate({"prompt_token_ids": prompt}, sp, return_first_logits=True)[0]

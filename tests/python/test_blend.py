@@ -263,3 +263,25 @@ def test_ratio_zero_without_forced_rows(engines):
     assert st["segments_hit"] == 1 and st["forced_rows"] == 0
     assert st["active_per_layer"][2:] == [0] * (llm.adapter.num_layers - 2)
     assert len(out.outputs[0].token_ids) > 0
+
+
+def test_read_only_consumer_reuses_but_never_stores(engines, smollm2):
+    """kv_connector_extra_config {"kvblend.save": False}: the engine blends
+    from the shared store but adds none of its own segments."""
+    make, full, tok = engines
+    sys_ids, chunks, q, sep = _pieces(tok)
+    writer = make()
+    _run(writer, join(sys_ids, chunks[:2], q, sep))
+    model, _ = smollm2
+    ro = LLM(model=model, tokenizer=tok, kv_transfer_config=KVTransferConfig(
+        kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
+        kv_role="kv_both", kv_connector_extra_config={"kvblend.save": False}))
+    store = runtime.get_state(writer.worker_connector.key).conn
+    before = store.store_stats()["num_entries"]
+    p = join(sys_ids, [chunks[1], chunks[3], chunks[0]], _question(tok, "Name a composer."), sep)
+    _, st = _run(ro, p)
+    assert st["segments_hit"] == 3  # sys and both stored chunks, read from the shared store
+    assert store.store_stats()["num_entries"] == before  # chunk 3 and the question not added
+    _, st2 = _run(ro, p)
+    assert st2["segments_hit"] == 3
+    ro.shutdown()

@@ -97,6 +97,10 @@ class KVBlendConnector(KVConnectorBase_V1):
         extra = _extra(vllm_config)
         ratios = extra.get("kvblend.recompute_ratios")
         self.timing = bool(extra.get("kvblend.timing", False))
+        # "kvblend.save": False makes a read-only consumer: it reuses stored
+        # chunks but never adds its own (evaluation, or a replica that must
+        # not fill a shared store).
+        self.save_chunks = bool(extra.get("kvblend.save", True))
         self.ratios_override = None if ratios is None else [float(r) for r in ratios]
         # An explicit layout wins; kvblend's built-in engine names its own;
         # under vLLM it is detected from the attention backend in
@@ -275,7 +279,8 @@ class KVBlendConnector(KVConnectorBase_V1):
         for rm in todo:
             slots = self._slots(rm)
             t0 = time.perf_counter()
-            req = st.conn.begin(rm.token_ids, blend_end=rm.num_external, save=rm.save)
+            req = st.conn.begin(rm.token_ids, blend_end=rm.num_external,
+                                save=rm.save and self.save_chunks)
             info = {"segments_total": 0, "segments_hit": 0, "tokens_recomputed": 0,
                     "blend_rows": 0, "blend_s": 0.0}
             if rm.num_external > 0:
