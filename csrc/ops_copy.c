@@ -121,30 +121,33 @@ static kvb_status kvb_copy_check(const char *fn,
     return kvb_layout_check_slots(layout, slots, n);
 }
 
-/* Gathers n tokens from the paged cache into contiguous k_out/v_out
- * [n, num_kv_heads, head_size]; padding slots leave their rows untouched.
- * Either output may be NULL to read only the other plane, not both. */
-kvb_status kvb_cpu_gather(const kvb_paged_layout *layout,
-                          const int64_t *slots, int64_t n, void *k_out,
-                          void *v_out)
+/* Validates the arguments of a gather or a scatter and runs it over
+ * threads: `k`/`v` are the contiguous [n, num_kv_heads, head_size] rows
+ * (outputs for a gather, inputs for a scatter), either may be NULL but not
+ * both.  `fn`, `kname` and `vname` name the caller and its arguments in
+ * messages. */
+static kvb_status kvb_copy_run(const char *fn, const char *kname,
+                               const char *vname,
+                               const kvb_paged_layout *layout,
+                               const int64_t *slots, int64_t n, char *k,
+                               char *v, kvb_copy_dir dir)
 {
-    kvb_status st = kvb_copy_check("kvb_cpu_gather", layout, slots, n);
+    kvb_status st = kvb_copy_check(fn, layout, slots, n);
     if (st != KVB_OK) {
         return st;
     }
-    if (n > 0 && k_out == NULL && v_out == NULL) {
+    if (n > 0 && k == NULL && v == NULL) {
         return kvb_fail(KVB_ERR_INVALID,
-                        "kvb_cpu_gather: k_out and v_out are both NULL "
-                        "with n=%lld",
-                        (long long)n);
+                        "%s: %s and %s are both NULL with n=%lld", fn, kname,
+                        vname, (long long)n);
     }
     kvb_copy_job job = {
         .layout = layout,
         .slots = slots,
         .esize = kvb_dtype_size(layout->dtype),
-        .dir = KVB_COPY_GATHER,
+        .dir = dir,
         .paged = {layout->k_base, layout->v_base},
-        .dense = {k_out, v_out},
+        .dense = {k, v},
     };
     kvb_layout_strides(layout, &job.strides[0], &job.strides[1]);
     int64_t per_token = (int64_t)layout->num_kv_heads * layout->head_size;
@@ -153,35 +156,28 @@ kvb_status kvb_cpu_gather(const kvb_paged_layout *layout,
     return KVB_OK;
 }
 
+/* Gathers n tokens from the paged cache into contiguous k_out/v_out
+ * [n, num_kv_heads, head_size]; padding slots leave their rows untouched.
+ * Either output may be NULL to read only the other plane, not both. */
+kvb_status kvb_cpu_gather(const kvb_paged_layout *layout,
+                          const int64_t *slots, int64_t n, void *k_out,
+                          void *v_out)
+{
+    return kvb_copy_run("kvb_cpu_gather", "k_out", "v_out", layout, slots, n,
+                        k_out, v_out, KVB_COPY_GATHER);
+}
+
 /* Scatters contiguous k_in/v_in [n, num_kv_heads, head_size] into the paged
  * cache at slots; padding slots are skipped.  Either input may be NULL to
  * write only the other plane, not both.  Tokens are written in parallel, so
- * when a slot appears twice which row it ends up holding is unspecified. */
+ * when a slot appears twice which row it ends up holding is unspecified.
+ * The inputs are only read (the job's dense pointers serve both
+ * directions). */
 kvb_status kvb_cpu_scatter(const kvb_paged_layout *layout,
                            const int64_t *slots, int64_t n, const void *k_in,
                            const void *v_in)
 {
-    kvb_status st = kvb_copy_check("kvb_cpu_scatter", layout, slots, n);
-    if (st != KVB_OK) {
-        return st;
-    }
-    if (n > 0 && k_in == NULL && v_in == NULL) {
-        return kvb_fail(KVB_ERR_INVALID,
-                        "kvb_cpu_scatter: k_in and v_in are both NULL "
-                        "with n=%lld",
-                        (long long)n);
-    }
-    kvb_copy_job job = {
-        .layout = layout,
-        .slots = slots,
-        .esize = kvb_dtype_size(layout->dtype),
-        .dir = KVB_COPY_SCATTER,
-        .paged = {layout->k_base, layout->v_base},
-        .dense = {(char *)(uintptr_t)k_in, (char *)(uintptr_t)v_in},
-    };
-    kvb_layout_strides(layout, &job.strides[0], &job.strides[1]);
-    int64_t per_token = (int64_t)layout->num_kv_heads * layout->head_size;
-    kvb_parallel_for(n, 1 + (1 << 16) / (per_token > 0 ? per_token : 1),
-                     kvb_copy_range, &job);
-    return KVB_OK;
+    return kvb_copy_run("kvb_cpu_scatter", "k_in", "v_in", layout, slots, n,
+                        (char *)(uintptr_t)k_in, (char *)(uintptr_t)v_in,
+                        KVB_COPY_SCATTER);
 }
