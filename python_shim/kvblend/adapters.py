@@ -128,12 +128,25 @@ class ModelAdapter:
         self.rope = _rope_spec(model)
         self.has_qk_norm = hasattr(attn0, "q_norm")
         self._rope_memo = None
+        # Per-layer CUDA graphs of the dense pieces for small token counts
+        # (``enable_cuda_graphs``); None: always eager.
+        self.graphs: LayerGraphs | None = None
         # Sliding window per layer (None = full attention): Mistral applies
         # config.sliding_window to every layer, Qwen2/3 mark layers themselves.
         if self.architecture == "MistralForCausalLM":
             self.sliding_windows = [config.sliding_window] * self.num_layers
         else:
             self.sliding_windows = [getattr(l.self_attn, "sliding_window", None) for l in self.layers]
+
+    def enable_cuda_graphs(self, max_tokens: int = 256) -> bool:
+        """Run ``qkv`` and ``out`` of up to ``max_tokens`` rows through
+        per-layer CUDA graphs (see ``LayerGraphs``).  Only on CUDA; returns
+        whether graphs are on.  ``max_tokens`` 0 turns them off."""
+        if self.device.type != "cuda" or max_tokens <= 0:
+            self.graphs = None
+            return False
+        self.graphs = LayerGraphs(self, max_tokens)
+        return True
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [T] -> hidden states [T, hidden]."""
@@ -143,8 +156,18 @@ class ModelAdapter:
         """Return (q [T,Hq,D], k [T,Hkv,D], v [T,Hkv,D]) of ``layer`` for hidden ``h`` [T,hidden].
 
         Applies input_layernorm, the projections, q_norm/k_norm where the model
-        has them, and RoPE at ``positions`` [T] to q and k.
+        has them, and RoPE at ``positions`` [T] to q and k.  With CUDA graphs
+        on and T within the graph buckets the result views the graph's static
+        output, valid until the same layer runs again for as many tokens.
         """
+        cos, sin = self._cos_sin(positions, h.dtype)
+        g = self.graphs
+        if g is not None and g.fits(h):
+            return g.run("qkv", layer, (h, cos, sin))
+        return self._qkv(layer, h, cos, sin)
+
+    def _qkv(self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """``qkv`` with the RoPE tables given (the body CUDA graphs capture)."""
         attn = self.layers[layer].self_attn
         x = self.layers[layer].input_layernorm(h)
         T, D = x.shape[0], self.head_size
@@ -154,7 +177,6 @@ class ModelAdapter:
         if self.has_qk_norm:
             q = attn.q_norm(q)
             k = attn.k_norm(k)
-        cos, sin = self._cos_sin(positions, q.dtype)
         return self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin), v
 
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
@@ -175,9 +197,19 @@ class ModelAdapter:
         return cos, sin
 
     def out(self, layer: int, attn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """Finish ``layer``: o_proj of ``attn`` [T,Hq,D] + residual, then the MLP block."""
+        """Finish ``layer``: o_proj of ``attn`` [T,Hq,D] + residual, then the MLP block.
+
+        Under CUDA graphs (see ``qkv``) the result views the static output."""
+        a2 = attn.reshape(attn.shape[0], -1)
+        g = self.graphs
+        if g is not None and g.fits(residual) and a2.dtype == residual.dtype:
+            return g.run("out", layer, (a2, residual))[0]
+        return self._out(layer, a2, residual)
+
+    def _out(self, layer: int, attn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``out`` of ``attn`` [T, Hq*D] (the body CUDA graphs capture)."""
         mod = self.layers[layer]
-        h = residual + mod.self_attn.o_proj(attn.reshape(attn.shape[0], -1))
+        h = residual + mod.self_attn.o_proj(attn)
         return h + mod.mlp(mod.post_attention_layernorm(h))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -241,6 +273,82 @@ class ModelAdapter:
                 mask &= kp > qp - window
             o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale, **gqa)
         return o[0].transpose(0, 1)
+
+
+class LayerGraphs:
+    """Per-layer CUDA graphs of a decoder layer's two dense pieces, the way
+    vLLM's piecewise graphs run small batches: "qkv" (input norm,
+    projections, q/k norms, RoPE with the tables given) and "out" (o_proj,
+    residual, post-attention norm, MLP, residual).  Attention and the KV
+    cache writes stay eager between them.
+
+    A call with T rows runs the graph of the smallest bucket (a power of two
+    up to ``max_tokens``) that holds T: inputs are copied into the graph's
+    static buffers (rows past T keep earlier finite values; every row is
+    computed independently, so they never touch the first T), the graph is
+    replayed, and views of the first T rows of its static outputs are
+    returned.  A graph is captured the first time its (piece, layer, bucket,
+    dtypes) is used, on a side stream, with one shared memory pool; capture
+    synchronizes the device once.  The outputs stay valid until the same
+    piece of the same layer runs again in the same bucket.
+    """
+
+    def __init__(self, adapter: ModelAdapter, max_tokens: int):
+        self.adapter = adapter
+        self.max_tokens = max_tokens
+        self.buckets = []
+        b = 1
+        while b < max_tokens:
+            self.buckets.append(b)
+            b *= 2
+        self.buckets.append(max_tokens)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict = {}
+        self.captures = 0
+
+    def fits(self, h: torch.Tensor) -> bool:
+        """Whether rows of ``h`` [T, hidden] go through a graph."""
+        return h.is_cuda and 0 < h.shape[0] <= self.max_tokens and not torch.is_grad_enabled()
+
+    def run(self, piece: str, layer: int, inputs: tuple):
+        """Replay (capturing first if needed) ``piece`` of ``layer`` on
+        ``inputs`` (each [T, ...]); returns views of the outputs' first T rows."""
+        T = inputs[0].shape[0]
+        bucket = next(b for b in self.buckets if b >= T)
+        key = (piece, layer, bucket) + tuple((x.dtype, tuple(x.shape[1:])) for x in inputs)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self.graphs[key] = self._capture(piece, layer, bucket, inputs)
+        graph, static_in, static_out = entry
+        for buf, x in zip(static_in, inputs):
+            buf[:T].copy_(x)
+        graph.replay()
+        return tuple(o[:T] for o in static_out)
+
+    def _capture(self, piece: str, layer: int, bucket: int, inputs: tuple):
+        """Capture ``piece`` of ``layer`` for ``bucket`` rows: one eager run on
+        a side stream (lazy initialisations), then the capture on the same
+        stream into the shared pool."""
+        a = self.adapter
+        fn = a._qkv if piece == "qkv" else a._out
+        static_in = tuple(torch.zeros((bucket,) + tuple(x.shape[1:]), dtype=x.dtype,
+                                      device=x.device) for x in inputs)
+        cur = torch.cuda.current_stream()
+        side = torch.cuda.Stream(device=cur.device)
+        side.wait_stream(cur)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side):
+            fn(layer, *static_in)
+            side.synchronize()
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                out = fn(layer, *static_in)
+            finally:
+                graph.capture_end()
+        cur.wait_stream(side)
+        out = out if isinstance(out, tuple) else (out,)
+        self.captures += 1
+        return graph, static_in, out
 
 
 def get_adapter(model) -> ModelAdapter:

@@ -74,14 +74,23 @@ def kv_cache_shape(layout: str, num_blocks: int, block_size: int, num_kv_heads: 
 
 
 def kv_write(kv_cache: torch.Tensor, layout: str, slots: torch.Tensor,
-             k: torch.Tensor, v: torch.Tensor) -> None:
-    """Write k, v [T, H, D] into the paged ``kv_cache`` at ``slots`` [T]."""
+             k: torch.Tensor, v: torch.Tensor, index=None) -> None:
+    """Write k, v [T, H, D] into the paged ``kv_cache`` at ``slots`` [T].
+    ``index``: ``slot_index(kv_cache, slots)`` computed once for many layers."""
+    blk, off = index if index is not None else slot_index(kv_cache, layout, slots)
     for idx, x in ((0, k), (1, v)):
-        plane, blk, off = _plane(kv_cache, layout, idx, slots)
+        plane = kv_cache[:, idx] if layout == "flashinfer" else kv_cache[idx]
         if layout == "cpu":
             plane[blk, :, off] = x
         else:
             plane[blk, off] = x
+
+
+def slot_index(kv_cache: torch.Tensor, layout: str, slots: torch.Tensor):
+    """(block index, offset in block) of ``slots`` on the cache's device."""
+    block_size = kv_cache.shape[3] if layout == "cpu" else kv_cache.shape[2]
+    slots = slots.to(kv_cache.device)
+    return torch.div(slots, block_size, rounding_mode="floor"), slots % block_size
 
 
 def kv_read(kv_cache: torch.Tensor, layout: str, slots: torch.Tensor
@@ -214,7 +223,8 @@ class LLM:
 
     def __init__(self, model: Any = "smollm2", kv_transfer_config=None, block_size: int = 16,
                  max_model_len: int = 8192, dtype: torch.dtype = torch.float32,
-                 kv_cache_layout: str = "cpu", num_blocks: int | None = None, tokenizer=None):
+                 kv_cache_layout: str = "cpu", num_blocks: int | None = None, tokenizer=None,
+                 enforce_eager: bool = False, cuda_graph_max_tokens: int = 256):
         if block_size < 1:
             raise ValueError(f"block_size={block_size}: expected >= 1")
         if isinstance(model, str):
@@ -226,6 +236,12 @@ class LLM:
             self.model, self.tokenizer = model.eval(), tokenizer
             model_name = getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.adapter = get_adapter(self.model)
+        # As in vLLM: on CUDA, steps of up to cuda_graph_max_tokens tokens
+        # (decode, short suffix prefills) run each layer's dense pieces as
+        # CUDA graphs, attention eager between them; enforce_eager turns
+        # that off.  Large prefills are bound by the device and stay eager.
+        if not enforce_eager:
+            self.adapter.enable_cuda_graphs(cuda_graph_max_tokens)
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.kv_cache_layout = kv_cache_layout
@@ -489,13 +505,14 @@ class LLM:
         slots = ctx.attn_metadata[self.layer_names[0]].slot_mapping.to(dev)
         table = self._block_table(rid, end, dev) if start > 0 else None
         positions = torch.arange(start, end, device=dev)
+        index = slot_index(self.kv_caches[self.layer_names[0]], layout, slots)
         h = a.embed(torch.tensor(tokens, dtype=torch.long))
         for i, name in enumerate(self.layer_names):
             if worker is not None:
                 worker.wait_for_layer_load(name)
             q, k, v = a.qkv(i, h, positions)
             cache = self.kv_caches[name]
-            kv_write(cache, layout, slots, k, v)
+            kv_write(cache, layout, slots, k, v, index)
             if start == 0 and cache.dtype == k.dtype:
                 attn = a.attend(i, q, k, v)
             elif start == 0:
