@@ -180,9 +180,10 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
                 attn = _sdpa(q, stage_k.to(q.dtype), stage_v.to(q.dtype), adapter.scale, window)
             elif cuda and subset == "flex" and window is None and q.dtype in _FLEX_DTYPES:
                 if flex_mask is None:
-                    flex_mask = _flex_block_mask(active, n_rows)
-                attn = _flex_attention(q, stage_k.to(q.dtype), stage_v.to(q.dtype),
-                                       flex_mask, adapter.scale)
+                    group = adapter.num_q_heads // adapter.num_kv_heads if FLEX_PACK_GQA else 1
+                    flex_mask = _flex_block_mask(active, n_rows, group, FLEX_HEAVY_FIRST)
+                pk, pv = loader.padded(layer)
+                attn = _flex_attention(q, pk.to(q.dtype), pv.to(q.dtype), flex_mask, adapter.scale)
                 if attn is None:  # FlexAttention unavailable: SDPA from now on
                     subset = "sdpa"
             if attn is None and cuda and (subset != "kvblend" or window is not None):
@@ -218,8 +219,20 @@ class _Loader:
         self.request, self.compute, self.pipelined = request, compute, pipelined
         self.num_layers = num_layers
         n = 2 if pipelined else 1
-        self.bufs = [(torch.empty(shape, dtype=dtype, device=device),
-                      torch.empty(shape, dtype=dtype, device=device)) for _ in range(n)]
+        # On CUDA the rows are padded to whole FlexAttention tiles, zeros
+        # (finite: masked keys must not turn the softmax into NaN); ``take``
+        # returns the first shape[0] rows, ``padded`` the whole buffers.
+        rows = shape[0]
+        if device.type == "cuda":
+            rows = -(-rows // _FLEX_BLOCK) * _FLEX_BLOCK
+        self.full = []
+        for _ in range(n):
+            pair = tuple(torch.empty((rows,) + tuple(shape[1:]), dtype=dtype, device=device)
+                         for _ in range(2))
+            for x in pair:
+                x[shape[0]:].zero_()
+            self.full.append(pair)
+        self.bufs = [(k[:shape[0]], v[:shape[0]]) for k, v in self.full]
         if pipelined:
             key = (device.index, compute.cuda_stream)
             side = _LOAD_STREAMS.get(key)
@@ -256,6 +269,10 @@ class _Loader:
             self._issue(layer + 1)
         return self.bufs[layer % 2]
 
+    def padded(self, layer: int):
+        """The staging pair of ``layer`` with its zero padding rows."""
+        return self.full[layer % 2 if self.pipelined else 0]
+
     def done(self, layer: int) -> None:
         """The compute stream has queued its last use of ``layer``'s pair."""
         if self.pipelined:
@@ -290,31 +307,50 @@ _FLEX_DTYPES = (torch.bfloat16,)
 _FLEX_BLOCK = 128
 
 
-def _flex_block_mask(q_pos: torch.Tensor, n_keys: int):
+# FlexAttention's subset attention packs the query heads of each GQA group
+# as rows of one KV head (a tile of 128 rows then holds 128/G positions and
+# reads each key tile once for the whole group) and orders the rows by
+# descending position (the programs with the most key tiles start first).
+FLEX_PACK_GQA = True
+FLEX_HEAVY_FIRST = True
+# kernel_options handed to FlexAttention (tile sizes, warps, stages); None:
+# its defaults.  Must divide the 128-row/128-key tiles of the block mask.
+FLEX_KERNEL_OPTIONS: dict | None = None
+
+
+def _flex_block_mask(q_pos: torch.Tensor, n_keys: int, group: int = 1, heavy_first: bool = False):
     """FlexAttention block mask for queries at positions ``q_pos`` (int64,
     ascending) over keys 0..n_keys-1: key j is seen by query i iff
-    j <= q_pos[i].  Built directly from the sorted positions on the device
-    (no dense mask, no host wait): for the 128 queries of a tile at positions
-    [p_first, p_last], key tiles wholly <= p_first are full (no mask_mod),
-    tiles up to p_last's are partial, later ones skipped.
+    j <= q_pos[i].  Built directly from the positions on the device (no
+    dense mask, no host wait): for a tile of 128 query rows whose positions
+    span [p_min, p_max], key tiles wholly <= p_min are full (no mask_mod),
+    tiles up to p_max's are partial, later ones skipped.
 
-    Queries and keys are padded to whole tiles (at least one): padded
-    queries repeat the last position and are dropped afterwards, padded keys
+    ``group`` > 1: the rows are the queries' ``group`` heads of one KV head,
+    row r = i * group + g at position q_pos[i] (see ``_flex_attention``).
+    ``heavy_first``: rows in descending position order.
+
+    Rows and keys are padded to whole tiles (at least one): padded rows
+    repeat the last row's position and are dropped afterwards, padded keys
     lie past every query and are masked out.  Inductor finds no kernel for
     some partial-tile shapes, whole tiles always compile.  Returns
-    (mask, nq, padded queries, padded keys), or None where FlexAttention is
-    unavailable."""
+    (mask, rows, padded rows, padded keys, group, heavy_first), or None where
+    FlexAttention is unavailable."""
     if _FLEX.get("broken"):
         return None
     try:
         from torch.nn.attention.flex_attention import BlockMask
 
         B = _FLEX_BLOCK
-        nq = q_pos.numel()
+        pos = q_pos.flip(0) if heavy_first else q_pos
+        if group > 1:
+            pos = pos.repeat_interleave(group)
+        nq = pos.numel()
         nqb, nkb = max(1, -(-nq // B)), max(1, -(-n_keys // B))
-        q_pad = torch.cat((q_pos, q_pos[-1:].expand(nqb * B - nq)))
-        first = q_pad[::B]
-        last = q_pad[B - 1::B]
+        q_pad = torch.cat((pos, pos[-1:].expand(nqb * B - nq)))
+        tiles = q_pad.view(nqb, B)
+        first = tiles.amin(1)
+        last = tiles.amax(1)
         n_full = torch.div(first + 1, B, rounding_mode="floor").clamp(max=nkb)
         n_part = (torch.div(last, B, rounding_mode="floor") + 1).clamp(max=nkb) - n_full
         cols = torch.arange(nkb, device=q_pos.device)
@@ -329,7 +365,7 @@ def _flex_block_mask(q_pos: torch.Tensor, n_keys: int):
             n_part.to(i32)[None, None], part_idx.to(i32)[None, None].contiguous(),
             n_full.to(i32)[None, None], full_idx.to(i32)[None, None].contiguous(),
             BLOCK_SIZE=B, mask_mod=causal_by_position, seq_lengths=(nqb * B, nkb * B))
-        return mask, nq, nqb * B, nkb * B
+        return mask, nq, nqb * B, nkb * B, group, heavy_first
     except Exception as e:  # noqa: BLE001 - any failure means: use SDPA
         _flex_broken(e)
         return None
@@ -337,27 +373,45 @@ def _flex_block_mask(q_pos: torch.Tensor, n_keys: int):
 
 def _flex_attention(q, k, v, block_mask, scale: float):
     """FlexAttention of q [nq,Hq,D] over k/v [N,Hkv,D] under ``block_mask``
-    (``_flex_block_mask``), compiled once (dynamic shapes).  Returns None
-    for float32 and (after logging once) where FlexAttention cannot run."""
+    (``_flex_block_mask``), compiled once (dynamic shapes).  With the mask's
+    ``group`` > 1 the query heads of each KV head's group become rows of
+    that head (Hq = group * Hkv).  Returns None for float32 and (after
+    logging once) where FlexAttention cannot run."""
     if block_mask is None or _FLEX.get("broken") or q.dtype not in _FLEX_DTYPES:
         return None
-    mask, nq, nq_pad, nk_pad = block_mask
+    mask, rows, rows_pad, nk_pad, group, heavy_first = block_mask
     try:
         fn = _FLEX.get("fn")
         if fn is None:
             from torch.nn.attention.flex_attention import flex_attention
 
             fn = _FLEX["fn"] = torch.compile(flex_attention, dynamic=True)
-        if nq_pad > nq:
-            q = torch.cat((q, q[-1:].expand(nq_pad - nq, -1, -1)))
+        nq, hq, d = q.shape
+        hkv = k.shape[1]
+        if group > 1 and hq != group * hkv:
+            raise ValueError(f"block mask packs {group} query heads per KV head, "
+                             f"but q has {hq} heads over {hkv} KV heads")
+        if heavy_first:
+            q = q.flip(0)
+        if group > 1:  # [nq, Hkv*G, D] -> [Hkv, nq*G, D]
+            qh = q.reshape(nq, hkv, group, d).permute(1, 0, 2, 3).reshape(hkv, nq * group, d)
+        else:
+            qh = q.transpose(0, 1)
+        if rows_pad > rows:
+            qh = torch.cat((qh, qh[:, -1:].expand(-1, rows_pad - rows, -1)), dim=1)
         if nk_pad > k.shape[0]:
             pad = nk_pad - k.shape[0]
             k = torch.cat((k, k.new_zeros((pad,) + tuple(k.shape[1:]))))
             v = torch.cat((v, v.new_zeros((pad,) + tuple(v.shape[1:]))))
-        qh, kh, vh = (x[None].transpose(1, 2) for x in (q, k, v))
-        o = fn(qh, kh, vh, block_mask=mask, scale=scale,
-               enable_gqa=q.shape[1] != k.shape[1])
-        return o[0].transpose(0, 1)[:nq]
+        kh, vh = (x[None].transpose(1, 2) for x in (k, v))
+        extra = {"kernel_options": dict(FLEX_KERNEL_OPTIONS)} if FLEX_KERNEL_OPTIONS else {}
+        o = fn(qh[None], kh, vh, block_mask=mask, scale=scale,
+               enable_gqa=group == 1 and hq != hkv, **extra)[0, :, :rows]
+        if group > 1:  # [Hkv, nq*G, D] -> [nq, Hkv*G, D]
+            o = o.reshape(hkv, nq, group, d).permute(1, 0, 2, 3).reshape(nq, hq, d)
+        else:
+            o = o.transpose(0, 1)
+        return o.flip(0) if heavy_first else o
     except Exception as e:  # noqa: BLE001 - any failure means: use SDPA
         _flex_broken(e)
         return None
