@@ -75,7 +75,8 @@ def make_prompt(rng, n_total, n_chunks, chunks=None, question_seed=0):
 
 def engine(model, kind, max_len):
     """An engine without connector ("full"), or with kvblend keeping chunks
-    in the device tier ("device") or the pinned host tier ("host")."""
+    in the device tier ("device", and "device_eager": the engine without
+    CUDA graphs for its small steps) or the pinned host tier ("host")."""
     from kvblend import runtime
     from kvblend._vllm_compat import KVTransferConfig
     from kvblend.engine import LLM
@@ -83,6 +84,8 @@ def engine(model, kind, max_len):
     runtime.set_model(model, _Tok())
     if kind == "full":
         return LLM(model=model, tokenizer=None, max_model_len=max_len)
+    eager = kind.endswith("_eager")
+    kind = kind.removesuffix("_eager")
     os.environ.update({"LMCACHE_ENABLE_BLENDING": "True", "LMCACHE_BLEND_CHECK_LAYERS": "1",
                        "LMCACHE_BLEND_RECOMPUTE_RATIOS": "0.15"})
     if kind == "device":
@@ -91,8 +94,9 @@ def engine(model, kind, max_len):
         os.environ.update({"KVBLEND_MAX_DEVICE_SIZE": "0", "LMCACHE_LOCAL_CPU": "True",
                            "LMCACHE_MAX_LOCAL_CPU_SIZE": "8"})
     ktc = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
-                           kv_role="kv_both", engine_id=f"bench-{kind}")
-    return LLM(model=model, tokenizer=None, max_model_len=max_len, kv_transfer_config=ktc)
+                           kv_role="kv_both", engine_id=f"bench-{kind}{'-eager' if eager else ''}")
+    return LLM(model=model, tokenizer=None, max_model_len=max_len, kv_transfer_config=ktc,
+               enforce_eager=eager)
 
 
 def ttft(llm, ids):
@@ -172,17 +176,37 @@ def attention_times(n, ratio=0.15):
     mask = pos[None, :] <= idx[:, None]
     sub_sdpa = cuda_time(lambda: F.scaled_dot_product_attention(qsh, kh, vh, attn_mask=mask,
                                                                 enable_gqa=True))
+    group = HEADS // KV_HEADS if blend.FLEX_PACK_GQA else 1
     t0 = time.perf_counter()
-    bm = blend._flex_block_mask(idx, n)
+    bm = blend._flex_block_mask(idx, n, group, blend.FLEX_HEAVY_FIRST)
     fo = blend._flex_attention(qs, k, v, bm, HEAD ** -0.5)
     torch.cuda.synchronize()
     first_s = time.perf_counter() - t0
+    variants = {}
     if fo is None:
         flex_ms = mask_ms = float("nan")
         flex_err = float("nan")
     else:
         flex_ms = cuda_time(lambda: blend._flex_attention(qs, k, v, bm, HEAD ** -0.5))
-        mask_ms = cuda_time(lambda: blend._flex_block_mask(idx, n), iters=5)
+        mask_ms = cuda_time(lambda: blend._flex_block_mask(idx, n, group, blend.FLEX_HEAVY_FIRST),
+                            iters=5)
+        # the layouts and tile sizes the default was chosen from
+        saved = blend.FLEX_KERNEL_OPTIONS
+        for g_, hf in ((1, False), (1, True), (HEADS // KV_HEADS, False), (HEADS // KV_HEADS, True)):
+            for name, opts in (("", None), (" M64", {"BLOCK_M": 64, "BLOCK_N": 64})):
+                blend.FLEX_KERNEL_OPTIONS = opts
+                try:
+                    m_ = blend._flex_block_mask(idx, n, g_, hf)
+                    o_ = blend._flex_attention(qs, k, v, m_, HEAD ** -0.5)
+                    if o_ is None:
+                        blend._FLEX.pop("broken", None)
+                        continue
+                    variants[f"group{g_}{' heavy-first' if hf else ''}{name}"] = round(
+                        cuda_time(lambda: blend._flex_attention(qs, k, v, m_, HEAD ** -0.5)), 4)
+                except Exception as e:  # noqa: BLE001 - a variant that fails is reported
+                    variants[f"group{g_}{' heavy-first' if hf else ''}{name}"] = repr(e)[:80]
+                    blend._FLEX.pop("broken", None)
+        blend.FLEX_KERNEL_OPTIONS = saved
     # reference check of the subset against SDPA's rows
     ref = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True,
                                          enable_gqa=True)[0].transpose(0, 1)[idx].float()
@@ -191,7 +215,7 @@ def attention_times(n, ratio=0.15):
         flex_err = float((fo.float() - ref).norm() / ref.norm())
     return dict(sdpa_full_ms=full, subset_ms=sub, subset_sdpa_ms=sub_sdpa, subset_err=err,
                 subset_flex_ms=flex_ms, flex_mask_ms=mask_ms, flex_err=flex_err,
-                flex_first_call_s=first_s)
+                flex_first_call_s=first_s, flex_variants_ms=variants)
 
 
 def profile_ttft(llm, ids, path, title):
@@ -203,10 +227,26 @@ def profile_ttft(llm, ids, path, title):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t, _ = ttft(llm, ids)
     ka = prof.key_averages()
+    # device busy time: the union of every kernel's interval, against the
+    # span from the first to the last kernel
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type.name == "CUDA")
+    busy, cur_s, cur_e = 0.0, None, None
+    for a, b in spans:
+        if cur_e is None or a > cur_e:
+            if cur_e is not None:
+                busy += cur_e - cur_s
+            cur_s, cur_e = a, b
+        else:
+            cur_e = max(cur_e, b)
+    if cur_e is not None:
+        busy += cur_e - cur_s
+    span = (spans[-1][1] - spans[0][0]) if spans else 0.0
     with open(path, "a") as f:
-        f.write(f"==== {title}: TTFT {t * 1e3:.1f} ms (under the profiler)\n")
-        f.write(ka.table(sort_by="cuda_time_total", row_limit=30) + "\n")
-        f.write(ka.table(sort_by="cpu_time_total", row_limit=30) + "\n")
+        f.write(f"==== {title}: TTFT {t * 1e3:.1f} ms (under the profiler); device busy "
+                f"{busy / 1e3:.1f} ms of a {span / 1e3:.1f} ms kernel span, {len(spans)} kernels\n")
+        f.write(ka.table(sort_by="cuda_time_total", row_limit=40) + "\n")
+        f.write(ka.table(sort_by="cpu_time_total", row_limit=25) + "\n")
     return t
 
 
@@ -231,7 +271,8 @@ def main():
     model = build_model()
     print(f"model built in {time.time() - t0:.1f}s", flush=True)
     max_len = max(sizes) + 512
-    engines = {k: engine(model, k, max_len) for k in ("full", "device", "host")}
+    tiers = ("device", "host", "device_eager")
+    engines = {k: engine(model, k, max_len) for k in ("full",) + tiers}
     rows, details = [], {}
     rng = random.Random(1)
     for n in sizes:
@@ -241,7 +282,7 @@ def main():
         ttft(engines["full"], warm_ids)  # warm-up
         res["full_s"] = statistics.median(ttft(engines["full"], make_prompt(rng, n, nch, chunks, 100 + i)[0])[0]
                                           for i in range(args.reps))
-        for tier in ("device", "host"):
+        for tier in tiers:
             llm = engines[tier]
             ttft(llm, warm_ids)  # stores the chunks
             ttft(llm, make_prompt(rng, n, nch, chunks, 50)[0])  # warm-up blend
@@ -270,7 +311,7 @@ def main():
         if args.profile and n == 8192:
             path = os.path.join(args.out, "profile.txt")
             profile_ttft(engines["full"], make_prompt(rng, n, nch, chunks, 500)[0], path, "full 8K")
-            for tier in ("device", "host"):
+            for tier in tiers:
                 profile_ttft(engines[tier], make_prompt(rng, n, nch, chunks, 501)[0], path,
                              f"kvblend {tier} 8K")
         res.update(attention_times(len(warm_ids)))
@@ -286,14 +327,16 @@ def main():
              f"layer-ahead loads {'off' if args.no_pipeline else 'on'}; TTFT = engine arrival to first token, median of {args.reps})", "",
              f"Device copy rate (torch copy_ of 512 MiB, read+write): {copy_bw / 1e9:.0f} GB/s", "",
              "| N | chunks | full TTFT s | kvblend GPU tier s | ratio | kvblend pinned host s | ratio "
+             "| GPU tier, engine eager s | ratio "
              "| load+rerotate GPU tier GB/s (% of copy) | host tier GB/s | SDPA full causal ms "
              "| subset 15% kvblend kernel ms (/full) | subset 15% SDPA+mask ms (/full) "
              "| subset 15% FlexAttention ms (/full) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, r in details.items():
         lines.append(
             f"| {r['n']} | {r['chunks']} | {r['full_s']:.3f} | {r['device_s']:.3f} | "
             f"{r['full_s'] / r['device_s']:.2f}x | {r['host_s']:.3f} | {r['full_s'] / r['host_s']:.2f}x | "
+            f"{r['device_eager_s']:.3f} | {r['full_s'] / r['device_eager_s']:.2f}x | "
             f"{r['device_load_GBps']:.0f} ({100 * r['device_load_GBps'] * 1e9 / copy_bw:.0f}%) | "
             f"{r['host_load_GBps']:.1f} | {r['sdpa_full_ms']:.2f} | "
             f"{r['subset_ms']:.2f} ({r['subset_ms'] / r['sdpa_full_ms']:.2f}) | "
@@ -304,11 +347,16 @@ def main():
               "| N | tier | TTFT s | blend s | " + " | ".join(("load", "qkv", "select", "attention", "out", "scatter")) + " |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for n, r in details.items():
-        for tier in ("device", "host"):
+        for tier in tiers:
             p = r[f"{tier}_phase_ms"]
             lines.append(f"| {r['n']} | {tier} | {r[f'{tier}_timed_ttft_s']:.3f} | {r[f'{tier}_timed_blend_s']:.3f} | "
                          + " | ".join(f"{p.get(k, 0.0):.1f}" for k in ("load", "qkv", "select", "attention", "out", "scatter"))
                          + " |")
+    lines += ["", "Subset attention (15% of the queries) through FlexAttention, ms by query layout "
+              "(group4: the 4 query heads of a KV head packed as rows; heavy-first: rows by "
+              "descending position) and kernel tile options:", ""]
+    for n, r in details.items():
+        lines.append(f"- N={r['n']}: " + ", ".join(f"{k} {v}" for k, v in r["flex_variants_ms"].items()))
     md = "\n".join(lines) + "\n"
     print(md)
     os.makedirs(args.out, exist_ok=True)

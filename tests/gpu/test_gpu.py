@@ -104,13 +104,15 @@ def test_attention_matches_cpu(dtype, head_size):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
 @pytest.mark.parametrize("nk,nq", [(700, 105), (2000, 300), (1029, 1000)])
-def test_flex_subset_attention_matches_cpu(dtype, nk, nq):
-    """The blend's FlexAttention path (block mask by position, GQA) equals
+@pytest.mark.parametrize("group,heavy_first", [(1, False), (4, True), (4, False), (1, True)])
+def test_flex_subset_attention_matches_cpu(dtype, nk, nq, group, heavy_first):
+    """The blend's FlexAttention path (block mask by position, GQA; query
+    heads packed per KV head or not, rows ascending or heavy-first) equals
     kvblend's CPU attention on the same subset; fresh inputs per size."""
     from kvblend import blend
 
     g = torch.Generator().manual_seed(nk + nq)
-    hq, hkv, hs = 8, 2, 128
+    hq, hkv, hs = 8, 8 // group if group > 1 else 2, 128
     q_all = torch.randn(nk, hq, hs, generator=g).to(dtype)
     k = torch.randn(nk, hkv, hs, generator=g).to(dtype)
     v = torch.randn(nk, hkv, hs, generator=g).to(dtype)
@@ -118,7 +120,7 @@ def test_flex_subset_attention_matches_cpu(dtype, nk, nq):
     q = q_all[q_pos].contiguous()
     cpu = ops.attention(q, q_pos, k, v, torch.arange(nk), 0.1)
     qd = q_pos.to(DEV)
-    bm = blend._flex_block_mask(qd, nk)
+    bm = blend._flex_block_mask(qd, nk, group, heavy_first)
     gpu = blend._flex_attention(q.to(DEV), k.to(DEV), v.to(DEV), bm, 0.1)
     assert not blend._FLEX.get("broken"), "FlexAttention fell back to SDPA"
     assert gpu is not None and torch.isfinite(gpu).all()
@@ -180,6 +182,37 @@ def test_engine_partial_prefill_equals_full_gpu():
     gathered, bottom-right causal, unexpanded KV heads) gives the full
     prefill's logits."""
     _partial_prefill_check(DEV)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_cuda_graphs_equal_eager(dtype):
+    """Small steps through per-layer CUDA graphs (decode, short prefills)
+    give the eager engine's tokens (fp32) and logits; a second request replays the captured graphs (stale padded
+    rows from the first) with the same result."""
+    import transformers as tf
+
+    torch.manual_seed(4)
+    cfg = tf.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                         num_attention_heads=8, num_key_value_heads=2, vocab_size=1000,
+                         max_position_embeddings=4096)
+    model = tf.LlamaForCausalLM(cfg).eval().to(DEV, dtype)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (37, 200, 5)]
+    sp = SamplingParams(max_tokens=8, ignore_eos=True)
+    eager = LLM(model=model, tokenizer=None, max_model_len=1024, enforce_eager=True)
+    graphed = LLM(model=model, tokenizer=None, max_model_len=1024, cuda_graph_max_tokens=64)
+    assert eager.adapter.graphs is None and graphed.adapter.graphs is not None
+    for ids in prompts + prompts[:1]:
+        a = eager.generate({"prompt_token_ids": ids}, sp, return_first_logits=True)[0]
+        b = graphed.generate({"prompt_token_ids": ids}, sp, return_first_logits=True)[0]
+        if dtype == torch.float32:  # bf16 roundings may differ with the padded GEMM shapes
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids, len(ids)
+        rel = _rel(b.first_logits, a.first_logits)
+        assert rel <= (1e-5 if dtype == torch.float32 else 2e-2), (len(ids), rel)
+    # decode steps (1 token) and the 37- and 5-token prefills ran as graphs;
+    # the 200-token prefill is past 64 rows and stayed eager
+    assert graphed.adapter.graphs.captures >= 2 * 3 * 3
+    assert not any(key[2] > 64 for key in graphed.adapter.graphs.graphs)
 
 
 # ---------------------------------------------------------------- blend
