@@ -1,6 +1,7 @@
 /*
  * store.c: the chunk store, an index from a segment's token ids to its
- * stored K/V rows, with per-tier byte budgets and LRU eviction.
+ * stored K/V rows, kept in two tiers (device, host) with per-tier byte
+ * budgets and one LRU order across both.
  *
  * Index.  A chained hash table keyed by the 64-bit hash of the tokens
  * (kvb_hash_tokens) that doubles its bucket array when it holds as many
@@ -19,13 +20,39 @@
  * invisible to lookups; kvb_store_commit makes it READY, unpinned and most
  * recently used; kvb_store_abort frees it.  kvb_store_acquire pins a READY
  * entry and makes it most recently used; kvb_store_unpin releases one pin.
- * Only READY entries with no pin are evicted (oldest first) or cleared, so a
+ * Only READY entries with no pin are evicted, moved or cleared, so a
  * pointer obtained from reserve or acquire stays valid until its pin is
  * released.
  *
- * Locking.  One mutex guards the whole store; every operation is short
- * (a hash, a token comparison, list surgery and at most a malloc), and the
- * entry accessors read fields that never change after reserve.
+ * Tiers.  A new entry goes to the device tier when it has an allocator and
+ * a budget and room can be made there, else to the host tier.  Room is
+ * made by evicting the tier's unpinned READY entries, least recently used
+ * first, along the one LRU list that holds the READY entries of both tiers.
+ * Without a mover an evicted entry is dropped.  With a mover (store.h):
+ *   - demotion: an entry evicted from the device tier is moved to the host
+ *     tier when the host tier can make room for it (evicting, i.e.
+ *     dropping, its own LRU unpinned entries) and its allocator and the
+ *     copy succeed; otherwise it is dropped.  It keeps its place in the LRU
+ *     order (it was not used), so among host entries it is dropped in its
+ *     turn like any other;
+ *   - promotion: kvb_store_acquire of a READY host-tier entry that nobody
+ *     else has pinned moves it to the device tier when promotion is on and
+ *     the device tier can make room (demoting its LRU unpinned entries).
+ *     The entry is pinned by this acquire while it moves, so making room in
+ *     the host tier for the demoted entries never drops it.  On any failure
+ *     it stays on the host and the acquire still succeeds.
+ * A move allocates the new block, copies the rows with the mover, frees the
+ * old block and moves the entry's bytes between the tiers' accounts; it is
+ * synchronous and runs under the store's lock.  stats.evictions counts the
+ * entries dropped for room, stats.demotions and stats.promotions the moves.
+ *
+ * Locking.  One mutex guards the whole store; every operation is short (a
+ * hash, a token comparison, list surgery and at most a malloc) except a
+ * move, which also copies the rows of an entry (synchronously, e.g. a
+ * cudaMemcpy), one per demotion or promotion.  The entry accessors read
+ * without the lock: the tokens and positions never change after reserve,
+ * and the rows pointer and tier change only while the entry is unpinned,
+ * whereas the accessors are valid only while it is pinned.
  */
 #include <assert.h>
 #include <pthread.h>
@@ -48,11 +75,12 @@ struct kvb_entry {
     int64_t num_tokens;
     int32_t *tokens;     /* [num_tokens], inside this record */
     int64_t *positions;  /* [num_tokens], inside this record */
-    unsigned char *rows; /* per layer: K then V, from the tier allocator */
+    unsigned char *rows; /* per layer: K then V, from the tier allocator;
+                            changes only while unpinned (moves) */
     size_t layer_bytes;  /* bytes of K (or V) of one layer */
     size_t rows_bytes;   /* size of the rows block */
     size_t bytes;        /* charged to the tier: record + rows */
-    kvb_tier tier;
+    kvb_tier tier;       /* changes only while unpinned (moves) */
     entry_state state;
     int64_t pins;
     kvb_entry *bucket_next;
@@ -80,6 +108,10 @@ struct kvb_store {
     size_t bytes[STORE_NUM_TIERS];      /* all entries of the tier */
     size_t busy_bytes[STORE_NUM_TIERS]; /* pinned or pending entries */
     int64_t tier_entries[STORE_NUM_TIERS];
+
+    kvb_move_fn move; /* copies rows between tiers; NULL: nothing moves */
+    void *move_ctx;
+    int promote;      /* promote host-tier hits (when move is set) */
 
     kvb_store_stats stats; /* counters; sizes are filled in on demand */
 };
@@ -316,12 +348,89 @@ static void store_destroy(kvb_store *store, kvb_entry *e)
     free(e);
 }
 
+/* Returns 1 when new rows can be placed in `tier`: it has an allocator and
+ * a non-zero budget.  Caller holds the lock. */
+static int store_tier_open(const kvb_store *store, kvb_tier tier)
+{
+    return store->has_alloc[tier] && store->budget[tier] > 0;
+}
+
+static int store_make_room(kvb_store *store, kvb_tier tier, size_t need);
+
+/*
+ * Moves the rows of the READY entry `e` to tier `dst` (the other tier):
+ * makes room there (which may evict or demote other entries), allocates a
+ * block, copies the rows with the mover, frees the old block and moves the
+ * entry's bytes (and busy bytes, when the caller holds a pin) between the
+ * tiers' accounts.  The entry's place in the LRU list is left alone.  The
+ * caller makes sure a mover is installed and that nobody else holds a pin
+ * on `e` (pins == 0, or 1 taken by the caller itself).  Returns 1 when the
+ * entry moved, 0 when it is still where it was with its rows untouched (no
+ * room, allocation or copy failed).  Caller holds the lock.
+ */
+static int store_move(kvb_store *store, kvb_entry *e, kvb_tier dst)
+{
+    kvb_tier src = e->tier;
+    assert(store->move != NULL && src != dst && e->state == ENTRY_READY);
+    if (!store_tier_open(store, dst) ||
+        !store_make_room(store, dst, e->bytes)) {
+        return 0;
+    }
+    const kvb_allocator *da = &store->alloc[dst];
+    void *rows = da->alloc(e->rows_bytes, da->ctx);
+    if (rows == NULL) {
+        return 0;
+    }
+    if (store->move(rows, e->rows, e->rows_bytes, dst, src,
+                    store->move_ctx) != 0) {
+        da->free(rows, e->rows_bytes, da->ctx);
+        return 0;
+    }
+    const kvb_allocator *sa = &store->alloc[src];
+    sa->free(e->rows, e->rows_bytes, sa->ctx);
+    e->rows = rows;
+    e->tier = dst;
+    store->bytes[src] -= e->bytes;
+    store->bytes[dst] += e->bytes;
+    store->tier_entries[src]--;
+    store->tier_entries[dst]++;
+    if (e->pins > 0) {
+        store->busy_bytes[src] -= e->bytes;
+        store->busy_bytes[dst] += e->bytes;
+    }
+    return 1;
+}
+
+/*
+ * Evicts the unpinned READY entry `e` from its tier: a device-tier entry is
+ * demoted to the host tier when a mover is installed and the move succeeds,
+ * any other is destroyed (counted in stats.evictions).  Returns the entry
+ * that follows `e` on the LRU list once this is done (making room in the
+ * host tier may have destroyed the one that followed it before), so that
+ * a caller walking the list can go on.  Caller holds the lock.
+ */
+static kvb_entry *store_evict(kvb_store *store, kvb_entry *e)
+{
+    assert(e->pins == 0 && e->state == ENTRY_READY);
+    if (e->tier == KVB_TIER_DEVICE && store->move != NULL &&
+        store_move(store, e, KVB_TIER_HOST)) {
+        store->stats.demotions++;
+        return e->lru_next;
+    }
+    kvb_entry *next = e->lru_next;
+    store_destroy(store, e);
+    store->stats.evictions++;
+    return next;
+}
+
 /*
  * Makes room for `need` bytes in `tier` by evicting unpinned READY entries of
- * that tier, least recently used first.  Evicts nothing and returns 0 when
- * even evicting every evictable entry would not free enough (the entry is
- * larger than the budget, or the rest is pinned or pending); returns 1 when
- * `need` more bytes now fit.  Caller holds the lock.
+ * that tier, least recently used first (device-tier ones are demoted when
+ * they can be, see store_evict; host-tier ones are dropped).  Evicts nothing
+ * and returns 0 when even evicting every evictable entry would not free
+ * enough (the entry is larger than the budget, or the rest is pinned or
+ * pending); returns 1 when `need` more bytes now fit.  Caller holds the
+ * lock.
  */
 static int store_make_room(kvb_store *store, kvb_tier tier, size_t need)
 {
@@ -331,14 +440,14 @@ static int store_make_room(kvb_store *store, kvb_tier tier, size_t need)
     }
     kvb_entry *e = store->lru_head;
     while (store->bytes[tier] + need > budget && e != NULL) {
-        kvb_entry *next = e->lru_next;
         if (e->tier == tier && e->pins == 0) {
-            store_destroy(store, e);
-            store->stats.evictions++;
+            e = store_evict(store, e);
+        } else {
+            e = e->lru_next;
         }
-        e = next;
     }
-    /* The busy-bytes check above guarantees the loop frees enough. */
+    /* The busy-bytes check above guarantees the loop frees enough: every
+     * evicted entry leaves the tier, moved or dropped. */
     assert(store->bytes[tier] + need <= budget);
     return 1;
 }
@@ -395,6 +504,7 @@ kvb_status kvb_store_create(const kvb_store_params *params, kvb_store **out)
     s->has_alloc[KVB_TIER_HOST] = 1;
     s->budget[KVB_TIER_HOST] = params->host_budget_bytes;
     s->budget[KVB_TIER_DEVICE] = params->device_budget_bytes;
+    s->promote = 1;
     *out = s;
     return KVB_OK;
 }
@@ -447,7 +557,10 @@ kvb_status kvb_store_contains(kvb_store *store, const int32_t *tokens,
 
 /* Pins and returns the READY entry for exactly these tokens (most recently
  * used from now on), or NULL on a miss; counts lookups, hits and
- * collisions. */
+ * collisions.  A host-tier entry that had no pin is first promoted to the
+ * device tier when a mover is installed, promotion is on and the device
+ * tier can make room; the copy is synchronous (it is done when this
+ * returns), and on any failure the entry is returned from the host tier. */
 kvb_status kvb_store_acquire(kvb_store *store, const int32_t *tokens,
                              int64_t n, kvb_entry **entry)
 {
@@ -468,10 +581,18 @@ kvb_status kvb_store_acquire(kvb_store *store, const int32_t *tokens,
         e = NULL;
     }
     if (e != NULL) {
+        int was_unpinned = e->pins == 0;
         store->stats.hits++;
         store_pin(store, e);
         store_lru_unlink(store, e);
         store_lru_push(store, e);
+        /* The pin keeps e from being dropped while the host tier makes
+         * room for the entries its promotion demotes. */
+        if (was_unpinned && e->tier == KVB_TIER_HOST &&
+            store->move != NULL && store->promote &&
+            store_move(store, e, KVB_TIER_DEVICE)) {
+            store->stats.promotions++;
+        }
     }
     pthread_mutex_unlock(&store->mu);
     *entry = e;
@@ -482,7 +603,8 @@ kvb_status kvb_store_acquire(kvb_store *store, const int32_t *tokens,
  * Allocates the rows block for a new entry of `total` bytes (`rows_bytes`
  * of rows) in the first tier that can take it: the device tier when it has
  * an allocator and a budget, else the host tier, evicting LRU entries of
- * that tier as needed.  Returns 1 with *rows and *tier set, 0 when no tier
+ * that tier as needed (demoting device-tier ones when a mover is
+ * installed).  Returns 1 with *rows and *tier set, 0 when no tier
  * has room, -1 when an allocator failed.  Caller holds the lock.
  */
 static int store_place(kvb_store *store, size_t total, size_t rows_bytes,
@@ -493,8 +615,7 @@ static int store_place(kvb_store *store, size_t total, size_t rows_bytes,
     int failed = 0;
     for (int i = 0; i < STORE_NUM_TIERS; i++) {
         kvb_tier t = order[i];
-        if (!store->has_alloc[t] || store->budget[t] == 0 ||
-            !store_make_room(store, t, total)) {
+        if (!store_tier_open(store, t) || !store_make_room(store, t, total)) {
             continue;
         }
         const kvb_allocator *a = &store->alloc[t];
@@ -786,6 +907,32 @@ kvb_status kvb_store_set_allocator(kvb_store *store, kvb_tier tier,
                         "entries (expected none)",
                         store_tier_name(tier), (long long)used);
     }
+    return KVB_OK;
+}
+
+/* Installs the mover; see store.h. */
+kvb_status kvb_store_set_mover(kvb_store *store, kvb_move_fn move, void *ctx)
+{
+    if (store == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "kvb_store_set_mover: store is NULL");
+    }
+    pthread_mutex_lock(&store->mu);
+    store->move = move;
+    store->move_ctx = move != NULL ? ctx : NULL;
+    pthread_mutex_unlock(&store->mu);
+    return KVB_OK;
+}
+
+/* Turns promotion on acquire on or off; see store.h. */
+kvb_status kvb_store_set_promotion(kvb_store *store, int enabled)
+{
+    if (store == NULL) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_store_set_promotion: store is NULL");
+    }
+    pthread_mutex_lock(&store->mu);
+    store->promote = enabled != 0;
+    pthread_mutex_unlock(&store->mu);
     return KVB_OK;
 }
 
