@@ -1,7 +1,9 @@
 /*
  * check_store.c: the chunk store: row round trips, lookups of any subset in
  * any order, hash collisions, LRU eviction order, pins, budgets, the
- * reserve/commit/abort life cycle, byte accounting and concurrent use.
+ * reserve/commit/abort life cycle, byte accounting and concurrent use;
+ * and the two tiers over stand-in allocators with a memcpy mover: demotion,
+ * promotion, failures and one LRU order across the tiers.
  */
 #define _POSIX_C_SOURCE 200809L /* rand_r */
 #include <check.h>
@@ -12,6 +14,8 @@
 #include <string.h>
 
 #include "kvblend.h"
+/* the internal tier hooks (exported for these tests) */
+#include "../../csrc/store.h"
 
 #define LAYERS 3
 #define HEADS 2
@@ -656,6 +660,617 @@ START_TEST(test_store_free_with_pinned_entry_warns)
 }
 END_TEST
 
+/* ---- tiers: demotion and promotion -------------------------------------- */
+
+/* Header in front of every stand-in tier block; the rows follow at
+ * FAKE_HDR bytes. */
+#define FAKE_HDR 64
+
+typedef struct fake_block {
+    struct fake_block *next;
+    size_t bytes;
+    unsigned magic; /* the owning tier's tag */
+} fake_block;
+
+/* A stand-in tier allocator over malloc that tags its blocks and keeps a
+ * list of the live ones, so a test can tell which tier holds which rows.
+ * The store calls it under its own lock, so it needs none. */
+typedef struct fake_tier {
+    unsigned magic;
+    int fail;          /* non-zero: every allocation fails */
+    int64_t allocs;
+    int64_t live;      /* blocks allocated and not yet freed */
+    size_t live_bytes; /* their row bytes */
+    int64_t bad_frees; /* frees of blocks this tier did not make */
+    fake_block *blocks;
+} fake_tier;
+
+/* The memcpy mover's state: the two tiers, to check where each copy reads
+ * and writes, and a switch that makes it fail. */
+typedef struct fake_mover {
+    fake_tier *tier[2]; /* indexed by kvb_tier */
+    int fail;
+    int64_t calls;
+    int64_t bad; /* copies whose blocks were not in the tiers named */
+} fake_mover;
+
+/* Allocator hook: a tagged malloc block (NULL when told to fail). */
+static void *fake_alloc(size_t bytes, void *ctx)
+{
+    fake_tier *t = ctx;
+    if (t->fail) {
+        return NULL;
+    }
+    fake_block *b = malloc(FAKE_HDR + bytes);
+    if (b == NULL) {
+        return NULL;
+    }
+    b->bytes = bytes;
+    b->magic = t->magic;
+    b->next = t->blocks;
+    t->blocks = b;
+    t->allocs++;
+    t->live++;
+    t->live_bytes += bytes;
+    return (unsigned char *)b + FAKE_HDR;
+}
+
+/* Returns the live block of `t` whose rows start at `ptr`, or NULL. */
+static fake_block *fake_find(fake_tier *t, const void *ptr)
+{
+    for (fake_block *b = t->blocks; b != NULL; b = b->next) {
+        if ((const unsigned char *)b + FAKE_HDR == ptr) {
+            return b;
+        }
+    }
+    return NULL;
+}
+
+/* Allocator hook: unlinks and frees a block, counting frees of foreign
+ * blocks or with the wrong size instead of crashing. */
+static void fake_free(void *ptr, size_t bytes, void *ctx)
+{
+    fake_tier *t = ctx;
+    fake_block **pp = &t->blocks;
+    while (*pp != NULL && (unsigned char *)*pp + FAKE_HDR != ptr) {
+        pp = &(*pp)->next;
+    }
+    if (*pp == NULL || (*pp)->bytes != bytes || (*pp)->magic != t->magic) {
+        t->bad_frees++;
+        return;
+    }
+    fake_block *b = *pp;
+    *pp = b->next;
+    t->live--;
+    t->live_bytes -= bytes;
+    free(b);
+}
+
+/* Mover hook: memcpy after checking that src is a live block of src_tier
+ * and dst one of dst_tier large enough; returns 1 when told to fail. */
+static int fake_move(void *dst, const void *src, size_t bytes,
+                     kvb_tier dst_tier, kvb_tier src_tier, void *ctx)
+{
+    fake_mover *m = ctx;
+    fake_block *d = fake_find(m->tier[dst_tier], dst);
+    fake_block *s = fake_find(m->tier[src_tier], src);
+    m->calls++;
+    if (dst_tier == src_tier || d == NULL || s == NULL || d->bytes < bytes ||
+        s->bytes < bytes) {
+        m->bad++;
+        return 1;
+    }
+    if (m->fail) {
+        return 1;
+    }
+    memcpy(dst, src, bytes);
+    return 0;
+}
+
+/* A store with stand-in device and host tiers. */
+typedef struct tiered {
+    kvb_store *s;
+    fake_tier dev, host;
+    fake_mover mv;
+    size_t es; /* bytes charged for one entry of TIER_TOKENS tokens */
+} tiered;
+
+#define TIER_TOKENS 8
+
+/* Creates a store with the given tier budgets, both tiers backed by fake
+ * tiers, with the memcpy mover installed when with_mover is set. */
+static void tiered_init_bytes(tiered *t, size_t dev_budget,
+                              size_t host_budget, int with_mover)
+{
+    memset(t, 0, sizeof *t);
+    t->es = entry_size(TIER_TOKENS);
+    t->dev.magic = 0xDE71CEu;
+    t->host.magic = 0x4057u;
+    t->mv.tier[KVB_TIER_DEVICE] = &t->dev;
+    t->mv.tier[KVB_TIER_HOST] = &t->host;
+    kvb_store_params p = {LAYERS, HEADS, HSIZE, KVB_DTYPE_F32, host_budget,
+                          dev_budget};
+    ck_assert_int_eq(kvb_store_create(&p, &t->s), KVB_OK);
+    kvb_allocator da = {fake_alloc, fake_free, &t->dev};
+    kvb_allocator ha = {fake_alloc, fake_free, &t->host};
+    ck_assert_int_eq(kvb_store_set_allocator(t->s, KVB_TIER_DEVICE, &da),
+                     KVB_OK);
+    ck_assert_int_eq(kvb_store_set_allocator(t->s, KVB_TIER_HOST, &ha),
+                     KVB_OK);
+    if (with_mover) {
+        ck_assert_int_eq(kvb_store_set_mover(t->s, fake_move, &t->mv),
+                         KVB_OK);
+    }
+}
+
+/* Same, with room for dev_slots device and host_slots host entries of
+ * TIER_TOKENS tokens (plus half an entry of slack; 0 slots: budget 0). */
+static void tiered_init(tiered *t, int dev_slots, int host_slots,
+                        int with_mover)
+{
+    size_t es = entry_size(TIER_TOKENS);
+    tiered_init_bytes(t, dev_slots > 0 ? (size_t)dev_slots * es + es / 2 : 0,
+                      host_slots > 0 ? (size_t)host_slots * es + es / 2 : 0,
+                      with_mover);
+}
+
+/* Checks that the store's per-tier sizes agree with the blocks the fake
+ * tiers hold, then frees the store and checks that every block came back
+ * to the tier that made it. */
+static void tiered_free(tiered *t)
+{
+    kvb_store_stats st;
+    size_t rows = 2 * LAYERS * row_bytes_for(TIER_TOKENS, KVB_DTYPE_F32);
+    ck_assert_int_eq(kvb_store_get_stats(t->s, &st), KVB_OK);
+    ck_assert_uint_eq(st.device_bytes, (size_t)t->dev.live * t->es);
+    ck_assert_uint_eq(st.host_bytes, (size_t)t->host.live * t->es);
+    ck_assert_uint_eq(t->dev.live_bytes, (size_t)t->dev.live * rows);
+    ck_assert_uint_eq(t->host.live_bytes, (size_t)t->host.live * rows);
+    ck_assert_int_eq(st.num_entries, t->dev.live + t->host.live);
+    kvb_store_free(t->s);
+    ck_assert_int_eq(t->dev.live, 0);
+    ck_assert_int_eq(t->host.live, 0);
+    ck_assert_int_eq(t->dev.bad_frees, 0);
+    ck_assert_int_eq(t->host.bad_frees, 0);
+    ck_assert_int_eq(t->mv.bad, 0);
+}
+
+/* Returns the tier whose live blocks hold chunk `key`'s rows (layer 0's K
+ * compared byte for byte), -1 when neither does; fails the test when both
+ * do. */
+static int tier_of(tiered *t, int key)
+{
+    size_t rb = row_bytes_for(TIER_TOKENS, KVB_DTYPE_F32);
+    int where = -1;
+    fake_tier *tiers[2] = {&t->host, &t->dev};
+    for (int i = 0; i < 2; i++) {
+        for (fake_block *b = tiers[i]->blocks; b != NULL; b = b->next) {
+            const unsigned char *k = (const unsigned char *)b + FAKE_HDR;
+            size_t j = 0;
+            while (j < rb && k[j] == pattern_byte(key, 0, 0, j)) {
+                j++;
+            }
+            if (j == rb) {
+                ck_assert_msg(where == -1, "chunk %d in both tiers", key);
+                where = i == 0 ? KVB_TIER_HOST : KVB_TIER_DEVICE;
+            }
+        }
+    }
+    return where;
+}
+
+/* Reads the store's counters. */
+static kvb_store_stats tiered_stats(tiered *t)
+{
+    kvb_store_stats st;
+    ck_assert_int_eq(kvb_store_get_stats(t->s, &st), KVB_OK);
+    return st;
+}
+
+START_TEST(test_store_demotion_moves_rows_exactly)
+{
+    tiered t;
+    tiered_init(&t, 2, 4, 1);
+    ck_assert(put(t.s, 0, TIER_TOKENS));
+    ck_assert(put(t.s, 1, TIER_TOKENS));
+    ck_assert_int_eq(tier_of(&t, 0), KVB_TIER_DEVICE);
+    ck_assert_int_eq(tier_of(&t, 1), KVB_TIER_DEVICE);
+    ck_assert_int_eq(t.host.allocs, 0);
+    /* a third chunk pushes the device LRU (0) down to the host */
+    ck_assert(put(t.s, 2, TIER_TOKENS));
+    ck_assert_int_eq(tier_of(&t, 0), KVB_TIER_HOST);
+    ck_assert_int_eq(tier_of(&t, 1), KVB_TIER_DEVICE);
+    ck_assert_int_eq(tier_of(&t, 2), KVB_TIER_DEVICE);
+    kvb_store_stats st = tiered_stats(&t);
+    ck_assert_int_eq(st.demotions, 1);
+    ck_assert_int_eq(st.evictions, 0);
+    ck_assert_int_eq(st.promotions, 0);
+    ck_assert_int_eq(st.num_entries, 3);
+    ck_assert_uint_eq(st.device_bytes, 2 * t.es);
+    ck_assert_uint_eq(st.host_bytes, t.es);
+    ck_assert_int_eq(t.mv.calls, 1);
+    /* still findable and bit-exact, served from the host tier */
+    ck_assert_int_eq(has(t.s, 0, TIER_TOKENS), 1);
+    ck_assert_int_eq(kvb_store_set_promotion(t.s, 0), KVB_OK);
+    kvb_entry *e = get(t.s, 0, TIER_TOKENS);
+    ck_assert_ptr_nonnull(e);
+    ck_assert_int_eq(kvb_entry_tier(e), KVB_TIER_HOST);
+    ck_assert_ptr_nonnull(fake_find(&t.host, kvb_entry_k(e, 0)));
+    ck_assert(rows_match(e, 0, LAYERS,
+                         row_bytes_for(TIER_TOKENS, KVB_DTYPE_F32)));
+    ck_assert_int_eq(kvb_store_unpin(t.s, e), KVB_OK);
+    st = tiered_stats(&t);
+    ck_assert_int_eq(st.promotions, 0);
+    ck_assert_int_eq(t.mv.calls, 1);
+    tiered_free(&t);
+}
+END_TEST
+
+START_TEST(test_store_promotion_on_acquire_moves_back)
+{
+    tiered t;
+    size_t rb = row_bytes_for(TIER_TOKENS, KVB_DTYPE_F32);
+    tiered_init(&t, 2, 4, 1);
+    for (int k = 0; k < 3; k++) {
+        ck_assert(put(t.s, k, TIER_TOKENS));
+    }
+    ck_assert_int_eq(tier_of(&t, 0), KVB_TIER_HOST);
+    /* a hit on the host entry brings it back, demoting the device LRU (1) */
+    kvb_entry *e = get(t.s, 0, TIER_TOKENS);
+    ck_assert_ptr_nonnull(e);
+    ck_assert_int_eq(kvb_entry_tier(e), KVB_TIER_DEVICE);
+    ck_assert_ptr_nonnull(fake_find(&t.dev, kvb_entry_k(e, 0)));
+    ck_assert(rows_match(e, 0, LAYERS, rb));
+    ck_assert_int_eq(tier_of(&t, 0), KVB_TIER_DEVICE);
+    ck_assert_int_eq(tier_of(&t, 1), KVB_TIER_HOST);
+    ck_assert_int_eq(tier_of(&t, 2), KVB_TIER_DEVICE);
+    kvb_store_stats st = tiered_stats(&t);
+    ck_assert_int_eq(st.promotions, 1);
+    ck_assert_int_eq(st.demotions, 2);
+    ck_assert_int_eq(st.evictions, 0);
+    ck_assert_int_eq(st.hits, 1);
+    ck_assert_uint_eq(st.device_bytes, 2 * t.es);
+    ck_assert_uint_eq(st.host_bytes, t.es);
+    ck_assert_int_eq(t.mv.calls, 3);
+    ck_assert_int_eq(kvb_store_unpin(t.s, e), KVB_OK);
+    /* a device hit moves nothing */
+    e = get(t.s, 0, TIER_TOKENS);
+    ck_assert_int_eq(kvb_entry_tier(e), KVB_TIER_DEVICE);
+    ck_assert_int_eq(kvb_store_unpin(t.s, e), KVB_OK);
+    ck_assert_int_eq(t.mv.calls, 3);
+    /* and the demoted 1 comes back intact too */
+    e = get(t.s, 1, TIER_TOKENS);
+    ck_assert_int_eq(kvb_entry_tier(e), KVB_TIER_DEVICE);
+    ck_assert(rows_match(e, 1, LAYERS, rb));
+    ck_assert_int_eq(tier_of(&t, 2), KVB_TIER_HOST);
+    ck_assert_int_eq(kvb_store_unpin(t.s, e), KVB_OK);
+    tiered_free(&t);
+}
+END_TEST
+
+START_TEST(test_store_without_mover_eviction_drops)
+{
+    tiered t;
+    tiered_init(&t, 2, 4, 0);
+    for (int k = 0; k < 3; k++) {
+        ck_assert(put(t.s, k, TIER_TOKENS));
+    }
+    ck_assert_int_eq(has(t.s, 0, TIER_TOKENS), 0);
+    ck_assert_int_eq(tier_of(&t, 0), -1);
+    kvb_store_stats st = tiered_stats(&t);
+    ck_assert_int_eq(st.evictions, 1);
+    ck_assert_int_eq(st.demotions, 0);
+    ck_assert_uint_eq(st.host_bytes, 0);
+    ck_assert_int_eq(t.host.allocs, 0);
+    /* a mover installed and removed again leaves today's behaviour */
+    ck_assert_int_eq(kvb_store_set_mover(t.s, fake_move, &t.mv), KVB_OK);
+    ck_assert_int_eq(kvb_store_set_mover(t.s, NULL, NULL), KVB_OK);
+    ck_assert(put(t.s, 3, TIER_TOKENS));
+    ck_assert_int_eq(has(t.s, 1, TIER_TOKENS), 0);
+    st = tiered_stats(&t);
+    ck_assert_int_eq(st.evictions, 2);
+    ck_assert_int_eq(st.demotions, 0);
+    ck_assert_int_eq(t.mv.calls, 0);
+    tiered_free(&t);
+}
+END_TEST
+
+START_TEST(test_store_pinned_and_pending_never_move)
+{
+    tiered t;
+    int32_t toks[TIER_TOKENS];
+    size_t rb = row_bytes_for(TIER_TOKENS, KVB_DTYPE_F32);
+    kvb_entry *pending = NULL;
+    tiered_init(&t, 2, 4, 1);
+    ck_assert(put(t.s, 0, TIER_TOKENS));
+    kvb_entry *e0 = get(t.s, 0, TIER_TOKENS);
+    chunk_tokens(1, toks, TIER_TOKENS);
+    ck_assert_int_eq(kvb_store_reserve(t.s, toks, TIER_TOKENS, NULL,
+                                       &pending),
+                     KVB_OK);
+    ck_assert_ptr_nonnull(pending);
+    fill_rows(pending, 1, LAYERS, rb);
+    /* the device tier is all pinned or pending: 2 goes to the host */
+    ck_assert(put(t.s, 2, TIER_TOKENS));
+    ck_assert_int_eq(tier_of(&t, 0), KVB_TIER_DEVICE);
+    ck_assert_int_eq(tier_of(&t, 1), KVB_TIER_DEVICE);
+    ck_assert_int_eq(tier_of(&t, 2), KVB_TIER_HOST);
+    /* a hit on 2 cannot promote it: nothing on the device can move */
+    kvb_entry *e2 = get(t.s, 2, TIER_TOKENS);
+    ck_assert_int_eq(kvb_entry_tier(e2), KVB_TIER_HOST);
+    ck_assert_int_eq(kvb_store_unpin(t.s, e2), KVB_OK);
+    ck_assert_int_eq(t.mv.calls, 0);
+    /* 2 pinned on the host by one user; once the device has room, a second
+     * acquire still leaves it where the first user's pointer points */
+    ck_assert_int_eq(kvb_store_set_promotion(t.s, 0), KVB_OK);
+    e2 = get(t.s, 2, TIER_TOKENS);
+    ck_assert_int_eq(kvb_store_set_promotion(t.s, 1), KVB_OK);
+    ck_assert_int_eq(kvb_store_unpin(t.s, e0), KVB_OK);
+    kvb_entry *again = get(t.s, 2, TIER_TOKENS);
+    ck_assert_ptr_eq(again, e2);
+    ck_assert_int_eq(kvb_entry_tier(again), KVB_TIER_HOST);
+    ck_assert_ptr_nonnull(fake_find(&t.host, kvb_entry_k(again, 0)));
+    ck_assert(rows_match(again, 2, LAYERS, rb));
+    kvb_store_stats st = tiered_stats(&t);
+    ck_assert_int_eq(st.promotions, 0);
+    ck_assert_int_eq(st.demotions, 0);
+    ck_assert_int_eq(st.evictions, 0);
+    ck_assert_int_eq(t.mv.calls, 0);
+    ck_assert_int_eq(kvb_store_unpin(t.s, again), KVB_OK);
+    ck_assert_int_eq(kvb_store_unpin(t.s, e2), KVB_OK);
+    ck_assert_int_eq(kvb_store_commit(t.s, pending), KVB_OK);
+    ck_assert_int_eq(tier_of(&t, 1), KVB_TIER_DEVICE);
+    tiered_free(&t);
+}
+END_TEST
+
+START_TEST(test_store_host_cannot_take_victim_drops)
+{
+    tiered t;
+    /* no host tier at all */
+    tiered_init(&t, 2, 0, 1);
+    for (int k = 0; k < 3; k++) {
+        ck_assert(put(t.s, k, TIER_TOKENS));
+    }
+    ck_assert_int_eq(has(t.s, 0, TIER_TOKENS), 0);
+    kvb_store_stats st = tiered_stats(&t);
+    ck_assert_int_eq(st.evictions, 1);
+    ck_assert_int_eq(st.demotions, 0);
+    ck_assert_int_eq(t.mv.calls, 0);
+    tiered_free(&t);
+
+    /* a host tier too small for one entry */
+    tiered_init_bytes(&t, 2 * t.es + t.es / 2, t.es - 1, 1);
+    for (int k = 0; k < 3; k++) {
+        ck_assert(put(t.s, k, TIER_TOKENS));
+    }
+    ck_assert_int_eq(has(t.s, 0, TIER_TOKENS), 0);
+    st = tiered_stats(&t);
+    ck_assert_int_eq(st.evictions, 1);
+    ck_assert_int_eq(st.demotions, 0);
+    ck_assert_int_eq(t.host.allocs, 0);
+    tiered_free(&t);
+
+    /* a host tier whose only slot is pinned */
+    tiered_init(&t, 2, 1, 1);
+    for (int k = 0; k < 3; k++) {
+        ck_assert(put(t.s, k, TIER_TOKENS));
+    }
+    ck_assert_int_eq(tier_of(&t, 0), KVB_TIER_HOST);
+    ck_assert_int_eq(kvb_store_set_promotion(t.s, 0), KVB_OK);
+    kvb_entry *e0 = get(t.s, 0, TIER_TOKENS);
+    ck_assert(put(t.s, 3, TIER_TOKENS)); /* device victim 1 has no place */
+    ck_assert_int_eq(has(t.s, 1, TIER_TOKENS), 0);
+    ck_assert_int_eq(tier_of(&t, 0), KVB_TIER_HOST);
+    st = tiered_stats(&t);
+    ck_assert_int_eq(st.demotions, 1);
+    ck_assert_int_eq(st.evictions, 1);
+    ck_assert_int_eq(kvb_store_unpin(t.s, e0), KVB_OK);
+    tiered_free(&t);
+}
+END_TEST
+
+START_TEST(test_store_failing_mover_keeps_store_consistent)
+{
+    tiered t;
+    size_t rb = row_bytes_for(TIER_TOKENS, KVB_DTYPE_F32);
+    tiered_init(&t, 2, 4, 1);
+    ck_assert(put(t.s, 0, TIER_TOKENS));
+    ck_assert(put(t.s, 1, TIER_TOKENS));
+    /* a failed demotion drops the victim and frees the host block */
+    t.mv.fail = 1;
+    ck_assert(put(t.s, 2, TIER_TOKENS));
+    ck_assert_int_eq(has(t.s, 0, TIER_TOKENS), 0);
+    ck_assert_int_eq(t.host.allocs, 1);
+    ck_assert_int_eq(t.host.live, 0);
+    kvb_store_stats st = tiered_stats(&t);
+    ck_assert_int_eq(st.evictions, 1);
+    ck_assert_int_eq(st.demotions, 0);
+    ck_assert_uint_eq(st.host_bytes, 0);
+    ck_assert_uint_eq(st.device_bytes, 2 * t.es);
+    t.mv.fail = 0;
+    ck_assert(put(t.s, 3, TIER_TOKENS)); /* demotes 1 */
+    ck_assert_int_eq(tier_of(&t, 1), KVB_TIER_HOST);
+    /* a failed promotion serves the hit from the host; making room on the
+     * device (its own demotion failing too) dropped the device LRU, 2 */
+    t.mv.fail = 1;
+    kvb_entry *e = get(t.s, 1, TIER_TOKENS);
+    ck_assert_ptr_nonnull(e);
+    ck_assert_int_eq(kvb_entry_tier(e), KVB_TIER_HOST);
+    ck_assert(rows_match(e, 1, LAYERS, rb));
+    ck_assert_int_eq(has(t.s, 2, TIER_TOKENS), 0);
+    ck_assert_int_eq(tier_of(&t, 3), KVB_TIER_DEVICE);
+    st = tiered_stats(&t);
+    ck_assert_int_eq(st.promotions, 0);
+    ck_assert_int_eq(st.demotions, 1);
+    ck_assert_int_eq(st.evictions, 2);
+    ck_assert_uint_eq(st.device_bytes, t.es);
+    ck_assert_uint_eq(st.host_bytes, t.es);
+    ck_assert_int_eq(kvb_store_unpin(t.s, e), KVB_OK);
+    /* once copies work again the next hit promotes it */
+    t.mv.fail = 0;
+    e = get(t.s, 1, TIER_TOKENS);
+    ck_assert_int_eq(kvb_entry_tier(e), KVB_TIER_DEVICE);
+    ck_assert(rows_match(e, 1, LAYERS, rb));
+    ck_assert_int_eq(kvb_store_unpin(t.s, e), KVB_OK);
+    tiered_free(&t);
+}
+END_TEST
+
+START_TEST(test_store_failing_allocator_keeps_store_consistent)
+{
+    tiered t;
+    size_t rb = row_bytes_for(TIER_TOKENS, KVB_DTYPE_F32);
+    tiered_init(&t, 2, 4, 1);
+    ck_assert(put(t.s, 0, TIER_TOKENS));
+    ck_assert(put(t.s, 1, TIER_TOKENS));
+    /* no host block for the victim: it is dropped, nothing is copied */
+    t.host.fail = 1;
+    ck_assert(put(t.s, 2, TIER_TOKENS));
+    ck_assert_int_eq(has(t.s, 0, TIER_TOKENS), 0);
+    ck_assert_int_eq(t.mv.calls, 0);
+    kvb_store_stats st = tiered_stats(&t);
+    ck_assert_int_eq(st.evictions, 1);
+    ck_assert_int_eq(st.demotions, 0);
+    t.host.fail = 0;
+    ck_assert(put(t.s, 3, TIER_TOKENS)); /* demotes 1 */
+    /* no device block for the promotion: the hit stays on the host (the
+     * room made for it stays made: 2 was demoted) */
+    t.dev.fail = 1;
+    kvb_entry *e = get(t.s, 1, TIER_TOKENS);
+    ck_assert_int_eq(kvb_entry_tier(e), KVB_TIER_HOST);
+    ck_assert(rows_match(e, 1, LAYERS, rb));
+    ck_assert_int_eq(tier_of(&t, 2), KVB_TIER_HOST);
+    ck_assert_int_eq(tier_of(&t, 3), KVB_TIER_DEVICE);
+    st = tiered_stats(&t);
+    ck_assert_int_eq(st.promotions, 0);
+    ck_assert_int_eq(st.demotions, 2);
+    ck_assert_int_eq(st.evictions, 1);
+    /* a new chunk falls back to the host tier */
+    ck_assert(put(t.s, 4, TIER_TOKENS));
+    ck_assert_int_eq(tier_of(&t, 4), KVB_TIER_HOST);
+    ck_assert_int_eq(kvb_store_unpin(t.s, e), KVB_OK);
+    t.dev.fail = 0;
+    tiered_free(&t);
+}
+END_TEST
+
+START_TEST(test_store_tier_bytes_return_to_zero_after_clear)
+{
+    tiered t;
+    tiered_init(&t, 2, 3, 1);
+    for (int k = 0; k < 6; k++) {
+        ck_assert(put(t.s, k, TIER_TOKENS));
+    }
+    kvb_entry *e = get(t.s, 3, TIER_TOKENS); /* promoted, then pinned */
+    ck_assert_int_eq(kvb_entry_tier(e), KVB_TIER_DEVICE);
+    kvb_store_stats st = tiered_stats(&t);
+    ck_assert_uint_eq(st.device_bytes, 2 * t.es);
+    ck_assert_uint_eq(st.host_bytes, 2 * t.es);
+    ck_assert_int_eq(kvb_store_clear(t.s), KVB_OK);
+    st = tiered_stats(&t);
+    ck_assert_uint_eq(st.device_bytes, t.es); /* the pinned one stays */
+    ck_assert_uint_eq(st.host_bytes, 0);
+    ck_assert_int_eq(st.num_entries, 1);
+    ck_assert_int_eq(kvb_store_unpin(t.s, e), KVB_OK);
+    ck_assert_int_eq(kvb_store_clear(t.s), KVB_OK);
+    st = tiered_stats(&t);
+    ck_assert_uint_eq(st.device_bytes, 0);
+    ck_assert_uint_eq(st.host_bytes, 0);
+    ck_assert_int_eq(st.num_entries, 0);
+    ck_assert_int_eq(t.dev.live, 0);
+    ck_assert_int_eq(t.host.live, 0);
+    /* and the tiers are usable again */
+    ck_assert(put(t.s, 9, TIER_TOKENS));
+    ck_assert_int_eq(tier_of(&t, 9), KVB_TIER_DEVICE);
+    tiered_free(&t);
+}
+END_TEST
+
+/* Checks that exactly the chunks listed in `dev` are on the device and
+ * those in `host` on the host, and that `gone` are not stored. */
+static void expect_tiers(tiered *t, const char *dev, const char *host,
+                         const char *gone)
+{
+    for (const char *c = dev; *c; c++) {
+        ck_assert_msg(tier_of(t, *c) == KVB_TIER_DEVICE,
+                      "%c not on the device", *c);
+    }
+    for (const char *c = host; *c; c++) {
+        ck_assert_msg(tier_of(t, *c) == KVB_TIER_HOST, "%c not on the host",
+                      *c);
+    }
+    for (const char *c = gone; *c; c++) {
+        ck_assert_msg(has(t->s, *c, TIER_TOKENS) == 0 && tier_of(t, *c) == -1,
+                      "%c still stored", *c);
+    }
+    kvb_store_stats st = tiered_stats(t);
+    ck_assert_uint_eq(st.device_bytes, strlen(dev) * t->es);
+    ck_assert_uint_eq(st.host_bytes, strlen(host) * t->es);
+}
+
+START_TEST(test_store_lru_order_across_tiers)
+{
+    tiered t;
+    tiered_init(&t, 2, 3, 1); /* device: 2 entries, host: 3 */
+    ck_assert(put(t.s, 'A', TIER_TOKENS));
+    ck_assert(put(t.s, 'B', TIER_TOKENS));
+    expect_tiers(&t, "AB", "", "");
+    ck_assert(put(t.s, 'C', TIER_TOKENS));
+    expect_tiers(&t, "BC", "A", "");
+    ck_assert(put(t.s, 'D', TIER_TOKENS));
+    ck_assert(put(t.s, 'E', TIER_TOKENS));
+    expect_tiers(&t, "DE", "ABC", "");
+    /* the host is full: the oldest of all (A, on the host) is dropped for
+     * the device's oldest (D) */
+    ck_assert(put(t.s, 'F', TIER_TOKENS));
+    expect_tiers(&t, "EF", "BCD", "A");
+    /* a hit on C: E (device LRU) goes down, which drops B (host LRU, C
+     * being pinned by the hit), and C comes up */
+    kvb_entry *c = get(t.s, 'C', TIER_TOKENS);
+    ck_assert_int_eq(kvb_entry_tier(c), KVB_TIER_DEVICE);
+    ck_assert_int_eq(kvb_store_unpin(t.s, c), KVB_OK);
+    expect_tiers(&t, "FC", "DE", "AB");
+    /* order is now D E F C: F goes down, then C, which drops D */
+    ck_assert(put(t.s, 'G', TIER_TOKENS));
+    expect_tiers(&t, "CG", "DEF", "AB");
+    ck_assert(put(t.s, 'H', TIER_TOKENS));
+    expect_tiers(&t, "GH", "EFC", "ABD");
+    kvb_store_stats st = tiered_stats(&t);
+    ck_assert_int_eq(st.inserts, 8);
+    ck_assert_int_eq(st.evictions, 3);
+    ck_assert_int_eq(st.demotions, 7);
+    ck_assert_int_eq(st.promotions, 1);
+    ck_assert_int_eq(st.num_entries, 5);
+    ck_assert_int_eq(st.hits, 1);
+    ck_assert_int_eq(t.mv.calls, 8);
+    tiered_free(&t);
+}
+END_TEST
+
+START_TEST(test_store_mover_bad_arguments_named)
+{
+    kvb_clear_error();
+    ck_assert_int_eq(kvb_store_set_mover(NULL, fake_move, NULL),
+                     KVB_ERR_INVALID);
+    ck_assert_ptr_nonnull(strstr(kvb_last_error(),
+                                 "kvb_store_set_mover: store is NULL"));
+    ck_assert_int_eq(kvb_store_set_promotion(NULL, 1), KVB_ERR_INVALID);
+    ck_assert_ptr_nonnull(strstr(kvb_last_error(),
+                                 "kvb_store_set_promotion: store is NULL"));
+    /* a tier's allocator cannot change under its entries, moved or not */
+    tiered t;
+    tiered_init(&t, 1, 2, 1);
+    ck_assert(put(t.s, 0, TIER_TOKENS));
+    ck_assert(put(t.s, 1, TIER_TOKENS)); /* demotes 0 */
+    ck_assert_int_eq(kvb_store_set_allocator(t.s, KVB_TIER_HOST, NULL),
+                     KVB_ERR_INVALID);
+    ck_assert_ptr_nonnull(strstr(kvb_last_error(),
+                                 "the host tier holds 1 entries"));
+    tiered_free(&t);
+}
+END_TEST
+
 /* ---- concurrent use ----------------------------------------------------- */
 
 #define STRESS_THREADS 4
@@ -756,6 +1371,50 @@ START_TEST(test_store_threads_keep_invariants)
 }
 END_TEST
 
+START_TEST(test_store_threads_with_mover_keep_invariants)
+{
+    tiered t;
+    pthread_t th[STRESS_THREADS];
+    stress_arg args[STRESS_THREADS];
+    int stored = 0;
+    size_t es = entry_size(STRESS_TOKENS);
+    /* chunks of STRESS_TOKENS tokens: 2 fit the device, 3 the host */
+    tiered_init_bytes(&t, 2 * es + es / 3, 3 * es + es / 3, 1);
+    t.es = es;
+    start_capture(); /* rejections are logged; keep stderr quiet */
+    for (int i = 0; i < STRESS_THREADS; i++) {
+        args[i] = (stress_arg){t.s, 4321u + 77u * (unsigned)i, 0, 0};
+        ck_assert_int_eq(
+            pthread_create(&th[i], NULL, stress_main, &args[i]), 0);
+    }
+    for (int i = 0; i < STRESS_THREADS; i++) {
+        pthread_join(th[i], NULL);
+        ck_assert_int_eq(args[i].errors, 0);
+        stored += args[i].stored;
+    }
+    stop_capture();
+    kvb_store_stats st = tiered_stats(&t);
+    ck_assert_uint_le(st.device_bytes, 2 * es + es / 3);
+    ck_assert_uint_le(st.host_bytes, 3 * es + es / 3);
+    ck_assert_uint_eq(st.device_bytes + st.host_bytes,
+                      (size_t)st.num_entries * es);
+    ck_assert_int_eq(st.inserts, stored);
+    ck_assert_int_eq(st.num_entries, st.inserts - st.evictions);
+    ck_assert_int_gt(st.demotions, 0);
+    ck_assert_int_gt(st.promotions, 0);
+    ck_assert_int_gt(st.evictions, 0);
+    ck_assert_int_eq(t.mv.calls, st.demotions + st.promotions);
+    ck_assert_int_eq(t.dev.live + t.host.live, st.num_entries);
+    /* nothing is left pinned: every entry can be cleared */
+    ck_assert_int_eq(kvb_store_clear(t.s), KVB_OK);
+    st = tiered_stats(&t);
+    ck_assert_uint_eq(st.device_bytes, 0);
+    ck_assert_uint_eq(st.host_bytes, 0);
+    ck_assert_int_eq(st.num_entries, 0);
+    tiered_free(&t);
+}
+END_TEST
+
 Suite *store_suite(void)
 {
     Suite *s = suite_create("store");
@@ -779,6 +1438,17 @@ Suite *store_suite(void)
     tcase_add_test(tc, test_store_bad_arguments_named);
     tcase_add_test(tc, test_store_free_with_pinned_entry_warns);
     tcase_add_test(tc, test_store_threads_keep_invariants);
+    tcase_add_test(tc, test_store_demotion_moves_rows_exactly);
+    tcase_add_test(tc, test_store_promotion_on_acquire_moves_back);
+    tcase_add_test(tc, test_store_without_mover_eviction_drops);
+    tcase_add_test(tc, test_store_pinned_and_pending_never_move);
+    tcase_add_test(tc, test_store_host_cannot_take_victim_drops);
+    tcase_add_test(tc, test_store_failing_mover_keeps_store_consistent);
+    tcase_add_test(tc, test_store_failing_allocator_keeps_store_consistent);
+    tcase_add_test(tc, test_store_tier_bytes_return_to_zero_after_clear);
+    tcase_add_test(tc, test_store_lru_order_across_tiers);
+    tcase_add_test(tc, test_store_mover_bad_arguments_named);
+    tcase_add_test(tc, test_store_threads_with_mover_keep_invariants);
     suite_add_tcase(s, tc);
     tcase_set_timeout(tc, 120);
     return s;
