@@ -1,7 +1,11 @@
 /*
  * ops_load.c: the fused per-layer load on the CPU: stored rows of every hit
  * segment are copied into the staging buffer and their keys re-rotated from
- * the positions they were stored at to their positions in this prompt.
+ * the positions they were stored at to their positions in this prompt.  A
+ * segment with k0 == NULL has its rows in the staging buffer already (the
+ * device connector copies host-tier rows there through the copy engine);
+ * only its keys are re-rotated, in place, so the CPU op stays the reference
+ * of the CUDA op for both kinds of segment.
  */
 #include <stdlib.h>
 
@@ -16,8 +20,10 @@ static int cmp_seg_start(const void *a, const void *b)
 }
 
 /* Validates the segment table against a staging buffer of num_rows rows:
- * non-NULL sources, ranges inside [0, num_rows), no two segments writing the
- * same row.  Returns KVB_ERR_INVALID naming the first bad segment. */
+ * non-NULL source positions, and v0 set whenever k0 is (k0 == NULL marks
+ * rows already in place, v0 then unread), ranges inside [0, num_rows), no
+ * two segments writing the same row.  Returns KVB_ERR_INVALID naming the
+ * first bad segment. */
 static kvb_status check_load_segs(const kvb_load_seg *segs, int64_t nseg,
                                   int64_t num_rows)
 {
@@ -33,10 +39,12 @@ static kvb_status check_load_segs(const kvb_load_seg *segs, int64_t nseg,
                             (long long)num_rows);
         }
         if (s->num_tokens > 0 &&
-            (s->k0 == NULL || s->v0 == NULL || s->src_pos == NULL)) {
+            ((s->k0 != NULL && s->v0 == NULL) || s->src_pos == NULL)) {
             return kvb_fail(KVB_ERR_INVALID,
-                            "load segment %lld: NULL k0, v0 or src_pos",
-                            (long long)i);
+                            "load segment %lld: NULL %s",
+                            (long long)i,
+                            s->src_pos == NULL ? "src_pos"
+                                               : "v0 with k0 set");
         }
         if (s->layer_stride < 0) {
             return kvb_fail(KVB_ERR_INVALID,
@@ -71,8 +79,9 @@ static kvb_status check_load_segs(const kvb_load_seg *segs, int64_t nseg,
     return st;
 }
 
-/* Copies each segment's rows of `layer` into the staging buffer and
- * re-rotates the copied keys in place.  See kvblend.h for the contract. */
+/* Copies each segment's rows of `layer` into the staging buffer (unless
+ * its k0 is NULL: rows already there) and re-rotates the keys in place.
+ * See kvblend.h for the contract. */
 kvb_status kvb_cpu_load_rotate(const kvb_load_seg *segs, int64_t nseg,
                                int32_t layer, void *dst_k, void *dst_v,
                                const int64_t *dst_pos, int64_t num_rows,
@@ -115,8 +124,12 @@ kvb_status kvb_cpu_load_rotate(const kvb_load_seg *segs, int64_t nseg,
                      kvb_dtype_size(dtype);
         char *dk = (char *)dst_k + (size_t)s->dst_start * row;
         char *dv = (char *)dst_v + (size_t)s->dst_start * row;
-        memcpy(dk, (const char *)s->k0 + off, (size_t)s->num_tokens * row);
-        memcpy(dv, (const char *)s->v0 + off, (size_t)s->num_tokens * row);
+        if (s->k0 != NULL) {
+            memcpy(dk, (const char *)s->k0 + off,
+                   (size_t)s->num_tokens * row);
+            memcpy(dv, (const char *)s->v0 + off,
+                   (size_t)s->num_tokens * row);
+        }
         st = kvb_cpu_rerotate(dk, s->num_tokens, num_kv_heads, head_size,
                               dtype, rope, s->src_pos, dst_pos + s->dst_start);
         if (st != KVB_OK) {

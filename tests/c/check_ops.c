@@ -633,6 +633,200 @@ START_TEST(test_rerotate_bad_args_rejected)
 }
 END_TEST
 
+/* ---- fused load ------------------------------------------------------- */
+
+/* Fills a load case: L = 2 layers of stored rows for three segments of
+ * 5, 9 and 4 tokens (bf16, 2 heads of 16 dims, NeoX over 12 dims), placed
+ * at staging rows 1, 8 and 17 of 22 (rows 0, 6-7, 17.. partly uncovered),
+ * with source positions of a moved chunk, one shuffled row and one row
+ * whose delta is 0.  Storage for the rows is `store` (owned by the
+ * caller, 2 * 2 * 18 * 32 elements). */
+enum { LD_H = 2, LD_D = 16, LD_ROT = 12, LD_ROWS = 22, LD_ROW = LD_H * LD_D };
+static void load_fixture(uint16_t *store, int64_t *src_pos, int64_t *dst_pos,
+                         kvb_load_seg segs[3])
+{
+    static const int64_t T[3] = {5, 9, 4}, at[3] = {1, 8, 17};
+    int64_t stored = 0;
+    for (int s = 0; s < 3; s++) {
+        stored += T[s];
+    }
+    for (int64_t e = 0; e < 2 * 2 * stored * LD_ROW; e++) {
+        kvb_store_elem(store, e, KVB_DTYPE_BF16, rng_sym());
+    }
+    int64_t off = 0;
+    for (int s = 0; s < 3; s++) {
+        /* K of layers 0 and 1, then V of layers 0 and 1, per segment */
+        uint16_t *k0 = store + 4 * off * LD_ROW;
+        segs[s] = (kvb_load_seg){k0, k0 + 2 * T[s] * LD_ROW, T[s] * LD_ROW,
+                                 src_pos + off, at[s], T[s]};
+        for (int64_t t = 0; t < T[s]; t++) {
+            src_pos[off + t] = 300 * s + t; /* a chunk moved as a whole */
+        }
+        off += T[s];
+    }
+    src_pos[5 + 3] = 4000;                   /* one shuffled row */
+    for (int64_t r = 0; r < LD_ROWS; r++) {
+        dst_pos[r] = r;
+    }
+    dst_pos[17] = src_pos[5 + 9];            /* delta 0: bit-exact copy */
+}
+
+/* The load equals copying each segment's rows of the layer and then
+ * re-rotating them with kvb_cpu_rerotate, bit for bit; rows no segment
+ * covers keep their bytes. */
+START_TEST(test_load_rotate_equals_copy_then_rerotate)
+{
+    float inv[LD_ROT / 2];
+    plain_inv_freq(inv, LD_ROT, 10000.0);
+    kvb_rope rope = {LD_ROT, KVB_ROPE_NEOX, inv, 1.0f};
+    uint16_t store[2 * 2 * 18 * LD_ROW];
+    int64_t src_pos[18], dst_pos[LD_ROWS];
+    kvb_load_seg segs[3];
+    rng_seed(21);
+    load_fixture(store, src_pos, dst_pos, segs);
+    uint16_t k[LD_ROWS * LD_ROW], v[LD_ROWS * LD_ROW];
+    uint16_t rk[LD_ROWS * LD_ROW], rv[LD_ROWS * LD_ROW];
+    memset(k, 0xab, sizeof k);
+    memset(v, 0xab, sizeof v);
+    memcpy(rk, k, sizeof k);
+    memcpy(rv, v, sizeof v);
+    const int32_t layer = 1;
+    for (int s = 0; s < 3; s++) {
+        size_t bytes = (size_t)(segs[s].num_tokens * LD_ROW) * 2;
+        memcpy(rk + segs[s].dst_start * LD_ROW,
+               (const uint16_t *)segs[s].k0 + layer * segs[s].layer_stride,
+               bytes);
+        memcpy(rv + segs[s].dst_start * LD_ROW,
+               (const uint16_t *)segs[s].v0 + layer * segs[s].layer_stride,
+               bytes);
+        ck_assert_int_eq(kvb_cpu_rerotate(rk + segs[s].dst_start * LD_ROW,
+                                          segs[s].num_tokens, LD_H, LD_D,
+                                          KVB_DTYPE_BF16, &rope,
+                                          segs[s].src_pos,
+                                          dst_pos + segs[s].dst_start),
+                         KVB_OK);
+    }
+    ck_assert_int_eq(kvb_cpu_load_rotate(segs, 3, layer, k, v, dst_pos,
+                                         LD_ROWS, LD_H, LD_D, KVB_DTYPE_BF16,
+                                         &rope),
+                     KVB_OK);
+    ck_assert_int_eq(memcmp(k, rk, sizeof k), 0);
+    ck_assert_int_eq(memcmp(v, rv, sizeof v), 0);
+    /* row 0 is uncovered, row 17 (delta 0) is the stored row itself */
+    ck_assert_int_eq(k[0], 0xabab);
+    ck_assert_int_eq(memcmp(k + 17 * LD_ROW,
+                            (const uint16_t *)segs[2].k0 +
+                                layer * segs[2].layer_stride,
+                            LD_ROW * 2),
+                     0);
+}
+END_TEST
+
+/* A segment with k0 == NULL has its rows in the staging buffer already:
+ * the load re-rotates its K there and leaves its V alone, and the result
+ * equals the load that copies, bit for bit. */
+START_TEST(test_load_rotate_in_place_equals_copy)
+{
+    float inv[LD_ROT / 2];
+    plain_inv_freq(inv, LD_ROT, 10000.0);
+    for (int style = 0; style < 2; style++) {
+        kvb_rope rope = {LD_ROT, (kvb_rope_style)style, inv, 1.0f};
+        uint16_t store[2 * 2 * 18 * LD_ROW];
+        int64_t src_pos[18], dst_pos[LD_ROWS];
+        kvb_load_seg segs[3];
+        rng_seed(22 + (uint64_t)style);
+        load_fixture(store, src_pos, dst_pos, segs);
+        uint16_t k[LD_ROWS * LD_ROW], v[LD_ROWS * LD_ROW];
+        uint16_t ik[LD_ROWS * LD_ROW], iv[LD_ROWS * LD_ROW];
+        memset(k, 0x7f, sizeof k);
+        memset(v, 0x7f, sizeof v);
+        memcpy(ik, k, sizeof k);
+        memcpy(iv, v, sizeof v);
+        const int32_t layer = 1;
+        ck_assert_int_eq(kvb_cpu_load_rotate(segs, 3, layer, k, v, dst_pos,
+                                             LD_ROWS, LD_H, LD_D,
+                                             KVB_DTYPE_BF16, &rope),
+                         KVB_OK);
+        /* segments 0 and 2 arrive by a plain copy first, then in place */
+        kvb_load_seg in_place[3];
+        memcpy(in_place, segs, sizeof in_place);
+        for (int s = 0; s < 3; s += 2) {
+            size_t bytes = (size_t)(segs[s].num_tokens * LD_ROW) * 2;
+            memcpy(ik + segs[s].dst_start * LD_ROW,
+                   (const uint16_t *)segs[s].k0 + layer * segs[s].layer_stride,
+                   bytes);
+            memcpy(iv + segs[s].dst_start * LD_ROW,
+                   (const uint16_t *)segs[s].v0 + layer * segs[s].layer_stride,
+                   bytes);
+            in_place[s].k0 = NULL;
+            in_place[s].v0 = NULL;
+            in_place[s].layer_stride = 0; /* not read */
+        }
+        ck_assert_int_eq(kvb_cpu_load_rotate(in_place, 3, layer, ik, iv,
+                                             dst_pos, LD_ROWS, LD_H, LD_D,
+                                             KVB_DTYPE_BF16, &rope),
+                         KVB_OK);
+        ck_assert_msg(memcmp(k, ik, sizeof k) == 0, "style %d: K differs",
+                      style);
+        ck_assert_msg(memcmp(v, iv, sizeof v) == 0, "style %d: V differs",
+                      style);
+        /* the rotation did happen: segment 0's first K row moved */
+        ck_assert(memcmp(ik + LD_ROW, (const uint16_t *)segs[0].k0 +
+                                          layer * segs[0].layer_stride,
+                         LD_ROW * 2) != 0);
+    }
+}
+END_TEST
+
+/* Bad tables are refused with the segment and the fault named. */
+START_TEST(test_load_rotate_bad_segments_rejected)
+{
+    float inv[LD_ROT / 2];
+    plain_inv_freq(inv, LD_ROT, 10000.0);
+    kvb_rope rope = {LD_ROT, KVB_ROPE_NEOX, inv, 1.0f};
+    uint16_t store[2 * 2 * 18 * LD_ROW];
+    int64_t src_pos[18], dst_pos[LD_ROWS];
+    kvb_load_seg segs[3], bad[3];
+    rng_seed(23);
+    load_fixture(store, src_pos, dst_pos, segs);
+    uint16_t k[LD_ROWS * LD_ROW], v[LD_ROWS * LD_ROW];
+
+    memcpy(bad, segs, sizeof bad);
+    bad[1].v0 = NULL; /* k0 set: the rows must come from somewhere */
+    ck_assert_int_eq(kvb_cpu_load_rotate(bad, 3, 0, k, v, dst_pos, LD_ROWS,
+                                         LD_H, LD_D, KVB_DTYPE_BF16, &rope),
+                     KVB_ERR_INVALID);
+    ck_assert_ptr_nonnull(
+        strstr(kvb_last_error(), "load segment 1: NULL v0 with k0 set"));
+
+    memcpy(bad, segs, sizeof bad);
+    bad[2].k0 = NULL;
+    bad[2].src_pos = NULL; /* in place still needs the stored positions */
+    ck_assert_int_eq(kvb_cpu_load_rotate(bad, 3, 0, k, v, dst_pos, LD_ROWS,
+                                         LD_H, LD_D, KVB_DTYPE_BF16, &rope),
+                     KVB_ERR_INVALID);
+    ck_assert_ptr_nonnull(
+        strstr(kvb_last_error(), "load segment 2: NULL src_pos"));
+
+    memcpy(bad, segs, sizeof bad);
+    bad[0].dst_start = 4; /* rows 4..8 run into segment 1 at row 8 */
+    ck_assert_int_eq(kvb_cpu_load_rotate(bad, 3, 0, k, v, dst_pos, LD_ROWS,
+                                         LD_H, LD_D, KVB_DTYPE_BF16, &rope),
+                     KVB_ERR_INVALID);
+    ck_assert_ptr_nonnull(
+        strstr(kvb_last_error(), "load segments 0 and 1 overlap at row 8"));
+
+    memcpy(bad, segs, sizeof bad);
+    bad[2].dst_start = 19; /* 19 + 4 > 22 */
+    ck_assert_int_eq(kvb_cpu_load_rotate(bad, 3, 0, k, v, dst_pos, LD_ROWS,
+                                         LD_H, LD_D, KVB_DTYPE_BF16, &rope),
+                     KVB_ERR_INVALID);
+    ck_assert_ptr_nonnull(strstr(kvb_last_error(),
+                                 "rows [19, 23) are outside the staging "
+                                 "buffer of 22 rows"));
+}
+END_TEST
+
 /* ---- deviation -------------------------------------------------------- */
 
 START_TEST(test_deviation_matches_double_reference)
@@ -838,6 +1032,9 @@ Suite *ops_suite(void)
     tcase_add_test(tc, test_rerotate_tail_and_identity_exact);
     tcase_add_test(tc, test_rerotate_composes);
     tcase_add_test(tc, test_rerotate_bad_args_rejected);
+    tcase_add_test(tc, test_load_rotate_equals_copy_then_rerotate);
+    tcase_add_test(tc, test_load_rotate_in_place_equals_copy);
+    tcase_add_test(tc, test_load_rotate_bad_segments_rejected);
     tcase_add_test(tc, test_deviation_matches_double_reference);
     tcase_add_test(tc, test_deviation_bad_args_rejected);
     tcase_add_test(tc, test_select_matches_sort_reference);
