@@ -297,10 +297,17 @@ kvb_status kvb_cuda_attention(const void *q, const int64_t *q_pos, int64_t nq,
     return cuda_status(fn, err);
 }
 
+/* Most elements (num_kv_heads * head_size) in one row of the fused load:
+ * the kernel counts a tile's items in int (KVB_LOAD_MAX_ROW in
+ * cuda/rope.cu is the same number). */
+#define LOAD_MAX_ROW_ELEMS ((int64_t)1 << 24)
+
 /* The fused per-layer load on `stream`.  The segment table lives on the
  * device (or is host-mapped), so its contents cannot be checked here: the
  * kernel writes only rows inside [0, num_rows) that some segment covers
- * (the lowest-numbered segment wins if a bad table overlaps). */
+ * (the lowest-numbered segment wins if a bad table overlaps).  A segment
+ * with k0 == NULL has its rows in dst_k/dst_v already (kvblend.h): its K
+ * rows are re-rotated in place and its V rows left alone. */
 kvb_status kvb_cuda_load_rotate(const kvb_load_seg *segs, int64_t nseg,
                                 int32_t layer, void *dst_k, void *dst_v,
                                 const int64_t *dst_pos, int64_t num_rows,
@@ -326,6 +333,13 @@ kvb_status kvb_cuda_load_rotate(const kvb_load_seg *segs, int64_t nseg,
     if (dst_k == NULL || dst_v == NULL || dst_pos == NULL || rope == NULL) {
         return kvb_fail(KVB_ERR_INVALID,
                         "%s: NULL dst_k, dst_v, dst_pos or rope", fn);
+    }
+    if ((int64_t)num_kv_heads * head_size > LOAD_MAX_ROW_ELEMS) {
+        return kvb_fail(KVB_ERR_UNSUPPORTED,
+                        "%s: num_kv_heads=%d * head_size=%d elements per "
+                        "row: at most %lld are supported",
+                        fn, (int)num_kv_heads, (int)head_size,
+                        (long long)LOAD_MAX_ROW_ELEMS);
     }
     kvb_cuda_rope r;
     kvb_status st = rope_check(fn, rope, head_size, &r);

@@ -3,15 +3,17 @@
  * per-layer load that copies stored V rows and re-rotated K rows into the
  * staging buffer (kvb_cuda_load_rotate).
  *
- * Both work row by row: a block takes one token row, computes cos/sin of
- * (new_pos - old_pos) * inv_freq[p] once per rotary pair into shared memory
- * (angle and sincos in double, as the CPU op does, then fp32), and its
- * threads stride over (head, chunk) items sharing those tables.  A chunk is
- * a 16-byte vector when the row and rotary geometry allow it (NeoX: the
- * vector at p and its partner at p + rotary_dim/2; GPT-J: a vector holds
- * whole pairs), else single elements (GPT-J: one pair).  Dims
- * [rotary_dim, head_size) pass through.  A row whose delta is 0 is copied
- * (or left) bit-exact, like the CPU op.  attention_factor is never applied.
+ * Both compute cos/sin of (new_pos - old_pos) * inv_freq[p] once per
+ * rotary pair into shared memory (angle and sincos in double, as the CPU op
+ * does, then fp32) and rotate in fp32.  The re-rotation does it per row;
+ * the load per run of rows that share one delta (usually a whole tile of
+ * rows, see kvb_load_rotate_kernel).  Threads stride over (head, chunk)
+ * items sharing those tables.  A chunk is a 16-byte vector when the row and
+ * rotary geometry allow it (NeoX: the vector at p and its partner at
+ * p + rotary_dim/2; GPT-J: a vector holds whole pairs), else single
+ * elements (GPT-J: one pair).  Dims [rotary_dim, head_size) pass through.
+ * A row whose delta is 0 is copied (or left) bit-exact, like the CPU op.
+ * attention_factor is never applied.
  */
 #include <climits>
 
@@ -164,45 +166,236 @@ static __global__ void kvb_rerotate_kernel(T *__restrict__ k, int64_t n, int H, 
     }
 }
 
-/* Rows per block of the load kernel (the segment table is scanned once per
- * block). */
-#define KVB_LOAD_ROWS 4
+/* Staging rows per block of the load kernel (a tile), threads per block,
+ * and how many independent items a thread loads before it stores: copies
+ * (one 16-byte vector each) and rotations (NeoX: two vectors per item, so
+ * one item; GPT-J: one vector per item, so two).  The unrolls are where
+ * the kernel still fits three blocks per SM (80 registers) without
+ * spilling on sm_90. */
+#define KVB_LOAD_TILE 16
+#define KVB_LOAD_THREADS 256
+#define KVB_LOAD_UNROLL_COPY 4
+#define KVB_LOAD_UNROLL_ROT(style) ((style) == KVB_ROPE_NEOX ? 1 : 2)
+
+/* Most elements in one row (num_kv_heads * head_size) the load handles,
+ * so that item counts of a tile stay far inside int (the entry point in
+ * connector/cuda_ops.c refuses larger rows with the same number). */
+#define KVB_LOAD_MAX_ROW (1 << 24)
+
+/* Loads C consecutive elements at p without converting them (one vector
+ * access when VL). */
+template <typename T, int C, bool VL>
+static __device__ __forceinline__ void kvb_ld_raw(const T *p, kvb_vec<T, C> &v)
+{
+    if (VL) {
+        v = *reinterpret_cast<const kvb_vec<T, C> *>(p);
+    } else {
+#pragma unroll
+        for (int j = 0; j < C; j++) v.e[j] = p[j];
+    }
+}
+
+/* Stores C raw elements at p (one vector access when VL). */
+template <typename T, int C, bool VL>
+static __device__ __forceinline__ void kvb_st_raw(T *p, const kvb_vec<T, C> &v)
+{
+    if (VL) {
+        *reinterpret_cast<kvb_vec<T, C> *>(p) = v;
+    } else {
+#pragma unroll
+        for (int j = 0; j < C; j++) p[j] = v.e[j];
+    }
+}
 
 /*
- * The fused load.  Each block finds, for its KVB_LOAD_ROWS staging rows, the
- * segment covering each row (the lowest segment index wins should a bad
- * table overlap; rows no segment covers are left untouched), then per row
- * copies V and rotates K from src_pos[t] to dst_pos[row].  Vectors are used
- * when the geometry allows it and the row's addresses are 16-byte aligned.
+ * Copies the V rows of tile rows [0, nr): sv[r] is row r's source or NULL
+ * (no segment covers it, or its rows are already in place), dv0 the tile's
+ * first destination row.  The block's threads stride over every V-element
+ * chunk of all rows at once, each with U loads in flight before its stores.
+ * Called by all threads; no synchronisation.
+ */
+template <typename T, bool VL, int U>
+static __device__ void kvb_copy_tile(const T *const *sv, T *dv0, int nr, int row_elems)
+{
+    constexpr int V = VL ? 16 / sizeof(T) : 1;
+    const int per_row = row_elems / V;
+    const int total = nr * per_row;
+    for (int base = threadIdx.x; base < total; base += U * blockDim.x) {
+        kvb_vec<T, V> x[U];
+        T *d[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int w = base + u * (int)blockDim.x;
+            d[u] = nullptr;
+            if (w < total) {
+                const int r = w / per_row;
+                const int off = (w - r * per_row) * V;
+                const T *s = sv[r];
+                if (s != nullptr) {
+                    kvb_ld_raw<T, V, VL>(s + off, x[u]);
+                    d[u] = dv0 + (int64_t)r * row_elems + off;
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (d[u] != nullptr) kvb_st_raw<T, V, VL>(d[u], x[u]);
+        }
+    }
+}
+
+/*
+ * Rotates (rot > 0) or copies (rot == 0) the K rows of tile rows [r0, r1),
+ * which share one position delta whose tables are cs/sn [rot / 2]: sk[r]
+ * is row r's source (NULL: not covered, skipped; equal to the destination:
+ * the row is already in place, so its passthrough dims, and the whole row
+ * when rot == 0, need no write).  The same items as kvb_rotate_row (NeoX: a
+ * chunk at p and its partner at p + rot/2; GPT-J: a chunk of whole pairs;
+ * passthrough chunks), strided by all threads over every row of the range,
+ * U items in flight per thread.  Every item reads and writes only its own
+ * elements, so in-place rows are safe.  The arithmetic is
+ * kvb_rotate_row's, expression for expression.  No synchronisation.
+ */
+template <typename T, int STYLE, bool VL, int U>
+static __device__ void kvb_rotate_tile(const T *const *sk, T *dk0, int r0, int r1, int H,
+                                       int D, int rot, const float *cs, const float *sn)
+{
+    constexpr int V = VL ? 16 / sizeof(T) : 1;
+    constexpr int CR = STYLE == KVB_ROPE_GPTJ ? (V < 2 ? 2 : V) : V; /* rotary chunk */
+    const int half = rot / 2;
+    const int nrot = STYLE == KVB_ROPE_GPTJ ? rot / CR : half / CR;
+    const int npass = (D - rot) / V;
+    const int per_head = nrot + npass;
+    const int per_row = H * per_head;
+    const int row_elems = H * D;
+    const int total = (r1 - r0) * per_row;
+    for (int base = threadIdx.x; base < total; base += U * blockDim.x) {
+        kvb_vec<T, CR> xa[U]; /* NeoX x half, GPT-J pairs */
+        kvb_vec<T, V> ya[U];  /* NeoX y half, passthrough */
+        T *d[U];
+        int c_of[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int w = base + u * (int)blockDim.x;
+            d[u] = nullptr;
+            c_of[u] = 0;
+            if (w >= total) continue;
+            const int r = w / per_row;
+            const int rem = w - r * per_row;
+            const int h = rem / per_head;
+            const int c = rem - h * per_head;
+            const T *src = sk[r0 + r];
+            if (src == nullptr) continue;
+            T *dst = dk0 + (int64_t)(r0 + r) * row_elems + h * D;
+            const T *s = src + h * D;
+            const bool in_place = s == dst;
+            if (c >= nrot) {
+                if (in_place) continue; /* passthrough dims stay as they are */
+                kvb_ld_raw<T, V, VL>(s + rot + (c - nrot) * V, ya[u]);
+            } else if (STYLE == KVB_ROPE_GPTJ) {
+                kvb_ld_raw<T, CR, VL>(s + c * CR, xa[u]);
+            } else {
+                /* NeoX: CR == V (spelt CR so the dead GPT-J twin compiles) */
+                kvb_ld_raw<T, CR, VL>(s + c * V, xa[u]);
+                kvb_ld_raw<T, V, VL>(s + c * V + half, ya[u]);
+            }
+            d[u] = dst;
+            c_of[u] = c;
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (d[u] == nullptr) continue;
+            const int c = c_of[u];
+            if (c >= nrot) {
+                kvb_st_raw<T, V, VL>(d[u] + rot + (c - nrot) * V, ya[u]);
+            } else if (STYLE == KVB_ROPE_GPTJ) {
+                float x[CR];
+#pragma unroll
+                for (int j = 0; j < CR; j++) x[j] = kvb_to_f32(xa[u].e[j]);
+#pragma unroll
+                for (int j = 0; j < CR; j += 2) {
+                    const int p = (c * CR + j) / 2;
+                    const float a = x[j], b = x[j + 1];
+                    x[j] = a * cs[p] - b * sn[p];
+                    x[j + 1] = a * sn[p] + b * cs[p];
+                }
+                kvb_st<T, CR, VL>(d[u] + c * CR, x);
+            } else {
+                float x[V], y[V];
+#pragma unroll
+                for (int j = 0; j < V; j++) {
+                    x[j] = kvb_to_f32(xa[u].e[j]);
+                    y[j] = kvb_to_f32(ya[u].e[j]);
+                }
+#pragma unroll
+                for (int j = 0; j < V; j++) {
+                    const int p = c * V + j;
+                    const float a = x[j], b = y[j];
+                    x[j] = a * cs[p] - b * sn[p];
+                    y[j] = a * sn[p] + b * cs[p];
+                }
+                kvb_st<T, V, VL>(d[u] + c * V, x);
+                kvb_st<T, V, VL>(d[u] + c * V + half, y);
+            }
+        }
+    }
+}
+
+/*
+ * The fused load.  A block takes a tile of KVB_LOAD_TILE consecutive
+ * staging rows:
+ *   1. it finds the segment covering each row (the lowest segment index
+ *      wins should a bad table overlap; rows no segment covers are left
+ *      untouched), and for each covered row its K and V sources and its
+ *      position delta dst_pos[row] - src_pos[t] (in double, as the CPU op);
+ *   2. it splits the tile into runs of rows sharing one delta (uncovered
+ *      rows join any run).  Inside a segment positions are consecutive on
+ *      both sides, so a tile is almost always one run; a tile straddling
+ *      two segments is two; shuffled positions give a run per row;
+ *   3. per run it fills the cos/sin tables once (delta 0: no table, the
+ *      rows are copied bit-exact), and all threads stride over every
+ *      (row, head, 16-byte chunk) item of the run with several independent
+ *      loads in flight and no further barrier.  The tile's V rows are
+ *      copied the same way once, while the first run's tables are filled.
+ * 16-byte vectors are used when the geometry allows it and every row of
+ * the tile is 16-byte aligned (checked once per tile), else elements.
+ *
+ * A segment whose k0 is NULL has its rows already in dst_k/dst_v (the
+ * connector copied them there through the copy engine): its K rows are
+ * re-rotated in place and its V rows are not touched.
+ *
  *   segs     [nseg] kvb_load_seg (device or host-mapped)
  *   dst_k    [num_rows, H, D]     dst_v [num_rows, H, D]
  *   dst_pos  [num_rows]
- * Grid: ceil(num_rows / KVB_LOAD_ROWS) blocks (capped, grid-stride).
- * Block: 128 threads.
+ * Grid: ceil(num_rows / KVB_LOAD_TILE) blocks (capped, grid-stride over
+ * tiles).  Block: KVB_LOAD_THREADS threads.
  */
 template <typename T, int STYLE>
-static __global__ void kvb_load_rotate_kernel(const kvb_load_seg *__restrict__ segs,
-                                              int64_t nseg, int64_t layer,
-                                              T *__restrict__ dst_k, T *__restrict__ dst_v,
-                                              const int64_t *__restrict__ dst_pos,
-                                              int64_t num_rows, int H, int D,
-                                              kvb_cuda_rope rope)
+static __global__ void __launch_bounds__(KVB_LOAD_THREADS, 3)
+    kvb_load_rotate_kernel(const kvb_load_seg *__restrict__ segs, int64_t nseg, int64_t layer,
+                           T *__restrict__ dst_k, T *__restrict__ dst_v,
+                           const int64_t *__restrict__ dst_pos, int64_t num_rows, int H, int D,
+                           kvb_cuda_rope rope)
 {
     __shared__ float cs[KVB_CUDA_ROPE_MAX_PAIRS];
     __shared__ float sn[KVB_CUDA_ROPE_MAX_PAIRS];
-    __shared__ unsigned long long seg_of[KVB_LOAD_ROWS];
+    __shared__ unsigned long long seg_of[KVB_LOAD_TILE];
+    __shared__ const T *sk[KVB_LOAD_TILE]; /* K source row, NULL: uncovered */
+    __shared__ const T *sv[KVB_LOAD_TILE]; /* V source row, NULL: none to copy */
+    __shared__ double delta[KVB_LOAD_TILE];
     const bool geom_vec = kvb_rope_vec_geom<T, STYLE>(D, rope.rotary_dim);
-    const int64_t row_elems = (int64_t)H * D;
-    for (int64_t row0 = (int64_t)blockIdx.x * KVB_LOAD_ROWS; row0 < num_rows;
-         row0 += (int64_t)gridDim.x * KVB_LOAD_ROWS) {
-        if (threadIdx.x < KVB_LOAD_ROWS) {
+    const int row_elems = H * D;
+    for (int64_t row0 = (int64_t)blockIdx.x * KVB_LOAD_TILE; row0 < num_rows;
+         row0 += (int64_t)gridDim.x * KVB_LOAD_TILE) {
+        const int nr = (int)min((int64_t)KVB_LOAD_TILE, num_rows - row0);
+        if (threadIdx.x < KVB_LOAD_TILE) {
             seg_of[threadIdx.x] = ULLONG_MAX;
         }
         __syncthreads();
         for (int64_t j = threadIdx.x; j < nseg; j += blockDim.x) {
             const int64_t start = segs[j].dst_start;
             const int64_t count = segs[j].num_tokens;
-            for (int r = 0; r < KVB_LOAD_ROWS; r++) {
+            for (int r = 0; r < nr; r++) {
                 const int64_t row = row0 + r;
                 if (row >= start && row - start < count) {
                     atomicMin(&seg_of[r], (unsigned long long)j);
@@ -210,35 +403,72 @@ static __global__ void kvb_load_rotate_kernel(const kvb_load_seg *__restrict__ s
             }
         }
         __syncthreads();
-        for (int r = 0; r < KVB_LOAD_ROWS && row0 + r < num_rows; r++) {
-            const unsigned long long j = seg_of[r];
-            if (j == ULLONG_MAX) {
-                continue; /* uniform: no segment covers this row */
+        bool aligned = true;
+        if (threadIdx.x < KVB_LOAD_TILE) {
+            const int r = threadIdx.x;
+            const T *k = nullptr, *v = nullptr;
+            double dl = 0.0;
+            if (r < nr && seg_of[r] != ULLONG_MAX) {
+                const kvb_load_seg *s = &segs[seg_of[r]];
+                const int64_t row = row0 + r;
+                const int64_t t = row - s->dst_start;
+                T *dk = dst_k + row * row_elems;
+                if (s->k0 != nullptr) {
+                    const int64_t src_off = layer * s->layer_stride + t * row_elems;
+                    k = static_cast<const T *>(s->k0) + src_off;
+                    v = static_cast<const T *>(s->v0) + src_off;
+                } else {
+                    k = dk; /* already in place: rotate K there, V is done */
+                }
+                dl = (double)dst_pos[row] - (double)s->src_pos[t];
+                aligned = kvb_aligned(k, 16) && kvb_aligned(dk, 16) &&
+                          kvb_aligned(dst_v + row * row_elems, 16) &&
+                          (v == nullptr || kvb_aligned(v, 16));
             }
-            const int64_t row = row0 + r;
-            const kvb_load_seg *s = &segs[j];
-            const int64_t t = row - s->dst_start;
-            const int64_t src_off = layer * s->layer_stride + t * row_elems;
-            const T *sk = static_cast<const T *>(s->k0) + src_off;
-            const T *sv = static_cast<const T *>(s->v0) + src_off;
-            T *dk = dst_k + row * row_elems;
-            T *dv = dst_v + row * row_elems;
-            const double delta = (double)dst_pos[row] - (double)s->src_pos[t];
-            const int rot = delta == 0.0 ? 0 : rope.rotary_dim;
+            sk[r] = k;
+            sv[r] = v;
+            delta[r] = dl;
+        }
+        const bool vec = __syncthreads_and(aligned) != 0 && geom_vec;
+        T *dk0 = dst_k + row0 * row_elems;
+        T *dv0 = dst_v + row0 * row_elems;
+        bool v_done = false;
+        int r = 0;
+        while (r < nr) {
+            /* one run: [r, e) with one delta over its covered rows */
+            while (r < nr && sk[r] == nullptr) r++;
+            if (r == nr) break;
+            const double dl = delta[r];
+            int e = r + 1;
+            while (e < nr && (sk[e] == nullptr || delta[e] == dl)) e++;
+            const int rot = dl == 0.0 ? 0 : rope.rotary_dim;
+            bool k_work = rot != 0;
+            for (int i = r; i < e && !k_work; i++) {
+                k_work = sv[i] != nullptr; /* a copy from elsewhere */
+            }
             if (rot != 0) {
-                kvb_rope_tables(rope, delta, cs, sn);
+                kvb_rope_tables(rope, dl, cs, sn);
             }
-            __syncthreads();
-            const bool vec = geom_vec && kvb_aligned(sk, 16) && kvb_aligned(sv, 16) &&
-                             kvb_aligned(dk, 16) && kvb_aligned(dv, 16);
-            if (vec) {
-                kvb_rotate_row<T, STYLE, true>(sk, dk, H, D, rot, cs, sn);
-                kvb_rotate_row<T, STYLE, true>(sv, dv, H, D, 0, cs, sn);
-            } else {
-                kvb_rotate_row<T, STYLE, false>(sk, dk, H, D, rot, cs, sn);
-                kvb_rotate_row<T, STYLE, false>(sv, dv, H, D, 0, cs, sn);
+            if (!v_done) {
+                if (vec) {
+                    kvb_copy_tile<T, true, KVB_LOAD_UNROLL_COPY>(sv, dv0, nr, row_elems);
+                } else {
+                    kvb_copy_tile<T, false, KVB_LOAD_UNROLL_COPY>(sv, dv0, nr, row_elems);
+                }
+                v_done = true;
             }
-            __syncthreads();
+            if (rot != 0) {
+                __syncthreads(); /* tables ready */
+            }
+            if (k_work && vec) {
+                kvb_rotate_tile<T, STYLE, true, KVB_LOAD_UNROLL_ROT(STYLE)>(sk, dk0, r, e, H, D, rot, cs, sn);
+            } else if (k_work) {
+                kvb_rotate_tile<T, STYLE, false, KVB_LOAD_UNROLL_ROT(STYLE)>(sk, dk0, r, e, H, D, rot, cs, sn);
+            }
+            r = e;
+            if (rot != 0 && r < nr) {
+                __syncthreads(); /* the next run may rewrite the tables */
+            }
         }
     }
 }
@@ -267,8 +497,11 @@ static cudaError_t kvb_load_rotate_go(const void *segs, int64_t nseg, int32_t la
                                       int64_t num_rows, int H, int D,
                                       const kvb_cuda_rope *rope, cudaStream_t stream)
 {
-    const unsigned grid = kvb_grid_for(num_rows, KVB_LOAD_ROWS, INT_MAX);
-    kvb_load_rotate_kernel<T, STYLE><<<grid, 128, 0, stream>>>(
+    if ((int64_t)H * D > KVB_LOAD_MAX_ROW) {
+        return cudaErrorInvalidValue; /* the entry point refuses such rows */
+    }
+    const unsigned grid = kvb_grid_for(num_rows, KVB_LOAD_TILE, INT_MAX);
+    kvb_load_rotate_kernel<T, STYLE><<<grid, KVB_LOAD_THREADS, 0, stream>>>(
         static_cast<const kvb_load_seg *>(segs), nseg, layer, static_cast<T *>(dst_k),
         static_cast<T *>(dst_v), dst_pos, num_rows, H, D, *rope);
     KVB_CUDA_TRY(cudaGetLastError());
