@@ -297,6 +297,33 @@ kvb_status kvb_cuda_copy_async(int32_t device, void *dst, const void *host,
                                           err);
 }
 
+/* Copies a segment's K and V rows host-to-device in the order of
+ * `stream`.  See cuda_tier.h. */
+kvb_status kvb_cuda_copy_rows_async(int32_t device, void *dst_k,
+                                    const void *src_k, void *dst_v,
+                                    const void *src_v, size_t bytes,
+                                    void *stream)
+{
+    if (bytes == 0) {
+        return KVB_OK;
+    }
+    int prev = 0;
+    cudaError_t err = device_enter(device, &prev);
+    if (err != cudaSuccess) {
+        return tier_fail("cudaSetDevice", err);
+    }
+    err = cudaMemcpyAsync(dst_k, src_k, bytes, cudaMemcpyHostToDevice,
+                          (cudaStream_t)stream);
+    if (err == cudaSuccess) {
+        err = cudaMemcpyAsync(dst_v, src_v, bytes, cudaMemcpyHostToDevice,
+                              (cudaStream_t)stream);
+    }
+    device_leave(device, prev);
+    return err == cudaSuccess ? KVB_OK
+                              : tier_fail("cudaMemcpyAsync (host-tier rows)",
+                                          err);
+}
+
 /* Releases an uploaded block in stream order. */
 void kvb_cuda_release(int32_t device, void *dptr, void *stream)
 {
@@ -349,6 +376,17 @@ kvb_status kvb_cuda_copy_async(int32_t device, void *dst, const void *host,
 {
     return kvb_fail(KVB_ERR_UNSUPPORTED,
                     "kvb_cuda_copy_async: libkvblend was built without CUDA");
+}
+
+/* Without CUDA nothing is copied. */
+kvb_status kvb_cuda_copy_rows_async(int32_t device, void *dst_k,
+                                    const void *src_k, void *dst_v,
+                                    const void *src_v, size_t bytes,
+                                    void *stream)
+{
+    return kvb_fail(KVB_ERR_UNSUPPORTED,
+                    "kvb_cuda_copy_rows_async: libkvblend was built without "
+                    "CUDA");
 }
 
 /* Nothing to release without CUDA. */

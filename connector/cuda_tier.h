@@ -47,6 +47,16 @@ KVB_HIDDEN kvb_status kvb_cuda_copy_async(int32_t device, void *dst,
                                           const void *host, size_t bytes,
                                           void *stream);
 
+/* Copies one segment's rows of one layer from the pinned host tier into
+ * the staging buffers on `stream` through the copy engine (two
+ * cudaMemcpyAsync host-to-device, K then V, `bytes` each; no host
+ * synchronisation, no SM time).  src_k/src_v must be pinned memory (the
+ * host pool) so the copies are truly asynchronous. */
+KVB_HIDDEN kvb_status kvb_cuda_copy_rows_async(int32_t device, void *dst_k,
+                                               const void *src_k,
+                                               void *dst_v, const void *src_v,
+                                               size_t bytes, void *stream);
+
 /* Releases a block from kvb_cuda_alloc_async in the order of `stream`.
  * NULL is a no-op. */
 KVB_HIDDEN void kvb_cuda_release(int32_t device, void *dptr, void *stream);
