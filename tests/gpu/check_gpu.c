@@ -441,30 +441,101 @@ START_TEST(test_rerotate_matches_cpu)
 }
 END_TEST
 
-/* One load_rotate case: `nseg` ragged segments with gaps, layer 2 of 3,
- * stored rows in device memory or in mapped pinned host memory (the table
- * too), compared with kvb_cpu_load_rotate on the same bytes. */
-static void load_case(kvb_dtype dt, int style, int32_t D, int32_t rot, int host_mapped)
+/* How one load_rotate case is set up (zero: the plain case). */
+typedef struct load_opts {
+    int host_mapped;   /* stored rows, positions and table in mapped pinned memory */
+    int uniform;       /* consecutive positions: one delta per segment */
+    unsigned in_place; /* bit s: segment s is in dst already (k0 == NULL) */
+    int misalign;      /* staging buffers one element off 16 bytes */
+    int32_t H;         /* KV heads (0: 4) */
+    int scale;         /* segment sizes multiplied by this (0: 1) */
+} load_opts;
+
+/* Runs the device load of `dsegs` into fresh poisoned staging buffers
+ * (offset `off` bytes), after copying each in-place segment's stored rows
+ * of `layer` into its staging rows; returns the host copies of K and V
+ * (`stage` bytes from the offset). */
+static void load_on_device(const kvb_load_seg *dsegs, const kvb_load_seg *hsegs, int nseg,
+                           unsigned in_place, int32_t layer, const int64_t *ddst,
+                           int64_t num_rows, int32_t H, int32_t D, kvb_dtype dt,
+                           const kvb_rope *rope, int host_mapped, size_t off, size_t stage,
+                           void **gk, void **gv)
 {
-    const int32_t H = 4, L = 3, layer = 2;
+    size_t es = kvb_dtype_size(dt), row = (size_t)(H * D) * es;
+    char *dk = dev_alloc(stage + off), *dv = dev_alloc(stage + off);
+    kvb_load_seg tab[16];
+    memcpy(tab, dsegs, (size_t)nseg * sizeof *tab);
+    for (int s = 0; s < nseg; s++) {
+        if (!(in_place >> s & 1)) continue;
+        /* what the connector's copy engine does for a host-tier entry */
+        size_t src = (size_t)(layer * hsegs[s].layer_stride) * es;
+        size_t bytes = (size_t)hsegs[s].num_tokens * row;
+        ck_assert_int_eq(cudaMemcpy(dk + off + (size_t)hsegs[s].dst_start * row,
+                                    (const char *)hsegs[s].k0 + src, bytes,
+                                    cudaMemcpyHostToDevice), cudaSuccess);
+        ck_assert_int_eq(cudaMemcpy(dv + off + (size_t)hsegs[s].dst_start * row,
+                                    (const char *)hsegs[s].v0 + src, bytes,
+                                    cudaMemcpyHostToDevice), cudaSuccess);
+        tab[s].k0 = NULL;
+        tab[s].v0 = NULL;
+        tab[s].layer_stride = 0; /* not read */
+    }
+    kvb_load_seg *dtab;
+    void *tab_host = NULL;
+    if (host_mapped) {
+        ck_assert_int_eq(cudaHostAlloc(&tab_host, sizeof tab, cudaHostAllocMapped), cudaSuccess);
+        memcpy(tab_host, tab, sizeof tab);
+        void *p;
+        ck_assert_int_eq(cudaHostGetDevicePointer(&p, tab_host, 0), cudaSuccess);
+        dtab = p;
+    } else {
+        dtab = dev_from(tab, sizeof tab);
+    }
+    OK(kvb_cuda_load_rotate(dtab, nseg, layer, dk + off, dv + off, ddst, num_rows, H, D, dt,
+                            rope, NULL));
+    *gk = host_from(dk + off, stage);
+    *gv = host_from(dv + off, stage);
+    cudaFree(dk);
+    cudaFree(dv);
+    if (host_mapped) cudaFreeHost(tab_host); else cudaFree(dtab);
+}
+
+/* One load_rotate case: ragged segments with gaps between them (tiles of
+ * the kernel straddle segment boundaries and gaps, and num_rows is not a
+ * multiple of the tile), layer 2 of 3, stored rows in device memory or in
+ * mapped pinned host memory (the table too), compared with
+ * kvb_cpu_load_rotate on the same bytes: K within the dtype's tolerance, V
+ * and untouched rows bit for bit.  With o.uniform the positions are
+ * consecutive inside each segment (one delta per segment, the kernel's
+ * one-table-per-tile path; one segment keeps its positions: delta 0, copied
+ * bit-exact), else source positions are random (a table per row).  With
+ * o.in_place the marked segments arrive pre-copied with k0 == NULL, and
+ * the result must equal the copying load bit for bit. */
+static void load_case(kvb_dtype dt, int style, int32_t D, int32_t rot, load_opts o)
+{
+    const int32_t H = o.H > 0 ? o.H : 4, L = 3, layer = 2;
     const int64_t sizes[] = {1, 7, 64, 130, 33, 250, 2, 97};
     const int nseg = quick ? 4 : 8;
+    const int scale = o.scale > 0 ? o.scale : 1;
     size_t es = kvb_dtype_size(dt);
     kvb_rope rope = {rot, (kvb_rope_style)style, make_inv_freq(rot), 1.0f};
     kvb_load_seg hsegs[8], dsegs[8];
     void *store_k[8], *store_v[8], *dev_k[8], *dev_v[8];
     int64_t *hsrc[8], *dsrc[8];
+    const int64_t shift = o.uniform ? (int64_t)rndi(2) * 100000 : 0;
     int64_t row = 0;
     for (int s = 0; s < nseg; s++) {
-        int64_t T = sizes[s];
+        int64_t T = sizes[s] * scale;
         row += rndi(5); /* a gap (rows that must stay untouched) */
         int64_t per_layer = T * H * D;
         size_t bytes = (size_t)(L * per_layer) * es;
         store_k[s] = host_random(L * per_layer, dt);
         store_v[s] = host_random(L * per_layer, dt);
         hsrc[s] = malloc((size_t)T * 8);
-        for (int64_t t = 0; t < T; t++) hsrc[s][t] = rndi(4000);
-        if (host_mapped) {
+        /* uniform: segment 2 keeps its positions (delta 0) */
+        int64_t base = s == 2 ? row + shift : rndi(4000);
+        for (int64_t t = 0; t < T; t++) hsrc[s][t] = o.uniform ? base + t : rndi(4000);
+        if (o.host_mapped) {
             void *pk, *pv, *pp;
             ck_assert_int_eq(cudaHostAlloc(&pk, bytes, cudaHostAllocMapped), cudaSuccess);
             ck_assert_int_eq(cudaHostAlloc(&pv, bytes, cudaHostAllocMapped), cudaSuccess);
@@ -495,43 +566,77 @@ static void load_case(kvb_dtype dt, int style, int32_t D, int32_t rot, int host_
         hsegs[s] = hsegs[nseg - 1 - s];
         hsegs[nseg - 1 - s] = t;
     }
-    const int64_t num_rows = row + 3;
+    int64_t num_rows = row + 3;
+    if (num_rows % 16 == 0) num_rows++; /* never a whole number of tiles */
     int64_t *dst_pos = malloc((size_t)num_rows * 8);
     for (int64_t r = 0; r < num_rows; r++) {
-        dst_pos[r] = rndi(3) == 0 ? r : 100000 + r; /* near and far */
+        dst_pos[r] = o.uniform ? r + shift : rndi(3) == 0 ? r : 100000 + r; /* near and far */
     }
-    /* some rows keep their stored position exactly (delta 0) */
-    dst_pos[hsegs[0].dst_start] = hsegs[0].src_pos[0];
+    if (!o.uniform) {
+        /* some rows keep their stored position exactly (delta 0) */
+        dst_pos[hsegs[0].dst_start] = hsegs[0].src_pos[0];
+    }
     size_t stage = (size_t)(num_rows * H * D) * es;
+    size_t off = o.misalign ? es : 0;
     void *hk = host_poison(stage), *hv = host_poison(stage);
-    void *dk = dev_alloc(stage), *dv = dev_alloc(stage);
     int64_t *ddst = dev_from(dst_pos, (size_t)num_rows * 8);
-    kvb_load_seg *dtab;
-    void *tab_host = NULL;
-    if (host_mapped) {
-        ck_assert_int_eq(cudaHostAlloc(&tab_host, sizeof dsegs, cudaHostAllocMapped), cudaSuccess);
-        memcpy(tab_host, dsegs, sizeof dsegs);
-        void *p;
-        ck_assert_int_eq(cudaHostGetDevicePointer(&p, tab_host, 0), cudaSuccess);
-        dtab = p;
-    } else {
-        dtab = dev_from(dsegs, sizeof dsegs);
-    }
     OK(kvb_cpu_load_rotate(hsegs, nseg, layer, hk, hv, dst_pos, num_rows, H, D, dt, &rope));
-    OK(kvb_cuda_load_rotate(dtab, nseg, layer, dk, dv, ddst, num_rows, H, D, dt, &rope, NULL));
-    void *gk = host_from(dk, stage), *gv = host_from(dv, stage);
-    char what[96];
-    snprintf(what, sizeof what, "load_rotate K D=%d rot=%d style=%d mapped=%d", D, rot, style,
-             host_mapped);
+    void *gk, *gv;
+    load_on_device(dsegs, hsegs, nseg, 0, layer, ddst, num_rows, H, D, dt, &rope, o.host_mapped,
+                   off, stage, &gk, &gv);
+    char what[160];
+    snprintf(what, sizeof what,
+             "load_rotate K D=%d rot=%d style=%d H=%d mapped=%d uniform=%d misalign=%d", D, rot,
+             style, H, o.host_mapped, o.uniform, o.misalign);
     assert_close(gk, hk, num_rows * H * D, dt, tol_of(dt), what);
     ck_assert_msg(memcmp(gv, hv, stage) == 0, "load_rotate V differs (%s)", what);
     /* uncovered rows keep their poison bit for bit */
     ck_assert_int_eq(((unsigned char *)gk)[stage - 1], 0xff);
-    free(gk); free(gv); free(hk); free(hv); free(dst_pos); free((void *)rope.inv_freq);
-    cudaFree(dk); cudaFree(dv); cudaFree(ddst);
-    if (host_mapped) cudaFreeHost(tab_host); else cudaFree(dtab);
+    /* rows whose delta is 0 are the stored rows bit for bit */
+    size_t row_bytes = (size_t)(H * D) * es;
     for (int s = 0; s < nseg; s++) {
-        if (host_mapped) {
+        for (int64_t t = 0; t < hsegs[s].num_tokens; t++) {
+            if (hsegs[s].src_pos[t] != dst_pos[hsegs[s].dst_start + t]) continue;
+            const char *stored = (const char *)hsegs[s].k0 +
+                                 (size_t)(layer * hsegs[s].layer_stride) * es + t * row_bytes;
+            ck_assert_msg(memcmp((char *)gk + (hsegs[s].dst_start + t) * row_bytes, stored,
+                                 row_bytes) == 0,
+                          "delta-0 row %lld of segment %d changed (%s)",
+                          (long long)(hsegs[s].dst_start + t), s, what);
+        }
+    }
+    if (o.in_place) {
+        /* rows already in place: only K is re-rotated, and the result is
+         * the copying load's, bit for bit */
+        void *ik, *iv;
+        load_on_device(dsegs, hsegs, nseg, o.in_place, layer, ddst, num_rows, H, D, dt, &rope,
+                       o.host_mapped, off, stage, &ik, &iv);
+        ck_assert_msg(memcmp(ik, gk, stage) == 0, "in-place K differs from copied K (%s)", what);
+        ck_assert_msg(memcmp(iv, gv, stage) == 0, "in-place V differs from copied V (%s)", what);
+        /* and the CPU op agrees with the same convention */
+        kvb_load_seg csegs[8];
+        memcpy(csegs, hsegs, sizeof csegs);
+        void *ck = host_poison(stage), *cv = host_poison(stage);
+        for (int s = 0; s < nseg; s++) {
+            if (!(o.in_place >> s & 1)) continue;
+            size_t src = (size_t)(layer * hsegs[s].layer_stride) * es;
+            size_t bytes = (size_t)hsegs[s].num_tokens * row_bytes;
+            memcpy((char *)ck + hsegs[s].dst_start * row_bytes, (const char *)hsegs[s].k0 + src,
+                   bytes);
+            memcpy((char *)cv + hsegs[s].dst_start * row_bytes, (const char *)hsegs[s].v0 + src,
+                   bytes);
+            csegs[s].k0 = NULL;
+            csegs[s].v0 = NULL;
+        }
+        OK(kvb_cpu_load_rotate(csegs, nseg, layer, ck, cv, dst_pos, num_rows, H, D, dt, &rope));
+        ck_assert_msg(memcmp(ck, hk, stage) == 0, "CPU in-place K differs (%s)", what);
+        ck_assert_msg(memcmp(cv, hv, stage) == 0, "CPU in-place V differs (%s)", what);
+        free(ik); free(iv); free(ck); free(cv);
+    }
+    free(gk); free(gv); free(hk); free(hv); free(dst_pos); free((void *)rope.inv_freq);
+    cudaFree(ddst);
+    for (int s = 0; s < nseg; s++) {
+        if (o.host_mapped) {
             void *hp;
             /* the device pointer of a mapped allocation is its host pointer
              * under unified addressing, which every supported GPU has */
@@ -546,15 +651,18 @@ static void load_case(kvb_dtype dt, int style, int32_t D, int32_t rot, int host_
 }
 
 /* The fused load equals the CPU load for every dtype and pairing, full and
- * partial rotary dims, from device memory. */
+ * partial rotary dims, from device memory, with random source positions
+ * (a cos/sin table per row). */
 START_TEST(test_load_rotate_device)
 {
+    const load_opts o = {0};
     for (int d = 0; d < 3; d++) {
         for (int style = 0; style < 2; style++) {
-            load_case(all_dtypes[d], style, 128, 128, 0);
-            load_case(all_dtypes[d], style, 128, 64, 0);
-            load_case(all_dtypes[d], style, 64, 64, 0);
-            load_case(all_dtypes[d], style, 80, 48, 0); /* scalar path */
+            load_case(all_dtypes[d], style, 128, 128, o);
+            load_case(all_dtypes[d], style, 128, 64, o);
+            load_case(all_dtypes[d], style, 64, 64, o);
+            load_case(all_dtypes[d], style, 80, 48, o); /* passthrough tail */
+            load_case(all_dtypes[d], style, 72, 34, o); /* scalar path: no whole vectors */
         }
     }
 }
@@ -563,12 +671,206 @@ END_TEST
 /* The same from pinned host memory mapped into the device. */
 START_TEST(test_load_rotate_host_mapped)
 {
+    const load_opts o = {.host_mapped = 1};
     for (int d = 0; d < 3; d++) {
         for (int style = 0; style < 2; style++) {
-            load_case(all_dtypes[d], style, 128, 128, 1);
-            load_case(all_dtypes[d], style, 64, 32, 1);
+            load_case(all_dtypes[d], style, 128, 128, o);
+            load_case(all_dtypes[d], style, 64, 32, o);
         }
     }
+}
+END_TEST
+
+/* Consecutive positions inside each segment (one delta per segment: one
+ * table per tile, or one per run where a tile straddles two segments; a
+ * segment with delta 0 copied bit-exact) equal the CPU load, for every
+ * dtype and pairing, full and partial rotary, vector and scalar paths
+ * (misaligned staging buffers, or a geometry without whole vectors), and
+ * the Llama-3-8B shape (8 heads of 128) over a few thousand rows. */
+START_TEST(test_load_rotate_uniform_delta)
+{
+    const load_opts o = {.uniform = 1};
+    const load_opts mis = {.uniform = 1, .misalign = 1};
+    const load_opts big = {.uniform = 1, .H = 8, .scale = 4};
+    for (int d = 0; d < 3; d++) {
+        for (int style = 0; style < 2; style++) {
+            load_case(all_dtypes[d], style, 128, 128, o);
+            load_case(all_dtypes[d], style, 128, 64, o);
+            load_case(all_dtypes[d], style, 80, 48, o); /* passthrough tail */
+            load_case(all_dtypes[d], style, 72, 34, o);
+            load_case(all_dtypes[d], style, 128, 128, mis);
+            load_case(all_dtypes[d], style, 64, 32, mis);
+        }
+        load_case(all_dtypes[d], KVB_ROPE_NEOX, 128, 128, big);
+    }
+}
+END_TEST
+
+/* Segments whose rows are already in the staging buffers (k0 == NULL, as
+ * the connector marks host-tier entries it copied with the copy engine)
+ * are re-rotated in place: the result equals the copying load bit for bit,
+ * with uniform and random positions, mixed with device segments, from
+ * device and mapped tables, vector and scalar paths. */
+START_TEST(test_load_rotate_in_place)
+{
+    const unsigned mixed = 0xa5; /* segments 0, 2 (delta 0 when uniform), 5, 7 */
+    const unsigned all = 0xff;
+    for (int d = 0; d < 3; d++) {
+        for (int style = 0; style < 2; style++) {
+            load_case(all_dtypes[d], style, 128, 128, (load_opts){.uniform = 1, .in_place = mixed});
+            load_case(all_dtypes[d], style, 128, 64, (load_opts){.in_place = mixed});
+            load_case(all_dtypes[d], style, 128, 128,
+                      (load_opts){.uniform = 1, .in_place = all, .host_mapped = 1});
+            load_case(all_dtypes[d], style, 72, 34, (load_opts){.uniform = 1, .in_place = mixed});
+            load_case(all_dtypes[d], style, 64, 64,
+                      (load_opts){.uniform = 1, .in_place = mixed, .misalign = 1});
+        }
+    }
+}
+END_TEST
+
+/* A blending connector for `m` on `device` (-1: CPU) whose store has
+ * `host_gb` of (pinned, for a device connector) host tier and `dev_gb` of
+ * device tier, separator [7, 8]. */
+static kvb_connector *tier_conn(const kvb_model_desc *m, int32_t device, double host_gb,
+                                double dev_gb)
+{
+    kvb_config cfg;
+    OK(kvb_config_init(&cfg));
+    cfg.enable_blending = 1;
+    cfg.local_cpu = host_gb > 0;
+    cfg.max_local_cpu_size_gb = host_gb;
+    cfg.max_device_size_gb = dev_gb;
+    kvb_connector *c = NULL;
+    OK(kvb_connector_create(&cfg, m, device, &c));
+    const int32_t sep[2] = {7, 8};
+    OK(kvb_connector_set_separator(c, sep, 2));
+    return c;
+}
+
+/* sys | sep | first | sep | second | sep | question into out; returns the
+ * length.  Chunk A is 37 tokens, B 70, so their rows straddle the load
+ * kernel's tiles. */
+static int tier_prompt(int32_t *out, int b_first, int q_base, int q_len)
+{
+    int n = 0;
+    for (int i = 0; i < 5; i++) out[n++] = 100 + i;
+    for (int c = 0; c < 2; c++) {
+        out[n++] = 7;
+        out[n++] = 8;
+        int is_b = c == 0 ? b_first : !b_first;
+        int len = is_b ? 70 : 37;
+        for (int i = 0; i < len; i++) out[n++] = (is_b ? 2000 : 1000) + i;
+    }
+    out[n++] = 7;
+    out[n++] = 8;
+    for (int i = 0; i < q_len; i++) out[n++] = q_base + i;
+    return n;
+}
+
+/* The connector's device load of entries kept in the pinned host tier
+ * (copied into the staging rows by cudaMemcpyAsync on the caller's stream,
+ * then re-rotated in place) stages, at every layer, exactly the bytes that
+ * the direct kernel read of device-tier entries stages, and the CPU
+ * connector's rows within the dtype's tolerance (V bit for bit). */
+START_TEST(test_connector_host_tier_load)
+{
+    enum { NL = 3, HK = 4, HD = 128, NB = 16, BS = 16 };
+    const kvb_dtype dt = KVB_DTYPE_BF16;
+    const size_t es = kvb_dtype_size(dt);
+    float *inv = make_inv_freq(HD);
+    kvb_model_desc m = {NL, 8, HK, HD, dt, {HD, KVB_ROPE_NEOX, inv, 1.0f}};
+    kvb_connector *conns[3] = {
+        tier_conn(&m, 0, 0.01, 0), /* pinned host tier only */
+        tier_conn(&m, 0, 0, 0.01), /* device tier only */
+        tier_conn(&m, -1, 0.01, 0) /* CPU reference */
+    };
+    int32_t p1[160], p2[160];
+    const int n1 = tier_prompt(p1, 0, 3000, 3);
+    const int n2 = tier_prompt(p2, 1, 3500, 4);
+    int64_t slots[160];
+    for (int i = 0; i < n1; i++) slots[i] = i;
+    /* per layer, the cache content the first prompt's forward left */
+    const int64_t cache_elems = 2 * (int64_t)NB * BS * HK * HD;
+    const size_t cache_bytes = (size_t)cache_elems * es;
+    void *hcache[NL];
+    for (int l = 0; l < NL; l++) hcache[l] = host_random(cache_elems, dt);
+    char *dcache = dev_alloc(cache_bytes);
+    for (int c = 0; c < 3; c++) {
+        const int dev = c < 2 ? 0 : -1;
+        kvb_request *req = NULL;
+        OK(kvb_request_begin(conns[c], p1, n1, NULL, 0, -1, 1, &req));
+        for (int l = 0; l < NL; l++) {
+            kvb_paged_layout lay;
+            if (dev >= 0) {
+                ck_assert_int_eq(cudaMemcpy(dcache, hcache[l], cache_bytes,
+                                            cudaMemcpyHostToDevice), cudaSuccess);
+                lay = make_layout(L_2BNHD, dcache, NB, BS, HK, HD, dt, 0);
+            } else {
+                lay = make_layout(L_2BNHD, hcache[l], NB, BS, HK, HD, dt, -1);
+            }
+            OK(kvb_request_save_layer(req, l, &lay, slots, n1, NULL));
+        }
+        kvb_request_finish(req, 1);
+    }
+    ck_assert_int_eq(cudaDeviceSynchronize(), cudaSuccess);
+    kvb_store_stats st;
+    OK(kvb_store_get_stats(kvb_connector_store(conns[0]), &st));
+    ck_assert_msg(st.host_bytes > 0 && st.device_bytes == 0, "host tier: %zu host, %zu device",
+                  st.host_bytes, st.device_bytes);
+    OK(kvb_store_get_stats(kvb_connector_store(conns[1]), &st));
+    ck_assert_msg(st.device_bytes > 0 && st.host_bytes == 0, "device tier: %zu host, %zu device",
+                  st.host_bytes, st.device_bytes);
+
+    /* the reordered prompt, loaded on a stream that does not sync with the
+     * legacy default stream: the copies must be ordered on it */
+    cudaStream_t stream;
+    ck_assert_int_eq(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+    kvb_request *reqs[3];
+    int64_t be = -1;
+    for (int c = 0; c < 3; c++) {
+        OK(kvb_request_begin(conns[c], p2, n2, NULL, 0, -1, 0, &reqs[c]));
+        int64_t hit = 0;
+        OK(kvb_request_counts(reqs[c], NULL, &hit, NULL));
+        ck_assert_int_ge(hit, 2);
+        if (be < 0) be = kvb_request_blend_end(reqs[c]);
+        ck_assert_int_eq(kvb_request_blend_end(reqs[c]), be);
+    }
+    ck_assert_int_gt(be, 5 + 2 + 70 + 2);
+    const size_t stage = (size_t)(be * HK * HD) * es;
+    for (int l = 0; l < NL; l++) {
+        void *got_k[2], *got_v[2];
+        for (int c = 0; c < 2; c++) {
+            void *dk = dev_alloc(stage), *dv = dev_alloc(stage);
+            ck_assert_int_eq(cudaDeviceSynchronize(), cudaSuccess); /* poison done */
+            OK(kvb_request_load_layer(reqs[c], l, dk, dv, stream));
+            got_k[c] = host_from(dk, stage);
+            got_v[c] = host_from(dv, stage);
+            cudaFree(dk);
+            cudaFree(dv);
+        }
+        void *hk = host_poison(stage), *hv = host_poison(stage);
+        OK(kvb_request_load_layer(reqs[2], l, hk, hv, NULL));
+        char what[64];
+        snprintf(what, sizeof what, "connector load layer %d", l);
+        ck_assert_msg(memcmp(got_k[0], got_k[1], stage) == 0,
+                      "%s: host-tier K differs from device-tier K", what);
+        ck_assert_msg(memcmp(got_v[0], got_v[1], stage) == 0,
+                      "%s: host-tier V differs from device-tier V", what);
+        assert_close(got_k[0], hk, be * HK * HD, dt, tol_of(dt), what);
+        ck_assert_msg(memcmp(got_v[0], hv, stage) == 0, "%s: V differs from the CPU's", what);
+        free(got_k[0]); free(got_k[1]); free(got_v[0]); free(got_v[1]);
+        free(hk); free(hv);
+    }
+    for (int c = 0; c < 3; c++) {
+        kvb_request_finish(reqs[c], 0);
+    }
+    ck_assert_int_eq(cudaStreamSynchronize(stream), cudaSuccess);
+    ck_assert_int_eq(cudaStreamDestroy(stream), cudaSuccess);
+    for (int c = 0; c < 3; c++) kvb_connector_free(conns[c]);
+    for (int l = 0; l < NL; l++) free(hcache[l]);
+    cudaFree(dcache);
+    free(inv);
 }
 END_TEST
 
@@ -859,6 +1161,9 @@ static Suite *gpu_suite(void)
         {"rope", test_rerotate_matches_cpu},
         {"load", test_load_rotate_device},
         {"load", test_load_rotate_host_mapped},
+        {"load", test_load_rotate_uniform_delta},
+        {"load", test_load_rotate_in_place},
+        {"load", test_connector_host_tier_load},
         {"select", test_deviation_matches_cpu},
         {"select", test_select_matches_cpu},
         {"attention", test_attention_gqa_d64},
