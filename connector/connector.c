@@ -41,6 +41,11 @@ struct kvb_request {
     int64_t n_forced;
     kvb_load_seg *load;    /* [n_load] hit segments inside the blend */
     int64_t n_load;
+    /* [n_load] device connectors: 1 when the segment's entry is in the
+     * pinned host tier.  Its rows are copied per layer into the staging
+     * buffers by the copy engine and the kernel only re-rotates K there
+     * (k0 == NULL in the device table), so SMs never wait on the bus. */
+    uint8_t *load_host;
     int64_t *positions;    /* [n] 0..n-1 */
     /* Device connectors: the load table (segments, their source positions,
      * the destination positions) and the slot mapping on the device,
@@ -98,6 +103,11 @@ static kvb_status connector_setup_tiers(kvb_connector *c,
     if (st == KVB_OK && c->host_pool != NULL) {
         kvb_allocator a = kvb_pool_allocator(c->host_pool);
         st = kvb_store_set_allocator(c->store, KVB_TIER_HOST, &a);
+    }
+    if (st == KVB_OK && c->dev_pool != NULL && c->host_pool != NULL) {
+        /* One LRU cache over both pools: device victims are demoted to
+         * the host pool, host hits promoted back (synchronous copies). */
+        st = kvb_store_set_mover(c->store, kvb_pool_move, c->dev_pool);
     }
     return st;
 }
@@ -378,6 +388,7 @@ static void request_release(kvb_request *req, int commit)
     free(req->saved_layers);
     free(req->forced);
     free(req->load);
+    free(req->load_host);
     free(req->positions);
     free(req);
 }
@@ -418,9 +429,10 @@ kvb_status kvb_request_begin(kvb_connector *conn, const int32_t *tokens,
     req->saves = calloc((size_t)ns, sizeof *req->saves);
     req->saved_layers = calloc((size_t)ns, sizeof *req->saved_layers);
     req->load = calloc((size_t)ns, sizeof *req->load);
+    req->load_host = calloc((size_t)ns, sizeof *req->load_host);
     req->positions = malloc((size_t)(n > 0 ? n : 1) * sizeof *req->positions);
     if (!req->hits || !req->saves || !req->saved_layers || !req->load ||
-        !req->positions) {
+        !req->load_host || !req->positions) {
         request_release(req, 0);
         return kvb_fail(KVB_ERR_NOMEM, "kvb_request_begin: out of memory");
     }
@@ -470,6 +482,9 @@ kvb_status kvb_request_begin(kvb_connector *conn, const int32_t *tokens,
         if (s->end > blend_end) {
             len = blend_end - s->start; /* reuse only the promised rows */
         }
+        /* Decided once: the entry is pinned, so it stays in its tier. */
+        req->load_host[req->n_load] =
+            conn->device >= 0 && kvb_entry_tier(e) == KVB_TIER_HOST;
         kvb_load_seg *ls = &req->load[req->n_load++];
         ls->k0 = kvb_entry_k(e, 0);
         ls->v0 = kvb_entry_v(e, 0);
@@ -528,7 +543,9 @@ kvb_status kvb_request_counts(const kvb_request *req, int64_t *n_segments,
  * the order of `stream` (the stream of the first load, on which it is also
  * released): destination positions [blend_end], the source positions of
  * every reused segment, and the segment table whose src_pos pointers point
- * at those device copies.  The host image stays with the request until it
+ * at those device copies.  Host-tier segments get k0 = v0 = NULL there:
+ * their rows reach the staging buffers by the copy engine (see
+ * kvb_request_load_layer).  The host image stays with the request until it
  * ends.
  */
 static kvb_status request_upload_load(kvb_request *req, void *stream)
@@ -563,6 +580,10 @@ static kvb_status request_upload_load(kvb_request *req, void *stream)
                (size_t)ls->num_tokens * sizeof(int64_t));
         hseg[i] = *ls;
         hseg[i].src_pos = (const int64_t *)(dp + pos_bytes) + off;
+        if (req->load_host[i]) {
+            hseg[i].k0 = NULL; /* rows already in place: rotate K there */
+            hseg[i].v0 = NULL;
+        }
         off += ls->num_tokens;
     }
     st = kvb_cuda_copy_async(req->conn->device, d, h, total, stream);
@@ -580,7 +601,11 @@ static kvb_status request_upload_load(kvb_request *req, void *stream)
 }
 
 /* Loads layer `layer` of every reused segment into the staging buffers with
- * keys re-rotated.  See kvblend.h. */
+ * keys re-rotated.  On a device connector, host-tier segments are first
+ * copied into their staging rows by the copy engine (cudaMemcpyAsync on
+ * `stream`), then one kernel on `stream` reads the device-tier rows
+ * directly and re-rotates every K row; nothing waits on the host.  See
+ * kvblend.h. */
 kvb_status kvb_request_load_layer(kvb_request *req, int32_t layer,
                                   void *dst_k, void *dst_v, void *stream)
 {
@@ -600,6 +625,28 @@ kvb_status kvb_request_load_layer(kvb_request *req, int32_t layer,
         }
         if (req->d_load == NULL) {
             kvb_status st = request_upload_load(req, stream);
+            if (st != KVB_OK) {
+                return st;
+            }
+        }
+        if (dst_k == NULL || dst_v == NULL) {
+            return kvb_fail(KVB_ERR_INVALID,
+                            "kvb_request_load_layer: NULL dst_k or dst_v");
+        }
+        size_t es = kvb_dtype_size(m->dtype);
+        size_t row = (size_t)m->num_kv_heads * (size_t)m->head_size * es;
+        for (int64_t i = 0; i < req->n_load; i++) {
+            const kvb_load_seg *ls = &req->load[i];
+            if (!req->load_host[i] || ls->num_tokens == 0) {
+                continue;
+            }
+            size_t src = (size_t)layer * (size_t)ls->layer_stride * es;
+            size_t dst = (size_t)ls->dst_start * row;
+            kvb_status st = kvb_cuda_copy_rows_async(
+                req->conn->device, (char *)dst_k + dst,
+                (const char *)ls->k0 + src, (char *)dst_v + dst,
+                (const char *)ls->v0 + src, (size_t)ls->num_tokens * row,
+                stream);
             if (st != KVB_OK) {
                 return st;
             }

@@ -258,6 +258,31 @@ kvb_allocator kvb_pool_allocator(kvb_pool *pool)
     return a;
 }
 
+/* Copies rows between the tiers for the store; see cuda_tier.h.  The copy
+ * is synchronous: the store frees the source block as soon as this
+ * returns. */
+int kvb_pool_move(void *dst, const void *src, size_t bytes, kvb_tier dst_tier,
+                  kvb_tier src_tier, void *ctx)
+{
+    kvb_pool *p = ctx;
+    int prev = 0;
+    cudaError_t err = device_enter(p->device, &prev);
+    if (err == cudaSuccess) {
+        err = cudaMemcpy(dst, src, bytes, cudaMemcpyDefault);
+        device_leave(p->device, prev);
+    }
+    if (err != cudaSuccess) {
+        kvb_log(KVB_LOG_ERROR,
+                "store: moving %zu bytes from the %s tier to the %s tier "
+                "failed: CUDA error %d (%s): %s",
+                bytes, src_tier == KVB_TIER_DEVICE ? "device" : "host",
+                dst_tier == KVB_TIER_DEVICE ? "device" : "host", (int)err,
+                cudaGetErrorName(err), cudaGetErrorString(err));
+        return 1;
+    }
+    return 0;
+}
+
 /* Allocates a stream-ordered device block.  See cuda_tier.h. */
 kvb_status kvb_cuda_alloc_async(int32_t device, size_t bytes, void *stream,
                                 void **dptr)
@@ -359,6 +384,19 @@ kvb_allocator kvb_pool_allocator(kvb_pool *pool)
 {
     kvb_allocator a = {NULL, NULL, pool};
     return a;
+}
+
+/* Without CUDA no pool exists, so nothing is moved (never installed). */
+int kvb_pool_move(void *dst, const void *src, size_t bytes, kvb_tier dst_tier,
+                  kvb_tier src_tier, void *ctx)
+{
+    (void)dst;
+    (void)src;
+    (void)bytes;
+    (void)dst_tier;
+    (void)src_tier;
+    (void)ctx;
+    return 1;
 }
 
 /* Without CUDA nothing is allocated. */

@@ -35,6 +35,18 @@ KVB_HIDDEN void kvb_pool_free(kvb_pool *pool);
 /* The store allocator (store.h) that carves blocks out of `pool`. */
 KVB_HIDDEN kvb_allocator kvb_pool_allocator(kvb_pool *pool);
 
+/*
+ * The store's mover (store.h, kvb_move_fn) for a device connector: copies
+ * `bytes` between the device pool and the pinned host pool with a
+ * synchronous cudaMemcpy (cudaMemcpyDefault) on the device of the pool
+ * `ctx` (a kvb_pool *, either of the connector's pools).  Returns 0 when
+ * the copy completed, non-zero after logging the CUDA error (the store
+ * then keeps or drops the entry).  Without CUDA it copies nothing and
+ * returns non-zero.
+ */
+KVB_HIDDEN int kvb_pool_move(void *dst, const void *src, size_t bytes,
+                             kvb_tier dst_tier, kvb_tier src_tier, void *ctx);
+
 /* Allocates a device block of `bytes` (at least 1) on `device` with
  * cudaMallocAsync on `stream`; *dptr is the block. */
 KVB_HIDDEN kvb_status kvb_cuda_alloc_async(int32_t device, size_t bytes,

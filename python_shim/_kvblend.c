@@ -1358,7 +1358,7 @@ static PyObject *connector_store_stats(ConnectorObject *self,
         return set_error_from_status(state_of((PyObject *)self), s);
     }
     return Py_BuildValue(
-        "{s:L,s:n,s:n,s:L,s:L,s:L,s:L,s:L,s:L}",
+        "{s:L,s:n,s:n,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L}",
         "num_entries", (long long)ss.num_entries,
         "host_bytes", (Py_ssize_t)ss.host_bytes,
         "device_bytes", (Py_ssize_t)ss.device_bytes,
@@ -1366,7 +1366,9 @@ static PyObject *connector_store_stats(ConnectorObject *self,
         "inserts", (long long)ss.inserts,
         "evictions", (long long)ss.evictions,
         "rejected", (long long)ss.rejected,
-        "collisions", (long long)ss.collisions);
+        "collisions", (long long)ss.collisions,
+        "promotions", (long long)ss.promotions,
+        "demotions", (long long)ss.demotions);
 }
 
 /* store_clear(): removes every unpinned entry. */

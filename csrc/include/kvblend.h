@@ -265,6 +265,9 @@ typedef struct kvb_store_stats {
     int64_t evictions;
     int64_t rejected; /* reservations refused for lack of room */
     int64_t collisions; /* hash matched, tokens differed */
+    int64_t promotions; /* host-tier hits moved to the device tier */
+    int64_t demotions;  /* device-tier victims moved to the host tier
+                           instead of being dropped (not in evictions) */
 } kvb_store_stats;
 
 /* Creates a store.  Ownership: the caller frees it with kvb_store_free after
@@ -488,6 +491,12 @@ KVB_API kvb_status kvb_cpu_attention(const void *q, const int64_t *q_pos,
  * of layer 0 start at k0/v0, layer l at k0 + l*layer_stride elements (the
  * store's layout), shape [num_tokens, num_kv_heads, head_size]; the keys were
  * rotated at src_pos[num_tokens].  Row t goes to staging row dst_start + t.
+ *
+ * k0 == NULL means the segment's rows of this layer are already in the
+ * staging buffer at rows [dst_start, dst_start + num_tokens) (a device
+ * connector copies host-tier rows there with the copy engine first): the
+ * load re-rotates those K rows in place and leaves the V rows as they are;
+ * v0 and layer_stride are then not read.  src_pos is always required.
  */
 typedef struct kvb_load_seg {
     const void *k0;
@@ -501,8 +510,9 @@ typedef struct kvb_load_seg {
 /*
  * The fused per-layer load: for each segment copies layer `layer`'s V rows
  * and K rows re-rotated from src_pos to dst_pos[dst_start + t] into
- * dst_k/dst_v [num_rows, num_kv_heads, head_size].  Rows no segment covers
- * are left untouched.  Segments must lie inside [0, num_rows) and must not
+ * dst_k/dst_v [num_rows, num_kv_heads, head_size] (a segment with k0 == NULL:
+ * only re-rotates its K rows already there).  Rows no segment covers are
+ * left untouched.  Segments must lie inside [0, num_rows) and must not
  * overlap.
  */
 KVB_API kvb_status kvb_cpu_load_rotate(const kvb_load_seg *segs, int64_t nseg,
@@ -546,7 +556,8 @@ KVB_API kvb_status kvb_cuda_attention(const void *q, const int64_t *q_pos,
 
 /* The fused load on the device.  `segs` and every pointer inside it and
  * dst_pos are device (or host-mapped) memory; the stored rows may live in
- * device memory or in pinned host memory mapped into the device. */
+ * device memory or in pinned host memory mapped into the device, or already
+ * be in dst_k/dst_v (k0 == NULL, see kvb_load_seg). */
 KVB_API kvb_status kvb_cuda_load_rotate(const kvb_load_seg *segs,
                                         int64_t nseg, int32_t layer,
                                         void *dst_k, void *dst_v,
