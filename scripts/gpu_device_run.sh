@@ -2,6 +2,7 @@
 # One call on a GPU machine: build kvblend with CUDA, run the C GPU tests
 # (plain and under compute-sanitizer memcheck, quick sizes), the GPU pytest
 # suite and the benchmark.  Logs and results go to $OUT (default ./gpu_out).
+# PYTEST=0 / BENCH=0 skip those parts, BENCH_TIMEOUT bounds the benchmark.
 # At most 8 files come back: summary.txt, build.log (pip + ctest),
 # pytest_gpu.log, bench.log, results.md, results.json, profile.txt (with
 # --profile in BENCH_ARGS) and memcheck.log (SANITIZE=1, the default).
@@ -28,11 +29,15 @@ KVB_CUDA=ON KVB_BUILD_DIR=/tmp/bgpu \
 echo "pip rc=$?" | tee -a "$OUT/summary.txt"
 (cd /tmp/bgpu && ctest --output-on-failure) >> "$OUT/build.log" 2>&1
 echo "ctest rc=$?" | tee -a "$OUT/summary.txt"
-(cd tests && timeout 240 python3 -m pytest -q gpu -rs -p no:cacheprovider) > "$OUT/pytest_gpu.log" 2>&1
-echo "pytest gpu rc=$? $(date -u +%T)" | tee -a "$OUT/summary.txt"
-tail -3 "$OUT/pytest_gpu.log"
-timeout 300 python3 benchmarks/bench_gpu.py --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
-echo "bench rc=$? $(date -u +%T)" | tee -a "$OUT/summary.txt"
+if [ "${PYTEST:-1}" = 1 ]; then
+  (cd tests && timeout 240 python3 -m pytest -q gpu -rs -p no:cacheprovider) > "$OUT/pytest_gpu.log" 2>&1
+  echo "pytest gpu rc=$? $(date -u +%T)" | tee -a "$OUT/summary.txt"
+  tail -3 "$OUT/pytest_gpu.log"
+fi
+if [ "${BENCH:-1}" = 1 ]; then
+  timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_gpu.py --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+  echo "bench rc=$? $(date -u +%T)" | tee -a "$OUT/summary.txt"
+fi
 if [ "${SANITIZE:-1}" = 1 ]; then
   KVB_GPU_TEST_QUICK=1 timeout 120 compute-sanitizer --tool memcheck --leak-check full \
     /tmp/bgpu/tests/gpu/kvb_check_gpu > "$OUT/memcheck.log" 2>&1
