@@ -75,15 +75,16 @@ def make_prompt(rng, n_total, n_chunks, chunks=None, question_seed=0):
 
 def engine(model, kind, max_len):
     """An engine without connector ("full"), or with kvblend keeping chunks
-    in the device tier ("device", and "device_eager": the engine without
-    CUDA graphs for its small steps) or the pinned host tier ("host")."""
+    in the device tier ("device", and "device_eager": engine and blend
+    without torch.compile and CUDA graphs) or the pinned host tier ("host")."""
     from kvblend import runtime
     from kvblend._vllm_compat import KVTransferConfig
     from kvblend.engine import LLM
 
     runtime.set_model(model, _Tok())
-    if kind == "full":
-        return LLM(model=model, tokenizer=None, max_model_len=max_len)
+    if kind in ("full", "full_eager"):
+        return LLM(model=model, tokenizer=None, max_model_len=max_len,
+                   enforce_eager=kind == "full_eager")
     eager = kind.endswith("_eager")
     kind = kind.removesuffix("_eager")
     os.environ.update({"LMCACHE_ENABLE_BLENDING": "True", "LMCACHE_BLEND_CHECK_LAYERS": "1",
@@ -93,8 +94,10 @@ def engine(model, kind, max_len):
     else:
         os.environ.update({"KVBLEND_MAX_DEVICE_SIZE": "0", "LMCACHE_LOCAL_CPU": "True",
                            "LMCACHE_MAX_LOCAL_CPU_SIZE": "8"})
+    extra = {"kvblend.compile": False, "kvblend.cuda_graph_max_tokens": 0} if eager else {}
     ktc = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
-                           kv_role="kv_both", engine_id=f"bench-{kind}{'-eager' if eager else ''}")
+                           kv_role="kv_both", engine_id=f"bench-{kind}{'-eager' if eager else ''}",
+                           kv_connector_extra_config=extra)
     return LLM(model=model, tokenizer=None, max_model_len=max_len, kv_transfer_config=ktc,
                enforce_eager=eager)
 
@@ -177,34 +180,43 @@ def attention_times(n, ratio=0.15):
     sub_sdpa = cuda_time(lambda: F.scaled_dot_product_attention(qsh, kh, vh, attn_mask=mask,
                                                                 enable_gqa=True))
     group = HEADS // KV_HEADS if blend.FLEX_PACK_GQA else 1
+    # K/V padded to whole tiles once, as the blend's staging buffers are
+    n_pad = -(-n // 128) * 128
+    kp = torch.cat((k, k.new_zeros(n_pad - n, KV_HEADS, HEAD)))
+    vp = torch.cat((v, v.new_zeros(n_pad - n, KV_HEADS, HEAD)))
     t0 = time.perf_counter()
     bm = blend._flex_block_mask(idx, n, group, blend.FLEX_HEAVY_FIRST)
-    fo = blend._flex_attention(qs, k, v, bm, HEAD ** -0.5)
+    fo = blend._flex_attention(qs, kp, vp, bm, HEAD ** -0.5)
     torch.cuda.synchronize()
     first_s = time.perf_counter() - t0
     variants = {}
     if fo is None:
-        flex_ms = mask_ms = float("nan")
+        flex_ms = flex_eager_ms = mask_ms = float("nan")
         flex_err = float("nan")
     else:
-        flex_ms = cuda_time(lambda: blend._flex_attention(qs, k, v, bm, HEAD ** -0.5))
+        # the blend replays the call from a CUDA graph (device time only);
+        # the eager call adds ~0.3 ms of host time per call
+        fg = blend._FlexGraphs(bm, HEAD ** -0.5)
+        flex_ms = cuda_time(lambda: fg(qs, kp, vp))
+        flex_eager_ms = cuda_time(lambda: blend._flex_attention(qs, kp, vp, bm, HEAD ** -0.5))
         mask_ms = cuda_time(lambda: blend._flex_block_mask(idx, n, group, blend.FLEX_HEAVY_FIRST),
                             iters=5)
-        # the layouts and tile sizes the default was chosen from
+        # the layouts and tile sizes the default was chosen from (graph replays)
         saved = blend.FLEX_KERNEL_OPTIONS
         for g_, hf in ((1, False), (1, True), (HEADS // KV_HEADS, False), (HEADS // KV_HEADS, True)):
             for name, opts in (("", None), (" M64", {"BLOCK_M": 64, "BLOCK_N": 64})):
+                label = f"group{g_}{' heavy-first' if hf else ''}{name}"
                 blend.FLEX_KERNEL_OPTIONS = opts
                 try:
                     m_ = blend._flex_block_mask(idx, n, g_, hf)
-                    o_ = blend._flex_attention(qs, k, v, m_, HEAD ** -0.5)
-                    if o_ is None:
+                    if blend._flex_attention(qs, kp, vp, m_, HEAD ** -0.5) is None:
                         blend._FLEX.pop("broken", None)
+                        variants[label] = "unavailable"
                         continue
-                    variants[f"group{g_}{' heavy-first' if hf else ''}{name}"] = round(
-                        cuda_time(lambda: blend._flex_attention(qs, k, v, m_, HEAD ** -0.5)), 4)
+                    fg_ = blend._FlexGraphs(m_, HEAD ** -0.5)
+                    variants[label] = round(cuda_time(lambda: fg_(qs, kp, vp)), 4)
                 except Exception as e:  # noqa: BLE001 - a variant that fails is reported
-                    variants[f"group{g_}{' heavy-first' if hf else ''}{name}"] = repr(e)[:80]
+                    variants[label] = repr(e)[:80]
                     blend._FLEX.pop("broken", None)
         blend.FLEX_KERNEL_OPTIONS = saved
     # reference check of the subset against SDPA's rows
@@ -214,7 +226,8 @@ def attention_times(n, ratio=0.15):
     if fo is not None:
         flex_err = float((fo.float() - ref).norm() / ref.norm())
     return dict(sdpa_full_ms=full, subset_ms=sub, subset_sdpa_ms=sub_sdpa, subset_err=err,
-                subset_flex_ms=flex_ms, flex_mask_ms=mask_ms, flex_err=flex_err,
+                subset_flex_ms=flex_ms, subset_flex_eager_ms=flex_eager_ms,
+                flex_mask_ms=mask_ms, flex_err=flex_err,
                 flex_first_call_s=first_s, flex_variants_ms=variants)
 
 
@@ -272,16 +285,18 @@ def main():
     print(f"model built in {time.time() - t0:.1f}s", flush=True)
     max_len = max(sizes) + 512
     tiers = ("device", "host", "device_eager")
-    engines = {k: engine(model, k, max_len) for k in ("full",) + tiers}
+    engines = {k: engine(model, k, max_len) for k in ("full", "full_eager") + tiers}
     rows, details = [], {}
     rng = random.Random(1)
     for n in sizes:
         nch = chunks_of.get(n, 6)
         warm_ids, chunks = make_prompt(rng, n, nch, question_seed=0)
         res = {"n": len(warm_ids), "chunks": nch}
-        ttft(engines["full"], warm_ids)  # warm-up
-        res["full_s"] = statistics.median(ttft(engines["full"], make_prompt(rng, n, nch, chunks, 100 + i)[0])[0]
-                                          for i in range(args.reps))
+        for full in ("full", "full_eager"):
+            ttft(engines[full], warm_ids)  # warm-up
+            res[f"{full}_s"] = statistics.median(
+                ttft(engines[full], make_prompt(rng, n, nch, chunks, 100 + i)[0])[0]
+                for i in range(args.reps))
         for tier in tiers:
             llm = engines[tier]
             ttft(llm, warm_ids)  # stores the chunks
@@ -324,24 +339,28 @@ def main():
     lines = [f"## GPU: {card}, {date}", "", f"Command: `{cmd}` (Llama-3-8B shape, random bf16 weights, "
              f"transformers {__import__('transformers').__version__}, torch {torch.__version__}; "
              f"r=0.15, check layer 1, subset attention {args.subset_attention}, "
-             f"layer-ahead loads {'off' if args.no_pipeline else 'on'}; TTFT = engine arrival to first token, median of {args.reps})", "",
+             f"layer-ahead loads {'off' if args.no_pipeline else 'on'}; engine and blend with torch.compile'd "
+             f"dense pieces and CUDA graphs up to 2048 rows, the eager columns without either; "
+             f"TTFT = engine arrival to first token, median of {args.reps})", "",
              f"Device copy rate (torch copy_ of 512 MiB, read+write): {copy_bw / 1e9:.0f} GB/s", "",
              "| N | chunks | full TTFT s | kvblend GPU tier s | ratio | kvblend pinned host s | ratio "
-             "| GPU tier, engine eager s | ratio "
+             "| eager engine: full TTFT s | GPU tier s | ratio "
              "| load+rerotate GPU tier GB/s (% of copy) | host tier GB/s | SDPA full causal ms "
              "| subset 15% kvblend kernel ms (/full) | subset 15% SDPA+mask ms (/full) "
-             "| subset 15% FlexAttention ms (/full) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| subset 15% FlexAttention ms (/full) | same, eager call ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, r in details.items():
         lines.append(
             f"| {r['n']} | {r['chunks']} | {r['full_s']:.3f} | {r['device_s']:.3f} | "
             f"{r['full_s'] / r['device_s']:.2f}x | {r['host_s']:.3f} | {r['full_s'] / r['host_s']:.2f}x | "
-            f"{r['device_eager_s']:.3f} | {r['full_s'] / r['device_eager_s']:.2f}x | "
+            f"{r['full_eager_s']:.3f} | {r['device_eager_s']:.3f} | "
+            f"{r['full_eager_s'] / r['device_eager_s']:.2f}x | "
             f"{r['device_load_GBps']:.0f} ({100 * r['device_load_GBps'] * 1e9 / copy_bw:.0f}%) | "
             f"{r['host_load_GBps']:.1f} | {r['sdpa_full_ms']:.2f} | "
             f"{r['subset_ms']:.2f} ({r['subset_ms'] / r['sdpa_full_ms']:.2f}) | "
             f"{r['subset_sdpa_ms']:.2f} ({r['subset_sdpa_ms'] / r['sdpa_full_ms']:.2f}) | "
-            f"{r['subset_flex_ms']:.2f} ({r['subset_flex_ms'] / r['sdpa_full_ms']:.2f}) |")
+            f"{r['subset_flex_ms']:.2f} ({r['subset_flex_ms'] / r['sdpa_full_ms']:.2f}) | "
+            f"{r['subset_flex_eager_ms']:.2f} |")
     lines += ["", "Per-phase device time of one blend (ms over all 32 layers; CUDA events), "
               "and blend / TTFT seconds:", "",
               "| N | tier | TTFT s | blend s | " + " | ".join(("load", "qkv", "select", "attention", "out", "scatter")) + " |",

@@ -131,6 +131,8 @@ class ModelAdapter:
         # Per-layer CUDA graphs of the dense pieces for small token counts
         # (``enable_cuda_graphs``); None: always eager.
         self.graphs: LayerGraphs | None = None
+        # torch.compile'd pieces (``enable_compile``); empty: eager modules.
+        self._compiled: dict = {}
         # Sliding window per layer (None = full attention): Mistral applies
         # config.sliding_window to every layer, Qwen2/3 mark layers themselves.
         if self.architecture == "MistralForCausalLM":
@@ -138,7 +140,7 @@ class ModelAdapter:
         else:
             self.sliding_windows = [getattr(l.self_attn, "sliding_window", None) for l in self.layers]
 
-    def enable_cuda_graphs(self, max_tokens: int = 256) -> bool:
+    def enable_cuda_graphs(self, max_tokens: int = 2048) -> bool:
         """Run ``qkv`` and ``out`` of up to ``max_tokens`` rows through
         per-layer CUDA graphs (see ``LayerGraphs``).  Only on CUDA; returns
         whether graphs are on.  ``max_tokens`` 0 turns them off."""
@@ -146,6 +148,21 @@ class ModelAdapter:
             self.graphs = None
             return False
         self.graphs = LayerGraphs(self, max_tokens)
+        return True
+
+    def enable_compile(self, on: bool = True) -> bool:
+        """Run the two dense pieces of every layer (see ``qkv`` and ``out``)
+        through ``torch.compile`` (Inductor, dynamic token count), as vLLM
+        compiles its models: the norms, RoPE, the MLP's activation and the
+        residual adds become a few fused kernels instead of ~40 small ones
+        per layer.  The model's own modules are what gets compiled; their
+        parameters are inputs of the compiled code, so one compilation per
+        piece serves every layer.  Only on CUDA; returns whether it is on."""
+        if not on or self.device.type != "cuda":
+            self._compiled = {}
+            return False
+        self._compiled = {"qkv": torch.compile(_qkv_piece, dynamic=True),
+                          "out": torch.compile(_out_piece, dynamic=True)}
         return True
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -167,17 +184,12 @@ class ModelAdapter:
         return self._qkv(layer, h, cos, sin)
 
     def _qkv(self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """``qkv`` with the RoPE tables given (the body CUDA graphs capture)."""
-        attn = self.layers[layer].self_attn
-        x = self.layers[layer].input_layernorm(h)
-        T, D = x.shape[0], self.head_size
-        q = attn.q_proj(x).view(T, -1, D)
-        k = attn.k_proj(x).view(T, -1, D)
-        v = attn.v_proj(x).view(T, -1, D)
-        if self.has_qk_norm:
-            q = attn.q_norm(q)
-            k = attn.k_norm(k)
-        return self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin), v
+        """``qkv`` with the RoPE tables given (the body CUDA graphs capture;
+        compiled when ``enable_compile`` was called)."""
+        mod = self.layers[layer]
+        fn = self._compiled.get("qkv", _qkv_piece)
+        return fn(mod.input_layernorm, mod.self_attn, self.rope, self.head_size,
+                  self.has_qk_norm, h, cos, sin)
 
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
         """RoPE tables for ``positions``, reused while consecutive calls (the
@@ -207,10 +219,9 @@ class ModelAdapter:
         return self._out(layer, a2, residual)
 
     def _out(self, layer: int, attn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``out`` of ``attn`` [T, Hq*D] (the body CUDA graphs capture)."""
-        mod = self.layers[layer]
-        h = residual + mod.self_attn.o_proj(attn)
-        return h + mod.mlp(mod.post_attention_layernorm(h))
+        """``out`` of ``attn`` [T, Hq*D] (the body CUDA graphs capture;
+        compiled when ``enable_compile`` was called)."""
+        return self._compiled.get("out", _out_piece)(self.layers[layer], attn, residual)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Hidden states [T, hidden] -> logits [T, vocab] (final norm + lm_head)."""
@@ -275,6 +286,28 @@ class ModelAdapter:
         return o[0].transpose(0, 1)
 
 
+def _qkv_piece(norm, attn, rope: RopeSpec, head_size: int, qk_norm: bool,
+               h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """input_layernorm, projections, q/k norms and RoPE of one layer (its
+    modules given): h [T, hidden] -> (q [T,Hq,D], k [T,Hkv,D], v [T,Hkv,D])."""
+    x = norm(h)
+    T = x.shape[0]
+    q = attn.q_proj(x).view(T, -1, head_size)
+    k = attn.k_proj(x).view(T, -1, head_size)
+    v = attn.v_proj(x).view(T, -1, head_size)
+    if qk_norm:
+        q = attn.q_norm(q)
+        k = attn.k_norm(k)
+    return rope.apply(q, cos, sin), rope.apply(k, cos, sin), v
+
+
+def _out_piece(mod, attn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """o_proj of ``attn`` [T, Hq*D] + residual, then the MLP block of the
+    decoder layer ``mod``."""
+    h = residual + mod.self_attn.o_proj(attn)
+    return h + mod.mlp(mod.post_attention_layernorm(h))
+
+
 class LayerGraphs:
     """Per-layer CUDA graphs of a decoder layer's two dense pieces, the way
     vLLM's piecewise graphs run small batches: "qkv" (input norm,
@@ -282,39 +315,55 @@ class LayerGraphs:
     residual, post-attention norm, MLP, residual).  Attention and the KV
     cache writes stay eager between them.
 
-    A call with T rows runs the graph of the smallest bucket (a power of two
-    up to ``max_tokens``) that holds T: inputs are copied into the graph's
-    static buffers (rows past T keep earlier finite values; every row is
-    computed independently, so they never touch the first T), the graph is
-    replayed, and views of the first T rows of its static outputs are
-    returned.  A graph is captured the first time its (piece, layer, bucket,
-    dtypes) is used, on a side stream, with one shared memory pool; capture
-    synchronizes the device once.  The outputs stay valid until the same
+    A call with T rows runs the graph of the smallest bucket that holds T
+    (powers of two up to 256, then multiples of 128 up to ``max_tokens``):
+    inputs are copied into the graph's static buffers (rows past T keep
+    earlier finite values; every row is computed independently, so they
+    never touch the first T), the graph is replayed, and views of the first
+    T rows of its static outputs are returned.  A graph is captured the
+    first time its (piece, layer, bucket, dtypes) is used, on a side stream,
+    with one shared memory pool.  The outputs stay valid until the same
     piece of the same layer runs again in the same bucket.
+
+    Graphs of at most ``max_buckets`` buckets are kept: using another one
+    drops the least recently used bucket's graphs (their static buffers
+    return to the pool), which bounds the memory a server with many prompt
+    lengths spends on them.
     """
 
-    def __init__(self, adapter: ModelAdapter, max_tokens: int):
+    def __init__(self, adapter: ModelAdapter, max_tokens: int, max_buckets: int = 4):
         self.adapter = adapter
         self.max_tokens = max_tokens
-        self.buckets = []
-        b = 1
-        while b < max_tokens:
-            self.buckets.append(b)
-            b *= 2
-        self.buckets.append(max_tokens)
+        self.max_buckets = max(1, max_buckets)
+        self.buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_tokens]
+        self.buckets += list(range(384, max_tokens, 128)) + [max_tokens]
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict = {}
+        self.inputs: dict = {}  # static inputs, shared by the layers of a piece and bucket
+        self.recent: list[int] = []  # buckets, least recently used first
         self.captures = 0
 
     def fits(self, h: torch.Tensor) -> bool:
         """Whether rows of ``h`` [T, hidden] go through a graph."""
         return h.is_cuda and 0 < h.shape[0] <= self.max_tokens and not torch.is_grad_enabled()
 
+    def bucket(self, T: int) -> int:
+        """The bucket that runs T rows."""
+        return next(b for b in self.buckets if b >= T)
+
     def run(self, piece: str, layer: int, inputs: tuple):
         """Replay (capturing first if needed) ``piece`` of ``layer`` on
         ``inputs`` (each [T, ...]); returns views of the outputs' first T rows."""
         T = inputs[0].shape[0]
-        bucket = next(b for b in self.buckets if b >= T)
+        bucket = self.bucket(T)
+        if not self.recent or self.recent[-1] != bucket:
+            if bucket in self.recent:
+                self.recent.remove(bucket)
+            self.recent.append(bucket)
+            while len(self.recent) > self.max_buckets:
+                old = self.recent.pop(0)
+                self.graphs = {k: v for k, v in self.graphs.items() if k[2] != old}
+                self.inputs = {k: v for k, v in self.inputs.items() if k[1] != old}
         key = (piece, layer, bucket) + tuple((x.dtype, tuple(x.shape[1:])) for x in inputs)
         entry = self.graphs.get(key)
         if entry is None:
@@ -331,8 +380,12 @@ class LayerGraphs:
         stream into the shared pool."""
         a = self.adapter
         fn = a._qkv if piece == "qkv" else a._out
-        static_in = tuple(torch.zeros((bucket,) + tuple(x.shape[1:]), dtype=x.dtype,
-                                      device=x.device) for x in inputs)
+        ikey = (piece, bucket) + tuple((x.dtype, tuple(x.shape[1:])) for x in inputs)
+        static_in = self.inputs.get(ikey)
+        if static_in is None:
+            static_in = self.inputs[ikey] = tuple(
+                torch.zeros((bucket,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+                for x in inputs)
         cur = torch.cuda.current_stream()
         side = torch.cuda.Stream(device=cur.device)
         side.wait_stream(cur)

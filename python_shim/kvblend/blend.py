@@ -135,6 +135,7 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
     windows = getattr(adapter, "sliding_windows", None) or [None] * adapter.num_layers
     subset = SUBSET_ATTENTION
     flex_mask = None  # FlexAttention block mask of the current active set
+    flex_graphs = None  # its calls captured per staging pair (_FlexGraphs)
 
     h = adapter.embed(ids)
     active = rows  # rows whose hidden state h holds, ascending
@@ -162,7 +163,7 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
             active = active[keep]
             q = q[keep]
             h = h[keep]
-            flex_mask = None
+            flex_mask = flex_graphs = None
         elif active.numel() == n_rows:
             stage_k.copy_(k)
             stage_v.copy_(v)
@@ -183,7 +184,15 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
                     group = adapter.num_q_heads // adapter.num_kv_heads if FLEX_PACK_GQA else 1
                     flex_mask = _flex_block_mask(active, n_rows, group, FLEX_HEAVY_FIRST)
                 pk, pv = loader.padded(layer)
-                attn = _flex_attention(q, pk.to(q.dtype), pv.to(q.dtype), flex_mask, adapter.scale)
+                pk, pv = pk.to(q.dtype), pv.to(q.dtype)
+                if flex_graphs is not None:
+                    attn = flex_graphs(q, pk, pv)
+                else:
+                    # the first call of an active set runs eagerly (it may
+                    # compile); later ones replay CUDA graphs
+                    attn = _flex_attention(q, pk, pv, flex_mask, adapter.scale)
+                    if attn is not None and FLEX_CUDA_GRAPHS:
+                        flex_graphs = _FlexGraphs(flex_mask, adapter.scale)
                 if attn is None:  # FlexAttention unavailable: SDPA from now on
                     subset = "sdpa"
             if attn is None and cuda and (subset != "kvblend" or window is not None):
@@ -379,42 +388,104 @@ def _flex_attention(q, k, v, block_mask, scale: float):
     logging once) where FlexAttention cannot run."""
     if block_mask is None or _FLEX.get("broken") or q.dtype not in _FLEX_DTYPES:
         return None
-    mask, rows, rows_pad, nk_pad, group, heavy_first = block_mask
     try:
-        fn = _FLEX.get("fn")
-        if fn is None:
-            from torch.nn.attention.flex_attention import flex_attention
-
-            fn = _FLEX["fn"] = torch.compile(flex_attention, dynamic=True)
-        nq, hq, d = q.shape
-        hkv = k.shape[1]
-        if group > 1 and hq != group * hkv:
-            raise ValueError(f"block mask packs {group} query heads per KV head, "
-                             f"but q has {hq} heads over {hkv} KV heads")
-        if heavy_first:
-            q = q.flip(0)
-        if group > 1:  # [nq, Hkv*G, D] -> [Hkv, nq*G, D]
-            qh = q.reshape(nq, hkv, group, d).permute(1, 0, 2, 3).reshape(hkv, nq * group, d)
-        else:
-            qh = q.transpose(0, 1)
-        if rows_pad > rows:
-            qh = torch.cat((qh, qh[:, -1:].expand(-1, rows_pad - rows, -1)), dim=1)
-        if nk_pad > k.shape[0]:
-            pad = nk_pad - k.shape[0]
-            k = torch.cat((k, k.new_zeros((pad,) + tuple(k.shape[1:]))))
-            v = torch.cat((v, v.new_zeros((pad,) + tuple(v.shape[1:]))))
-        kh, vh = (x[None].transpose(1, 2) for x in (k, v))
-        extra = {"kernel_options": dict(FLEX_KERNEL_OPTIONS)} if FLEX_KERNEL_OPTIONS else {}
-        o = fn(qh[None], kh, vh, block_mask=mask, scale=scale,
-               enable_gqa=group == 1 and hq != hkv, **extra)[0, :, :rows]
-        if group > 1:  # [Hkv, nq*G, D] -> [nq, Hkv*G, D]
-            o = o.reshape(hkv, nq, group, d).permute(1, 0, 2, 3).reshape(nq, hq, d)
-        else:
-            o = o.transpose(0, 1)
-        return o.flip(0) if heavy_first else o
+        return _flex_attention_raw(q, k, v, block_mask, scale)
     except Exception as e:  # noqa: BLE001 - any failure means: use SDPA
         _flex_broken(e)
         return None
+
+
+def _flex_attention_raw(q, k, v, block_mask, scale: float):
+    """``_flex_attention`` without the fallback: errors propagate."""
+    mask, rows, rows_pad, nk_pad, group, heavy_first = block_mask
+    fn = _FLEX.get("fn")
+    if fn is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        fn = _FLEX["fn"] = torch.compile(flex_attention, dynamic=True)
+    nq, hq, d = q.shape
+    hkv = k.shape[1]
+    if group > 1 and hq != group * hkv:
+        raise ValueError(f"block mask packs {group} query heads per KV head, "
+                         f"but q has {hq} heads over {hkv} KV heads")
+    if heavy_first:
+        q = q.flip(0)
+    if group > 1:  # [nq, Hkv*G, D] -> [Hkv, nq*G, D]
+        qh = q.reshape(nq, hkv, group, d).permute(1, 0, 2, 3).reshape(hkv, nq * group, d)
+    else:
+        qh = q.transpose(0, 1)
+    if rows_pad > rows:
+        qh = torch.cat((qh, qh[:, -1:].expand(-1, rows_pad - rows, -1)), dim=1)
+    if nk_pad > k.shape[0]:
+        pad = nk_pad - k.shape[0]
+        k = torch.cat((k, k.new_zeros((pad,) + tuple(k.shape[1:]))))
+        v = torch.cat((v, v.new_zeros((pad,) + tuple(v.shape[1:]))))
+    kh, vh = (x[None].transpose(1, 2) for x in (k, v))
+    extra = {"kernel_options": dict(FLEX_KERNEL_OPTIONS)} if FLEX_KERNEL_OPTIONS else {}
+    o = fn(qh[None], kh, vh, block_mask=mask, scale=scale,
+           enable_gqa=group == 1 and hq != hkv, **extra)[0, :, :rows]
+    if group > 1:  # [Hkv, nq*G, D] -> [nq, Hkv*G, D]
+        o = o.reshape(hkv, nq, group, d).permute(1, 0, 2, 3).reshape(nq, hq, d)
+    else:
+        o = o.transpose(0, 1)
+    return o.flip(0) if heavy_first else o
+
+
+# Replay the subset attention of a blend's later layers from CUDA graphs
+# (captured per staging pair): a FlexAttention call costs ~0.3 ms of host
+# time (guards, the block mask's tensors), as long as its kernel at 8K.
+FLEX_CUDA_GRAPHS = True
+
+
+class _FlexGraphs:
+    """The FlexAttention calls of one active set as CUDA graphs: one per
+    staging pair (the K/V buffers alternate by layer), captured at its first
+    use with a static query buffer, replayed after copying the queries in.
+    The output is the graph's static tensor, overwritten when the same pair
+    is used again (two layers later).  A capture that fails is logged once
+    and that call, and every later one of this set, runs eagerly."""
+
+    def __init__(self, mask, scale: float):
+        self.mask, self.scale = mask, scale
+        self.graphs: dict = {}
+        self.q = None
+        self.failed = False
+
+    def __call__(self, q, k, v):
+        if self.failed:
+            return _flex_attention(q, k, v, self.mask, self.scale)
+        key = (k.data_ptr(), v.data_ptr(), tuple(q.shape), q.dtype)
+        entry = self.graphs.get(key)
+        if entry is None:
+            if self.q is None or self.q.shape != q.shape or self.q.dtype != q.dtype:
+                self.q = torch.empty_like(q)
+            self.q.copy_(q)
+            cur = torch.cuda.current_stream()
+            side = torch.cuda.Stream(device=q.device)
+            side.wait_stream(cur)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.stream(side):
+                    graph.capture_begin(capture_error_mode="thread_local")
+                    try:
+                        out = _flex_attention_raw(self.q, k, v, self.mask, self.scale)
+                    finally:
+                        graph.capture_end()
+            except Exception as e:  # noqa: BLE001 - eager from now on
+                cur.wait_stream(side)
+                self.failed = True
+                if not _FLEX.get("graph_warned"):
+                    _FLEX["graph_warned"] = True
+                    logger.warning("kvblend: FlexAttention CUDA graph capture failed (%s: %s); "
+                                   "subset attention runs eagerly", type(e).__name__, e)
+                return _flex_attention(q, k, v, self.mask, self.scale)
+            cur.wait_stream(side)
+            entry = self.graphs[key] = (graph, out)
+        else:
+            self.q.copy_(q)
+        graph, out = entry
+        graph.replay()
+        return out
 
 
 def _flex_broken(e: Exception) -> None:

@@ -224,7 +224,7 @@ class LLM:
     def __init__(self, model: Any = "smollm2", kv_transfer_config=None, block_size: int = 16,
                  max_model_len: int = 8192, dtype: torch.dtype = torch.float32,
                  kv_cache_layout: str = "cpu", num_blocks: int | None = None, tokenizer=None,
-                 enforce_eager: bool = False, cuda_graph_max_tokens: int = 256):
+                 enforce_eager: bool = False, cuda_graph_max_tokens: int = 2048):
         if block_size < 1:
             raise ValueError(f"block_size={block_size}: expected >= 1")
         if isinstance(model, str):
@@ -236,11 +236,12 @@ class LLM:
             self.model, self.tokenizer = model.eval(), tokenizer
             model_name = getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.adapter = get_adapter(self.model)
-        # As in vLLM: on CUDA, steps of up to cuda_graph_max_tokens tokens
-        # (decode, short suffix prefills) run each layer's dense pieces as
-        # CUDA graphs, attention eager between them; enforce_eager turns
-        # that off.  Large prefills are bound by the device and stay eager.
+        # As in vLLM: on CUDA each layer's dense pieces are compiled
+        # (torch.compile) and steps of up to cuda_graph_max_tokens tokens
+        # (decode, short suffix prefills) replay them as CUDA graphs,
+        # attention eager between them; enforce_eager turns both off.
         if not enforce_eager:
+            self.adapter.enable_compile()
             self.adapter.enable_cuda_graphs(cuda_graph_max_tokens)
         self.block_size = block_size
         self.max_model_len = max_model_len

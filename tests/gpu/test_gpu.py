@@ -127,6 +127,27 @@ def test_flex_subset_attention_matches_cpu(dtype, nk, nq, group, heavy_first):
     assert _rel(gpu, cpu) <= 2e-2
 
 
+def test_flex_graphs_replay_equals_eager():
+    """The blend's CUDA-graph replay of FlexAttention equals the eager call,
+    for the two staging pairs and for new queries copied into a replay."""
+    from kvblend import blend
+
+    g = torch.Generator().manual_seed(9)
+    nk, nq = 1100, 170
+    k = [torch.randn(1152, 2, 128, generator=g).to(DEV, torch.bfloat16) for _ in range(2)]
+    v = [torch.randn(1152, 2, 128, generator=g).to(DEV, torch.bfloat16) for _ in range(2)]
+    q_pos = torch.sort(torch.randperm(nk, generator=g)[:nq]).values.to(DEV)
+    bm = blend._flex_block_mask(q_pos, nk, 4, True)
+    fg = blend._FlexGraphs(bm, 0.1)
+    for step in range(5):
+        q = torch.randn(nq, 8, 128, generator=g).to(DEV, torch.bfloat16)
+        want = blend._flex_attention(q, k[step % 2], v[step % 2], bm, 0.1)
+        got = fg(q, k[step % 2], v[step % 2]).clone()
+        assert not fg.failed
+        assert torch.equal(got, want), step
+    assert len(fg.graphs) == 2
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tq,tk", [(1, 300), (35, 1000), (400, 700)])
 def test_attend_bottom_right_causal_matches_mask(dtype, tq, tk):
@@ -186,8 +207,9 @@ def test_engine_partial_prefill_equals_full_gpu():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_engine_cuda_graphs_equal_eager(dtype):
-    """Small steps through per-layer CUDA graphs (decode, short prefills)
-    give the eager engine's tokens (fp32) and logits; a second request replays the captured graphs (stale padded
+    """Compiled pieces, with small steps through per-layer CUDA graphs
+    (decode, short prefills), give the eager engine's tokens (fp32) and
+    logits; a second request replays the captured graphs (stale padded
     rows from the first) with the same result."""
     import transformers as tf
 
@@ -208,7 +230,7 @@ def test_engine_cuda_graphs_equal_eager(dtype):
         if dtype == torch.float32:  # bf16 roundings may differ with the padded GEMM shapes
             assert a.outputs[0].token_ids == b.outputs[0].token_ids, len(ids)
         rel = _rel(b.first_logits, a.first_logits)
-        assert rel <= (1e-5 if dtype == torch.float32 else 2e-2), (len(ids), rel)
+        assert rel <= (1e-4 if dtype == torch.float32 else 2e-2), (len(ids), rel)
     # decode steps (1 token) and the 37- and 5-token prefills ran as graphs;
     # the 200-token prefill is past 64 rows and stayed eager
     assert graphed.adapter.graphs.captures >= 2 * 3 * 3

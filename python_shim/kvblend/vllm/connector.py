@@ -106,6 +106,14 @@ class KVBlendConnector(KVConnectorBase_V1):
         # under vLLM it is detected from the attention backend in
         # register_kv_caches.
         self.kv_layout = extra.get("kvblend.kv_layout")
+        # On CUDA the blend runs the dense pieces of layers with at most this
+        # many active rows as per-layer CUDA graphs (0: eager).  At 8K tokens
+        # and r=0.15 a layer's ~1.2K rows cost the device about as long as
+        # launching their ~60 eager ops costs the host.
+        self.cuda_graph_max_tokens = int(extra.get("kvblend.cuda_graph_max_tokens", 2048))
+        # ... and compiles them (torch.compile): the norms, RoPE, activation
+        # and residual adds fuse into a few kernels per layer.
+        self.compile_pieces = bool(extra.get("kvblend.compile", True))
         self._in_vllm = not type(vllm_config).__module__.startswith("kvblend.")
         if self.kv_layout is None and not self._in_vllm:
             self.kv_layout = getattr(getattr(vllm_config, "cache_config", None),
@@ -149,6 +157,9 @@ class KVBlendConnector(KVConnectorBase_V1):
         sep_ids = self._separator_ids()
         cconn.set_separator(sep_ids)
         st = _BlendState(cconn, self.config, sep_ids)
+        if hasattr(adapter, "enable_cuda_graphs"):
+            adapter.enable_compile(self.compile_pieces)
+            adapter.enable_cuda_graphs(self.cuda_graph_max_tokens)
         st.adapter = adapter
         return runtime.put_state(self.key, st)
 
