@@ -14,6 +14,7 @@
 
 #include "cuda_tier.h"
 #include "internal.h"
+#include "kvb_plan.h"
 
 struct kvb_connector {
     kvb_config cfg;
@@ -55,6 +56,12 @@ struct kvb_request {
     void *d_load;          /* device block: positions, src positions, segs */
     kvb_load_seg *d_segs;  /* inside d_load */
     int64_t *d_positions;  /* inside d_load */
+    /* The planned load (cuda_tier.h, kvb_cuda_load_planned), inside d_load;
+     * NULL when some segment's delta varies by row or the geometry or an
+     * address does not allow 16-byte vectors (the general kernel then). */
+    int32_t *d_row_seg;    /* [blend_end] */
+    int32_t *d_seg_rot;    /* [n_load] */
+    float *d_tabs;         /* [n_load][2][rotary_dim / 2] */
     void *load_stream;
     int64_t *h_slots;      /* [n] host copy of the slot mapping */
     int64_t *d_slots;      /* [n] uploaded at the first save */
@@ -538,6 +545,44 @@ kvb_status kvb_request_counts(const kvb_request *req, int64_t *n_segments,
     return KVB_OK;
 }
 
+/* Rounds a byte offset up to a multiple of 16. */
+static size_t align16(size_t n)
+{
+    return (n + 15) & ~(size_t)15;
+}
+
+/*
+ * Whether the request's load can take the planned kernel: every segment
+ * was stored at consecutive positions (one delta for all its rows, since
+ * staging rows are consecutive positions), the model's geometry is whole
+ * 16-byte vectors, and every device-tier source (rows, layer stride) is
+ * 16-byte aligned.  The staging buffers are checked at each load.
+ */
+static int request_plan_ok(const kvb_request *req)
+{
+    const kvb_model_desc *m = &req->conn->model;
+    int32_t es = (int32_t)kvb_dtype_size(m->dtype);
+    if (!kvb_load_plan_geom_ok(es, m->head_size, m->rope.rotary_dim,
+                               m->rope.style) ||
+        req->blend_end > INT32_MAX || req->n_load > INT32_MAX) {
+        return 0;
+    }
+    for (int64_t i = 0; i < req->n_load; i++) {
+        const kvb_load_seg *ls = &req->load[i];
+        for (int64_t t = 1; t < ls->num_tokens; t++) {
+            if (ls->src_pos[t] != ls->src_pos[0] + t) {
+                return 0;
+            }
+        }
+        if (!req->load_host[i] &&
+            (((uintptr_t)ls->k0 | (uintptr_t)ls->v0) % 16 != 0 ||
+             ((size_t)ls->layer_stride * (size_t)es) % 16 != 0)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
 /*
  * Puts a device connector's load table on the device, once per request, in
  * the order of `stream` (the stream of the first load, on which it is also
@@ -550,15 +595,22 @@ kvb_status kvb_request_counts(const kvb_request *req, int64_t *n_segments,
  */
 static kvb_status request_upload_load(kvb_request *req, void *stream)
 {
+    const kvb_model_desc *m = &req->conn->model;
     int64_t rows = 0;
     for (int64_t i = 0; i < req->n_load; i++) {
         rows += req->load[i].num_tokens;
     }
+    int plan = request_plan_ok(req);
+    int64_t half = m->rope.rotary_dim / 2;
     size_t pos_bytes = (size_t)req->blend_end * sizeof(int64_t);
     size_t src_bytes = (size_t)rows * sizeof(int64_t);
     size_t seg_bytes = (size_t)req->n_load * sizeof(kvb_load_seg);
-    size_t total = pos_bytes + src_bytes + seg_bytes;
-    unsigned char *h = malloc(total);
+    size_t row_off = align16(pos_bytes + src_bytes + seg_bytes);
+    size_t rot_off = align16(row_off + (size_t)req->blend_end * sizeof(int32_t));
+    size_t tab_off = align16(rot_off + (size_t)req->n_load * sizeof(int32_t));
+    size_t total = plan ? tab_off + (size_t)req->n_load * 2 * (size_t)half * sizeof(float)
+                        : pos_bytes + src_bytes + seg_bytes;
+    unsigned char *h = calloc(1, total);
     if (h == NULL) {
         return kvb_fail(KVB_ERR_NOMEM, "kvb_request_load_layer: out of memory");
     }
@@ -586,6 +638,29 @@ static kvb_status request_upload_load(kvb_request *req, void *stream)
         }
         off += ls->num_tokens;
     }
+    if (plan) {
+        int32_t *row_seg = (int32_t *)(h + row_off);
+        int32_t *seg_rot = (int32_t *)(h + rot_off);
+        float *tabs = (float *)(h + tab_off);
+        for (int64_t r = 0; r < req->blend_end; r++) {
+            row_seg[r] = -1;
+        }
+        /* the lowest segment index wins on overlap, as in the kernels */
+        for (int64_t i = req->n_load - 1; i >= 0; i--) {
+            const kvb_load_seg *ls = &req->load[i];
+            for (int64_t t = 0; t < ls->num_tokens; t++) {
+                row_seg[ls->dst_start + t] = (int32_t)i;
+            }
+            double delta = (double)req->positions[ls->dst_start] - (double)ls->src_pos[0];
+            seg_rot[i] = delta != 0.0;
+            float *cs = tabs + i * 2 * half;
+            for (int64_t p = 0; p < half; p++) {
+                double angle = delta * (double)m->rope.inv_freq[p];
+                cs[p] = (float)cos(angle);
+                cs[half + p] = (float)sin(angle);
+            }
+        }
+    }
     st = kvb_cuda_copy_async(req->conn->device, d, h, total, stream);
     if (st != KVB_OK) {
         kvb_cuda_release(req->conn->device, d, stream);
@@ -596,6 +671,11 @@ static kvb_status request_upload_load(kvb_request *req, void *stream)
     req->d_load = d;
     req->d_positions = (int64_t *)dp;
     req->d_segs = (kvb_load_seg *)(dp + pos_bytes + src_bytes);
+    if (plan) {
+        req->d_row_seg = (int32_t *)(dp + row_off);
+        req->d_seg_rot = (int32_t *)(dp + rot_off);
+        req->d_tabs = (float *)(dp + tab_off);
+    }
     req->load_stream = stream;
     return KVB_OK;
 }
@@ -650,6 +730,14 @@ kvb_status kvb_request_load_layer(kvb_request *req, int32_t layer,
             if (st != KVB_OK) {
                 return st;
             }
+        }
+        if (req->d_row_seg != NULL &&
+            ((uintptr_t)dst_k | (uintptr_t)dst_v) % 16 == 0) {
+            return kvb_cuda_load_planned(req->d_segs, req->d_row_seg,
+                                         req->d_tabs, req->d_seg_rot, layer,
+                                         dst_k, dst_v, req->blend_end,
+                                         m->num_kv_heads, m->head_size,
+                                         m->dtype, &m->rope, stream);
         }
         return kvb_cuda_load_rotate(req->d_segs, req->n_load, layer, dst_k,
                                     dst_v, req->d_positions, req->blend_end,

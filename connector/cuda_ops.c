@@ -5,6 +5,7 @@
  */
 #include <string.h>
 
+#include "cuda_tier.h"
 #include "internal.h"
 
 #ifdef KVB_WITH_CUDA
@@ -353,6 +354,40 @@ kvb_status kvb_cuda_load_rotate(const kvb_load_seg *segs, int64_t nseg,
     return cuda_status(fn, err);
 }
 
+/* The connector's planned load (see kvb_launch_load_plan in kvb_cuda.h and
+ * cuda_tier.h): the caller built the tables and checked the geometry and
+ * alignment; only the arguments it could get wrong are checked here. */
+kvb_status kvb_cuda_load_planned(const kvb_load_seg *segs, const int32_t *row_seg,
+                                 const float *tabs, const int32_t *seg_rot,
+                                 int32_t layer, void *dst_k, void *dst_v,
+                                 int64_t num_rows, int32_t num_kv_heads,
+                                 int32_t head_size, kvb_dtype dtype,
+                                 const kvb_rope *rope, void *stream)
+{
+    const char *fn = "kvb_cuda_load_planned";
+    if (segs == NULL || row_seg == NULL || tabs == NULL || seg_rot == NULL ||
+        dst_k == NULL || dst_v == NULL || rope == NULL || layer < 0 ||
+        num_rows < 0 || num_kv_heads <= 0 || head_size <= 0) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: bad arguments (layer=%d, num_rows=%lld)",
+                        fn, (int)layer, (long long)num_rows);
+    }
+    if (kvb_dtype_size(dtype) == 0) {
+        return bad_dtype(fn, dtype);
+    }
+    if (!kvb_load_plan_geom_ok((int32_t)kvb_dtype_size(dtype), head_size,
+                               rope->rotary_dim, rope->style)) {
+        return kvb_fail(KVB_ERR_UNSUPPORTED,
+                        "%s: head_size=%d, rotary_dim=%d are not whole 16-byte vectors",
+                        fn, (int)head_size, (int)rope->rotary_dim);
+    }
+    cudaError_t err = cudaSuccess;
+    KVB_CUDA_DISPATCH(fn, dtype, err, kvb_launch_load_plan,
+                      (segs, row_seg, tabs, seg_rot, layer, dst_k, dst_v, num_rows,
+                       num_kv_heads, head_size, rope->rotary_dim, rope->style,
+                       (cudaStream_t)stream));
+    return cuda_status(fn, err);
+}
+
 /* Top-k selection on `stream` (kvb_cpu_select's contract, indices written
  * ascending; the count is forced count + min(k, others), known to the
  * caller, so nothing is read back). */
@@ -442,6 +477,19 @@ kvb_status kvb_cuda_attention(const void *q, const int64_t *q_pos, int64_t nq,
 }
 
 /* CPU-only build: unsupported. */
+kvb_status kvb_cuda_load_planned(const kvb_load_seg *segs, const int32_t *row_seg,
+                                 const float *tabs, const int32_t *seg_rot,
+                                 int32_t layer, void *dst_k, void *dst_v,
+                                 int64_t num_rows, int32_t num_kv_heads,
+                                 int32_t head_size, kvb_dtype dtype,
+                                 const kvb_rope *rope, void *stream)
+{
+    (void)segs; (void)row_seg; (void)tabs; (void)seg_rot; (void)layer;
+    (void)dst_k; (void)dst_v; (void)num_rows; (void)num_kv_heads;
+    (void)head_size; (void)dtype; (void)rope; (void)stream;
+    return no_cuda("kvb_cuda_load_planned");
+}
+
 kvb_status kvb_cuda_load_rotate(const kvb_load_seg *segs, int64_t nseg,
                                 int32_t layer, void *dst_k, void *dst_v,
                                 const int64_t *dst_pos, int64_t num_rows,

@@ -72,3 +72,23 @@ KVB_HIDDEN kvb_status kvb_cuda_copy_rows_async(int32_t device, void *dst_k,
 /* Releases a block from kvb_cuda_alloc_async in the order of `stream`.
  * NULL is a no-op. */
 KVB_HIDDEN void kvb_cuda_release(int32_t device, void *dptr, void *stream);
+
+/*
+ * The connector's planned per-layer load (connector/cuda_ops.c, kernel in
+ * cuda/rope.cu): like kvb_cuda_load_rotate, for a table whose segments
+ * each shift all their rows by one delta, with the plan built on the host
+ * once per request and uploaded: row_seg[num_rows] (segment of each
+ * staging row, -1 none), seg_rot[nseg] (1 when the delta is not 0) and
+ * tabs[nseg][2][rotary_dim/2] (cos, sin of delta * inv_freq).  Every
+ * pointer 16-byte aligned and the geometry whole 16-byte vectors
+ * (kvb_load_plan_geom_ok); KVB_ERR_UNSUPPORTED otherwise or without CUDA.
+ */
+KVB_HIDDEN kvb_status kvb_cuda_load_planned(const kvb_load_seg *segs,
+                                            const int32_t *row_seg,
+                                            const float *tabs,
+                                            const int32_t *seg_rot,
+                                            int32_t layer, void *dst_k,
+                                            void *dst_v, int64_t num_rows,
+                                            int32_t num_kv_heads,
+                                            int32_t head_size, kvb_dtype dtype,
+                                            const kvb_rope *rope, void *stream);

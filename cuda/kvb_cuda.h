@@ -19,6 +19,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "kvb_plan.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -108,6 +110,17 @@ KVB_CUDA_DECLARE3(kvb_launch_load_rotate,
                    void *dst_v, const int64_t *dst_pos, int64_t num_rows,
                    int32_t num_kv_heads, int32_t head_size,
                    const kvb_cuda_rope *rope, cudaStream_t stream));
+
+/* The planned per-layer load (see cuda/rope.cu): segs[] as for
+ * kvb_launch_load_rotate, row_seg[num_rows] int32, seg_rot[nseg] int32 and
+ * tabs[nseg][2][rotary_dim/2] fp32, all on the device; every pointer the
+ * kernel dereferences 16-byte aligned.  cudaErrorInvalidValue when
+ * kvb_load_plan_geom_ok fails. */
+KVB_CUDA_DECLARE3(kvb_launch_load_plan,
+                  (const void *segs, const int32_t *row_seg, const float *tabs,
+                   const int32_t *seg_rot, int32_t layer, void *dst_k, void *dst_v,
+                   int64_t num_rows, int32_t num_kv_heads, int32_t head_size,
+                   int32_t rotary_dim, int32_t style, cudaStream_t stream));
 
 /* Causal-by-position attention of nq queries over nk keys (see
  * kvb_cpu_attention).  Returns cudaErrorInvalidValue for a head size no

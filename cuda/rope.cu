@@ -539,3 +539,147 @@ static cudaError_t kvb_load_rotate_go(const void *segs, int64_t nseg, int32_t la
 KVB_ROPE_LAUNCHERS(f32, float)
 KVB_ROPE_LAUNCHERS(f16, __half)
 KVB_ROPE_LAUNCHERS(bf16, __nv_bfloat16)
+
+/*
+ * The planned load (kvb_launch_load_plan_*): the fast path of the
+ * connector, for tables whose every segment shifts all its rows by one
+ * delta (stored at consecutive positions, loaded at consecutive rows) and
+ * whose geometry and addresses allow 16-byte vectors.  The connector plans
+ * once per request, on the host: row_seg[num_rows] (the segment of each
+ * staging row, -1 for none, lowest index on overlap), seg_rot[nseg] (0:
+ * delta 0, rows copied bit-exact; 1: rotated) and tabs[nseg][2][rot / 2]
+ * (cos then sin of delta * inv_freq[p], computed in double and rounded to
+ * float, as kvb_rope_tables does).  With no per-row tables to build and no
+ * barrier, every thread moves one 16-byte V chunk, one pass-through K
+ * chunk, or one rotary K item (NeoX: the chunk at p and its partner at
+ * p + rot/2; GPT-J: the pairs inside one chunk), flat over all rows, so
+ * the kernel streams like a copy.  Segments with k0 == NULL have their rows
+ * in dst already: K is rotated in place, V left alone.
+ */
+template <typename T, int STYLE>
+static __global__ void __launch_bounds__(256)
+    kvb_load_plan_kernel(const kvb_load_seg *__restrict__ segs,
+                         const int32_t *__restrict__ row_seg, const float *__restrict__ tabs,
+                         const int32_t *__restrict__ seg_rot, int64_t layer, T *dst_k, T *dst_v,
+                         int64_t num_rows, int H, int D, int rot)
+{
+    constexpr int V = 16 / sizeof(T);
+    typedef kvb_vec<T, V> vec;
+    const int half = rot / 2;
+    const int nrot = STYLE == KVB_ROPE_GPTJ ? rot / V : half / V;
+    const int per_head = nrot + (D - rot) / V;
+    const int k_items = H * per_head;
+    const int per_row = k_items + H * (D / V);
+    const int64_t total = num_rows * per_row;
+    const int64_t row_elems = (int64_t)H * D;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t row = i / per_row;
+        int c = (int)(i - row * per_row);
+        const int32_t si = row_seg[row];
+        if (si < 0) {
+            continue; /* no segment covers this row: untouched */
+        }
+        const kvb_load_seg *s = &segs[si];
+        const bool in_place = s->k0 == nullptr;
+        const int64_t src_off = layer * s->layer_stride + (row - s->dst_start) * row_elems;
+        T *dk = dst_k + row * row_elems;
+        if (c >= k_items) { /* a V chunk */
+            if (!in_place) {
+                c -= k_items;
+                const T *sv = static_cast<const T *>(s->v0) + src_off;
+                *reinterpret_cast<vec *>(dst_v + row * row_elems + c * V) =
+                    *reinterpret_cast<const vec *>(sv + c * V);
+            }
+            continue;
+        }
+        const int h = c / per_head;
+        const int cc = c - h * per_head;
+        const T *sh = (in_place ? dk : static_cast<const T *>(s->k0) + src_off) + (int64_t)h * D;
+        T *dh = dk + (int64_t)h * D;
+        const bool rotate = seg_rot[si] != 0;
+        if (cc >= nrot || !rotate) { /* pass-through dims, or a delta-0 row */
+            if (!in_place) {
+                if (cc >= nrot) {
+                    const int off = rot + (cc - nrot) * V;
+                    *reinterpret_cast<vec *>(dh + off) = *reinterpret_cast<const vec *>(sh + off);
+                } else if (STYLE == KVB_ROPE_GPTJ) {
+                    *reinterpret_cast<vec *>(dh + cc * V) = *reinterpret_cast<const vec *>(sh + cc * V);
+                } else {
+                    *reinterpret_cast<vec *>(dh + cc * V) = *reinterpret_cast<const vec *>(sh + cc * V);
+                    *reinterpret_cast<vec *>(dh + cc * V + half) =
+                        *reinterpret_cast<const vec *>(sh + cc * V + half);
+                }
+            }
+            continue;
+        }
+        const float *cs = tabs + (int64_t)si * 2 * half;
+        const float *sn = cs + half;
+        if (STYLE == KVB_ROPE_GPTJ) {
+            float x[V];
+            kvb_ld<T, V, true>(sh + cc * V, x);
+#pragma unroll
+            for (int j = 0; j < V; j += 2) {
+                const int p = (cc * V + j) / 2;
+                const float a = x[j], b = x[j + 1];
+                x[j] = a * cs[p] - b * sn[p];
+                x[j + 1] = a * sn[p] + b * cs[p];
+            }
+            kvb_st<T, V, true>(dh + cc * V, x);
+        } else {
+            float x[V], y[V];
+            kvb_ld<T, V, true>(sh + cc * V, x);
+            kvb_ld<T, V, true>(sh + cc * V + half, y);
+#pragma unroll
+            for (int j = 0; j < V; j++) {
+                const int p = cc * V + j;
+                const float a = x[j], b = y[j];
+                x[j] = a * cs[p] - b * sn[p];
+                y[j] = a * sn[p] + b * cs[p];
+            }
+            kvb_st<T, V, true>(dh + cc * V, x);
+            kvb_st<T, V, true>(dh + cc * V + half, y);
+        }
+    }
+}
+
+/* Launches the planned load for one type and style (geometry checked by
+ * the caller with kvb_load_plan_geom_ok). */
+template <typename T, int STYLE>
+static cudaError_t kvb_load_plan_go(const void *segs, const int32_t *row_seg, const float *tabs,
+                                    const int32_t *seg_rot, int32_t layer, void *dst_k, void *dst_v,
+                                    int64_t num_rows, int H, int D, int rot, cudaStream_t stream)
+{
+    constexpr int V = 16 / sizeof(T);
+    const int nrot = STYLE == KVB_ROPE_GPTJ ? rot / V : rot / 2 / V;
+    const int64_t per_row = (int64_t)H * (nrot + (D - rot) / V) + (int64_t)H * (D / V);
+    const unsigned grid = kvb_grid_for(num_rows * per_row, 256, 1 << 20);
+    kvb_load_plan_kernel<T, STYLE><<<grid, 256, 0, stream>>>(
+        static_cast<const kvb_load_seg *>(segs), row_seg, tabs, seg_rot, layer,
+        static_cast<T *>(dst_k), static_cast<T *>(dst_v), num_rows, H, D, rot);
+    KVB_CUDA_TRY(cudaGetLastError());
+    return cudaSuccess;
+}
+
+/* Defines the typed launchers of the planned load. */
+#define KVB_PLAN_LAUNCHER(suffix, T)                                                          \
+    extern "C" cudaError_t kvb_launch_load_plan_##suffix(                                     \
+        const void *segs, const int32_t *row_seg, const float *tabs, const int32_t *seg_rot,  \
+        int32_t layer, void *dst_k, void *dst_v, int64_t num_rows, int32_t num_kv_heads,      \
+        int32_t head_size, int32_t rotary_dim, int32_t style, cudaStream_t stream)            \
+    {                                                                                         \
+        if (num_rows <= 0) return cudaSuccess;                                                \
+        if (!kvb_load_plan_geom_ok((int32_t)sizeof(T), head_size, rotary_dim, style))         \
+            return cudaErrorInvalidValue;                                                     \
+        return style == KVB_ROPE_GPTJ                                                         \
+                   ? kvb_load_plan_go<T, KVB_ROPE_GPTJ>(segs, row_seg, tabs, seg_rot, layer,  \
+                                                        dst_k, dst_v, num_rows, num_kv_heads, \
+                                                        head_size, rotary_dim, stream)        \
+                   : kvb_load_plan_go<T, KVB_ROPE_NEOX>(segs, row_seg, tabs, seg_rot, layer,  \
+                                                        dst_k, dst_v, num_rows, num_kv_heads, \
+                                                        head_size, rotary_dim, stream);       \
+    }
+
+KVB_PLAN_LAUNCHER(f32, float)
+KVB_PLAN_LAUNCHER(f16, __half)
+KVB_PLAN_LAUNCHER(bf16, __nv_bfloat16)

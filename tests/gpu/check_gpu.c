@@ -772,14 +772,14 @@ static int tier_prompt(int32_t *out, int b_first, int q_base, int q_len)
  * (copied into the staging rows by cudaMemcpyAsync on the caller's stream,
  * then re-rotated in place) stages, at every layer, exactly the bytes that
  * the direct kernel read of device-tier entries stages, and the CPU
- * connector's rows within the dtype's tolerance (V bit for bit). */
-START_TEST(test_connector_host_tier_load)
+ * connector's rows within the dtype's tolerance (V bit for bit), for one
+ * dtype, RoPE style and rotary_dim. */
+static void connector_tier_case(kvb_dtype dt, int32_t style, int32_t rot)
 {
     enum { NL = 3, HK = 4, HD = 128, NB = 16, BS = 16 };
-    const kvb_dtype dt = KVB_DTYPE_BF16;
     const size_t es = kvb_dtype_size(dt);
-    float *inv = make_inv_freq(HD);
-    kvb_model_desc m = {NL, 8, HK, HD, dt, {HD, KVB_ROPE_NEOX, inv, 1.0f}};
+    float *inv = make_inv_freq(rot);
+    kvb_model_desc m = {NL, 8, HK, HD, dt, {rot, style, inv, 1.0f}};
     kvb_connector *conns[3] = {
         tier_conn(&m, 0, 0.01, 0), /* pinned host tier only */
         tier_conn(&m, 0, 0, 0.01), /* device tier only */
@@ -871,6 +871,17 @@ START_TEST(test_connector_host_tier_load)
     for (int l = 0; l < NL; l++) free(hcache[l]);
     cudaFree(dcache);
     free(inv);
+}
+
+/* The connector's loads (the planned kernel: one delta per segment, host
+ * tables) for bf16 NeoX full rotary, f16 GPT-J, f32 NeoX with partial
+ * rotary (pass-through dims) and bf16 GPT-J partial. */
+START_TEST(test_connector_host_tier_load)
+{
+    connector_tier_case(KVB_DTYPE_BF16, KVB_ROPE_NEOX, 128);
+    connector_tier_case(KVB_DTYPE_F16, KVB_ROPE_GPTJ, 128);
+    connector_tier_case(KVB_DTYPE_F32, KVB_ROPE_NEOX, 64);
+    connector_tier_case(KVB_DTYPE_BF16, KVB_ROPE_GPTJ, 96);
 }
 END_TEST
 
