@@ -204,7 +204,14 @@ def attention_times(n, ratio=0.15):
         # the layouts and tile sizes the default was chosen from (graph replays)
         saved = blend.FLEX_KERNEL_OPTIONS
         for g_, hf in ((1, False), (1, True), (HEADS // KV_HEADS, False), (HEADS // KV_HEADS, True)):
-            for name, opts in (("", None), (" M64", {"BLOCK_M": 64, "BLOCK_N": 64})):
+            opt_list = (("", None), (" M64", {"BLOCK_M": 64, "BLOCK_N": 64}))
+            if (g_, hf) == (HEADS // KV_HEADS, False):
+                opt_list += ((" M128N128w8s2", {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8,
+                                                "num_stages": 2}),
+                             (" M128N64w8s3", {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8,
+                                               "num_stages": 3}),
+                             (" TMA", {"USE_TMA": True}))
+            for name, opts in opt_list:
                 label = f"group{g_}{' heavy-first' if hf else ''}{name}"
                 blend.FLEX_KERNEL_OPTIONS = opts
                 try:

@@ -14,6 +14,7 @@ before RoPE).  Tensors are unbatched: ``[T, ...]`` for T tokens.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -322,7 +323,8 @@ class LayerGraphs:
     never touch the first T), the graph is replayed, and views of the first
     T rows of its static outputs are returned.  A graph is captured the
     first time its (piece, layer, bucket, dtypes) is used, on a side stream,
-    with one shared memory pool.  The outputs stay valid until the same
+    with one shared memory pool; a capture that fails (logged once) leaves
+    that piece eager.  The outputs stay valid until the same
     piece of the same layer runs again in the same bucket.
 
     Graphs of at most ``max_buckets`` buckets are kept: using another one
@@ -342,6 +344,7 @@ class LayerGraphs:
         self.inputs: dict = {}  # static inputs, shared by the layers of a piece and bucket
         self.recent: list[int] = []  # buckets, least recently used first
         self.captures = 0
+        self.failures = 0
 
     def fits(self, h: torch.Tensor) -> bool:
         """Whether rows of ``h`` [T, hidden] go through a graph."""
@@ -365,9 +368,13 @@ class LayerGraphs:
                 self.graphs = {k: v for k, v in self.graphs.items() if k[2] != old}
                 self.inputs = {k: v for k, v in self.inputs.items() if k[1] != old}
         key = (piece, layer, bucket) + tuple((x.dtype, tuple(x.shape[1:])) for x in inputs)
-        entry = self.graphs.get(key)
-        if entry is None:
+        entry = self.graphs.get(key, False)
+        if entry is False:
             entry = self.graphs[key] = self._capture(piece, layer, bucket, inputs)
+        if entry is None:  # its capture failed: this piece runs eagerly
+            a = self.adapter
+            out = a._qkv(layer, *inputs) if piece == "qkv" else a._out(layer, *inputs)
+            return out if isinstance(out, tuple) else (out,)
         graph, static_in, static_out = entry
         for buf, x in zip(static_in, inputs):
             buf[:T].copy_(x)
@@ -390,14 +397,23 @@ class LayerGraphs:
         side = torch.cuda.Stream(device=cur.device)
         side.wait_stream(cur)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(side):
-            fn(layer, *static_in)
-            side.synchronize()
-            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
-            try:
-                out = fn(layer, *static_in)
-            finally:
-                graph.capture_end()
+        try:
+            with torch.cuda.stream(side):
+                fn(layer, *static_in)
+                side.synchronize()
+                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+                try:
+                    out = fn(layer, *static_in)
+                finally:
+                    graph.capture_end()
+        except Exception as e:  # noqa: BLE001 - that piece runs eagerly
+            cur.wait_stream(side)
+            self.failures += 1
+            if self.failures == 1:
+                logging.getLogger("kvblend").warning(
+                    "kvblend: CUDA graph capture of %s (layer %d, %d rows) failed (%s: %s); "
+                    "it runs eagerly", piece, layer, bucket, type(e).__name__, e)
+            return None
         cur.wait_stream(side)
         out = out if isinstance(out, tuple) else (out,)
         self.captures += 1
