@@ -643,14 +643,113 @@ static __global__ void __launch_bounds__(256)
     }
 }
 
+/*
+ * The planned load for full-rotary heads whose 16-byte chunks tile warps
+ * exactly (chunks per head divide 32, chunks per row a multiple of 32):
+ * thread j of a row moves chunk j of K and chunk j of V, so every thread
+ * has two independent 16-byte loads in flight and every warp reads and
+ * writes whole contiguous segments.  A NeoX chunk in the first half of a
+ * head trades its values with its partner chunk (rotary_dim/2 further on,
+ * cph/2 lanes away) through warp shuffles; a GPT-J chunk holds whole
+ * pairs.  Every lane of a warp works on the same row (the loop strides by
+ * whole warps), so the shuffles and the per-row branches are uniform.
+ * Same tables and conventions as kvb_load_plan_kernel.
+ */
+template <typename T, int STYLE>
+static __global__ void __launch_bounds__(256)
+    kvb_load_plan_row_kernel(const kvb_load_seg *__restrict__ segs,
+                             const int32_t *__restrict__ row_seg, const float *__restrict__ tabs,
+                             const int32_t *__restrict__ seg_rot, int64_t layer, T *dst_k,
+                             T *dst_v, int32_t num_rows, int H, int D)
+{
+    constexpr int V = 16 / sizeof(T);
+    typedef kvb_vec<T, V> vec;
+    const int cph = D / V;         /* chunks per head */
+    const int cpr = H * cph;       /* chunks per row, a multiple of 32 */
+    const int half = D / 2;
+    const int64_t row_elems = (int64_t)H * D;
+    const int32_t total = num_rows * cpr;
+    for (int32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += gridDim.x * blockDim.x) {
+        const int32_t row = i / cpr;
+        const int j = i - row * cpr;
+        const int32_t si = row_seg[row];
+        if (si < 0) {
+            continue; /* uniform across the warp: the whole row is uncovered */
+        }
+        const kvb_load_seg *s = &segs[si];
+        const bool in_place = s->k0 == nullptr;
+        const int64_t src_off = layer * s->layer_stride + (row - s->dst_start) * row_elems;
+        T *dk = dst_k + row * row_elems + (int64_t)j * V;
+        const vec kv = *reinterpret_cast<const vec *>(
+            in_place ? dk : static_cast<const T *>(s->k0) + src_off + (int64_t)j * V);
+        vec vv;
+        if (!in_place) {
+            vv = *reinterpret_cast<const vec *>(static_cast<const T *>(s->v0) + src_off +
+                                                (int64_t)j * V);
+        }
+        if (seg_rot[si] != 0) {
+            const float *cs = tabs + (int64_t)si * 2 * half;
+            const float *sn = cs + half;
+            const int c = j % cph;
+            float x[V];
+#pragma unroll
+            for (int e = 0; e < V; e++) x[e] = kvb_to_f32(kv.e[e]);
+            vec out;
+            if (STYLE == KVB_ROPE_GPTJ) {
+#pragma unroll
+                for (int e = 0; e < V; e += 2) {
+                    const int p = (c * V + e) / 2;
+                    out.e[e] = kvb_from_f32<T>(x[e] * cs[p] - x[e + 1] * sn[p]);
+                    out.e[e + 1] = kvb_from_f32<T>(x[e] * sn[p] + x[e + 1] * cs[p]);
+                }
+            } else {
+                /* the partner chunk's 16 bytes, as four 32-bit words */
+                const unsigned *w = reinterpret_cast<const unsigned *>(&kv);
+                unsigned pw[4];
+#pragma unroll
+                for (int q = 0; q < 4; q++) pw[q] = __shfl_xor_sync(0xffffffffu, w[q], cph / 2);
+                const vec &pv = *reinterpret_cast<const vec *>(pw);
+                const bool first = c < cph / 2;
+                const int pc = first ? c : c - cph / 2;
+#pragma unroll
+                for (int e = 0; e < V; e++) {
+                    const int p = pc * V + e;
+                    const float o = kvb_to_f32(pv.e[e]);
+                    out.e[e] = first ? kvb_from_f32<T>(x[e] * cs[p] - o * sn[p])
+                                     : kvb_from_f32<T>(o * sn[p] + x[e] * cs[p]);
+                }
+            }
+            *reinterpret_cast<vec *>(dk) = out;
+        } else if (!in_place) {
+            *reinterpret_cast<vec *>(dk) = kv;
+        }
+        if (!in_place) {
+            *reinterpret_cast<vec *>(dst_v + row * row_elems + (int64_t)j * V) = vv;
+        }
+    }
+}
+
 /* Launches the planned load for one type and style (geometry checked by
- * the caller with kvb_load_plan_geom_ok). */
+ * the caller with kvb_load_plan_geom_ok): the warp-tiled kernel where its
+ * conditions hold, else the item kernel. */
 template <typename T, int STYLE>
 static cudaError_t kvb_load_plan_go(const void *segs, const int32_t *row_seg, const float *tabs,
                                     const int32_t *seg_rot, int32_t layer, void *dst_k, void *dst_v,
                                     int64_t num_rows, int H, int D, int rot, cudaStream_t stream)
 {
     constexpr int V = 16 / sizeof(T);
+    const int cph = D / V;
+    const int64_t cpr = (int64_t)H * cph;
+    if (rot == D && cph >= 2 && 32 % cph == 0 && cpr % 32 == 0 &&
+        num_rows * cpr < (int64_t)INT32_MAX - 1024 * 256) {
+        const unsigned grid = kvb_grid_for(num_rows * cpr, 256, 1 << 20);
+        kvb_load_plan_row_kernel<T, STYLE><<<grid, 256, 0, stream>>>(
+            static_cast<const kvb_load_seg *>(segs), row_seg, tabs, seg_rot, layer,
+            static_cast<T *>(dst_k), static_cast<T *>(dst_v), (int32_t)num_rows, H, D);
+        KVB_CUDA_TRY(cudaGetLastError());
+        return cudaSuccess;
+    }
     const int nrot = STYLE == KVB_ROPE_GPTJ ? rot / V : rot / 2 / V;
     const int64_t per_row = (int64_t)H * (nrot + (D - rot) / V) + (int64_t)H * (D / V);
     const unsigned grid = kvb_grid_for(num_rows * per_row, 256, 1 << 20);
