@@ -302,9 +302,10 @@ kvb_status kvb_cuda_alloc_async(int32_t device, size_t bytes, void *stream,
     return KVB_OK;
 }
 
-/* Copies a host table to the device in stream order.  See cuda_tier.h. */
-kvb_status kvb_cuda_copy_async(int32_t device, void *dst, const void *host,
-                               size_t bytes, void *stream)
+/* Copies `bytes` from host memory to device memory on `stream` on
+ * `device`; `what` names the copy in the error. */
+static kvb_status copy_h2d(int32_t device, void *dst, const void *src,
+                           size_t bytes, void *stream, const char *what)
 {
     if (bytes == 0) {
         return KVB_OK;
@@ -314,12 +315,18 @@ kvb_status kvb_cuda_copy_async(int32_t device, void *dst, const void *host,
     if (err != cudaSuccess) {
         return tier_fail("cudaSetDevice", err);
     }
-    err = cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice,
+    err = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice,
                           (cudaStream_t)stream);
     device_leave(device, prev);
-    return err == cudaSuccess ? KVB_OK
-                              : tier_fail("cudaMemcpyAsync (request tables)",
-                                          err);
+    return err == cudaSuccess ? KVB_OK : tier_fail(what, err);
+}
+
+/* Copies a host table to the device in stream order.  See cuda_tier.h. */
+kvb_status kvb_cuda_copy_async(int32_t device, void *dst, const void *host,
+                               size_t bytes, void *stream)
+{
+    return copy_h2d(device, dst, host, bytes, stream,
+                    "cudaMemcpyAsync (request tables)");
 }
 
 /* Copies a segment's K and V rows host-to-device in the order of
@@ -329,24 +336,11 @@ kvb_status kvb_cuda_copy_rows_async(int32_t device, void *dst_k,
                                     const void *src_v, size_t bytes,
                                     void *stream)
 {
-    if (bytes == 0) {
-        return KVB_OK;
-    }
-    int prev = 0;
-    cudaError_t err = device_enter(device, &prev);
-    if (err != cudaSuccess) {
-        return tier_fail("cudaSetDevice", err);
-    }
-    err = cudaMemcpyAsync(dst_k, src_k, bytes, cudaMemcpyHostToDevice,
-                          (cudaStream_t)stream);
-    if (err == cudaSuccess) {
-        err = cudaMemcpyAsync(dst_v, src_v, bytes, cudaMemcpyHostToDevice,
-                              (cudaStream_t)stream);
-    }
-    device_leave(device, prev);
-    return err == cudaSuccess ? KVB_OK
-                              : tier_fail("cudaMemcpyAsync (host-tier rows)",
-                                          err);
+    kvb_status st = copy_h2d(device, dst_k, src_k, bytes, stream,
+                             "cudaMemcpyAsync (host-tier K rows)");
+    return st != KVB_OK ? st
+                        : copy_h2d(device, dst_v, src_v, bytes, stream,
+                                   "cudaMemcpyAsync (host-tier V rows)");
 }
 
 /* Releases an uploaded block in stream order. */

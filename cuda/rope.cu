@@ -62,6 +62,44 @@ static __device__ __forceinline__ void kvb_cp(const T *s, T *d)
 }
 
 /*
+ * Rotates rotary chunk c of one head, from s to d (they may alias: every
+ * element is read before it is written, by the same thread).  GPT-J: the C
+ * elements at c*C, whole pairs (2i, 2i+1) with table index i.  NeoX: the C
+ * elements at c*C and their partners `half` further on, table index c*C+j.
+ * cs/sn: cos and sin by pair index.
+ */
+template <typename T, int STYLE, int C, bool VL>
+static __device__ __forceinline__ void kvb_rotate_chunk(const T *s, T *d, int c, int half,
+                                                        const float *cs, const float *sn)
+{
+    if (STYLE == KVB_ROPE_GPTJ) {
+        float x[C];
+        kvb_ld<T, C, VL>(s + c * C, x);
+#pragma unroll
+        for (int j = 0; j < C; j += 2) {
+            const int p = (c * C + j) / 2;
+            const float a = x[j], b = x[j + 1];
+            x[j] = a * cs[p] - b * sn[p];
+            x[j + 1] = a * sn[p] + b * cs[p];
+        }
+        kvb_st<T, C, VL>(d + c * C, x);
+    } else {
+        float x[C], y[C];
+        kvb_ld<T, C, VL>(s + c * C, x);
+        kvb_ld<T, C, VL>(s + c * C + half, y);
+#pragma unroll
+        for (int j = 0; j < C; j++) {
+            const int p = c * C + j;
+            const float a = x[j], b = y[j];
+            x[j] = a * cs[p] - b * sn[p];
+            y[j] = a * sn[p] + b * cs[p];
+        }
+        kvb_st<T, C, VL>(d + c * C, x);
+        kvb_st<T, C, VL>(d + c * C + half, y);
+    }
+}
+
+/*
  * Rotates (or, with rot == 0, copies) one token row: src and dst are
  * [H, D] (they may alias: every item reads and writes only its own
  * elements).  VL selects 16-byte vectors of V = 16 / sizeof(T) elements;
@@ -86,30 +124,8 @@ static __device__ void kvb_rotate_row(const T *src, T *dst, int H, int D,
         if (c >= nrot) {
             const int off = rot + (c - nrot) * V;
             kvb_cp<T, V, VL>(s + off, d + off);
-        } else if (STYLE == KVB_ROPE_GPTJ) {
-            float x[CR];
-            kvb_ld<T, CR, VL>(s + c * CR, x);
-#pragma unroll
-            for (int j = 0; j < CR; j += 2) {
-                const int p = (c * CR + j) / 2;
-                const float a = x[j], b = x[j + 1];
-                x[j] = a * cs[p] - b * sn[p];
-                x[j + 1] = a * sn[p] + b * cs[p];
-            }
-            kvb_st<T, CR, VL>(d + c * CR, x);
         } else {
-            float x[V], y[V];
-            kvb_ld<T, V, VL>(s + c * V, x);
-            kvb_ld<T, V, VL>(s + c * V + half, y);
-#pragma unroll
-            for (int j = 0; j < V; j++) {
-                const int p = c * V + j;
-                const float a = x[j], b = y[j];
-                x[j] = a * cs[p] - b * sn[p];
-                y[j] = a * sn[p] + b * cs[p];
-            }
-            kvb_st<T, V, VL>(d + c * V, x);
-            kvb_st<T, V, VL>(d + c * V + half, y);
+            kvb_rotate_chunk<T, STYLE, (STYLE == KVB_ROPE_GPTJ ? CR : V), VL>(s, d, c, half, cs, sn);
         }
     }
 }
@@ -614,32 +630,7 @@ static __global__ void __launch_bounds__(256)
             continue;
         }
         const float *cs = tabs + (int64_t)si * 2 * half;
-        const float *sn = cs + half;
-        if (STYLE == KVB_ROPE_GPTJ) {
-            float x[V];
-            kvb_ld<T, V, true>(sh + cc * V, x);
-#pragma unroll
-            for (int j = 0; j < V; j += 2) {
-                const int p = (cc * V + j) / 2;
-                const float a = x[j], b = x[j + 1];
-                x[j] = a * cs[p] - b * sn[p];
-                x[j + 1] = a * sn[p] + b * cs[p];
-            }
-            kvb_st<T, V, true>(dh + cc * V, x);
-        } else {
-            float x[V], y[V];
-            kvb_ld<T, V, true>(sh + cc * V, x);
-            kvb_ld<T, V, true>(sh + cc * V + half, y);
-#pragma unroll
-            for (int j = 0; j < V; j++) {
-                const int p = cc * V + j;
-                const float a = x[j], b = y[j];
-                x[j] = a * cs[p] - b * sn[p];
-                y[j] = a * sn[p] + b * cs[p];
-            }
-            kvb_st<T, V, true>(dh + cc * V, x);
-            kvb_st<T, V, true>(dh + cc * V + half, y);
-        }
+        kvb_rotate_chunk<T, STYLE, V, true>(sh, dh, cc, half, cs, cs + half);
     }
 }
 

@@ -393,31 +393,45 @@ class LayerGraphs:
             static_in = self.inputs[ikey] = tuple(
                 torch.zeros((bucket,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
                 for x in inputs)
-        cur = torch.cuda.current_stream()
-        side = torch.cuda.Stream(device=cur.device)
-        side.wait_stream(cur)
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.stream(side):
-                fn(layer, *static_in)
-                side.synchronize()
-                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
-                try:
-                    out = fn(layer, *static_in)
-                finally:
-                    graph.capture_end()
+            graph, out = capture_cuda_graph(lambda: fn(layer, *static_in), pool=self.pool,
+                                            warm_up=True)
         except Exception as e:  # noqa: BLE001 - that piece runs eagerly
-            cur.wait_stream(side)
             self.failures += 1
             if self.failures == 1:
                 logging.getLogger("kvblend").warning(
                     "kvblend: CUDA graph capture of %s (layer %d, %d rows) failed (%s: %s); "
                     "it runs eagerly", piece, layer, bucket, type(e).__name__, e)
             return None
-        cur.wait_stream(side)
         out = out if isinstance(out, tuple) else (out,)
         self.captures += 1
         return graph, static_in, out
+
+
+def capture_cuda_graph(fn, pool=None, warm_up: bool = False):
+    """Capture ``fn()`` into a CUDA graph on a side stream (ordered after
+    the current stream's work; nothing runs during the capture itself) and
+    return (graph, fn's output); replay it on any stream.  ``warm_up`` runs
+    ``fn`` once eagerly on that stream first (lazy initialisations, which a
+    capture cannot do) and waits for it.  ``pool``: a graph memory pool
+    handle to share.  Errors propagate; the caller falls back to eager."""
+    cur = torch.cuda.current_stream()
+    side = torch.cuda.Stream(device=cur.device)
+    side.wait_stream(cur)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(side):
+            if warm_up:
+                fn()
+                side.synchronize()
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            try:
+                out = fn()
+            finally:
+                graph.capture_end()
+    finally:
+        cur.wait_stream(side)
+    return graph, out
 
 
 def get_adapter(model) -> ModelAdapter:

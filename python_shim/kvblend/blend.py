@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .adapters import capture_cuda_graph
 
 
 # Subset attention on CUDA: "flex" (torch FlexAttention, compiled once, with
@@ -461,26 +462,16 @@ class _FlexGraphs:
             if self.q is None or self.q.shape != q.shape or self.q.dtype != q.dtype:
                 self.q = torch.empty_like(q)
             self.q.copy_(q)
-            cur = torch.cuda.current_stream()
-            side = torch.cuda.Stream(device=q.device)
-            side.wait_stream(cur)
-            graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.stream(side):
-                    graph.capture_begin(capture_error_mode="thread_local")
-                    try:
-                        out = _flex_attention_raw(self.q, k, v, self.mask, self.scale)
-                    finally:
-                        graph.capture_end()
+                graph, out = capture_cuda_graph(
+                    lambda: _flex_attention_raw(self.q, k, v, self.mask, self.scale))
             except Exception as e:  # noqa: BLE001 - eager from now on
-                cur.wait_stream(side)
                 self.failed = True
                 if not _FLEX.get("graph_warned"):
                     _FLEX["graph_warned"] = True
                     logger.warning("kvblend: FlexAttention CUDA graph capture failed (%s: %s); "
                                    "subset attention runs eagerly", type(e).__name__, e)
                 return _flex_attention(q, k, v, self.mask, self.scale)
-            cur.wait_stream(side)
             entry = self.graphs[key] = (graph, out)
         else:
             self.q.copy_(q)
