@@ -62,19 +62,17 @@ static __device__ __forceinline__ void kvb_cp(const T *s, T *d)
 }
 
 /*
- * Rotates rotary chunk c of one head, from s to d (they may alias: every
- * element is read before it is written, by the same thread).  GPT-J: the C
- * elements at c*C, whole pairs (2i, 2i+1) with table index i.  NeoX: the C
- * elements at c*C and their partners `half` further on, table index c*C+j.
- * cs/sn: cos and sin by pair index.
+ * Rotates the values of rotary chunk c in registers.  GPT-J: x holds C
+ * elements, whole pairs (2i, 2i+1) with table index c*C/2 + i (y unused).
+ * NeoX: x holds elements c*C.. of the first half, y their partners
+ * rotary_dim/2 further on, table index c*C + j.  cs/sn: cos and sin by
+ * pair index.
  */
-template <typename T, int STYLE, int C, bool VL>
-static __device__ __forceinline__ void kvb_rotate_chunk(const T *s, T *d, int c, int half,
-                                                        const float *cs, const float *sn)
+template <int STYLE, int C>
+static __device__ __forceinline__ void kvb_rotate_regs(float (&x)[C], float (&y)[C], int c,
+                                                       const float *cs, const float *sn)
 {
     if (STYLE == KVB_ROPE_GPTJ) {
-        float x[C];
-        kvb_ld<T, C, VL>(s + c * C, x);
 #pragma unroll
         for (int j = 0; j < C; j += 2) {
             const int p = (c * C + j) / 2;
@@ -82,11 +80,7 @@ static __device__ __forceinline__ void kvb_rotate_chunk(const T *s, T *d, int c,
             x[j] = a * cs[p] - b * sn[p];
             x[j + 1] = a * sn[p] + b * cs[p];
         }
-        kvb_st<T, C, VL>(d + c * C, x);
     } else {
-        float x[C], y[C];
-        kvb_ld<T, C, VL>(s + c * C, x);
-        kvb_ld<T, C, VL>(s + c * C + half, y);
 #pragma unroll
         for (int j = 0; j < C; j++) {
             const int p = c * C + j;
@@ -94,7 +88,27 @@ static __device__ __forceinline__ void kvb_rotate_chunk(const T *s, T *d, int c,
             x[j] = a * cs[p] - b * sn[p];
             y[j] = a * sn[p] + b * cs[p];
         }
-        kvb_st<T, C, VL>(d + c * C, x);
+    }
+}
+
+/*
+ * Rotates rotary chunk c of one head, from s to d (they may alias: every
+ * element is read before it is written, by the same thread): the C
+ * elements at c*C and, for NeoX, their partners `half` further on (see
+ * kvb_rotate_regs).
+ */
+template <typename T, int STYLE, int C, bool VL>
+static __device__ __forceinline__ void kvb_rotate_chunk(const T *s, T *d, int c, int half,
+                                                        const float *cs, const float *sn)
+{
+    float x[C], y[C];
+    kvb_ld<T, C, VL>(s + c * C, x);
+    if (STYLE != KVB_ROPE_GPTJ) {
+        kvb_ld<T, C, VL>(s + c * C + half, y);
+    }
+    kvb_rotate_regs<STYLE, C>(x, y, c, cs, sn);
+    kvb_st<T, C, VL>(d + c * C, x);
+    if (STYLE != KVB_ROPE_GPTJ) {
         kvb_st<T, C, VL>(d + c * C + half, y);
     }
 }
@@ -325,16 +339,10 @@ static __device__ void kvb_rotate_tile(const T *const *sk, T *dk0, int r0, int r
             if (c >= nrot) {
                 kvb_st_raw<T, V, VL>(d[u] + rot + (c - nrot) * V, ya[u]);
             } else if (STYLE == KVB_ROPE_GPTJ) {
-                float x[CR];
+                float x[CR], unused[CR];
 #pragma unroll
                 for (int j = 0; j < CR; j++) x[j] = kvb_to_f32(xa[u].e[j]);
-#pragma unroll
-                for (int j = 0; j < CR; j += 2) {
-                    const int p = (c * CR + j) / 2;
-                    const float a = x[j], b = x[j + 1];
-                    x[j] = a * cs[p] - b * sn[p];
-                    x[j + 1] = a * sn[p] + b * cs[p];
-                }
+                kvb_rotate_regs<STYLE, CR>(x, unused, c, cs, sn);
                 kvb_st<T, CR, VL>(d[u] + c * CR, x);
             } else {
                 float x[V], y[V];
@@ -343,13 +351,7 @@ static __device__ void kvb_rotate_tile(const T *const *sk, T *dk0, int r0, int r
                     x[j] = kvb_to_f32(xa[u].e[j]);
                     y[j] = kvb_to_f32(ya[u].e[j]);
                 }
-#pragma unroll
-                for (int j = 0; j < V; j++) {
-                    const int p = c * V + j;
-                    const float a = x[j], b = y[j];
-                    x[j] = a * cs[p] - b * sn[p];
-                    y[j] = a * sn[p] + b * cs[p];
-                }
+                kvb_rotate_regs<STYLE, V>(x, y, c, cs, sn);
                 kvb_st<T, V, VL>(d[u] + c * V, x);
                 kvb_st<T, V, VL>(d[u] + c * V + half, y);
             }
