@@ -5,10 +5,11 @@ bandwidth against the device copy rate, and subset attention (15% of the
 queries) against SDPA's full causal attention at the same N.
 
     python3 benchmarks/bench_gpu.py [--sizes 4096,8192,16384] [--reps 3]
-                                    [--out DIR]
+                                    [--out DIR] [--results FILE] [--profile]
 
-Prints a table and writes results.md (a snippet for benchmarks/RESULTS.md)
-and results.json to --out (default: the current folder).
+Prints a table, appends it with card, date and command to --results
+(default benchmarks/RESULTS.md), and writes results.md and results.json to
+--out (default: the current folder).
 """
 
 from __future__ import annotations
@@ -275,6 +276,9 @@ def main():
     ap.add_argument("--sizes", default="4096,8192,16384")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=".")
+    ap.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                      "RESULTS.md"),
+                    help="append the table to this file (default benchmarks/RESULTS.md; '' = don't)")
     ap.add_argument("--subset-attention", default="flex", choices=("flex", "sdpa", "kvblend"),
                     help="subset attention of the blend on CUDA")
     ap.add_argument("--no-pipeline", action="store_true",
@@ -390,6 +394,9 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md)
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write("\n" + md)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"card": card, "date": date, "command": cmd, "copy_GBps": copy_bw / 1e9,
                    "sizes": details}, f, indent=1, default=str)
