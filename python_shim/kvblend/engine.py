@@ -79,7 +79,7 @@ def kv_write(kv_cache: torch.Tensor, layout: str, slots: torch.Tensor,
     ``index``: ``slot_index(kv_cache, slots)`` computed once for many layers."""
     blk, off = index if index is not None else slot_index(kv_cache, layout, slots)
     for idx, x in ((0, k), (1, v)):
-        plane = kv_cache[:, idx] if layout == "flashinfer" else kv_cache[idx]
+        plane = _plane(kv_cache, layout, idx)
         if layout == "cpu":
             plane[blk, :, off] = x
         else:
@@ -96,9 +96,10 @@ def slot_index(kv_cache: torch.Tensor, layout: str, slots: torch.Tensor):
 def kv_read(kv_cache: torch.Tensor, layout: str, slots: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather (k, v), each [T, H, D], from the paged ``kv_cache`` at ``slots`` [T]."""
+    blk, off = slot_index(kv_cache, layout, slots)
     out = []
     for idx in (0, 1):
-        plane, blk, off = _plane(kv_cache, layout, idx, slots)
+        plane = _plane(kv_cache, layout, idx)
         out.append(plane[blk, :, off] if layout == "cpu" else plane[blk, off])
     return out[0], out[1]
 
@@ -118,7 +119,7 @@ def kv_read_blocks(kv_cache: torch.Tensor, layout: str, block_table: torch.Tenso
     nb = -(-num_tokens // block_size)
     out = []
     for idx in (0, 1):
-        plane = kv_cache[:, idx] if layout == "flashinfer" else kv_cache[idx]
+        plane = _plane(kv_cache, layout, idx)
         if isinstance(block_table, range):
             blocks = plane[block_table.start:block_table.start + nb]
         else:
@@ -129,12 +130,9 @@ def kv_read_blocks(kv_cache: torch.Tensor, layout: str, block_table: torch.Tenso
     return out[0], out[1]
 
 
-def _plane(kv_cache: torch.Tensor, layout: str, idx: int, slots: torch.Tensor):
-    """Return (K or V view with blocks first, block index, offset) for ``slots``."""
-    block_size = kv_cache.shape[3] if layout == "cpu" else kv_cache.shape[2]
-    plane = kv_cache[:, idx] if layout == "flashinfer" else kv_cache[idx]
-    slots = slots.to(kv_cache.device)
-    return plane, torch.div(slots, block_size, rounding_mode="floor"), slots % block_size
+def _plane(kv_cache: torch.Tensor, layout: str, idx: int) -> torch.Tensor:
+    """The K (idx 0) or V (idx 1) view of ``kv_cache``, blocks first."""
+    return kv_cache[:, idx] if layout == "flashinfer" else kv_cache[idx]
 
 
 @dataclass
