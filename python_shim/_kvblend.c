@@ -886,29 +886,44 @@ static PyObject *mod_segment_check(PyObject *m, PyObject *const *args,
 /* Ops: device -1 runs kvb_cpu_*, device >= 0 runs kvb_cuda_* on `stream`    */
 /* ------------------------------------------------------------------------ */
 
+/* The body of gather (to_dense) and scatter: parses (device, layout,
+ * slots_ptr, n, k_ptr, v_ptr, stream=0) with the argument names of `name`
+ * and runs the CPU or CUDA op with the GIL released. */
+static PyObject *paged_copy(PyObject *m, PyObject *const *args,
+                            Py_ssize_t nargs, const char *name,
+                            const char *const *names, int to_dense)
+{
+    int32_t device;
+    kvb_paged_layout lay;
+    void *slots, *k, *v, *stream = NULL;
+    int64_t n;
+    if (parse_fast(name, args, nargs, "iLplpp|p", names, &device, &lay,
+                   &slots, &n, &k, &v, &stream) < 0) {
+        return NULL;
+    }
+    kvb_status s;
+    Py_BEGIN_ALLOW_THREADS
+    if (to_dense) {
+        s = device < 0 ? kvb_cpu_gather(&lay, slots, n, k, v)
+                       : kvb_cuda_gather(&lay, slots, n, k, v, stream);
+    } else {
+        s = device < 0 ? kvb_cpu_scatter(&lay, slots, n, k, v)
+                       : kvb_cuda_scatter(&lay, slots, n, k, v, stream);
+    }
+    Py_END_ALLOW_THREADS
+    if (s != KVB_OK) {
+        return set_error_from_status(get_state(m), s);
+    }
+    Py_RETURN_NONE;
+}
+
 /* gather(device, layout, slots_ptr, n, k_out_ptr, v_out_ptr, stream=0) */
 static PyObject *mod_gather(PyObject *m, PyObject *const *args,
                             Py_ssize_t nargs)
 {
     static const char *const names[] = {"device", "layout", "slots_ptr", "n",
                                         "k_out_ptr", "v_out_ptr", "stream"};
-    int32_t device;
-    kvb_paged_layout lay;
-    void *slots, *k, *v, *stream = NULL;
-    int64_t n;
-    if (parse_fast("gather", args, nargs, "iLplpp|p", names, &device, &lay,
-                   &slots, &n, &k, &v, &stream) < 0) {
-        return NULL;
-    }
-    kvb_status s;
-    Py_BEGIN_ALLOW_THREADS
-    s = device < 0 ? kvb_cpu_gather(&lay, slots, n, k, v)
-                   : kvb_cuda_gather(&lay, slots, n, k, v, stream);
-    Py_END_ALLOW_THREADS
-    if (s != KVB_OK) {
-        return set_error_from_status(get_state(m), s);
-    }
-    Py_RETURN_NONE;
+    return paged_copy(m, args, nargs, "gather", names, 1);
 }
 
 /* scatter(device, layout, slots_ptr, n, k_in_ptr, v_in_ptr, stream=0);
@@ -918,23 +933,7 @@ static PyObject *mod_scatter(PyObject *m, PyObject *const *args,
 {
     static const char *const names[] = {"device", "layout", "slots_ptr", "n",
                                         "k_in_ptr", "v_in_ptr", "stream"};
-    int32_t device;
-    kvb_paged_layout lay;
-    void *slots, *k, *v, *stream = NULL;
-    int64_t n;
-    if (parse_fast("scatter", args, nargs, "iLplpp|p", names, &device, &lay,
-                   &slots, &n, &k, &v, &stream) < 0) {
-        return NULL;
-    }
-    kvb_status s;
-    Py_BEGIN_ALLOW_THREADS
-    s = device < 0 ? kvb_cpu_scatter(&lay, slots, n, k, v)
-                   : kvb_cuda_scatter(&lay, slots, n, k, v, stream);
-    Py_END_ALLOW_THREADS
-    if (s != KVB_OK) {
-        return set_error_from_status(get_state(m), s);
-    }
-    Py_RETURN_NONE;
+    return paged_copy(m, args, nargs, "scatter", names, 0);
 }
 
 /* rerotate(device, k_ptr, n, num_heads, head_size, dtype, rotary_dim,
