@@ -726,11 +726,12 @@ kvb_status kvb_store_reserve(kvb_store *store, const int32_t *tokens,
     return KVB_OK;
 }
 
-/* Makes a PENDING entry READY (visible, most recently used) and drops the
- * reservation's pin.  KVB_ERR_INVALID for an entry that is not PENDING. */
-kvb_status kvb_store_commit(kvb_store *store, kvb_entry *entry)
+/* Checks `entry` for `fn` and takes the lock when the entry is PENDING;
+ * otherwise returns KVB_ERR_INVALID (message naming `fn`) without it. */
+static kvb_status store_lock_pending(kvb_store *store, kvb_entry *entry,
+                                     const char *fn)
 {
-    kvb_status st = store_check_entry(store, entry, "kvb_store_commit");
+    kvb_status st = store_check_entry(store, entry, fn);
     if (st != KVB_OK) {
         return st;
     }
@@ -738,10 +739,21 @@ kvb_status kvb_store_commit(kvb_store *store, kvb_entry *entry)
     if (entry->state != ENTRY_PENDING) {
         pthread_mutex_unlock(&store->mu);
         return kvb_fail(KVB_ERR_INVALID,
-                        "kvb_store_commit: entry %p is not pending (expected "
+                        "%s: entry %p is not pending (expected "
                         "an entry returned by kvb_store_reserve and not yet "
                         "committed or aborted)",
-                        (void *)entry);
+                        fn, (void *)entry);
+    }
+    return KVB_OK;
+}
+
+/* Makes a PENDING entry READY (visible, most recently used) and drops the
+ * reservation's pin.  KVB_ERR_INVALID for an entry that is not PENDING. */
+kvb_status kvb_store_commit(kvb_store *store, kvb_entry *entry)
+{
+    kvb_status st = store_lock_pending(store, entry, "kvb_store_commit");
+    if (st != KVB_OK) {
+        return st;
     }
     entry->state = ENTRY_READY;
     store_lru_push(store, entry);
@@ -755,18 +767,9 @@ kvb_status kvb_store_commit(kvb_store *store, kvb_entry *entry)
  * KVB_ERR_INVALID for an entry that is not PENDING. */
 kvb_status kvb_store_abort(kvb_store *store, kvb_entry *entry)
 {
-    kvb_status st = store_check_entry(store, entry, "kvb_store_abort");
+    kvb_status st = store_lock_pending(store, entry, "kvb_store_abort");
     if (st != KVB_OK) {
         return st;
-    }
-    pthread_mutex_lock(&store->mu);
-    if (entry->state != ENTRY_PENDING) {
-        pthread_mutex_unlock(&store->mu);
-        return kvb_fail(KVB_ERR_INVALID,
-                        "kvb_store_abort: entry %p is not pending (expected "
-                        "an entry returned by kvb_store_reserve and not yet "
-                        "committed or aborted)",
-                        (void *)entry);
     }
     store_destroy(store, entry);
     pthread_mutex_unlock(&store->mu);
