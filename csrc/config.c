@@ -573,10 +573,28 @@ static int json_literal(json_parser *p, const char *word)
 
 static int json_value(json_parser *p, int depth, json_kind *kind, int *bval);
 
+/* After a member of an array or object: skips whitespace, then consumes a
+ * ',' (returns 1: another member follows) or `close` (returns 0: the array
+ * or object ends); anything else is an error naming what was found (-1). */
+static int json_after_member(json_parser *p, char close)
+{
+    char here[16];
+    json_skip_ws(p);
+    if (p->pos < p->n && p->s[p->pos] == ',') {
+        p->pos++;
+        return 1;
+    }
+    if (p->pos < p->n && p->s[p->pos] == close) {
+        p->pos++;
+        return 0;
+    }
+    return json_error(p, "expected ',' or '%c', found %s", close,
+                      json_here(p, here, sizeof here));
+}
+
 /* Parses an array at the cursor (which must be '[').  Returns 0 or -1. */
 static int json_array(json_parser *p, int depth)
 {
-    char here[16];
     p->pos++;
     json_skip_ws(p);
     if (p->pos < p->n && p->s[p->pos] == ']') {
@@ -589,17 +607,10 @@ static int json_array(json_parser *p, int depth)
         if (json_value(p, depth, &k, &b) != 0) {
             return -1;
         }
-        json_skip_ws(p);
-        if (p->pos < p->n && p->s[p->pos] == ',') {
-            p->pos++;
-            continue;
+        int more = json_after_member(p, ']');
+        if (more <= 0) {
+            return more;
         }
-        if (p->pos < p->n && p->s[p->pos] == ']') {
-            p->pos++;
-            return 0;
-        }
-        return json_error(p, "expected ',' or ']', found %s",
-                          json_here(p, here, sizeof here));
     }
 }
 
@@ -649,17 +660,10 @@ static int json_object(json_parser *p, int depth, json_extra *extra)
             extra->sparse_kind = k;
             extra->sparse = b;
         }
-        json_skip_ws(p);
-        if (p->pos < p->n && p->s[p->pos] == ',') {
-            p->pos++;
-            continue;
+        int more = json_after_member(p, '}');
+        if (more <= 0) {
+            return more;
         }
-        if (p->pos < p->n && p->s[p->pos] == '}') {
-            p->pos++;
-            return 0;
-        }
-        return json_error(p, "expected ',' or '}', found %s",
-                          json_here(p, here, sizeof here));
     }
 }
 
