@@ -57,26 +57,9 @@ static kvb_status copy_check(const char *fn, const kvb_paged_layout *layout,
                              const void *k, const void *v,
                              kvb_cuda_paged *geom)
 {
-    if (layout == NULL) {
-        return kvb_fail(KVB_ERR_INVALID, "%s: layout is NULL", fn);
-    }
-    kvb_status st = kvb_layout_validate(layout);
+    kvb_status st = kvb_check_copy_args(fn, layout, slots, n, 1);
     if (st != KVB_OK) {
         return st;
-    }
-    if (layout->device < 0) {
-        return kvb_fail(KVB_ERR_INVALID,
-                        "%s: layout.device=%d: the CUDA op needs device "
-                        "memory (a CUDA device ordinal >= 0)",
-                        fn, (int)layout->device);
-    }
-    if (n < 0) {
-        return kvb_fail(KVB_ERR_INVALID, "%s: n=%lld: expected n >= 0", fn,
-                        (long long)n);
-    }
-    if (n > 0 && slots == NULL) {
-        return kvb_fail(KVB_ERR_INVALID, "%s: slots is NULL with n=%lld", fn,
-                        (long long)n);
     }
     if (n > 0 && k == NULL && v == NULL) {
         return kvb_fail(KVB_ERR_INVALID,
@@ -187,17 +170,12 @@ kvb_status kvb_cuda_rerotate(void *k, int64_t n, int32_t num_heads,
                              const int64_t *new_pos, void *stream)
 {
     const char *fn = "kvb_cuda_rerotate";
-    if (n < 0) {
-        return kvb_fail(KVB_ERR_INVALID, "%s: n=%lld: expected n >= 0", fn,
-                        (long long)n);
-    }
-    if (num_heads <= 0 || head_size <= 0) {
-        return kvb_fail(KVB_ERR_INVALID,
-                        "%s: num_heads=%d head_size=%d: expected both > 0",
-                        fn, (int)num_heads, (int)head_size);
+    kvb_status st = kvb_check_rows(fn, n, num_heads, head_size);
+    if (st != KVB_OK) {
+        return st;
     }
     kvb_cuda_rope r;
-    kvb_status st = rope_check(fn, rope, head_size, &r);
+    st = rope_check(fn, rope, head_size, &r);
     if (st != KVB_OK) {
         return st;
     }
@@ -220,14 +198,9 @@ kvb_status kvb_cuda_deviation(const void *a, const void *b, int64_t n,
                               kvb_dtype dtype, float *out, void *stream)
 {
     const char *fn = "kvb_cuda_deviation";
-    if (n < 0) {
-        return kvb_fail(KVB_ERR_INVALID, "%s: n=%lld: expected n >= 0", fn,
-                        (long long)n);
-    }
-    if (num_heads <= 0 || head_size <= 0) {
-        return kvb_fail(KVB_ERR_INVALID,
-                        "%s: num_heads=%d head_size=%d: expected both > 0",
-                        fn, (int)num_heads, (int)head_size);
+    kvb_status st = kvb_check_rows(fn, n, num_heads, head_size);
+    if (st != KVB_OK) {
+        return st;
     }
     if (n > 0 && (a == NULL || b == NULL || out == NULL)) {
         return kvb_fail(KVB_ERR_INVALID, "%s: %s is NULL with n=%lld", fn,

@@ -160,6 +160,21 @@ static inline void kvb_store_elem(void *p, int64_t i, kvb_dtype dt, float v)
 /* Returns KVB_OK if dt is a known dtype, else fails naming `what`. */
 KVB_HIDDEN kvb_status kvb_check_dtype(kvb_dtype dt, const char *what);
 
+/* Checks the rows and head geometry of op `fn` (the CPU and CUDA ops of
+ * rows [n, num_heads, head_size]): KVB_ERR_INVALID naming the values unless
+ * n >= 0, num_heads > 0 and head_size > 0. */
+KVB_HIDDEN kvb_status kvb_check_rows(const char *fn, int64_t n,
+                                     int32_t num_heads, int32_t head_size);
+
+/* Checks the arguments gather and scatter share, CPU (on_device 0) and
+ * CUDA (1): a valid layout on host memory or on a device, n >= 0, slots
+ * set when n > 0.  The slot values are the caller's to check (the CPU op
+ * scans them; the CUDA kernel skips bad ones). */
+KVB_HIDDEN kvb_status kvb_check_copy_args(const char *fn,
+                                          const kvb_paged_layout *layout,
+                                          const int64_t *slots, int64_t n,
+                                          int on_device);
+
 /* Element strides of one plane (K or V) of a paged layout. */
 typedef struct kvb_plane_strides {
     int64_t block;

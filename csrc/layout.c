@@ -171,6 +171,40 @@ kvb_status kvb_layout_validate(const kvb_paged_layout *layout)
     return KVB_OK;
 }
 
+/* Checks the arguments gather and scatter share; see internal.h. */
+kvb_status kvb_check_copy_args(const char *fn, const kvb_paged_layout *layout,
+                               const int64_t *slots, int64_t n, int on_device)
+{
+    if (layout == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: layout is NULL", fn);
+    }
+    kvb_status st = kvb_layout_validate(layout);
+    if (st != KVB_OK) {
+        return st;
+    }
+    if (!on_device && layout->device >= 0) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "%s: layout.device=%d: the CPU op needs host memory "
+                        "(device -1)",
+                        fn, (int)layout->device);
+    }
+    if (on_device && layout->device < 0) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "%s: layout.device=%d: the CUDA op needs device "
+                        "memory (a CUDA device ordinal >= 0)",
+                        fn, (int)layout->device);
+    }
+    if (n < 0) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: n=%lld: expected n >= 0", fn,
+                        (long long)n);
+    }
+    if (n > 0 && slots == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: slots is NULL with n=%lld", fn,
+                        (long long)n);
+    }
+    return KVB_OK;
+}
+
 /*
  * Checks a slot mapping against a layout: validates the layout, then every
  * slots[i] must be < num_blocks*block_size; negative slots are padding and

@@ -97,28 +97,8 @@ static kvb_status kvb_copy_check(const char *fn,
                                  const kvb_paged_layout *layout,
                                  const int64_t *slots, int64_t n)
 {
-    if (layout == NULL) {
-        return kvb_fail(KVB_ERR_INVALID, "%s: layout is NULL", fn);
-    }
-    kvb_status st = kvb_layout_validate(layout);
-    if (st != KVB_OK) {
-        return st;
-    }
-    if (layout->device >= 0) {
-        return kvb_fail(KVB_ERR_INVALID,
-                        "%s: layout.device=%d: the CPU op needs host memory "
-                        "(device -1)",
-                        fn, (int)layout->device);
-    }
-    if (n < 0) {
-        return kvb_fail(KVB_ERR_INVALID, "%s: n=%lld: expected n >= 0", fn,
-                        (long long)n);
-    }
-    if (n > 0 && slots == NULL) {
-        return kvb_fail(KVB_ERR_INVALID, "%s: slots is NULL with n=%lld", fn,
-                        (long long)n);
-    }
-    return kvb_layout_check_slots(layout, slots, n);
+    kvb_status st = kvb_check_copy_args(fn, layout, slots, n, 0);
+    return st != KVB_OK ? st : kvb_layout_check_slots(layout, slots, n);
 }
 
 /* Validates the arguments of a gather or a scatter and runs it over

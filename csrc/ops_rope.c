@@ -110,16 +110,9 @@ kvb_status kvb_cpu_rerotate(void *k, int64_t n, int32_t num_heads,
     if (rope == NULL) {
         return kvb_fail(KVB_ERR_INVALID, "kvb_cpu_rerotate: rope is NULL");
     }
-    if (n < 0) {
-        return kvb_fail(KVB_ERR_INVALID,
-                        "kvb_cpu_rerotate: n=%lld: expected n >= 0",
-                        (long long)n);
-    }
-    if (num_heads <= 0 || head_size <= 0) {
-        return kvb_fail(KVB_ERR_INVALID,
-                        "kvb_cpu_rerotate: num_heads=%d head_size=%d: "
-                        "expected both > 0",
-                        (int)num_heads, (int)head_size);
+    st = kvb_check_rows("kvb_cpu_rerotate", n, num_heads, head_size);
+    if (st != KVB_OK) {
+        return st;
     }
     if (rope->rotary_dim <= 0 || rope->rotary_dim % 2 != 0 ||
         rope->rotary_dim > head_size) {

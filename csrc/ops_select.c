@@ -55,16 +55,9 @@ kvb_status kvb_cpu_deviation(const void *a, const void *b, int64_t n,
     if (st != KVB_OK) {
         return st;
     }
-    if (n < 0) {
-        return kvb_fail(KVB_ERR_INVALID,
-                        "kvb_cpu_deviation: n=%lld: expected n >= 0",
-                        (long long)n);
-    }
-    if (num_heads <= 0 || head_size <= 0) {
-        return kvb_fail(KVB_ERR_INVALID,
-                        "kvb_cpu_deviation: num_heads=%d head_size=%d: "
-                        "expected both > 0",
-                        (int)num_heads, (int)head_size);
+    st = kvb_check_rows("kvb_cpu_deviation", n, num_heads, head_size);
+    if (st != KVB_OK) {
+        return st;
     }
     if (n > 0 && (a == NULL || b == NULL || out == NULL)) {
         return kvb_fail(KVB_ERR_INVALID,

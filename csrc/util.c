@@ -136,6 +136,22 @@ kvb_status kvb_check_dtype(kvb_dtype dt, const char *what)
     return KVB_OK;
 }
 
+/* Checks n and the head geometry of an op; see internal.h. */
+kvb_status kvb_check_rows(const char *fn, int64_t n, int32_t num_heads,
+                          int32_t head_size)
+{
+    if (n < 0) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: n=%lld: expected n >= 0", fn,
+                        (long long)n);
+    }
+    if (num_heads <= 0 || head_size <= 0) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "%s: num_heads=%d head_size=%d: expected both > 0",
+                        fn, (int)num_heads, (int)head_size);
+    }
+    return KVB_OK;
+}
+
 /* Sets the CPU op thread count; negative values are rejected. */
 kvb_status kvb_cpu_set_threads(int num_threads)
 {
