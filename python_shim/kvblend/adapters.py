@@ -341,7 +341,10 @@ class LayerGraphs:
         self.buckets += list(range(384, max_tokens, 128)) + [max_tokens]
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict = {}
-        self.inputs: dict = {}  # static inputs, shared by the layers of a piece and bucket
+        # static inputs shared by the layers of a piece and bucket, with the
+        # tensor last copied into each (held, so a later tensor can never be
+        # mistaken for it)
+        self.inputs: dict = {}
         self.recent: list[int] = []  # buckets, least recently used first
         self.captures = 0
         self.failures = 0
@@ -375,9 +378,15 @@ class LayerGraphs:
             a = self.adapter
             out = a._qkv(layer, *inputs) if piece == "qkv" else a._out(layer, *inputs)
             return out if isinstance(out, tuple) else (out,)
-        graph, static_in, static_out = entry
-        for buf, x in zip(static_in, inputs):
+        graph, static_in, static_out, last = entry
+        for i, (buf, x) in enumerate(zip(static_in, inputs)):
+            # "qkv"'s cos/sin (inputs 1, 2) come from the adapter's RoPE memo
+            # and are the same tensors for every layer of a step: copy them
+            # once per step, not once per layer
+            if piece == "qkv" and i > 0 and last[i] is x:
+                continue
             buf[:T].copy_(x)
+            last[i] = x
         graph.replay()
         return tuple(o[:T] for o in static_out)
 
@@ -388,11 +397,12 @@ class LayerGraphs:
         a = self.adapter
         fn = a._qkv if piece == "qkv" else a._out
         ikey = (piece, bucket) + tuple((x.dtype, tuple(x.shape[1:])) for x in inputs)
-        static_in = self.inputs.get(ikey)
-        if static_in is None:
-            static_in = self.inputs[ikey] = tuple(
+        shared = self.inputs.get(ikey)
+        if shared is None:
+            shared = self.inputs[ikey] = (tuple(
                 torch.zeros((bucket,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-                for x in inputs)
+                for x in inputs), [None] * len(inputs))
+        static_in, last = shared
         try:
             graph, out = capture_cuda_graph(lambda: fn(layer, *static_in), pool=self.pool,
                                             warm_up=True)
@@ -405,7 +415,7 @@ class LayerGraphs:
             return None
         out = out if isinstance(out, tuple) else (out,)
         self.captures += 1
-        return graph, static_in, out
+        return graph, static_in, out, last
 
 
 def capture_cuda_graph(fn, pool=None, warm_up: bool = False):
