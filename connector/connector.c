@@ -751,12 +751,23 @@ kvb_status kvb_request_load_layer(kvb_request *req, int32_t layer,
 }
 
 /* Puts the request's slot mapping (host slots[0..n)) on the device at its
- * first device save, in the order of `stream` (on which it is released
- * when the request ends).  The host copy stays with the request. */
+ * first device save, and again when it changed since (a prefill over
+ * several steps gains blocks and computed rows), in the order of `stream`
+ * (on which it is released when the request ends or is replaced).  The
+ * host copy stays with the request. */
 static kvb_status request_upload_slots(kvb_request *req, const int64_t *slots,
                                        void *stream)
 {
     size_t bytes = (size_t)req->n * sizeof(int64_t);
+    if (req->d_slots != NULL) {
+        if (memcmp(req->h_slots, slots, bytes) == 0) {
+            return KVB_OK;
+        }
+        kvb_cuda_release(req->conn->device, req->d_slots, req->save_stream);
+        free(req->h_slots);
+        req->d_slots = NULL;
+        req->h_slots = NULL;
+    }
     int64_t *h = malloc(bytes > 0 ? bytes : 1);
     if (h == NULL) {
         return kvb_fail(KVB_ERR_NOMEM, "kvb_request_save_layer: out of memory");
@@ -829,6 +840,7 @@ kvb_status kvb_request_save_layer(kvb_request *req, int32_t layer,
     if (vst != KVB_OK) {
         return vst; /* a bad mapping fails the call before any row is read */
     }
+    int uploaded = 0;
     for (int64_t i = 0; i < req->nseg; i++) {
         kvb_entry *e = req->saves[i];
         if (e == NULL || req->saved_layers[i] != layer) {
@@ -840,15 +852,16 @@ kvb_status kvb_request_save_layer(kvb_request *req, int32_t layer,
             padded |= slots[t] < 0;
         }
         if (padded) {
-            continue; /* rows missing from the cache: never stored */
+            continue; /* rows not in the cache yet: a later step saves it */
         }
         kvb_status st;
         if (dev >= 0) {
-            if (req->d_slots == NULL) {
+            if (!uploaded) {
                 st = request_upload_slots(req, slots, stream);
                 if (st != KVB_OK) {
                     return st;
                 }
+                uploaded = 1;
             }
             st = kvb_cuda_gather(layout, req->d_slots + s->start,
                                  s->end - s->start, kvb_entry_k(e, layer),
@@ -861,6 +874,31 @@ kvb_status kvb_request_save_layer(kvb_request *req, int32_t layer,
             return st;
         }
         req->saved_layers[i]++;
+    }
+    return KVB_OK;
+}
+
+/* Commits the reserved segments saved at every layer; see kvblend.h. */
+kvb_status kvb_request_commit(kvb_request *req, int64_t *n_committed)
+{
+    if (req == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "kvb_request_commit: NULL request");
+    }
+    int64_t count = 0;
+    for (int64_t i = 0; i < req->nseg; i++) {
+        if (req->saves[i] == NULL ||
+            req->saved_layers[i] != req->conn->model.num_layers) {
+            continue;
+        }
+        kvb_status st = kvb_store_commit(req->conn->store, req->saves[i]);
+        req->saves[i] = NULL; /* committed, or (never) not pending: done */
+        if (st != KVB_OK) {
+            return st;
+        }
+        count++;
+    }
+    if (n_committed != NULL) {
+        *n_committed = count;
     }
     return KVB_OK;
 }

@@ -114,6 +114,13 @@ struct kvb_store {
     int promote;      /* promote host-tier hits (when move is set) */
 
     kvb_store_stats stats; /* counters; sizes are filled in on demand */
+
+    /* Event log (kvb_store_watch): events[0..num_events) oldest first. */
+    int watching;
+    int events_lost;
+    kvb_store_event *events;
+    int64_t num_events;
+    int64_t cap_events;
 };
 
 /* Default host-tier allocation: malloc.  ctx is unused. */
@@ -327,6 +334,35 @@ static void store_unpin_locked(kvb_store *store, kvb_entry *e)
 }
 
 /*
+ * Appends an event for `e` to the log when the store is watched, growing
+ * the log geometrically.  When memory runs out the event is dropped and
+ * events_lost set, so the reader knows its mirror is incomplete.  Caller
+ * holds the lock.
+ */
+static void store_record(kvb_store *store, const kvb_entry *e,
+                         kvb_store_event_kind kind)
+{
+    if (!store->watching) {
+        return;
+    }
+    if (store->num_events == store->cap_events) {
+        int64_t cap = store->cap_events > 0 ? 2 * store->cap_events : 64;
+        kvb_store_event *ev =
+            realloc(store->events, (size_t)cap * sizeof *ev);
+        if (ev == NULL) {
+            store->events_lost = 1;
+            return;
+        }
+        store->events = ev;
+        store->cap_events = cap;
+    }
+    kvb_store_event *ev = &store->events[store->num_events++];
+    ev->hash = e->hash;
+    ev->num_tokens = e->num_tokens;
+    ev->kind = (int32_t)kind;
+}
+
+/*
  * Removes `e` from the index (and the LRU list when READY), takes its bytes
  * off its tier and frees its rows and record.  Pinned entries are freed too
  * (only kvb_store_free and abort do that, by contract).  Caller holds the
@@ -337,6 +373,7 @@ static void store_destroy(kvb_store *store, kvb_entry *e)
     store_index_remove(store, e);
     if (e->state == ENTRY_READY) {
         store_lru_unlink(store, e);
+        store_record(store, e, KVB_STORE_EVENT_REMOVED);
     }
     if (e->pins > 0) {
         store->busy_bytes[e->tier] -= e->bytes;
@@ -530,6 +567,7 @@ void kvb_store_free(kvb_store *store)
                 (long long)pinned);
     }
     free(store->buckets);
+    free(store->events);
     pthread_mutex_destroy(&store->mu);
     free(store);
 }
@@ -759,6 +797,7 @@ kvb_status kvb_store_commit(kvb_store *store, kvb_entry *entry)
     store_lru_push(store, entry);
     store_unpin_locked(store, entry);
     store->stats.inserts++;
+    store_record(store, entry, KVB_STORE_EVENT_ADDED);
     pthread_mutex_unlock(&store->mu);
     return KVB_OK;
 }
@@ -840,6 +879,52 @@ kvb_status kvb_store_get_stats(kvb_store *store, kvb_store_stats *stats)
     stats->host_bytes = store->bytes[KVB_TIER_HOST];
     stats->device_bytes = store->bytes[KVB_TIER_DEVICE];
     pthread_mutex_unlock(&store->mu);
+    return KVB_OK;
+}
+
+/* Starts or stops the event log; stopping drops what was not taken. */
+kvb_status kvb_store_watch(kvb_store *store, int enabled)
+{
+    if (store == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "kvb_store_watch: store is NULL");
+    }
+    pthread_mutex_lock(&store->mu);
+    store->watching = enabled != 0;
+    if (!store->watching) {
+        free(store->events);
+        store->events = NULL;
+        store->num_events = store->cap_events = 0;
+        store->events_lost = 0;
+    }
+    pthread_mutex_unlock(&store->mu);
+    return KVB_OK;
+}
+
+/* Moves the oldest min(cap, recorded) events out of the log, in order. */
+kvb_status kvb_store_take_events(kvb_store *store, kvb_store_event *out,
+                                 int64_t cap, int64_t *n, int *lost)
+{
+    if (store == NULL || n == NULL || cap < 0 || (cap > 0 && out == NULL)) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_store_take_events: bad arguments (store=%p, "
+                        "out=%p, cap=%lld, n=%p)",
+                        (void *)store, (void *)out, (long long)cap,
+                        (void *)n);
+    }
+    pthread_mutex_lock(&store->mu);
+    int64_t k = store->num_events < cap ? store->num_events : cap;
+    if (k > 0) {
+        memcpy(out, store->events, (size_t)k * sizeof *out);
+        memmove(store->events, store->events + k,
+                (size_t)(store->num_events - k) * sizeof *out);
+        store->num_events -= k;
+    }
+    if (lost != NULL) {
+        *lost = store->events_lost;
+    }
+    store->events_lost = 0;
+    pthread_mutex_unlock(&store->mu);
+    *n = k;
     return KVB_OK;
 }
 

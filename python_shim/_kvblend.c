@@ -1384,6 +1384,64 @@ static PyObject *connector_store_clear(ConnectorObject *self,
     Py_RETURN_NONE;
 }
 
+/* watch_store(enabled): starts or stops the store's event log. */
+static PyObject *connector_watch_store(ConnectorObject *self, PyObject *arg)
+{
+    int on = PyObject_IsTrue(arg);
+    if (on < 0) {
+        return NULL;
+    }
+    kvb_status s = kvb_store_watch(kvb_connector_store(self->conn), on);
+    if (s != KVB_OK) {
+        return set_error_from_status(state_of((PyObject *)self), s);
+    }
+    Py_RETURN_NONE;
+}
+
+/* take_store_events() -> ([(hash, num_tokens, added), ...], lost): every
+ * event recorded since the last call, oldest first. */
+static PyObject *connector_take_store_events(ConnectorObject *self,
+                                             PyObject *unused)
+{
+    enum { BATCH = 256 };
+    kvb_store_event ev[BATCH];
+    PyObject *list = PyList_New(0);
+    if (list == NULL) {
+        return NULL;
+    }
+    int lost_any = 0;
+    for (;;) {
+        int64_t n = 0;
+        int lost = 0;
+        kvb_status s;
+        Py_BEGIN_ALLOW_THREADS
+        s = kvb_store_take_events(kvb_connector_store(self->conn), ev, BATCH,
+                                  &n, &lost);
+        Py_END_ALLOW_THREADS
+        if (s != KVB_OK) {
+            Py_DECREF(list);
+            return set_error_from_status(state_of((PyObject *)self), s);
+        }
+        lost_any |= lost;
+        for (int64_t i = 0; i < n; i++) {
+            PyObject *t = Py_BuildValue(
+                "(KLO)", (unsigned long long)ev[i].hash,
+                (long long)ev[i].num_tokens,
+                ev[i].kind == KVB_STORE_EVENT_ADDED ? Py_True : Py_False);
+            if (t == NULL || PyList_Append(list, t) < 0) {
+                Py_XDECREF(t);
+                Py_DECREF(list);
+                return NULL;
+            }
+            Py_DECREF(t);
+        }
+        if (n < BATCH) {
+            break;
+        }
+    }
+    return Py_BuildValue("(NO)", list, lost_any ? Py_True : Py_False);
+}
+
 /* Getter of Connector.device. */
 static PyObject *connector_get_device(ConnectorObject *self, void *closure)
 {
@@ -1405,6 +1463,12 @@ static PyMethodDef connector_methods[] = {
      "store_stats()\n--\n\nReturns the store's counters as a dict."},
     {"store_clear", (PyCFunction)connector_store_clear, METH_NOARGS,
      "store_clear()\n--\n\nRemoves every unpinned entry."},
+    {"watch_store", (PyCFunction)connector_watch_store, METH_O,
+     "watch_store(enabled)\n--\n\nStarts or stops the store's event log."},
+    {"take_store_events", (PyCFunction)connector_take_store_events,
+     METH_NOARGS,
+     "take_store_events()\n--\n\n"
+     "Returns ([(hash, num_tokens, added), ...], lost) since the last call."},
     {NULL, NULL, 0, NULL}};
 
 static PyGetSetDef connector_getset[] = {
@@ -1490,6 +1554,25 @@ static PyObject *request_forced(RequestObject *self, PyObject *unused)
         return PyBytes_FromStringAndSize("", 0);
     }
     return PyBytes_FromStringAndSize((const char *)f, (Py_ssize_t)n);
+}
+
+/* commit() -> number of segments made visible now (complete at every
+ * layer); the request goes on. */
+static PyObject *request_commit(RequestObject *self, PyObject *unused)
+{
+    kvb_request *req = request_live(self);
+    if (req == NULL) {
+        return NULL;
+    }
+    int64_t n = 0;
+    kvb_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = kvb_request_commit(req, &n);
+    Py_END_ALLOW_THREADS
+    if (s != KVB_OK) {
+        return set_error_from_status(state_of((PyObject *)self), s);
+    }
+    return PyLong_FromLongLong((long long)n);
 }
 
 /* counts() -> (n_segments, n_hit, n_forced). */
@@ -1621,6 +1704,9 @@ static PyObject *request_exit(RequestObject *self, PyObject *const *args,
 static PyMethodDef request_methods[] = {
     {"forced", (PyCFunction)request_forced, METH_NOARGS,
      "forced()\n--\n\nbytes of length blend_end; 1 = row always recomputed."},
+    {"commit", (PyCFunction)request_commit, METH_NOARGS,
+     "commit()\n--\n\nCommits the segments saved at every layer; "
+     "returns their count."},
     {"counts", (PyCFunction)request_counts, METH_NOARGS,
      "counts()\n--\n\nReturns (n_segments, n_hit, n_forced)."},
     {"load_layer", (PyCFunction)(void (*)(void))request_load_layer,

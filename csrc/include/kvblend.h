@@ -321,6 +321,40 @@ KVB_API kvb_status kvb_store_clear(kvb_store *store);
 KVB_API kvb_status kvb_store_get_stats(kvb_store *store,
                                        kvb_store_stats *stats);
 
+/* What happened to an entry, as reported by kvb_store_take_events. */
+typedef enum kvb_store_event_kind {
+    KVB_STORE_EVENT_ADDED = 1,  /* committed: visible to lookups */
+    KVB_STORE_EVENT_REMOVED = 2 /* evicted or cleared: no longer stored */
+} kvb_store_event_kind;
+
+/* One change of the set of stored segments: the segment's key (the store's
+ * hash of its tokens) and length.  A process that cannot see the store (a
+ * scheduler in another process) mirrors the set from these. */
+typedef struct kvb_store_event {
+    uint64_t hash;
+    int64_t num_tokens;
+    int32_t kind; /* kvb_store_event_kind */
+} kvb_store_event;
+
+/*
+ * Starts (`enabled` non-zero) or stops recording events: from then on every
+ * commit and every removal of a ready entry (eviction, clear) appends one
+ * event, in order, until taken.  Stopping drops the events not yet taken.
+ * Off by default, so a store nobody drains never grows a log.
+ */
+KVB_API kvb_status kvb_store_watch(kvb_store *store, int enabled);
+
+/*
+ * Moves up to `cap` of the oldest recorded events into `out[0..*n)`; the
+ * rest stay for the next call (call again while *n == cap).  `*lost` (may be
+ * NULL) is set to 1 when events were dropped since the last call because
+ * memory ran out: the caller's mirror is then incomplete and must be rebuilt
+ * (forget everything); else 0.
+ */
+KVB_API kvb_status kvb_store_take_events(kvb_store *store,
+                                         kvb_store_event *out, int64_t cap,
+                                         int64_t *n, int *lost);
+
 /* Entry accessors (valid while the entry is pinned). */
 KVB_API int64_t kvb_entry_num_tokens(const kvb_entry *entry);
 KVB_API uint64_t kvb_entry_hash(const kvb_entry *entry);
@@ -664,11 +698,21 @@ KVB_API kvb_status kvb_request_load_layer(kvb_request *req, int32_t layer,
 
 /* Copies layer `layer` of every reserved segment out of the engine's paged
  * cache (slots[n] is the request's slot mapping, host memory) into the
- * store. */
+ * store.  A segment with a negative slot (rows not computed yet: the
+ * request's prefill continues in a later step) is skipped and saved by the
+ * call of the step that completes it; the mapping may grow between steps. */
 KVB_API kvb_status kvb_request_save_layer(kvb_request *req, int32_t layer,
                                           const kvb_paged_layout *layout,
                                           const int64_t *slots, int64_t n,
                                           void *stream);
+
+/*
+ * Commits now the reserved segments saved at every layer (they become
+ * visible to lookups; a prompt prefilled over several steps stores each
+ * segment as soon as its rows are complete) and writes their count to
+ * `*n_committed` (may be NULL).  Segments not complete yet stay reserved.
+ */
+KVB_API kvb_status kvb_request_commit(kvb_request *req, int64_t *n_committed);
 
 /* Ends the request: with `commit` non-zero, reserved segments that were
  * saved at every layer become visible; others are dropped.  Unpins stored

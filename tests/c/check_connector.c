@@ -90,6 +90,9 @@ static void forward_and_save(kvb_request *req, const int32_t *toks, int n,
     kvb_paged_layout lay = layout_of();
     for (int layer = 0; layer < L; layer++) {
         for (int i = 0; i < n; i++) {
+            if (slots[i] < 0) {
+                continue; /* a row this step did not compute */
+            }
             int64_t b = slots[i] / BS, t = slots[i] % BS;
             for (int h = 0; h < H; h++) {
                 for (int d = 0; d < D; d++) {
@@ -325,6 +328,90 @@ START_TEST(test_incomplete_save_is_dropped)
 }
 END_TEST
 
+/* Whether segment i of P1 is stored, by a lookup. */
+static int p1_hit(kvb_connector *c, int i)
+{
+    kvb_span segs[8];
+    uint8_t hit[8];
+    int64_t ns = 0, end = 0;
+    ck_assert_int_eq(kvb_connector_lookup(c, P1, N1, NULL, 0, segs, hit, 8, &ns, &end), KVB_OK);
+    ck_assert_int_eq(ns, 4);
+    return hit[i];
+}
+
+START_TEST(test_prefill_over_steps_stores_each_segment_when_complete)
+{
+    kvb_connector *c = make_conn(1);
+    int64_t slots[N1];
+    kvb_request *req = NULL;
+    int64_t done = -1;
+    ck_assert_int_eq(kvb_request_begin(c, P1, N1, NULL, 0, 0, 1, &req), KVB_OK);
+    /* step 1 computed rows [0, 8): sys [0,2) and A [4,7) are complete, B
+     * [9,11) and q [13,14) have no rows yet (negative slots) */
+    slots_from(slots, N1, 0);
+    for (int i = 8; i < N1; i++) {
+        slots[i] = -1;
+    }
+    forward_and_save(req, P1, N1, slots);
+    ck_assert_int_eq(kvb_request_commit(req, &done), KVB_OK);
+    ck_assert_int_eq(done, 2);
+    ck_assert_int_eq(p1_hit(c, 0), 1);
+    ck_assert_int_eq(p1_hit(c, 1), 1);
+    ck_assert_int_eq(p1_hit(c, 2), 0);
+    ck_assert_int_eq(p1_hit(c, 3), 0);
+    /* step 2 computed the rest (new blocks: the mapping grew) */
+    slots_from(slots, N1, 0);
+    forward_and_save(req, P1, N1, slots);
+    ck_assert_int_eq(kvb_request_commit(req, &done), KVB_OK);
+    ck_assert_int_eq(done, 2);
+    ck_assert_int_eq(kvb_request_commit(req, &done), KVB_OK);
+    ck_assert_int_eq(done, 0); /* nothing committed twice */
+    kvb_request_finish(req, 1);
+    for (int i = 0; i < 4; i++) {
+        ck_assert_int_eq(p1_hit(c, i), 1);
+    }
+    kvb_store_stats st;
+    ck_assert_int_eq(kvb_store_get_stats(kvb_connector_store(c), &st), KVB_OK);
+    ck_assert_int_eq(st.num_entries, 4);
+    ck_assert_int_eq(st.inserts, 4);
+    /* the rows stored in two steps are the rows of the cache */
+    kvb_request *r2 = NULL;
+    ck_assert_int_eq(kvb_request_begin(c, P1, N1, NULL, 0, -1, 0, &r2), KVB_OK);
+    ck_assert_int_eq(kvb_request_blend_end(r2), 13);
+    static float k[N1][H][D], v[N1][H][D];
+    ck_assert_int_eq(kvb_request_load_layer(r2, 1, k, v, NULL), KVB_OK);
+    for (int d = 0; d < D; d++) {
+        ck_assert_float_eq(v[10][1][d], val(1, 1, P1[10], 1, d));
+    }
+    kvb_request_finish(r2, 0);
+    ck_assert_int_eq(kvb_request_commit(NULL, &done), KVB_ERR_INVALID);
+    kvb_connector_free(c);
+}
+END_TEST
+
+START_TEST(test_finish_after_partial_prefill_commits_complete_segments)
+{
+    kvb_connector *c = make_conn(1);
+    int64_t slots[N1];
+    kvb_request *req = NULL;
+    ck_assert_int_eq(kvb_request_begin(c, P1, N1, NULL, 0, 0, 1, &req), KVB_OK);
+    slots_from(slots, N1, 0);
+    for (int i = 5; i < N1; i++) {
+        slots[i] = -1; /* aborted after 5 rows: only sys is complete */
+    }
+    forward_and_save(req, P1, N1, slots);
+    kvb_request_finish(req, 1);
+    ck_assert_int_eq(p1_hit(c, 0), 1);
+    for (int i = 1; i < 4; i++) {
+        ck_assert_int_eq(p1_hit(c, i), 0);
+    }
+    kvb_store_stats st;
+    ck_assert_int_eq(kvb_store_get_stats(kvb_connector_store(c), &st), KVB_OK);
+    ck_assert_int_eq(st.num_entries, 1);
+    kvb_connector_free(c);
+}
+END_TEST
+
 START_TEST(test_bad_arguments_named)
 {
     kvb_connector *c = make_conn(1);
@@ -381,6 +468,8 @@ Suite *connector_suite(void)
     tcase_add_test(tc, test_short_prompt_and_no_separator);
     tcase_add_test(tc, test_duplicate_chunk_hits_twice);
     tcase_add_test(tc, test_incomplete_save_is_dropped);
+    tcase_add_test(tc, test_prefill_over_steps_stores_each_segment_when_complete);
+    tcase_add_test(tc, test_finish_after_partial_prefill_commits_complete_segments);
     tcase_add_test(tc, test_bad_arguments_named);
     suite_add_tcase(s, tc);
     return s;

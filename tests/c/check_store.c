@@ -364,6 +364,92 @@ START_TEST(test_store_lru_evicts_least_recent)
 }
 END_TEST
 
+/* Hash of chunk `key`'s n tokens as the store keys it. */
+static uint64_t chunk_hash(int key, int64_t n)
+{
+    int32_t toks[256];
+    chunk_tokens(key, toks, n);
+    return kvb_hash_tokens(toks, n);
+}
+
+START_TEST(test_store_events_mirror_commits_and_evictions)
+{
+    size_t es = entry_size(4);
+    kvb_store *s = make_store(KVB_DTYPE_F32, 2 * es + es / 2);
+    kvb_store_event ev[8];
+    int64_t n = -1;
+    int lost = -1;
+    ck_assert(put(s, 'Z', 4)); /* before watching: not recorded */
+    ck_assert_int_eq(kvb_store_watch(s, 1), KVB_OK);
+    ck_assert(put(s, 'A', 4)); /* Z and A fit */
+    ck_assert(put(s, 'B', 4)); /* evicts Z (its reservation, then added) */
+    int32_t toks[4];
+    kvb_entry *e = NULL;
+    chunk_tokens('C', toks, 4);
+    ck_assert_int_eq(kvb_store_reserve(s, toks, 4, NULL, &e), KVB_OK);
+    ck_assert_ptr_nonnull(e); /* evicts A to make room */
+    ck_assert_int_eq(kvb_store_abort(s, e), KVB_OK); /* pending: no event */
+    ck_assert_int_eq(kvb_store_take_events(s, ev, 2, &n, &lost), KVB_OK);
+    ck_assert_int_eq(n, 2); /* cap 2: the oldest two, the rest stay */
+    ck_assert_int_eq(lost, 0);
+    ck_assert_int_eq(ev[0].kind, KVB_STORE_EVENT_ADDED);
+    ck_assert_uint_eq(ev[0].hash, chunk_hash('A', 4));
+    ck_assert_int_eq(ev[0].num_tokens, 4);
+    ck_assert_int_eq(ev[1].kind, KVB_STORE_EVENT_REMOVED);
+    ck_assert_uint_eq(ev[1].hash, chunk_hash('Z', 4));
+    ck_assert_int_eq(kvb_store_take_events(s, ev, 8, &n, NULL), KVB_OK);
+    ck_assert_int_eq(n, 2);
+    ck_assert_int_eq(ev[0].kind, KVB_STORE_EVENT_ADDED);
+    ck_assert_uint_eq(ev[0].hash, chunk_hash('B', 4));
+    ck_assert_int_eq(ev[1].kind, KVB_STORE_EVENT_REMOVED);
+    ck_assert_uint_eq(ev[1].hash, chunk_hash('A', 4));
+    ck_assert_int_eq(kvb_store_take_events(s, ev, 8, &n, NULL), KVB_OK);
+    ck_assert_int_eq(n, 0);
+    ck_assert_int_eq(kvb_store_clear(s), KVB_OK); /* B removed */
+    ck_assert_int_eq(kvb_store_take_events(s, ev, 8, &n, NULL), KVB_OK);
+    ck_assert_int_eq(n, 1);
+    ck_assert_int_eq(ev[0].kind, KVB_STORE_EVENT_REMOVED);
+    ck_assert_uint_eq(ev[0].hash, chunk_hash('B', 4));
+    /* stopping drops the log and records nothing more */
+    ck_assert(put(s, 'D', 4));
+    ck_assert_int_eq(kvb_store_watch(s, 0), KVB_OK);
+    ck_assert(put(s, 'E', 4));
+    ck_assert_int_eq(kvb_store_take_events(s, ev, 8, &n, NULL), KVB_OK);
+    ck_assert_int_eq(n, 0);
+    ck_assert_int_eq(kvb_store_take_events(NULL, ev, 8, &n, NULL),
+                     KVB_ERR_INVALID);
+    ck_assert_ptr_nonnull(strstr(kvb_last_error(), "kvb_store_take_events"));
+    ck_assert_int_eq(kvb_store_take_events(s, NULL, 8, &n, NULL),
+                     KVB_ERR_INVALID);
+    kvb_store_free(s);
+}
+END_TEST
+
+START_TEST(test_store_events_many_grow_in_order)
+{
+    kvb_store *s = make_store(KVB_DTYPE_F32, (size_t)1 << 30);
+    ck_assert_int_eq(kvb_store_watch(s, 1), KVB_OK);
+    for (int k = 0; k < 300; k++) {
+        ck_assert(put(s, k, 3));
+    }
+    kvb_store_event ev[100];
+    int seen = 0;
+    for (;;) {
+        int64_t n = 0;
+        ck_assert_int_eq(kvb_store_take_events(s, ev, 100, &n, NULL), KVB_OK);
+        for (int64_t i = 0; i < n; i++, seen++) {
+            ck_assert_int_eq(ev[i].kind, KVB_STORE_EVENT_ADDED);
+            ck_assert_uint_eq(ev[i].hash, chunk_hash(seen, 3));
+        }
+        if (n < 100) {
+            break;
+        }
+    }
+    ck_assert_int_eq(seen, 300);
+    kvb_store_free(s);
+}
+END_TEST
+
 START_TEST(test_store_lru_acquire_refreshes)
 {
     size_t es = entry_size(4);
@@ -1426,6 +1512,8 @@ Suite *store_suite(void)
     tcase_add_test(tc, test_store_collision_never_returns_other_chunk);
     tcase_add_test(tc, test_store_lru_evicts_least_recent);
     tcase_add_test(tc, test_store_lru_acquire_refreshes);
+    tcase_add_test(tc, test_store_events_mirror_commits_and_evictions);
+    tcase_add_test(tc, test_store_events_many_grow_in_order);
     tcase_add_test(tc, test_store_pinned_never_evicted);
     tcase_add_test(tc, test_store_pending_entry_blocks_eviction);
     tcase_add_test(tc, test_store_oversized_entry_rejected);
