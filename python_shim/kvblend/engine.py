@@ -449,6 +449,9 @@ class LLM:
         h = self._forward(rid, tokens, start, ctx) if tokens else None
         if worker is not None:
             worker.wait_for_save()
+            # what the worker stored reaches the scheduler's index, as in vLLM
+            sched.update_connector_output(vc.KVConnectorOutput(
+                kv_connector_worker_meta=worker.build_connector_worker_meta()))
             sending, _recving = worker.get_finished(set(so.finished_req_ids))
             for done in sending or ():
                 if done in self._delayed_free:

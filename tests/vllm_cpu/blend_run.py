@@ -1,23 +1,28 @@
-"""Runs three RAG prompts through stock vLLM (CPU) on SmolLM2 and prints one
-JSON line with each request's greedy tokens, TTFT and blend statistics.
+"""Runs RAG prompts through stock vLLM (CPU) on SmolLM2, with vLLM's defaults
+(multiprocessing, chunked prefill, prefix caching), and prints one JSON line
+with each request's greedy tokens, TTFT, ``num_cached_tokens`` and the
+figures kvblend returns in ``kv_transfer_params``.
 
     python blend_run.py --ratio R     # with KVBlendConnector, recompute ratio R
     python blend_run.py --baseline    # plain vLLM, no connector
+    options: --long (chunks of two passages: ~4K-token prompts),
+             --max-num-batched-tokens N (the chunked-prefill budget),
+             --tp N (tensor_parallel_size), --max-tokens N
 
 Prompts (token ids, ``sys + sep + chunks + sep + question``):
     first      chunks (0, 1, 2), question 1: stores every chunk
     reordered  chunks (2, 0, 1), question 2: every chunk stored, out of order
-    new_mid    chunks (0, NEW, 1), question 3: a new chunk between stored ones
+    new_mid    chunks (0, NEW, 1), question 3: a new chunk between stored ones;
+               its start (sys + chunk 0) is also a prefix-cache hit of `first`
 
-One vLLM engine per process (vLLM keeps the KV-transfer group global), so
-the tests start this script once per configuration.
+One vLLM engine per process, so the tests start this script once per
+configuration.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -33,13 +38,17 @@ NEW_CHUNK = ("The lighthouse on the northern cape was built in 1871 from granite
 CHUNK_CHARS = 700  # characters of each sample passage per chunk (keeps CPU prefill short)
 
 
-def prompts(tokenizer, sep: str) -> dict[str, list[int]]:
+def prompts(tokenizer, sep: str, long: bool = False) -> dict[str, list[int]]:
     """The three prompts as token ids (see the module docstring)."""
     from kvblend.prompt import encode, join
 
     data = json.loads(DATA.read_text())
-    chunks = [encode(tokenizer, data[str(i)][:CHUNK_CHARS]) for i in range(3)]
-    new = encode(tokenizer, NEW_CHUNK)
+    if long:  # ~1K tokens a chunk: two whole passages
+        texts = [data[str(2 * i)] + "\n" + data[str(2 * i + 1)] for i in range(3)]
+    else:
+        texts = [data[str(i)][:CHUNK_CHARS] for i in range(3)]
+    chunks = [encode(tokenizer, t) for t in texts]
+    new = encode(tokenizer, NEW_CHUNK * (8 if long else 1))
     s = encode(tokenizer, SYSTEM)
     sep_ids = encode(tokenizer, sep)
     q = [encode(tokenizer, "\nQuestion: " + x + "\nAnswer:") for x in QUESTIONS]
@@ -67,40 +76,47 @@ def main(argv=None) -> int:
     g.add_argument("--ratio", type=float, help="recompute ratio of the connector")
     g.add_argument("--baseline", action="store_true", help="vLLM without the connector")
     p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--long", action="store_true", help="~4K-token prompts")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--tp", type=int, default=1)
     args = p.parse_args(argv)
 
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("LMCACHE_BLEND_SPECIAL_STR", " # # ")
     os.environ["LMCACHE_ENABLE_BLENDING"] = "False" if args.baseline else "True"
-    log = logging.getLogger("kvblend")  # the connector names the layout it found at INFO
-    log.setLevel(logging.INFO)
-    log.addHandler(logging.StreamHandler(sys.stderr))
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
-    from kvblend import models, runtime
+    from kvblend import models
 
     extra = {}
     if not args.baseline:
         extra["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
             kv_role="kv_both", kv_connector_extra_config={"kvblend.recompute_ratios": [args.ratio]})
-    llm = LLM(model=str(models.smollm2_path()), dtype="float32", enforce_eager=True,
-              max_model_len=2048, max_num_batched_tokens=2048, enable_prefix_caching=False,
-              **extra)
-    ps = prompts(llm.get_tokenizer(), os.environ["LMCACHE_BLEND_SPECIAL_STR"])
-    sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-    llm.generate({"prompt_token_ids": ps["first"][:16]}, SamplingParams(max_tokens=1))  # warm-up
+    if args.max_num_batched_tokens:
+        extra["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.tp > 1:
+        extra["tensor_parallel_size"] = args.tp
+    llm = LLM(model=str(models.smollm2_path()), dtype="float32",
+              max_model_len=8192 if args.long else 2048, **extra)
+    ps = prompts(llm.get_tokenizer(), os.environ["LMCACHE_BLEND_SPECIAL_STR"], args.long)
+    # ignore_eos: every run compares max_tokens tokens, even where one
+    # answer would end at once
+    sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    llm.generate({"prompt_token_ids": list(range(1000, 1040))}, SamplingParams(max_tokens=1),
+                 use_tqdm=False)  # warm-up, unrelated tokens
     rows = {}
     for name, ids in ps.items():
         t0 = time.perf_counter()
         out = llm.generate({"prompt_token_ids": ids}, sp, use_tqdm=False)[0]
-        st = (runtime.request_stats(str(out.request_id)) or {}) if not args.baseline else {}
+        kb = (getattr(out, "kv_transfer_params", None) or {}).get("kvblend") or {}
         rows[name] = {"prompt_tokens": len(ids), "ttft_s": ttft(out, time.perf_counter() - t0),
+                      "num_cached_tokens": int(out.num_cached_tokens or 0),
                       "token_ids": list(out.outputs[0].token_ids), "text": out.outputs[0].text,
-                      **{k: st.get(k, 0) for k in ("segments_total", "segments_hit",
-                                                   "tokens_recomputed", "blend_rows")}}
+                      **{k: kb.get(k, 0) for k in ("segments_total", "segments_hit",
+                                                   "tokens_recomputed", "blend_rows",
+                                                   "prefix_rows")}}
     print("KVBLEND_RESULT " + json.dumps(rows), flush=True)
     return 0
 

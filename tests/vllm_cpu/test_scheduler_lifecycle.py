@@ -32,12 +32,21 @@ from vllm.v1.kv_cache_interface import (  # noqa: E402
     KVCacheConfig,
     KVCacheGroupSpec,
 )
-from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput  # noqa: E402
+from vllm.v1.outputs import (  # noqa: E402
+    EMPTY_MODEL_RUNNER_OUTPUT,
+    KVConnectorOutput,
+    ModelRunnerOutput,
+)
 from vllm.v1.request import Request, RequestStatus  # noqa: E402
 from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 
 from kvblend import models, runtime  # noqa: E402
-from kvblend.vllm.connector import KVBlendConnector, KVBlendMetadata, _state_key  # noqa: E402
+from kvblend.vllm.connector import (  # noqa: E402
+    KVBlendConnector,
+    KVBlendMetadata,
+    KVBlendWorkerMetadata,
+    SegmentIndex,
+)
 
 BLOCK = 16
 NUM_BLOCKS = 64
@@ -134,26 +143,35 @@ def _request(req_id: str, ids: list[int]) -> Request:
                    pooling_params=None, block_hasher=get_request_block_hasher(BLOCK, sha256))
 
 
-def _runner_output(scheduler_output, token_id=7) -> ModelRunnerOutput:
-    """One sampled token for every request the step scheduled."""
+def _runner_output(scheduler_output, token_id=7, kv_output=None) -> ModelRunnerOutput:
+    """One sampled token for every request the step scheduled (a request in
+    the middle of a chunked prefill samples nothing), with the workers'
+    connector output."""
     req_ids = list(scheduler_output.num_scheduled_tokens)
-    if not req_ids:
+    if not req_ids and kv_output is None:
         return EMPTY_MODEL_RUNNER_OUTPUT
+    sched = scheduler_output._sched
+    sampled = []
+    for r in req_ids:
+        req = sched.requests[r]
+        done = req.num_computed_tokens >= req.num_prompt_tokens
+        sampled.append([token_id] if done else [])
     return ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
-                             sampled_token_ids=[[token_id] for _ in req_ids])
+                             sampled_token_ids=sampled, kv_connector_output=kv_output)
 
 
-def _run(scheduler, on_step=None, max_steps=50):
+def _run(scheduler, on_step=None, max_steps=200):
     """schedule() -> synthetic output -> update_from_output() until nothing
-    is left; returns every step's SchedulerOutput."""
+    is left; ``on_step(so)`` plays the workers and returns their
+    KVConnectorOutput (or None).  Returns every step's SchedulerOutput."""
     steps = []
     while scheduler.has_unfinished_requests():
         assert len(steps) < max_steps, "requests did not finish"
         so = scheduler.schedule()
+        so._sched = scheduler
         steps.append(so)
-        if on_step is not None:
-            on_step(so)
-        scheduler.update_from_output(so, _runner_output(so))
+        kv_output = on_step(so) if on_step is not None else None
+        scheduler.update_from_output(so, _runner_output(so, kv_output=kv_output))
     return steps
 
 
@@ -238,13 +256,17 @@ def _worker(vc):
 
 def _save_step(worker, caches, meta):
     """What the model runner does around a forward for a step whose requests
-    load nothing: bind, (forward), save every layer, commit."""
+    load nothing: bind, (forward), save every layer, commit; returns the
+    worker's connector output for the scheduler."""
     worker.bind_connector_metadata(meta)
     worker.start_load_kv(None)
     for name in LAYERS:
         worker.save_kv_layer(name, caches[name], None)
     worker.wait_for_save()
+    out = KVConnectorOutput(kv_connector_worker_meta=worker.build_connector_worker_meta(),
+                            kv_connector_stats=worker.get_kv_connector_stats())
     worker.clear_connector_metadata()
+    return out
 
 
 def test_reordered_prompt_is_an_external_hit(blend_env):
@@ -253,7 +275,6 @@ def test_reordered_prompt_is_an_external_hit(blend_env):
     sched = _scheduler(vc)
     conn = sched.connector
     worker, caches = _worker(vc)
-    key = _state_key(vc)
     try:
         free_before = sched.kv_cache_manager.block_pool.get_num_free_blocks()
         ids1, _ = _prompt(tok, [0, 1, 2], QUESTIONS[0])
@@ -264,7 +285,7 @@ def test_reordered_prompt_is_an_external_hit(blend_env):
         def on_step(so):
             if so.kv_connector_metadata.requests:
                 saved.append([rm.req_id for rm in so.kv_connector_metadata.requests])
-            _save_step(worker, caches, so.kv_connector_metadata)
+            return _save_step(worker, caches, so.kv_connector_metadata)
 
         _run(sched, on_step)
         assert saved == [["first"]]
@@ -272,6 +293,8 @@ def test_reordered_prompt_is_an_external_hit(blend_env):
         stats = worker.blend_stats()
         assert stats["requests"] == 1 and stats["segments_hit"] == 0
         assert stats["store"]["num_entries"] == 5  # sys, three chunks, question
+        # ... and the scheduler learned it only through the worker's output
+        assert len(conn.index) == 5
 
         # Chunks 2 and 0 reordered, chunk 1 absent, a new question: the last
         # stored segment is chunk 0, so the hit ends where it ends.
@@ -280,12 +303,14 @@ def test_reordered_prompt_is_an_external_hit(blend_env):
         want = spans2[2][1]
         assert 0 < want < len(ids2)
         assert conn.get_num_new_matched_tokens(r2, 0) == (want, False)
-        # Once the engine computed something itself, nothing is external.
-        assert conn.get_num_new_matched_tokens(r2, BLOCK) == (0, False)
+        assert conn.get_num_new_matched_tokens(r2, 0) == (want, False)  # no side effects
+        # A local prefix hit is used as it is; the external rows follow it.
+        assert conn.get_num_new_matched_tokens(r2, BLOCK) == (want - BLOCK, False)
+        assert conn.get_num_new_matched_tokens(r2, want) == (0, False)
         # Per segment: sys, chunk 2, chunk 0 stored; the new question not.
-        segs, end = runtime.get_state(key).conn.lookup(ids2)
-        assert [(a, b) for a, b, _ in segs] == spans2 and end == want
-        assert [bool(h) for _, _, h in segs] == [True, True, True, False]
+        spans, hits, end = conn._lookup(ids2)
+        assert spans == spans2 and end == want
+        assert hits == [True, True, True, False]
 
         sched.add_request(r2)
         steps = _run(sched)
@@ -295,7 +320,8 @@ def test_reordered_prompt_is_an_external_hit(blend_env):
         assert new.num_computed_tokens == want
         assert first.num_scheduled_tokens == {"second": len(ids2) - want}
         (rm,) = first.kv_connector_metadata.requests
-        assert rm.num_external == want and rm.token_ids == ids2
+        assert rm.num_external == want and rm.prefix == 0 and rm.token_ids == ids2
+        assert rm.spans == spans2
         assert rm.block_ids == list(new.block_ids[0])
         assert len(rm.block_ids) == -(-len(ids2) // BLOCK)
         assert r2.status == RequestStatus.FINISHED_LENGTH_CAPPED
@@ -303,6 +329,102 @@ def test_reordered_prompt_is_an_external_hit(blend_env):
         assert set(sched.schedule().finished_req_ids) == {"second"}
         _assert_scheduler_empty(sched, free_before)
         assert not conn._pending
+        # evictions reach the index too
+        worker._conn.store_clear()
+        conn.update_connector_output(
+            KVConnectorOutput(kv_connector_worker_meta=worker.build_connector_worker_meta()))
+        assert len(conn.index) == 0
+        assert conn.get_num_new_matched_tokens(r2, 0) == (0, False)
     finally:
         worker.shutdown()
-        runtime.drop_state(key)
+
+
+BUDGET = 24  # tokens per step: the 87-token prompt takes four steps
+
+
+def test_chunked_prefill_stores_each_segment_as_it_completes(blend_env):
+    """A 24-token budget prefills the prompt over several steps: no crash,
+    the worker's slot mapping grows with the blocks, and each segment is
+    stored (and known to the scheduler) in the step that completes it."""
+    path, _, tok = blend_env
+    vc = _vllm_config(path)
+    vc.scheduler_config.max_num_batched_tokens = BUDGET
+    vc.scheduler_config.long_prefill_token_threshold = 0
+    sched = _scheduler(vc)
+    conn = sched.connector
+    worker, caches = _worker(vc)
+    try:
+        free_before = sched.kv_cache_manager.block_pool.get_num_free_blocks()
+        ids, spans = _prompt(tok, [0, 1, 2], QUESTIONS[0])
+        assert len(ids) > 3 * BUDGET
+        sched.add_request(_request("long", ids))
+        known = []
+
+        def on_step(so):
+            out = _save_step(worker, caches, so.kv_connector_metadata)
+            # (tokens this step, segments the scheduler knew when it
+            # scheduled this step, segments committed once it ran)
+            known.append((so.num_scheduled_tokens.get("long", 0), len(conn.index),
+                          worker.blend_stats()["store"]["inserts"]))
+            return out
+
+        steps = _run(sched, on_step)
+        prefill = [k for k in known if k[0] > 1]
+        assert len(prefill) >= 3 and all(k[0] <= BUDGET for k in prefill)
+        # segments are committed step by step, as they complete, up to all five
+        stored = [k[2] for k in known]
+        assert stored == sorted(stored) and stored[0] < 5 and stored[-1] == 5
+        assert len(set(stored)) >= 3
+        # segment i is committed in the step whose rows complete it, not before
+        for i, (a, b) in enumerate(spans):
+            end_step = next(j for j in range(len(known)) if sum(k[0] for k in known[:j + 1]) >= b)
+            assert known[end_step][2] >= i + 1
+            if end_step > 0:
+                assert known[end_step - 1][2] <= i
+        # the scheduler learns each step's commits with that step's output
+        assert [k[1] for k in known[1:]] == stored[:-1]
+        assert len(conn.index) == 5
+        metas = [so.kv_connector_metadata for so in steps]
+        assert sum(len(m.requests) for m in metas) == 1
+        assert sum(len(m.steps) for m in metas) == len(prefill) - 1
+        assert set(sched.schedule().finished_req_ids) == {"long"}
+        _assert_scheduler_empty(sched, free_before)
+        # the stored rows are the cache's rows at the request's slots
+        rm = metas[0].requests[0]
+        blocks = list(rm.block_ids) + [b for m in metas for st in m.steps for b in st.new_block_ids]
+        a, b = spans[2]
+        slot = blocks[a // BLOCK] * BLOCK + a % BLOCK
+        from kvblend import ops
+        k_out = torch.empty(1, N_KV, HEAD)
+        v_out = torch.empty(1, N_KV, HEAD)
+        ops.gather(worker._layouts[3], torch.tensor([slot]), k_out, v_out)
+        req = worker._conn.begin(ids, spans=spans, blend_end=b, save=False)
+        try:
+            kk = torch.empty(b, N_KV, HEAD)
+            vv = torch.empty(b, N_KV, HEAD)
+            req.load_layer(3, kk.data_ptr(), vv.data_ptr(), 0)
+            assert torch.equal(vv[a], v_out[0])  # V is not re-rotated: bit-exact
+        finally:
+            req.finish(False)
+    finally:
+        worker.shutdown()
+
+
+def test_index_counts_a_segment_only_when_every_rank_has_it():
+    """Tensor parallelism: each rank reports its own store; a segment is a
+    hit only once every rank holds it, and an eviction on any rank ends it."""
+    idx = SegmentIndex(world_size=2)
+    key = (123456789, 17)
+    idx.apply(KVBlendWorkerMetadata(events={0: [(key[0], key[1], True)]}))
+    assert not idx.has(key) and len(idx) == 0
+    other = KVBlendWorkerMetadata(events={1: [(key[0], key[1], True)]})
+    both = KVBlendWorkerMetadata(events={}).aggregate(other)
+    idx.apply(both)
+    assert idx.has(key) and len(idx) == 1
+    idx.apply(KVBlendWorkerMetadata(events={1: [(key[0], key[1], False)]}))
+    assert not idx.has(key)
+    idx.apply(KVBlendWorkerMetadata(events={1: [(key[0], key[1], True)]}))
+    assert idx.has(key)
+    # a rank whose event log overflowed is forgotten, never trusted
+    idx.apply(KVBlendWorkerMetadata(events={}, lost={0: True}))
+    assert not idx.has(key)

@@ -1,9 +1,12 @@
 """Blending through stock vLLM's CPU backend (CPU_ATTN, K stored transposed
-per block and head) on SmolLM2.
+per block and head) on SmolLM2, with vLLM's defaults: the engine core and
+the worker in their own processes, chunked prefill, prefix caching,
+compilation.  Nothing here sets VLLM_ENABLE_V1_MULTIPROCESSING.
 
 Each configuration runs ``blend_run.py`` in its own process (one vLLM engine
-per process): the connector at recompute ratio 0.15, at ratio 1.0, and vLLM
-without the connector as the reference.  Skipped when vLLM does not import.
+per process): the connector at recompute ratio 0.15 and 1.0, and vLLM
+without the connector as the reference; then ~4K-token prompts with a
+256-token chunked-prefill budget.  Skipped when vLLM does not import.
 """
 
 import json
@@ -21,8 +24,8 @@ HERE = Path(__file__).resolve().parent
 
 def _run(*args: str) -> tuple[dict, str]:
     """Run blend_run.py with ``args``; its result rows and its whole output."""
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0",
-               VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # vLLM's default: multiprocessing
     p = subprocess.run([sys.executable, str(HERE / "blend_run.py"), *args], capture_output=True,
                        text=True, timeout=900, env=env)
     text = p.stdout + p.stderr
@@ -44,24 +47,47 @@ def blended():
 
 @pytest.fixture(scope="module")
 def full_ratio():
-    return _run("--ratio", "1.0")[0]
+    return _run("--ratio", "1.0")
 
 
-def test_connector_describes_cpu_attn_cache(blended):
-    """The connector starts on CPU_ATTN and reads its cache as 'cpu_attn'
-    (K transposed, V row-major) instead of refusing it."""
+LONG = ("--long", "--max-num-batched-tokens", "256")
+
+
+@pytest.fixture(scope="module")
+def long_baseline():
+    return _run("--baseline", *LONG)[0]
+
+
+@pytest.fixture(scope="module")
+def long_full_ratio():
+    return _run("--ratio", "1.0", *LONG)
+
+
+def test_connector_starts_in_the_worker_and_says_so(blended):
+    """The worker process detects CPU_ATTN's cache as 'cpu_attn', and the
+    scheduler (another process) says at start-up that blending is on."""
     _, text = blended
     assert "attention backend CPU_ATTN" in text and "layout 'cpu_attn'" in text, text[-3000:]
+    assert "kvblend: blending on: separator ' # # '" in text, text[-3000:]
+    assert "kvblend: worker rank 0/1" in text
+    # the scheduler and the worker are different processes
+    sched = [ln for ln in text.splitlines() if "kvblend: blending on" in ln][0]
+    worker = [ln for ln in text.splitlines() if "kvblend: worker rank" in ln][0]
+    assert sched.split(")")[0] != worker.split(")")[0], (sched, worker)
 
 
 def test_reordered_prompt_hits_every_chunk(blended):
-    rows, _ = blended
+    rows, text = blended
     first, re = rows["first"], rows["reordered"]
     assert (first["segments_total"], first["segments_hit"]) == (5, 0)
+    assert first["num_cached_tokens"] == 0
     # system prompt and the three chunks are reused; the new question is not
     assert (re["segments_total"], re["segments_hit"]) == (5, 4)
-    assert 0 < re["tokens_recomputed"] < re["prompt_tokens"]
-    assert re["blend_rows"] > re["tokens_recomputed"]
+    assert 0 < re["tokens_recomputed"] < re["blend_rows"] < re["prompt_tokens"]
+    # vLLM counts the blended rows as cached
+    assert re["num_cached_tokens"] == re["blend_rows"] + re["prefix_rows"]
+    # the worker's own account, at info level
+    assert "kvblend: request" in text and "4/5 segments hit" in text
 
 
 def test_reordered_prompt_first_token_matches_vllm(blended, baseline):
@@ -74,10 +100,23 @@ def test_reordered_prompt_first_token_matches_vllm(blended, baseline):
 def test_ratio_one_equals_vllm_without_connector(full_ratio, baseline):
     """Recomputing every reused token reproduces plain vLLM's greedy output
     token for token, for every prompt, while still reporting the hits."""
-    assert full_ratio["reordered"]["segments_hit"] == 4
-    assert full_ratio["new_mid"]["segments_hit"] == 3
+    rows, _ = full_ratio
+    assert rows["reordered"]["segments_hit"] == 4
+    assert rows["new_mid"]["segments_hit"] == 3
     for name in ("first", "reordered", "new_mid"):
-        assert full_ratio[name]["token_ids"] == baseline[name]["token_ids"], name
+        assert rows[name]["token_ids"] == baseline[name]["token_ids"], name
+
+
+def test_prefix_cache_hit_is_used_and_the_blend_follows(full_ratio, baseline):
+    """new_mid starts like `first` (system prompt, chunk 0): vLLM's own prefix
+    cache serves whole blocks of that, and the blend covers what follows
+    (chunk 1 after the new chunk), still equal to vLLM's answer."""
+    rows, _ = full_ratio
+    mid = rows["new_mid"]
+    assert mid["prefix_rows"] > 0 and mid["prefix_rows"] % 16 == 0
+    assert mid["prefix_rows"] == baseline["new_mid"]["num_cached_tokens"]
+    assert mid["blend_rows"] > 0
+    assert mid["num_cached_tokens"] == mid["prefix_rows"] + mid["blend_rows"]
 
 
 def test_new_chunk_in_the_middle_reuses_the_others(blended):
@@ -86,3 +125,20 @@ def test_new_chunk_in_the_middle_reuses_the_others(blended):
     # system prompt and chunks 0 and 1 are reused; the new chunk and the new question are not
     assert (mid["segments_total"], mid["segments_hit"]) == (5, 3)
     assert 0 < mid["tokens_recomputed"] < mid["prompt_tokens"]
+
+
+def test_long_prompts_with_a_small_chunked_prefill_budget(long_full_ratio, long_baseline):
+    """~4K-token prompts through a 256-token budget: the first is prefilled
+    over many steps and each segment stored as it completes; the reordered
+    one blends ~4K rows (far more than the budget) and, at ratio 1.0, gives
+    vLLM's tokens; so does the new chunk in the middle after a prefix hit."""
+    rows, text = long_full_ratio
+    assert rows["first"]["prompt_tokens"] > 3000
+    re = rows["reordered"]
+    assert (re["segments_total"], re["segments_hit"]) == (5, 4)
+    assert re["blend_rows"] > 10 * 256
+    assert re["num_cached_tokens"] == re["blend_rows"]
+    assert rows["new_mid"]["segments_hit"] == 3
+    for name in ("first", "reordered", "new_mid"):
+        assert rows[name]["token_ids"] == long_baseline[name]["token_ids"], name
+    assert "Traceback" not in text

@@ -1,16 +1,30 @@
 """KVBlendConnector: kvblend's KVConnectorBase_V1.
 
-Scheduler role: splits each new prompt into segments, asks the shared store
-which are stored, and tells the engine that the prompt up to the end of the
-last stored segment is an external hit (never the whole prompt).  The
-lookup has no side effects.  ``update_state_after_alloc`` records the blocks,
-``build_connector_meta`` hands a picklable description of each new request
-to the workers.
+vLLM runs the scheduler's connector and one worker connector per
+tensor-parallel rank, by default each in its own process.  They share
+nothing but vLLM's two channels, so kvblend uses exactly those:
 
-Worker role: ``start_load_kv`` blends the external rows of each request into
-the paged cache (selective recompute through the model's own layers);
-``save_kv_layer`` copies every segment seen for the first time out of the
-paged cache into the store, layer by layer; ``wait_for_save`` commits them.
+* scheduler -> workers (``build_connector_meta``): per step, the requests
+  that start (prompt, segment spans, blocks, the local prefix-cache hit, the
+  external rows promised), the requests whose prefill goes on (chunked
+  prefill: new blocks, rows computed) and the requests that ended;
+* workers -> scheduler (``build_connector_worker_meta`` /
+  ``update_connector_output``): per step and rank, the segments its store
+  added and removed.  The scheduler mirrors them in ``SegmentIndex``; a
+  segment counts as stored when every rank has it.
+
+Scheduler role: splits each prompt into segments, looks them up in the
+index and reports the prompt up to the end of the last stored segment as an
+external hit (never the whole prompt; beyond a local prefix hit, which is
+used as it is).  The lookup has no side effects.
+
+Worker role: ``start_load_kv`` blends the promised rows of each new request
+into the paged cache (selective recompute through the model's own layers);
+a promise that turned stale (a segment evicted since the lookup) is
+recomputed, never served wrong.  ``save_kv_layer`` copies each segment seen
+for the first time out of the paged cache once its rows are all computed
+(a prompt prefilled over several steps stores each segment in the step that
+completes it); ``wait_for_save`` commits them.
 """
 
 from __future__ import annotations
@@ -24,7 +38,13 @@ from typing import Any
 import torch
 
 from .. import runtime
-from .._vllm_compat import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
+from .._vllm_compat import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorStats,
+    KVConnectorWorkerMetadata,
+)
 from ..config import Config
 
 logger = logging.getLogger("kvblend")
@@ -32,47 +52,172 @@ logger = logging.getLogger("kvblend")
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 
 
+# --------------------------------------------------------------- metadata
 @dataclass
 class ReqMeta:
-    """What a worker needs to know about one new request."""
+    """A request whose prefill starts in this step (new, or resumed after a
+    preemption, which starts it again)."""
 
     req_id: str
     token_ids: list[int]
+    spans: list[tuple[int, int]]  # segments, from the scheduler's split
     block_ids: list[int]
-    num_external: int
+    prefix: int        # rows [0, prefix) are a local prefix-cache hit
+    num_external: int  # rows [prefix, prefix + num_external) are blended
+    computed: int      # rows in the cache once this step has run
     save: bool = True
 
 
 @dataclass
+class ReqStep:
+    """A request whose prefill goes on in this step (chunked prefill)."""
+
+    req_id: str
+    new_block_ids: list[int]
+    computed: int
+
+
+@dataclass
 class KVBlendMetadata(KVConnectorMetadata):
-    """Scheduler → worker metadata of one step (plain data: it pickles)."""
+    """Scheduler -> worker metadata of one step (plain data: it pickles)."""
 
     requests: list[ReqMeta] = field(default_factory=list)
+    steps: list[ReqStep] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
 
 
-class _BlendState:
-    """The C connector (store + separator + model shape) shared by the
-    scheduler and worker connectors of one engine in one process."""
+@dataclass
+class KVBlendWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker -> scheduler metadata of one step: per rank, the store events
+    ``[(hash, num_tokens, added), ...]`` and whether that rank's log lost
+    events (its mirror must then be dropped)."""
 
-    def __init__(self, cconn, config: Config, sep_ids: list[int]):
-        self.conn = cconn
-        self.config = config
-        self.sep_ids = sep_ids
+    events: dict[int, list[tuple[int, int, bool]]] = field(default_factory=dict)
+    lost: dict[int, bool] = field(default_factory=dict)
+
+    def aggregate(self, other: "KVBlendWorkerMetadata") -> "KVBlendWorkerMetadata":
+        """Merge another rank's report into this one (ranks are distinct)."""
+        for rank, ev in other.events.items():
+            self.events.setdefault(rank, []).extend(ev)
+        for rank, lost in other.lost.items():
+            self.lost[rank] = self.lost.get(rank, False) or lost
+        return self
 
 
+# ------------------------------------------------------------------ stats
+_COUNTERS = ("requests", "blended", "segments_total", "segments_hit", "rows_blended",
+             "rows_reused", "rows_recomputed", "segments_stored")
+
+
+@dataclass
+class KVBlendStats(KVConnectorStats):
+    """kvblend's counters of one interval (vLLM's connector stats): summed
+    over steps, reported by tensor-parallel rank 0 only."""
+
+    def __post_init__(self):
+        for k in _COUNTERS:
+            self.data.setdefault(k, 0)
+
+    def reset(self):
+        self.data = {k: 0 for k in _COUNTERS}
+
+    def aggregate(self, other: "KVConnectorStats") -> "KVBlendStats":
+        for k, v in (other.data or {}).items():
+            if k in _COUNTERS:
+                self.data[k] = self.data.get(k, 0) + int(v)
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        out: dict[str, int | float] = {k: int(self.data.get(k, 0)) for k in _COUNTERS}
+        seg = out["segments_total"]
+        out["segment_hit_rate"] = round(out["segments_hit"] / seg, 3) if seg else 0.0
+        return out
+
+    def is_empty(self) -> bool:
+        return not any(self.data.get(k, 0) for k in _COUNTERS)
+
+
+def _prom_metrics_class():
+    """KVConnectorPromMetrics subclass exposing the counters as
+    ``vllm:kvblend_<name>_total`` (defined lazily: it needs vLLM)."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics
+
+    class KVBlendPromMetrics(KVConnectorPromMetrics):
+        def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+            super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+            self._counters = {}
+            for name in _COUNTERS:
+                c = self._counter_cls(name=f"vllm:kvblend_{name}_total",
+                                      documentation=f"kvblend: {name.replace('_', ' ')}",
+                                      labelnames=labelnames)
+                self._counters[name] = {idx: c.labels(*values)
+                                        for idx, values in per_engine_labelvalues.items()}
+
+        def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0):
+            for name, per_engine in self._counters.items():
+                v = int((transfer_stats_data or {}).get(name, 0))
+                if v and engine_idx in per_engine:
+                    per_engine[engine_idx].inc(v)
+
+    return KVBlendPromMetrics
+
+
+# ------------------------------------------------------------------ index
+class SegmentIndex:
+    """The scheduler's mirror of the workers' stores: for each segment key
+    (hash of its tokens, length), the set of ranks that hold it.
+
+    Fed only by the workers' store events, so it never claims more than
+    they reported; it can be stale by a step (a segment evicted after it
+    was looked up), which the blend absorbs by recomputing those rows.
+    A hash collision would also only cost a recompute: the worker's store
+    compares tokens.
+    """
+
+    def __init__(self, world_size: int):
+        self.world_size = max(1, int(world_size))
+        self._ranks: dict[tuple[int, int], set[int]] = {}
+
+    def __len__(self) -> int:
+        return sum(1 for r in self._ranks.values() if len(r) == self.world_size)
+
+    def apply(self, meta: KVBlendWorkerMetadata) -> None:
+        """Apply one step's events of every rank (in order)."""
+        for rank, events in meta.events.items():
+            for h, n, added in events:
+                key = (int(h), int(n))
+                if added:
+                    self._ranks.setdefault(key, set()).add(rank)
+                else:
+                    ranks = self._ranks.get(key)
+                    if ranks is not None:
+                        ranks.discard(rank)
+                        if not ranks:
+                            del self._ranks[key]
+        for rank, lost in meta.lost.items():
+            if lost:
+                self.forget_rank(rank)
+
+    def forget_rank(self, rank: int) -> None:
+        """Forget everything ``rank`` reported (its event log overflowed)."""
+        logger.warning("kvblend: rank %d lost store events; forgetting its segments "
+                       "(they are stored again as prompts reuse them)", rank)
+        for key in list(self._ranks):
+            self._ranks[key].discard(rank)
+            if not self._ranks[key]:
+                del self._ranks[key]
+
+    def has(self, key: tuple[int, int]) -> bool:
+        """True when every rank holds the segment."""
+        ranks = self._ranks.get(key)
+        return ranks is not None and len(ranks) == self.world_size
+
+
+# ---------------------------------------------------------------- helpers
 def _extra(vllm_config) -> dict:
     """kv_connector_extra_config as a dict (may be None in configs)."""
     ktc = getattr(vllm_config, "kv_transfer_config", None)
     return dict(getattr(ktc, "kv_connector_extra_config", None) or {})
-
-
-def _state_key(vllm_config) -> str:
-    """Key of the shared state: the engine id, the model name and the loaded
-    model object (two engines over one loaded model share one store)."""
-    ktc = getattr(vllm_config, "kv_transfer_config", None)
-    engine_id = getattr(ktc, "engine_id", None)
-    model = getattr(getattr(vllm_config, "model_config", None), "model", None)
-    return f"{engine_id or ''}|{model or ''}|{id(runtime.get_model()):x}"
 
 
 def _layer_index(name: str) -> int:
@@ -83,6 +228,49 @@ def _layer_index(name: str) -> int:
     return int(m.group(1))
 
 
+def _first_group(block_ids) -> list[int]:
+    """Block ids of the first (only) KV cache group: vLLM passes a tuple of
+    per-group lists, older releases a flat list."""
+    if not block_ids:
+        return []
+    if isinstance(block_ids[0], (list, tuple)):
+        return list(block_ids[0])
+    return list(block_ids)
+
+
+def _tp() -> tuple[int, int, Any]:
+    """(rank, world size, group) of this worker's tensor-parallel group;
+    (0, 1, None) outside vLLM's distributed setup."""
+    try:
+        from vllm.distributed import parallel_state as ps
+
+        group = ps.get_tp_group()
+        return int(group.rank_in_group), int(group.world_size), group
+    except Exception:  # noqa: BLE001 - not initialised: one rank
+        return 0, 1, None
+
+
+class _Active:
+    """Worker state of one request whose prefill is under way."""
+
+    __slots__ = ("req", "n", "blocks", "computed", "slots", "info")
+
+    def __init__(self, req, n: int, blocks: list[int], computed: int, info: dict):
+        self.req, self.n, self.blocks, self.computed, self.info = req, n, blocks, computed, info
+        self.slots = None
+
+    def slot_mapping(self, block_size: int) -> torch.Tensor:
+        """Slot of each prompt row computed so far; -1 for rows not computed
+        yet or past the allocated blocks."""
+        pos = torch.arange(self.n, dtype=torch.int64)
+        blocks = torch.tensor(self.blocks or [0], dtype=torch.int64)
+        idx = torch.clamp(pos // block_size, max=blocks.numel() - 1)
+        slots = blocks[idx] * block_size + pos % block_size
+        valid = (pos < self.computed) & (pos // block_size < len(self.blocks))
+        return torch.where(valid, slots, torch.full_like(slots, -1))
+
+
+# -------------------------------------------------------------- connector
 class KVBlendConnector(KVConnectorBase_V1):
     """CacheBlend for vLLM: reuse stored chunk KV anywhere in the prompt."""
 
@@ -118,60 +306,69 @@ class KVBlendConnector(KVConnectorBase_V1):
         if self.kv_layout is None and not self._in_vllm:
             self.kv_layout = getattr(getattr(vllm_config, "cache_config", None),
                                      "kv_cache_layout", None)
-        # scheduler state
-        self._pending: dict[str, ReqMeta] = {}
-        self._warned_chunked = False
-        # worker state
-        self._kv_caches: dict[str, torch.Tensor] = {}
-        self._layouts: list | None = None
-        self._active: dict[str, tuple[Any, torch.Tensor, dict]] = {}
-        self._done: set[str] = set()  # begun and finished in this step
         self.block_size = int(getattr(getattr(vllm_config, "cache_config", None), "block_size", 16))
-        self.stats = {"requests": 0, "blended": 0, "segments_total": 0, "segments_hit": 0,
-                      "tokens_recomputed": 0, "tokens_saved": 0}
+        pc = getattr(vllm_config, "parallel_config", None)
+        self.world_size = int(getattr(pc, "tensor_parallel_size", 1) or 1)
+        pp = int(getattr(pc, "pipeline_parallel_size", 1) or 1)
+        if pp > 1 and self.config.enable_blending:
+            raise ValueError("kvblend: pipeline parallelism (pipeline_parallel_size="
+                             f"{pp}) is not supported; blending needs every layer in one worker")
+        self._stats = KVBlendStats()
+        self._cumulative: dict[str, int] = {}
+        if self._is_scheduler():
+            self._init_scheduler(extra)
+        else:
+            self._init_worker()
 
-    # ------------------------------------------------------------------ state
-    def _state(self, create: bool) -> _BlendState | None:
-        """The shared blend state, created from the runtime's model when
-        ``create`` is set (worker side) and absent."""
-        self.key = _state_key(self.vllm_config)
-        st = runtime.get_state(self.key)
-        if st is not None or not create:
-            return st
+    def _is_scheduler(self) -> bool:
+        return getattr(self.role_, "name", str(self.role_)).endswith("SCHEDULER")
+
+    # ------------------------------------------------------------ scheduler
+    def _init_scheduler(self, extra: dict) -> None:
+        """Scheduler state; says at start-up whether blending is on."""
         from .. import _ext
-        from .adapters import get_adapter
 
-        model = runtime.get_model()
-        if model is None:
-            raise RuntimeError("kvblend: no model was handed over (the engine must call "
-                               "kvblend.runtime.set_model, which kvblend's vLLM plugin does)")
-        adapter = get_adapter(model)
-        ext = _ext.load()
-        cache_dtype = next(iter(self._kv_caches.values())).dtype if self._kv_caches else adapter.dtype
-        rope = adapter.rope
-        cconn = ext.Connector(self.config.items, adapter.num_layers, adapter.num_q_heads,
-                              adapter.num_kv_heads, adapter.head_size, _dtype_code(ext, cache_dtype),
-                              rope.rotary_dim, ext.ROPE_NEOX if rope.style == "neox" else ext.ROPE_GPTJ,
-                              [float(x) for x in rope.inv_freq.tolist()], float(rope.attention_scaling),
-                              -1 if adapter.device.type == "cpu" else (adapter.device.index or 0))
-        sep_ids = self._separator_ids()
-        cconn.set_separator(sep_ids)
-        st = _BlendState(cconn, self.config, sep_ids)
-        if hasattr(adapter, "enable_cuda_graphs"):
-            adapter.enable_compile(self.compile_pieces)
-            adapter.enable_cuda_graphs(self.cuda_graph_max_tokens)
-        st.adapter = adapter
-        return runtime.put_state(self.key, st)
+        self._ext = _ext.load()
+        self.index = SegmentIndex(self.world_size)
+        self._pending: dict[str, int] = {}               # req_id -> num_external
+        self._prefill: dict[str, int] = {}               # req_id -> prompt length
+        self._prefill_tokens: dict[str, list[int]] = {}  # req_id -> prompt, while prefilling
+        self._finished: list[str] = []
+        self._plans: dict[str, dict] = {}                # req_id -> lookup figures
+        self.sep_ids: list[int] = []
+        if not self.config.enable_blending:
+            logger.info("kvblend: blending is off (LMCACHE_ENABLE_BLENDING is not true); "
+                        "the connector stores and reuses nothing")
+            return
+        self.sep_ids = self._separator_ids(extra)
+        cfg = self.config
+        logger.info("kvblend: blending on: separator %r = token ids %s, check layers %s, "
+                    "recompute ratios %s, tensor-parallel ranks %d",
+                    cfg.blend_special_str, self.sep_ids, list(cfg.check_layers),
+                    self.ratios_override or list(cfg.recompute_ratios), self.world_size)
 
-    def _separator_ids(self) -> list[int]:
-        """The separator string tokenized alone, without special tokens."""
+    def _separator_ids(self, extra: dict) -> list[int]:
+        """The separator's token ids: ``kvblend.separator_ids`` when given,
+        else LMCACHE_BLEND_SPECIAL_STR tokenized alone without special
+        tokens.  Raises ValueError naming the setting when neither works."""
+        given = extra.get("kvblend.separator_ids")
+        if given is not None:
+            if (not isinstance(given, (list, tuple)) or not given
+                    or not all(isinstance(t, int) and t >= 0 for t in given)):
+                raise ValueError(f"kvblend.separator_ids={given!r}: expected a non-empty list "
+                                 "of token ids (ints >= 0)")
+            return [int(t) for t in given]
+        mc = getattr(self.vllm_config, "model_config", None)
+        if getattr(mc, "skip_tokenizer_init", False):
+            raise ValueError("kvblend: blending is on but the engine has no tokenizer "
+                             "(skip_tokenizer_init); set kv_connector_extra_config "
+                             "'kvblend.separator_ids' to the separator's token ids")
         tok = runtime.get_tokenizer()
         if tok is None:
             from transformers import AutoTokenizer
 
             from ..models import resolve_model_path
 
-            mc = getattr(self.vllm_config, "model_config", None)
             path = getattr(mc, "tokenizer", None) or getattr(mc, "model", None)
             tok = AutoTokenizer.from_pretrained(resolve_model_path(str(path)))
         ids = tok.encode(self.config.blend_special_str, add_special_tokens=False)
@@ -180,59 +377,148 @@ class KVBlendConnector(KVConnectorBase_V1):
                              "tokenizes to no tokens")
         return list(ids)
 
-    # -------------------------------------------------------------- scheduler
+    def _segments(self, tokens: list[int]) -> list[tuple[int, int]]:
+        """The prompt's segments (spans) split on the separator."""
+        if len(tokens) < len(self.sep_ids):
+            return []
+        return [(int(a), int(b)) for a, b in self._ext.segment_split(tokens, self.sep_ids)]
+
+    def _lookup(self, tokens: list[int]) -> tuple[list[tuple[int, int]], list[bool], int]:
+        """(spans, hit per span, reuse_end): reuse_end is the end of the
+        last stored segment, capped at n - 1 (the engine computes at least
+        the last token)."""
+        spans = self._segments(tokens)
+        hits, end = [], 0
+        for a, b in spans:
+            hit = self.index.has((self._ext.hash_tokens(tokens[a:b]), b - a))
+            hits.append(hit)
+            if hit:
+                end = b
+        n = len(tokens)
+        return spans, hits, min(end, max(n - 1, 0))
+
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
-        """Tokens up to the end of the last stored segment, as an external
-        hit (synchronous).  No side effects."""
-        if not self.config.enable_blending or num_computed_tokens > 0:
+        """Rows past the local prefix hit up to the end of the last stored
+        segment, as an external hit (synchronous).  No side effects."""
+        if not self.config.enable_blending:
             return 0, False
-        st = self._state(create=False)
-        if st is None:
-            return 0, False
-        _, reuse_end = st.conn.lookup(list(request.prompt_token_ids))
-        return max(0, int(reuse_end) - num_computed_tokens), False
+        tokens = list(request.prompt_token_ids)
+        _, _, reuse_end = self._lookup(tokens)
+        return max(0, reuse_end - int(num_computed_tokens)), False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
-        """Remember the request's blocks and external count for the workers."""
-        block_ids = list(blocks.get_block_ids()[0]) if blocks is not None else []
-        self._pending[request.request_id] = ReqMeta(
-            req_id=request.request_id, token_ids=list(request.prompt_token_ids),
-            block_ids=block_ids, num_external=int(num_external_tokens))
+        """Remember the external rows of a request that starts; its blocks
+        and local prefix hit come with the step's scheduler output."""
+        if not self.config.enable_blending:
+            return
+        self._pending[request.request_id] = int(num_external_tokens)
 
     def build_connector_meta(self, scheduler_output) -> KVBlendMetadata:
-        """Describe this step's new requests; resets the pending state."""
-        meta = KVBlendMetadata()
+        """Describe this step's starting, continuing and ended requests."""
+        meta = KVBlendMetadata(finished=self._finished)
+        self._finished = []
+        if not self.config.enable_blending:
+            return meta
+        scheduled = getattr(scheduler_output, "num_scheduled_tokens", None) or {}
         for new in getattr(scheduler_output, "scheduled_new_reqs", []) or []:
-            rm = self._pending.pop(new.req_id, None)
-            if rm is None:
-                continue
-            ids = new.block_ids[0] if new.block_ids and isinstance(new.block_ids[0], (list, tuple)) \
-                else new.block_ids
-            rm.block_ids = list(ids)
-            # A prompt prefilled over several steps (chunked prefill) is not
-            # saved: its KV is complete only after the last step.
-            scheduled = (getattr(scheduler_output, "num_scheduled_tokens", None) or {}).get(new.req_id)
-            if scheduled is not None and rm.save:
-                done = int(getattr(new, "num_computed_tokens", 0) or 0) + int(scheduled)
-                if done < len(rm.token_ids):
-                    rm.save = False
-                    if not self._warned_chunked:
-                        self._warned_chunked = True
-                        logger.warning("kvblend: a %d-token prompt is prefilled in chunks, so its "
-                                       "segments are not stored; raise max_num_batched_tokens to "
-                                       "at least max_model_len to store every prompt",
-                                       len(rm.token_ids))
-            meta.requests.append(rm)
+            self._start(meta, new.req_id, list(new.prompt_token_ids or []),
+                        _first_group(new.block_ids), int(new.num_computed_tokens or 0),
+                        int(scheduled.get(new.req_id, 0)))
+        cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
+        if cached is not None:
+            resumed = set(getattr(cached, "resumed_req_ids", None) or ())
+            flags = getattr(cached, "resumed_from_preemption", None)  # older releases
+            for i, req_id in enumerate(cached.req_ids):
+                if req_id not in self._prefill:
+                    continue
+                computed = int(cached.num_computed_tokens[i]) + int(scheduled.get(req_id, 0))
+                new_ids = _first_group(cached.new_block_ids[i]) if cached.new_block_ids[i] else []
+                if req_id in resumed or (flags is not None and flags[i]):
+                    # preempted and resumed: its blocks were freed, start again
+                    meta.finished.append(req_id)
+                    tokens = self._prefill_tokens.get(req_id, [])
+                    self._start(meta, req_id, tokens, new_ids,
+                                int(cached.num_computed_tokens[i]), int(scheduled.get(req_id, 0)))
+                    continue
+                meta.steps.append(ReqStep(req_id, new_ids, computed))
+                if computed >= self._prefill[req_id]:
+                    self._done_prefill(req_id)
         self._pending.clear()
         return meta
 
-    def request_finished(self, request, block_ids):
-        """Blocks may be freed at once: nothing is sent asynchronously."""
-        return False, None
+    def _start(self, meta: KVBlendMetadata, req_id: str, tokens: list[int], block_ids: list[int],
+               num_computed: int, scheduled: int) -> None:
+        """Add a request whose prefill starts now to ``meta``."""
+        # computed at scheduling = the local prefix-cache hit + the external rows
+        ext = self._pending.pop(req_id, 0)
+        prefix = max(0, num_computed - ext)
+        spans, hits, _ = self._lookup(tokens)
+        computed = num_computed + scheduled
+        meta.requests.append(ReqMeta(req_id=req_id, token_ids=tokens, spans=spans,
+                                     block_ids=block_ids, prefix=prefix, num_external=ext,
+                                     computed=computed, save=self.save_chunks))
+        self._plans[req_id] = self._plan(spans, hits, prefix, ext, len(tokens))
+        if len(self._plans) > 4096:
+            self._plans.pop(next(iter(self._plans)))
+        if computed < len(tokens):
+            self._prefill[req_id] = len(tokens)
+            self._prefill_tokens[req_id] = tokens
 
-    # ----------------------------------------------------------------- worker
+    def _done_prefill(self, req_id: str) -> None:
+        self._prefill.pop(req_id, None)
+        self._prefill_tokens.pop(req_id, None)
+
+    def _plan(self, spans, hits, prefix: int, ext: int, n: int) -> dict:
+        """What the workers will do with a request, from the lookup: the
+        figures its ``kv_transfer_params`` report (the workers recompute
+        the same rows unless a segment was evicted since the lookup)."""
+        from ..blend import num_selected
+
+        end = prefix + ext
+        covered = 0
+        n_hit = 0
+        for (a, b), hit in zip(spans, hits):
+            if hit and a < end:
+                n_hit += 1
+                covered += max(0, min(b, end) - max(a, prefix))
+        forced = ext - covered
+        ratios = self.ratios_override or list(self.config.recompute_ratios)
+        recomputed = forced + num_selected(ratios[-1], ext - forced) if ext else 0
+        return {"segments_total": len(spans), "segments_hit": n_hit if ext else 0,
+                "prompt_tokens": n, "prefix_rows": prefix, "blend_rows": ext,
+                "tokens_recomputed": recomputed, "rows_reused": ext - recomputed}
+
+    def update_connector_output(self, connector_output) -> None:
+        """Mirror the workers' store events into the index."""
+        meta = getattr(connector_output, "kv_connector_worker_meta", None)
+        if isinstance(meta, KVBlendWorkerMetadata):
+            self.index.apply(meta)
+
+    def request_finished(self, request, block_ids):
+        """Blocks may be freed at once (nothing is sent asynchronously); the
+        workers end the request's state in the next step.  The request's
+        lookup figures come back in its ``kv_transfer_params``."""
+        if not self._is_scheduler() or not self.config.enable_blending:
+            return False, None
+        req_id = request.request_id
+        self._finished.append(req_id)
+        self._done_prefill(req_id)
+        self._pending.pop(req_id, None)
+        plan = self._plans.pop(req_id, None)
+        return False, ({"kvblend": plan} if plan is not None else None)
+
+    # --------------------------------------------------------------- worker
+    def _init_worker(self) -> None:
+        self._kv_caches: dict[str, torch.Tensor] = {}
+        self._layouts: list | None = None
+        self._active: dict[str, _Active] = {}
+        self._conn = None
+        self._adapter = None
+        self._rank, self._tp_size, self._tp_group = 0, 1, None
+
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
-        """Keep the engine's per-layer paged caches and describe them to C."""
+        """Keep the engine's per-layer paged caches, describe them to C and
+        create this worker's store over the model vLLM loaded."""
         from .. import ops
         from . import layouts
 
@@ -251,70 +537,145 @@ class KVBlendConnector(KVConnectorBase_V1):
             self._layouts = [layouts.layout_of(self._kv_caches[n], name) for n in order]
         else:
             self._layouts = [ops.paged_layout(self._kv_caches[n], name) for n in order]
-        self._state(create=True)
+        if self.config.enable_blending:
+            self._create_store()
 
-    def _slots(self, rm: ReqMeta) -> torch.Tensor:
-        """Slot of each prompt token from the request's block ids."""
-        n = len(rm.token_ids)
-        blocks = torch.tensor(rm.block_ids, dtype=torch.int64)
-        pos = torch.arange(n, dtype=torch.int64)
-        return blocks[pos // self.block_size] * self.block_size + pos % self.block_size
+    def _create_store(self) -> None:
+        """This worker's C connector (store, model shape), bound to the model
+        loaded in this process; fails loudly when blending cannot work."""
+        from .. import _ext
+        from .adapters import get_adapter
+
+        model = runtime.get_model()
+        if model is None:
+            raise RuntimeError("kvblend: blending is on but no model was handed over (vLLM must "
+                               "load kvblend's plugin, the 'kvblend' vllm.general_plugins entry "
+                               "point; is the package installed in this environment?)")
+        adapter = get_adapter(model)  # ValueError naming an unsupported model
+        ext = _ext.load()
+        cache_dtype = next(iter(self._kv_caches.values())).dtype if self._kv_caches else adapter.dtype
+        rope = adapter.rope
+        self._conn = ext.Connector(
+            self.config.items, adapter.num_layers, adapter.num_q_heads, adapter.num_kv_heads,
+            adapter.head_size, _dtype_code(ext, cache_dtype), rope.rotary_dim,
+            ext.ROPE_NEOX if rope.style == "neox" else ext.ROPE_GPTJ,
+            [float(x) for x in rope.inv_freq.tolist()], float(rope.attention_scaling),
+            -1 if adapter.device.type == "cpu" else (adapter.device.index or 0))
+        self._conn.watch_store(True)
+        if hasattr(adapter, "enable_cuda_graphs"):
+            adapter.enable_compile(self.compile_pieces)
+            adapter.enable_cuda_graphs(self.cuda_graph_max_tokens)
+        self._adapter = adapter
+        self._rank, self._tp_size, self._tp_group = _tp() if self._in_vllm else (0, 1, None)
+        if self._tp_size != self.world_size and self._in_vllm:
+            raise RuntimeError(f"kvblend: tensor-parallel group has {self._tp_size} ranks, the "
+                               f"config {self.world_size}")
+        logger.info("kvblend: worker rank %d/%d stores %d KV heads of %d layers (%s)",
+                    self._rank, self._tp_size, adapter.num_kv_heads, adapter.num_layers,
+                    type(model).__name__)
 
     def start_load_kv(self, forward_context, **kwargs):
-        """Start each new request; blend those with external rows."""
-        self._start_requests()
+        """Begin this step's requests (blending those with external rows)."""
+        self._begin_step()
 
-    def _start_requests(self):
-        """Begin this step's new requests not begun yet (blending those with
-        external rows).
+    def _begin_step(self):
+        """Apply this step's metadata once: end finished requests, extend
+        continuing ones, begin new ones (blending the promised rows).
 
         vLLM calls start_load_kv before the forward only when some request
-        of the step loads KV synchronously (a blend); otherwise it calls it
-        after the forward, so ``save_kv_layer`` begins the requests itself.
+        of the step loads KV synchronously (a blend); otherwise after it, so
+        ``save_kv_layer`` runs this itself first.
         """
-        meta = self._get_connector_metadata() if self.has_connector_metadata() else None
-        if not isinstance(meta, KVBlendMetadata) or not meta.requests:
+        if self._conn is None or not self.has_connector_metadata():
             return
-        todo = [rm for rm in meta.requests if rm.req_id not in self._active
-                and rm.req_id not in self._done]
-        if not todo:
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, KVBlendMetadata) or getattr(meta, "_kvblend_applied", False):
             return
-        st = self._state(create=True)
+        meta._kvblend_applied = True
+        for req_id in meta.finished:
+            self._end(req_id, commit=True)
+        for st in meta.steps:
+            a = self._active.get(st.req_id)
+            if a is not None:
+                a.blocks.extend(st.new_block_ids)
+                a.computed = st.computed
+                a.slots = None
+        for rm in meta.requests:
+            self._end(rm.req_id, commit=False)  # a resumed request starts again
+            self._begin(rm)
+
+    def _begin(self, rm: ReqMeta) -> None:
+        """Begin one request; blend its promised rows into the paged cache."""
         from ..blend import blend_prefill
 
-        cfg = self.config
-        ratios = self.ratios_override or list(cfg.recompute_ratios)
-        checks = list(cfg.check_layers)
-        if len(ratios) == 1 and len(checks) > 1:
-            ratios = ratios * len(checks)
-        for rm in todo:
-            slots = self._slots(rm)
-            t0 = time.perf_counter()
-            req = st.conn.begin(rm.token_ids, blend_end=rm.num_external,
-                                save=rm.save and self.save_chunks)
-            info = {"segments_total": 0, "segments_hit": 0, "tokens_recomputed": 0,
-                    "blend_rows": 0, "blend_s": 0.0}
-            if rm.num_external > 0:
-                ids = torch.tensor(rm.token_ids, dtype=torch.int64)
-                bs = blend_prefill(st.adapter, req, ids, self._layouts, slots, checks, ratios,
-                                   deviation=cfg.deviation,
-                                   kv_dtype=next(iter(self._kv_caches.values())).dtype,
-                                   timing=self.timing)
-                info.update(bs.as_dict())
-                info["blend_s"] = time.perf_counter() - t0
-                self.stats["blended"] += 1
-            else:
-                n_seg, n_hit, _ = req.counts()
-                info["segments_total"], info["segments_hit"] = n_seg, n_hit
-            self._active[rm.req_id] = (req, slots, info)
+        t0 = time.perf_counter()
+        end = rm.prefix + rm.num_external
+        req = self._conn.begin(rm.token_ids, spans=rm.spans, blend_end=end if rm.num_external else 0,
+                               save=rm.save and self.save_chunks)
+        a = _Active(req, len(rm.token_ids), list(rm.block_ids), rm.computed, {})
+        self._active[rm.req_id] = a
+        n_seg, n_hit, _ = req.counts()
+        info = {"segments_total": n_seg, "segments_hit": n_hit, "blend_rows": 0,
+                "prefix_rows": rm.prefix, "tokens_recomputed": 0, "rows_reused": 0,
+                "blend_s": 0.0}
+        a.info = info
+        if rm.num_external > 0:
+            cfg = self.config
+            ratios = self.ratios_override or list(cfg.recompute_ratios)
+            checks = list(cfg.check_layers)
+            if len(ratios) == 1 and len(checks) > 1:
+                ratios = ratios * len(checks)
+            blend_slots = _Active(None, end, a.blocks, end, {}).slot_mapping(self.block_size)
+            forced = torch.frombuffer(bytearray(req.forced()), dtype=torch.uint8)[:end]
+            bs = blend_prefill(self._adapter, req, torch.tensor(rm.token_ids, dtype=torch.int64),
+                               self._layouts, blend_slots, checks, ratios,
+                               deviation=cfg.deviation,
+                               kv_dtype=next(iter(self._kv_caches.values())).dtype,
+                               timing=self.timing, prefix=rm.prefix,
+                               forced=self._union_forced(forced),
+                               reduce_scores=self._reduce_scores())
+            info.update(bs.as_dict())
+            info["prefix_rows"] = rm.prefix
+            info["rows_reused"] = end - rm.prefix - bs.tokens_recomputed
+            info["blend_s"] = time.perf_counter() - t0
+            self._stats.data["blended"] += 1
+            self._stats.data["rows_blended"] += end - rm.prefix
+            self._stats.data["rows_reused"] += info["rows_reused"]
+            self._stats.data["rows_recomputed"] += bs.tokens_recomputed
+            logger.info("kvblend: request %s: %d/%d segments hit, %d rows blended (%d reused, %d "
+                        "recomputed) after a %d-row prefix hit, %.1f ms",
+                        rm.req_id, n_hit, n_seg, end - rm.prefix, info["rows_reused"],
+                        bs.tokens_recomputed, rm.prefix, 1000 * info["blend_s"])
+        self._stats.data["requests"] += 1
+        self._stats.data["segments_total"] += n_seg
+        self._stats.data["segments_hit"] += n_hit
+
+    def _union_forced(self, forced: torch.Tensor) -> torch.Tensor:
+        """Rows without stored KV on any rank: every rank recomputes them
+        (a segment one rank evicted is recomputed by all)."""
+        if self._tp_size == 1 or self._tp_group is None:
+            return forced
+        # float32: vLLM's all-reduce paths (custom on GPU, shared memory on
+        # the CPU) take floating types only; 0/1 sums are exact in float32
+        t = forced.to(device=self._adapter.device, dtype=torch.float32)
+        t = self._tp_group.all_reduce(t)
+        return (t > 0).to(torch.uint8).cpu()
+
+    def _reduce_scores(self):
+        """The deviation every rank ranks by: summed over the ranks' heads."""
+        if self._tp_size == 1 or self._tp_group is None:
+            return None
+        group = self._tp_group
+        return lambda score: group.all_reduce(score.float().contiguous())
 
     def wait_for_layer_load(self, layer_name: str):
         """The blend ran to completion in start_load_kv: nothing to wait for."""
         return None
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs):
-        """Copy this layer of each request's first-seen segments into the store."""
-        self._start_requests()
+        """Copy this layer of each request's first-seen, complete segments
+        into the store."""
+        self._begin_step()
         if not self._active:
             return
         layer = self._layer_of.get(layer_name)
@@ -323,50 +684,77 @@ class KVBlendConnector(KVConnectorBase_V1):
         layout = self._layouts[layer]
         stream = torch.cuda.current_stream(kv_layer.device).cuda_stream \
             if kv_layer.device.type == "cuda" else 0
-        for req, slots, _ in self._active.values():
-            req.save_layer(layer, layout, slots.data_ptr(), slots.numel(), stream)
+        for a in self._active.values():
+            if a.slots is None:
+                a.slots = a.slot_mapping(self.block_size)
+            a.req.save_layer(layer, layout, a.slots.data_ptr(), a.slots.numel(), stream)
 
     def wait_for_save(self):
-        """Commit the segments saved at every layer; end the requests."""
-        for req_id, (req, slots, info) in self._active.items():
-            req.finish(True)
-            self.stats["requests"] += 1
-            self.stats["segments_total"] += info["segments_total"]
-            self.stats["segments_hit"] += info["segments_hit"]
-            self.stats["tokens_recomputed"] += info["tokens_recomputed"]
-            runtime.record_request_stats(req_id, info)
-            self._done.add(req_id)
-            external = _external_id(req_id)
-            if external != req_id:
-                runtime.record_request_stats(external, info)
-        self._active.clear()
+        """Commit the segments completed in this step; end the requests
+        whose prefill is done."""
+        self._begin_step()
+        for req_id in list(self._active):
+            a = self._active[req_id]
+            self._stats.data["segments_stored"] += int(a.req.commit())
+            if a.computed >= a.n:
+                self._end(req_id, commit=True)
 
-    def clear_connector_metadata(self):
-        """Drop this step's metadata and the record of requests it began."""
-        super().clear_connector_metadata()
-        self._done.clear()
+    def _end(self, req_id: str, commit: bool) -> None:
+        """End a request's worker state (idempotent)."""
+        a = self._active.pop(req_id, None)
+        if a is None:
+            return
+        a.req.finish(commit)
+        runtime.record_request_stats(req_id, a.info)
+        external = _external_id(req_id)
+        if external != req_id:
+            runtime.record_request_stats(external, a.info)
+
+    def build_connector_worker_meta(self):
+        """This rank's store events since the last step (None when none)."""
+        if self._is_scheduler() or self._conn is None:
+            return None
+        events, lost = self._conn.take_store_events()
+        if not events and not lost:
+            return None
+        return KVBlendWorkerMetadata(events={self._rank: events}, lost={self._rank: bool(lost)})
 
     def get_finished(self, finished_req_ids):
         return None, None
 
     def blend_stats(self) -> dict:
-        """Cumulative counters of this worker (plain dict) with the store's."""
-        st = runtime.get_state(_state_key(self.vllm_config))
-        out = dict(self.stats)
-        if st is not None:
-            out["store"] = st.conn.store_stats()
+        """Cumulative counters of this worker (those already handed to vLLM
+        and those of the current interval) with the store's."""
+        out = {k: self._cumulative.get(k, 0) + int(self._stats.data.get(k, 0)) for k in _COUNTERS}
+        if not self._is_scheduler() and self._conn is not None:
+            out["store"] = self._conn.store_stats()
         return out
 
     def get_kv_connector_stats(self):
-        """``blend_stats()`` for kvblend's built-in engine; None under vLLM,
-        whose scheduler expects a KVConnectorStats (per-request statistics
-        are in ``kvblend.runtime.request_stats``)."""
-        return None if self._in_vllm else self.blend_stats()
+        """This interval's counters as vLLM connector stats (rank 0 of a
+        tensor-parallel group only, so the sum over workers counts each
+        request once); None when there is nothing new."""
+        if self._is_scheduler() or self._rank != 0 or self._stats.is_empty():
+            return None
+        out, self._stats = self._stats, KVBlendStats()
+        for k, v in out.data.items():
+            self._cumulative[k] = self._cumulative.get(k, 0) + int(v)
+        return out
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None):
+        return KVBlendStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        return _prom_metrics_class()(vllm_config, metric_types, labelnames,
+                                     per_engine_labelvalues)
 
     def shutdown(self):
-        for req, _, _ in self._active.values():
-            req.finish(False)
-        self._active.clear()
+        if self._is_scheduler():
+            return
+        for req_id in list(self._active):
+            self._end(req_id, commit=False)
 
 
 def _external_id(req_id: str) -> str:

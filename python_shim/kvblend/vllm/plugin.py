@@ -121,6 +121,23 @@ def _install_hook() -> None:
     _hooked = True
 
 
+def _share_vllm_logging() -> None:
+    """Route the 'kvblend' logger through vLLM's handlers (vLLM configures
+    only its own 'vllm' logger), at INFO unless configured otherwise, so
+    kvblend's start-up and per-request lines show in every vLLM process."""
+    kb = logging.getLogger("kvblend")
+    if kb.handlers:
+        return  # the application configured it
+    vl = logging.getLogger("vllm")
+    if not vl.handlers:
+        return
+    for h in vl.handlers:
+        kb.addHandler(h)
+    if kb.level == logging.NOTSET:
+        kb.setLevel(logging.INFO)
+    kb.propagate = False
+
+
 def register() -> None:
     """Register 'KVBlendConnector' with vLLM and, when blending is
     configured, hook model loading (see the module doc).  Idempotent."""
@@ -138,5 +155,6 @@ def register() -> None:
             except ValueError:
                 pass  # registered concurrently under the same name
         _registered = True
+        _share_vllm_logging()
     if _blending_enabled():
         _install_hook()
