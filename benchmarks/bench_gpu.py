@@ -136,11 +136,8 @@ def copy_bandwidth():
 def load_bandwidth(llm, ids):
     """Bytes/s of Request.load_layer (read + write of every loaded row),
     cycling over the layers."""
-    from kvblend import runtime
-
-    st = runtime.get_state(llm.worker_connector.key)
-    _, reuse_end = st.conn.lookup(ids)
-    req = st.conn.begin(ids, blend_end=int(reuse_end), save=False)
+    spans, _, reuse_end = llm.scheduler_connector._lookup(list(ids))
+    req = llm.worker_connector._conn.begin(ids, spans=spans, blend_end=int(reuse_end), save=False)
     n_rows = int(req.blend_end)
     _, _, n_forced = req.counts()
     k = torch.empty(n_rows, KV_HEADS, HEAD, dtype=torch.bfloat16, device="cuda")

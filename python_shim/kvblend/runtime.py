@@ -1,11 +1,11 @@
-"""Process-wide state shared by kvblend's connector instances.
+"""What an engine hands kvblend in its own process.
 
-vLLM builds one connector for its scheduler and one per worker.  When they
-live in the same process (the built-in engine, vLLM's in-process executor)
-they share one chunk store through this module, so the scheduler's lookup
-sees what the worker stored.  The engine (or kvblend's vLLM plugin, which
-wraps the model runner's ``load_model``) hands the loaded model over with
-``set_model`` so the blend can run the model's own layers.
+The engine (or kvblend's vLLM plugin, which wraps the model runner's
+``load_model`` in each worker process) hands the loaded model over with
+``set_model``; a worker connector binds it when the engine registers its KV
+caches.  The built-in engine also finds each request's blend figures here
+(``request_stats``).  Scheduler and worker connectors share nothing through
+this module: they meet only through vLLM's own channels.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any
 _lock = threading.Lock()
 _model: Any = None
 _tokenizer: Any = None
-_states: dict[str, Any] = {}
 _request_stats: dict[str, dict] = {}
 _MAX_STATS = 4096
 
@@ -38,24 +37,6 @@ def get_model() -> Any:
 def get_tokenizer() -> Any:
     """Return the tokenizer handed over by ``set_model`` (None if none)."""
     return _tokenizer
-
-
-def get_state(key: str) -> Any:
-    """Return the shared blend state registered under ``key``, or None."""
-    with _lock:
-        return _states.get(key)
-
-
-def put_state(key: str, state: Any) -> Any:
-    """Register ``state`` under ``key`` unless one exists; return the one kept."""
-    with _lock:
-        return _states.setdefault(key, state)
-
-
-def drop_state(key: str) -> None:
-    """Forget the state under ``key`` (its store is freed with it)."""
-    with _lock:
-        _states.pop(key, None)
 
 
 def record_request_stats(req_id: str, stats: dict) -> None:

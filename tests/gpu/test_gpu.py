@@ -283,7 +283,7 @@ def _run_blend(model, monkeypatch, engine_id, device_gb, host_gb):
     sp = SamplingParams(max_tokens=4, ignore_eos=True)
     llm.generate({"prompt_token_ids": warm}, sp)
     out = llm.generate({"prompt_token_ids": blended}, sp, return_first_logits=True)[0]
-    stats = llm.worker_connector.get_kv_connector_stats()
+    stats = llm.worker_connector.blend_stats()
     info = runtime.request_stats(out.request_id)
     llm.shutdown()
     return out.outputs[0].token_ids, out.first_logits.float().cpu(), stats, info

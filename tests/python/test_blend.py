@@ -288,3 +288,30 @@ def test_read_only_consumer_reuses_but_never_stores(engines, smollm2):
     _, st3 = _run(writer, p)
     assert st3["segments_hit"] == 5 and writer.worker_connector.blend_stats()["segments_stored"] == 5
     ro.shutdown()
+
+
+def test_stale_lookup_recomputes_what_was_evicted(engines):
+    """Every stored segment is evicted between the scheduler's lookup and
+    the worker's load: the promised rows are recomputed (at ratio 0.15
+    too), so the answer is full prefill's, never stale or zero KV."""
+    make, full, tok = engines
+    sys_ids, chunks, q, sep = _pieces(tok)
+    llm = make(ratio=0.15)
+    _run(llm, join(sys_ids, chunks[:3], q, sep))
+    worker = llm.worker_connector
+    begin = worker._begin
+
+    def evict_then_begin(rm):
+        worker._conn.store_clear()
+        begin(rm)
+
+    worker._begin = evict_then_begin
+    p2 = join(sys_ids, [chunks[2], chunks[0], chunks[1]], _question(tok, "Where is the reef?"), sep)
+    out, st = _run(llm, p2)
+    ref, _ = _run(full, p2)
+    assert out.num_cached_tokens > 0  # the scheduler promised rows ...
+    assert st["segments_hit"] == 0    # ... none were there to load
+    assert st["tokens_recomputed"] == st["blend_rows"] == out.num_cached_tokens
+    diff = (out.first_logits - ref.first_logits).abs().max().item()
+    assert diff <= 1e-4, diff
+    assert out.outputs[0].token_ids == ref.outputs[0].token_ids

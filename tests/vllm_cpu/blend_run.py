@@ -7,7 +7,8 @@ figures kvblend returns in ``kv_transfer_params``.
     python blend_run.py --baseline    # plain vLLM, no connector
     options: --long (chunks of two passages: ~4K-token prompts),
              --max-num-batched-tokens N (the chunked-prefill budget),
-             --tp N (tensor_parallel_size), --max-tokens N
+             --tp N (tensor_parallel_size), --tiny DIR (a small random-weight
+             Llama whose heads split over ranks), --max-tokens N
 
 Prompts (token ids, ``sys + sep + chunks + sep + question``):
     first      chunks (0, 1, 2), question 1: stores every chunk
@@ -57,6 +58,49 @@ def prompts(tokenizer, sep: str, long: bool = False) -> dict[str, list[int]]:
             "new_mid": join(s, [chunks[0], new, chunks[1]], q[2], sep_ids)}
 
 
+TINY_SEP = [7, 8, 9]  # separator token ids of the tiny model's prompts
+
+
+def tiny_model(path: Path) -> Path:
+    """A small Llama with random weights (seeded) saved at ``path`` (made
+    once): 4 layers, 8 query and 4 KV heads, so tensor-parallel ranks split
+    the heads.  No tokenizer: prompts are token ids."""
+    if (path / "config.json").exists():
+        return path
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_attention_heads=8,
+                      num_key_value_heads=4, num_hidden_layers=4, vocab_size=4096,
+                      max_position_embeddings=4096, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(path)
+    return path
+
+
+def tiny_prompts() -> dict[str, list[int]]:
+    """The three prompts of the module doc over random token ids."""
+    import random
+
+    rnd = random.Random(1)
+
+    def piece(n):
+        return [rnd.randrange(100, 4000) for _ in range(n)]
+
+    s, chunks, new = piece(20), [piece(90) for _ in range(3)], piece(70)
+    q = [piece(12) for _ in range(3)]
+
+    def join(parts, question):
+        out = list(s)
+        for p in [*parts, question]:
+            out += TINY_SEP + p
+        return out
+
+    return {"first": join([chunks[0], chunks[1], chunks[2]], q[0]),
+            "reordered": join([chunks[2], chunks[0], chunks[1]], q[1]),
+            "new_mid": join([chunks[0], new, chunks[1]], q[2])}
+
+
 def ttft(out, wall: float) -> float:
     """Time to first token from vLLM's request metrics (wall time if absent)."""
     m = getattr(out, "metrics", None)
@@ -79,6 +123,9 @@ def main(argv=None) -> int:
     p.add_argument("--long", action="store_true", help="~4K-token prompts")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--tiny", default=None,
+                   help="folder of a small random-weight Llama (made there once) instead of "
+                        "SmolLM2; token-id prompts, separator given as token ids")
     args = p.parse_args(argv)
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -90,20 +137,28 @@ def main(argv=None) -> int:
     from kvblend import models
 
     extra = {}
+    kb_extra = {} if args.ratio is None else {"kvblend.recompute_ratios": [args.ratio]}
+    if args.tiny:
+        model = str(tiny_model(Path(args.tiny)))
+        extra["skip_tokenizer_init"] = True
+        kb_extra["kvblend.separator_ids"] = TINY_SEP
+    else:
+        model = str(models.smollm2_path())
     if not args.baseline:
         extra["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
-            kv_role="kv_both", kv_connector_extra_config={"kvblend.recompute_ratios": [args.ratio]})
+            kv_role="kv_both", kv_connector_extra_config=kb_extra)
     if args.max_num_batched_tokens:
         extra["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.tp > 1:
         extra["tensor_parallel_size"] = args.tp
-    llm = LLM(model=str(models.smollm2_path()), dtype="float32",
-              max_model_len=8192 if args.long else 2048, **extra)
-    ps = prompts(llm.get_tokenizer(), os.environ["LMCACHE_BLEND_SPECIAL_STR"], args.long)
+    llm = LLM(model=model, dtype="float32", max_model_len=8192 if args.long else 2048, **extra)
+    ps = tiny_prompts() if args.tiny else \
+        prompts(llm.get_tokenizer(), os.environ["LMCACHE_BLEND_SPECIAL_STR"], args.long)
     # ignore_eos: every run compares max_tokens tokens, even where one
     # answer would end at once
-    sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True,
+                        detokenize=not args.tiny)
     llm.generate({"prompt_token_ids": list(range(1000, 1040))}, SamplingParams(max_tokens=1),
                  use_tqdm=False)  # warm-up, unrelated tokens
     rows = {}

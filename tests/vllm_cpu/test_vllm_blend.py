@@ -142,3 +142,31 @@ def test_long_prompts_with_a_small_chunked_prefill_budget(long_full_ratio, long_
     for name in ("first", "reordered", "new_mid"):
         assert rows[name]["token_ids"] == long_baseline[name]["token_ids"], name
     assert "Traceback" not in text
+
+
+@pytest.fixture(scope="module")
+def tp_runs(tmp_path_factory):
+    """tensor_parallel_size=2 on vLLM's CPU backend (two worker processes,
+    gloo and shared-memory all-reduce) over a small random-weight Llama
+    whose 4 KV heads split 2 + 2 (SmolLM2's 3 do not): vLLM alone, and with
+    the connector at ratio 1.0 and at 0.15."""
+    tiny = str(tmp_path_factory.mktemp("tiny") / "llama")
+    base = _run("--baseline", "--tp", "2", "--tiny", tiny)[0]
+    return base, _run("--ratio", "1.0", "--tp", "2", "--tiny", tiny)
+
+
+def test_tensor_parallel_ranks_store_their_heads_and_agree(tp_runs):
+    """Each rank stores its own 2 KV heads; a segment is a hit once both
+    ranks reported it; ratio 1.0 gives vLLM's own TP=2 tokens, which needs
+    both ranks to recompute the same rows (they all-reduce the deviation
+    and the rows without stored KV; a disagreement would hang or garble)."""
+    base, (rows, text) = tp_runs
+    assert "kvblend: worker rank 0/2 stores 2 KV heads" in text
+    assert "kvblend: worker rank 1/2 stores 2 KV heads" in text
+    assert "tensor-parallel ranks 2" in text
+    re = rows["reordered"]
+    assert (re["segments_total"], re["segments_hit"]) == (5, 4)
+    assert re["num_cached_tokens"] == re["blend_rows"] + re["prefix_rows"] > 0
+    assert rows["new_mid"]["segments_hit"] == 3
+    for name in ("first", "reordered", "new_mid"):
+        assert rows[name]["token_ids"] == base[name]["token_ids"], name

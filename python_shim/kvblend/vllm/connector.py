@@ -331,8 +331,8 @@ class KVBlendConnector(KVConnectorBase_V1):
         self._ext = _ext.load()
         self.index = SegmentIndex(self.world_size)
         self._pending: dict[str, int] = {}               # req_id -> num_external
-        self._prefill: dict[str, int] = {}               # req_id -> prompt length
-        self._prefill_tokens: dict[str, list[int]] = {}  # req_id -> prompt, while prefilling
+        self._prefill: dict[str, int] = {}               # req_id -> prompt length, while prefilling
+        self._prompts: dict[str, list[int]] = {}         # req_id -> prompt, until it finishes
         self._finished: list[str] = []
         self._plans: dict[str, dict] = {}                # req_id -> lookup figures
         self.sep_ids: list[int] = []
@@ -412,6 +412,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         if not self.config.enable_blending:
             return
         self._pending[request.request_id] = int(num_external_tokens)
+        self._prompts[request.request_id] = list(request.prompt_token_ids)
 
     def build_connector_meta(self, scheduler_output) -> KVBlendMetadata:
         """Describe this step's starting, continuing and ended requests."""
@@ -421,28 +422,29 @@ class KVBlendConnector(KVConnectorBase_V1):
             return meta
         scheduled = getattr(scheduler_output, "num_scheduled_tokens", None) or {}
         for new in getattr(scheduler_output, "scheduled_new_reqs", []) or []:
-            self._start(meta, new.req_id, list(new.prompt_token_ids or []),
-                        _first_group(new.block_ids), int(new.num_computed_tokens or 0),
-                        int(scheduled.get(new.req_id, 0)))
+            tokens = new.prompt_token_ids or self._prompts.get(new.req_id, [])
+            self._start(meta, new.req_id, list(tokens), _first_group(new.block_ids),
+                        int(new.num_computed_tokens or 0), int(scheduled.get(new.req_id, 0)))
         cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
         if cached is not None:
             resumed = set(getattr(cached, "resumed_req_ids", None) or ())
             flags = getattr(cached, "resumed_from_preemption", None)  # older releases
             for i, req_id in enumerate(cached.req_ids):
+                new_ids = _first_group(cached.new_block_ids[i]) if cached.new_block_ids[i] else []
+                if req_id in resumed or (flags is not None and flags[i]):
+                    # preempted and resumed: its blocks were freed and it is
+                    # computed again (new_ids is its whole block list), maybe
+                    # with external rows again: the workers start it anew
+                    meta.finished.append(req_id)
+                    self._start(meta, req_id, self._prompts.get(req_id, []), new_ids,
+                                int(cached.num_computed_tokens[i]), int(scheduled.get(req_id, 0)))
+                    continue
                 if req_id not in self._prefill:
                     continue
                 computed = int(cached.num_computed_tokens[i]) + int(scheduled.get(req_id, 0))
-                new_ids = _first_group(cached.new_block_ids[i]) if cached.new_block_ids[i] else []
-                if req_id in resumed or (flags is not None and flags[i]):
-                    # preempted and resumed: its blocks were freed, start again
-                    meta.finished.append(req_id)
-                    tokens = self._prefill_tokens.get(req_id, [])
-                    self._start(meta, req_id, tokens, new_ids,
-                                int(cached.num_computed_tokens[i]), int(scheduled.get(req_id, 0)))
-                    continue
                 meta.steps.append(ReqStep(req_id, new_ids, computed))
                 if computed >= self._prefill[req_id]:
-                    self._done_prefill(req_id)
+                    del self._prefill[req_id]
         self._pending.clear()
         return meta
 
@@ -462,11 +464,8 @@ class KVBlendConnector(KVConnectorBase_V1):
             self._plans.pop(next(iter(self._plans)))
         if computed < len(tokens):
             self._prefill[req_id] = len(tokens)
-            self._prefill_tokens[req_id] = tokens
-
-    def _done_prefill(self, req_id: str) -> None:
-        self._prefill.pop(req_id, None)
-        self._prefill_tokens.pop(req_id, None)
+        else:
+            self._prefill.pop(req_id, None)
 
     def _plan(self, spans, hits, prefix: int, ext: int, n: int) -> dict:
         """What the workers will do with a request, from the lookup: the
@@ -502,7 +501,8 @@ class KVBlendConnector(KVConnectorBase_V1):
             return False, None
         req_id = request.request_id
         self._finished.append(req_id)
-        self._done_prefill(req_id)
+        self._prefill.pop(req_id, None)
+        self._prompts.pop(req_id, None)
         self._pending.pop(req_id, None)
         plan = self._plans.pop(req_id, None)
         return False, ({"kvblend": plan} if plan is not None else None)
