@@ -68,6 +68,8 @@ class BlendStats:
     active_per_layer: list[int] = field(default_factory=list)
     seconds: float = 0.0
     phase_ms: dict[str, float] = field(default_factory=dict)
+    # per check layer (with ``digest``): (rows kept, sum of their positions)
+    selected: list[tuple[int, int]] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {
@@ -79,6 +81,7 @@ class BlendStats:
             "active_per_layer": list(self.active_per_layer),
             "seconds": self.seconds,
             "phase_ms": dict(self.phase_ms),
+            "selected": list(self.selected),
         }
 
 
@@ -95,7 +98,7 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
                   ratios: list[float], deviation: str = "k",
                   kv_dtype: torch.dtype | None = None, timing: bool = False,
                   prefix: int = 0, forced: torch.Tensor | None = None,
-                  reduce_scores=None) -> BlendStats:
+                  reduce_scores=None, digest: bool = False) -> BlendStats:
     """Blend rows [prefix, request.blend_end) of one prompt into the paged cache.
 
     ``request`` is a ``kvblend._kvblend.Request`` (reused segments pinned);
@@ -111,6 +114,8 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
     ranks pass the union of every rank's mask, so all recompute the same
     rows).  ``reduce_scores(score)`` returns the deviation scores every rank
     agrees on (the sum over ranks) before the top-k; None: local scores.
+    ``digest``: record which rows each check layer kept (``stats.selected``,
+    one host sync per check layer), so ranks can be compared.
     Returns the statistics; raises ValueError on inconsistent arguments.
     """
     t0 = time.perf_counter()
@@ -189,6 +194,8 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
             stage_k[active] = k
             stage_v[active] = v
             active = active[keep]
+            if digest:
+                stats.selected.append((int(active.numel()), int(active.sum())))
             q = q[keep]
             h = h[keep]
             flex_mask = flex_graphs = None

@@ -152,6 +152,11 @@ def main(argv=None) -> int:
         extra["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.tp > 1:
         extra["tensor_parallel_size"] = args.tp
+        # vLLM's CPU workers bind their threads per NUMA node and refuse
+        # several ranks on one node unless given cores: split them
+        per = max(1, (os.cpu_count() or args.tp) // args.tp)
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(
+            f"{r * per}-{r * per + per - 1}" if per > 1 else str(r) for r in range(args.tp)))
     llm = LLM(model=model, dtype="float32", max_model_len=8192 if args.long else 2048, **extra)
     ps = tiny_prompts() if args.tiny else \
         prompts(llm.get_tokenizer(), os.environ["LMCACHE_BLEND_SPECIAL_STR"], args.long)

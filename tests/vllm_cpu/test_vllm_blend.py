@@ -152,7 +152,8 @@ def tp_runs(tmp_path_factory):
     the connector at ratio 1.0 and at 0.15."""
     tiny = str(tmp_path_factory.mktemp("tiny") / "llama")
     base = _run("--baseline", "--tp", "2", "--tiny", tiny)[0]
-    return base, _run("--ratio", "1.0", "--tp", "2", "--tiny", tiny)
+    return base, _run("--ratio", "1.0", "--tp", "2", "--tiny", tiny), \
+        _run("--ratio", "0.15", "--tp", "2", "--tiny", tiny)
 
 
 def test_tensor_parallel_ranks_store_their_heads_and_agree(tp_runs):
@@ -160,7 +161,7 @@ def test_tensor_parallel_ranks_store_their_heads_and_agree(tp_runs):
     ranks reported it; ratio 1.0 gives vLLM's own TP=2 tokens, which needs
     both ranks to recompute the same rows (they all-reduce the deviation
     and the rows without stored KV; a disagreement would hang or garble)."""
-    base, (rows, text) = tp_runs
+    base, (rows, text), _ = tp_runs
     assert "kvblend: worker rank 0/2 stores 2 KV heads" in text
     assert "kvblend: worker rank 1/2 stores 2 KV heads" in text
     assert "tensor-parallel ranks 2" in text
@@ -170,3 +171,22 @@ def test_tensor_parallel_ranks_store_their_heads_and_agree(tp_runs):
     assert rows["new_mid"]["segments_hit"] == 3
     for name in ("first", "reordered", "new_mid"):
         assert rows[name]["token_ids"] == base[name]["token_ids"], name
+
+
+def test_tensor_parallel_ranks_recompute_the_same_rows(tp_runs):
+    """At ratio 0.15 each rank logs, per blended request, the rows every
+    check layer kept (count, sum of positions): the two ranks' lists are
+    equal, and the deviation picked a strict subset."""
+    _, _, (rows, text) = tp_runs
+    kept: dict[tuple[str, str], str] = {}
+    for line in text.splitlines():
+        if "kvblend: request" in line and "kept rows" in line:
+            req = line.split("kvblend: request ")[1].split(":")[0]
+            rank, sel = line.split("; rank ")[1].split(" kept rows ")
+            kept[(req, rank)] = sel.strip()
+    reqs = {r for r, _ in kept}
+    assert len(reqs) == 2, kept  # reordered and new_mid blend
+    for r in reqs:
+        assert kept[(r, "0")] == kept[(r, "1")], (r, kept)
+    re = rows["reordered"]
+    assert 0 < re["tokens_recomputed"] < re["blend_rows"]

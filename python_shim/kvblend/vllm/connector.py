@@ -633,7 +633,8 @@ class KVBlendConnector(KVConnectorBase_V1):
                                kv_dtype=next(iter(self._kv_caches.values())).dtype,
                                timing=self.timing, prefix=rm.prefix,
                                forced=self._union_forced(forced),
-                               reduce_scores=self._reduce_scores())
+                               reduce_scores=self._reduce_scores(),
+                               digest=self._tp_size > 1)
             info.update(bs.as_dict())
             info["prefix_rows"] = rm.prefix
             info["rows_reused"] = end - rm.prefix - bs.tokens_recomputed
@@ -643,9 +644,10 @@ class KVBlendConnector(KVConnectorBase_V1):
             self._stats.data["rows_reused"] += info["rows_reused"]
             self._stats.data["rows_recomputed"] += bs.tokens_recomputed
             logger.info("kvblend: request %s: %d/%d segments hit, %d rows blended (%d reused, %d "
-                        "recomputed) after a %d-row prefix hit, %.1f ms",
+                        "recomputed) after a %d-row prefix hit, %.1f ms%s",
                         rm.req_id, n_hit, n_seg, end - rm.prefix, info["rows_reused"],
-                        bs.tokens_recomputed, rm.prefix, 1000 * info["blend_s"])
+                        bs.tokens_recomputed, rm.prefix, 1000 * info["blend_s"],
+                        f"; rank {self._rank} kept rows {bs.selected}" if bs.selected else "")
         self._stats.data["requests"] += 1
         self._stats.data["segments_total"] += n_seg
         self._stats.data["segments_hit"] += n_hit
