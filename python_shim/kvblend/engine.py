@@ -143,6 +143,7 @@ class SamplingParams:
     max_tokens: int = 16
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    extra_args: dict | None = None  # as vLLM's: read by connectors
 
     def __post_init__(self):
         if self.temperature != 0.0:

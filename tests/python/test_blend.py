@@ -315,3 +315,29 @@ def test_stale_lookup_recomputes_what_was_evicted(engines):
     diff = (out.first_logits - ref.first_logits).abs().max().item()
     assert diff <= 1e-4, diff
     assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+
+
+def test_request_sets_its_own_recompute_ratio(engines, caplog):
+    """SamplingParams(extra_args={"kvblend_recompute_ratio": r}) overrides the
+    configured ratio for that request alone (1.0 gives full prefill's
+    logits on an engine configured at 0.15); a bad value is logged with the
+    request id and the configured ratio is used."""
+    make, full, tok = engines
+    sys_ids, chunks, q, sep = _pieces(tok)
+    llm = make(ratio=0.15)
+    _run(llm, join(sys_ids, chunks[:3], q, sep))
+    p2 = join(sys_ids, [chunks[1], chunks[0], chunks[2]], _question(tok, "Who was Bach?"), sep)
+    sp = SamplingParams(temperature=0.0, max_tokens=4, extra_args={"kvblend_recompute_ratio": 1.0})
+    out = llm.generate({"prompt_token_ids": p2}, sp, return_first_logits=True)[0]
+    st = runtime.request_stats(str(out.request_id))
+    ref, _ = _run(full, p2)
+    assert st["segments_hit"] == 4 and st["tokens_recomputed"] == st["blend_rows"]
+    assert (out.first_logits - ref.first_logits).abs().max().item() <= 1e-4
+    _, st15 = _run(llm, join(sys_ids, [chunks[2], chunks[1], chunks[0]], q, sep))
+    assert 0 < st15["tokens_recomputed"] < st15["blend_rows"]
+    bad = SamplingParams(temperature=0.0, max_tokens=1, extra_args={"kvblend_recompute_ratio": 2})
+    with caplog.at_level("ERROR", logger="kvblend"):
+        out = llm.generate({"prompt_token_ids": p2[:-1] + [p2[-1] + 1]}, bad)[0]
+    assert "kvblend_recompute_ratio=2 is not a number in [0, 1]" in caplog.text
+    st_bad = runtime.request_stats(str(out.request_id))
+    assert 0 < st_bad["tokens_recomputed"] < st_bad["blend_rows"]

@@ -66,6 +66,7 @@ class ReqMeta:
     num_external: int  # rows [prefix, prefix + num_external) are blended
     computed: int      # rows in the cache once this step has run
     save: bool = True
+    ratio: float | None = None  # the request's own recompute ratio, if it set one
 
 
 @dataclass
@@ -333,6 +334,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         self._pending: dict[str, int] = {}               # req_id -> num_external
         self._prefill: dict[str, int] = {}               # req_id -> prompt length, while prefilling
         self._prompts: dict[str, list[int]] = {}         # req_id -> prompt, until it finishes
+        self._ratios: dict[str, float | None] = {}       # req_id -> its own ratio, until it finishes
         self._finished: list[str] = []
         self._plans: dict[str, dict] = {}                # req_id -> lookup figures
         self.sep_ids: list[int] = []
@@ -413,6 +415,7 @@ class KVBlendConnector(KVConnectorBase_V1):
             return
         self._pending[request.request_id] = int(num_external_tokens)
         self._prompts[request.request_id] = list(request.prompt_token_ids)
+        self._ratios[request.request_id] = _request_ratio(request)
 
     def build_connector_meta(self, scheduler_output) -> KVBlendMetadata:
         """Describe this step's starting, continuing and ended requests."""
@@ -458,8 +461,10 @@ class KVBlendConnector(KVConnectorBase_V1):
         computed = num_computed + scheduled
         meta.requests.append(ReqMeta(req_id=req_id, token_ids=tokens, spans=spans,
                                      block_ids=block_ids, prefix=prefix, num_external=ext,
-                                     computed=computed, save=self.save_chunks))
-        self._plans[req_id] = self._plan(spans, hits, prefix, ext, len(tokens))
+                                     computed=computed, save=self.save_chunks,
+                                     ratio=self._ratios.get(req_id)))
+        self._plans[req_id] = self._plan(spans, hits, prefix, ext, len(tokens),
+                                         self._ratios.get(req_id))
         if len(self._plans) > 4096:
             self._plans.pop(next(iter(self._plans)))
         if computed < len(tokens):
@@ -467,7 +472,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         else:
             self._prefill.pop(req_id, None)
 
-    def _plan(self, spans, hits, prefix: int, ext: int, n: int) -> dict:
+    def _plan(self, spans, hits, prefix: int, ext: int, n: int, ratio: float | None) -> dict:
         """What the workers will do with a request, from the lookup: the
         figures its ``kv_transfer_params`` report (the workers recompute
         the same rows unless a segment was evicted since the lookup)."""
@@ -481,7 +486,8 @@ class KVBlendConnector(KVConnectorBase_V1):
                 n_hit += 1
                 covered += max(0, min(b, end) - max(a, prefix))
         forced = ext - covered
-        ratios = self.ratios_override or list(self.config.recompute_ratios)
+        ratios = [ratio] if ratio is not None else \
+            (self.ratios_override or list(self.config.recompute_ratios))
         recomputed = forced + num_selected(ratios[-1], ext - forced) if ext else 0
         return {"segments_total": len(spans), "segments_hit": n_hit if ext else 0,
                 "prompt_tokens": n, "prefix_rows": prefix, "blend_rows": ext,
@@ -503,6 +509,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         self._finished.append(req_id)
         self._prefill.pop(req_id, None)
         self._prompts.pop(req_id, None)
+        self._ratios.pop(req_id, None)
         self._pending.pop(req_id, None)
         plan = self._plans.pop(req_id, None)
         return False, ({"kvblend": plan} if plan is not None else None)
@@ -621,7 +628,8 @@ class KVBlendConnector(KVConnectorBase_V1):
         a.info = info
         if rm.num_external > 0:
             cfg = self.config
-            ratios = self.ratios_override or list(cfg.recompute_ratios)
+            ratios = [rm.ratio] if rm.ratio is not None else \
+                (self.ratios_override or list(cfg.recompute_ratios))
             checks = list(cfg.check_layers)
             if len(ratios) == 1 and len(checks) > 1:
                 ratios = ratios * len(checks)
@@ -757,6 +765,29 @@ class KVBlendConnector(KVConnectorBase_V1):
             return
         for req_id in list(self._active):
             self._end(req_id, commit=False)
+
+
+RATIO_ARG = "kvblend_recompute_ratio"
+
+
+def _request_ratio(request) -> float | None:
+    """The recompute ratio a request asked for in its sampling params'
+    ``extra_args`` (``{"kvblend_recompute_ratio": r}``, r in [0, 1]; it
+    applies at every check layer), else None.  A bad value is logged with
+    the request id and ignored: one request must not stop the engine."""
+    extra = getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
+    if RATIO_ARG not in extra:
+        return None
+    value = extra[RATIO_ARG]
+    try:
+        r = float(value)
+    except (TypeError, ValueError):
+        r = float("nan")
+    if isinstance(value, bool) or not 0.0 <= r <= 1.0:
+        logger.error("kvblend: request %s: extra_args %s=%r is not a number in [0, 1]; "
+                     "using the configured ratios", request.request_id, RATIO_ARG, value)
+        return None
+    return r
 
 
 def _external_id(req_id: str) -> str:

@@ -1,0 +1,54 @@
+#!/bin/bash
+# One call on the GPU machine (which reaches no package registry): blending
+# through vLLM 0.26 with its defaults, against the same vLLM without
+# kvblend.  Steps (each skipped when already done on this machine):
+#   1. the bundle's pieces (carried one per call into /root/pieces, see
+#      scripts/gpu_vllm_bundle.sh) are installed into /root/vllm_site;
+#   2. kvblend is built with CUDA (libxxhash from .debs/ when missing);
+#   3. RUNS (space-separated, e.g. "baseline:FLASH_ATTN blend:FLASH_ATTN:gpu")
+#      of benchmarks/bench_vllm_gpu.py, each in its own process, and the
+#      GPU pytest of the vLLM path when PYTEST=1.
+# Results: $OUT/summary.txt, one JSON per run, the logs, table.md.
+set -u
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+S="$OUT/summary.txt"
+if [ ! -f /root/vllm_site/env.sh ]; then
+  ls /root/pieces/part.* >/dev/null 2>&1 || { echo "no pieces in /root/pieces" | tee -a "$S"; exit 1; }
+  bash scripts/gpu_vllm_install.sh /root/pieces /root/vllm_site > "$OUT/install.log" 2>&1
+  echo "vllm install rc=$? $(date -u +%T)" | tee -a "$S"
+fi
+source /root/vllm_site/env.sh
+if ! python3 -c "import kvblend._ext as e; assert e.load().has_cuda()" 2>/dev/null; then
+  ARGS=""
+  if [ ! -f /usr/include/xxhash.h ] && ls .debs/*.deb >/dev/null 2>&1; then
+    for f in .debs/*.deb; do dpkg -x "$f" /tmp/debroot; done
+    R=/tmp/debroot/usr
+    export LD_LIBRARY_PATH=$R/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+    ARGS="-DXXHASH_INCLUDE_DIR=$R/include -DXXHASH_LIBRARY=$(ls $R/lib/x86_64-linux-gnu/libxxhash.so.0* | head -1)"
+  fi
+  KVB_CUDA=ON KVB_BUILD_DIR=/tmp/bgpu KVB_CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 $ARGS" \
+    python3 -m pip install -q --no-build-isolation --no-deps . > "$OUT/build.log" 2>&1
+  echo "kvblend build rc=$? $(date -u +%T)" | tee -a "$S"
+fi
+[ -d /tmp/debroot ] && export LD_LIBRARY_PATH=/tmp/debroot/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$S" 2>&1
+python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)" >> "$S" 2>&1
+for spec in ${RUNS:-}; do
+  IFS=: read -r run backend tier <<< "$spec"
+  name="$run-$backend${tier:+-$tier}"
+  timeout ${RUN_TIMEOUT:-420} python3 benchmarks/bench_vllm_gpu.py --run "$run" --backend "$backend" \
+    --tier "${tier:-gpu}" --json "$OUT/$name.json" ${BENCH_ARGS:-} > "/tmp/$name.log" 2>&1
+  echo "$name rc=$? $(date -u +%T)" | tee -a "$S"
+  grep -E "kvblend|Error|error" "/tmp/$name.log" | grep -v "Route:" | tail -12 >> "$OUT/runs.log"
+  tail -40 "/tmp/$name.log" > "$OUT/last_run.log"
+done
+if [ "${PYTEST:-0}" = 1 ]; then
+  (cd tests && timeout ${PYTEST_TIMEOUT:-300} python3 -m pytest -q gpu/test_vllm_gpu.py -rs -p no:cacheprovider) \
+    > "$OUT/pytest_vllm_gpu.log" 2>&1
+  echo "pytest vllm gpu rc=$? $(date -u +%T)" | tee -a "$S"
+  tail -5 "$OUT/pytest_vllm_gpu.log"
+fi
+ls "$OUT"/*.json >/dev/null 2>&1 && python3 benchmarks/bench_vllm_gpu.py --table "$OUT"/*.json > "$OUT/table.md"
+cat "$S"; cat "$OUT/table.md" 2>/dev/null; tail -30 "$OUT/runs.log" 2>/dev/null
