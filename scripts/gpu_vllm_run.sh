@@ -41,7 +41,8 @@ for spec in ${RUNS:-}; do
   timeout ${RUN_TIMEOUT:-420} python3 benchmarks/bench_vllm_gpu.py --run "$run" --backend "$backend" \
     --tier "${tier:-gpu}" --json "$OUT/$name.json" ${BENCH_ARGS:-} > "/tmp/$name.log" 2>&1
   echo "$name rc=$? $(date -u +%T)" | tee -a "$S"
-  grep -E "kvblend|Error|error" "/tmp/$name.log" | grep -v "Route:" | tail -12 >> "$OUT/runs.log"
+  grep -m3 -E "kvblend: (attention backend|worker|blending)" "/tmp/$name.log" >> "$OUT/runs.log"
+  grep -E "kvblend|Error|error|WARN" "/tmp/$name.log" | grep -v "Route:" | tail -16 >> "$OUT/runs.log"
   tail -40 "/tmp/$name.log" > "$OUT/last_run.log"
 done
 if [ "${PYTEST:-0}" = 1 ]; then

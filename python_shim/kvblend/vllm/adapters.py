@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from ..adapters import RopeSpec
+from ..adapters import LayerGraphs, RopeSpec
 
 VLLM_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM",
                       "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -99,6 +99,25 @@ class VllmModelAdapter:
                              attention_scaling=scaling, rope_type=type(rotary).__name__)
         self.sliding_windows = [getattr(getattr(l.self_attn, "attn", None), "sliding_window", None)
                                 for l in self.layers]
+        # Per-layer CUDA graphs of the two dense pieces (``enable_cuda_graphs``).
+        self.graphs: LayerGraphs | None = None
+
+    def enable_cuda_graphs(self, max_tokens: int = 2048) -> bool:
+        """Replay ``qkv`` and ``out`` of up to ``max_tokens`` rows from
+        per-layer CUDA graphs of vLLM's own modules (``LayerGraphs``): the
+        blend calls them outside vLLM's forward, where each layer would
+        otherwise cost ~20 kernel launches from Python.  Only on CUDA;
+        returns whether graphs are on."""
+        if self.device.type != "cuda" or max_tokens <= 0:
+            self.graphs = None
+            return False
+        self.graphs = LayerGraphs(self, max_tokens)
+        return True
+
+    def enable_compile(self, on: bool = True) -> bool:
+        """vLLM compiles its model for its own forward; kvblend does not
+        compile vLLM's modules a second time.  Always False."""
+        return False
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [T] -> hidden states [T, hidden]."""
@@ -109,6 +128,15 @@ class VllmModelAdapter:
         stream ``h`` [T, hidden]: input_layernorm, the fused qkv_proj split,
         q_norm/k_norm where the model has them, then vLLM's rotary_emb at
         ``positions`` [T]."""
+        pos = positions.to(device=self.device, dtype=torch.int64)
+        g = self.graphs
+        if g is not None and g.fits(h):
+            return g.run("qkv", layer, (h, pos))
+        return self._qkv(layer, h, pos)
+
+    def _qkv(self, layer: int, h: torch.Tensor, pos: torch.Tensor):
+        """``qkv`` with positions already on the device (the body CUDA
+        graphs capture)."""
         mod = self.layers[layer]
         attn = mod.self_attn
         x = mod.input_layernorm(h)
@@ -119,7 +147,6 @@ class VllmModelAdapter:
             q = attn.q_norm(q.reshape(T, -1, D)).reshape(T, -1)
             k = attn.k_norm(k.reshape(T, -1, D)).reshape(T, -1)
         q, k = q.contiguous(), k.contiguous()
-        pos = positions.to(device=self.device, dtype=torch.int64)
         q, k = attn.rotary_emb(pos, q, k)
         return (q.reshape(T, -1, D).contiguous(), k.reshape(T, -1, D).contiguous(),
                 v.reshape(T, -1, D).contiguous())
@@ -127,8 +154,16 @@ class VllmModelAdapter:
     def out(self, layer: int, attn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """Finish ``layer``: o_proj of ``attn`` [T,Hq,D] added to ``residual``,
         then post_attention_layernorm, the MLP and its residual add."""
+        a2 = attn.reshape(attn.shape[0], -1)
+        g = self.graphs
+        if g is not None and g.fits(residual) and a2.dtype == residual.dtype:
+            return g.run("out", layer, (a2, residual))[0]
+        return self._out(layer, a2, residual)
+
+    def _out(self, layer: int, attn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``out`` of ``attn`` [T, Hq*D] (the body CUDA graphs capture)."""
         mod = self.layers[layer]
-        o, _ = mod.self_attn.o_proj(attn.reshape(attn.shape[0], -1).contiguous())
+        o, _ = mod.self_attn.o_proj(attn.contiguous())
         h = residual + o
         return h + mod.mlp(mod.post_attention_layernorm(h))
 
