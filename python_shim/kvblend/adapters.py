@@ -102,7 +102,25 @@ def _rope_spec(model) -> RopeSpec:
                     attention_scaling=float(rotary.attention_scaling), rope_type=rope_type)
 
 
-class ModelAdapter:
+class GraphedPieces:
+    """What adapters whose two dense pieces (``_qkv``, ``_out``) may replay
+    from per-layer CUDA graphs share: ``graphs`` and ``enable_cuda_graphs``."""
+
+    graphs: "LayerGraphs | None" = None
+    device: torch.device
+
+    def enable_cuda_graphs(self, max_tokens: int = 2048) -> bool:
+        """Run ``qkv`` and ``out`` of up to ``max_tokens`` rows through
+        per-layer CUDA graphs (see ``LayerGraphs``).  Only on CUDA; returns
+        whether graphs are on.  ``max_tokens`` 0 turns them off."""
+        if self.device.type != "cuda" or max_tokens <= 0:
+            self.graphs = None
+            return False
+        self.graphs = LayerGraphs(self, max_tokens)
+        return True
+
+
+class ModelAdapter(GraphedPieces):
     """Layer-by-layer view of a Llama-family causal LM (see module doc).
 
     The residual stream is the caller's: ``qkv`` reads ``h`` without changing
@@ -140,16 +158,6 @@ class ModelAdapter:
             self.sliding_windows = [config.sliding_window] * self.num_layers
         else:
             self.sliding_windows = [getattr(l.self_attn, "sliding_window", None) for l in self.layers]
-
-    def enable_cuda_graphs(self, max_tokens: int = 2048) -> bool:
-        """Run ``qkv`` and ``out`` of up to ``max_tokens`` rows through
-        per-layer CUDA graphs (see ``LayerGraphs``).  Only on CUDA; returns
-        whether graphs are on.  ``max_tokens`` 0 turns them off."""
-        if self.device.type != "cuda" or max_tokens <= 0:
-            self.graphs = None
-            return False
-        self.graphs = LayerGraphs(self, max_tokens)
-        return True
 
     def enable_compile(self, on: bool = True) -> bool:
         """Run the two dense pieces of every layer (see ``qkv`` and ``out``)

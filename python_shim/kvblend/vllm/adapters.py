@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from ..adapters import LayerGraphs, RopeSpec
+from ..adapters import GraphedPieces, RopeSpec
 
 VLLM_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM",
                       "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -69,7 +69,7 @@ def _inv_freq(rotary) -> tuple[torch.Tensor, float]:
     return inv.contiguous(), scaling
 
 
-class VllmModelAdapter:
+class VllmModelAdapter(GraphedPieces):
     """Layer-by-layer view of a vLLM Llama-family model (see module doc)."""
 
     def __init__(self, model):
@@ -99,20 +99,10 @@ class VllmModelAdapter:
                              attention_scaling=scaling, rope_type=type(rotary).__name__)
         self.sliding_windows = [getattr(getattr(l.self_attn, "attn", None), "sliding_window", None)
                                 for l in self.layers]
-        # Per-layer CUDA graphs of the two dense pieces (``enable_cuda_graphs``).
-        self.graphs: LayerGraphs | None = None
-
-    def enable_cuda_graphs(self, max_tokens: int = 2048) -> bool:
-        """Replay ``qkv`` and ``out`` of up to ``max_tokens`` rows from
-        per-layer CUDA graphs of vLLM's own modules (``LayerGraphs``): the
-        blend calls them outside vLLM's forward, where each layer would
-        otherwise cost ~20 kernel launches from Python.  Only on CUDA;
-        returns whether graphs are on."""
-        if self.device.type != "cuda" or max_tokens <= 0:
-            self.graphs = None
-            return False
-        self.graphs = LayerGraphs(self, max_tokens)
-        return True
+        # Per-layer CUDA graphs of the two dense pieces of vLLM's own modules
+        # (``enable_cuda_graphs``): the blend calls them outside vLLM's
+        # forward, where each layer would otherwise cost ~20 launches.
+        self.graphs = None
 
     def enable_compile(self, on: bool = True) -> bool:
         """vLLM compiles its model for its own forward; kvblend does not
