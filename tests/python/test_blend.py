@@ -341,3 +341,25 @@ def test_request_sets_its_own_recompute_ratio(engines, caplog):
     assert "kvblend_recompute_ratio=2 is not a number in [0, 1]" in caplog.text
     st_bad = runtime.request_stats(str(out.request_id))
     assert 0 < st_bad["tokens_recomputed"] < st_bad["blend_rows"]
+
+
+def test_failed_prefill_stores_nothing(engines):
+    """A prompt that fails in the forward (a token id past the vocabulary)
+    ends in the connector with the request: none of its segments is stored
+    from the freed blocks, and later requests blend as before."""
+    make, full, tok = engines
+    sys_ids, chunks, q, sep = _pieces(tok)
+    llm = make(ratio=1.0)
+    bad = join(sys_ids, chunks[:3], q[:-1] + [llm.adapter.vocab_size + 5], sep)
+    with pytest.raises(Exception):
+        llm.generate({"prompt_token_ids": bad}, GREEDY)
+    p2 = join(sys_ids, [chunks[2], chunks[0], chunks[1]], _question(tok, "Where is the reef?"), sep)
+    out, st = _run(llm, p2)
+    assert st["segments_hit"] == 0 and out.num_cached_tokens == 0  # nothing of `bad` stored
+    assert llm.worker_connector.blend_stats()["store"]["num_entries"] == 5  # p2's own
+    _run(llm, join(sys_ids, chunks[:3], q, sep))
+    p3 = join(sys_ids, [chunks[1], chunks[2], chunks[0]], _question(tok, "Who was Bach?"), sep)
+    out3, st3 = _run(llm, p3)
+    ref3, _ = _run(full, p3)
+    assert st3["segments_hit"] == 4
+    assert out3.outputs[0].token_ids == ref3.outputs[0].token_ids
