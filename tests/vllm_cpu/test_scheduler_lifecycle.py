@@ -101,13 +101,13 @@ def _vllm_config(path: str) -> VllmConfig:
                       device_config=DeviceConfig("cpu"))
 
 
-def _scheduler(vllm_config: VllmConfig) -> Scheduler:
-    """A Scheduler over NUM_BLOCKS blocks of one full-attention group."""
+def _scheduler(vllm_config: VllmConfig, num_blocks: int = NUM_BLOCKS) -> Scheduler:
+    """A Scheduler over ``num_blocks`` blocks of one full-attention group."""
     kv_cache_config = KVCacheConfig(
-        num_blocks=NUM_BLOCKS, kv_cache_tensors=[],
+        num_blocks=num_blocks, kv_cache_tensors=[],
         kv_cache_groups=[KVCacheGroupSpec(LAYERS, FullAttentionSpec(
             block_size=BLOCK, num_kv_heads=N_KV, head_size=HEAD, dtype=torch.float32))])
-    vllm_config.cache_config.num_gpu_blocks = NUM_BLOCKS
+    vllm_config.cache_config.num_gpu_blocks = num_blocks
     return Scheduler(vllm_config=vllm_config, kv_cache_config=kv_cache_config,
                      structured_output_manager=StructuredOutputManager(vllm_config),
                      block_size=BLOCK, log_stats=True)
@@ -132,13 +132,13 @@ def _prompt(tok, chunk_order, question):
 _hash_ready = False
 
 
-def _request(req_id: str, ids: list[int]) -> Request:
-    """A greedy request of MAX_TOKENS new tokens over ``ids``."""
+def _request(req_id: str, ids: list[int], max_tokens: int = MAX_TOKENS) -> Request:
+    """A greedy request of ``max_tokens`` new tokens over ``ids``."""
     global _hash_ready
     if not _hash_ready:
         init_none_hash(sha256)
         _hash_ready = True
-    sp = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     return Request(request_id=req_id, prompt_token_ids=list(ids), sampling_params=sp,
                    pooling_params=None, block_hasher=get_request_block_hasher(BLOCK, sha256))
 
@@ -428,3 +428,40 @@ def test_index_counts_a_segment_only_when_every_rank_has_it():
     # a rank whose event log overflowed is forgotten, never trusted
     idx.apply(KVBlendWorkerMetadata(events={}, lost={0: True}))
     assert not idx.has(key)
+
+
+def test_preempted_request_starts_again_in_the_workers(blend_env):
+    """Two requests outgrow 13 blocks while decoding: vLLM preempts one
+    and frees its blocks.  When it resumes, its stored segments are an
+    external hit again; the step's metadata ends its old worker state and
+    starts it anew over its new block list, and the worker blends it."""
+    path, _, tok = blend_env
+    vc = _vllm_config(path)
+    sched = _scheduler(vc, num_blocks=14)
+    conn = sched.connector
+    worker, caches = _worker(vc)
+    try:
+        ids_a, _ = _prompt(tok, [0, 1, 2], QUESTIONS[0])
+        ids_b, _ = _prompt(tok, [2, 1, 0], QUESTIONS[1])
+        assert -(-len(ids_a) // BLOCK) + -(-len(ids_b) // BLOCK) <= 13
+        sched.add_request(_request("a", ids_a, max_tokens=30))
+        sched.add_request(_request("b", ids_b, max_tokens=30))
+        steps = _run(sched, lambda so: _save_step(worker, caches, so.kv_connector_metadata))
+        resumed = [so for so in steps if so.scheduled_cached_reqs.resumed_req_ids]
+        assert resumed, "no request was preempted"
+        so = resumed[0]
+        cached = so.scheduled_cached_reqs
+        (rid,) = cached.resumed_req_ids
+        meta = so.kv_connector_metadata
+        assert rid in meta.finished  # its old worker state ends ...
+        (rm,) = [r for r in meta.requests if r.req_id == rid]  # ... and it starts again
+        i = cached.req_ids.index(rid)
+        assert rm.block_ids == list(cached.new_block_ids[i][0])
+        assert rm.num_external > 0 and rm.prefix == 0
+        assert cached.num_computed_tokens[i] == rm.num_external
+        assert worker.blend_stats()["blended"] >= 1
+        assert all(r.status == RequestStatus.FINISHED_LENGTH_CAPPED
+                   for r in (sched.requests.get("a"), sched.requests.get("b")) if r is not None)
+        assert not sched.has_unfinished_requests()
+    finally:
+        worker.shutdown()
