@@ -104,7 +104,8 @@ def _rope_spec(model) -> RopeSpec:
 
 class GraphedPieces:
     """What adapters whose two dense pieces (``_qkv``, ``_out``) may replay
-    from per-layer CUDA graphs share: ``graphs`` and ``enable_cuda_graphs``."""
+    from per-layer CUDA graphs share: ``graphs``, ``enable_cuda_graphs`` and
+    ``out``."""
 
     graphs: "LayerGraphs | None" = None
     device: torch.device
@@ -118,6 +119,18 @@ class GraphedPieces:
             return False
         self.graphs = LayerGraphs(self, max_tokens)
         return True
+
+    def out(self, layer: int, attn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Finish ``layer``: o_proj of ``attn`` [T,Hq,D] + residual, then the MLP block
+        (the adapter's ``_out``).
+
+        Under CUDA graphs the result views the graph's static output, valid
+        until the same layer runs again for as many tokens."""
+        a2 = attn.reshape(attn.shape[0], -1)
+        g = self.graphs
+        if g is not None and g.fits(residual) and a2.dtype == residual.dtype:
+            return g.run("out", layer, (a2, residual))[0]
+        return self._out(layer, a2, residual)
 
 
 class ModelAdapter(GraphedPieces):
@@ -216,16 +229,6 @@ class ModelAdapter(GraphedPieces):
         cos, sin = self.rope.cos_sin(positions, dtype, self.device)
         self._rope_memo = (positions.clone(), dtype, cos, sin, positions)
         return cos, sin
-
-    def out(self, layer: int, attn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """Finish ``layer``: o_proj of ``attn`` [T,Hq,D] + residual, then the MLP block.
-
-        Under CUDA graphs (see ``qkv``) the result views the static output."""
-        a2 = attn.reshape(attn.shape[0], -1)
-        g = self.graphs
-        if g is not None and g.fits(residual) and a2.dtype == residual.dtype:
-            return g.run("out", layer, (a2, residual))[0]
-        return self._out(layer, a2, residual)
 
     def _out(self, layer: int, attn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``out`` of ``attn`` [T, Hq*D] (the body CUDA graphs capture;

@@ -141,17 +141,10 @@ class VllmModelAdapter(GraphedPieces):
         return (q.reshape(T, -1, D).contiguous(), k.reshape(T, -1, D).contiguous(),
                 v.reshape(T, -1, D).contiguous())
 
-    def out(self, layer: int, attn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """Finish ``layer``: o_proj of ``attn`` [T,Hq,D] added to ``residual``,
-        then post_attention_layernorm, the MLP and its residual add."""
-        a2 = attn.reshape(attn.shape[0], -1)
-        g = self.graphs
-        if g is not None and g.fits(residual) and a2.dtype == residual.dtype:
-            return g.run("out", layer, (a2, residual))[0]
-        return self._out(layer, a2, residual)
-
     def _out(self, layer: int, attn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``out`` of ``attn`` [T, Hq*D] (the body CUDA graphs capture)."""
+        """``out`` of ``attn`` [T, Hq*D]: vLLM's o_proj added to ``residual``,
+        then post_attention_layernorm, the MLP and its residual add (the
+        body CUDA graphs capture)."""
         mod = self.layers[layer]
         o, _ = mod.self_attn.o_proj(attn.contiguous())
         h = residual + o
