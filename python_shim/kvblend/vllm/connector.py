@@ -190,11 +190,7 @@ class SegmentIndex:
                 if added:
                     self._ranks.setdefault(key, set()).add(rank)
                 else:
-                    ranks = self._ranks.get(key)
-                    if ranks is not None:
-                        ranks.discard(rank)
-                        if not ranks:
-                            del self._ranks[key]
+                    self._drop(key, rank)
         for rank, lost in meta.lost.items():
             if lost:
                 self.forget_rank(rank)
@@ -204,8 +200,14 @@ class SegmentIndex:
         logger.warning("kvblend: rank %d lost store events; forgetting its segments "
                        "(they are stored again as prompts reuse them)", rank)
         for key in list(self._ranks):
-            self._ranks[key].discard(rank)
-            if not self._ranks[key]:
+            self._drop(key, rank)
+
+    def _drop(self, key: tuple[int, int], rank: int) -> None:
+        """``rank`` no longer holds ``key``; forget keys no rank holds."""
+        ranks = self._ranks.get(key)
+        if ranks is not None:
+            ranks.discard(rank)
+            if not ranks:
                 del self._ranks[key]
 
     def has(self, key: tuple[int, int]) -> bool:
@@ -261,14 +263,19 @@ class _Active:
         self.slots = None
 
     def slot_mapping(self, block_size: int) -> torch.Tensor:
-        """Slot of each prompt row computed so far; -1 for rows not computed
-        yet or past the allocated blocks."""
-        pos = torch.arange(self.n, dtype=torch.int64)
-        blocks = torch.tensor(self.blocks or [0], dtype=torch.int64)
-        idx = torch.clamp(pos // block_size, max=blocks.numel() - 1)
-        slots = blocks[idx] * block_size + pos % block_size
-        valid = (pos < self.computed) & (pos // block_size < len(self.blocks))
-        return torch.where(valid, slots, torch.full_like(slots, -1))
+        """Slot of each prompt row computed so far (see ``_slot_mapping``)."""
+        return _slot_mapping(self.blocks, self.n, self.computed, block_size)
+
+
+def _slot_mapping(block_ids: list[int], n: int, computed: int, block_size: int) -> torch.Tensor:
+    """Slot of each of ``n`` rows in the blocks ``block_ids``; -1 for rows at
+    or past ``computed`` or past the allocated blocks."""
+    pos = torch.arange(n, dtype=torch.int64)
+    blocks = torch.tensor(block_ids or [0], dtype=torch.int64)
+    idx = torch.clamp(pos // block_size, max=blocks.numel() - 1)
+    slots = blocks[idx] * block_size + pos % block_size
+    valid = (pos < computed) & (pos // block_size < len(block_ids))
+    return torch.where(valid, slots, torch.full_like(slots, -1))
 
 
 # -------------------------------------------------------------- connector
@@ -633,7 +640,7 @@ class KVBlendConnector(KVConnectorBase_V1):
             checks = list(cfg.check_layers)
             if len(ratios) == 1 and len(checks) > 1:
                 ratios = ratios * len(checks)
-            blend_slots = _Active(None, end, a.blocks, end, {}).slot_mapping(self.block_size)
+            blend_slots = _slot_mapping(a.blocks, end, end, self.block_size)
             forced = torch.frombuffer(bytearray(req.forced()), dtype=torch.uint8)[:end]
             bs = blend_prefill(self._adapter, req, torch.tensor(rm.token_ids, dtype=torch.int64),
                                self._layouts, blend_slots, checks, ratios,
