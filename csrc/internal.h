@@ -29,6 +29,11 @@ KVB_HIDDEN kvb_status kvb_fail(kvb_status status, const char *fmt, ...)
 KVB_HIDDEN void kvb_log(kvb_log_level level, const char *fmt, ...)
     KVB_PRINTF(2, 3);
 
+/* XXH3-64 of bytes[0..len) with `seed` (chain calls by passing the last
+ * digest as the next seed): the checksum of stored rows (hash.c). */
+KVB_HIDDEN uint64_t kvb_checksum(const void *bytes, size_t len,
+                                 uint64_t seed);
+
 /* Returns the number of worker threads CPU ops should use (>= 1). */
 KVB_HIDDEN int kvb_cpu_threads(void);
 

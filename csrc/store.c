@@ -66,15 +66,21 @@
 
 typedef enum entry_state {
     ENTRY_PENDING = 0, /* reserved, rows being written, invisible */
-    ENTRY_READY = 1    /* committed, visible to lookups */
+    ENTRY_READY = 1,   /* committed, visible to lookups */
+    ENTRY_DOOMED = 2   /* discarded while pinned: invisible, freed at the
+                          last unpin */
 } entry_state;
 
 struct kvb_entry {
     kvb_store *store;
     uint64_t hash;
+    uint64_t ns;         /* the tenant namespace it was stored under */
     int64_t num_tokens;
     int32_t *tokens;     /* [num_tokens], inside this record */
     int64_t *positions;  /* [num_tokens], inside this record */
+    uint64_t *sums;      /* [num_layers] checksums, inside this record;
+                            valid when has_sums */
+    int has_sums;
     unsigned char *rows; /* per layer: K then V, from the tier allocator;
                             changes only while unpinned (moves) */
     size_t layer_bytes;  /* bytes of K (or V) of one layer */
@@ -86,14 +92,14 @@ struct kvb_entry {
     kvb_entry *bucket_next;
     kvb_entry *lru_prev; /* towards the least recently used end */
     kvb_entry *lru_next; /* towards the most recently used end */
-    int64_t data[];      /* positions, then tokens */
+    int64_t data[];      /* positions, checksums, then tokens */
 };
 
 struct kvb_store {
     pthread_mutex_t mu;
     kvb_store_params params;
     size_t token_bytes; /* bytes of one token's K (or V) in one layer */
-    uint64_t (*hash_fn)(const int32_t *, int64_t);
+    uint64_t (*debug_hash)(const int32_t *, int64_t); /* NULL: the key */
 
     kvb_entry **buckets;
     size_t num_buckets; /* a power of two */
@@ -160,12 +166,14 @@ static int store_entry_sizes(const kvb_store *store, int64_t n,
                              size_t *record_bytes)
 {
     size_t per_token_meta = sizeof(int64_t) + sizeof(int32_t);
+    size_t sums = (size_t)store->params.num_layers * sizeof(uint64_t);
     size_t meta;
     if (!store_mul((size_t)n, store->token_bytes, layer_bytes) ||
         !store_mul(*layer_bytes, 2 * (size_t)store->params.num_layers,
                    rows_bytes) ||
         !store_mul((size_t)n, per_token_meta, &meta) ||
-        __builtin_add_overflow(meta, sizeof(kvb_entry), record_bytes)) {
+        __builtin_add_overflow(meta, sizeof(kvb_entry) + sums,
+                               record_bytes)) {
         return 0;
     }
     size_t total;
@@ -211,13 +219,24 @@ static kvb_status store_check_entry(const kvb_store *store,
     return KVB_OK;
 }
 
+/* The key of tokens[0..n) in namespace ns: kvb_hash_tokens_ns, or the
+ * test's hash (which ignores the namespace, so that the namespace compare
+ * of store_find is what keeps tenants apart). */
+static uint64_t store_hash(const kvb_store *store, uint64_t ns,
+                           const int32_t *tokens, int64_t n)
+{
+    return store->debug_hash != NULL ? store->debug_hash(tokens, n)
+                                     : kvb_hash_tokens_ns(tokens, n, ns);
+}
+
 /*
- * Finds the entry (PENDING or READY) for exactly tokens[0..n) with hash h.
- * Sets *collided to 1 when an entry with the same hash but other tokens was
- * passed over.  Returns NULL when there is none.  Caller holds the lock.
+ * Finds the entry (in any state) for exactly tokens[0..n) in namespace ns
+ * with hash h.  Sets *collided to 1 when an entry with the same hash but
+ * other tokens or another namespace was passed over.  Returns NULL when there is none.  Caller holds the lock.
  */
 static kvb_entry *store_find(const kvb_store *store, uint64_t h,
-                             const int32_t *tokens, int64_t n, int *collided)
+                             uint64_t ns, const int32_t *tokens, int64_t n,
+                             int *collided)
 {
     *collided = 0;
     for (kvb_entry *e = store->buckets[h & (store->num_buckets - 1)];
@@ -225,7 +244,7 @@ static kvb_entry *store_find(const kvb_store *store, uint64_t h,
         if (e->hash != h) {
             continue;
         }
-        if (e->num_tokens == n &&
+        if (e->ns == ns && e->num_tokens == n &&
             memcmp(e->tokens, tokens, (size_t)n * sizeof *tokens) == 0) {
             return e;
         }
@@ -324,12 +343,17 @@ static void store_pin(kvb_store *store, kvb_entry *e)
     }
 }
 
-/* Drops one pin (pins > 0); the bytes become evictable on the last.  Caller
- * holds the lock. */
+/* Drops one pin (pins > 0); the bytes become evictable on the last, and a
+ * discarded entry is freed.  Caller holds the lock. */
+static void store_destroy(kvb_store *store, kvb_entry *e);
+
 static void store_unpin_locked(kvb_store *store, kvb_entry *e)
 {
     if (--e->pins == 0) {
         store->busy_bytes[e->tier] -= e->bytes;
+        if (e->state == ENTRY_DOOMED) {
+            store_destroy(store, e);
+        }
     }
 }
 
@@ -370,7 +394,9 @@ static void store_record(kvb_store *store, const kvb_entry *e,
  */
 static void store_destroy(kvb_store *store, kvb_entry *e)
 {
-    store_index_remove(store, e);
+    if (e->state != ENTRY_DOOMED) { /* a doomed one left the index */
+        store_index_remove(store, e);
+    }
     if (e->state == ENTRY_READY) {
         store_lru_unlink(store, e);
         store_record(store, e, KVB_STORE_EVENT_REMOVED);
@@ -383,6 +409,62 @@ static void store_destroy(kvb_store *store, kvb_entry *e)
     const kvb_allocator *a = &store->alloc[e->tier];
     a->free(e->rows, e->rows_bytes, a->ctx);
     free(e);
+}
+
+/* The checksum of layer l of e's rows (host memory): XXH3-64 of its K
+ * bytes, continued over its V bytes; store_sum_rows does every layer. */
+static void store_sum_rows_layer(const kvb_store *store, const kvb_entry *e,
+                                 int32_t l, uint64_t *sum)
+{
+    (void)store;
+    const unsigned char *k = e->rows + 2 * (size_t)l * e->layer_bytes;
+    uint64_t h = kvb_checksum(k, e->layer_bytes, 0);
+    *sum = kvb_checksum(k + e->layer_bytes, e->layer_bytes, h);
+}
+
+static void store_sum_rows(const kvb_store *store, const kvb_entry *e,
+                           uint64_t *sums)
+{
+    for (int32_t l = 0; l < store->params.num_layers; l++) {
+        store_sum_rows_layer(store, e, l, &sums[l]);
+    }
+}
+
+/* Returns 0 when e carries checksums, its rows are in host memory and some
+ * layer's rows no longer match; 1 otherwise (nothing to check counts as a
+ * match).  The rows must not change meanwhile (e pinned). */
+static int store_sums_match(const kvb_store *store, const kvb_entry *e)
+{
+    if (!e->has_sums || e->tier != KVB_TIER_HOST) {
+        return 1;
+    }
+    for (int32_t l = 0; l < store->params.num_layers; l++) {
+        uint64_t got;
+        store_sum_rows_layer(store, e, l, &got);
+        if (got != e->sums[l]) {
+            kvb_log(KVB_LOG_WARNING,
+                    "store: a stored chunk of %lld tokens (key %016llx) "
+                    "fails its checksum at layer %d: dropped, its rows are "
+                    "recomputed",
+                    (long long)e->num_tokens, (unsigned long long)e->hash,
+                    (int)l);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Makes the READY, pinned entry e invisible to lookups (out of the index
+ * and the LRU list, a REMOVED event, counted in stats.corrupt); it is freed when its
+ * last pin is released.  Caller holds the lock. */
+static void store_doom(kvb_store *store, kvb_entry *e)
+{
+    assert(e->state == ENTRY_READY && e->pins > 0);
+    store_index_remove(store, e); /* the same tokens may be stored again */
+    store_lru_unlink(store, e);
+    store_record(store, e, KVB_STORE_EVENT_REMOVED);
+    e->state = ENTRY_DOOMED;
+    store->stats.corrupt++;
 }
 
 /* Returns 1 when new rows can be placed in `tier`: it has an allocator and
@@ -427,6 +509,12 @@ static int store_move(kvb_store *store, kvb_entry *e, kvb_tier dst)
     sa->free(e->rows, e->rows_bytes, sa->ctx);
     e->rows = rows;
     e->tier = dst;
+    /* Checksums cover host-tier rows: a demoted entry gets them now (its
+     * rows were just copied, under the lock), a promoted one drops them. */
+    e->has_sums = dst == KVB_TIER_HOST && store->params.checksums;
+    if (e->has_sums) {
+        store_sum_rows(store, e, e->sums);
+    }
     store->bytes[src] -= e->bytes;
     store->bytes[dst] += e->bytes;
     store->tier_entries[src]--;
@@ -533,7 +621,6 @@ kvb_status kvb_store_create(const kvb_store_params *params, kvb_store **out)
     s->params = *params;
     s->token_bytes = (size_t)params->num_kv_heads *
                      (size_t)params->head_size * elem;
-    s->hash_fn = kvb_hash_tokens;
     s->buckets = buckets;
     s->num_buckets = STORE_MIN_BUCKETS;
     s->alloc[KVB_TIER_HOST].alloc = store_host_alloc;
@@ -574,8 +661,8 @@ void kvb_store_free(kvb_store *store)
 
 /* Sets *found to 1 when a READY entry for exactly these tokens exists.
  * Touches neither pins, LRU order nor statistics. */
-kvb_status kvb_store_contains(kvb_store *store, const int32_t *tokens,
-                              int64_t n, int *found)
+kvb_status kvb_store_contains(kvb_store *store, uint64_t ns,
+                              const int32_t *tokens, int64_t n, int *found)
 {
     kvb_status st = store_check_tokens(store, tokens, n, "kvb_store_contains");
     if (st != KVB_OK) {
@@ -586,8 +673,8 @@ kvb_status kvb_store_contains(kvb_store *store, const int32_t *tokens,
     }
     int collided;
     pthread_mutex_lock(&store->mu);
-    kvb_entry *e = store_find(store, store->hash_fn(tokens, n), tokens, n,
-                              &collided);
+    kvb_entry *e = store_find(store, store_hash(store, ns, tokens, n), ns,
+                              tokens, n, &collided);
     *found = e != NULL && e->state == ENTRY_READY;
     pthread_mutex_unlock(&store->mu);
     return KVB_OK;
@@ -599,8 +686,9 @@ kvb_status kvb_store_contains(kvb_store *store, const int32_t *tokens,
  * device tier when a mover is installed, promotion is on and the device
  * tier can make room; the copy is synchronous (it is done when this
  * returns), and on any failure the entry is returned from the host tier. */
-kvb_status kvb_store_acquire(kvb_store *store, const int32_t *tokens,
-                             int64_t n, kvb_entry **entry)
+kvb_status kvb_store_acquire(kvb_store *store, uint64_t ns,
+                             const int32_t *tokens, int64_t n,
+                             kvb_entry **entry)
 {
     kvb_status st = store_check_tokens(store, tokens, n, "kvb_store_acquire");
     if (st != KVB_OK) {
@@ -611,8 +699,8 @@ kvb_status kvb_store_acquire(kvb_store *store, const int32_t *tokens,
     }
     int collided;
     pthread_mutex_lock(&store->mu);
-    kvb_entry *e = store_find(store, store->hash_fn(tokens, n), tokens, n,
-                              &collided);
+    kvb_entry *e = store_find(store, store_hash(store, ns, tokens, n), ns,
+                              tokens, n, &collided);
     store->stats.lookups++;
     store->stats.collisions += collided;
     if (e != NULL && e->state != ENTRY_READY) {
@@ -627,9 +715,16 @@ kvb_status kvb_store_acquire(kvb_store *store, const int32_t *tokens,
         /* The pin keeps e from being dropped while the host tier makes
          * room for the entries its promotion demotes. */
         if (was_unpinned && e->tier == KVB_TIER_HOST &&
-            store->move != NULL && store->promote &&
-            store_move(store, e, KVB_TIER_DEVICE)) {
-            store->stats.promotions++;
+            store->move != NULL && store->promote) {
+            /* The device tier keeps no checksum: the host copy is
+             * checked before it moves, and a damaged one is dropped. */
+            if (!store_sums_match(store, e)) {
+                store_doom(store, e);
+                store_unpin_locked(store, e);
+                e = NULL;
+            } else if (store_move(store, e, KVB_TIER_DEVICE)) {
+                store->stats.promotions++;
+            }
         }
     }
     pthread_mutex_unlock(&store->mu);
@@ -674,9 +769,9 @@ static int store_place(kvb_store *store, size_t total, size_t rows_bytes,
  * (counted in stats.rejected and logged once).  KVB_ERR_NOMEM when an
  * allocation fails; nothing is left reserved then.
  */
-kvb_status kvb_store_reserve(kvb_store *store, const int32_t *tokens,
-                             int64_t n, const int64_t *positions,
-                             kvb_entry **entry)
+kvb_status kvb_store_reserve(kvb_store *store, uint64_t ns,
+                             const int32_t *tokens, int64_t n,
+                             const int64_t *positions, kvb_entry **entry)
 {
     kvb_status st = store_check_tokens(store, tokens, n, "kvb_store_reserve");
     if (st != KVB_OK) {
@@ -707,8 +802,8 @@ kvb_status kvb_store_reserve(kvb_store *store, const int32_t *tokens,
     void *rows = NULL;
     kvb_tier tier = KVB_TIER_HOST;
     pthread_mutex_lock(&store->mu);
-    uint64_t h = store->hash_fn(tokens, n);
-    kvb_entry *old = store_find(store, h, tokens, n, &collided);
+    uint64_t h = store_hash(store, ns, tokens, n);
+    kvb_entry *old = store_find(store, h, ns, tokens, n, &collided);
     store->stats.collisions += collided;
     if (old != NULL) {
         pthread_mutex_unlock(&store->mu);
@@ -742,9 +837,11 @@ kvb_status kvb_store_reserve(kvb_store *store, const int32_t *tokens,
     memset(e, 0, sizeof *e);
     e->store = store;
     e->hash = h;
+    e->ns = ns;
     e->num_tokens = n;
     e->positions = e->data;
-    e->tokens = (int32_t *)(e->data + n);
+    e->sums = (uint64_t *)(e->data + n);
+    e->tokens = (int32_t *)(e->sums + store->params.num_layers);
     e->rows = rows;
     e->layer_bytes = layer_bytes;
     e->rows_bytes = rows_bytes;
@@ -786,13 +883,26 @@ static kvb_status store_lock_pending(kvb_store *store, kvb_entry *entry,
 }
 
 /* Makes a PENDING entry READY (visible, most recently used) and drops the
- * reservation's pin.  KVB_ERR_INVALID for an entry that is not PENDING. */
+ * reservation's pin; with checksums on, a host-tier entry's are computed
+ * first.  KVB_ERR_INVALID for an entry that is not PENDING. */
 kvb_status kvb_store_commit(kvb_store *store, kvb_entry *entry)
 {
-    kvb_status st = store_lock_pending(store, entry, "kvb_store_commit");
+    kvb_status st = store_check_entry(store, entry, "kvb_store_commit");
     if (st != KVB_OK) {
         return st;
     }
+    /* The reservation's pin keeps the rows where they are: hash them
+     * outside the lock. */
+    int sums = store->params.checksums && entry->tier == KVB_TIER_HOST &&
+               entry->state == ENTRY_PENDING;
+    if (sums) {
+        store_sum_rows(store, entry, entry->sums);
+    }
+    st = store_lock_pending(store, entry, "kvb_store_commit");
+    if (st != KVB_OK) {
+        return st;
+    }
+    entry->has_sums = sums;
     entry->state = ENTRY_READY;
     store_lru_push(store, entry);
     store_unpin_locked(store, entry);
@@ -841,6 +951,40 @@ kvb_status kvb_store_unpin(kvb_store *store, kvb_entry *entry)
     }
     store_unpin_locked(store, entry);
     pthread_mutex_unlock(&store->mu);
+    return KVB_OK;
+}
+
+/* Checks a pinned READY entry against its checksums; a damaged one is
+ * dropped and the caller's pin released.  See kvblend.h. */
+kvb_status kvb_store_verify(kvb_store *store, kvb_entry *entry, int *intact)
+{
+    kvb_status st = store_check_entry(store, entry, "kvb_store_verify");
+    if (st != KVB_OK) {
+        return st;
+    }
+    if (intact == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "kvb_store_verify: intact is NULL");
+    }
+    pthread_mutex_lock(&store->mu);
+    int ready = entry->state == ENTRY_READY && entry->pins > 0;
+    pthread_mutex_unlock(&store->mu);
+    if (!ready) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_store_verify: entry %p is not pinned by "
+                        "kvb_store_acquire",
+                        (void *)entry);
+    }
+    /* Pinned: its rows neither move nor change tier while they are hashed
+     * without the lock. */
+    *intact = store_sums_match(store, entry);
+    if (!*intact) {
+        pthread_mutex_lock(&store->mu);
+        if (entry->state == ENTRY_READY) {
+            store_doom(store, entry);
+        }
+        store_unpin_locked(store, entry);
+        pthread_mutex_unlock(&store->mu);
+    }
     return KVB_OK;
 }
 
@@ -928,7 +1072,7 @@ kvb_status kvb_store_take_events(kvb_store *store, kvb_store_event *out,
     return KVB_OK;
 }
 
-/* Replaces the hash function (NULL restores kvb_hash_tokens); for tests
+/* Replaces the hash function (NULL restores kvb_hash_tokens_ns); for tests
  * that force collisions.  Only on an empty store, since the entries already
  * indexed were placed by the old function. */
 kvb_status kvb_store_debug_set_hash(kvb_store *store,
@@ -941,7 +1085,7 @@ kvb_status kvb_store_debug_set_hash(kvb_store *store,
     pthread_mutex_lock(&store->mu);
     int64_t count = store->count;
     if (count == 0) {
-        store->hash_fn = fn != NULL ? fn : kvb_hash_tokens;
+        store->debug_hash = fn;
     }
     pthread_mutex_unlock(&store->mu);
     if (count != 0) {

@@ -90,7 +90,7 @@ static int put(kvb_store *s, int key, int64_t n)
     int32_t toks[256];
     kvb_entry *e = NULL;
     chunk_tokens(key, toks, n);
-    ck_assert_int_eq(kvb_store_reserve(s, toks, n, NULL, &e), KVB_OK);
+    ck_assert_int_eq(kvb_store_reserve(s, 0, toks, n, NULL, &e), KVB_OK);
     if (e == NULL) {
         return 0;
     }
@@ -107,7 +107,7 @@ static int has(kvb_store *s, int key, int64_t n)
     int32_t toks[256];
     int found = -1;
     chunk_tokens(key, toks, n);
-    ck_assert_int_eq(kvb_store_contains(s, toks, n, &found), KVB_OK);
+    ck_assert_int_eq(kvb_store_contains(s, 0, toks, n, &found), KVB_OK);
     return found;
 }
 
@@ -117,7 +117,7 @@ static kvb_entry *get(kvb_store *s, int key, int64_t n)
     int32_t toks[256];
     kvb_entry *e = (kvb_entry *)1;
     chunk_tokens(key, toks, n);
-    ck_assert_int_eq(kvb_store_acquire(s, toks, n, &e), KVB_OK);
+    ck_assert_int_eq(kvb_store_acquire(s, 0, toks, n, &e), KVB_OK);
     return e;
 }
 
@@ -203,7 +203,7 @@ START_TEST(test_store_roundtrip_every_layer)
     kvb_entry *e = NULL;
     size_t rb = row_bytes_for(5, KVB_DTYPE_BF16);
     chunk_tokens(1, toks, 5);
-    ck_assert_int_eq(kvb_store_reserve(s, toks, 5, pos, &e), KVB_OK);
+    ck_assert_int_eq(kvb_store_reserve(s, 0, toks, 5, pos, &e), KVB_OK);
     ck_assert_ptr_nonnull(e);
     fill_rows(e, 1, LAYERS, rb);
     ck_assert_int_eq(kvb_store_commit(s, e), KVB_OK);
@@ -386,7 +386,7 @@ START_TEST(test_store_events_mirror_commits_and_evictions)
     int32_t toks[4];
     kvb_entry *e = NULL;
     chunk_tokens('C', toks, 4);
-    ck_assert_int_eq(kvb_store_reserve(s, toks, 4, NULL, &e), KVB_OK);
+    ck_assert_int_eq(kvb_store_reserve(s, 0, toks, 4, NULL, &e), KVB_OK);
     ck_assert_ptr_nonnull(e); /* evicts A to make room */
     ck_assert_int_eq(kvb_store_abort(s, e), KVB_OK); /* pending: no event */
     ck_assert_int_eq(kvb_store_take_events(s, ev, 2, &n, &lost), KVB_OK);
@@ -479,7 +479,7 @@ START_TEST(test_store_pinned_never_evicted)
     kvb_entry *b = get(s, 'B', 4);
     start_capture();
     chunk_tokens('C', toks, 4);
-    ck_assert_int_eq(kvb_store_reserve(s, toks, 4, NULL, &c), KVB_OK);
+    ck_assert_int_eq(kvb_store_reserve(s, 0, toks, 4, NULL, &c), KVB_OK);
     ck_assert_ptr_null(c);
     ck_assert_int_eq(g_log.count, 1);
     ck_assert_int_eq(g_log.level, KVB_LOG_INFO);
@@ -509,10 +509,10 @@ START_TEST(test_store_pending_entry_blocks_eviction)
     int32_t toks[4];
     kvb_entry *a = NULL, *b = (kvb_entry *)1;
     chunk_tokens('A', toks, 4);
-    ck_assert_int_eq(kvb_store_reserve(s, toks, 4, NULL, &a), KVB_OK);
+    ck_assert_int_eq(kvb_store_reserve(s, 0, toks, 4, NULL, &a), KVB_OK);
     ck_assert_ptr_nonnull(a);
     chunk_tokens('B', toks, 4);
-    ck_assert_int_eq(kvb_store_reserve(s, toks, 4, NULL, &b), KVB_OK);
+    ck_assert_int_eq(kvb_store_reserve(s, 0, toks, 4, NULL, &b), KVB_OK);
     ck_assert_ptr_null(b); /* only the pending A could make room */
     ck_assert_int_eq(kvb_store_commit(s, a), KVB_OK);
     ck_assert(put(s, 'B', 4)); /* now A is evictable */
@@ -571,15 +571,15 @@ START_TEST(test_store_duplicate_reserve_returns_null)
     int32_t toks[6];
     kvb_entry *a = NULL, *dup = (kvb_entry *)1;
     chunk_tokens(5, toks, 6);
-    ck_assert_int_eq(kvb_store_reserve(s, toks, 6, NULL, &a), KVB_OK);
+    ck_assert_int_eq(kvb_store_reserve(s, 0, toks, 6, NULL, &a), KVB_OK);
     ck_assert_ptr_nonnull(a);
     /* while pending */
-    ck_assert_int_eq(kvb_store_reserve(s, toks, 6, NULL, &dup), KVB_OK);
+    ck_assert_int_eq(kvb_store_reserve(s, 0, toks, 6, NULL, &dup), KVB_OK);
     ck_assert_ptr_null(dup);
     ck_assert_int_eq(kvb_store_commit(s, a), KVB_OK);
     /* once ready */
     dup = (kvb_entry *)1;
-    ck_assert_int_eq(kvb_store_reserve(s, toks, 6, NULL, &dup), KVB_OK);
+    ck_assert_int_eq(kvb_store_reserve(s, 0, toks, 6, NULL, &dup), KVB_OK);
     ck_assert_ptr_null(dup);
     ck_assert_int_eq(kvb_store_get_stats(s, &st), KVB_OK);
     ck_assert_int_eq(st.num_entries, 1);
@@ -595,7 +595,7 @@ START_TEST(test_store_abort_frees_reservation)
     int32_t toks[6];
     kvb_entry *a = NULL;
     chunk_tokens(5, toks, 6);
-    ck_assert_int_eq(kvb_store_reserve(s, toks, 6, NULL, &a), KVB_OK);
+    ck_assert_int_eq(kvb_store_reserve(s, 0, toks, 6, NULL, &a), KVB_OK);
     ck_assert_int_eq(kvb_store_get_stats(s, &st), KVB_OK);
     ck_assert_uint_gt(st.host_bytes, 0);
     ck_assert_int_eq(kvb_store_abort(s, a), KVB_OK);
@@ -648,7 +648,7 @@ START_TEST(test_store_pending_invisible)
     int32_t toks[3];
     kvb_entry *a = NULL;
     chunk_tokens(8, toks, 3);
-    ck_assert_int_eq(kvb_store_reserve(s, toks, 3, NULL, &a), KVB_OK);
+    ck_assert_int_eq(kvb_store_reserve(s, 0, toks, 3, NULL, &a), KVB_OK);
     ck_assert_int_eq(has(s, 8, 3), 0);
     ck_assert_ptr_null(get(s, 8, 3));
     kvb_clear_error();
@@ -676,7 +676,7 @@ START_TEST(test_store_bytes_return_to_zero_after_clear)
     }
     kvb_entry *pinned = get(s, 1, 4);
     chunk_tokens(9, toks, 4);
-    ck_assert_int_eq(kvb_store_reserve(s, toks, 4, NULL, &pending), KVB_OK);
+    ck_assert_int_eq(kvb_store_reserve(s, 0, toks, 4, NULL, &pending), KVB_OK);
     ck_assert_int_eq(kvb_store_get_stats(s, &st), KVB_OK);
     ck_assert_uint_eq(st.host_bytes, 4 * es);
     /* clear keeps the pinned and the pending entry */
@@ -705,23 +705,23 @@ START_TEST(test_store_bad_arguments_named)
     kvb_entry *e = NULL;
     int found;
     kvb_clear_error();
-    ck_assert_int_eq(kvb_store_acquire(s, toks, 0, &e), KVB_ERR_INVALID);
+    ck_assert_int_eq(kvb_store_acquire(s, 0, toks, 0, &e), KVB_ERR_INVALID);
     ck_assert_ptr_nonnull(strstr(kvb_last_error(),
                                  "kvb_store_acquire: n=0 is invalid"));
-    ck_assert_int_eq(kvb_store_reserve(s, NULL, 2, NULL, &e),
+    ck_assert_int_eq(kvb_store_reserve(s, 0, NULL, 2, NULL, &e),
                      KVB_ERR_INVALID);
     ck_assert_ptr_nonnull(strstr(kvb_last_error(),
                                  "kvb_store_reserve: tokens is NULL with "
                                  "n=2"));
-    ck_assert_int_eq(kvb_store_contains(NULL, toks, 2, &found),
+    ck_assert_int_eq(kvb_store_contains(NULL, 0, toks, 2, &found),
                      KVB_ERR_INVALID);
     ck_assert_ptr_nonnull(strstr(kvb_last_error(), "store is NULL"));
-    ck_assert_int_eq(kvb_store_reserve(s, toks, 2, NULL, NULL),
+    ck_assert_int_eq(kvb_store_reserve(s, 0, toks, 2, NULL, NULL),
                      KVB_ERR_INVALID);
     ck_assert_int_eq(kvb_store_commit(s, NULL), KVB_ERR_INVALID);
     ck_assert_ptr_nonnull(strstr(kvb_last_error(),
                                  "kvb_store_commit: entry is NULL"));
-    ck_assert_int_eq(kvb_store_reserve(other, toks, 2, NULL, &e), KVB_OK);
+    ck_assert_int_eq(kvb_store_reserve(other, 0, toks, 2, NULL, &e), KVB_OK);
     ck_assert_int_eq(kvb_store_commit(s, e), KVB_ERR_INVALID);
     ck_assert_ptr_nonnull(strstr(kvb_last_error(), "another store"));
     ck_assert_int_eq(kvb_store_commit(other, e), KVB_OK);
@@ -1071,7 +1071,7 @@ START_TEST(test_store_pinned_and_pending_never_move)
     ck_assert(put(t.s, 0, TIER_TOKENS));
     kvb_entry *e0 = get(t.s, 0, TIER_TOKENS);
     chunk_tokens(1, toks, TIER_TOKENS);
-    ck_assert_int_eq(kvb_store_reserve(t.s, toks, TIER_TOKENS, NULL,
+    ck_assert_int_eq(kvb_store_reserve(t.s, 0, toks, TIER_TOKENS, NULL,
                                        &pending),
                      KVB_OK);
     ck_assert_ptr_nonnull(pending);
@@ -1386,7 +1386,7 @@ static void *stress_main(void *p)
         chunk_tokens(key, toks, STRESS_TOKENS);
         switch ((r / STRESS_KEYS) % 3) {
         case 0:
-            if (kvb_store_reserve(a->store, toks, STRESS_TOKENS, NULL, &e)) {
+            if (kvb_store_reserve(a->store, 0, toks, STRESS_TOKENS, NULL, &e)) {
                 a->errors++;
             } else if (e != NULL) {
                 fill_rows(e, key, LAYERS, rb);
@@ -1399,7 +1399,7 @@ static void *stress_main(void *p)
             }
             break;
         case 1:
-            if (kvb_store_acquire(a->store, toks, STRESS_TOKENS, &e)) {
+            if (kvb_store_acquire(a->store, 0, toks, STRESS_TOKENS, &e)) {
                 a->errors++;
             } else if (e != NULL) {
                 a->errors += !rows_match(e, key, LAYERS, rb);
@@ -1409,7 +1409,7 @@ static void *stress_main(void *p)
             }
             break;
         default:
-            a->errors += kvb_store_contains(a->store, toks, STRESS_TOKENS,
+            a->errors += kvb_store_contains(a->store, 0, toks, STRESS_TOKENS,
                                             &found) != KVB_OK;
             break;
         }
@@ -1501,6 +1501,142 @@ START_TEST(test_store_threads_with_mover_keep_invariants)
 }
 END_TEST
 
+START_TEST(test_store_namespaces_never_meet)
+{
+    /* the same tokens under two tenants' namespaces are two entries, and
+     * neither is found from the other or from the default namespace; with
+     * every key forced equal, the namespace compare alone keeps them apart */
+    for (int forced = 0; forced < 2; forced++) {
+        kvb_store *s = make_store(KVB_DTYPE_F32, (size_t)1 << 20);
+        if (forced) {
+            ck_assert_int_eq(kvb_store_debug_set_hash(s, constant_hash), KVB_OK);
+        }
+        uint64_t a = kvb_namespace("tenant-a", 8);
+        uint64_t b = kvb_namespace("tenant-b", 8);
+        ck_assert_uint_ne(a, b);
+        ck_assert_uint_ne(a, 0);
+        ck_assert_uint_eq(kvb_namespace("", 0), 0);
+        ck_assert_uint_eq(kvb_namespace(NULL, 0), 0);
+        int32_t toks[8];
+        chunk_tokens(5, toks, 8);
+        if (!forced) {
+            ck_assert_uint_ne(kvb_hash_tokens_ns(toks, 8, a), kvb_hash_tokens_ns(toks, 8, b));
+            ck_assert_uint_eq(kvb_hash_tokens_ns(toks, 8, 0), kvb_hash_tokens(toks, 8));
+        }
+        kvb_entry *e = NULL;
+        ck_assert_int_eq(kvb_store_reserve(s, a, toks, 8, NULL, &e), KVB_OK);
+        ck_assert_ptr_nonnull(e);
+        fill_rows(e, 5, LAYERS, row_bytes_for(8, KVB_DTYPE_F32));
+        ck_assert_int_eq(kvb_store_commit(s, e), KVB_OK);
+        int found = -1;
+        ck_assert_int_eq(kvb_store_contains(s, a, toks, 8, &found), KVB_OK);
+        ck_assert_int_eq(found, 1);
+        ck_assert_int_eq(kvb_store_contains(s, b, toks, 8, &found), KVB_OK);
+        ck_assert_int_eq(found, 0);
+        ck_assert_int_eq(kvb_store_contains(s, 0, toks, 8, &found), KVB_OK);
+        ck_assert_int_eq(found, 0);
+        kvb_entry *got = (kvb_entry *)1;
+        ck_assert_int_eq(kvb_store_acquire(s, b, toks, 8, &got), KVB_OK);
+        ck_assert_ptr_null(got);
+        /* tenant b stores its own copy; a's stays a's */
+        ck_assert_int_eq(kvb_store_reserve(s, b, toks, 8, NULL, &e), KVB_OK);
+        ck_assert_ptr_nonnull(e);
+        fill_rows(e, 6, LAYERS, row_bytes_for(8, KVB_DTYPE_F32));
+        ck_assert_int_eq(kvb_store_commit(s, e), KVB_OK);
+        ck_assert_int_eq(kvb_store_acquire(s, a, toks, 8, &got), KVB_OK);
+        ck_assert(rows_match(got, 5, LAYERS, row_bytes_for(8, KVB_DTYPE_F32)));
+        ck_assert_int_eq(kvb_store_unpin(s, got), KVB_OK);
+        ck_assert_int_eq(kvb_store_acquire(s, b, toks, 8, &got), KVB_OK);
+        ck_assert(rows_match(got, 6, LAYERS, row_bytes_for(8, KVB_DTYPE_F32)));
+        ck_assert_int_eq(kvb_store_unpin(s, got), KVB_OK);
+        kvb_store_free(s);
+    }
+}
+END_TEST
+
+START_TEST(test_store_checksum_catches_a_flipped_byte)
+{
+    kvb_store_params p = {LAYERS, HEADS, HSIZE, KVB_DTYPE_F32, (size_t)1 << 20, 0, 1};
+    kvb_store *s = NULL;
+    ck_assert_int_eq(kvb_store_create(&p, &s), KVB_OK);
+    ck_assert(put(s, 1, 8));
+    ck_assert(put(s, 2, 8));
+    size_t rb = row_bytes_for(8, KVB_DTYPE_F32);
+    /* intact entries verify and stay */
+    kvb_entry *e = get(s, 1, 8);
+    int intact = -1;
+    ck_assert_int_eq(kvb_store_verify(s, e, &intact), KVB_OK);
+    ck_assert_int_eq(intact, 1);
+    /* one bit flipped in the V rows of the last layer, while pinned */
+    ((unsigned char *)kvb_entry_v(e, LAYERS - 1))[rb - 1] ^= 0x10;
+    ck_assert_int_eq(kvb_store_unpin(s, e), KVB_OK);
+    ck_assert_int_eq(kvb_store_watch(s, 1), KVB_OK);
+    start_capture();
+    e = get(s, 1, 8);
+    ck_assert_ptr_nonnull(e); /* found; the load path verifies it */
+    ck_assert_int_eq(kvb_store_verify(s, e, &intact), KVB_OK);
+    stop_capture();
+    ck_assert_int_eq(intact, 0); /* the pin is gone with the entry */
+    ck_assert_ptr_nonnull(strstr(g_log.line, "fails its checksum at layer 2"));
+    ck_assert_int_eq(has(s, 1, 8), 0);
+    ck_assert_ptr_null(get(s, 1, 8));
+    kvb_store_event ev[4];
+    int64_t nev = 0;
+    int lost = 0;
+    ck_assert_int_eq(kvb_store_take_events(s, ev, 4, &nev, &lost), KVB_OK);
+    ck_assert_int_eq(nev, 1);
+    ck_assert_int_eq(ev[0].kind, KVB_STORE_EVENT_REMOVED);
+    kvb_store_stats st;
+    ck_assert_int_eq(kvb_store_get_stats(s, &st), KVB_OK);
+    ck_assert_int_eq(st.corrupt, 1);
+    ck_assert_int_eq(st.num_entries, 1);
+    ck_assert_uint_eq(st.host_bytes, entry_size(8));
+    /* the other entry is untouched, and the damaged one can be stored again */
+    e = get(s, 2, 8);
+    ck_assert_int_eq(kvb_store_verify(s, e, &intact), KVB_OK);
+    ck_assert_int_eq(intact, 1);
+    ck_assert_int_eq(kvb_store_unpin(s, e), KVB_OK);
+    ck_assert(put(s, 1, 8));
+    e = get(s, 1, 8);
+    ck_assert_int_eq(kvb_store_verify(s, e, &intact), KVB_OK);
+    ck_assert_int_eq(intact, 1);
+    ck_assert(rows_match(e, 1, LAYERS, rb));
+    ck_assert_int_eq(kvb_store_unpin(s, e), KVB_OK);
+    /* verify wants an entry pinned by acquire */
+    kvb_clear_error();
+    ck_assert_int_eq(kvb_store_verify(s, e, NULL), KVB_ERR_INVALID);
+    kvb_store_free(s);
+}
+END_TEST
+
+START_TEST(test_store_doomed_entry_freed_at_last_pin)
+{
+    /* two requests hold the entry when the second finds it damaged: it
+     * vanishes from lookups at once, its bytes go with the first's pin */
+    kvb_store_params p = {LAYERS, HEADS, HSIZE, KVB_DTYPE_F32, (size_t)1 << 20, 0, 1};
+    kvb_store *s = NULL;
+    ck_assert_int_eq(kvb_store_create(&p, &s), KVB_OK);
+    ck_assert(put(s, 3, 8));
+    kvb_entry *first = get(s, 3, 8);
+    kvb_entry *second = get(s, 3, 8);
+    ck_assert_ptr_eq(first, second);
+    ((unsigned char *)kvb_entry_k(first, 0))[0] ^= 1;
+    int intact = -1;
+    ck_assert_int_eq(kvb_store_verify(s, second, &intact), KVB_OK);
+    ck_assert_int_eq(intact, 0);
+    ck_assert_int_eq(has(s, 3, 8), 0);
+    kvb_store_stats st;
+    ck_assert_int_eq(kvb_store_get_stats(s, &st), KVB_OK);
+    ck_assert_int_gt(st.host_bytes, 0); /* still held by the first pin */
+    ck_assert(put(s, 3, 8));             /* a fresh copy beside it */
+    ck_assert_int_eq(kvb_store_unpin(s, first), KVB_OK);
+    ck_assert_int_eq(kvb_store_get_stats(s, &st), KVB_OK);
+    ck_assert_uint_eq(st.host_bytes, entry_size(8));
+    ck_assert_int_eq(st.num_entries, 1);
+    kvb_store_free(s);
+}
+END_TEST
+
 Suite *store_suite(void)
 {
     Suite *s = suite_create("store");
@@ -1537,6 +1673,9 @@ Suite *store_suite(void)
     tcase_add_test(tc, test_store_lru_order_across_tiers);
     tcase_add_test(tc, test_store_mover_bad_arguments_named);
     tcase_add_test(tc, test_store_threads_with_mover_keep_invariants);
+    tcase_add_test(tc, test_store_namespaces_never_meet);
+    tcase_add_test(tc, test_store_checksum_catches_a_flipped_byte);
+    tcase_add_test(tc, test_store_doomed_entry_freed_at_last_pin);
     suite_add_tcase(s, tc);
     tcase_set_timeout(tc, 120);
     return s;
