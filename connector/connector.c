@@ -9,7 +9,10 @@
  * the worker calls kvb_request_begin, then per layer kvb_request_load_layer
  * and kvb_request_save_layer, and kvb_request_finish at the end.
  */
+#define _POSIX_C_SOURCE 200809L /* pthread_rwlock_t */
+
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 
 #include "cuda_tier.h"
@@ -22,6 +25,11 @@ struct kvb_connector {
     float *inv_freq;  /* owned copy of model.rope.inv_freq */
     int32_t device;
     kvb_store *store;
+    uint64_t fingerprint; /* of the model (kvb_connector_fingerprint) */
+    /* The separator: replaced by kvb_connector_set_separator while other
+     * threads may be splitting prompts with it, hence the lock (readers:
+     * split_prompt; the one writer swaps the pointer). */
+    pthread_rwlock_t sep_lock;
     int32_t *sep;     /* owned; NULL when sep_len == 0 */
     int64_t sep_len;
     kvb_pool *dev_pool;  /* device tier rows (device connectors) */
@@ -119,6 +127,37 @@ static kvb_status connector_setup_tiers(kvb_connector *c,
     return st;
 }
 
+/* KVBLEND_VERIFY_CHECKSUMS resolved: "auto" is on for CPU connectors
+ * (hashing costs far less than a CPU prefill) and in debug builds, off for
+ * device connectors, whose hits would wait on the host hashing their rows. */
+static int connector_checksums(const kvb_config *cfg, int32_t device)
+{
+    if (cfg->verify_checksums >= 0) {
+        return cfg->verify_checksums;
+    }
+#ifndef NDEBUG
+    (void)device;
+    return 1;
+#else
+    return device < 0;
+#endif
+}
+
+/* XXH3 of the model's identity: architecture, shape, dtype and RoPE. */
+static uint64_t model_fingerprint(const kvb_model_desc *m)
+{
+    const char *arch = m->architecture != NULL ? m->architecture : "";
+    int32_t shape[7] = {m->num_layers,   m->num_q_heads,    m->num_kv_heads,
+                        m->head_size,    (int32_t)m->dtype, m->rope.rotary_dim,
+                        (int32_t)m->rope.style};
+    uint64_t h = kvb_checksum(arch, strlen(arch), 0x6b76626c656e64ULL);
+    h = kvb_checksum(shape, sizeof shape, h);
+    h = kvb_checksum(m->rope.inv_freq,
+                     (size_t)(m->rope.rotary_dim / 2) * sizeof(float), h);
+    return kvb_checksum(&m->rope.attention_factor,
+                        sizeof m->rope.attention_factor, h);
+}
+
 /* Creates a connector: validates the model description, copies the rotary
  * table and creates the store.  See kvblend.h. */
 kvb_status kvb_connector_create(const kvb_config *cfg,
@@ -177,11 +216,18 @@ kvb_status kvb_connector_create(const kvb_config *cfg,
     if (c == NULL) {
         return kvb_fail(KVB_ERR_NOMEM, "kvb_connector_create: out of memory");
     }
+    if (pthread_rwlock_init(&c->sep_lock, NULL) != 0) {
+        free(c);
+        return kvb_fail(KVB_ERR_NOMEM, "kvb_connector_create: no lock");
+    }
     c->cfg = *cfg;
     c->model = *model;
+    c->model.architecture = NULL; /* not owned; only the fingerprint keeps it */
+    c->fingerprint = model_fingerprint(model);
     c->device = device < 0 ? -1 : device;
     c->inv_freq = malloc((size_t)(r->rotary_dim / 2) * sizeof(float));
     if (c->inv_freq == NULL) {
+        pthread_rwlock_destroy(&c->sep_lock);
         free(c);
         return kvb_fail(KVB_ERR_NOMEM, "kvb_connector_create: out of memory");
     }
@@ -196,9 +242,11 @@ kvb_status kvb_connector_create(const kvb_config *cfg,
         .host_budget_bytes =
             cfg->local_cpu ? gb_to_bytes(cfg->max_local_cpu_size_gb) : 0,
         .device_budget_bytes = gb_to_bytes(cfg->max_device_size_gb),
+        .checksums = connector_checksums(cfg, c->device),
     };
     st = kvb_store_create(&sp, &c->store);
     if (st != KVB_OK) {
+        pthread_rwlock_destroy(&c->sep_lock);
         free(c->inv_freq);
         free(c);
         return st;
@@ -211,6 +259,9 @@ kvb_status kvb_connector_create(const kvb_config *cfg,
         }
     }
     kvb_set_log(NULL, NULL, cfg->log_level);
+    /* KVBLEND_NUM_THREADS (validated above) caps the CPU ops' threads;
+     * the setting is process-wide, the last connector's wins. */
+    (void)kvb_cpu_set_threads(cfg->num_threads);
     *out = c;
     return KVB_OK;
 }
@@ -226,7 +277,14 @@ void kvb_connector_free(kvb_connector *conn)
     kvb_pool_free(conn->host_pool);
     free(conn->sep);
     free(conn->inv_freq);
+    pthread_rwlock_destroy(&conn->sep_lock);
     free(conn);
+}
+
+/* The model fingerprint; see kvblend.h. */
+uint64_t kvb_connector_fingerprint(const kvb_connector *conn)
+{
+    return conn == NULL ? 0 : conn->fingerprint;
 }
 
 /* Returns the connector's store. */
@@ -253,9 +311,12 @@ kvb_status kvb_connector_set_separator(kvb_connector *conn,
         }
         memcpy(copy, sep, (size_t)sep_len * sizeof *copy);
     }
-    free(conn->sep);
+    pthread_rwlock_wrlock(&conn->sep_lock);
+    int32_t *old = conn->sep;
     conn->sep = copy;
     conn->sep_len = sep_len;
+    pthread_rwlock_unlock(&conn->sep_lock);
+    free(old);
     return KVB_OK;
 }
 
@@ -265,7 +326,11 @@ kvb_status kvb_connector_set_separator(kvb_connector *conn,
  * prompt shorter than it, gives no segments.  *segs_out is NULL when
  * *nseg_out is 0; the caller frees it.
  */
-static kvb_status split_prompt(const kvb_connector *conn,
+static kvb_status split_on_separator(const kvb_connector *conn,
+                                     const int32_t *tokens, int64_t n,
+                                     kvb_span **segs_out, int64_t *nseg_out);
+
+static kvb_status split_prompt(kvb_connector *conn,
                                const int32_t *tokens, int64_t n,
                                const kvb_span *spans, int64_t n_spans,
                                kvb_span **segs_out, int64_t *nseg_out)
@@ -289,6 +354,17 @@ static kvb_status split_prompt(const kvb_connector *conn,
         *nseg_out = n_spans;
         return KVB_OK;
     }
+    pthread_rwlock_rdlock(&conn->sep_lock);
+    kvb_status st = split_on_separator(conn, tokens, n, segs_out, nseg_out);
+    pthread_rwlock_unlock(&conn->sep_lock);
+    return st;
+}
+
+/* split_prompt's separator case; the caller holds sep_lock for reading. */
+static kvb_status split_on_separator(const kvb_connector *conn,
+                                     const int32_t *tokens, int64_t n,
+                                     kvb_span **segs_out, int64_t *nseg_out)
+{
     if (conn->sep_len == 0 || n < conn->sep_len || n == 0) {
         return KVB_OK;
     }
@@ -317,8 +393,8 @@ static kvb_status split_prompt(const kvb_connector *conn,
 }
 
 /* Scheduler-side lookup without side effects.  See kvblend.h. */
-kvb_status kvb_connector_lookup(kvb_connector *conn, const int32_t *tokens,
-                                int64_t n, const kvb_span *spans,
+kvb_status kvb_connector_lookup(kvb_connector *conn, uint64_t ns,
+                                const int32_t *tokens, int64_t n, const kvb_span *spans,
                                 int64_t n_spans, kvb_span *segs, uint8_t *hit,
                                 int64_t cap, int64_t *n_segs,
                                 int64_t *reuse_end)
@@ -342,7 +418,8 @@ kvb_status kvb_connector_lookup(kvb_connector *conn, const int32_t *tokens,
     int64_t end = 0;
     for (int64_t i = 0; i < nseg; i++) {
         int found = 0;
-        st = kvb_store_contains(conn->store, tokens + all[i].start,
+        st = kvb_store_contains(conn->store, ns,
+                                tokens + all[i].start,
                                 all[i].end - all[i].start, &found);
         if (st != KVB_OK) {
             free(all);
@@ -368,11 +445,27 @@ kvb_status kvb_connector_lookup(kvb_connector *conn, const int32_t *tokens,
     return KVB_OK;
 }
 
+/* A device connector whose store checksums its entries waits for the
+ * request's queued gathers before committing (they write the rows the
+ * store hashes). */
+static kvb_status request_sync_saves(kvb_request *req)
+{
+    const kvb_connector *c = req->conn;
+    if (c->device < 0 || req->d_slots == NULL ||
+        !connector_checksums(&c->cfg, c->device)) {
+        return KVB_OK;
+    }
+    return kvb_cuda_sync(c->device, req->save_stream);
+}
+
 /* Releases everything a request holds; reserved entries are committed when
  * `commit` is set and they were saved at every layer, else aborted. */
 static void request_release(kvb_request *req, int commit)
 {
     kvb_connector *c = req->conn;
+    if (commit && request_sync_saves(req) != KVB_OK) {
+        commit = 0; /* the rows may be incomplete: store none */
+    }
     for (int64_t i = 0; i < req->nseg; i++) {
         if (req->hits != NULL && req->hits[i] != NULL) {
             kvb_store_unpin(c->store, req->hits[i]);
@@ -402,8 +495,8 @@ static void request_release(kvb_request *req, int commit)
 
 /* Starts a request: segments, pins stored ones, reserves the others, marks
  * forced rows and builds the load table.  See kvblend.h. */
-kvb_status kvb_request_begin(kvb_connector *conn, const int32_t *tokens,
-                             int64_t n, const kvb_span *spans,
+kvb_status kvb_request_begin(kvb_connector *conn, uint64_t ns,
+                             const int32_t *tokens, int64_t n, const kvb_span *spans,
                              int64_t n_spans, int64_t blend_end, int save,
                              kvb_request **out)
 {
@@ -431,12 +524,12 @@ kvb_status kvb_request_begin(kvb_connector *conn, const int32_t *tokens,
         free(req);
         return st;
     }
-    int64_t ns = req->nseg > 0 ? req->nseg : 1;
-    req->hits = calloc((size_t)ns, sizeof *req->hits);
-    req->saves = calloc((size_t)ns, sizeof *req->saves);
-    req->saved_layers = calloc((size_t)ns, sizeof *req->saved_layers);
-    req->load = calloc((size_t)ns, sizeof *req->load);
-    req->load_host = calloc((size_t)ns, sizeof *req->load_host);
+    size_t cap = (size_t)(req->nseg > 0 ? req->nseg : 1);
+    req->hits = calloc(cap, sizeof *req->hits);
+    req->saves = calloc(cap, sizeof *req->saves);
+    req->saved_layers = calloc(cap, sizeof *req->saved_layers);
+    req->load = calloc(cap, sizeof *req->load);
+    req->load_host = calloc(cap, sizeof *req->load_host);
     req->positions = malloc((size_t)(n > 0 ? n : 1) * sizeof *req->positions);
     if (!req->hits || !req->saves || !req->saved_layers || !req->load ||
         !req->load_host || !req->positions) {
@@ -451,8 +544,17 @@ kvb_status kvb_request_begin(kvb_connector *conn, const int32_t *tokens,
         const kvb_span *s = &req->segs[i];
         int64_t len = s->end - s->start;
         if (conn->cfg.enable_blending) {
-            st = kvb_store_acquire(conn->store, tokens + s->start, len,
+            st = kvb_store_acquire(conn->store, ns, tokens + s->start, len,
                                    &req->hits[i]);
+            int intact = 1;
+            if (st == KVB_OK && req->hits[i] != NULL) {
+                /* A damaged entry is dropped (its pin released): a miss,
+                 * recomputed and saved again below. */
+                st = kvb_store_verify(conn->store, req->hits[i], &intact);
+                if (st == KVB_OK && !intact) {
+                    req->hits[i] = NULL;
+                }
+            }
             if (st != KVB_OK) {
                 request_release(req, 0);
                 return st;
@@ -461,7 +563,7 @@ kvb_status kvb_request_begin(kvb_connector *conn, const int32_t *tokens,
         if (req->hits[i] != NULL) {
             reuse_end = s->end;
         } else if (save) {
-            st = kvb_store_reserve(conn->store, tokens + s->start, len,
+            st = kvb_store_reserve(conn->store, ns, tokens + s->start, len,
                                    req->positions + s->start, &req->saves[i]);
             if (st != KVB_OK) {
                 request_release(req, 0);
@@ -889,6 +991,14 @@ kvb_status kvb_request_commit(kvb_request *req, int64_t *n_committed)
         if (req->saves[i] == NULL ||
             req->saved_layers[i] != req->conn->model.num_layers) {
             continue;
+        }
+        if (count == 0) {
+            /* The store hashes the rows at commit: the gathers must have
+             * landed. */
+            kvb_status sst = request_sync_saves(req);
+            if (sst != KVB_OK) {
+                return sst;
+            }
         }
         kvb_status st = kvb_store_commit(req->conn->store, req->saves[i]);
         req->saves[i] = NULL; /* committed, or (never) not pending: done */

@@ -356,6 +356,19 @@ void kvb_cuda_release(int32_t device, void *dptr, void *stream)
     }
 }
 
+/* Waits for the work queued on `stream`. */
+kvb_status kvb_cuda_sync(int32_t device, void *stream)
+{
+    int prev = 0;
+    cudaError_t err = device_enter(device, &prev);
+    if (err != cudaSuccess) {
+        return tier_fail("cudaSetDevice", err);
+    }
+    err = cudaStreamSynchronize((cudaStream_t)stream);
+    device_leave(device, prev);
+    return err == cudaSuccess ? KVB_OK : tier_fail("cudaStreamSynchronize", err);
+}
+
 #else /* !KVB_WITH_CUDA */
 
 /* Without CUDA no pool can exist. */
@@ -427,6 +440,14 @@ void kvb_cuda_release(int32_t device, void *dptr, void *stream)
     (void)device;
     (void)dptr;
     (void)stream;
+}
+
+/* Nothing is queued without CUDA. */
+kvb_status kvb_cuda_sync(int32_t device, void *stream)
+{
+    (void)device;
+    (void)stream;
+    return KVB_OK;
 }
 
 #endif

@@ -69,6 +69,10 @@ KVB_HIDDEN kvb_status kvb_cuda_copy_rows_async(int32_t device, void *dst_k,
                                                void *dst_v, const void *src_v,
                                                size_t bytes, void *stream);
 
+/* Blocks until the work queued on `stream` has run (cudaStreamSynchronize);
+ * KVB_OK without CUDA. */
+KVB_HIDDEN kvb_status kvb_cuda_sync(int32_t device, void *stream);
+
 /* Releases a block from kvb_cuda_alloc_async in the order of `stream`.
  * NULL is a no-op. */
 KVB_HIDDEN void kvb_cuda_release(int32_t device, void *dptr, void *stream);

@@ -13,7 +13,6 @@
 
 #define KVB_VERSION_STR "0.1.0"
 #define KVB_ERRBUF 1024
-#define KVB_MAX_THREADS 256
 
 static _Thread_local char g_errbuf[KVB_ERRBUF];
 
@@ -155,10 +154,10 @@ kvb_status kvb_check_rows(const char *fn, int64_t n, int32_t num_heads,
 /* Sets the CPU op thread count; negative values are rejected. */
 kvb_status kvb_cpu_set_threads(int num_threads)
 {
-    if (num_threads < 0 || num_threads > KVB_MAX_THREADS) {
+    if (num_threads < 0 || num_threads > KVB_MAX_CPU_THREADS) {
         return kvb_fail(KVB_ERR_INVALID,
                         "num_threads=%d: expected 0 (all cores) to %d",
-                        num_threads, KVB_MAX_THREADS);
+                        num_threads, KVB_MAX_CPU_THREADS);
     }
     __atomic_store_n(&g_threads, num_threads, __ATOMIC_RELAXED);
     return KVB_OK;
@@ -175,7 +174,7 @@ int kvb_cpu_threads(void)
     if (n < 1) {
         n = 1;
     }
-    return n > KVB_MAX_THREADS ? KVB_MAX_THREADS : (int)n;
+    return n > KVB_MAX_CPU_THREADS ? KVB_MAX_CPU_THREADS : (int)n;
 }
 
 typedef struct kvb_range_job {
@@ -213,9 +212,9 @@ void kvb_parallel_for(int64_t n, int64_t min_per_thread, kvb_range_fn fn,
         fn(0, n, ctx);
         return;
     }
-    kvb_range_job jobs[KVB_MAX_THREADS];
-    pthread_t tids[KVB_MAX_THREADS];
-    int started[KVB_MAX_THREADS];
+    kvb_range_job jobs[KVB_MAX_CPU_THREADS];
+    pthread_t tids[KVB_MAX_CPU_THREADS];
+    int started[KVB_MAX_CPU_THREADS];
     for (int64_t i = 0; i < t; i++) {
         jobs[i].fn = fn;
         jobs[i].ctx = ctx;

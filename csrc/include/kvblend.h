@@ -110,6 +110,7 @@ KVB_API const char *kvb_dtype_str(kvb_dtype dtype);
 
 #define KVB_MAX_CHECK_LAYERS 16
 #define KVB_MAX_SPECIAL_STR 256
+#define KVB_MAX_CPU_THREADS 256 /* KVBLEND_NUM_THREADS at most */
 
 /* Which tensor the per-token deviation compares at a check layer. */
 typedef enum kvb_deviation_kind {
@@ -139,9 +140,17 @@ typedef enum kvb_deviation_kind {
  *   KVBLEND_MAX_DEVICE_SIZE        float  GB of device memory for the GPU
  *                                         tier, >= 0 (0 = no GPU tier)
  *   KVBLEND_DEVIATION              "k", "v" or "kv" ("k")
- *   KVBLEND_NUM_THREADS            int    CPU op threads, 0 = all cores (0)
+ *   KVBLEND_NUM_THREADS            int    CPU op threads, 0 = all cores,
+ *                                         at most KVB_MAX_CPU_THREADS (0);
+ *                                         applied process-wide by
+ *                                         kvb_connector_create
  *   KVBLEND_LOG_LEVEL              "debug", "info", "warning", "error"
  *                                         ("warning")
+ *   KVBLEND_VERIFY_CHECKSUMS       bool or "auto": checksum every stored
+ *                                         chunk per layer and check it before
+ *                                         reuse ("auto": on for CPU
+ *                                         connectors and in debug builds,
+ *                                         off for device connectors)
  *
  * Booleans accept True/False/true/false/1/0.  Surrounding whitespace is
  * ignored in numbers and booleans.
@@ -164,6 +173,7 @@ typedef struct kvb_config {
     kvb_deviation_kind deviation;
     int num_threads;
     kvb_log_level log_level;
+    int verify_checksums; /* 1, 0, or -1 for "auto" */
 } kvb_config;
 
 /* Fills `cfg` with the defaults listed above.  Never fails for non-NULL cfg. */
@@ -229,6 +239,16 @@ KVB_API kvb_status kvb_segment_check(const kvb_span *spans, int64_t n_spans,
  * of its token ids as little-endian int32.  n == 0 hashes the empty input. */
 KVB_API uint64_t kvb_hash_tokens(const int32_t *tokens, int64_t n);
 
+/* The key of a segment in namespace `ns` (XXH3-64 seeded with ns);
+ * kvb_hash_tokens_ns(t, n, 0) == kvb_hash_tokens(t, n). */
+KVB_API uint64_t kvb_hash_tokens_ns(const int32_t *tokens, int64_t n,
+                                    uint64_t ns);
+
+/* The namespace of a tenant: XXH3-64 of the name's bytes, never 0 for a
+ * non-empty name; the empty name (or NULL) is the default namespace 0.
+ * Chunks stored in one namespace are never found from another. */
+KVB_API uint64_t kvb_namespace(const char *name, size_t len);
+
 /* ------------------------------------------------------------------------ */
 /* Chunk store                                                                */
 /* ------------------------------------------------------------------------ */
@@ -252,6 +272,11 @@ typedef struct kvb_store_params {
     kvb_dtype dtype;
     size_t host_budget_bytes;   /* 0: the host tier stores nothing */
     size_t device_budget_bytes; /* 0: no device tier */
+    /* Non-zero: every entry committed to the host tier gets a checksum per
+     * layer (XXH3-64 of its K then V bytes), checked by kvb_store_verify
+     * and before a promotion to the device tier.  Device-tier entries
+     * carry none. */
+    int checksums;
 } kvb_store_params;
 
 /* Store statistics (cumulative counters and current sizes). */
@@ -268,6 +293,8 @@ typedef struct kvb_store_stats {
     int64_t promotions; /* host-tier hits moved to the device tier */
     int64_t demotions;  /* device-tier victims moved to the host tier
                            instead of being dropped (not in evictions) */
+    int64_t corrupt;    /* entries dropped because their rows no longer
+                           matched their checksums */
 } kvb_store_stats;
 
 /* Creates a store.  Ownership: the caller frees it with kvb_store_free after
@@ -278,10 +305,14 @@ KVB_API kvb_status kvb_store_create(const kvb_store_params *params,
 /* Frees the store and all its entries.  NULL is a no-op. */
 KVB_API void kvb_store_free(kvb_store *store);
 
-/* Reports whether a ready entry for exactly these tokens exists (no pin, no
+/* Every lookup names the tenant namespace `ns` (kvb_namespace; 0 is the
+ * default): an entry is found only under the namespace it was reserved in.
+ *
+ * Reports whether a ready entry for exactly these tokens exists (no pin, no
  * LRU update, no side effects).  `*found` is 1 or 0. */
-KVB_API kvb_status kvb_store_contains(kvb_store *store, const int32_t *tokens,
-                                      int64_t n, int *found);
+KVB_API kvb_status kvb_store_contains(kvb_store *store, uint64_t ns,
+                                      const int32_t *tokens, int64_t n,
+                                      int *found);
 
 /*
  * Looks up a ready entry for exactly these tokens.  On a hit, `*entry` is
@@ -289,8 +320,19 @@ KVB_API kvb_status kvb_store_contains(kvb_store *store, const int32_t *tokens,
  * caller must call kvb_store_unpin.  On a miss `*entry` is NULL and KVB_OK is
  * returned.  A hash collision (same hash, other tokens) is a miss.
  */
-KVB_API kvb_status kvb_store_acquire(kvb_store *store, const int32_t *tokens,
-                                     int64_t n, kvb_entry **entry);
+KVB_API kvb_status kvb_store_acquire(kvb_store *store, uint64_t ns,
+                                     const int32_t *tokens, int64_t n,
+                                     kvb_entry **entry);
+
+/*
+ * Checks an entry pinned by kvb_store_acquire against its checksums
+ * (kvb_store_params.checksums).  `*intact` is 1 when they match or the
+ * entry has none.  Otherwise it is 0 and the entry is dropped: invisible to
+ * lookups from now on (a REMOVED event, stats.corrupt), freed once its last
+ * pin goes, and the caller's pin is released (do not unpin it again).
+ */
+KVB_API kvb_status kvb_store_verify(kvb_store *store, kvb_entry *entry,
+                                    int *intact);
 
 /*
  * Reserves a new entry for `tokens[0..n)` whose keys were rotated at
@@ -301,8 +343,9 @@ KVB_API kvb_status kvb_store_acquire(kvb_store *store, const int32_t *tokens,
  * (counted in stats.rejected and logged): "no room" means "not stored", never
  * a failure.
  */
-KVB_API kvb_status kvb_store_reserve(kvb_store *store, const int32_t *tokens,
-                                     int64_t n, const int64_t *positions,
+KVB_API kvb_status kvb_store_reserve(kvb_store *store, uint64_t ns,
+                                     const int32_t *tokens, int64_t n,
+                                     const int64_t *positions,
                                      kvb_entry **entry);
 
 /* Makes a reserved entry visible to lookups and unpins it. */
@@ -368,7 +411,8 @@ KVB_API void *kvb_entry_k(kvb_entry *entry, int32_t layer);
 KVB_API void *kvb_entry_v(kvb_entry *entry, int32_t layer);
 
 /* For tests: replaces the store's hash function (NULL restores
- * kvb_hash_tokens) so that collisions can be forced.  Allowed only while the
+ * kvb_hash_tokens_ns; a test function ignores the namespace) so that
+ * collisions can be forced.  Allowed only while the
  * store is empty; otherwise KVB_ERR_INVALID. */
 KVB_API kvb_status kvb_store_debug_set_hash(kvb_store *store,
                                             uint64_t (*fn)(const int32_t *,
@@ -619,6 +663,9 @@ typedef struct kvb_model_desc {
     int32_t head_size;
     kvb_dtype dtype; /* of the KV cache */
     kvb_rope rope;   /* inv_freq is copied by kvb_connector_create */
+    /* The model's architecture name (e.g. "LlamaForCausalLM"); NULL or ""
+     * when unknown.  Part of the fingerprint, not copied. */
+    const char *architecture;
 } kvb_model_desc;
 
 typedef struct kvb_connector kvb_connector;
@@ -634,6 +681,14 @@ KVB_API kvb_status kvb_connector_create(const kvb_config *cfg,
 /* Frees the connector and its store.  NULL is a no-op. */
 KVB_API void kvb_connector_free(kvb_connector *conn);
 
+/* The fingerprint of the model the connector was created for: XXH3-64 of
+ * its architecture name, layers, heads, head size, dtype and RoPE (style,
+ * rotary_dim, frequencies, attention factor).  Each connector owns its
+ * store, so its entries only ever serve this model; the fingerprint lets a
+ * caller check that the model it drives is still the one the connector was
+ * made for. */
+KVB_API uint64_t kvb_connector_fingerprint(const kvb_connector *conn);
+
 /* Returns the connector's store (owned by the connector). */
 KVB_API kvb_store *kvb_connector_store(kvb_connector *conn);
 
@@ -647,14 +702,15 @@ KVB_API kvb_status kvb_connector_set_separator(kvb_connector *conn,
 /*
  * Scheduler-side lookup, free of side effects: splits `tokens` into segments
  * (on the separator, or uses `spans` when non-NULL) and reports per segment
- * whether it is stored.  Writes up to `cap` spans/hit flags and the segment
+ * whether it is stored in the tenant namespace `ns` (kvb_namespace; 0 is
+ * the default).  Writes up to `cap` spans/hit flags and the segment
  * count to *n_segs, and to *reuse_end the end of the last stored segment
  * capped at n - 1, since the engine must compute at least the last token
  * (0 when nothing is stored).  A prompt shorter than the separator has no
  * segments (*n_segs = 0, *reuse_end = 0); that is not an error.  Blending
  * disabled in the config also gives *reuse_end = 0.
  */
-KVB_API kvb_status kvb_connector_lookup(kvb_connector *conn,
+KVB_API kvb_status kvb_connector_lookup(kvb_connector *conn, uint64_t ns,
                                         const int32_t *tokens, int64_t n,
                                         const kvb_span *spans,
                                         int64_t n_spans, kvb_span *segs,
@@ -664,13 +720,15 @@ KVB_API kvb_status kvb_connector_lookup(kvb_connector *conn,
 /*
  * Starts the worker-side state of one prefill of `tokens[0..n)` (positions
  * 0..n-1): segments as in kvb_connector_lookup; stored segments are pinned;
- * segments not stored are reserved for saving when `save` is non-zero.
+ * segments not stored are reserved for saving when `save` is non-zero, all
+ * in namespace `ns`.  A stored segment whose checksum no longer matches
+ * (KVBLEND_VERIFY_CHECKSUMS) is dropped and recomputed, never loaded.
  * The blend produces rows [0, blend_end): blend_end = `blend_end` when it is
  * >= 0 (the count the scheduler promised the engine; segments evicted since
  * the lookup are then simply recomputed), else the lookup's reuse_end.
  * Ownership: the caller ends it with kvb_request_finish.
  */
-KVB_API kvb_status kvb_request_begin(kvb_connector *conn,
+KVB_API kvb_status kvb_request_begin(kvb_connector *conn, uint64_t ns,
                                      const int32_t *tokens, int64_t n,
                                      const kvb_span *spans, int64_t n_spans,
                                      int64_t blend_end, int save,

@@ -5,8 +5,10 @@
  * with the same segments reordered reuses them, and the staged rows equal
  * the saved rows re-rotated to their new positions.
  */
+#define _POSIX_C_SOURCE 200809L /* pthread */
 #include <check.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -25,6 +27,7 @@ static float g_cache[2][NB][BS][H][D];
 /* Fills the rotary table with the usual 10000^(-2i/D) frequencies. */
 static void init_rope(kvb_model_desc *m)
 {
+    memset(m, 0, sizeof *m);
     for (int i = 0; i < D / 2; i++) {
         g_inv_freq[i] = (float)pow(10000.0, -2.0 * i / D);
     }
@@ -126,7 +129,7 @@ static void store_p1(kvb_connector *c)
     int64_t slots[N1];
     kvb_request *req = NULL;
     slots_from(slots, N1, 0);
-    ck_assert_int_eq(kvb_request_begin(c, P1, N1, NULL, 0, -1, 1, &req), KVB_OK);
+    ck_assert_int_eq(kvb_request_begin(c, 0, P1, N1, NULL, 0, -1, 1, &req), KVB_OK);
     ck_assert_int_eq(kvb_request_blend_end(req), 0);
     forward_and_save(req, P1, N1, slots);
     kvb_request_finish(req, 1);
@@ -138,7 +141,7 @@ START_TEST(test_lookup_empty_store_misses)
     kvb_span segs[8];
     uint8_t hit[8];
     int64_t ns = -1, end = -1;
-    ck_assert_int_eq(kvb_connector_lookup(c, P1, N1, NULL, 0, segs, hit, 8, &ns, &end), KVB_OK);
+    ck_assert_int_eq(kvb_connector_lookup(c, 0, P1, N1, NULL, 0, segs, hit, 8, &ns, &end), KVB_OK);
     ck_assert_int_eq(ns, 4);
     ck_assert_int_eq(end, 0);
     ck_assert_int_eq(segs[1].start, 4);
@@ -157,7 +160,7 @@ START_TEST(test_reordered_prompt_reuses_every_chunk)
     kvb_span segs[8];
     uint8_t hit[8];
     int64_t ns = 0, end = 0;
-    ck_assert_int_eq(kvb_connector_lookup(c, P2, N2, NULL, 0, segs, hit, 8, &ns, &end), KVB_OK);
+    ck_assert_int_eq(kvb_connector_lookup(c, 0, P2, N2, NULL, 0, segs, hit, 8, &ns, &end), KVB_OK);
     ck_assert_int_eq(ns, 4);
     ck_assert_int_eq(hit[0], 1); /* sys */
     ck_assert_int_eq(hit[1], 1); /* B, now second */
@@ -166,7 +169,7 @@ START_TEST(test_reordered_prompt_reuses_every_chunk)
     ck_assert_int_eq(end, 11);   /* end of A in P2 */
     /* the lookup has no side effects: the same answer twice */
     int64_t ns2 = 0, end2 = 0;
-    ck_assert_int_eq(kvb_connector_lookup(c, P2, N2, NULL, 0, segs, hit, 8, &ns2, &end2), KVB_OK);
+    ck_assert_int_eq(kvb_connector_lookup(c, 0, P2, N2, NULL, 0, segs, hit, 8, &ns2, &end2), KVB_OK);
     ck_assert_int_eq(end2, end);
     kvb_store_stats st;
     ck_assert_int_eq(kvb_store_get_stats(kvb_connector_store(c), &st), KVB_OK);
@@ -180,7 +183,7 @@ START_TEST(test_load_layer_rerotates_to_new_positions)
     kvb_connector *c = make_conn(1);
     store_p1(c);
     kvb_request *req = NULL;
-    ck_assert_int_eq(kvb_request_begin(c, P2, N2, NULL, 0, -1, 1, &req), KVB_OK);
+    ck_assert_int_eq(kvb_request_begin(c, 0, P2, N2, NULL, 0, -1, 1, &req), KVB_OK);
     int64_t be = kvb_request_blend_end(req);
     ck_assert_int_eq(be, 11);
     const uint8_t *forced = kvb_request_forced(req);
@@ -237,7 +240,7 @@ START_TEST(test_promised_rows_survive_eviction)
     store_p1(c);
     ck_assert_int_eq(kvb_store_clear(kvb_connector_store(c)), KVB_OK);
     kvb_request *req = NULL;
-    ck_assert_int_eq(kvb_request_begin(c, P2, N2, NULL, 0, 11, 0, &req), KVB_OK);
+    ck_assert_int_eq(kvb_request_begin(c, 0, P2, N2, NULL, 0, 11, 0, &req), KVB_OK);
     ck_assert_int_eq(kvb_request_blend_end(req), 11);
     int64_t nforced = 0;
     kvb_request_counts(req, NULL, NULL, &nforced);
@@ -254,7 +257,7 @@ START_TEST(test_whole_prompt_stored_keeps_last_token)
     kvb_span segs[8];
     uint8_t hit[8];
     int64_t ns, end;
-    ck_assert_int_eq(kvb_connector_lookup(c, P1, N1, NULL, 0, segs, hit, 8, &ns, &end), KVB_OK);
+    ck_assert_int_eq(kvb_connector_lookup(c, 0, P1, N1, NULL, 0, segs, hit, 8, &ns, &end), KVB_OK);
     ck_assert_int_eq(end, N1 - 1); /* the engine computes the last token */
     kvb_connector_free(c);
 }
@@ -267,7 +270,7 @@ START_TEST(test_blending_disabled_reuses_nothing)
     kvb_span segs[8];
     uint8_t hit[8];
     int64_t ns, end;
-    ck_assert_int_eq(kvb_connector_lookup(c, P2, N2, NULL, 0, segs, hit, 8, &ns, &end), KVB_OK);
+    ck_assert_int_eq(kvb_connector_lookup(c, 0, P2, N2, NULL, 0, segs, hit, 8, &ns, &end), KVB_OK);
     ck_assert_int_eq(end, 0);
     kvb_connector_free(c);
 }
@@ -280,11 +283,11 @@ START_TEST(test_short_prompt_and_no_separator)
     kvb_span segs[4];
     uint8_t hit[4];
     int64_t ns = -1, end = -1;
-    ck_assert_int_eq(kvb_connector_lookup(c, tiny, 1, NULL, 0, segs, hit, 4, &ns, &end), KVB_OK);
+    ck_assert_int_eq(kvb_connector_lookup(c, 0, tiny, 1, NULL, 0, segs, hit, 4, &ns, &end), KVB_OK);
     ck_assert_int_eq(ns, 0);
     ck_assert_int_eq(end, 0);
     const int32_t plain[5] = {5, 6, 7, 8, 9};
-    ck_assert_int_eq(kvb_connector_lookup(c, plain, 5, NULL, 0, segs, hit, 4, &ns, &end), KVB_OK);
+    ck_assert_int_eq(kvb_connector_lookup(c, 0, plain, 5, NULL, 0, segs, hit, 4, &ns, &end), KVB_OK);
     ck_assert_int_eq(ns, 1);
     ck_assert_int_eq(segs[0].start, 0);
     ck_assert_int_eq(segs[0].end, 5);
@@ -299,7 +302,7 @@ START_TEST(test_duplicate_chunk_hits_twice)
     /* A twice: sys | A | A | q */
     const int32_t p[] = {1, 2, 99, 98, 10, 11, 12, 99, 98, 10, 11, 12, 99, 98, 40};
     kvb_request *req = NULL;
-    ck_assert_int_eq(kvb_request_begin(c, p, 15, NULL, 0, -1, 1, &req), KVB_OK);
+    ck_assert_int_eq(kvb_request_begin(c, 0, p, 15, NULL, 0, -1, 1, &req), KVB_OK);
     int64_t nhit = 0;
     kvb_request_counts(req, NULL, &nhit, NULL);
     ck_assert_int_eq(nhit, 3);
@@ -315,7 +318,7 @@ START_TEST(test_incomplete_save_is_dropped)
     int64_t slots[N1];
     slots_from(slots, N1, 0);
     kvb_request *req = NULL;
-    ck_assert_int_eq(kvb_request_begin(c, P1, N1, NULL, 0, -1, 1, &req), KVB_OK);
+    ck_assert_int_eq(kvb_request_begin(c, 0, P1, N1, NULL, 0, -1, 1, &req), KVB_OK);
     kvb_paged_layout lay = layout_of();
     /* only layer 0 saved: nothing may become visible */
     ck_assert_int_eq(kvb_request_save_layer(req, 0, &lay, slots, N1, NULL), KVB_OK);
@@ -334,7 +337,7 @@ static int p1_hit(kvb_connector *c, int i)
     kvb_span segs[8];
     uint8_t hit[8];
     int64_t ns = 0, end = 0;
-    ck_assert_int_eq(kvb_connector_lookup(c, P1, N1, NULL, 0, segs, hit, 8, &ns, &end), KVB_OK);
+    ck_assert_int_eq(kvb_connector_lookup(c, 0, P1, N1, NULL, 0, segs, hit, 8, &ns, &end), KVB_OK);
     ck_assert_int_eq(ns, 4);
     return hit[i];
 }
@@ -345,7 +348,7 @@ START_TEST(test_prefill_over_steps_stores_each_segment_when_complete)
     int64_t slots[N1];
     kvb_request *req = NULL;
     int64_t done = -1;
-    ck_assert_int_eq(kvb_request_begin(c, P1, N1, NULL, 0, 0, 1, &req), KVB_OK);
+    ck_assert_int_eq(kvb_request_begin(c, 0, P1, N1, NULL, 0, 0, 1, &req), KVB_OK);
     /* step 1 computed rows [0, 8): sys [0,2) and A [4,7) are complete, B
      * [9,11) and q [13,14) have no rows yet (negative slots) */
     slots_from(slots, N1, 0);
@@ -376,7 +379,7 @@ START_TEST(test_prefill_over_steps_stores_each_segment_when_complete)
     ck_assert_int_eq(st.inserts, 4);
     /* the rows stored in two steps are the rows of the cache */
     kvb_request *r2 = NULL;
-    ck_assert_int_eq(kvb_request_begin(c, P1, N1, NULL, 0, -1, 0, &r2), KVB_OK);
+    ck_assert_int_eq(kvb_request_begin(c, 0, P1, N1, NULL, 0, -1, 0, &r2), KVB_OK);
     ck_assert_int_eq(kvb_request_blend_end(r2), 13);
     static float k[N1][H][D], v[N1][H][D];
     ck_assert_int_eq(kvb_request_load_layer(r2, 1, k, v, NULL), KVB_OK);
@@ -394,7 +397,7 @@ START_TEST(test_finish_after_partial_prefill_commits_complete_segments)
     kvb_connector *c = make_conn(1);
     int64_t slots[N1];
     kvb_request *req = NULL;
-    ck_assert_int_eq(kvb_request_begin(c, P1, N1, NULL, 0, 0, 1, &req), KVB_OK);
+    ck_assert_int_eq(kvb_request_begin(c, 0, P1, N1, NULL, 0, 0, 1, &req), KVB_OK);
     slots_from(slots, N1, 0);
     for (int i = 5; i < N1; i++) {
         slots[i] = -1; /* aborted after 5 rows: only sys is complete */
@@ -416,9 +419,9 @@ START_TEST(test_bad_arguments_named)
 {
     kvb_connector *c = make_conn(1);
     kvb_request *req = NULL;
-    ck_assert_int_eq(kvb_request_begin(c, P1, N1, NULL, 0, N1, 1, &req), KVB_ERR_INVALID);
+    ck_assert_int_eq(kvb_request_begin(c, 0, P1, N1, NULL, 0, N1, 1, &req), KVB_ERR_INVALID);
     ck_assert_ptr_nonnull(strstr(kvb_last_error(), "blend_end=14"));
-    ck_assert_int_eq(kvb_request_begin(c, P1, N1, NULL, 0, -1, 1, &req), KVB_OK);
+    ck_assert_int_eq(kvb_request_begin(c, 0, P1, N1, NULL, 0, -1, 1, &req), KVB_OK);
     kvb_paged_layout lay = layout_of();
     int64_t slots[N1];
     slots_from(slots, N1, 0);
@@ -455,6 +458,173 @@ START_TEST(test_bad_arguments_named)
 }
 END_TEST
 
+/* Segment counts of a request for `p` under namespace ns (no save). */
+static int64_t hits_for(kvb_connector *c, uint64_t ns, const int32_t *p, int n,
+                        int64_t *forced)
+{
+    kvb_request *req = NULL;
+    int64_t nhit = -1;
+    ck_assert_int_eq(kvb_request_begin(c, ns, p, n, NULL, 0, -1, 0, &req), KVB_OK);
+    ck_assert_int_eq(kvb_request_counts(req, NULL, &nhit, forced), KVB_OK);
+    kvb_request_finish(req, 0);
+    return nhit;
+}
+
+START_TEST(test_tenants_never_share_chunks)
+{
+    kvb_connector *c = make_conn(1);
+    uint64_t a = kvb_namespace("salt-a", 6), b = kvb_namespace("salt-b", 6);
+    int64_t slots[N1];
+    slots_from(slots, N1, 0);
+    kvb_request *req = NULL;
+    ck_assert_int_eq(kvb_request_begin(c, a, P1, N1, NULL, 0, -1, 1, &req), KVB_OK);
+    forward_and_save(req, P1, N1, slots);
+    kvb_request_finish(req, 1);
+    kvb_span segs[8];
+    uint8_t hit[8];
+    int64_t nseg = 0, end = -1;
+    const uint64_t others[2] = {b, 0};
+    for (int i = 0; i < 2; i++) {
+        ck_assert_int_eq(kvb_connector_lookup(c, others[i], P2, N2, NULL, 0, segs, hit, 8, &nseg, &end), KVB_OK);
+        ck_assert_int_eq(nseg, 4);
+        ck_assert_int_eq(end, 0);
+        ck_assert_int_eq(hit[0] | hit[1] | hit[2] | hit[3], 0);
+        ck_assert_int_eq(hits_for(c, others[i], P2, N2, NULL), 0);
+    }
+    ck_assert_int_eq(kvb_connector_lookup(c, a, P2, N2, NULL, 0, segs, hit, 8, &nseg, &end), KVB_OK);
+    ck_assert_int_eq(end, 11); /* the end of A in P2 */
+    ck_assert_int_eq(hits_for(c, a, P2, N2, NULL), 3);
+    kvb_connector_free(c);
+}
+END_TEST
+
+/* Flips one bit of the stored rows of P1's segment A (tokens 10 11 12). */
+static void damage_segment_a(kvb_connector *c)
+{
+    const int32_t a[3] = {10, 11, 12};
+    kvb_entry *e = NULL;
+    kvb_store *s = kvb_connector_store(c);
+    ck_assert_int_eq(kvb_store_acquire(s, 0, a, 3, &e), KVB_OK);
+    ck_assert_ptr_nonnull(e);
+    ((unsigned char *)kvb_entry_k(e, 1))[5] ^= 0x40;
+    ck_assert_int_eq(kvb_store_unpin(s, e), KVB_OK);
+}
+
+START_TEST(test_damaged_chunk_is_recomputed_not_loaded)
+{
+    /* CPU connectors check stored chunks by default ("auto") */
+    kvb_connector *c = make_conn(1);
+    store_p1(c);
+    damage_segment_a(c);
+    int64_t forced = 0;
+    ck_assert_int_eq(hits_for(c, 0, P2, N2, &forced), 2); /* sys and B only */
+    kvb_store_stats st;
+    ck_assert_int_eq(kvb_store_get_stats(kvb_connector_store(c), &st), KVB_OK);
+    ck_assert_int_eq(st.corrupt, 1);
+    /* the blend covers sys | B only; A's rows are not loaded */
+    kvb_request *req = NULL;
+    ck_assert_int_eq(kvb_request_begin(c, 0, P2, N2, NULL, 0, -1, 1, &req), KVB_OK);
+    ck_assert_int_eq(kvb_request_blend_end(req), 6);
+    /* ... and stored again from this prefill */
+    int64_t slots[N2];
+    slots_from(slots, N2, 64);
+    forward_and_save(req, P2, N2, slots);
+    kvb_request_finish(req, 1);
+    ck_assert_int_eq(hits_for(c, 0, P2, N2, NULL), 4); /* A and q2 stored */
+    kvb_connector_free(c);
+
+    /* KVBLEND_VERIFY_CHECKSUMS=0 turns the check off: the damage is served */
+    kvb_config cfg;
+    kvb_model_desc m;
+    ck_assert_int_eq(kvb_config_init(&cfg), KVB_OK);
+    cfg.enable_blending = 1;
+    ck_assert_int_eq(kvb_config_set(&cfg, "KVBLEND_VERIFY_CHECKSUMS", "0"), KVB_OK);
+    init_rope(&m);
+    ck_assert_int_eq(kvb_connector_create(&cfg, &m, -1, &c), KVB_OK);
+    const int32_t sep[2] = {99, 98};
+    ck_assert_int_eq(kvb_connector_set_separator(c, sep, 2), KVB_OK);
+    store_p1(c);
+    damage_segment_a(c);
+    ck_assert_int_eq(hits_for(c, 0, P2, N2, NULL), 3);
+    kvb_connector_free(c);
+}
+END_TEST
+
+START_TEST(test_fingerprint_names_the_model)
+{
+    kvb_config cfg;
+    kvb_model_desc m;
+    kvb_connector *c = NULL;
+    ck_assert_int_eq(kvb_config_init(&cfg), KVB_OK);
+    init_rope(&m);
+    m.architecture = "LlamaForCausalLM";
+    ck_assert_int_eq(kvb_connector_create(&cfg, &m, -1, &c), KVB_OK);
+    uint64_t base = kvb_connector_fingerprint(c);
+    kvb_connector_free(c);
+    ck_assert_uint_ne(base, 0);
+    for (int change = 0; change < 7; change++) {
+        init_rope(&m);
+        m.architecture = "LlamaForCausalLM";
+        float freq[D / 2];
+        memcpy(freq, g_inv_freq, sizeof freq);
+        switch (change) {
+        case 0: break; /* the same model: the same fingerprint */
+        case 1: m.architecture = "Qwen2ForCausalLM"; break;
+        case 2: m.num_layers = L + 1; break;
+        case 3: m.num_kv_heads = 1; break;
+        case 4: m.dtype = KVB_DTYPE_F16; break;
+        case 5: freq[1] *= 2.0f; m.rope.inv_freq = freq; break;
+        case 6: m.rope.style = KVB_ROPE_GPTJ; break;
+        }
+        ck_assert_int_eq(kvb_connector_create(&cfg, &m, -1, &c), KVB_OK);
+        if (change == 0) {
+            ck_assert_uint_eq(kvb_connector_fingerprint(c), base);
+        } else {
+            ck_assert_uint_ne(kvb_connector_fingerprint(c), base);
+        }
+        kvb_connector_free(c);
+    }
+    ck_assert_uint_eq(kvb_connector_fingerprint(NULL), 0);
+}
+END_TEST
+
+static volatile int g_stop;
+
+/* Replaces the separator over and over (a caller reconfiguring it). */
+static void *swap_separator(void *arg)
+{
+    kvb_connector *c = arg;
+    const int32_t two[2] = {99, 98}, three[3] = {99, 98, 97};
+    for (int i = 0; !g_stop; i++) {
+        ck_assert_int_eq(kvb_connector_set_separator(c, i % 2 ? three : two, i % 2 ? 3 : 2), KVB_OK);
+    }
+    return NULL;
+}
+
+START_TEST(test_separator_swap_while_looking_up)
+{
+    /* lookups and begins split on the separator while another thread
+     * replaces it: each sees one separator whole (never freed memory) */
+    kvb_connector *c = make_conn(1);
+    store_p1(c);
+    g_stop = 0;
+    pthread_t t;
+    ck_assert_int_eq(pthread_create(&t, NULL, swap_separator, c), 0);
+    for (int i = 0; i < 3000; i++) {
+        kvb_span segs[8];
+        uint8_t hit[8];
+        int64_t nseg = 0, end = 0;
+        ck_assert_int_eq(kvb_connector_lookup(c, 0, P2, N2, NULL, 0, segs, hit, 8, &nseg, &end), KVB_OK);
+        ck_assert(nseg == 4 || nseg == 1);
+        int64_t nhit = hits_for(c, 0, P2, N2, NULL);
+        ck_assert(nhit == 3 || nhit == 0);
+    }
+    g_stop = 1;
+    pthread_join(t, NULL);
+    kvb_connector_free(c);
+}
+END_TEST
+
 Suite *connector_suite(void)
 {
     Suite *s = suite_create("connector");
@@ -471,6 +641,10 @@ Suite *connector_suite(void)
     tcase_add_test(tc, test_prefill_over_steps_stores_each_segment_when_complete);
     tcase_add_test(tc, test_finish_after_partial_prefill_commits_complete_segments);
     tcase_add_test(tc, test_bad_arguments_named);
+    tcase_add_test(tc, test_tenants_never_share_chunks);
+    tcase_add_test(tc, test_damaged_chunk_is_recomputed_not_loaded);
+    tcase_add_test(tc, test_fingerprint_names_the_model);
+    tcase_add_test(tc, test_separator_swap_while_looking_up);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -799,7 +799,7 @@ static void connector_tier_case(kvb_dtype dt, int32_t style, int32_t rot)
     for (int c = 0; c < 3; c++) {
         const int dev = c < 2 ? 0 : -1;
         kvb_request *req = NULL;
-        OK(kvb_request_begin(conns[c], p1, n1, NULL, 0, -1, 1, &req));
+        OK(kvb_request_begin(conns[c], 0, p1, n1, NULL, 0, -1, 1, &req));
         for (int l = 0; l < NL; l++) {
             kvb_paged_layout lay;
             if (dev >= 0) {
@@ -829,7 +829,7 @@ static void connector_tier_case(kvb_dtype dt, int32_t style, int32_t rot)
     kvb_request *reqs[3];
     int64_t be = -1;
     for (int c = 0; c < 3; c++) {
-        OK(kvb_request_begin(conns[c], p2, n2, NULL, 0, -1, 0, &reqs[c]));
+        OK(kvb_request_begin(conns[c], 0, p2, n2, NULL, 0, -1, 0, &reqs[c]));
         int64_t hit = 0;
         OK(kvb_request_counts(reqs[c], NULL, &hit, NULL));
         ck_assert_int_ge(hit, 2);
