@@ -421,11 +421,48 @@ static void json_put(char *buf, size_t cap, size_t *len, int *cut, char c)
     }
 }
 
+/* Length of the well-formed UTF-8 sequence at s[0..n) (RFC 3629: no
+ * overlong forms, no surrogates, nothing above U+10FFFF), 0 when it is not
+ * one. */
+static size_t utf8_sequence(const unsigned char *s, size_t n)
+{
+    unsigned char c = s[0];
+    size_t len;
+    unsigned lo = 0x80, hi = 0xBF; /* bounds of the second byte */
+    if (c < 0x80) {
+        return 1;
+    } else if (c >= 0xC2 && c <= 0xDF) {
+        len = 2;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+        len = 3;
+        lo = c == 0xE0 ? 0xA0 : 0x80;
+        hi = c == 0xED ? 0x9F : 0xBF;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+        len = 4;
+        lo = c == 0xF0 ? 0x90 : 0x80;
+        hi = c == 0xF4 ? 0x8F : 0xBF;
+    } else {
+        return 0;
+    }
+    if (n < len || s[1] < lo || s[1] > hi) {
+        return 0;
+    }
+    for (size_t i = 2; i < len; i++) {
+        if (s[i] < 0x80 || s[i] > 0xBF) {
+            return 0;
+        }
+    }
+    return len;
+}
+
 /* Parses a string at the cursor (which must be '"').  Escapes are checked
- * (\uXXXX surrogates must pair); raw control characters are rejected.  The
- * decoded UTF-8 text goes to `buf` (capacity `cap`, may be NULL); `*cut`
- * is set when it did not fit.  Returns 0 or -1. */
-static int json_string(json_parser *p, char *buf, size_t cap, int *cut)
+ * (\uXXXX surrogates must pair); raw control characters and bytes that
+ * are not UTF-8 are rejected.  The decoded UTF-8 text goes to `buf`
+ * (capacity `cap`, may be NULL); `*cut` is set when it did not fit and
+ * `*out_len` (may be NULL) gets the decoded length, which counts an
+ * escaped \u0000 where strlen would stop.  Returns 0 or -1. */
+static int json_string(json_parser *p, char *buf, size_t cap, int *cut,
+                       size_t *out_len)
 {
     size_t len = 0;
     int cut_local = 0;
@@ -444,10 +481,25 @@ static int json_string(json_parser *p, char *buf, size_t cap, int *cut)
         unsigned char c = (unsigned char)p->s[p->pos];
         if (c == '"') {
             p->pos++;
+            if (out_len != NULL) {
+                *out_len = len;
+            }
             return 0;
         }
         if (c < 0x20) {
             return json_error(p, "control character 0x%02x in a string", c);
+        }
+        if (c >= 0x80) {
+            size_t k = utf8_sequence((const unsigned char *)p->s + p->pos,
+                                     p->n - p->pos);
+            if (k == 0) {
+                return json_error(p, "byte 0x%02x in a string is not "
+                                  "UTF-8", c);
+            }
+            for (size_t i = 0; i < k; i++) {
+                json_put(buf, cap, &len, cut, p->s[p->pos++]);
+            }
+            continue;
         }
         if (c != '\\') {
             json_put(buf, cap, &len, cut, (char)c);
@@ -636,12 +688,13 @@ static int json_object(json_parser *p, int depth, json_extra *extra)
     for (;;) {
         char key[32];
         int cut = 0;
+        size_t key_len = 0;
         json_skip_ws(p);
         if (p->pos >= p->n || p->s[p->pos] != '"') {
             return json_error(p, "expected a string key, found %s",
                               json_here(p, here, sizeof here));
         }
-        if (json_string(p, key, sizeof key, &cut) != 0) {
+        if (json_string(p, key, sizeof key, &cut, &key_len) != 0) {
             return -1;
         }
         json_skip_ws(p);
@@ -655,7 +708,9 @@ static int json_object(json_parser *p, int depth, json_extra *extra)
         if (json_value(p, depth, &k, &b) != 0) {
             return -1;
         }
-        if (extra != NULL && !cut && strcmp(key, "enable_sparse") == 0) {
+        /* by decoded length: "enable_sparse\u0000x" is another key */
+        if (extra != NULL && !cut && key_len == strlen("enable_sparse") &&
+            memcmp(key, "enable_sparse", key_len) == 0) {
             extra->has_sparse = 1;
             extra->sparse_kind = k;
             extra->sparse = b;
@@ -689,7 +744,7 @@ static int json_value(json_parser *p, int depth, json_kind *kind, int *bval)
     }
     if (c == '"') {
         *kind = JSON_STRING;
-        return json_string(p, NULL, 0, NULL);
+        return json_string(p, NULL, 0, NULL, NULL);
     }
     if (c == '-' || isdigit((unsigned char)c)) {
         *kind = JSON_NUMBER;
@@ -815,6 +870,7 @@ static const char *const kvb_config_names[] = {
     "KVBLEND_DEVIATION",
     "KVBLEND_NUM_THREADS",
     "KVBLEND_LOG_LEVEL",
+    "KVBLEND_VERIFY_CHECKSUMS",
 };
 #define KVB_CONFIG_NUM_NAMES \
     ((int)(sizeof kvb_config_names / sizeof kvb_config_names[0]))
@@ -907,9 +963,10 @@ static kvb_status cfg_apply(kvb_config *c, const char *name,
             return cfg_fail(name, value, "expected an integer >= 0 "
                             "(0 = all cores)");
         }
-        if (iv < 0 || iv > INT_MAX) {
+        if (iv < 0 || iv > KVB_MAX_CPU_THREADS) {
             return cfg_fail(name, value, "thread count %lld is out of range; "
-                            "expected >= 0 (0 = all cores)", (long long)iv);
+                            "expected 0 (all cores) to %d", (long long)iv,
+                            KVB_MAX_CPU_THREADS);
         }
         c->num_threads = (int)iv;
         return KVB_OK;
@@ -932,6 +989,18 @@ static kvb_status cfg_apply(kvb_config *c, const char *name,
         }
         return cfg_fail(name, value, "expected debug, info, warning or "
                         "error");
+    }
+    if (!strcmp(name, "KVBLEND_VERIFY_CHECKSUMS")) {
+        if (cfg_lower_trim(value, buf, sizeof buf) == 0 &&
+            !strcmp(buf, "auto")) {
+            c->verify_checksums = -1;
+            return KVB_OK;
+        }
+        if (cfg_parse_bool(value, &c->verify_checksums) != 0) {
+            return cfg_fail(name, value, "expected auto, True, False, true, "
+                            "false, 1 or 0");
+        }
+        return KVB_OK;
     }
     return KVB_ERR_NOT_FOUND;
 }
@@ -982,6 +1051,7 @@ kvb_status kvb_config_init(kvb_config *cfg)
     cfg->deviation = KVB_DEVIATION_K;
     cfg->num_threads = 0;
     cfg->log_level = KVB_LOG_WARNING;
+    cfg->verify_checksums = -1;
     return KVB_OK;
 }
 
@@ -1078,14 +1148,20 @@ kvb_status kvb_config_validate(const kvb_config *cfg)
         return kvb_fail(KVB_ERR_INVALID, "KVBLEND_MAX_DEVICE_SIZE: %g GB; "
                         "expected a finite size >= 0", cfg->max_device_size_gb);
     }
-    if (cfg->num_threads < 0) {
+    if (cfg->num_threads < 0 || cfg->num_threads > KVB_MAX_CPU_THREADS) {
         return kvb_fail(KVB_ERR_INVALID, "KVBLEND_NUM_THREADS: num_threads=%d; "
-                        "expected >= 0", cfg->num_threads);
+                        "expected 0 (all cores) to %d", cfg->num_threads,
+                        KVB_MAX_CPU_THREADS);
     }
     if ((int)cfg->deviation < KVB_DEVIATION_K ||
         (int)cfg->deviation > KVB_DEVIATION_KV) {
         return kvb_fail(KVB_ERR_INVALID, "KVBLEND_DEVIATION: deviation=%d; "
                         "expected k, v or kv", (int)cfg->deviation);
+    }
+    if (cfg->verify_checksums < -1 || cfg->verify_checksums > 1) {
+        return kvb_fail(KVB_ERR_INVALID, "KVBLEND_VERIFY_CHECKSUMS: "
+                        "verify_checksums=%d; expected -1 (auto), 0 or 1",
+                        cfg->verify_checksums);
     }
     if ((int)cfg->log_level < KVB_LOG_DEBUG ||
         (int)cfg->log_level > KVB_LOG_ERROR) {

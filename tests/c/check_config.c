@@ -184,6 +184,13 @@ START_TEST(test_config_set_enums)
     ck_assert_int_eq(c.log_level, KVB_LOG_ERROR);
     set_ok(&c, "KVBLEND_LOG_LEVEL", "warning");
     ck_assert_int_eq(c.log_level, KVB_LOG_WARNING);
+    ck_assert_int_eq(c.verify_checksums, -1);
+    set_ok(&c, "KVBLEND_VERIFY_CHECKSUMS", "True");
+    ck_assert_int_eq(c.verify_checksums, 1);
+    set_ok(&c, "KVBLEND_VERIFY_CHECKSUMS", "0");
+    ck_assert_int_eq(c.verify_checksums, 0);
+    set_ok(&c, "KVBLEND_VERIFY_CHECKSUMS", " AUTO ");
+    ck_assert_int_eq(c.verify_checksums, -1);
 }
 END_TEST
 
@@ -213,6 +220,16 @@ START_TEST(test_config_set_extra_config_forms)
     set_ok(&c, "LMCACHE_EXTRA_CONFIG",
            "{\"enable_sparse_extra_long_key_name_here\": 5}");
     ck_assert_int_eq(c.enable_sparse, 0);
+    /* a key with an escaped NUL is not enable_sparse (no C-string cut) */
+    set_ok(&c, "LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\\u0000x\": true}");
+    ck_assert_int_eq(c.enable_sparse, 0);
+    set_ok(&c, "LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\\u0000\": true}");
+    ck_assert_int_eq(c.enable_sparse, 0);
+    /* well-formed UTF-8 of every length passes */
+    set_ok(&c, "LMCACHE_EXTRA_CONFIG",
+           "{\"s\": \"\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80\", "
+           "\"enable_sparse\": true}");
+    ck_assert_int_eq(c.enable_sparse, 1);
 }
 END_TEST
 
@@ -315,8 +332,16 @@ static const bad_value kBadValues[] = {
     {"KVBLEND_DEVIATION", "q", "expected k, v or kv"},
     {"KVBLEND_DEVIATION", "", "expected k, v or kv"},
     {"KVBLEND_NUM_THREADS", "-1", "thread count -1 is out of range"},
+    {"KVBLEND_NUM_THREADS", "257", "thread count 257 is out of range; expected 0 (all cores) to 256"},
+    {"KVBLEND_NUM_THREADS", "2147483648", "thread count 2147483648 is out of range"},
     {"KVBLEND_NUM_THREADS", "x", "expected an integer >= 0"},
     {"KVBLEND_LOG_LEVEL", "loud", "expected debug, info, warning or error"},
+    {"KVBLEND_VERIFY_CHECKSUMS", "sometimes", "expected auto, True, False"},
+    /* a NUL-bearing key is another key; bytes that are not UTF-8 */
+    {"LMCACHE_EXTRA_CONFIG", "{\"s\": \"\xff\"}", "byte 0xff in a string is not UTF-8"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"s\": \"\xc0\xaf\"}", "byte 0xc0 in a string is not UTF-8"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"s\": \"\xed\xa0\x80\"}", "byte 0xed in a string is not UTF-8"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"s\": \"\xe2\x82\"}", "byte 0xe2 in a string is not UTF-8"},
     /* names */
     {"KVBLEND_FOO", "1", "unknown kvblend variable KVBLEND_FOO; known: "
      "KVBLEND_MAX_DEVICE_SIZE, KVBLEND_DEVIATION"},
@@ -523,7 +548,7 @@ static const char *const kEnvNames[] = {
     "LMCACHE_BLEND_RECOMPUTE_RATIOS", "LMCACHE_BLEND_THRESHOLDS",
     "LMCACHE_CHUNK_SIZE", "LMCACHE_LOCAL_CPU", "LMCACHE_MAX_LOCAL_CPU_SIZE",
     "LMCACHE_EXTRA_CONFIG", "KVBLEND_MAX_DEVICE_SIZE", "KVBLEND_DEVIATION",
-    "KVBLEND_NUM_THREADS", "KVBLEND_LOG_LEVEL",
+    "KVBLEND_NUM_THREADS", "KVBLEND_LOG_LEVEL", "KVBLEND_VERIFY_CHECKSUMS",
 };
 
 /* Fixture: starts and ends every env test with none of the variables set,
