@@ -177,6 +177,12 @@ int kvb_cpu_threads(void)
     return n > KVB_MAX_CPU_THREADS ? KVB_MAX_CPU_THREADS : (int)n;
 }
 
+/* The public view of kvb_cpu_threads. */
+int kvb_cpu_get_threads(void)
+{
+    return kvb_cpu_threads();
+}
+
 typedef struct kvb_range_job {
     kvb_range_fn fn;
     void *ctx;

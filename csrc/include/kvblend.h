@@ -505,6 +505,10 @@ typedef struct kvb_rope {
 /* Sets the number of threads CPU ops may use (0 = all cores). */
 KVB_API kvb_status kvb_cpu_set_threads(int num_threads);
 
+/* The number of threads CPU ops use now: the set count, or the online
+ * cores (at most KVB_MAX_CPU_THREADS) when it is 0. */
+KVB_API int kvb_cpu_get_threads(void);
+
 /* Copies `n` tokens from the paged cache to contiguous k_out/v_out
  * [n, num_kv_heads, head_size] of the layout's dtype.  Padding slots leave
  * their rows untouched. */

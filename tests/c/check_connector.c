@@ -550,6 +550,28 @@ START_TEST(test_damaged_chunk_is_recomputed_not_loaded)
 }
 END_TEST
 
+START_TEST(test_num_threads_applied_at_creation)
+{
+    kvb_config cfg;
+    kvb_model_desc m;
+    kvb_connector *c = NULL;
+    ck_assert_int_eq(kvb_config_init(&cfg), KVB_OK);
+    init_rope(&m);
+    ck_assert_int_eq(kvb_config_set(&cfg, "KVBLEND_NUM_THREADS", "1"), KVB_OK);
+    ck_assert_int_eq(kvb_connector_create(&cfg, &m, -1, &c), KVB_OK);
+    ck_assert_int_eq(kvb_cpu_get_threads(), 1);
+    kvb_connector_free(c);
+    ck_assert_int_eq(kvb_config_set(&cfg, "KVBLEND_NUM_THREADS", "3"), KVB_OK);
+    ck_assert_int_eq(kvb_connector_create(&cfg, &m, -1, &c), KVB_OK);
+    ck_assert_int_eq(kvb_cpu_get_threads(), 3);
+    kvb_connector_free(c);
+    ck_assert_int_eq(kvb_config_set(&cfg, "KVBLEND_NUM_THREADS", "0"), KVB_OK);
+    ck_assert_int_eq(kvb_connector_create(&cfg, &m, -1, &c), KVB_OK);
+    ck_assert_int_ge(kvb_cpu_get_threads(), 1); /* every core */
+    kvb_connector_free(c);
+}
+END_TEST
+
 START_TEST(test_fingerprint_names_the_model)
 {
     kvb_config cfg;
@@ -644,6 +666,7 @@ Suite *connector_suite(void)
     tcase_add_test(tc, test_tenants_never_share_chunks);
     tcase_add_test(tc, test_damaged_chunk_is_recomputed_not_loaded);
     tcase_add_test(tc, test_fingerprint_names_the_model);
+    tcase_add_test(tc, test_num_threads_applied_at_creation);
     tcase_add_test(tc, test_separator_swap_while_looking_up);
     suite_add_tcase(s, tc);
     return s;

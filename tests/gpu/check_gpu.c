@@ -779,7 +779,7 @@ static void connector_tier_case(kvb_dtype dt, int32_t style, int32_t rot)
     enum { NL = 3, HK = 4, HD = 128, NB = 16, BS = 16 };
     const size_t es = kvb_dtype_size(dt);
     float *inv = make_inv_freq(rot);
-    kvb_model_desc m = {NL, 8, HK, HD, dt, {rot, style, inv, 1.0f}};
+    kvb_model_desc m = {NL, 8, HK, HD, dt, {rot, style, inv, 1.0f}, NULL};
     kvb_connector *conns[3] = {
         tier_conn(&m, 0, 0.01, 0), /* pinned host tier only */
         tier_conn(&m, 0, 0, 0.01), /* device tier only */
@@ -872,6 +872,93 @@ static void connector_tier_case(kvb_dtype dt, int32_t style, int32_t rot)
     cudaFree(dcache);
     free(inv);
 }
+
+
+/* A device connector with KVBLEND_VERIFY_CHECKSUMS=1 and a pinned host
+ * tier: the saves' gathers run on a stream that does not sync with the
+ * host, so the checksums (taken at commit, on the host) must wait for them
+ * (a hash of half-written rows would fail every later check); a byte
+ * flipped in a stored chunk then makes it a miss, recomputed. */
+START_TEST(test_connector_checksums_device_saves)
+{
+    enum { NL = 2, HK = 4, HD = 128, NB = 16, BS = 16 };
+    const kvb_dtype dt = KVB_DTYPE_BF16;
+    const size_t es = kvb_dtype_size(dt);
+    float *inv = make_inv_freq(HD);
+    kvb_model_desc m = {NL, 8, HK, HD, dt, {HD, KVB_ROPE_NEOX, inv, 1.0f}, NULL};
+    kvb_config cfg;
+    OK(kvb_config_init(&cfg));
+    cfg.enable_blending = 1;
+    cfg.max_local_cpu_size_gb = 0.01;
+    OK(kvb_config_set(&cfg, "KVBLEND_VERIFY_CHECKSUMS", "1"));
+    kvb_connector *c = NULL;
+    OK(kvb_connector_create(&cfg, &m, 0, &c));
+    const int32_t sep[2] = {7, 8};
+    OK(kvb_connector_set_separator(c, sep, 2));
+    int32_t p1[160], p2[160];
+    const int n1 = tier_prompt(p1, 0, 3000, 3);
+    const int n2 = tier_prompt(p2, 1, 3500, 4);
+    int64_t slots[160];
+    for (int i = 0; i < n1; i++) slots[i] = i;
+    const int64_t cache_elems = 2 * (int64_t)NB * BS * HK * HD;
+    const size_t cache_bytes = (size_t)cache_elems * es;
+    void *h = host_random(cache_elems, dt);
+    char *dcache = dev_alloc(cache_bytes);
+    ck_assert_int_eq(cudaMemcpy(dcache, h, cache_bytes, cudaMemcpyHostToDevice), cudaSuccess);
+    cudaStream_t stream;
+    ck_assert_int_eq(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+    for (int round = 0; round < 3; round++) {
+        kvb_request *req = NULL;
+        OK(kvb_request_begin(c, 0, p1, n1, NULL, 0, -1, 1, &req));
+        kvb_paged_layout lay = make_layout(L_2BNHD, dcache, NB, BS, HK, HD, dt, 0);
+        for (int l = 0; l < NL; l++) {
+            OK(kvb_request_save_layer(req, l, &lay, slots, n1, stream));
+        }
+        kvb_request_finish(req, 1); /* commits right after queueing */
+        kvb_store_stats st;
+        OK(kvb_store_get_stats(kvb_connector_store(c), &st));
+        ck_assert_int_eq(st.num_entries, 4);
+        /* every stored chunk passes its check */
+        OK(kvb_request_begin(c, 0, p2, n2, NULL, 0, -1, 0, &req));
+        int64_t hit = 0;
+        OK(kvb_request_counts(req, NULL, &hit, NULL));
+        kvb_request_finish(req, 0);
+        OK(kvb_store_get_stats(kvb_connector_store(c), &st));
+        ck_assert_msg(hit == 3 && st.corrupt == 0, "round %d: %lld hits, %lld corrupt", round,
+                      (long long)hit, (long long)st.corrupt);
+        OK(kvb_store_clear(kvb_connector_store(c)));
+    }
+    /* stored again, then chunk A (tokens 1000..1036) damaged in pinned memory */
+    kvb_request *req = NULL;
+    OK(kvb_request_begin(c, 0, p1, n1, NULL, 0, -1, 1, &req));
+    kvb_paged_layout lay = make_layout(L_2BNHD, dcache, NB, BS, HK, HD, dt, 0);
+    for (int l = 0; l < NL; l++) {
+        OK(kvb_request_save_layer(req, l, &lay, slots, n1, stream));
+    }
+    kvb_request_finish(req, 1);
+    int32_t a[37];
+    for (int i = 0; i < 37; i++) a[i] = 1000 + i;
+    kvb_entry *e = NULL;
+    OK(kvb_store_acquire(kvb_connector_store(c), 0, a, 37, &e));
+    ck_assert_ptr_nonnull(e);
+    ((unsigned char *)kvb_entry_v(e, 1))[100] ^= 0x02;
+    OK(kvb_store_unpin(kvb_connector_store(c), e));
+    OK(kvb_request_begin(c, 0, p2, n2, NULL, 0, -1, 0, &req));
+    int64_t hit = 0;
+    OK(kvb_request_counts(req, NULL, &hit, NULL));
+    kvb_request_finish(req, 0);
+    kvb_store_stats st;
+    OK(kvb_store_get_stats(kvb_connector_store(c), &st));
+    ck_assert_int_eq(hit, 2);
+    ck_assert_int_eq(st.corrupt, 1);
+    ck_assert_int_eq(cudaStreamSynchronize(stream), cudaSuccess);
+    ck_assert_int_eq(cudaStreamDestroy(stream), cudaSuccess);
+    kvb_connector_free(c);
+    cudaFree(dcache);
+    free(h);
+    free(inv);
+}
+END_TEST
 
 /* The connector's loads (the planned kernel: one delta per segment, host
  * tables) for bf16 NeoX full rotary, f16 GPT-J, f32 NeoX with partial
@@ -1175,6 +1262,7 @@ static Suite *gpu_suite(void)
         {"load", test_load_rotate_uniform_delta},
         {"load", test_load_rotate_in_place},
         {"load", test_connector_host_tier_load},
+        {"load", test_connector_checksums_device_saves},
         {"select", test_deviation_matches_cpu},
         {"select", test_select_matches_cpu},
         {"attention", test_attention_gqa_d64},
