@@ -663,7 +663,7 @@ static PyObject *config_to_dict(const kvb_config *c)
     unsigned d = (unsigned)c->deviation;
     unsigned l = (unsigned)c->log_level;
     return Py_BuildValue(
-        "{s:O,s:s,s:O,s:N,s:N,s:N,s:L,s:O,s:d,s:O,s:d,s:s,s:i,s:s}",
+        "{s:O,s:s,s:O,s:N,s:N,s:N,s:L,s:O,s:d,s:O,s:d,s:s,s:i,s:s,s:s}",
         "enable_blending", c->enable_blending ? Py_True : Py_False,
         "blend_special_str", c->blend_special_str,
         "use_layerwise", c->use_layerwise ? Py_True : Py_False,
@@ -677,7 +677,9 @@ static PyObject *config_to_dict(const kvb_config *c)
         "max_device_size_gb", c->max_device_size_gb,
         "deviation", d < 3 ? dev[d] : "unknown",
         "num_threads", c->num_threads,
-        "log_level", l < 4 ? lvl[l] : "unknown");
+        "log_level", l < 4 ? lvl[l] : "unknown",
+        "verify_checksums", c->verify_checksums < 0 ? "auto"
+                            : c->verify_checksums ? "true" : "false");
 }
 
 /*
@@ -723,9 +725,27 @@ static int config_from_items(module_state *st, PyObject *items,
         if (sval == NULL) {
             goto fail;
         }
-        const char *k = PyUnicode_AsUTF8(key);
-        const char *v = PyUnicode_AsUTF8(sval);
-        if (k == NULL || v == NULL) {
+        Py_ssize_t klen = 0, vlen = 0;
+        const char *k = PyUnicode_AsUTF8AndSize(key, &klen);
+        if (k == NULL || (Py_ssize_t)strlen(k) != klen) {
+            PyErr_Clear();
+            Py_DECREF(sval);
+            raise_invalid(st, "configuration name %R is not a name (NUL "
+                          "character or not UTF-8)", key);
+            goto fail;
+        }
+        const char *v = PyUnicode_AsUTF8AndSize(sval, &vlen);
+        if (v == NULL) {
+            /* os.environ hands bytes that are not UTF-8 over as lone
+             * surrogates */
+            PyErr_Clear();
+            Py_DECREF(sval);
+            raise_invalid(st, "%s: the value is not valid UTF-8", k);
+            goto fail;
+        }
+        if ((Py_ssize_t)strlen(v) != vlen) {
+            raise_invalid(st, "%s=%R: the value contains a NUL character",
+                          k, sval);
             Py_DECREF(sval);
             goto fail;
         }
@@ -775,20 +795,49 @@ static PyObject *mod_config_from_env(PyObject *m, PyObject *unused)
 /* Hashing and segmentation                                                  */
 /* ------------------------------------------------------------------------ */
 
-/* hash_tokens(tokens) -> int: the position-independent 64-bit key. */
-static PyObject *mod_hash_tokens(PyObject *m, PyObject *arg)
+/* hash_tokens(tokens, namespace=0) -> int: the position-independent
+ * 64-bit key of a segment in a tenant namespace. */
+static PyObject *mod_hash_tokens(PyObject *m, PyObject *args, PyObject *kwds)
 {
+    static char *kwlist[] = {"tokens", "namespace", NULL};
+    PyObject *obj;
+    unsigned long long ns = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|K:hash_tokens", kwlist,
+                                     &obj, &ns)) {
+        return NULL;
+    }
     int32_t *tok;
     int64_t n;
-    if (tokens_from_object(get_state(m), arg, "tokens", &tok, &n) < 0) {
+    if (tokens_from_object(get_state(m), obj, "tokens", &tok, &n) < 0) {
         return NULL;
     }
     uint64_t h;
     Py_BEGIN_ALLOW_THREADS
-    h = kvb_hash_tokens(tok, n);
+    h = kvb_hash_tokens_ns(tok, n, (uint64_t)ns);
     Py_END_ALLOW_THREADS
     PyMem_Free(tok);
     return PyLong_FromUnsignedLongLong(h);
+}
+
+/* namespace(name) -> int: the namespace of a tenant name (str, UTF-8, or
+ * bytes); "" and b"" are the default namespace 0. */
+static PyObject *mod_namespace(PyObject *m, PyObject *arg)
+{
+    const char *p;
+    Py_ssize_t len;
+    if (PyUnicode_Check(arg)) {
+        p = PyUnicode_AsUTF8AndSize(arg, &len);
+        if (p == NULL) {
+            return NULL;
+        }
+    } else if (PyBytes_Check(arg)) {
+        p = PyBytes_AS_STRING(arg);
+        len = PyBytes_GET_SIZE(arg);
+    } else {
+        return PyErr_Format(PyExc_TypeError, "namespace name must be str or "
+                            "bytes, not %.100s", Py_TYPE(arg)->tp_name);
+    }
+    return PyLong_FromUnsignedLongLong(kvb_namespace(p, (size_t)len));
 }
 
 /* Returns a new list of (start, end) tuples for `n` spans. */
@@ -1075,9 +1124,10 @@ static PyObject *mod_set_num_threads(PyObject *m, PyObject *arg)
     if (n == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    if (n < 0 || n > 4096) {
+    if (n < 0 || n > KVB_MAX_CPU_THREADS) {
         return raise_invalid(get_state(m), "set_num_threads(): n = %ld must "
-                             "be in [0, 4096] (0 = all cores)", n);
+                             "be in [0, %d] (0 = all cores)", n,
+                             KVB_MAX_CPU_THREADS);
     }
     kvb_status s = kvb_cpu_set_threads((int)n);
     if (s != KVB_OK) {
@@ -1118,7 +1168,7 @@ typedef struct {
 /*
  * Connector(config_items, num_layers, num_q_heads, num_kv_heads, head_size,
  *           dtype, rotary_dim, rope_style, inv_freq, attention_factor=1.0,
- *           device=-1): parses config_items like config_parse, copies
+ *           device=-1, architecture=None): parses config_items like config_parse, copies
  * inv_freq (rotary_dim/2 floats) and creates the C connector with its
  * store.  The connector's log level becomes the configured
  * KVBLEND_LOG_LEVEL.
@@ -1129,19 +1179,23 @@ static PyObject *connector_new(PyTypeObject *type, PyObject *args,
     static char *kwlist[] = {"config_items", "num_layers", "num_q_heads",
                              "num_kv_heads", "head_size", "dtype",
                              "rotary_dim", "rope_style", "inv_freq",
-                             "attention_factor", "device", NULL};
+                             "attention_factor", "device", "architecture",
+                             NULL};
     module_state *st = PyType_GetModuleState(type);
     PyObject *items, *inv_obj;
+    const char *arch = NULL;
     kvb_model_desc md;
     int dtype, style, device = -1;
     float af = 1.0f;
     memset(&md, 0, sizeof md);
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwds, "OiiiiiiiO|fi:Connector", kwlist, &items,
+            args, kwds, "OiiiiiiiO|fiz:Connector", kwlist, &items,
             &md.num_layers, &md.num_q_heads, &md.num_kv_heads, &md.head_size,
-            &dtype, &md.rope.rotary_dim, &style, &inv_obj, &af, &device)) {
+            &dtype, &md.rope.rotary_dim, &style, &inv_obj, &af, &device,
+            &arch)) {
         return NULL;
     }
+    md.architecture = arch;
     md.dtype = (kvb_dtype)dtype;
     md.rope.style = (kvb_rope_style)style;
     md.rope.attention_factor = af;
@@ -1238,11 +1292,12 @@ static PyObject *connector_set_separator(ConnectorObject *self, PyObject *arg)
 static PyObject *connector_lookup(ConnectorObject *self, PyObject *args,
                                   PyObject *kwds)
 {
-    static char *kwlist[] = {"tokens", "spans", NULL};
+    static char *kwlist[] = {"tokens", "spans", "namespace", NULL};
     module_state *st = state_of((PyObject *)self);
     PyObject *tok_obj, *spans_obj = Py_None, *res = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:lookup", kwlist,
-                                     &tok_obj, &spans_obj)) {
+    unsigned long long tenant = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OK:lookup", kwlist,
+                                     &tok_obj, &spans_obj, &tenant)) {
         return NULL;
     }
     int32_t *tok = NULL;
@@ -1266,8 +1321,8 @@ static PyObject *connector_lookup(ConnectorObject *self, PyObject *args,
     int64_t nseg = 0, reuse_end = 0;
     kvb_status s;
     Py_BEGIN_ALLOW_THREADS
-    s = kvb_connector_lookup(self->conn, tok, n, spans, ns, segs, hit, cap,
-                             &nseg, &reuse_end);
+    s = kvb_connector_lookup(self->conn, (uint64_t)tenant, tok, n, spans, ns,
+                             segs, hit, cap, &nseg, &reuse_end);
     Py_END_ALLOW_THREADS
     if (s != KVB_OK) {
         set_error_from_status(st, s);
@@ -1301,14 +1356,16 @@ done:
 static PyObject *connector_begin(ConnectorObject *self, PyObject *args,
                                  PyObject *kwds)
 {
-    static char *kwlist[] = {"tokens", "spans", "blend_end", "save", NULL};
+    static char *kwlist[] = {"tokens", "spans", "blend_end", "save",
+                             "namespace", NULL};
     module_state *st = state_of((PyObject *)self);
     PyObject *tok_obj, *spans_obj = Py_None, *res = NULL;
     long long blend_end = -1;
     int save = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OLp:begin", kwlist,
+    unsigned long long tenant = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OLpK:begin", kwlist,
                                      &tok_obj, &spans_obj, &blend_end,
-                                     &save)) {
+                                     &save, &tenant)) {
         return NULL;
     }
     int32_t *tok = NULL;
@@ -1321,8 +1378,8 @@ static PyObject *connector_begin(ConnectorObject *self, PyObject *args,
     kvb_request *req = NULL;
     kvb_status s;
     Py_BEGIN_ALLOW_THREADS
-    s = kvb_request_begin(self->conn, tok, n, spans, ns, (int64_t)blend_end,
-                          save, &req);
+    s = kvb_request_begin(self->conn, (uint64_t)tenant, tok, n, spans, ns,
+                          (int64_t)blend_end, save, &req);
     Py_END_ALLOW_THREADS
     if (s != KVB_OK) {
         set_error_from_status(st, s);
@@ -1357,7 +1414,7 @@ static PyObject *connector_store_stats(ConnectorObject *self,
         return set_error_from_status(state_of((PyObject *)self), s);
     }
     return Py_BuildValue(
-        "{s:L,s:n,s:n,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L}",
+        "{s:L,s:n,s:n,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L}",
         "num_entries", (long long)ss.num_entries,
         "host_bytes", (Py_ssize_t)ss.host_bytes,
         "device_bytes", (Py_ssize_t)ss.device_bytes,
@@ -1367,7 +1424,8 @@ static PyObject *connector_store_stats(ConnectorObject *self,
         "rejected", (long long)ss.rejected,
         "collisions", (long long)ss.collisions,
         "promotions", (long long)ss.promotions,
-        "demotions", (long long)ss.demotions);
+        "demotions", (long long)ss.demotions,
+        "corrupt", (long long)ss.corrupt);
 }
 
 /* store_clear(): removes every unpinned entry. */
@@ -1448,16 +1506,24 @@ static PyObject *connector_get_device(ConnectorObject *self, void *closure)
     return PyLong_FromLong(self->device);
 }
 
+/* Getter of Connector.fingerprint. */
+static PyObject *connector_get_fingerprint(ConnectorObject *self,
+                                           void *closure)
+{
+    return PyLong_FromUnsignedLongLong(kvb_connector_fingerprint(self->conn));
+}
+
 static PyMethodDef connector_methods[] = {
     {"set_separator", (PyCFunction)connector_set_separator, METH_O,
      "set_separator(tokens)\n--\n\nSets the separator's token ids."},
     {"lookup", (PyCFunction)(void (*)(void))connector_lookup,
      METH_VARARGS | METH_KEYWORDS,
-     "lookup(tokens, spans=None)\n--\n\n"
+     "lookup(tokens, spans=None, namespace=0)\n--\n\n"
      "Returns ([(start, end, hit), ...], reuse_end); no side effects."},
     {"begin", (PyCFunction)(void (*)(void))connector_begin,
      METH_VARARGS | METH_KEYWORDS,
-     "begin(tokens, spans=None, blend_end=-1, save=True)\n--\n\n"
+     "begin(tokens, spans=None, blend_end=-1, save=True, namespace=0)"
+     "\n--\n\n"
      "Starts one prefill and returns its Request."},
     {"store_stats", (PyCFunction)connector_store_stats, METH_NOARGS,
      "store_stats()\n--\n\nReturns the store's counters as a dict."},
@@ -1474,6 +1540,8 @@ static PyMethodDef connector_methods[] = {
 static PyGetSetDef connector_getset[] = {
     {"device", (getter)connector_get_device, NULL,
      "-1 for the CPU path, else the CUDA device ordinal", NULL},
+    {"fingerprint", (getter)connector_get_fingerprint, NULL,
+     "the model's fingerprint (architecture, shape, dtype, RoPE)", NULL},
     {NULL, NULL, NULL, NULL, NULL}};
 
 static PyType_Slot connector_slots[] = {
@@ -1484,7 +1552,7 @@ static PyType_Slot connector_slots[] = {
     {Py_tp_doc,
      "Connector(config_items, num_layers, num_q_heads, num_kv_heads, "
      "head_size, dtype, rotary_dim, rope_style, inv_freq, "
-     "attention_factor=1.0, device=-1)\n\n"
+     "attention_factor=1.0, device=-1, architecture=None)\n\n"
      "Blending state of one model: a chunk store and the separator."},
     {0, NULL}};
 
@@ -1767,8 +1835,13 @@ static PyMethodDef module_methods[] = {
     {"config_parse", mod_config_parse, METH_O,
      "config_parse(items)\n--\n\nValidates a mapping of LMCACHE_*/KVBLEND_* "
      "variables; returns the configuration as a dict."},
-    {"hash_tokens", mod_hash_tokens, METH_O,
-     "hash_tokens(tokens)\n--\n\nXXH3-64 of the token ids as int32."},
+    {"hash_tokens", (PyCFunction)(void (*)(void))mod_hash_tokens,
+     METH_VARARGS | METH_KEYWORDS,
+     "hash_tokens(tokens, namespace=0)\n--\n\nThe key of a segment: "
+     "XXH3-64 of the token ids as int32, seeded with the namespace."},
+    {"namespace", mod_namespace, METH_O,
+     "namespace(name)\n--\n\nThe tenant namespace of a name (str or "
+     "bytes); the empty name is 0."},
     {"segment_split", (PyCFunction)(void (*)(void))mod_segment_split,
      METH_FASTCALL,
      "segment_split(tokens, sep)\n--\n\nSegments between separators as "

@@ -42,6 +42,7 @@ class Config:
     deviation: str
     num_threads: int
     log_level: str
+    verify_checksums: str
     items: tuple[tuple[str, str], ...] = ()
 
     @classmethod
