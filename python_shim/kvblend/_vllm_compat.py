@@ -249,6 +249,7 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     block_hashes: list = field(default_factory=list)
     kv_transfer_params: dict[str, Any] | None = None
+    cache_salt: str | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

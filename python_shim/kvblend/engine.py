@@ -296,6 +296,8 @@ class LLM:
 
         ``prompts``: a str, {"prompt_token_ids": [...]}, or a list of either.
         A str is tokenized as vLLM does (``tokenizer(prompt).input_ids``).
+        A dict may carry ``"cache_salt"`` (as vLLM's prompts do): chunks
+        stored under one salt are never reused under another.
         With ``return_first_logits`` each output carries ``first_logits``, the
         float32 logits [vocab] that chose the first generated token.
         """
@@ -304,30 +306,40 @@ class LLM:
             prompts = [prompts]
         outs = []
         for p in prompts:
+            salt = None
             if isinstance(p, str):
                 if self.tokenizer is None:
                     raise ValueError("a str prompt needs a tokenizer; pass prompt_token_ids")
                 text, ids = p, list(self.tokenizer(p).input_ids)
             elif isinstance(p, dict) and "prompt_token_ids" in p:
                 text, ids = p.get("prompt"), [int(t) for t in p["prompt_token_ids"]]
+                salt = p.get("cache_salt")
+                if salt is not None and not isinstance(salt, str):
+                    raise ValueError(f"cache_salt={salt!r}: expected a str")
             else:
                 raise ValueError(f"prompt of type {type(p).__name__}: expected str or "
                                  "{'prompt_token_ids': [...]}")
-            outs.append(self._run_request(text, ids, sp, return_first_logits))
+            outs.append(self._run_request(text, ids, sp, return_first_logits, salt))
         return outs
 
     # ------------------------------------------------------------ request
-    def _run_request(self, text, ids, sp, want_logits) -> RequestOutput:
+    def _run_request(self, text, ids, sp, want_logits, salt=None) -> RequestOutput:
         """Schedule, prefill, decode and finish one request (see the module doc)."""
         n = len(ids)
         if n == 0:
             raise ValueError("empty prompt: expected at least one token")
         if n > self.max_model_len:
             raise ValueError(f"prompt of {n} tokens exceeds max_model_len={self.max_model_len}")
+        vocab = self.adapter.vocab_size
+        for i, t in enumerate(ids):
+            if not 0 <= t < vocab:
+                raise ValueError(f"prompt token id {t} at position {i} is outside the "
+                                 f"model's vocabulary [0, {vocab})")
         rid = str(self._next_id)
         self._next_id += 1
         metrics = RequestMetrics(arrival_time=time.perf_counter())
-        req = vc.Request(request_id=rid, prompt_token_ids=list(ids), sampling_params=sp)
+        req = vc.Request(request_id=rid, prompt_token_ids=list(ids), sampling_params=sp,
+                         cache_salt=salt)
 
         num_external = self._lookup(req)
         bs = self.block_size

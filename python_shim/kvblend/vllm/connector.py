@@ -67,6 +67,7 @@ class ReqMeta:
     computed: int      # rows in the cache once this step has run
     save: bool = True
     ratio: float | None = None  # the request's own recompute ratio, if it set one
+    namespace: int = 0  # the tenant's (cache_salt, kvblend.namespace); 0 is shared
 
 
 @dataclass
@@ -297,7 +298,15 @@ class KVBlendConnector(KVConnectorBase_V1):
         # chunks but never adds its own (evaluation, or a replica that must
         # not fill a shared store).
         self.save_chunks = bool(extra.get("kvblend.save", True))
-        self.ratios_override = None if ratios is None else [float(r) for r in ratios]
+        self.ratios_override = _ratios_override(ratios, len(self.config.check_layers))
+        # Tenants: chunks stored under one namespace are never found from
+        # another.  "kvblend.namespace" names this deployment's (or, in the
+        # built-in engine, this engine's) namespace; a request's cache_salt
+        # refines it per request, as vLLM's prefix cache does.
+        ns = extra.get("kvblend.namespace", "")
+        if not isinstance(ns, str):
+            raise ValueError(f"kvblend.namespace={ns!r}: expected a str")
+        self.namespace = ns
         # An explicit layout wins; kvblend's built-in engine names its own;
         # under vLLM it is detected from the attention backend in
         # register_kv_caches.
@@ -342,6 +351,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         self._prefill: dict[str, int] = {}               # req_id -> prompt length, while prefilling
         self._prompts: dict[str, list[int]] = {}         # req_id -> prompt, until it finishes
         self._ratios: dict[str, float | None] = {}       # req_id -> its own ratio, until it finishes
+        self._ns: dict[str, int] = {}                    # req_id -> its namespace, until it finishes
         self._finished: list[str] = []
         self._plans: dict[str, dict] = {}                # req_id -> lookup figures
         self.sep_ids: list[int] = []
@@ -392,14 +402,23 @@ class KVBlendConnector(KVConnectorBase_V1):
             return []
         return [(int(a), int(b)) for a, b in self._ext.segment_split(tokens, self.sep_ids)]
 
-    def _lookup(self, tokens: list[int]) -> tuple[list[tuple[int, int]], list[bool], int]:
-        """(spans, hit per span, reuse_end): reuse_end is the end of the
-        last stored segment, capped at n - 1 (the engine computes at least
-        the last token)."""
+    def _namespace_of(self, request) -> int:
+        """The request's tenant namespace: kvblend.namespace and the
+        request's cache_salt (vLLM's per-request cache isolation) together;
+        0, shared by all, when neither is set."""
+        salt = getattr(request, "cache_salt", None) or ""
+        if not self.namespace and not salt:
+            return 0
+        return int(self._ext.namespace(f"{self.namespace}\x1f{salt}"))
+
+    def _lookup(self, tokens: list[int], ns: int = 0) -> tuple[list[tuple[int, int]], list[bool], int]:
+        """(spans, hit per span, reuse_end) in namespace ``ns``: reuse_end
+        is the end of the last stored segment, capped at n - 1 (the engine
+        computes at least the last token)."""
         spans = self._segments(tokens)
         hits, end = [], 0
         for a, b in spans:
-            hit = self.index.has((self._ext.hash_tokens(tokens[a:b]), b - a))
+            hit = self.index.has((self._ext.hash_tokens(tokens[a:b], ns), b - a))
             hits.append(hit)
             if hit:
                 end = b
@@ -412,7 +431,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         if not self.config.enable_blending:
             return 0, False
         tokens = list(request.prompt_token_ids)
-        _, _, reuse_end = self._lookup(tokens)
+        _, _, reuse_end = self._lookup(tokens, self._namespace_of(request))
         return max(0, reuse_end - int(num_computed_tokens)), False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
@@ -423,6 +442,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         self._pending[request.request_id] = int(num_external_tokens)
         self._prompts[request.request_id] = list(request.prompt_token_ids)
         self._ratios[request.request_id] = _request_ratio(request)
+        self._ns[request.request_id] = self._namespace_of(request)
 
     def build_connector_meta(self, scheduler_output) -> KVBlendMetadata:
         """Describe this step's starting, continuing and ended requests."""
@@ -464,12 +484,13 @@ class KVBlendConnector(KVConnectorBase_V1):
         # computed at scheduling = the local prefix-cache hit + the external rows
         ext = self._pending.pop(req_id, 0)
         prefix = max(0, num_computed - ext)
-        spans, hits, _ = self._lookup(tokens)
+        ns = self._ns.get(req_id, 0)
+        spans, hits, _ = self._lookup(tokens, ns)
         computed = num_computed + scheduled
         meta.requests.append(ReqMeta(req_id=req_id, token_ids=tokens, spans=spans,
                                      block_ids=block_ids, prefix=prefix, num_external=ext,
                                      computed=computed, save=self.save_chunks,
-                                     ratio=self._ratios.get(req_id)))
+                                     ratio=self._ratios.get(req_id), namespace=ns))
         self._plans[req_id] = self._plan(spans, hits, prefix, ext, len(tokens),
                                          self._ratios.get(req_id))
         if len(self._plans) > 4096:
@@ -517,6 +538,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         self._prefill.pop(req_id, None)
         self._prompts.pop(req_id, None)
         self._ratios.pop(req_id, None)
+        self._ns.pop(req_id, None)
         self._pending.pop(req_id, None)
         plan = self._plans.pop(req_id, None)
         return False, ({"kvblend": plan} if plan is not None else None)
@@ -526,6 +548,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._layouts: list | None = None
         self._active: dict[str, _Active] = {}
+        self._scheduled: set[str] = set()  # requests whose prefill runs in this step
         self._conn = None
         self._adapter = None
         self._rank, self._tp_size, self._tp_group = 0, 1, None
@@ -566,6 +589,11 @@ class KVBlendConnector(KVConnectorBase_V1):
                                "load kvblend's plugin, the 'kvblend' vllm.general_plugins entry "
                                "point; is the package installed in this environment?)")
         adapter = get_adapter(model)  # ValueError naming an unsupported model
+        bad = [c for c in self.config.check_layers if c >= adapter.num_layers]
+        if bad:
+            raise ValueError(f"LMCACHE_BLEND_CHECK_LAYERS={','.join(map(str, self.config.check_layers))}: "
+                             f"layer {bad[0]} does not exist; {type(model).__name__} has "
+                             f"{adapter.num_layers} layers (0..{adapter.num_layers - 1})")
         ext = _ext.load()
         cache_dtype = next(iter(self._kv_caches.values())).dtype if self._kv_caches else adapter.dtype
         rope = adapter.rope
@@ -574,7 +602,8 @@ class KVBlendConnector(KVConnectorBase_V1):
             adapter.head_size, _dtype_code(ext, cache_dtype), rope.rotary_dim,
             ext.ROPE_NEOX if rope.style == "neox" else ext.ROPE_GPTJ,
             [float(x) for x in rope.inv_freq.tolist()], float(rope.attention_scaling),
-            -1 if adapter.device.type == "cpu" else (adapter.device.index or 0))
+            -1 if adapter.device.type == "cpu" else (adapter.device.index or 0),
+            type(model).__name__)
         self._conn.watch_store(True)
         if hasattr(adapter, "enable_cuda_graphs"):
             adapter.enable_compile(self.compile_pieces)
@@ -608,6 +637,17 @@ class KVBlendConnector(KVConnectorBase_V1):
         meta._kvblend_applied = True
         for req_id in meta.finished:
             self._end(req_id, commit=True)
+        self._scheduled = {st.req_id for st in meta.steps} | {rm.req_id for rm in meta.requests}
+        for req_id in [r for r in self._active if r not in self._scheduled]:
+            # Its prefill is not scheduled in this step.  One whose prefill
+            # was done ended in wait_for_save, unless that step failed (an
+            # error in the forward): it may hold partial saves whose slots
+            # are now freed and reused, so it ends here with nothing stored.
+            a = self._active[req_id]
+            if a.computed >= a.n:
+                logger.warning("kvblend: request %s: the step of its prefill did not complete; "
+                               "none of its segments is stored", req_id)
+                self._end(req_id, commit=False)
         for st in meta.steps:
             a = self._active.get(st.req_id)
             if a is not None:
@@ -625,7 +665,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         t0 = time.perf_counter()
         end = rm.prefix + rm.num_external
         req = self._conn.begin(rm.token_ids, spans=rm.spans, blend_end=end if rm.num_external else 0,
-                               save=rm.save and self.save_chunks)
+                               save=rm.save and self.save_chunks, namespace=rm.namespace)
         a = _Active(req, len(rm.token_ids), list(rm.block_ids), rm.computed, {})
         self._active[rm.req_id] = a
         n_seg, n_hit, _ = req.counts()
@@ -701,7 +741,9 @@ class KVBlendConnector(KVConnectorBase_V1):
         layout = self._layouts[layer]
         stream = torch.cuda.current_stream(kv_layer.device).cuda_stream \
             if kv_layer.device.type == "cuda" else 0
-        for a in self._active.values():
+        for req_id, a in self._active.items():
+            if req_id not in self._scheduled:
+                continue  # its rows are not computed in this step: nothing to save
             if a.slots is None:
                 a.slots = a.slot_mapping(self.block_size)
             a.req.save_layer(layer, layout, a.slots.data_ptr(), a.slots.numel(), stream)
@@ -775,6 +817,27 @@ class KVBlendConnector(KVConnectorBase_V1):
 
 
 RATIO_ARG = "kvblend_recompute_ratio"
+
+
+def _ratios_override(value, num_check_layers: int) -> list[float] | None:
+    """``kvblend.recompute_ratios`` checked as LMCACHE_BLEND_RECOMPUTE_RATIOS
+    is, except that 0 (reuse every stored row, recompute none) is allowed as
+    for a request's own ratio: a non-empty list of numbers in [0, 1], one
+    per check layer or one for all.  Raises ValueError naming the option."""
+    if value is None:
+        return None
+    name = "kv_connector_extra_config 'kvblend.recompute_ratios'"
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{name}={value!r}: expected a non-empty list of ratios in [0, 1]")
+    out = []
+    for i, r in enumerate(value):
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= float(r) <= 1.0:
+            raise ValueError(f"{name}={value!r}: entry {i} ({r!r}) is not a ratio in [0, 1]")
+        out.append(float(r))
+    if len(out) not in (1, num_check_layers):
+        raise ValueError(f"{name}={value!r}: {len(out)} ratios for {num_check_layers} check "
+                         "layers (LMCACHE_BLEND_CHECK_LAYERS); give one per check layer or one")
+    return out
 
 
 def _request_ratio(request) -> float | None:
