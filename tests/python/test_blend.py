@@ -343,16 +343,26 @@ def test_request_sets_its_own_recompute_ratio(engines, caplog):
     assert 0 < st_bad["tokens_recomputed"] < st_bad["blend_rows"]
 
 
-def test_failed_prefill_stores_nothing(engines):
-    """A prompt that fails in the forward (a token id past the vocabulary)
-    ends in the connector with the request: none of its segments is stored
-    from the freed blocks, and later requests blend as before."""
+def test_failed_prefill_stores_nothing(engines, monkeypatch):
+    """A prompt that fails in the forward (an error in the last layer,
+    after every layer's KV was written) ends in the connector with the
+    request: none of its segments is stored from the freed blocks, and
+    later requests blend as before."""
     make, full, tok = engines
     sys_ids, chunks, q, sep = _pieces(tok)
     llm = make(ratio=1.0)
-    bad = join(sys_ids, chunks[:3], q[:-1] + [llm.adapter.vocab_size + 5], sep)
-    with pytest.raises(Exception):
+    bad = join(sys_ids, chunks[:3], q, sep)
+    real_out, last = llm.adapter.out, llm.adapter.num_layers - 1
+
+    def failing(i, attn, h):
+        if i == last:
+            raise RuntimeError("injected failure in the last layer")
+        return real_out(i, attn, h)
+
+    monkeypatch.setattr(llm.adapter, "out", failing)
+    with pytest.raises(RuntimeError, match="injected failure"):
         llm.generate({"prompt_token_ids": bad}, GREEDY)
+    monkeypatch.setattr(llm.adapter, "out", real_out)
     p2 = join(sys_ids, [chunks[2], chunks[0], chunks[1]], _question(tok, "Where is the reef?"), sep)
     out, st = _run(llm, p2)
     assert st["segments_hit"] == 0 and out.num_cached_tokens == 0  # nothing of `bad` stored

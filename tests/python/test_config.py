@@ -105,7 +105,8 @@ def test_config_is_frozen_and_items_rebuild_it():
     ("LMCACHE_EXTRA_CONFIG", "{bad", "JSON"),
     ("KVBLEND_MAX_DEVICE_SIZE", "x", "GB"),
     ("KVBLEND_DEVIATION", "q", "k, v or kv"),
-    ("KVBLEND_NUM_THREADS", "-2", ">= 0"),
+    ("KVBLEND_NUM_THREADS", "-2", "expected 0 (all cores) to 256"),
+    ("KVBLEND_NUM_THREADS", "257", "thread count 257 is out of range"),
     ("KVBLEND_LOG_LEVEL", "loud", "debug, info, warning or error"),
     ("KVBLEND_NOPE", "1", "unknown kvblend variable"),
 ])

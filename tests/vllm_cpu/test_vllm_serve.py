@@ -72,10 +72,10 @@ class _Server:
         self.stop()
         pytest.fail(f"vllm serve did not start in time:\n{self.log.read_text()[-4000:]}")
 
-    def complete(self, ids: list[int]) -> dict:
+    def complete(self, ids: list[int], **fields) -> dict:
         r = httpx.post(self.url + "/v1/completions", timeout=300, json={
             "model": str(blend_run_model()), "prompt": ids, "max_tokens": 8,
-            "temperature": 0.0, "ignore_eos": True})
+            "temperature": 0.0, "ignore_eos": True, **fields})
         assert r.status_code == 200, r.text
         return r.json()
 
@@ -123,6 +123,8 @@ def served(tmp_path_factory, prompts):
     try:
         first = srv.complete(prompts["first"])
         second = srv.complete(prompts["reordered"])
+        # another tenant sends the same chunks: nothing of the first's is reused
+        salted = srv.complete(prompts["reordered"], cache_salt="tenant-b")
         metrics = ""
         for _ in range(20):  # the counters reach /metrics with the step's stats
             metrics = srv.metrics()
@@ -138,7 +140,7 @@ def served(tmp_path_factory, prompts):
         ref_second = ref.complete(prompts["reordered"])
     finally:
         ref.stop()
-    return {"first": first, "second": second, "metrics": metrics, "log": log,
+    return {"first": first, "second": second, "salted": salted, "metrics": metrics, "log": log,
             "ref_first": ref_first, "ref_second": ref_second}
 
 
@@ -149,6 +151,14 @@ def test_second_request_reports_the_blended_rows_as_cached(served):
     kb = second["kv_transfer_params"]["kvblend"]
     assert (kb["segments_total"], kb["segments_hit"]) == (5, 4)
     assert cached == kb["prefix_rows"] + kb["blend_rows"] > 0.5 * second["usage"]["prompt_tokens"]
+
+
+def test_cache_salt_keeps_tenants_apart(served):
+    salted = served["salted"]
+    assert (salted["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0) == 0
+    kb = salted["kv_transfer_params"]["kvblend"]
+    assert (kb["segments_total"], kb["segments_hit"], kb["blend_rows"]) == (5, 0, 0)
+    assert salted["choices"][0]["text"] == served["ref_second"]["choices"][0]["text"]
 
 
 def test_metrics_expose_kvblend_counters(served):
