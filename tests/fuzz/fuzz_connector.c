@@ -382,11 +382,28 @@ static void op_begin(reader *r)
     uint8_t be = next(r);
     int64_t blend_end = be & 1 ? -1 : (int64_t)((be >> 1) % (n + 3)) - 1;
     int save = (next(r) & 3) != 0;
+    /* The scheduler's view first: with nothing changed in between, begin
+     * must find the same segments and reuse up to the same row. */
+    kvb_span lsegs[MAX_N];
+    uint8_t lhit[MAX_N];
+    int64_t lnseg = -1, lreuse = -1;
+    kvb_clear_error();
+    kvb_status lst = kvb_connector_lookup(g.conn, ns, tok, n, spans, n_spans,
+                                          lsegs, lhit, MAX_N, &lnseg, &lreuse);
+    check_status(lst, "lookup");
     kvb_request *req = NULL;
     kvb_clear_error();
     kvb_status st = kvb_request_begin(g.conn, ns, tok, n, spans, n_spans,
                                       blend_end, save, &req);
     check_status(st, "begin");
+    if ((st == KVB_OK) != (lst == KVB_OK) && !(st != KVB_OK && blend_end >= 0)) {
+        fail("begin and lookup disagree on the prompt", st, lst);
+    }
+    if (st == KVB_OK && blend_end < 0 &&
+        kvb_request_blend_end(req) != lreuse) {
+        fail("begin's blend_end is not the lookup's reuse_end",
+             kvb_request_blend_end(req), lreuse);
+    }
     if (st != KVB_OK) {
         if (req != NULL) {
             fail("begin failed but returned a request", st, 0);
