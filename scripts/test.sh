@@ -2,9 +2,11 @@
 # Runs kvblend's whole test suite on a fresh machine: installs what is
 # missing, then
 #   1. the Check suites (CTest) in a release build,
-#   2. the same suites built with AddressSanitizer + UBSan,
-#   3. a compile of every CUDA source when nvcc is present,
-#   4. pytest (tests/python, and tests/gpu which skips without a GPU).
+#   2. the same suites built with AddressSanitizer + UBSan, then with
+#      ThreadSanitizer (scripts/tsan.sh),
+#   3. the libFuzzer targets for a bounded time each (scripts/fuzz.sh),
+#   4. a compile of every CUDA source when nvcc is present,
+#   5. pytest (tests/python, and tests/gpu which skips without a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -23,6 +25,11 @@ cmake -S . -B "$BUILD/sanitize" -G Ninja -DCMAKE_BUILD_TYPE=Debug -DKVB_BUILD_TE
       -DKVB_CUDA=OFF -DKVB_PYTHON=OFF -DKVB_SANITIZE=address,undefined >/dev/null
 cmake --build "$BUILD/sanitize" -j "$JOBS"
 (cd "$BUILD/sanitize" && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure -j "$JOBS")
+
+echo "== Check suites (thread sanitizer)"
+KVB_TSAN_BUILD="$BUILD/tsan" bash scripts/tsan.sh
+echo "== libFuzzer targets (${KVB_FUZZ_SECONDS:-60} s each, in parallel)"
+KVB_FUZZ_BUILD="$BUILD/fuzz" bash scripts/fuzz.sh
 
 if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
   echo "== CUDA sources compile (-DKVB_CUDA=ON)"
