@@ -539,36 +539,42 @@ kvb_status kvb_request_begin(kvb_connector *conn, uint64_t ns,
     for (int64_t i = 0; i < n; i++) {
         req->positions[i] = i;
     }
+    /* Stored segments are pinned first, then the others reserved: a
+     * reservation may evict to make room, and must never evict a segment
+     * this very request is about to reuse (the lookup promised it). */
     int64_t reuse_end = 0;
-    for (int64_t i = 0; i < req->nseg; i++) {
+    for (int64_t i = 0; i < req->nseg && conn->cfg.enable_blending; i++) {
         const kvb_span *s = &req->segs[i];
-        int64_t len = s->end - s->start;
-        if (conn->cfg.enable_blending) {
-            st = kvb_store_acquire(conn->store, ns, tokens + s->start, len,
-                                   &req->hits[i]);
-            int intact = 1;
-            if (st == KVB_OK && req->hits[i] != NULL) {
-                /* A damaged entry is dropped (its pin released): a miss,
-                 * recomputed and saved again below. */
-                st = kvb_store_verify(conn->store, req->hits[i], &intact);
-                if (st == KVB_OK && !intact) {
-                    req->hits[i] = NULL;
-                }
+        st = kvb_store_acquire(conn->store, ns, tokens + s->start,
+                               s->end - s->start, &req->hits[i]);
+        int intact = 1;
+        if (st == KVB_OK && req->hits[i] != NULL) {
+            /* A damaged entry is dropped (its pin released): a miss,
+             * recomputed and saved again below. */
+            st = kvb_store_verify(conn->store, req->hits[i], &intact);
+            if (st == KVB_OK && !intact) {
+                req->hits[i] = NULL;
             }
-            if (st != KVB_OK) {
-                request_release(req, 0);
-                return st;
-            }
+        }
+        if (st != KVB_OK) {
+            request_release(req, 0);
+            return st;
         }
         if (req->hits[i] != NULL) {
             reuse_end = s->end;
-        } else if (save) {
-            st = kvb_store_reserve(conn->store, ns, tokens + s->start, len,
-                                   req->positions + s->start, &req->saves[i]);
-            if (st != KVB_OK) {
-                request_release(req, 0);
-                return st;
-            }
+        }
+    }
+    for (int64_t i = 0; i < req->nseg && save; i++) {
+        const kvb_span *s = &req->segs[i];
+        if (req->hits[i] != NULL) {
+            continue;
+        }
+        st = kvb_store_reserve(conn->store, ns, tokens + s->start,
+                               s->end - s->start, req->positions + s->start,
+                               &req->saves[i]);
+        if (st != KVB_OK) {
+            request_release(req, 0);
+            return st;
         }
     }
     if (blend_end < 0) {

@@ -650,6 +650,44 @@ START_TEST(test_separator_swap_while_looking_up)
 }
 END_TEST
 
+START_TEST(test_own_reservation_never_evicts_promised_hits)
+{
+    /* a store that holds P1's segments with 1 KB to spare; then a prompt
+     * whose first segment is new (3 KB) and whose next two are P1's A and
+     * B: begin pins A and B before reserving the new one, so it reuses
+     * what the lookup promised instead of evicting it for itself */
+    kvb_connector *c = make_conn(1);
+    store_p1(c);
+    kvb_store_stats st;
+    ck_assert_int_eq(kvb_store_get_stats(kvb_connector_store(c), &st), KVB_OK);
+    kvb_connector_free(c);
+    kvb_config cfg;
+    kvb_model_desc m;
+    ck_assert_int_eq(kvb_config_init(&cfg), KVB_OK);
+    cfg.enable_blending = 1;
+    cfg.max_local_cpu_size_gb = (double)(st.host_bytes + 1024) / 1073741824.0;
+    init_rope(&m);
+    ck_assert_int_eq(kvb_connector_create(&cfg, &m, -1, &c), KVB_OK);
+    const int32_t sep[2] = {99, 98};
+    ck_assert_int_eq(kvb_connector_set_separator(c, sep, 2), KVB_OK);
+    store_p1(c);
+    const int32_t p3[] = {5, 6, 7, 8, 9, 4, 99, 98, 10, 11, 12, 99, 98, 20, 21};
+    kvb_span segs[8];
+    uint8_t hit[8];
+    int64_t nseg = 0, end = 0;
+    ck_assert_int_eq(kvb_connector_lookup(c, 0, p3, 15, NULL, 0, segs, hit, 8, &nseg, &end), KVB_OK);
+    ck_assert_int_eq(end, 14);
+    kvb_request *req = NULL;
+    ck_assert_int_eq(kvb_request_begin(c, 0, p3, 15, NULL, 0, -1, 1, &req), KVB_OK);
+    int64_t nhit = 0;
+    ck_assert_int_eq(kvb_request_counts(req, NULL, &nhit, NULL), KVB_OK);
+    ck_assert_int_eq(nhit, 2);
+    ck_assert_int_eq(kvb_request_blend_end(req), end);
+    kvb_request_finish(req, 0);
+    kvb_connector_free(c);
+}
+END_TEST
+
 Suite *connector_suite(void)
 {
     Suite *s = suite_create("connector");
@@ -670,6 +708,7 @@ Suite *connector_suite(void)
     tcase_add_test(tc, test_damaged_chunk_is_recomputed_not_loaded);
     tcase_add_test(tc, test_fingerprint_names_the_model);
     tcase_add_test(tc, test_num_threads_applied_at_creation);
+    tcase_add_test(tc, test_own_reservation_never_evicts_promised_hits);
     tcase_add_test(tc, test_separator_swap_while_looking_up);
     suite_add_tcase(s, tc);
     return s;
