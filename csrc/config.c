@@ -1027,6 +1027,12 @@ static kvb_status cfg_fail_unknown(const char *name, const char *value)
 /* Public API                                                                 */
 /* ------------------------------------------------------------------------ */
 
+/* The i-th name of kvb_config_names, NULL out of range. */
+const char *kvb_config_name(int i)
+{
+    return i >= 0 && i < KVB_CONFIG_NUM_NAMES ? kvb_config_names[i] : NULL;
+}
+
 /* Fills `cfg` with LMCache's defaults and kvblend's own.  Fails only for a
  * NULL cfg. */
 kvb_status kvb_config_init(kvb_config *cfg)

@@ -191,6 +191,10 @@ KVB_API kvb_status kvb_config_set(kvb_config *cfg, const char *name,
  * thresholds likewise).  Returns KVB_ERR_INVALID naming the variables. */
 KVB_API kvb_status kvb_config_validate(const kvb_config *cfg);
 
+/* The i-th variable kvblend reads (0-based, in the order
+ * kvb_config_from_env applies them), or NULL when i is out of range. */
+KVB_API const char *kvb_config_name(int i);
+
 /* Initialises `cfg` from the process environment: kvb_config_init, then
  * kvb_config_set for each recognised variable that is set, then
  * kvb_config_validate.  Stops at the first bad value. */

@@ -541,22 +541,13 @@ START_TEST(test_config_ratio_at)
 }
 END_TEST
 
-/* Every variable kvb_config_from_env reads. */
-static const char *const kEnvNames[] = {
-    "LMCACHE_ENABLE_BLENDING", "LMCACHE_BLEND_SPECIAL_STR",
-    "LMCACHE_USE_LAYERWISE", "LMCACHE_BLEND_CHECK_LAYERS",
-    "LMCACHE_BLEND_RECOMPUTE_RATIOS", "LMCACHE_BLEND_THRESHOLDS",
-    "LMCACHE_CHUNK_SIZE", "LMCACHE_LOCAL_CPU", "LMCACHE_MAX_LOCAL_CPU_SIZE",
-    "LMCACHE_EXTRA_CONFIG", "KVBLEND_MAX_DEVICE_SIZE", "KVBLEND_DEVIATION",
-    "KVBLEND_NUM_THREADS", "KVBLEND_LOG_LEVEL", "KVBLEND_VERIFY_CHECKSUMS",
-};
 
 /* Fixture: starts and ends every env test with none of the variables set,
  * whatever the environment the suite runs in. */
 static void env_clear(void)
 {
-    for (size_t i = 0; i < sizeof kEnvNames / sizeof kEnvNames[0]; i++) {
-        unsetenv(kEnvNames[i]);
+    for (int i = 0; kvb_config_name(i) != NULL; i++) {
+        unsetenv(kvb_config_name(i));
     }
     unsetenv("KVBLEND_DEVIATON");
     unsetenv("LMCACHE_SOMETHING_ELSE");

@@ -25,29 +25,32 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-/* Every variable kvb_config_from_env reads (csrc/config.c,
- * kvb_config_names), then names the parser must refuse or ignore. */
-static const char *const names[] = {
-    "LMCACHE_ENABLE_BLENDING",
-    "LMCACHE_BLEND_SPECIAL_STR",
-    "LMCACHE_USE_LAYERWISE",
-    "LMCACHE_BLEND_CHECK_LAYERS",
-    "LMCACHE_BLEND_RECOMPUTE_RATIOS",
-    "LMCACHE_BLEND_THRESHOLDS",
-    "LMCACHE_CHUNK_SIZE",
-    "LMCACHE_LOCAL_CPU",
-    "LMCACHE_MAX_LOCAL_CPU_SIZE",
-    "LMCACHE_EXTRA_CONFIG",
-    "KVBLEND_MAX_DEVICE_SIZE",
-    "KVBLEND_DEVIATION",
-    "KVBLEND_NUM_THREADS",
-    "KVBLEND_LOG_LEVEL",
-    "KVBLEND_VERIFY_CHECKSUMS",
+/* Names the parser must refuse or ignore, after the variables it reads
+ * (kvb_config_name). */
+static const char *const foreign[] = {
     "LMCACHE_SOME_OTHER_SETTING", /* ignored: an LMCache setting */
     "KVBLEND_NO_SUCH_SETTING",    /* refused: a kvblend typo */
     "PATH",                       /* refused: neither prefix */
 };
-#define NUM_NAMES ((int)(sizeof names / sizeof names[0]))
+#define NUM_FOREIGN ((int)(sizeof foreign / sizeof foreign[0]))
+
+/* How many names there are to try: every variable kvblend reads, then
+ * the foreign ones. */
+static int num_names(void)
+{
+    int n = 0;
+    while (kvb_config_name(n) != NULL) {
+        n++;
+    }
+    return n + NUM_FOREIGN;
+}
+
+/* The i-th name to try, i in [0, num_names()). */
+static const char *name_at(int i)
+{
+    const char *known = kvb_config_name(i);
+    return known != NULL ? known : foreign[i - (num_names() - NUM_FOREIGN)];
+}
 
 /* Aborts with a message: libFuzzer reports the input as a crash. */
 static void fail(const char *what, const char *name, const char *value)
@@ -98,7 +101,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             end++;
         }
         if (end > pos) {
-            const char *name = names[data[pos] % NUM_NAMES];
+            const char *name = name_at(data[pos] % num_names());
             size_t len = end - pos - 1;
             memcpy(buf, data + pos + 1, len);
             buf[len] = '\0';
