@@ -26,6 +26,7 @@ struct kvb_connector {
     int32_t device;
     kvb_store *store;
     uint64_t fingerprint; /* of the model (kvb_connector_fingerprint) */
+    int checksums;        /* KVBLEND_VERIFY_CHECKSUMS, "auto" resolved */
     /* The separator: replaced by kvb_connector_set_separator while other
      * threads may be splitting prompts with it, hence the lock (readers:
      * split_prompt; the one writer swaps the pointer). */
@@ -225,6 +226,7 @@ kvb_status kvb_connector_create(const kvb_config *cfg,
     c->model.architecture = NULL; /* not owned; only the fingerprint keeps it */
     c->fingerprint = model_fingerprint(model);
     c->device = device < 0 ? -1 : device;
+    c->checksums = connector_checksums(cfg, c->device);
     c->inv_freq = malloc((size_t)(r->rotary_dim / 2) * sizeof(float));
     if (c->inv_freq == NULL) {
         pthread_rwlock_destroy(&c->sep_lock);
@@ -242,7 +244,7 @@ kvb_status kvb_connector_create(const kvb_config *cfg,
         .host_budget_bytes =
             cfg->local_cpu ? gb_to_bytes(cfg->max_local_cpu_size_gb) : 0,
         .device_budget_bytes = gb_to_bytes(cfg->max_device_size_gb),
-        .checksums = connector_checksums(cfg, c->device),
+        .checksums = c->checksums,
     };
     st = kvb_store_create(&sp, &c->store);
     if (st != KVB_OK) {
@@ -394,9 +396,10 @@ static kvb_status split_on_separator(const kvb_connector *conn,
 
 /* Scheduler-side lookup without side effects.  See kvblend.h. */
 kvb_status kvb_connector_lookup(kvb_connector *conn, uint64_t ns,
-                                const int32_t *tokens, int64_t n, const kvb_span *spans,
-                                int64_t n_spans, kvb_span *segs, uint8_t *hit,
-                                int64_t cap, int64_t *n_segs,
+                                const int32_t *tokens, int64_t n,
+                                const kvb_span *spans, int64_t n_spans,
+                                kvb_span *segs, uint8_t *hit, int64_t cap,
+                                int64_t *n_segs,
                                 int64_t *reuse_end)
 {
     if (conn == NULL || n_segs == NULL || reuse_end == NULL || n < 0 ||
@@ -451,8 +454,7 @@ kvb_status kvb_connector_lookup(kvb_connector *conn, uint64_t ns,
 static kvb_status request_sync_saves(kvb_request *req)
 {
     const kvb_connector *c = req->conn;
-    if (c->device < 0 || req->d_slots == NULL ||
-        !connector_checksums(&c->cfg, c->device)) {
+    if (c->device < 0 || req->d_slots == NULL || !c->checksums) {
         return KVB_OK;
     }
     return kvb_cuda_sync(c->device, req->save_stream);
@@ -496,9 +498,9 @@ static void request_release(kvb_request *req, int commit)
 /* Starts a request: segments, pins stored ones, reserves the others, marks
  * forced rows and builds the load table.  See kvblend.h. */
 kvb_status kvb_request_begin(kvb_connector *conn, uint64_t ns,
-                             const int32_t *tokens, int64_t n, const kvb_span *spans,
-                             int64_t n_spans, int64_t blend_end, int save,
-                             kvb_request **out)
+                             const int32_t *tokens, int64_t n,
+                             const kvb_span *spans, int64_t n_spans,
+                             int64_t blend_end, int save, kvb_request **out)
 {
     if (conn == NULL || out == NULL || n < 0 || (n > 0 && tokens == NULL)) {
         return kvb_fail(KVB_ERR_INVALID,
