@@ -10,8 +10,9 @@ Per ratio: token F1 against the gold answers (SQuAD-style), the mean
 KL(full || blend) of the first answer token's distribution, and the share of
 items whose greedy answer equals full prefill's.
 
-    python benchmarks/quality.py --data musique_dev.json --n 10 \
-        --ratios 0,0.05,0.15,0.3,1.0 [--json out.json] [--plot out.png]
+    python benchmarks/quality.py --data musique_dev.json --n 20 \
+        --ratios 0,0.05,0.1,0.15,0.3 --selections k,kv,query,query*kv+b4 \
+        [--json out.json] [--plot out.png]
 """
 
 from __future__ import annotations
@@ -67,11 +68,36 @@ def kl(p_logits, q_logits) -> float:
     return float((lp.exp() * (lp - lq)).sum())
 
 
+SELECTION_HELP = """selection strategies, comma-separated: k, v, kv (CacheBlend's deviation of
+K, V or both), query (attention the question pays each row at the check layer), query*k,
+query*kv (the product); a suffix +bN also recomputes the first N rows of each reused chunk
+first, inside the same budget (e.g. query*kv+b4)"""
+
+
+def selection_settings(spec: str) -> dict[str, str]:
+    """KVBLEND_* settings of one strategy name (see SELECTION_HELP)."""
+    base, _, boundary = spec.partition("+b")
+    out = {"KVBLEND_BOUNDARY_TOKENS": boundary or "0"}
+    if base in ("k", "v", "kv"):
+        out.update(KVBLEND_SELECTION="deviation", KVBLEND_DEVIATION=base)
+    elif base == "query":
+        out.update(KVBLEND_SELECTION="query")
+    elif base in ("query*k", "query*v", "query*kv"):
+        out.update(KVBLEND_SELECTION="query_deviation", KVBLEND_DEVIATION=base[6:])
+    else:
+        raise SystemExit(f"--selections: unknown strategy {spec!r}; {SELECTION_HELP}")
+    if not out["KVBLEND_BOUNDARY_TOKENS"].isdigit():
+        raise SystemExit(f"--selections: {spec!r}: +b takes a row count, e.g. +b4")
+    return out
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="MuSiQue-format JSON (question, answers, ctxs)")
     ap.add_argument("--n", type=int, default=10, help="first N items")
+    ap.add_argument("--skip", type=int, default=0, help="start at item SKIP")
     ap.add_argument("--ratios", default="0,0.05,0.15,0.3,1.0")
+    ap.add_argument("--selections", default="k", help=SELECTION_HELP)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--check-layers", default=None, help="overrides LMCACHE_BLEND_CHECK_LAYERS")
@@ -80,13 +106,15 @@ def parse_args(argv=None):
                          "'0.5,0.3' with --check-layers 1,4,8; the last check layer takes each "
                          "--ratios value (0 stays pure reuse at every check layer)")
     ap.add_argument("--json", dest="json_path", default=None)
-    ap.add_argument("--plot", default=None, help="PNG of F1 and KL against the ratio")
+    ap.add_argument("--plot", default=None, help="PNG of agreement and KL against the ratio")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    sels = [x.strip() for x in args.selections.split(",") if x.strip()]
+    settings = {sel: selection_settings(sel) for sel in sels}
     os.environ.setdefault("LMCACHE_ENABLE_BLENDING", "True")
     os.environ.setdefault("LMCACHE_BLEND_SPECIAL_STR", " # # ")
     os.environ.setdefault("LMCACHE_BLEND_CHECK_LAYERS", "1")
@@ -98,8 +126,9 @@ def main(argv=None) -> int:
     from kvblend._vllm_compat import KVTransferConfig
     from kvblend.engine import LLM, SamplingParams
     from kvblend.prompt import chat_pieces, encode, join
+    from kvblend.vllm.connector import RATIO_ARG, SAVE_ARG
 
-    items = json.loads(Path(args.data).read_text())[: args.n]
+    items = json.loads(Path(args.data).read_text())[args.skip: args.skip + args.n]
     full = LLM(model=args.model)
     tok = full.get_tokenizer()
     n_checks = len(os.environ["LMCACHE_BLEND_CHECK_LAYERS"].split(","))
@@ -110,8 +139,6 @@ def main(argv=None) -> int:
 
     def schedule(r):
         """Ratios per check layer for final ratio r."""
-        if not lead:
-            return [r] * n_checks
         return [0.0] * n_checks if r == 0 else [max(x, r) for x in lead] + [r]
 
     def engine(extra):
@@ -119,63 +146,80 @@ def main(argv=None) -> int:
                                kv_role="kv_both", kv_connector_extra_config=extra)
         return LLM(model=full.model, tokenizer=tok, kv_transfer_config=ktc)
 
-    # One engine stores the passages; the evaluated engines only read the
-    # store, so no ratio's run leaves the question's KV behind for the next.
-    store = engine({})
-    engines = {r: engine({"kvblend.recompute_ratios": schedule(r), "kvblend.save": False})
-               for r in ratios}
-    sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    # Each evaluated engine stores the passages itself; its question prompts
+    # store nothing (kvblend_save: False), so no run leaves the question's KV
+    # behind for the next.  One engine per strategy, the ratio per request;
+    # with a gradual schedule, one engine per (strategy, ratio).
+    engines = {}
+    for sel in sels:
+        base = {"kvblend.settings": settings[sel]}
+        if lead:
+            for r in ratios:
+                engines[sel, r] = engine({**base, "kvblend.recompute_ratios": schedule(r)})
+        else:
+            shared = engine(base)
+            for r in ratios:
+                engines[sel, r] = shared
+    sp = {key: SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
+                              extra_args={SAVE_ARG: False, **({} if lead else {RATIO_ARG: key[1]})})
+          for key in engines}
+    plain = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     one = SamplingParams(temperature=0.0, max_tokens=1)
     before, after = chat_pieces(tok, "You are a helpful assistant.")
     sys_ids = encode(tok, before + PREFIX)
     sep = encode(tok, os.environ["LMCACHE_BLEND_SPECIAL_STR"])
 
-    acc = {r: {"f1": [], "kl": [], "agree": [], "hit": [], "recomputed": [], "ttft": []} for r in ratios}
+    acc = {key: {"f1": [], "kl": [], "agree": [], "hit": [], "recomputed": [], "ttft": []}
+           for key in engines}
     acc_full = {"f1": [], "ttft": []}
     t_start = time.perf_counter()
     for i, item in enumerate(items):
         chunks = [encode(tok, f"{c['title']}\n\n{c['text']}\n\n") for c in item["ctxs"]]
         q_ids = encode(tok, QUERY.format(q=item["question"]) + after)
         prompt = join(sys_ids, chunks, q_ids, sep)
-        for c in chunks:  # each passage prefilled alone after the system prompt
-            store.generate({"prompt_token_ids": join(sys_ids, [c], [], sep)}, one)
-        ref = full.generate({"prompt_token_ids": prompt}, sp, return_first_logits=True)[0]
+        for eng in {id(e): e for e in engines.values()}.values():
+            for c in chunks:  # each passage prefilled alone after the system prompt
+                eng.generate({"prompt_token_ids": join(sys_ids, [c], [], sep)}, one)
+        ref = full.generate({"prompt_token_ids": prompt}, plain, return_first_logits=True)[0]
         ref_text = ref.outputs[0].text.strip()
         acc_full["f1"].append(f1(ref_text, item["answers"]))
         acc_full["ttft"].append(ref.metrics.ttft)
-        for r in ratios:
-            out = engines[r].generate({"prompt_token_ids": prompt}, sp, return_first_logits=True)[0]
+        for key, eng in engines.items():
+            out = eng.generate({"prompt_token_ids": prompt}, sp[key], return_first_logits=True)[0]
             text = out.outputs[0].text.strip()
             st = runtime.request_stats(str(out.request_id)) or {}
-            a = acc[r]
+            a = acc[key]
             a["f1"].append(f1(text, item["answers"]))
             a["kl"].append(kl(ref.first_logits, out.first_logits))
             a["agree"].append(float(normalize(text) == normalize(ref_text)))
             a["hit"].append(st.get("segments_hit", 0) / max(1, st.get("segments_total", 1)))
             a["recomputed"].append(st.get("tokens_recomputed", 0) / max(1, st.get("blend_rows", 1)))
             a["ttft"].append(out.metrics.ttft)
-            print(f"item {i} r={r:<5} f1={a['f1'][-1]:.2f} kl={a['kl'][-1]:.4f} "
-                  f"agree={int(a['agree'][-1])} {text!r} | full {ref_text!r} | gold {item['answers']}",
-                  flush=True)
+            print(f"item {args.skip + i} {key[0]:<12} r={key[1]:<5} f1={a['f1'][-1]:.2f} "
+                  f"kl={a['kl'][-1]:.4f} agree={int(a['agree'][-1])} {text!r} | full {ref_text!r} "
+                  f"| gold {item['answers']}", flush=True)
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-    rows = [{"ratio": "full", "f1": mean(acc_full["f1"]), "kl_vs_full": 0.0, "agree_vs_full": 1.0,
-             "ttft_s": mean(acc_full["ttft"]), "n": len(items)}]
-    for r in ratios:
-        a = acc[r]
-        rows.append({"ratio": r, "f1": mean(a["f1"]), "kl_vs_full": mean(a["kl"]),
+    rows = [{"selection": "full", "ratio": "full", "f1": mean(acc_full["f1"]), "kl_vs_full": 0.0,
+             "agree_vs_full": 1.0, "ttft_s": mean(acc_full["ttft"]), "n": len(items)}]
+    for (sel, r), a in acc.items():
+        rows.append({"selection": sel, "ratio": r, "f1": mean(a["f1"]), "kl_vs_full": mean(a["kl"]),
                      "agree_vs_full": mean(a["agree"]), "segments_hit_share": mean(a["hit"]),
                      "recomputed_share": mean(a["recomputed"]), "ttft_s": mean(a["ttft"]),
-                     "n": len(items)})
-    print(f"\nquality on {len(items)} items of {args.data} ({args.model}, check layers "
-          f"{os.environ['LMCACHE_BLEND_CHECK_LAYERS']}"
+                     "n": len(items), "kl_each": a["kl"], "agree_each": a["agree"]})
+    reuse = {row["selection"]: row["kl_vs_full"] for row in rows if row["ratio"] == 0}
+    print(f"\nquality on {len(items)} items of {args.data} from item {args.skip} ({args.model}, "
+          f"check layers {os.environ['LMCACHE_BLEND_CHECK_LAYERS']}"
           f"{', lead ratios ' + args.lead_ratios if lead else ''}, "
           f"{time.perf_counter() - t_start:.0f} s)")
-    print(f"{'ratio':>6} {'F1':>6} {'KL(full||blend)':>16} {'agree':>6} {'hit':>5} {'recomp':>7} {'TTFT s':>7}")
+    print(f"{'selection':>14} {'ratio':>6} {'F1':>6} {'KL(full||blend)':>16} {'KL/reuse':>9} "
+          f"{'agree':>6} {'hit':>5} {'recomp':>7} {'TTFT s':>7}")
     for row in rows:
         rr = row["ratio"] if isinstance(row["ratio"], str) else f"{row['ratio']:.2f}"
-        print(f"{rr:>6} {row['f1']:>6.3f} {row['kl_vs_full']:>16.5f} {row['agree_vs_full']:>6.2f} "
-              f"{row.get('segments_hit_share', 1.0):>5.2f} {row.get('recomputed_share', 1.0):>7.3f} "
-              f"{row['ttft_s']:>7.2f}")
+        base = reuse.get(row["selection"])
+        rel = f"{row['kl_vs_full'] / base:>9.3f}" if base else f"{'':>9}"
+        print(f"{row['selection']:>14} {rr:>6} {row['f1']:>6.3f} {row['kl_vs_full']:>16.5f} {rel} "
+              f"{row['agree_vs_full']:>6.2f} {row.get('segments_hit_share', 1.0):>5.2f} "
+              f"{row.get('recomputed_share', 1.0):>7.3f} {row['ttft_s']:>7.2f}")
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(rows, indent=2))
     if args.plot:
@@ -184,7 +228,8 @@ def main(argv=None) -> int:
 
 
 def _plot(rows, path):
-    """F1 and KL against the recompute ratio, full prefill as a line."""
+    """Agreement with full prefill and KL against the recompute ratio, one
+    line per selection strategy."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -192,12 +237,14 @@ def _plot(rows, path):
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return
-    pts = [r for r in rows if not isinstance(r["ratio"], str)]
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax[0].plot([r["ratio"] for r in pts], [r["f1"] for r in pts], "o-", label="blend")
-    ax[0].axhline(rows[0]["f1"], color="gray", ls="--", label="full prefill")
-    ax[0].set_xlabel("recompute ratio"); ax[0].set_ylabel("F1"); ax[0].legend()
-    ax[1].plot([r["ratio"] for r in pts], [max(r["kl_vs_full"], 1e-9) for r in pts], "o-")
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+    for sel in dict.fromkeys(r["selection"] for r in rows if r["selection"] != "full"):
+        pts = [r for r in rows if r["selection"] == sel]
+        ax[0].plot([r["ratio"] for r in pts], [r["agree_vs_full"] for r in pts], "o-", label=sel)
+        ax[1].plot([r["ratio"] for r in pts], [max(r["kl_vs_full"], 1e-9) for r in pts], "o-",
+                   label=sel)
+    ax[0].set_xlabel("recompute ratio"); ax[0].set_ylabel("greedy answer = full prefill")
+    ax[0].legend(fontsize=7)
     ax[1].set_yscale("log"); ax[1].set_xlabel("recompute ratio"); ax[1].set_ylabel("KL(full || blend)")
     fig.tight_layout(); fig.savefig(path, dpi=120)
 

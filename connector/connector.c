@@ -655,6 +655,25 @@ kvb_status kvb_request_counts(const kvb_request *req, int64_t *n_segments,
     return KVB_OK;
 }
 
+/* Reports the rows of the i-th reused segment. */
+kvb_status kvb_request_reused(const kvb_request *req, int64_t i,
+                              int64_t *start, int64_t *num_tokens)
+{
+    if (req == NULL || start == NULL || num_tokens == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "kvb_request_reused: %s is NULL",
+                        req == NULL ? "req" : start == NULL ? "start"
+                                                            : "num_tokens");
+    }
+    if (i < 0 || i >= req->n_load) {
+        return kvb_fail(KVB_ERR_INVALID, "kvb_request_reused: segment %lld "
+                        "is out of range; the request reuses %lld",
+                        (long long)i, (long long)req->n_load);
+    }
+    *start = req->load[i].dst_start;
+    *num_tokens = req->load[i].num_tokens;
+    return KVB_OK;
+}
+
 /* Rounds a byte offset up to a multiple of 16. */
 static size_t align16(size_t n)
 {

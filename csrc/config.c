@@ -868,6 +868,9 @@ static const char *const kvb_config_names[] = {
     "LMCACHE_EXTRA_CONFIG",
     "KVBLEND_MAX_DEVICE_SIZE",
     "KVBLEND_DEVIATION",
+    "KVBLEND_SELECTION",
+    "KVBLEND_BOUNDARY_TOKENS",
+    "KVBLEND_SELF_TEST",
     "KVBLEND_NUM_THREADS",
     "KVBLEND_LOG_LEVEL",
     "KVBLEND_VERIFY_CHECKSUMS",
@@ -957,6 +960,36 @@ static kvb_status cfg_apply(kvb_config *c, const char *name,
             }
         }
         return cfg_fail(name, value, "expected k, v or kv");
+    }
+    if (!strcmp(name, "KVBLEND_SELECTION")) {
+        static const struct {
+            const char *word;
+            kvb_selection_kind kind;
+        } kinds[] = {{"deviation", KVB_SELECT_DEVIATION},
+                     {"query", KVB_SELECT_QUERY},
+                     {"query_deviation", KVB_SELECT_QUERY_DEVIATION}};
+        if (cfg_lower_trim(value, buf, sizeof buf) == 0) {
+            for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {
+                if (!strcmp(buf, kinds[i].word)) {
+                    c->selection = kinds[i].kind;
+                    return KVB_OK;
+                }
+            }
+        }
+        return cfg_fail(name, value, "expected deviation, query or "
+                        "query_deviation");
+    }
+    if (!strcmp(name, "KVBLEND_BOUNDARY_TOKENS")) {
+        if (cfg_parse_int(value, strlen(value), &iv) != 0 || iv < 0 ||
+            iv > KVB_MAX_BOUNDARY_TOKENS) {
+            return cfg_fail(name, value, "expected an integer from 0 to %d",
+                            KVB_MAX_BOUNDARY_TOKENS);
+        }
+        c->boundary_tokens = (int)iv;
+        return KVB_OK;
+    }
+    if (!strcmp(name, "KVBLEND_SELF_TEST")) {
+        return cfg_set_bool(name, value, &c->self_test);
     }
     if (!strcmp(name, "KVBLEND_NUM_THREADS")) {
         if (cfg_parse_int(value, strlen(value), &iv) != 0) {
@@ -1055,6 +1088,9 @@ kvb_status kvb_config_init(kvb_config *cfg)
     cfg->enable_sparse = 0;
     cfg->max_device_size_gb = 0.0;
     cfg->deviation = KVB_DEVIATION_K;
+    cfg->selection = KVB_SELECT_DEVIATION;
+    cfg->boundary_tokens = 0;
+    cfg->self_test = 1;
     cfg->num_threads = 0;
     cfg->log_level = KVB_LOG_WARNING;
     cfg->verify_checksums = -1;
@@ -1163,6 +1199,18 @@ kvb_status kvb_config_validate(const kvb_config *cfg)
         (int)cfg->deviation > KVB_DEVIATION_KV) {
         return kvb_fail(KVB_ERR_INVALID, "KVBLEND_DEVIATION: deviation=%d; "
                         "expected k, v or kv", (int)cfg->deviation);
+    }
+    if ((int)cfg->selection < KVB_SELECT_DEVIATION ||
+        (int)cfg->selection > KVB_SELECT_QUERY_DEVIATION) {
+        return kvb_fail(KVB_ERR_INVALID, "KVBLEND_SELECTION: selection=%d; "
+                        "expected deviation, query or query_deviation",
+                        (int)cfg->selection);
+    }
+    if (cfg->boundary_tokens < 0 ||
+        cfg->boundary_tokens > KVB_MAX_BOUNDARY_TOKENS) {
+        return kvb_fail(KVB_ERR_INVALID, "KVBLEND_BOUNDARY_TOKENS: "
+                        "boundary_tokens=%d; expected 0 to %d",
+                        cfg->boundary_tokens, KVB_MAX_BOUNDARY_TOKENS);
     }
     if (cfg->verify_checksums < -1 || cfg->verify_checksums > 1) {
         return kvb_fail(KVB_ERR_INVALID, "KVBLEND_VERIFY_CHECKSUMS: "

@@ -641,6 +641,7 @@ static PyObject *list_of_f32(const float *v, int n)
 static PyObject *config_to_dict(const kvb_config *c)
 {
     static const char *dev[] = {"k", "v", "kv"};
+    static const char *sel[] = {"deviation", "query", "query_deviation"};
     static const char *lvl[] = {"debug", "info", "warning", "error"};
     PyObject *thr;
     if (c->num_thresholds > 0) {
@@ -661,9 +662,11 @@ static PyObject *config_to_dict(const kvb_config *c)
         return NULL;
     }
     unsigned d = (unsigned)c->deviation;
+    unsigned s = (unsigned)c->selection;
     unsigned l = (unsigned)c->log_level;
     return Py_BuildValue(
-        "{s:O,s:s,s:O,s:N,s:N,s:N,s:L,s:O,s:d,s:O,s:d,s:s,s:i,s:s,s:s}",
+        "{s:O,s:s,s:O,s:N,s:N,s:N,s:L,s:O,s:d,s:O,s:d,s:s,s:s,s:i,s:O,s:i,s:s,"
+        "s:s}",
         "enable_blending", c->enable_blending ? Py_True : Py_False,
         "blend_special_str", c->blend_special_str,
         "use_layerwise", c->use_layerwise ? Py_True : Py_False,
@@ -676,6 +679,9 @@ static PyObject *config_to_dict(const kvb_config *c)
         "enable_sparse", c->enable_sparse ? Py_True : Py_False,
         "max_device_size_gb", c->max_device_size_gb,
         "deviation", d < 3 ? dev[d] : "unknown",
+        "selection", s < 3 ? sel[s] : "unknown",
+        "boundary_tokens", c->boundary_tokens,
+        "self_test", c->self_test ? Py_True : Py_False,
         "num_threads", c->num_threads,
         "log_level", l < 4 ? lvl[l] : "unknown",
         "verify_checksums", c->verify_checksums < 0 ? "auto"
@@ -1658,6 +1664,35 @@ static PyObject *request_counts(RequestObject *self, PyObject *unused)
     return Py_BuildValue("(LLL)", (long long)a, (long long)b, (long long)c);
 }
 
+/* reused() -> [(start, num_tokens), ...]: the rows of each reused
+ * segment, in prompt order. */
+static PyObject *request_reused(RequestObject *self, PyObject *unused)
+{
+    kvb_request *req = request_live(self);
+    if (req == NULL) {
+        return NULL;
+    }
+    int64_t n_hit = 0;
+    kvb_status s = kvb_request_counts(req, NULL, &n_hit, NULL);
+    if (s != KVB_OK) {
+        return set_error_from_status(state_of((PyObject *)self), s);
+    }
+    PyObject *out = PyList_New((Py_ssize_t)n_hit);
+    for (int64_t i = 0; out != NULL && i < n_hit; i++) {
+        int64_t start = 0, len = 0;
+        s = kvb_request_reused(req, i, &start, &len);
+        PyObject *t = s == KVB_OK
+            ? Py_BuildValue("(LL)", (long long)start, (long long)len)
+            : set_error_from_status(state_of((PyObject *)self), s);
+        if (t == NULL) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyList_SET_ITEM(out, (Py_ssize_t)i, t);
+    }
+    return out;
+}
+
 /* load_layer(layer, k_ptr, v_ptr, stream=0): fills the staging rows of
  * stored segments with layer `layer`'s KV, keys re-rotated. */
 static PyObject *request_load_layer(RequestObject *self,
@@ -1775,6 +1810,8 @@ static PyMethodDef request_methods[] = {
     {"commit", (PyCFunction)request_commit, METH_NOARGS,
      "commit()\n--\n\nCommits the segments saved at every layer; "
      "returns their count."},
+    {"reused", (PyCFunction)request_reused, METH_NOARGS,
+     "reused() -> [(start, num_tokens)] of each reused segment"},
     {"counts", (PyCFunction)request_counts, METH_NOARGS,
      "counts()\n--\n\nReturns (n_segments, n_hit, n_forced)."},
     {"load_layer", (PyCFunction)(void (*)(void))request_load_layer,

@@ -119,6 +119,16 @@ typedef enum kvb_deviation_kind {
     KVB_DEVIATION_KV = 2  /* sum of both */
 } kvb_deviation_kind;
 
+/* How a check layer ranks the reusable rows it may recompute. */
+typedef enum kvb_selection_kind {
+    KVB_SELECT_DEVIATION = 0,      /* KV deviation (KVBLEND_DEVIATION) */
+    KVB_SELECT_QUERY = 1,          /* attention the rows after the blend
+                                    * (the question) pay each row */
+    KVB_SELECT_QUERY_DEVIATION = 2 /* product of the two */
+} kvb_selection_kind;
+
+#define KVB_MAX_BOUNDARY_TOKENS 4096 /* KVBLEND_BOUNDARY_TOKENS at most */
+
 /*
  * Every setting kvblend reads.  LMCache-compatible settings come from
  * LMCACHE_* variables with LMCache's defaults; kvblend's own from KVBLEND_*.
@@ -140,6 +150,14 @@ typedef enum kvb_deviation_kind {
  *   KVBLEND_MAX_DEVICE_SIZE        float  GB of device memory for the GPU
  *                                         tier, >= 0 (0 = no GPU tier)
  *   KVBLEND_DEVIATION              "k", "v" or "kv" ("k")
+ *   KVBLEND_SELECTION              "deviation", "query" or
+ *                                         "query_deviation" ("deviation")
+ *   KVBLEND_BOUNDARY_TOKENS        int    first rows of each reused chunk
+ *                                         recomputed first, inside the
+ *                                         budget, 0..KVB_MAX_BOUNDARY_TOKENS
+ *                                         (0)
+ *   KVBLEND_SELF_TEST              bool   correctness gate at connector
+ *                                         start-up (True)
  *   KVBLEND_NUM_THREADS            int    CPU op threads, 0 = all cores,
  *                                         at most KVB_MAX_CPU_THREADS (0);
  *                                         applied process-wide by
@@ -171,6 +189,9 @@ typedef struct kvb_config {
     int enable_sparse;
     double max_device_size_gb;
     kvb_deviation_kind deviation;
+    kvb_selection_kind selection;
+    int boundary_tokens;
+    int self_test;
     int num_threads;
     kvb_log_level log_level;
     int verify_checksums; /* 1, 0, or -1 for "auto" */
@@ -753,6 +774,12 @@ KVB_API const uint8_t *kvb_request_forced(const kvb_request *req);
 KVB_API kvb_status kvb_request_counts(const kvb_request *req,
                                       int64_t *n_segments, int64_t *n_hit,
                                       int64_t *n_forced);
+
+/* The rows of the i-th reused segment, 0 <= i < n_hit of
+ * kvb_request_counts, in prompt order: its first row and row count, inside
+ * [0, blend_end).  An i out of range is KVB_ERR_INVALID. */
+KVB_API kvb_status kvb_request_reused(const kvb_request *req, int64_t i,
+                                      int64_t *start, int64_t *num_tokens);
 
 /* Fills the rows of stored segments in dst_k/dst_v [blend_end, num_kv_heads,
  * head_size] with layer `layer`'s stored KV, keys re-rotated to their new

@@ -98,7 +98,8 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
                   ratios: list[float], deviation: str = "k",
                   kv_dtype: torch.dtype | None = None, timing: bool = False,
                   prefix: int = 0, forced: torch.Tensor | None = None,
-                  reduce_scores=None, digest: bool = False) -> BlendStats:
+                  reduce_scores=None, digest: bool = False,
+                  selection: str = "deviation", boundary_tokens: int = 0) -> BlendStats:
     """Blend rows [prefix, request.blend_end) of one prompt into the paged cache.
 
     ``request`` is a ``kvblend._kvblend.Request`` (reused segments pinned);
@@ -116,6 +117,22 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
     agrees on (the sum over ranks) before the top-k; None: local scores.
     ``digest``: record which rows each check layer kept (``stats.selected``,
     one host sync per check layer), so ranks can be compared.
+
+    How a check layer ranks the reusable rows (``ratio * reusable`` of them
+    are recomputed from there on; forced rows always are):
+      * ``selection="deviation"``: by the fresh-vs-stored distance of K, V or
+        both (``deviation`` "k", "v", "kv"), CacheBlend's rule;
+      * ``"query"``: by the attention the rows after the blend (the question,
+        up to ``QUERY_ROWS`` of them) pay each row at that layer.  Those rows
+        run through the layers up to the last check layer alongside the blend
+        (their queries see every blended row, exact causal by position) and
+        are then dropped: the engine computes them itself afterwards;
+      * ``"query_deviation"``: the product of the two (how much a row moved
+        times how much the question looks at it).
+    ``boundary_tokens``: the first rows of each reused segment rank above
+    every other row (inside the same budget, in score order among
+    themselves).  Under tensor parallelism ``reduce_scores`` sums every part
+    of the score over the ranks before the rows are ranked.
     Returns the statistics; raises ValueError on inconsistent arguments.
     """
     t0 = time.perf_counter()
@@ -141,6 +158,10 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
         raise ValueError(f"{len(layouts)} cache layouts for a model of {adapter.num_layers} layers")
     if deviation not in ("k", "v", "kv"):
         raise ValueError(f"deviation={deviation!r}: expected 'k', 'v' or 'kv'")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection={selection!r}: expected one of {', '.join(SELECTIONS)}")
+    if boundary_tokens < 0:
+        raise ValueError(f"boundary_tokens={boundary_tokens}: expected >= 0")
     device = adapter.device
     cuda = device.type == "cuda"
     cur = torch.cuda.current_stream(device) if cuda else None
@@ -166,6 +187,20 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
     flex_mask = None  # FlexAttention block mask of the current active set
     flex_graphs = None  # its calls captured per staging pair (_FlexGraphs)
 
+    boundary = None  # rows that rank first at a check layer
+    if boundary_tokens > 0 and check:
+        boundary = torch.zeros(n_rows, dtype=torch.bool)
+        for start, length in request.reused():
+            boundary[max(start, prefix):start + min(length, boundary_tokens)] = True
+        boundary = boundary.to(device, non_blocking=True)
+    tail = None  # the rows after the blend, for query-aware selection
+    if selection != "deviation" and check:
+        tail = _Tail.of(adapter, token_ids, n_rows, device)
+        if tail is None:
+            _warn_once("kvblend: %s selection needs the prompt's rows after the blend and this "
+                       "call has none: ranking by deviation alone" % selection)
+    last_check = max(check) if check else -1
+
     h = adapter.embed(ids)
     active = rows[prefix:]  # rows whose hidden state h holds, ascending
     for layer in range(adapter.num_layers):
@@ -185,14 +220,22 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
         v = v.to(kv_dtype)
         if layer in check:
             marks.mark("select")
-            score = _deviation(k, v, stage_k, stage_v, active, deviation)
-            if reduce_scores is not None:
-                score = reduce_scores(score)
-            keep = ops.select(score, forced[active], num_selected(check[layer], reusable),
-                              n_forced=n_forced)
+            dev = None
+            if tail is None or selection == "query_deviation":
+                dev = _deviation(k, v, stage_k, stage_v, active, deviation)
             # every active row was computed fresh at this layer: keep it all
             stage_k[active] = k
             stage_v[active] = v
+            mass = None
+            if tail is not None:
+                mass = tail.mass(layer, stage_k, active, kv_dtype, windows[layer])
+            score = _score(dev, mass, reduce_scores)
+            if boundary is not None:
+                score = _boundary_first(score, boundary[active])
+            keep = ops.select(score, forced[active], num_selected(check[layer], reusable),
+                              n_forced=n_forced)
+            if tail is not None and layer < last_check:
+                tail.advance(layer, stage_k, stage_v, kv_dtype, windows[layer])
             active = active[keep]
             if digest:
                 stats.selected.append((int(active.numel()), int(active.sum())))
@@ -205,6 +248,8 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
         else:
             stage_k[active] = k
             stage_v[active] = v
+        if tail is not None and layer < last_check and layer not in check:
+            tail.advance(layer, stage_k, stage_v, kv_dtype, windows[layer])
         stats.active_per_layer.append(int(active.numel()))
         if active.numel() > 0:
             marks.mark("attention")
@@ -545,6 +590,110 @@ class _Marks:
             if name is not None:
                 out[name] = out.get(name, 0.0) + a.elapsed_time(b)
         return out
+
+
+SELECTIONS = ("deviation", "query", "query_deviation")
+# Query-aware selection scores with at most this many rows after the blend
+# (the first ones: they need no row the blend does not compute).
+QUERY_ROWS = 256
+_WARNED: set = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        logger.warning(msg)
+
+
+class _Tail:
+    """The prompt rows right after the blend ([blend_end, blend_end + T)),
+    run through the layers up to the last check layer so their attention
+    to the blended rows can rank those rows."""
+
+    def __init__(self, adapter, ids: torch.Tensor, start: int, device):
+        self.adapter = adapter
+        self.pos = torch.arange(start, start + ids.numel(), device=device)
+        self.h = adapter.embed(ids.to(device))
+        self._qkv: tuple[int, tuple] | None = None
+
+    @classmethod
+    def of(cls, adapter, token_ids: torch.Tensor, n_rows: int, device) -> "_Tail | None":
+        end = min(int(token_ids.numel()), n_rows + QUERY_ROWS)
+        return cls(adapter, token_ids[n_rows:end], n_rows, device) if end > n_rows else None
+
+    def qkv(self, layer: int, kv_dtype):
+        if self._qkv is None or self._qkv[0] != layer:
+            q, k, v = self.adapter.qkv(layer, self.h, self.pos)
+            self._qkv = (layer, (q, k.to(kv_dtype), v.to(kv_dtype)))
+        return self._qkv[1]
+
+    def _keys(self, stage, fresh):
+        return torch.cat([stage, fresh]), torch.arange(stage.shape[0] + fresh.shape[0],
+                                                       device=stage.device)
+
+    def mass(self, layer: int, stage_k, active, kv_dtype, window) -> torch.Tensor:
+        """Attention mass (summed over these rows and every query head) on
+        each ``active`` row at ``layer``; float32 [active.numel()]."""
+        q, k, _ = self.qkv(layer, kv_dtype)
+        keys, key_pos = self._keys(stage_k, k)
+        return query_mass(q, self.pos, keys, key_pos, self.adapter.scale, window)[active]
+
+    def advance(self, layer: int, stage_k, stage_v, kv_dtype, window) -> None:
+        """Runs ``layer``'s attention and MLP for these rows."""
+        q, k, v = self.qkv(layer, kv_dtype)
+        keys, key_pos = self._keys(stage_k, k)
+        vals = torch.cat([stage_v, v])
+        if q.device.type == "cuda":
+            attn = _sdpa(q, keys.to(q.dtype), vals.to(q.dtype), self.adapter.scale, window,
+                         q_pos=self.pos)
+        else:
+            attn = ops.attention(q, self.pos, keys.to(q.dtype), vals.to(q.dtype), key_pos,
+                                 self.adapter.scale)
+        self.h = self.adapter.out(layer, attn.to(self.h.dtype), self.h)
+        self._qkv = None
+
+
+def query_mass(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, k_pos: torch.Tensor,
+               scale: float, window: int | None = None, block: int = 64) -> torch.Tensor:
+    """For each key row j, the attention probability all queries give it,
+    summed over queries and query heads: q [T, Hq, D] at positions q_pos,
+    k [N, Hkv, D] at k_pos (GQA: Hq a multiple of Hkv), exact causal mask by
+    position (and a sliding window).  float32 [N]; fp32 softmax."""
+    T, hq, d = q.shape
+    n, hkv, _ = k.shape
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"query_mass: {hkv} KV heads do not divide {hq} query heads")
+    kf = k.float()
+    out = torch.zeros(n, dtype=torch.float32, device=k.device)
+    for s in range(0, T, block):
+        qs = q[s:s + block].float()
+        t = qs.shape[0]
+        logits = torch.einsum("tkgd,nkd->kgtn", qs.view(t, hkv, hq // hkv, d), kf) * scale
+        qp = q_pos[s:s + t, None]
+        hide = k_pos[None, :] > qp
+        if window is not None:
+            hide |= k_pos[None, :] <= qp - window
+        logits.masked_fill_(hide, float("-inf"))
+        out += torch.softmax(logits, -1).sum((0, 1, 2))
+    return out
+
+
+def _score(dev, mass, reduce_scores):
+    """The score a check layer ranks by: deviation, query mass, or their
+    product, each summed over tensor-parallel ranks first."""
+    parts = [x.float() for x in (dev, mass) if x is not None]
+    both = torch.stack(parts) if len(parts) > 1 else parts[0]
+    if reduce_scores is not None:
+        both = reduce_scores(both.contiguous())
+    return both[0] * both[1] if len(parts) > 1 else both
+
+
+def _boundary_first(score: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """Raises the rows marked in ``first`` above every other row, keeping
+    their order among themselves (scores are >= 0)."""
+    if score.numel() == 0:
+        return score
+    return torch.where(first, score + (score.max().abs() + 1.0), score)
 
 
 def _deviation(k, v, stage_k, stage_v, active, kind: str) -> torch.Tensor:

@@ -40,6 +40,9 @@ class Config:
     enable_sparse: bool
     max_device_size_gb: float
     deviation: str
+    selection: str
+    boundary_tokens: int
+    self_test: bool
     num_threads: int
     log_level: str
     verify_checksums: str

@@ -176,6 +176,19 @@ START_TEST(test_config_set_enums)
     ck_assert_int_eq(c.deviation, KVB_DEVIATION_KV);
     set_ok(&c, "KVBLEND_DEVIATION", "k");
     ck_assert_int_eq(c.deviation, KVB_DEVIATION_K);
+    ck_assert_int_eq(c.selection, KVB_SELECT_DEVIATION);
+    set_ok(&c, "KVBLEND_SELECTION", " Query ");
+    ck_assert_int_eq(c.selection, KVB_SELECT_QUERY);
+    set_ok(&c, "KVBLEND_SELECTION", "query_deviation");
+    ck_assert_int_eq(c.selection, KVB_SELECT_QUERY_DEVIATION);
+    set_ok(&c, "KVBLEND_SELECTION", "deviation");
+    ck_assert_int_eq(c.selection, KVB_SELECT_DEVIATION);
+    ck_assert_int_eq(c.boundary_tokens, 0);
+    set_ok(&c, "KVBLEND_BOUNDARY_TOKENS", "4096");
+    ck_assert_int_eq(c.boundary_tokens, KVB_MAX_BOUNDARY_TOKENS);
+    ck_assert_int_eq(c.self_test, 1);
+    set_ok(&c, "KVBLEND_SELF_TEST", "0");
+    ck_assert_int_eq(c.self_test, 0);
     set_ok(&c, "KVBLEND_LOG_LEVEL", "debug");
     ck_assert_int_eq(c.log_level, KVB_LOG_DEBUG);
     set_ok(&c, "KVBLEND_LOG_LEVEL", "INFO");
@@ -331,6 +344,11 @@ static const bad_value kBadValues[] = {
     {"LMCACHE_BLEND_SPECIAL_STR", "", "the separator string is empty"},
     {"KVBLEND_DEVIATION", "q", "expected k, v or kv"},
     {"KVBLEND_DEVIATION", "", "expected k, v or kv"},
+    {"KVBLEND_SELECTION", "query_deviations", "expected deviation, query or query_deviation"},
+    {"KVBLEND_SELECTION", "k", "expected deviation, query or query_deviation"},
+    {"KVBLEND_BOUNDARY_TOKENS", "-1", "expected an integer from 0 to 4096"},
+    {"KVBLEND_BOUNDARY_TOKENS", "4097", "expected an integer from 0 to 4096"},
+    {"KVBLEND_SELF_TEST", "maybe", "expected True, False"},
     {"KVBLEND_NUM_THREADS", "-1", "thread count -1 is out of range"},
     {"KVBLEND_NUM_THREADS", "257", "thread count 257 is out of range; expected 0 (all cores) to 256"},
     {"KVBLEND_NUM_THREADS", "2147483648", "thread count 2147483648 is out of range"},

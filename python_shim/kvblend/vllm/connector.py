@@ -30,6 +30,7 @@ completes it); ``wait_for_save`` commits them.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -290,8 +291,18 @@ class KVBlendConnector(KVConnectorBase_V1):
             super().__init__(vllm_config, role)
         self.vllm_config = vllm_config
         self.role_ = role
-        self.config = Config.from_env()  # bad LMCACHE_* values fail here
         extra = _extra(vllm_config)
+        # "kvblend.settings": {"KVBLEND_SELECTION": "query", ...} sets any
+        # LMCACHE_*/KVBLEND_* variable for this connector only, over the
+        # environment (one process, several engines configured apart).
+        settings = extra.get("kvblend.settings", {})
+        if not isinstance(settings, dict) or not all(
+                isinstance(k, str) and k.startswith(("LMCACHE_", "KVBLEND_")) for k in settings):
+            raise ValueError(f"kvblend.settings={settings!r}: expected a dict of LMCACHE_*/KVBLEND_* "
+                             "variable names to values")
+        env = {k: v for k, v in os.environ.items() if k.startswith(("LMCACHE_", "KVBLEND_"))}
+        env.update({k: str(v) for k, v in settings.items()})
+        self.config = Config.from_items(env)  # bad LMCACHE_* values fail here
         ratios = extra.get("kvblend.recompute_ratios")
         self.timing = bool(extra.get("kvblend.timing", False))
         # "kvblend.save": False makes a read-only consumer: it reuses stored
@@ -351,6 +362,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         self._prefill: dict[str, int] = {}               # req_id -> prompt length, while prefilling
         self._prompts: dict[str, list[int]] = {}         # req_id -> prompt, until it finishes
         self._ratios: dict[str, float | None] = {}       # req_id -> its own ratio, until it finishes
+        self._no_save: set[str] = set()                  # requests that asked not to store chunks
         self._ns: dict[str, int] = {}                    # req_id -> its namespace, until it finishes
         self._finished: list[str] = []
         self._plans: dict[str, dict] = {}                # req_id -> lookup figures
@@ -442,6 +454,8 @@ class KVBlendConnector(KVConnectorBase_V1):
         self._pending[request.request_id] = int(num_external_tokens)
         self._prompts[request.request_id] = list(request.prompt_token_ids)
         self._ratios[request.request_id] = _request_ratio(request)
+        if _request_no_save(request):
+            self._no_save.add(request.request_id)
         self._ns[request.request_id] = self._namespace_of(request)
 
     def build_connector_meta(self, scheduler_output) -> KVBlendMetadata:
@@ -489,7 +503,8 @@ class KVBlendConnector(KVConnectorBase_V1):
         computed = num_computed + scheduled
         meta.requests.append(ReqMeta(req_id=req_id, token_ids=tokens, spans=spans,
                                      block_ids=block_ids, prefix=prefix, num_external=ext,
-                                     computed=computed, save=self.save_chunks,
+                                     computed=computed,
+                                     save=self.save_chunks and req_id not in self._no_save,
                                      ratio=self._ratios.get(req_id), namespace=ns))
         self._plans[req_id] = self._plan(spans, hits, prefix, ext, len(tokens),
                                          self._ratios.get(req_id))
@@ -538,6 +553,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         self._prefill.pop(req_id, None)
         self._prompts.pop(req_id, None)
         self._ratios.pop(req_id, None)
+        self._no_save.discard(req_id)
         self._ns.pop(req_id, None)
         self._pending.pop(req_id, None)
         plan = self._plans.pop(req_id, None)
@@ -684,7 +700,8 @@ class KVBlendConnector(KVConnectorBase_V1):
             forced = torch.frombuffer(bytearray(req.forced()), dtype=torch.uint8)[:end]
             bs = blend_prefill(self._adapter, req, torch.tensor(rm.token_ids, dtype=torch.int64),
                                self._layouts, blend_slots, checks, ratios,
-                               deviation=cfg.deviation,
+                               deviation=cfg.deviation, selection=cfg.selection,
+                               boundary_tokens=cfg.boundary_tokens,
                                kv_dtype=next(iter(self._kv_caches.values())).dtype,
                                timing=self.timing, prefix=rm.prefix,
                                forced=self._union_forced(forced),
@@ -817,6 +834,20 @@ class KVBlendConnector(KVConnectorBase_V1):
 
 
 RATIO_ARG = "kvblend_recompute_ratio"
+SAVE_ARG = "kvblend_save"
+
+
+def _request_no_save(request) -> bool:
+    """True when a request's ``extra_args`` hold ``{"kvblend_save": False}``:
+    its chunks are reused but none of its own is stored (a one-off
+    document, or an evaluation that must not leave its KV behind)."""
+    extra = getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
+    value = extra.get(SAVE_ARG, True)
+    if not isinstance(value, bool):
+        logger.error("kvblend: request %s: extra_args %s=%r is not a bool; storing its chunks",
+                     request.request_id, SAVE_ARG, value)
+        return False
+    return not value
 
 
 def _ratios_override(value, num_check_layers: int) -> list[float] | None:
