@@ -71,13 +71,17 @@ def kl(p_logits, q_logits) -> float:
 SELECTION_HELP = """selection strategies, comma-separated: k, v, kv (CacheBlend's deviation of
 K, V or both), query (attention the question pays each row at the check layer), query*k,
 query*kv (the product); a suffix +bN also recomputes the first N rows of each reused chunk
-first, inside the same budget (e.g. query*kv+b4)"""
+first, inside the same budget (e.g. query*kv+b4); a suffix @L takes check layer L instead of
+LMCACHE_BLEND_CHECK_LAYERS (e.g. query*kv+b4@3)"""
 
 
 def selection_settings(spec: str) -> dict[str, str]:
     """KVBLEND_* settings of one strategy name (see SELECTION_HELP)."""
+    spec, _, layers = spec.partition("@")
     base, _, boundary = spec.partition("+b")
     out = {"KVBLEND_BOUNDARY_TOKENS": boundary or "0"}
+    if layers:
+        out["LMCACHE_BLEND_CHECK_LAYERS"] = layers.replace("/", ",")
     if base in ("k", "v", "kv"):
         out.update(KVBLEND_SELECTION="deviation", KVBLEND_DEVIATION=base)
     elif base == "query":
@@ -99,6 +103,8 @@ def parse_args(argv=None):
     ap.add_argument("--ratios", default="0,0.05,0.15,0.3,1.0")
     ap.add_argument("--selections", default="k", help=SELECTION_HELP)
     ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the model runs in fp32)")
+    ap.add_argument("--store-gb", type=float, default=1.0, help="host store of each engine, GB")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--check-layers", default=None, help="overrides LMCACHE_BLEND_CHECK_LAYERS")
     ap.add_argument("--lead-ratios", default=None,
@@ -128,9 +134,13 @@ def main(argv=None) -> int:
     from kvblend.prompt import chat_pieces, encode, join
     from kvblend.vllm.connector import RATIO_ARG, SAVE_ARG
 
+    from kvblend.models import load_model
+
     items = json.loads(Path(args.data).read_text())[args.skip: args.skip + args.n]
-    full = LLM(model=args.model)
-    tok = full.get_tokenizer()
+    model, tok = load_model(args.model, dtype=torch.float32)
+    model = model.to(args.device)
+    eager = args.device != "cpu"  # no per-engine compilation on the GPU: quality, not speed
+    full = LLM(model=model, tokenizer=tok, enforce_eager=eager)
     n_checks = len(os.environ["LMCACHE_BLEND_CHECK_LAYERS"].split(","))
     lead = [float(x) for x in args.lead_ratios.split(",")] if args.lead_ratios else []
     if lead and len(lead) != n_checks - 1:
@@ -144,7 +154,7 @@ def main(argv=None) -> int:
     def engine(extra):
         ktc = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
                                kv_role="kv_both", kv_connector_extra_config=extra)
-        return LLM(model=full.model, tokenizer=tok, kv_transfer_config=ktc)
+        return LLM(model=full.model, tokenizer=tok, kv_transfer_config=ktc, enforce_eager=eager)
 
     # Each evaluated engine stores the passages itself; its question prompts
     # store nothing (kvblend_save: False), so no run leaves the question's KV
@@ -152,7 +162,9 @@ def main(argv=None) -> int:
     # with a gradual schedule, one engine per (strategy, ratio).
     engines = {}
     for sel in sels:
-        base = {"kvblend.settings": settings[sel]}
+        # a bounded store per engine: old items' passages are evicted
+        base = {"kvblend.settings": {"LMCACHE_MAX_LOCAL_CPU_SIZE": str(args.store_gb),
+                                     **settings[sel]}}
         if lead:
             for r in ratios:
                 engines[sel, r] = engine({**base, "kvblend.recompute_ratios": schedule(r)})
@@ -185,6 +197,12 @@ def main(argv=None) -> int:
         acc_full["f1"].append(f1(ref_text, item["answers"]))
         acc_full["ttft"].append(ref.metrics.ttft)
         for key, eng in engines.items():
+            if key[1] == 0 and key[0] != sels[0] and not lead:
+                # ratio 0 recomputes the forced rows only, whatever the
+                # strategy: the first strategy's run stands for all
+                for name, xs in acc[sels[0], 0.0].items():
+                    acc[key][name].append(xs[-1])
+                continue
             out = eng.generate({"prompt_token_ids": prompt}, sp[key], return_first_logits=True)[0]
             text = out.outputs[0].text.strip()
             st = runtime.request_stats(str(out.request_id)) or {}
@@ -207,7 +225,8 @@ def main(argv=None) -> int:
                      "recomputed_share": mean(a["recomputed"]), "ttft_s": mean(a["ttft"]),
                      "n": len(items), "kl_each": a["kl"], "agree_each": a["agree"]})
     reuse = {row["selection"]: row["kl_vs_full"] for row in rows if row["ratio"] == 0}
-    print(f"\nquality on {len(items)} items of {args.data} from item {args.skip} ({args.model}, "
+    print(f"\nquality on {len(items)} items of {args.data} from item {args.skip} ({args.model} "
+          f"fp32 on {args.device}, {args.max_tokens} tokens, "
           f"check layers {os.environ['LMCACHE_BLEND_CHECK_LAYERS']}"
           f"{', lead ratios ' + args.lead_ratios if lead else ''}, "
           f"{time.perf_counter() - t_start:.0f} s)")

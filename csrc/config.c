@@ -874,6 +874,7 @@ static const char *const kvb_config_names[] = {
     "KVBLEND_NUM_THREADS",
     "KVBLEND_LOG_LEVEL",
     "KVBLEND_VERIFY_CHECKSUMS",
+    "KVBLEND_MODEL_CACHE",
 };
 #define KVB_CONFIG_NUM_NAMES \
     ((int)(sizeof kvb_config_names / sizeof kvb_config_names[0]))
@@ -988,6 +989,9 @@ static kvb_status cfg_apply(kvb_config *c, const char *name,
         c->boundary_tokens = (int)iv;
         return KVB_OK;
     }
+    if (!strcmp(name, "KVBLEND_MODEL_CACHE")) {
+        return KVB_OK; /* the Python model loader's folder; nothing here */
+    }
     if (!strcmp(name, "KVBLEND_SELF_TEST")) {
         return cfg_set_bool(name, value, &c->self_test);
     }
@@ -1087,9 +1091,10 @@ kvb_status kvb_config_init(kvb_config *cfg)
     cfg->max_local_cpu_size_gb = 5.0;
     cfg->enable_sparse = 0;
     cfg->max_device_size_gb = 0.0;
-    cfg->deviation = KVB_DEVIATION_K;
-    cfg->selection = KVB_SELECT_DEVIATION;
-    cfg->boundary_tokens = 0;
+    /* measured best on MuSiQue at every ratio (benchmarks/RESULTS.md) */
+    cfg->deviation = KVB_DEVIATION_KV;
+    cfg->selection = KVB_SELECT_QUERY_DEVIATION;
+    cfg->boundary_tokens = 4;
     cfg->self_test = 1;
     cfg->num_threads = 0;
     cfg->log_level = KVB_LOG_WARNING;

@@ -740,6 +740,10 @@ kvb_status kvb_store_acquire(kvb_store *store, uint64_t ns,
  * installed).  Returns 1 with *rows and *tier set, 0 when no tier
  * has room, -1 when an allocator failed.  Caller holds the lock.
  */
+/* Entries store_place evicts beyond the budget's needs when the allocator
+ * still finds no block (fragmentation), before it gives up on the tier. */
+#define STORE_FRAGMENT_EVICTIONS 8
+
 static int store_place(kvb_store *store, size_t total, size_t rows_bytes,
                        void **rows, kvb_tier *tier)
 {
@@ -753,6 +757,21 @@ static int store_place(kvb_store *store, size_t total, size_t rows_bytes,
         }
         const kvb_allocator *a = &store->alloc[t];
         *rows = a->alloc(rows_bytes, a->ctx);
+        /* The budget has room but the allocator has no block that large (a
+         * fragmented pool): evict more of the tier's LRU entries, one at a
+         * time, until a block fits, at most STORE_FRAGMENT_EVICTIONS of them
+         * (an allocator that fails for good must not empty the tier). */
+        kvb_entry *e = store->lru_head;
+        int tries = 0;
+        while (*rows == NULL && e != NULL && tries < STORE_FRAGMENT_EVICTIONS) {
+            if (e->tier == t && e->pins == 0 && e->state == ENTRY_READY) {
+                e = store_evict(store, e);
+                tries++;
+                *rows = a->alloc(rows_bytes, a->ctx);
+            } else {
+                e = e->lru_next;
+            }
+        }
         if (*rows != NULL) {
             *tier = t;
             return 1;
@@ -766,8 +785,10 @@ static int store_place(kvb_store *store, size_t total, size_t rows_bytes,
  * Reserves a PENDING, pinned entry for tokens[0..n) with a copy of the
  * tokens and of `positions` (NULL: 0..n-1).  *entry is NULL with KVB_OK when
  * an entry (PENDING or READY) for the tokens exists or when no tier has room
- * (counted in stats.rejected and logged once).  KVB_ERR_NOMEM when an
- * allocation fails; nothing is left reserved then.
+ * (counted in stats.rejected and logged once), also when the tier's
+ * allocator fails after evicting every unpinned entry (a fragmented pool, an
+ * exhausted host): not storing a chunk only costs its reuse.  KVB_ERR_NOMEM
+ * when the entry record itself cannot be allocated.
  */
 kvb_status kvb_store_reserve(kvb_store *store, uint64_t ns,
                              const int32_t *tokens, int64_t n,
@@ -814,16 +835,17 @@ kvb_status kvb_store_reserve(kvb_store *store, uint64_t ns,
     if (placed <= 0) {
         size_t host_budget = store->budget[KVB_TIER_HOST];
         size_t host_busy = store->busy_bytes[KVB_TIER_HOST];
-        if (placed == 0) {
-            store->stats.rejected++;
-        }
+        store->stats.rejected++;
         pthread_mutex_unlock(&store->mu);
         free(e);
         if (placed < 0) {
-            return kvb_fail(KVB_ERR_NOMEM,
-                            "kvb_store_reserve: cannot allocate %zu bytes of "
-                            "rows for %lld tokens",
-                            rows_bytes, (long long)n);
+            /* Not storing costs only the reuse: the request goes on. */
+            kvb_log(KVB_LOG_WARNING,
+                    "store: not storing a chunk of %lld tokens: no tier could "
+                    "allocate %zu bytes of rows, even after evicting every "
+                    "unpinned entry",
+                    (long long)n, rows_bytes);
+            return KVB_OK;
         }
         /* An entry larger than a non-zero budget is worth a warning (the
          * budget is likely misconfigured); a full or disabled tier is not. */

@@ -149,15 +149,19 @@ typedef enum kvb_selection_kind {
  *   LMCACHE_EXTRA_CONFIG           JSON object; "enable_sparse": bool
  *   KVBLEND_MAX_DEVICE_SIZE        float  GB of device memory for the GPU
  *                                         tier, >= 0 (0 = no GPU tier)
- *   KVBLEND_DEVIATION              "k", "v" or "kv" ("k")
+ *   KVBLEND_DEVIATION              "k", "v" or "kv" ("kv")
  *   KVBLEND_SELECTION              "deviation", "query" or
- *                                         "query_deviation" ("deviation")
+ *                                         "query_deviation"
+ *                                         ("query_deviation")
  *   KVBLEND_BOUNDARY_TOKENS        int    first rows of each reused chunk
  *                                         recomputed first, inside the
  *                                         budget, 0..KVB_MAX_BOUNDARY_TOKENS
- *                                         (0)
+ *                                         (4)
  *   KVBLEND_SELF_TEST              bool   correctness gate at connector
  *                                         start-up (True)
+ *   KVBLEND_MODEL_CACHE            str    folder of converted models (read
+ *                                         by the Python loader; accepted and
+ *                                         ignored here)
  *   KVBLEND_NUM_THREADS            int    CPU op threads, 0 = all cores,
  *                                         at most KVB_MAX_CPU_THREADS (0);
  *                                         applied process-wide by

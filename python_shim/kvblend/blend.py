@@ -95,11 +95,11 @@ def num_selected(ratio: float, reusable: int) -> int:
 @torch.inference_mode()
 def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
                   slots: torch.Tensor, check_layers: list[int],
-                  ratios: list[float], deviation: str = "k",
+                  ratios: list[float], deviation: str = "kv",
                   kv_dtype: torch.dtype | None = None, timing: bool = False,
                   prefix: int = 0, forced: torch.Tensor | None = None,
                   reduce_scores=None, digest: bool = False,
-                  selection: str = "deviation", boundary_tokens: int = 0) -> BlendStats:
+                  selection: str = "query_deviation", boundary_tokens: int = 4) -> BlendStats:
     """Blend rows [prefix, request.blend_end) of one prompt into the paged cache.
 
     ``request`` is a ``kvblend._kvblend.Request`` (reused segments pinned);
@@ -279,6 +279,8 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
                 # SDPA with the causal-by-position mask of the active rows
                 attn = _sdpa(q, stage_k.to(q.dtype), stage_v.to(q.dtype), adapter.scale, window,
                              q_pos=active)
+            elif attn is None and window is not None:
+                attn = windowed_attention(q, active, stage_k, stage_v, rows, adapter.scale, window)
             elif attn is None:
                 attn = ops.attention(q, active, stage_k, stage_v, rows, adapter.scale)
             marks.mark("out")
@@ -646,11 +648,27 @@ class _Tail:
         if q.device.type == "cuda":
             attn = _sdpa(q, keys.to(q.dtype), vals.to(q.dtype), self.adapter.scale, window,
                          q_pos=self.pos)
+        elif window is not None:
+            attn = windowed_attention(q, self.pos, keys, vals, key_pos, self.adapter.scale, window)
         else:
             attn = ops.attention(q, self.pos, keys.to(q.dtype), vals.to(q.dtype), key_pos,
                                  self.adapter.scale)
         self.h = self.adapter.out(layer, attn.to(self.h.dtype), self.h)
         self._qkv = None
+
+
+def windowed_attention(q, q_pos, k, v, k_pos, scale: float, window: int) -> torch.Tensor:
+    """Causal attention by position with a sliding window (query i sees key
+    j iff q_pos[i] - window < k_pos[j] <= q_pos[i]) in plain torch, fp32:
+    the CPU path of sliding-window layers (kvblend's C attention has no
+    window).  q [T, Hq, D], k/v [N, Hkv, D]; returns q's dtype."""
+    group = q.shape[1] // k.shape[1]
+    ke = k.float().repeat_interleave(group, dim=1)
+    ve = v.float().repeat_interleave(group, dim=1)
+    logits = torch.einsum("thd,nhd->htn", q.float(), ke) * scale
+    hide = (k_pos[None, :] > q_pos[:, None]) | (k_pos[None, :] <= q_pos[:, None] - window)
+    p = torch.softmax(logits.masked_fill(hide, float("-inf")), -1).nan_to_num(0.0)
+    return torch.einsum("htn,nhd->thd", p, ve).to(q.dtype)
 
 
 def query_mass(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, k_pos: torch.Tensor,

@@ -266,7 +266,7 @@ class LLM:
 
         # vLLM hands the loaded model to kvblend through its plugin; same here.
         if importlib.util.find_spec("kvblend.runtime") is not None:
-            importlib.import_module("kvblend.runtime").set_model(self.model)
+            importlib.import_module("kvblend.runtime").set_model(self.model, self.tokenizer)
         self.worker_connector = self.scheduler_connector = None
         if kv_transfer_config is not None and kv_transfer_config.kv_connector:
             cls = _connector_class(kv_transfer_config)

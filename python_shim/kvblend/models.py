@@ -62,6 +62,14 @@ def _convert_gguf(gguf_dir: str, gguf_file: str):
     if importlib.util.find_spec("accelerate") is not None:
         model = AutoModelForCausalLM.from_pretrained(
             gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+        # the weights are dequantized fp32 now: drop the GGUF quantizer mark,
+        # which makes some transformers releases refuse save_pretrained
+        for attr, value in (("hf_quantizer", None), ("is_quantized", False),
+                            ("quantization_method", None)):
+            if hasattr(model, attr):
+                setattr(model, attr, value)
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
         return model, tok
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 

@@ -43,7 +43,10 @@ START_TEST(test_config_init_defaults)
     ck_assert_double_eq(c.max_local_cpu_size_gb, 5.0);
     ck_assert_int_eq(c.enable_sparse, 0);
     ck_assert_double_eq(c.max_device_size_gb, 0.0);
-    ck_assert_int_eq(c.deviation, KVB_DEVIATION_K);
+    ck_assert_int_eq(c.deviation, KVB_DEVIATION_KV);
+    ck_assert_int_eq(c.selection, KVB_SELECT_QUERY_DEVIATION);
+    ck_assert_int_eq(c.boundary_tokens, 4);
+    ck_assert_int_eq(c.self_test, 1);
     ck_assert_int_eq(c.num_threads, 0);
     ck_assert_int_eq(c.log_level, KVB_LOG_WARNING);
     ck_assert_int_eq(kvb_config_validate(&c), KVB_OK);
@@ -176,13 +179,13 @@ START_TEST(test_config_set_enums)
     ck_assert_int_eq(c.deviation, KVB_DEVIATION_KV);
     set_ok(&c, "KVBLEND_DEVIATION", "k");
     ck_assert_int_eq(c.deviation, KVB_DEVIATION_K);
-    ck_assert_int_eq(c.selection, KVB_SELECT_DEVIATION);
     set_ok(&c, "KVBLEND_SELECTION", " Query ");
     ck_assert_int_eq(c.selection, KVB_SELECT_QUERY);
     set_ok(&c, "KVBLEND_SELECTION", "query_deviation");
     ck_assert_int_eq(c.selection, KVB_SELECT_QUERY_DEVIATION);
     set_ok(&c, "KVBLEND_SELECTION", "deviation");
     ck_assert_int_eq(c.selection, KVB_SELECT_DEVIATION);
+    set_ok(&c, "KVBLEND_BOUNDARY_TOKENS", "0");
     ck_assert_int_eq(c.boundary_tokens, 0);
     set_ok(&c, "KVBLEND_BOUNDARY_TOKENS", "4096");
     ck_assert_int_eq(c.boundary_tokens, KVB_MAX_BOUNDARY_TOKENS);

@@ -764,6 +764,8 @@ typedef struct fake_block {
 typedef struct fake_tier {
     unsigned magic;
     int fail;          /* non-zero: every allocation fails */
+    int64_t max_live;  /* > 0: fails while this many blocks are live (a
+                        * fragmented pool: room in bytes, no block) */
     int64_t allocs;
     int64_t live;      /* blocks allocated and not yet freed */
     size_t live_bytes; /* their row bytes */
@@ -784,7 +786,7 @@ typedef struct fake_mover {
 static void *fake_alloc(size_t bytes, void *ctx)
 {
     fake_tier *t = ctx;
-    if (t->fail) {
+    if (t->fail || (t->max_live > 0 && t->live >= t->max_live)) {
         return NULL;
     }
     fake_block *b = malloc(FAKE_HDR + bytes);
@@ -1241,6 +1243,40 @@ START_TEST(test_store_failing_allocator_keeps_store_consistent)
 }
 END_TEST
 
+START_TEST(test_store_fragmented_pool_evicts_until_a_block_fits)
+{
+    /* The budget holds 4 entries but the pool has blocks for 2 only: a
+     * third chunk evicts the oldest until a block is free; it is stored. */
+    tiered t;
+    tiered_init(&t, 0, 4, 0);
+    t.host.max_live = 2;
+    ck_assert(put(t.s, 0, TIER_TOKENS));
+    ck_assert(put(t.s, 1, TIER_TOKENS));
+    ck_assert(put(t.s, 2, TIER_TOKENS));
+    ck_assert_int_eq(has(t.s, 0, TIER_TOKENS), 0);
+    ck_assert_int_eq(has(t.s, 1, TIER_TOKENS), 1);
+    ck_assert_int_eq(has(t.s, 2, TIER_TOKENS), 1);
+    kvb_store_stats st = tiered_stats(&t);
+    ck_assert_int_eq(st.evictions, 1);
+    ck_assert_int_eq(st.rejected, 0);
+    /* an allocator that fails for good: the chunk is not stored, the call
+     * succeeds (the request goes on without it), at most 8 entries go */
+    t.host.max_live = 0;
+    t.host.fail = 1;
+    int32_t toks[TIER_TOKENS];
+    chunk_tokens(9, toks, TIER_TOKENS);
+    kvb_entry *e = (kvb_entry *)1;
+    ck_assert_int_eq(kvb_store_reserve(t.s, 0, toks, TIER_TOKENS, NULL, &e),
+                     KVB_OK);
+    ck_assert_ptr_null(e);
+    st = tiered_stats(&t);
+    ck_assert_int_eq(st.rejected, 1);
+    ck_assert_int_eq(st.num_entries, 0); /* both evicted trying */
+    t.host.fail = 0;
+    tiered_free(&t);
+}
+END_TEST
+
 START_TEST(test_store_tier_bytes_return_to_zero_after_clear)
 {
     tiered t;
@@ -1669,6 +1705,7 @@ Suite *store_suite(void)
     tcase_add_test(tc, test_store_host_cannot_take_victim_drops);
     tcase_add_test(tc, test_store_failing_mover_keeps_store_consistent);
     tcase_add_test(tc, test_store_failing_allocator_keeps_store_consistent);
+    tcase_add_test(tc, test_store_fragmented_pool_evicts_until_a_block_fits);
     tcase_add_test(tc, test_store_tier_bytes_return_to_zero_after_clear);
     tcase_add_test(tc, test_store_lru_order_across_tiers);
     tcase_add_test(tc, test_store_mover_bad_arguments_named);

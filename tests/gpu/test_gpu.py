@@ -267,9 +267,11 @@ def _prompts():
     return warm, blended
 
 
-def _run_blend(model, monkeypatch, engine_id, device_gb, host_gb):
+def _run_blend(model, monkeypatch, engine_id, device_gb, host_gb, **env):
     """Store the chunks with one prompt, then blend a reordered prompt;
     returns (tokens, first logits, store stats, blend stats)."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
     monkeypatch.setenv("LMCACHE_ENABLE_BLENDING", "True")
     monkeypatch.setenv("LMCACHE_BLEND_CHECK_LAYERS", "1")
     monkeypatch.setenv("LMCACHE_BLEND_RECOMPUTE_RATIOS", "0.15")
@@ -284,7 +286,8 @@ def _run_blend(model, monkeypatch, engine_id, device_gb, host_gb):
     llm.generate({"prompt_token_ids": warm}, sp)
     out = llm.generate({"prompt_token_ids": blended}, sp, return_first_logits=True)[0]
     stats = llm.worker_connector.blend_stats()
-    info = runtime.request_stats(out.request_id)
+    info = dict(runtime.request_stats(out.request_id))
+    info["self_test"] = llm.worker_connector.self_test_report
     llm.shutdown()
     return out.outputs[0].token_ids, out.first_logits.float().cpu(), stats, info
 
@@ -342,3 +345,58 @@ def test_blend_fp32_kvblend_attention_equals_cpu(cpu_model, cpu_result, monkeypa
     assert info["segments_hit"] == 5
     assert toks == ctoks
     assert float((logits - clogits).norm() / clogits.norm()) < 1e-3
+
+
+# ------------------------------------------------- selection and the gate
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_query_mass_matches_cpu(dtype):
+    from kvblend.blend import query_mass
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(70, 8, 64, generator=g).to(dtype)
+    k = torch.randn(400, 2, 64, generator=g).to(dtype)
+    q_pos, k_pos = torch.arange(330, 400), torch.arange(400)
+    for window in (None, 100):
+        ref = query_mass(q, q_pos, k, k_pos, 0.125, window)
+        got = query_mass(q.to(DEV), q_pos.to(DEV), k.to(DEV), k_pos.to(DEV), 0.125, window)
+        assert torch.allclose(got.cpu(), ref, rtol=1e-4, atol=1e-5), window
+
+
+@pytest.fixture(scope="module")
+def cpu_query_result(cpu_model):
+    mp = pytest.MonkeyPatch()
+    try:
+        return _run_blend(cpu_model, mp, "cpu-q", 0, 0.25, **_QUERY_ENV)
+    finally:
+        mp.undo()
+
+
+_QUERY_ENV = {"KVBLEND_SELECTION": "query_deviation", "KVBLEND_BOUNDARY_TOKENS": "4"}
+
+
+@pytest.mark.parametrize("tier", ["device", "host"])
+def test_query_selection_gpu_equals_cpu(cpu_model, cpu_query_result, monkeypatch, tier):
+    """Query-aware selection with boundary rows: the same rows kept and the
+    same tokens on the GPU as on the CPU (fp32)."""
+    gmodel = copy.deepcopy(cpu_model).to(DEV)
+    dev_gb, host_gb = (0.25, 0) if tier == "device" else (0, 0.25)
+    toks, logits, _, info = _run_blend(gmodel, monkeypatch, f"gpu-q-{tier}", dev_gb, host_gb,
+                                       **_QUERY_ENV)
+    ctoks, clogits, _, cinfo = cpu_query_result
+    assert info["segments_hit"] == 5
+    assert info["tokens_recomputed"] == cinfo["tokens_recomputed"]
+    assert toks == ctoks
+    rel = float((logits - clogits).norm() / clogits.norm())
+    assert rel < 1e-3, rel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_self_test_passes_on_gpu(cpu_model, monkeypatch, dtype):
+    """The start-up gate on the GPU connector (device tier, the engine's KV
+    dtype): passes with errors at the dtype's rounding."""
+    gmodel = copy.deepcopy(cpu_model).to(DEV, dtype)
+    _, _, _, info = _run_blend(gmodel, monkeypatch, f"gate-{dtype}", 0.25, 0.25)
+    rep = info["self_test"]
+    assert rep is not None and rep["reference"] == "model forward"
+    limit = (1e-5, 1e-4) if dtype == torch.float32 else (2e-2, 1e-1)
+    assert rep["key_error"] < limit[0] and rep["logits_error"] < limit[1], rep

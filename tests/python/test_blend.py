@@ -51,7 +51,7 @@ def _ktc(ratio=None):
 @pytest.fixture
 def engines(smollm2, blend_env):
     """A factory of engines over the one loaded model, plus a full-prefill one.
-    Every engine made here shares one fresh store."""
+    Each engine made here has its own, empty store."""
     model, tok = smollm2
     made = []
 

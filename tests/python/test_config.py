@@ -29,7 +29,8 @@ def test_config_defaults_match_lmcache():
     assert c.max_local_cpu_size_gb == 5.0
     assert c.enable_sparse is False
     assert c.max_device_size_gb == 0.0
-    assert c.deviation == "k"
+    assert c.deviation == "kv"
+    assert c.selection == "query_deviation" and c.boundary_tokens == 4 and c.self_test
     assert c.num_threads == 0
     assert c.log_level == "warning"
     assert c.items == ()

@@ -305,6 +305,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         self.config = Config.from_items(env)  # bad LMCACHE_* values fail here
         ratios = extra.get("kvblend.recompute_ratios")
         self.timing = bool(extra.get("kvblend.timing", False))
+        self.self_test_report: dict | None = None  # the start-up gate's figures (kvblend.gate)
         # "kvblend.save": False makes a read-only consumer: it reuses stored
         # chunks but never adds its own (evaluation, or a replica that must
         # not fill a shared store).
@@ -613,13 +614,31 @@ class KVBlendConnector(KVConnectorBase_V1):
         ext = _ext.load()
         cache_dtype = next(iter(self._kv_caches.values())).dtype if self._kv_caches else adapter.dtype
         rope = adapter.rope
-        self._conn = ext.Connector(
-            self.config.items, adapter.num_layers, adapter.num_q_heads, adapter.num_kv_heads,
-            adapter.head_size, _dtype_code(ext, cache_dtype), rope.rotary_dim,
-            ext.ROPE_NEOX if rope.style == "neox" else ext.ROPE_GPTJ,
-            [float(x) for x in rope.inv_freq.tolist()], float(rope.attention_scaling),
-            -1 if adapter.device.type == "cpu" else (adapter.device.index or 0),
-            type(model).__name__)
+
+        def new_connector(over=None):
+            items = dict(self.config.items)
+            items.update(over or {})
+            return ext.Connector(
+                items, adapter.num_layers, adapter.num_q_heads, adapter.num_kv_heads,
+                adapter.head_size, _dtype_code(ext, cache_dtype), rope.rotary_dim,
+                ext.ROPE_NEOX if rope.style == "neox" else ext.ROPE_GPTJ,
+                [float(x) for x in rope.inv_freq.tolist()], float(rope.attention_scaling),
+                -1 if adapter.device.type == "cpu" else (adapter.device.index or 0),
+                type(model).__name__)
+
+        name = _model_name(self.vllm_config, model)
+        if self.config.self_test:
+            from ..gate import self_test
+
+            # before CUDA graphs and compilation: the gate's shapes are not
+            # the engine's; raises SelfTestError naming the model
+            self.self_test_report = self_test(
+                adapter, new_connector, name, cache_dtype, list(self.config.check_layers),
+                hf_model=None if self._in_vllm else model)
+        else:
+            logger.warning("kvblend: KVBLEND_SELF_TEST=0: blending %s without the start-up "
+                           "self-test", name)
+        self._conn = new_connector()
         self._conn.watch_store(True)
         if hasattr(adapter, "enable_cuda_graphs"):
             adapter.enable_compile(self.compile_pieces)
@@ -889,6 +908,13 @@ def _request_ratio(request) -> float | None:
                      "using the configured ratios", request.request_id, RATIO_ARG, value)
         return None
     return r
+
+
+def _model_name(vllm_config, model) -> str:
+    """The served model's name and class, for messages."""
+    path = getattr(getattr(vllm_config, "model_config", None), "model", None)
+    cls = type(model).__name__
+    return f"{path} ({cls})" if path and str(path) != cls else cls
 
 
 def _external_id(req_id: str) -> str:
