@@ -215,6 +215,11 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
             loader.done(layer)
             continue
         marks.mark("qkv")
+        if tail is not None and layer <= last_check:
+            # first, and copied: under CUDA graphs a piece's output is the
+            # graph's static buffer, which the active rows' call of the same
+            # layer and size bucket would overwrite
+            tail.qkv(layer, kv_dtype)
         q, k, v = adapter.qkv(layer, h, active)
         k = k.to(kv_dtype)
         v = v.to(kv_dtype)
@@ -626,7 +631,7 @@ class _Tail:
     def qkv(self, layer: int, kv_dtype):
         if self._qkv is None or self._qkv[0] != layer:
             q, k, v = self.adapter.qkv(layer, self.h, self.pos)
-            self._qkv = (layer, (q, k.to(kv_dtype), v.to(kv_dtype)))
+            self._qkv = (layer, (q.clone(), k.to(kv_dtype, copy=True), v.to(kv_dtype, copy=True)))
         return self._qkv[1]
 
     def _keys(self, stage, fresh):
@@ -653,7 +658,8 @@ class _Tail:
         else:
             attn = ops.attention(q, self.pos, keys.to(q.dtype), vals.to(q.dtype), key_pos,
                                  self.adapter.scale)
-        self.h = self.adapter.out(layer, attn.to(self.h.dtype), self.h)
+        # a copy: a CUDA graph's static output (see the blend loop)
+        self.h = self.adapter.out(layer, attn.to(self.h.dtype), self.h).clone()
         self._qkv = None
 
 

@@ -400,3 +400,43 @@ def test_self_test_passes_on_gpu(cpu_model, monkeypatch, dtype):
     assert rep is not None and rep["reference"] == "model forward"
     limit = (1e-5, 1e-4) if dtype == torch.float32 else (2e-2, 1e-1)
     assert rep["key_error"] < limit[0] and rep["logits_error"] < limit[1], rep
+
+
+def test_query_selection_under_cuda_graphs_equals_eager(monkeypatch):
+    """Query-aware selection on a short prompt whose blended rows and
+    question rows fall in the same CUDA-graph size bucket: the question's
+    pieces must not overwrite the blended rows' graph outputs (same tokens
+    and logits as the eager engine)."""
+    import transformers as tf
+
+    torch.manual_seed(6)
+    cfg = tf.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, vocab_size=1000,
+                         max_position_embeddings=4096)
+    model = tf.LlamaForCausalLM(cfg).eval().to(DEV)
+    for k, v in {"LMCACHE_ENABLE_BLENDING": "True", "LMCACHE_BLEND_CHECK_LAYERS": "1",
+                 "KVBLEND_SELECTION": "query_deviation", "KVBLEND_BOUNDARY_TOKENS": "4"}.items():
+        monkeypatch.setenv(k, v)
+    runtime.set_model(model, _Tok())
+    g = torch.Generator().manual_seed(8)
+    chunks = [torch.randint(100, 990, (45,), generator=g).tolist() for _ in range(4)]
+    sys_ids = torch.randint(100, 990, (12,), generator=g).tolist()
+    question = torch.randint(100, 990, (150,), generator=g).tolist()  # bucket 256, as the blend
+    warm = join(sys_ids, chunks, question[:5], SEP_IDS)
+    blended = join(sys_ids, chunks[::-1], question, SEP_IDS)
+    sp = SamplingParams(max_tokens=4, ignore_eos=True)
+    out = {}
+    for name, eager in (("eager", True), ("graphs", False)):
+        ktc = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
+                               kv_role="kv_both", engine_id=f"graphs-{name}")
+        llm = LLM(model=model, tokenizer=None, kv_transfer_config=ktc, max_model_len=1024,
+                  enforce_eager=eager, cuda_graph_max_tokens=512)
+        llm.generate({"prompt_token_ids": warm}, sp)
+        o = llm.generate({"prompt_token_ids": blended}, sp, return_first_logits=True)[0]
+        out[name] = (o.outputs[0].token_ids, o.first_logits.float().cpu(),
+                     runtime.request_stats(o.request_id))
+        llm.shutdown()
+    assert out["graphs"][2]["segments_hit"] == out["eager"][2]["segments_hit"] == 5
+    assert 100 < out["graphs"][2]["blend_rows"] <= 256
+    assert out["graphs"][0] == out["eager"][0]
+    assert _rel(out["graphs"][1], out["eager"][1]) < 1e-4

@@ -131,28 +131,22 @@ def _hf_question_mass(model, ids, start, end, layer):
     return _mass_reference(q, torch.arange(start, end), k, torch.arange(len(ids)), att.scaling)
 
 
-@pytest.mark.parametrize("boundary", [0, 3])
-def test_query_selection_ranks_by_the_questions_attention(smollm2, monkeypatch, boundary):
-    """A reordered prompt blended with KVBLEND_SELECTION=query: at check
-    layer 1 (every row recomputed before it) the scores ranked are the
-    question's attention in the model's own prefill; with boundary rows
-    those come first and the budget is unchanged."""
+def _blend_with_spy(smollm2, monkeypatch, env, order, question):
+    """Store the chunks through an engine configured by ``env``, then blend
+    them in ``order`` with ``question``, recording every ops.select call:
+    returns (prompt, request stats, [(score, forced, k, keep), ...])."""
     model, tok = smollm2
-    for k, v in {"LMCACHE_ENABLE_BLENDING": "True", "LMCACHE_BLEND_SPECIAL_STR": SEP,
-                 "LMCACHE_BLEND_CHECK_LAYERS": "1", "KVBLEND_SELECTION": "query",
-                 "KVBLEND_BOUNDARY_TOKENS": str(boundary)}.items():
+    for k, v in {"LMCACHE_ENABLE_BLENDING": "True", "LMCACHE_BLEND_SPECIAL_STR": SEP, **env}.items():
         monkeypatch.setenv(k, v)
     ktc = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
-                           kv_role="kv_both", kv_connector_extra_config={})
+                           kv_role="kv_both")
     llm = LLM(model=model, tokenizer=tok, kv_transfer_config=ktc)
     sys_ids = encode(tok, "<|im_start|>system\nAnswer from the passages.<|im_end|>\n<|im_start|>user\n")
     chunks = [encode(tok, t) for t in TEXTS]
     sep = encode(tok, SEP)
     sp = SamplingParams(temperature=0.0, max_tokens=1)
     llm.generate({"prompt_token_ids": join(sys_ids, chunks, _question(tok, "Hi?"), sep)}, sp)
-    prompt = join(sys_ids, [chunks[3], chunks[1], chunks[0], chunks[2]],
-                  _question(tok, "Who wrote the Brandenburg Concertos?"), sep)
-
+    prompt = join(sys_ids, [chunks[i] for i in order], _question(tok, question), sep)
     seen = []
     real_select = blend.ops.select
 
@@ -163,6 +157,21 @@ def test_query_selection_ranks_by_the_questions_attention(smollm2, monkeypatch, 
     monkeypatch.setattr(blend.ops, "select", spy)
     out = llm.generate({"prompt_token_ids": prompt}, sp)[0]
     st = runtime.request_stats(str(out.request_id))
+    llm.shutdown()
+    return prompt, st, seen
+
+
+@pytest.mark.parametrize("boundary", [0, 3])
+def test_query_selection_ranks_by_the_questions_attention(smollm2, monkeypatch, boundary):
+    """A reordered prompt blended with KVBLEND_SELECTION=query: at check
+    layer 1 (every row recomputed before it) the scores ranked are the
+    question's attention in the model's own prefill; with boundary rows
+    those come first and the budget is unchanged."""
+    model, _ = smollm2
+    prompt, st, seen = _blend_with_spy(
+        smollm2, monkeypatch, {"LMCACHE_BLEND_CHECK_LAYERS": "1", "KVBLEND_SELECTION": "query",
+                               "KVBLEND_BOUNDARY_TOKENS": str(boundary)},
+        [3, 1, 0, 2], "Who wrote the Brandenburg Concertos?")
     assert st["segments_hit"] == 5 and len(seen) == 1
     score, forced, k, keep = seen[0]
     n = st["blend_rows"]
@@ -186,7 +195,6 @@ def test_query_selection_ranks_by_the_questions_attention(smollm2, monkeypatch, 
     top = set(torch.nonzero(reused).flatten()[torch.topk(ref[reused], k).indices].tolist())
     kept = set(keep.tolist()) - set(torch.nonzero(forced).flatten().tolist())
     assert len(top ^ kept) <= 2, sorted(top ^ kept)
-    llm.shutdown()
 
 
 def test_query_selection_without_rows_after_the_blend_falls_back(caplog):
@@ -198,3 +206,23 @@ def test_query_selection_without_rows_after_the_blend_falls_back(caplog):
         blend._warn_once("kvblend: query selection needs x")
         blend._warn_once("kvblend: query selection needs x")
     assert sum("query selection" in r.message for r in caplog.records) == 1
+
+
+def test_query_selection_with_several_check_layers(smollm2, monkeypatch):
+    """Check layers 1 and 3 with ratios 0.5 then 0.15: the question's rows
+    run up to layer 3, each check layer ranks by its own layer's scores, the
+    second keeps the budget of its own ratio out of the first's rows."""
+    _, st, seen = _blend_with_spy(
+        smollm2, monkeypatch, {"LMCACHE_BLEND_CHECK_LAYERS": "1,3",
+                               "LMCACHE_BLEND_RECOMPUTE_RATIOS": "0.5,0.15",
+                               "KVBLEND_SELECTION": "query_deviation"},
+        [3, 2, 1, 0], "Where is Kilimanjaro?")
+    assert len(seen) == 2 and st["segments_hit"] == 5
+    (s1, f1, k1, keep1), (s2, f2, k2, keep2) = seen
+    reusable = int((f1 == 0).sum())
+    assert k1 == blend.num_selected(0.5, reusable) and k2 == blend.num_selected(0.15, reusable)
+    assert len(s2) == len(keep1) and len(keep2) == k2 + int(f2.sum())
+    assert st["active_per_layer"][1] == len(keep1) and st["active_per_layer"][3] == len(keep2)
+    # layer 3's scores are its own: not a reordering of layer 1's
+    assert not torch.allclose(s2, s1[keep1])
+    assert bool((s2 > 0).all())  # every kept row has question attention and deviation
