@@ -260,7 +260,8 @@ kvb_status kvb_connector_create(const kvb_config *cfg,
             return st;
         }
     }
-    kvb_set_log(NULL, NULL, cfg->log_level);
+    /* KVBLEND_LOG_LEVEL; the host program's sink, if any, stays */
+    kvb_set_log_level(cfg->log_level);
     /* KVBLEND_NUM_THREADS (validated above) caps the CPU ops' threads;
      * the setting is process-wide, the last connector's wins. */
     (void)kvb_cpu_set_threads(cfg->num_threads);

@@ -71,28 +71,41 @@ void kvb_set_log(kvb_log_fn fn, void *user, kvb_log_level min_level)
     pthread_mutex_unlock(&g_log_mu);
 }
 
-/* Formats one line and hands it to the sink (or stderr) under the log lock,
- * so lines from different threads never interleave. */
+/* Changes the minimum level, keeping the sink. */
+void kvb_set_log_level(kvb_log_level min_level)
+{
+    pthread_mutex_lock(&g_log_mu);
+    g_log_min = min_level;
+    pthread_mutex_unlock(&g_log_mu);
+}
+
+/* Formats one line and hands it to the sink (or stderr).  The sink is read
+ * under the log lock and called after it is released: a sink that takes a
+ * lock of its own (the GIL) can never deadlock against a thread that holds
+ * that lock while it calls kvb_set_log. */
 void kvb_log(kvb_log_level level, const char *fmt, ...)
 {
-    char line[1024];
-    va_list ap;
     pthread_mutex_lock(&g_log_mu);
-    if (level < g_log_min) {
-        pthread_mutex_unlock(&g_log_mu);
+    kvb_log_fn fn = g_log_fn;
+    void *user = g_log_user;
+    int skip = level < g_log_min;
+    pthread_mutex_unlock(&g_log_mu);
+    if (skip) {
         return;
     }
+    char line[1024];
+    va_list ap;
     va_start(ap, fmt);
     vsnprintf(line, sizeof line, fmt, ap);
     va_end(ap);
-    if (g_log_fn != NULL) {
-        g_log_fn(level, line, g_log_user);
+    if (fn != NULL) {
+        fn(level, line, user);
     } else {
         static const char *names[] = {"DEBUG", "INFO", "WARNING", "ERROR"};
+        /* one fprintf per line: stdio's lock keeps lines whole */
         fprintf(stderr, "kvblend %s: %s\n",
                 names[level >= 0 && level <= 3 ? level : 3], line);
     }
-    pthread_mutex_unlock(&g_log_mu);
 }
 
 /* Returns the version string. */

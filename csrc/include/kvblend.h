@@ -74,12 +74,19 @@ typedef enum kvb_log_level {
 } kvb_log_level;
 
 /* Receives log lines (without trailing newline).  May be called from any
- * thread; must not call back into kvblend. */
+ * thread, concurrently, and with no kvblend lock held (as sqlite3_log's
+ * callback): it may take its own locks (a Python sink takes the GIL) and
+ * may call kvb_set_log; it must not log through kvblend itself. */
 typedef void (*kvb_log_fn)(kvb_log_level level, const char *msg, void *user);
 
 /* Installs a process-wide log sink (NULL restores the default, which writes
- * WARNING and above to stderr) and the minimum level delivered. */
+ * to stderr) and the minimum level delivered.  A sink replaced while
+ * another thread is inside it finishes that call: it (and `user`) must stay
+ * valid until no thread can still be logging through it. */
 KVB_API void kvb_set_log(kvb_log_fn fn, void *user, kvb_log_level min_level);
+
+/* Sets only the minimum level delivered, keeping the installed sink. */
+KVB_API void kvb_set_log_level(kvb_log_level min_level);
 
 /* Returns the library version as "MAJOR.MINOR.PATCH". */
 KVB_API const char *kvb_version(void);

@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "kvblend.h"
+#include "../../csrc/store.h"
 
 #define L 2
 #define H 2
@@ -57,6 +58,42 @@ static kvb_connector *make_conn(int blending)
     ck_assert_int_eq(kvb_connector_set_separator(c, sep, 2), KVB_OK);
     return c;
 }
+
+static int host_sink_lines;
+
+static void host_sink(kvb_log_level level, const char *msg, void *user)
+{
+    (void)level;
+    (void)msg;
+    (void)user;
+    host_sink_lines++;
+}
+
+/* A C host program's log sink survives kvb_connector_create, which sets
+ * only the level (KVBLEND_LOG_LEVEL). */
+START_TEST(test_connector_keeps_the_host_log_sink)
+{
+    host_sink_lines = 0;
+    kvb_set_log(host_sink, NULL, KVB_LOG_DEBUG);
+    kvb_connector *c = make_conn(1); /* default level: warning */
+    /* a store too small for any chunk logs a WARNING per reservation; a
+     * disabled one an INFO line, below the connector's level */
+    kvb_store_params p = {1, 1, 4, KVB_DTYPE_F32, 1, 0, 0};
+    kvb_store *small = NULL, *off = NULL;
+    ck_assert_int_eq(kvb_store_create(&p, &small), KVB_OK);
+    p.host_budget_bytes = 0;
+    ck_assert_int_eq(kvb_store_create(&p, &off), KVB_OK);
+    const int32_t tok[4] = {1, 2, 3, 4};
+    kvb_entry *e = NULL;
+    ck_assert_int_eq(kvb_store_reserve(off, 0, tok, 4, NULL, &e), KVB_OK);
+    ck_assert_int_eq(kvb_store_reserve(small, 0, tok, 4, NULL, &e), KVB_OK);
+    ck_assert_int_eq(host_sink_lines, 1);
+    kvb_store_free(small);
+    kvb_store_free(off);
+    kvb_connector_free(c);
+    kvb_set_log(NULL, NULL, KVB_LOG_WARNING);
+}
+END_TEST
 
 /* Describes layer `layer` of the global paged cache (planes K and V). */
 static kvb_paged_layout layout_of(void)
@@ -692,6 +729,7 @@ Suite *connector_suite(void)
 {
     Suite *s = suite_create("connector");
     TCase *tc = tcase_create("core");
+    tcase_add_test(tc, test_connector_keeps_the_host_log_sink);
     tcase_add_test(tc, test_lookup_empty_store_misses);
     tcase_add_test(tc, test_reordered_prompt_reuses_every_chunk);
     tcase_add_test(tc, test_load_layer_rerotates_to_new_positions);

@@ -571,3 +571,48 @@ def test_c_log_lines_reach_the_kvblend_logger(caplog):
     assert any("not storing a chunk of 5 tokens" in r.getMessage() and r.levelno == logging.WARNING
                for r in records), [r.getMessage() for r in records]
     assert conn.store_stats()["rejected"] >= 1
+
+
+_LOG_RACE = r"""
+import logging, threading, time
+logging.getLogger("kvblend").addHandler(logging.NullHandler())
+logging.getLogger("kvblend").propagate = False
+import torch
+from kvblend import _ext
+ext = _ext.load()
+inv = (1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))).tolist()
+# a host budget of about a byte: every begin logs "not storing a chunk" from
+# C with the GIL released, through the sink that takes the GIL again
+conn = ext.Connector({"LMCACHE_ENABLE_BLENDING": "True", "LMCACHE_MAX_LOCAL_CPU_SIZE": "1e-9"},
+                     2, 4, 2, 8, ext.DTYPE_F32, 8, ext.ROPE_NEOX, inv, 1.0, -1)
+conn.set_separator([99])
+stop, begun = threading.Event(), [0]
+def worker():
+    while not stop.is_set():
+        with conn.begin([1, 2, 3, 99, 4, 5, 6]):
+            begun[0] += 1
+t = threading.Thread(target=worker)
+t.start()
+end, changes = time.monotonic() + 1.5, 0
+while time.monotonic() < end:
+    ext.set_log_level("warning")  # takes the log lock with the GIL held
+    changes += 1
+stop.set()
+t.join()
+print("ok", begun[0], changes)
+"""
+
+
+def test_c_logging_while_python_sets_the_level_never_hangs():
+    """A thread inside C (GIL released) logs through the Python sink while
+    the thread holding the GIL changes the log level: with the sink called
+    under the log lock the two wait for each other forever.  Run in a child
+    process so a regression fails by timeout instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _LOG_RACE], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    word, begun, changes = r.stdout.split()
+    assert word == "ok" and int(begun) > 0 and int(changes) > 0
