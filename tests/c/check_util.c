@@ -1,7 +1,8 @@
 /*
- * check_util.c: status names, the thread-local error message, dtype sizes
- * and the fp16/bf16 conversions every op relies on.
+ * check_util.c: status names, the thread-local error message, dtype sizes,
+ * the fp16/bf16 conversions every op relies on, and the log sink.
  */
+#define _DEFAULT_SOURCE /* usleep */
 #include <check.h>
 #include <math.h>
 #include <pthread.h>
