@@ -853,6 +853,23 @@ static int cfg_lower_trim(const char *value, char *buf, size_t cap)
     return 0;
 }
 
+/* Index of `value` (case-insensitive, surrounding whitespace ignored) in
+ * words[0..n), or -1.  The words of an enum setting are listed in the
+ * order of its enum values, so the index is the value. */
+static int cfg_word_index(const char *value, const char *const *words, int n)
+{
+    char buf[16];
+    if (cfg_lower_trim(value, buf, sizeof buf) != 0) {
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        if (!strcmp(buf, words[i])) {
+            return i;
+        }
+    }
+    return -1;
+}
+
 /* Every variable kvblend reads, in the order kvb_config_from_env applies
  * them. */
 static const char *const kvb_config_names[] = {
@@ -946,39 +963,24 @@ static kvb_status cfg_apply(kvb_config *c, const char *name,
         return cfg_set_size(name, value, &c->max_device_size_gb);
     }
     if (!strcmp(name, "KVBLEND_DEVIATION")) {
-        if (cfg_lower_trim(value, buf, sizeof buf) == 0) {
-            if (!strcmp(buf, "k")) {
-                c->deviation = KVB_DEVIATION_K;
-                return KVB_OK;
-            }
-            if (!strcmp(buf, "v")) {
-                c->deviation = KVB_DEVIATION_V;
-                return KVB_OK;
-            }
-            if (!strcmp(buf, "kv")) {
-                c->deviation = KVB_DEVIATION_KV;
-                return KVB_OK;
-            }
+        static const char *const kinds[] = {"k", "v", "kv"}; /* enum order */
+        int i = cfg_word_index(value, kinds, 3);
+        if (i < 0) {
+            return cfg_fail(name, value, "expected k, v or kv");
         }
-        return cfg_fail(name, value, "expected k, v or kv");
+        c->deviation = (kvb_deviation_kind)i;
+        return KVB_OK;
     }
     if (!strcmp(name, "KVBLEND_SELECTION")) {
-        static const struct {
-            const char *word;
-            kvb_selection_kind kind;
-        } kinds[] = {{"deviation", KVB_SELECT_DEVIATION},
-                     {"query", KVB_SELECT_QUERY},
-                     {"query_deviation", KVB_SELECT_QUERY_DEVIATION}};
-        if (cfg_lower_trim(value, buf, sizeof buf) == 0) {
-            for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {
-                if (!strcmp(buf, kinds[i].word)) {
-                    c->selection = kinds[i].kind;
-                    return KVB_OK;
-                }
-            }
+        static const char *const kinds[] = {"deviation", "query",
+                                            "query_deviation"}; /* enum order */
+        int i = cfg_word_index(value, kinds, 3);
+        if (i < 0) {
+            return cfg_fail(name, value, "expected deviation, query or "
+                            "query_deviation");
         }
-        return cfg_fail(name, value, "expected deviation, query or "
-                        "query_deviation");
+        c->selection = (kvb_selection_kind)i;
+        return KVB_OK;
     }
     if (!strcmp(name, "KVBLEND_BOUNDARY_TOKENS")) {
         if (cfg_parse_int(value, strlen(value), &iv) != 0 || iv < 0 ||
@@ -1009,23 +1011,15 @@ static kvb_status cfg_apply(kvb_config *c, const char *name,
         return KVB_OK;
     }
     if (!strcmp(name, "KVBLEND_LOG_LEVEL")) {
-        static const struct {
-            const char *word;
-            kvb_log_level level;
-        } levels[] = {{"debug", KVB_LOG_DEBUG},
-                      {"info", KVB_LOG_INFO},
-                      {"warning", KVB_LOG_WARNING},
-                      {"error", KVB_LOG_ERROR}};
-        if (cfg_lower_trim(value, buf, sizeof buf) == 0) {
-            for (size_t i = 0; i < sizeof levels / sizeof levels[0]; i++) {
-                if (!strcmp(buf, levels[i].word)) {
-                    c->log_level = levels[i].level;
-                    return KVB_OK;
-                }
-            }
+        static const char *const levels[] = {"debug", "info", "warning",
+                                             "error"}; /* enum order */
+        int i = cfg_word_index(value, levels, 4);
+        if (i < 0) {
+            return cfg_fail(name, value, "expected debug, info, warning or "
+                            "error");
         }
-        return cfg_fail(name, value, "expected debug, info, warning or "
-                        "error");
+        c->log_level = (kvb_log_level)i;
+        return KVB_OK;
     }
     if (!strcmp(name, "KVBLEND_VERIFY_CHECKSUMS")) {
         if (cfg_lower_trim(value, buf, sizeof buf) == 0 &&

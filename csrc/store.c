@@ -732,6 +732,10 @@ kvb_status kvb_store_acquire(kvb_store *store, uint64_t ns,
     return KVB_OK;
 }
 
+/* Entries store_place evicts beyond the budget's needs when the allocator
+ * still finds no block (fragmentation), before it gives up on the tier. */
+#define STORE_FRAGMENT_EVICTIONS 8
+
 /*
  * Allocates the rows block for a new entry of `total` bytes (`rows_bytes`
  * of rows) in the first tier that can take it: the device tier when it has
@@ -740,10 +744,6 @@ kvb_status kvb_store_acquire(kvb_store *store, uint64_t ns,
  * installed).  Returns 1 with *rows and *tier set, 0 when no tier
  * has room, -1 when an allocator failed.  Caller holds the lock.
  */
-/* Entries store_place evicts beyond the budget's needs when the allocator
- * still finds no block (fragmentation), before it gives up on the tier. */
-#define STORE_FRAGMENT_EVICTIONS 8
-
 static int store_place(kvb_store *store, size_t total, size_t rows_bytes,
                        void **rows, kvb_tier *tier)
 {
@@ -785,9 +785,10 @@ static int store_place(kvb_store *store, size_t total, size_t rows_bytes,
  * Reserves a PENDING, pinned entry for tokens[0..n) with a copy of the
  * tokens and of `positions` (NULL: 0..n-1).  *entry is NULL with KVB_OK when
  * an entry (PENDING or READY) for the tokens exists or when no tier has room
- * (counted in stats.rejected and logged once), also when the tier's
- * allocator fails after evicting every unpinned entry (a fragmented pool, an
- * exhausted host): not storing a chunk only costs its reuse.  KVB_ERR_NOMEM
+ * (counted in stats.rejected and logged once), also when the tiers'
+ * allocators fail even after STORE_FRAGMENT_EVICTIONS more evictions (a
+ * fragmented pool, an exhausted host): not storing a chunk only costs its
+ * reuse.  KVB_ERR_NOMEM
  * when the entry record itself cannot be allocated.
  */
 kvb_status kvb_store_reserve(kvb_store *store, uint64_t ns,
@@ -842,9 +843,9 @@ kvb_status kvb_store_reserve(kvb_store *store, uint64_t ns,
             /* Not storing costs only the reuse: the request goes on. */
             kvb_log(KVB_LOG_WARNING,
                     "store: not storing a chunk of %lld tokens: no tier could "
-                    "allocate %zu bytes of rows, even after evicting every "
-                    "unpinned entry",
-                    (long long)n, rows_bytes);
+                    "allocate %zu bytes of rows, even after evicting up to "
+                    "%d more entries",
+                    (long long)n, rows_bytes, STORE_FRAGMENT_EVICTIONS);
             return KVB_OK;
         }
         /* An entry larger than a non-zero budget is worth a warning (the
