@@ -233,14 +233,13 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
             stage_v[active] = v
             mass = None
             if tail is not None:
-                mass = tail.mass(layer, stage_k, active, kv_dtype, windows[layer])
+                mass = tail.step(layer, stage_k, stage_v, kv_dtype, windows[layer], active,
+                                 advance=layer < last_check)
             score = _score(dev, mass, reduce_scores)
             if boundary is not None:
                 score = _boundary_first(score, boundary[active])
             keep = ops.select(score, forced[active], num_selected(check[layer], reusable),
                               n_forced=n_forced)
-            if tail is not None and layer < last_check:
-                tail.advance(layer, stage_k, stage_v, kv_dtype, windows[layer])
             active = active[keep]
             if digest:
                 stats.selected.append((int(active.numel()), int(active.sum())))
@@ -254,7 +253,7 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
             stage_k[active] = k
             stage_v[active] = v
         if tail is not None and layer < last_check and layer not in check:
-            tail.advance(layer, stage_k, stage_v, kv_dtype, windows[layer])
+            tail.step(layer, stage_k, stage_v, kv_dtype, windows[layer])
         stats.active_per_layer.append(int(active.numel()))
         if active.numel() > 0:
             marks.mark("attention")
@@ -389,10 +388,7 @@ def _sdpa(q, k, v, scale: float, window, q_pos=None):
     else:
         if q_pos is None:
             q_pos = torch.arange(k.shape[0], device=k.device)
-        kp = torch.arange(k.shape[0], device=k.device)[None, :]
-        mask = kp <= q_pos[:, None]
-        if window is not None:
-            mask &= kp > q_pos[:, None] - window
+        mask = ~_hidden(q_pos, torch.arange(k.shape[0], device=k.device), window)
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return o[0].transpose(0, 1)
 
@@ -634,33 +630,47 @@ class _Tail:
             self._qkv = (layer, (q.clone(), k.to(kv_dtype, copy=True), v.to(kv_dtype, copy=True)))
         return self._qkv[1]
 
-    def _keys(self, stage, fresh):
-        return torch.cat([stage, fresh]), torch.arange(stage.shape[0] + fresh.shape[0],
-                                                       device=stage.device)
-
-    def mass(self, layer: int, stage_k, active, kv_dtype, window) -> torch.Tensor:
-        """Attention mass (summed over these rows and every query head) on
-        each ``active`` row at ``layer``; float32 [active.numel()]."""
-        q, k, _ = self.qkv(layer, kv_dtype)
-        keys, key_pos = self._keys(stage_k, k)
-        return query_mass(q, self.pos, keys, key_pos, self.adapter.scale, window)[active]
-
-    def advance(self, layer: int, stage_k, stage_v, kv_dtype, window) -> None:
-        """Runs ``layer``'s attention and MLP for these rows."""
+    def step(self, layer: int, stage_k, stage_v, kv_dtype, window, active=None,
+             advance: bool = True) -> torch.Tensor | None:
+        """At ``layer`` (the blended rows' K/V in ``stage_k``/``stage_v``):
+        with ``active``, the attention mass (summed over these rows and every
+        query head) on each active row, float32 [active.numel()]; with
+        ``advance``, runs the layer's attention and MLP for these rows."""
         q, k, v = self.qkv(layer, kv_dtype)
-        keys, key_pos = self._keys(stage_k, k)
-        vals = torch.cat([stage_v, v])
-        if q.device.type == "cuda":
-            attn = _sdpa(q, keys.to(q.dtype), vals.to(q.dtype), self.adapter.scale, window,
-                         q_pos=self.pos)
-        elif window is not None:
-            attn = windowed_attention(q, self.pos, keys, vals, key_pos, self.adapter.scale, window)
-        else:
-            attn = ops.attention(q, self.pos, keys.to(q.dtype), vals.to(q.dtype), key_pos,
-                                 self.adapter.scale)
-        # a copy: a CUDA graph's static output (see the blend loop)
-        self.h = self.adapter.out(layer, attn.to(self.h.dtype), self.h).clone()
-        self._qkv = None
+        keys = torch.cat([stage_k, k])
+        mass = None
+        if active is not None:
+            key_pos = torch.arange(keys.shape[0], device=keys.device)
+            mass = query_mass(q, self.pos, keys, key_pos, self.adapter.scale, window)[active]
+        if advance:
+            attn = attend_by_position(q, self.pos, keys, torch.cat([stage_v, v]),
+                                      self.adapter.scale, window)
+            # a copy: a CUDA graph's static output (see the blend loop)
+            self.h = self.adapter.out(layer, attn.to(self.h.dtype), self.h).clone()
+            self._qkv = None
+        return mass
+
+
+def attend_by_position(q, q_pos, k, v, scale: float, window=None) -> torch.Tensor:
+    """Attention of q [T, Hq, D] at positions q_pos over k/v [N, Hkv, D] at
+    positions 0..N-1, exact causal by position (and a sliding window): SDPA
+    on CUDA, kvblend's C attention (or plain torch for a window) on the
+    CPU.  Returns q's dtype."""
+    if q.device.type == "cuda":
+        return _sdpa(q, k.to(q.dtype), v.to(q.dtype), scale, window, q_pos=q_pos)
+    key_pos = torch.arange(k.shape[0], device=k.device)
+    if window is not None:
+        return windowed_attention(q, q_pos, k, v, key_pos, scale, window)
+    return ops.attention(q, q_pos, k.to(q.dtype), v.to(q.dtype), key_pos, scale)
+
+
+def _hidden(q_pos: torch.Tensor, k_pos: torch.Tensor, window) -> torch.Tensor:
+    """[len(q_pos), len(k_pos)]: True where a key is not visible to a query
+    (after it, or ``window`` or more positions before it)."""
+    hide = k_pos[None, :] > q_pos[:, None]
+    if window is not None:
+        hide |= k_pos[None, :] <= q_pos[:, None] - window
+    return hide
 
 
 def windowed_attention(q, q_pos, k, v, k_pos, scale: float, window: int) -> torch.Tensor:
@@ -672,8 +682,8 @@ def windowed_attention(q, q_pos, k, v, k_pos, scale: float, window: int) -> torc
     ke = k.float().repeat_interleave(group, dim=1)
     ve = v.float().repeat_interleave(group, dim=1)
     logits = torch.einsum("thd,nhd->htn", q.float(), ke) * scale
-    hide = (k_pos[None, :] > q_pos[:, None]) | (k_pos[None, :] <= q_pos[:, None] - window)
-    p = torch.softmax(logits.masked_fill(hide, float("-inf")), -1).nan_to_num(0.0)
+    p = torch.softmax(logits.masked_fill(_hidden(q_pos, k_pos, window), float("-inf")),
+                      -1).nan_to_num(0.0)
     return torch.einsum("htn,nhd->thd", p, ve).to(q.dtype)
 
 
@@ -693,11 +703,7 @@ def query_mass(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, k_pos: tor
         qs = q[s:s + block].float()
         t = qs.shape[0]
         logits = torch.einsum("tkgd,nkd->kgtn", qs.view(t, hkv, hq // hkv, d), kf) * scale
-        qp = q_pos[s:s + t, None]
-        hide = k_pos[None, :] > qp
-        if window is not None:
-            hide |= k_pos[None, :] <= qp - window
-        logits.masked_fill_(hide, float("-inf"))
+        logits.masked_fill_(_hidden(q_pos[s:s + t], k_pos, window), float("-inf"))
         out += torch.softmax(logits, -1).sum((0, 1, 2))
     return out
 

@@ -35,6 +35,7 @@ import time
 import torch
 
 from . import ops
+from .blend import _Tail, attend_by_position, blend_prefill
 
 logger = logging.getLogger("kvblend")
 
@@ -58,18 +59,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def _attend(adapter, q, q_pos, k, v, window):
-    """q over k/v (rows at positions 0..N-1), exact causal by position."""
-    from .blend import _sdpa, windowed_attention
-
-    if q.device.type == "cuda":
-        return _sdpa(q, k.to(q.dtype), v.to(q.dtype), adapter.scale, window, q_pos=q_pos)
-    key_pos = torch.arange(k.shape[0], device=k.device)
-    if window is not None:
-        return windowed_attention(q, q_pos, k, v, key_pos, adapter.scale, window)
-    return ops.attention(q, q_pos, k.to(q.dtype), v.to(q.dtype), key_pos, adapter.scale)
-
-
 def adapter_prefill(adapter, ids: torch.Tensor, kv_dtype):
     """A plain causal prefill through the adapter: (K, V per layer, each
     [T, Hkv, D] in ``kv_dtype``; logits of the last row, float32)."""
@@ -81,7 +70,7 @@ def adapter_prefill(adapter, ids: torch.Tensor, kv_dtype):
         q, k, v = adapter.qkv(layer, h, pos)
         k, v = k.to(kv_dtype), v.to(kv_dtype)
         kv.append((k.clone(), v.clone()))
-        attn = _attend(adapter, q, pos, k, v, windows[layer])
+        attn = attend_by_position(q, pos, k, v, adapter.scale, windows[layer])
         h = adapter.out(layer, attn.to(h.dtype), h)
     return kv, adapter.logits(h[-1:]).float()[0]
 
@@ -135,7 +124,6 @@ def self_test(adapter, new_connector, model_name: str, kv_dtype: torch.dtype,
     laid over its own; ``hf_model``: the transformers model whose forward is
     the reference (None under vLLM).
     """
-    from .blend import _Tail, blend_prefill
 
     t0 = time.perf_counter()
     device = adapter.device
@@ -237,7 +225,7 @@ def self_test(adapter, new_connector, model_name: str, kv_dtype: torch.dtype,
             e = max(_rel(gk, own_b[layer][0][:blend_end]), _rel(gv, own_b[layer][1][:blend_end]))
             if not e <= kv_err:
                 kv_err, kv_layer = e, layer
-            t.advance(layer, gk, gv, kv_dtype, windows[layer])
+            t.step(layer, gk, gv, kv_dtype, windows[layer])
         logits = adapter.logits(t.h[-1:]).float()[0]
     err = _rel(logits, logits_b)
     same_top = int(logits.argmax()) == int(logits_b.argmax())

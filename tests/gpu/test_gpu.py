@@ -362,6 +362,9 @@ def test_query_mass_matches_cpu(dtype):
         assert torch.allclose(got.cpu(), ref, rtol=1e-4, atol=1e-5), window
 
 
+_QUERY_ENV = {"KVBLEND_SELECTION": "query_deviation", "KVBLEND_BOUNDARY_TOKENS": "4"}
+
+
 @pytest.fixture(scope="module")
 def cpu_query_result(cpu_model):
     mp = pytest.MonkeyPatch()
@@ -369,9 +372,6 @@ def cpu_query_result(cpu_model):
         return _run_blend(cpu_model, mp, "cpu-q", 0, 0.25, **_QUERY_ENV)
     finally:
         mp.undo()
-
-
-_QUERY_ENV = {"KVBLEND_SELECTION": "query_deviation", "KVBLEND_BOUNDARY_TOKENS": "4"}
 
 
 @pytest.mark.parametrize("tier", ["device", "host"])

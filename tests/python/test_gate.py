@@ -15,11 +15,11 @@ import torch
 pytest.importorskip("kvblend._kvblend")
 
 from kvblend import adapters  # noqa: E402
-from kvblend._vllm_compat import KVTransferConfig  # noqa: E402
 from kvblend.engine import LLM  # noqa: E402
 from kvblend.gate import SelfTestError  # noqa: E402
 
 from conftest import make_tiny_model  # noqa: E402
+from test_blend import _ktc  # noqa: E402
 
 
 class _Tok:
@@ -31,9 +31,7 @@ def _engine(model, monkeypatch, **env):
     monkeypatch.setenv("LMCACHE_ENABLE_BLENDING", "True")
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    ktc = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
-                           kv_role="kv_both", kv_connector_extra_config={})
-    return LLM(model=model, tokenizer=_Tok(), kv_transfer_config=ktc, max_model_len=512)
+    return LLM(model=model, tokenizer=_Tok(), kv_transfer_config=_ktc(), max_model_len=512)
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama3", "mistral", "qwen2", "qwen3", "yarn"])
@@ -49,9 +47,7 @@ def test_gate_passes_on_every_family(kind, monkeypatch):
 def test_gate_passes_on_smollm2(smollm2, monkeypatch):
     model, tok = smollm2
     monkeypatch.setenv("LMCACHE_ENABLE_BLENDING", "True")
-    ktc = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
-                           kv_role="kv_both")
-    llm = LLM(model=model, tokenizer=tok, kv_transfer_config=ktc)
+    llm = LLM(model=model, tokenizer=tok, kv_transfer_config=_ktc())
     rep = llm.worker_connector.self_test_report
     assert rep["key_error"] < 1e-5 and rep["logits_error"] < 1e-4
     llm.shutdown()

@@ -15,12 +15,11 @@ import torch
 pytest.importorskip("kvblend._kvblend")
 
 from kvblend import blend, runtime  # noqa: E402
-from kvblend._vllm_compat import KVTransferConfig  # noqa: E402
 from kvblend.config import Config  # noqa: E402
 from kvblend.engine import LLM, SamplingParams  # noqa: E402
 from kvblend.prompt import encode, join  # noqa: E402
 
-from test_blend import SEP, TEXTS, _question  # noqa: E402
+from test_blend import SEP, TEXTS, _ktc, _question  # noqa: E402
 
 
 def _mass_reference(q, q_pos, k, k_pos, scale, window=None):
@@ -99,9 +98,8 @@ def test_boundary_setting_rejects_bad_values(bad):
 def test_settings_extra_config_must_name_variables(smollm2, monkeypatch):
     model, tok = smollm2
     monkeypatch.setenv("LMCACHE_ENABLE_BLENDING", "True")
-    ktc = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
-                           kv_role="kv_both",
-                           kv_connector_extra_config={"kvblend.settings": {"SELECTION": "query"}})
+    ktc = _ktc()
+    ktc.kv_connector_extra_config = {"kvblend.settings": {"SELECTION": "query"}}
     with pytest.raises(ValueError, match="kvblend.settings"):
         LLM(model=model, tokenizer=tok, kv_transfer_config=ktc)
     ktc.kv_connector_extra_config = {"kvblend.settings": {"KVBLEND_SELECTION": "nope"}}
@@ -138,9 +136,7 @@ def _blend_with_spy(smollm2, monkeypatch, env, order, question):
     model, tok = smollm2
     for k, v in {"LMCACHE_ENABLE_BLENDING": "True", "LMCACHE_BLEND_SPECIAL_STR": SEP, **env}.items():
         monkeypatch.setenv(k, v)
-    ktc = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
-                           kv_role="kv_both")
-    llm = LLM(model=model, tokenizer=tok, kv_transfer_config=ktc)
+    llm = LLM(model=model, tokenizer=tok, kv_transfer_config=_ktc())
     sys_ids = encode(tok, "<|im_start|>system\nAnswer from the passages.<|im_end|>\n<|im_start|>user\n")
     chunks = [encode(tok, t) for t in TEXTS]
     sep = encode(tok, SEP)

@@ -46,7 +46,7 @@ from .._vllm_compat import (
     KVConnectorStats,
     KVConnectorWorkerMetadata,
 )
-from ..config import Config
+from ..config import ENV_PREFIXES, Config
 
 logger = logging.getLogger("kvblend")
 
@@ -297,12 +297,11 @@ class KVBlendConnector(KVConnectorBase_V1):
         # environment (one process, several engines configured apart).
         settings = extra.get("kvblend.settings", {})
         if not isinstance(settings, dict) or not all(
-                isinstance(k, str) and k.startswith(("LMCACHE_", "KVBLEND_")) for k in settings):
+                isinstance(k, str) and k.startswith(ENV_PREFIXES) for k in settings):
             raise ValueError(f"kvblend.settings={settings!r}: expected a dict of LMCACHE_*/KVBLEND_* "
                              "variable names to values")
-        env = {k: v for k, v in os.environ.items() if k.startswith(("LMCACHE_", "KVBLEND_"))}
-        env.update({k: str(v) for k, v in settings.items()})
-        self.config = Config.from_items(env)  # bad LMCACHE_* values fail here
+        # bad LMCACHE_* values fail here
+        self.config = Config.from_env({**os.environ, **{k: str(v) for k, v in settings.items()}})
         ratios = extra.get("kvblend.recompute_ratios")
         self.timing = bool(extra.get("kvblend.timing", False))
         self.self_test_report: dict | None = None  # the start-up gate's figures (kvblend.gate)
@@ -856,11 +855,16 @@ RATIO_ARG = "kvblend_recompute_ratio"
 SAVE_ARG = "kvblend_save"
 
 
+def _extra_args(request) -> dict:
+    """The ``extra_args`` of a request's sampling params ({} when none)."""
+    return getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
+
+
 def _request_no_save(request) -> bool:
     """True when a request's ``extra_args`` hold ``{"kvblend_save": False}``:
     its chunks are reused but none of its own is stored (a one-off
     document, or an evaluation that must not leave its KV behind)."""
-    extra = getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
+    extra = _extra_args(request)
     value = extra.get(SAVE_ARG, True)
     if not isinstance(value, bool):
         logger.error("kvblend: request %s: extra_args %s=%r is not a bool; storing its chunks",
@@ -895,7 +899,7 @@ def _request_ratio(request) -> float | None:
     ``extra_args`` (``{"kvblend_recompute_ratio": r}``, r in [0, 1]; it
     applies at every check layer), else None.  A bad value is logged with
     the request id and ignored: one request must not stop the engine."""
-    extra = getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
+    extra = _extra_args(request)
     if RATIO_ARG not in extra:
         return None
     value = extra[RATIO_ARG]
