@@ -870,6 +870,71 @@ static int cfg_word_index(const char *value, const char *const *words, int n)
     return -1;
 }
 
+/* Returns 1 when `value` (trimmed) is empty or LMCache's "None". */
+static int cfg_is_none(const char *value)
+{
+    char buf[8];
+    if (cfg_trim_copy(value, strlen(value), buf, sizeof buf) != 0) {
+        return 0;
+    }
+    return buf[0] == '\0' || !strcmp(buf, "None") || !strcmp(buf, "none");
+}
+
+/* Parses LMCACHE_LOCAL_DISK: "file://" + path (LMCache's form:
+ * "file:///abs/" is /abs/, "file://rel/" the relative folder rel/) or a
+ * plain path; empty or None turns the disk tier off. */
+static kvb_status cfg_set_disk(kvb_config *c, const char *name,
+                               const char *value)
+{
+    if (cfg_is_none(value)) {
+        c->local_disk[0] = '\0';
+        return KVB_OK;
+    }
+    const char *path = value;
+    if (!strncmp(path, "file://", 7)) {
+        path += 7;
+    } else if (strstr(path, "://") != NULL) {
+        return cfg_fail(name, value, "expected a folder as file:///path/ or "
+                        "a plain path");
+    }
+    size_t len = strlen(path);
+    if (len == 0) {
+        return cfg_fail(name, value, "the folder is empty");
+    }
+    if (len >= KVB_MAX_PATH) {
+        return cfg_fail(name, value, "the path has %zu bytes; at most %d are "
+                        "allowed", len, KVB_MAX_PATH - 1);
+    }
+    memcpy(c->local_disk, path, len + 1);
+    return KVB_OK;
+}
+
+/* Parses LMCACHE_REMOTE_URL: redis:// or valkey:// (the server is parsed
+ * and reached when a connector opens the tier); empty or None turns the
+ * remote tier off.  LMCache's other backends are named in the refusal. */
+static kvb_status cfg_set_remote(kvb_config *c, const char *name,
+                                 const char *value)
+{
+    if (cfg_is_none(value)) {
+        c->remote_url[0] = '\0';
+        return KVB_OK;
+    }
+    size_t len = strlen(value);
+    if (strncmp(value, "redis://", 8) != 0 &&
+        strncmp(value, "valkey://", 9) != 0) {
+        return cfg_fail(name, value, "expected redis://host:port or "
+                        "valkey://host:port (kvblend does not implement "
+                        "LMCache's lm://, mooncakestore://, s3:// or other "
+                        "remote backends)");
+    }
+    if (len >= KVB_MAX_PATH) {
+        return cfg_fail(name, value, "the URL has %zu bytes; at most %d are "
+                        "allowed", len, KVB_MAX_PATH - 1);
+    }
+    memcpy(c->remote_url, value, len + 1);
+    return KVB_OK;
+}
+
 /* Every variable kvblend reads, in the order kvb_config_from_env applies
  * them. */
 static const char *const kvb_config_names[] = {
@@ -892,6 +957,12 @@ static const char *const kvb_config_names[] = {
     "KVBLEND_LOG_LEVEL",
     "KVBLEND_VERIFY_CHECKSUMS",
     "KVBLEND_MODEL_CACHE",
+    "LMCACHE_LOCAL_DISK",
+    "LMCACHE_MAX_LOCAL_DISK_SIZE",
+    "LMCACHE_REMOTE_URL",
+    "LMCACHE_REMOTE_SERDE",
+    "KVBLEND_REMOTE_TIMEOUT_MS",
+    "KVBLEND_REMOTE_PART_SIZE",
 };
 #define KVB_CONFIG_NUM_NAMES \
     ((int)(sizeof kvb_config_names / sizeof kvb_config_names[0]))
@@ -994,6 +1065,43 @@ static kvb_status cfg_apply(kvb_config *c, const char *name,
     if (!strcmp(name, "KVBLEND_MODEL_CACHE")) {
         return KVB_OK; /* the Python model loader's folder; nothing here */
     }
+    if (!strcmp(name, "LMCACHE_LOCAL_DISK")) {
+        return cfg_set_disk(c, name, value);
+    }
+    if (!strcmp(name, "LMCACHE_MAX_LOCAL_DISK_SIZE")) {
+        return cfg_set_size(name, value, &c->max_local_disk_size_gb);
+    }
+    if (!strcmp(name, "LMCACHE_REMOTE_URL")) {
+        return cfg_set_remote(c, name, value);
+    }
+    if (!strcmp(name, "LMCACHE_REMOTE_SERDE")) {
+        if (cfg_is_none(value) ||
+            cfg_word_index(value, (const char *const[]){"naive"}, 1) == 0) {
+            return KVB_OK;
+        }
+        return cfg_fail(name, value, "expected naive: kvblend keeps entries "
+                        "in its own checked format (cachegen is not "
+                        "supported)");
+    }
+    if (!strcmp(name, "KVBLEND_REMOTE_TIMEOUT_MS")) {
+        if (cfg_parse_int(value, strlen(value), &iv) != 0 || iv < 1 ||
+            iv > 600000) {
+            return cfg_fail(name, value, "expected an integer number of "
+                            "milliseconds from 1 to 600000");
+        }
+        c->remote_timeout_ms = (int)iv;
+        return KVB_OK;
+    }
+    if (!strcmp(name, "KVBLEND_REMOTE_PART_SIZE")) {
+        double mb = 0;
+        if (cfg_parse_double(value, strlen(value), &mb) != 0 ||
+            !(mb >= 0.0625 && mb <= 512)) {
+            return cfg_fail(name, value, "expected a number of MB from "
+                            "0.0625 to 512");
+        }
+        c->remote_part_size_mb = mb;
+        return KVB_OK;
+    }
     if (!strcmp(name, "KVBLEND_SELF_TEST")) {
         return cfg_set_bool(name, value, &c->self_test);
     }
@@ -1040,7 +1148,7 @@ static kvb_status cfg_apply(kvb_config *c, const char *name,
  * ones so a typo is easy to spot. */
 static kvb_status cfg_fail_unknown(const char *name, const char *value)
 {
-    char known[256] = "";
+    char known[512] = "";
     for (int i = 0; i < KVB_CONFIG_NUM_NAMES; i++) {
         if (cfg_has_prefix(kvb_config_names[i], "KVBLEND_")) {
             if (known[0] != '\0') {
@@ -1093,6 +1201,9 @@ kvb_status kvb_config_init(kvb_config *cfg)
     cfg->num_threads = 0;
     cfg->log_level = KVB_LOG_WARNING;
     cfg->verify_checksums = -1;
+    cfg->max_local_disk_size_gb = 0.0;
+    cfg->remote_timeout_ms = 1000;
+    cfg->remote_part_size_mb = 8.0;
     return KVB_OK;
 }
 
@@ -1221,6 +1332,31 @@ kvb_status kvb_config_validate(const kvb_config *cfg)
         return kvb_fail(KVB_ERR_INVALID, "KVBLEND_LOG_LEVEL: log_level=%d; "
                         "expected debug, info, warning or error",
                         (int)cfg->log_level);
+    }
+    if (memchr(cfg->local_disk, '\0', KVB_MAX_PATH) == NULL ||
+        memchr(cfg->remote_url, '\0', KVB_MAX_PATH) == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "LMCACHE_LOCAL_DISK or "
+                        "LMCACHE_REMOTE_URL is not NUL-terminated");
+    }
+    if (!(cfg->max_local_disk_size_gb >= 0) ||
+        !isfinite(cfg->max_local_disk_size_gb)) {
+        return kvb_fail(KVB_ERR_INVALID, "LMCACHE_MAX_LOCAL_DISK_SIZE: %g GB; "
+                        "expected a finite size >= 0",
+                        cfg->max_local_disk_size_gb);
+    }
+    if (cfg->local_disk[0] != '\0' && !(cfg->max_local_disk_size_gb > 0)) {
+        return kvb_fail(KVB_ERR_INVALID, "LMCACHE_LOCAL_DISK=%s is set but "
+                        "LMCACHE_MAX_LOCAL_DISK_SIZE is 0; give the disk "
+                        "tier a size in GB", cfg->local_disk);
+    }
+    if (cfg->remote_timeout_ms < 1 || cfg->remote_timeout_ms > 600000) {
+        return kvb_fail(KVB_ERR_INVALID, "KVBLEND_REMOTE_TIMEOUT_MS: %d; "
+                        "expected 1 to 600000", cfg->remote_timeout_ms);
+    }
+    if (!(cfg->remote_part_size_mb >= 0.0625 &&
+          cfg->remote_part_size_mb <= 512)) {
+        return kvb_fail(KVB_ERR_INVALID, "KVBLEND_REMOTE_PART_SIZE: %g MB; "
+                        "expected 0.0625 to 512", cfg->remote_part_size_mb);
     }
     if (memchr(cfg->blend_special_str, '\0', KVB_MAX_SPECIAL_STR) == NULL ||
         cfg->blend_special_str[0] == '\0') {

@@ -906,11 +906,12 @@ static kvb_status store_lock_pending(kvb_store *store, kvb_entry *entry,
 }
 
 /* Makes a PENDING entry READY (visible, most recently used) and drops the
- * reservation's pin; with checksums on, a host-tier entry's are computed
- * first.  KVB_ERR_INVALID for an entry that is not PENDING. */
-kvb_status kvb_store_commit(kvb_store *store, kvb_entry *entry)
+ * reservation's pin unless `keep_pin`; with checksums on, a host-tier
+ * entry's are computed first.  `fn` names the caller in messages. */
+static kvb_status store_commit(kvb_store *store, kvb_entry *entry,
+                               int keep_pin, const char *fn)
 {
-    kvb_status st = store_check_entry(store, entry, "kvb_store_commit");
+    kvb_status st = store_check_entry(store, entry, fn);
     if (st != KVB_OK) {
         return st;
     }
@@ -921,18 +922,34 @@ kvb_status kvb_store_commit(kvb_store *store, kvb_entry *entry)
     if (sums) {
         store_sum_rows(store, entry, entry->sums);
     }
-    st = store_lock_pending(store, entry, "kvb_store_commit");
+    st = store_lock_pending(store, entry, fn);
     if (st != KVB_OK) {
         return st;
     }
     entry->has_sums = sums;
     entry->state = ENTRY_READY;
     store_lru_push(store, entry);
-    store_unpin_locked(store, entry);
+    if (!keep_pin) {
+        store_unpin_locked(store, entry);
+    }
     store->stats.inserts++;
     store_record(store, entry, KVB_STORE_EVENT_ADDED);
     pthread_mutex_unlock(&store->mu);
     return KVB_OK;
+}
+
+/* Commits a PENDING entry and drops the reservation's pin.
+ * KVB_ERR_INVALID for an entry that is not PENDING. */
+kvb_status kvb_store_commit(kvb_store *store, kvb_entry *entry)
+{
+    return store_commit(store, entry, 0, "kvb_store_commit");
+}
+
+/* Commits a PENDING entry and keeps the reservation's pin for the caller,
+ * who releases it with kvb_store_unpin. */
+kvb_status kvb_store_commit_pinned(kvb_store *store, kvb_entry *entry)
+{
+    return store_commit(store, entry, 1, "kvb_store_commit_pinned");
 }
 
 /* Frees a PENDING entry; its tokens may be reserved again afterwards.

@@ -34,6 +34,7 @@ const char *kvb_status_str(kvb_status status)
     case KVB_ERR_CUDA: return "KVB_ERR_CUDA";
     case KVB_ERR_NOT_FOUND: return "KVB_ERR_NOT_FOUND";
     case KVB_ERR_INTERNAL: return "KVB_ERR_INTERNAL";
+    case KVB_ERR_IO: return "KVB_ERR_IO";
     }
     return "KVB_ERR_UNKNOWN";
 }

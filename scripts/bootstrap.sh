@@ -12,6 +12,9 @@ command -v cc >/dev/null || need_apt+=(build-essential)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 [ -f /usr/include/xxhash.h ] || need_apt+=(libxxhash-dev)
 pkg-config --exists check 2>/dev/null || need_apt+=(check)
+# the remote tier (LMCACHE_REMOTE_URL) and the server its tests start on loopback
+pkg-config --exists hiredis 2>/dev/null || need_apt+=(libhiredis-dev)
+command -v redis-server >/dev/null || need_apt+=(redis-server)
 if [ ${#need_apt[@]} -gt 0 ] && [ "${KVB_SKIP_APT:-0}" != 1 ]; then
   echo "== apt-get install ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

@@ -50,7 +50,8 @@ typedef enum kvb_status {
     KVB_ERR_UNSUPPORTED = 3, /* dtype, layout or feature not supported */
     KVB_ERR_CUDA = 4,        /* a CUDA runtime call failed */
     KVB_ERR_NOT_FOUND = 5,   /* a looked-up object does not exist */
-    KVB_ERR_INTERNAL = 6     /* an internal invariant failed (a bug) */
+    KVB_ERR_INTERNAL = 6,    /* an internal invariant failed (a bug) */
+    KVB_ERR_IO = 7           /* a file or the remote store failed */
 } kvb_status;
 
 /* Returns a static name for a status ("KVB_OK", "KVB_ERR_INVALID", ...);
@@ -117,6 +118,7 @@ KVB_API const char *kvb_dtype_str(kvb_dtype dtype);
 
 #define KVB_MAX_CHECK_LAYERS 16
 #define KVB_MAX_SPECIAL_STR 256
+#define KVB_MAX_PATH 1024 /* LMCACHE_LOCAL_DISK and LMCACHE_REMOTE_URL, with NUL */
 #define KVB_MAX_CPU_THREADS 256 /* KVBLEND_NUM_THREADS at most */
 
 /* Which tensor the per-token deviation compares at a check layer. */
@@ -154,6 +156,21 @@ typedef enum kvb_selection_kind {
  *   LMCACHE_LOCAL_CPU              bool   local_cpu (True)
  *   LMCACHE_MAX_LOCAL_CPU_SIZE     float  GB of host memory, >= 0 (5.0)
  *   LMCACHE_EXTRA_CONFIG           JSON object; "enable_sparse": bool
+ *   LMCACHE_LOCAL_DISK             str    folder of the disk tier,
+ *                                         "file:///abs/path/", "file://rel/"
+ *                                         or a plain path; "" or None: no
+ *                                         disk tier (None)
+ *   LMCACHE_MAX_LOCAL_DISK_SIZE    float  GB of blob files on disk, > 0 when
+ *                                         LMCACHE_LOCAL_DISK is set (0.0)
+ *   LMCACHE_REMOTE_URL             str    redis://[[user]:password@]host[:port]
+ *                                         [/db] or valkey://...; "" or None:
+ *                                         no remote tier (None)
+ *   LMCACHE_REMOTE_SERDE           "naive" (entries are kvblend's checked
+ *                                         format; "cachegen" is refused)
+ *   KVBLEND_REMOTE_TIMEOUT_MS      int    connect and command timeout of the
+ *                                         remote tier, 1..600000 (1000)
+ *   KVBLEND_REMOTE_PART_SIZE       float  MB per Redis value of an entry
+ *                                         written in parts, 0.0625..512 (8)
  *   KVBLEND_MAX_DEVICE_SIZE        float  GB of device memory for the GPU
  *                                         tier, >= 0 (0 = no GPU tier)
  *   KVBLEND_DEVIATION              "k", "v" or "kv" ("kv")
@@ -206,6 +223,11 @@ typedef struct kvb_config {
     int num_threads;
     kvb_log_level log_level;
     int verify_checksums; /* 1, 0, or -1 for "auto" */
+    char local_disk[KVB_MAX_PATH]; /* folder of the disk tier; "" = none */
+    double max_local_disk_size_gb;
+    char remote_url[KVB_MAX_PATH]; /* "" = no remote tier */
+    int remote_timeout_ms;
+    double remote_part_size_mb;
 } kvb_config;
 
 /* Fills `cfg` with the defaults listed above.  Never fails for non-NULL cfg. */
@@ -235,6 +257,74 @@ KVB_API kvb_status kvb_config_from_env(kvb_config *cfg);
 /* Returns the recompute ratio that applies at check layer index `i`
  * (0 <= i < num_check_layers): ratios[i], or ratios[0] when one is given. */
 KVB_API float kvb_config_ratio_at(const kvb_config *cfg, int i);
+
+/* ------------------------------------------------------------------------ */
+/* Lower tiers: local disk and a shared Redis/Valkey server                   */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * Below the memory tiers a connector keeps its chunks on a local disk
+ * (LMCACHE_LOCAL_DISK) and in a Redis/Valkey server shared by many
+ * instances (LMCACHE_REMOTE_URL).  Lookups go memory, then disk, then
+ * remote; a disk or remote hit is loaded into memory.  Committed chunks are
+ * written to both by a background thread, off the request path.  Entries
+ * are keyed by a tier key (the model fingerprint and tensor-parallel shard,
+ * kvb_tier_key) and the segment hash, and carry their token ids and a
+ * checksum that are compared on every load: a corrupt, torn or foreign
+ * entry is dropped and recomputed, and a server that is down costs only the
+ * reuse.
+ */
+typedef struct kvb_tiers kvb_tiers;
+
+/* Counters of one lower tier. */
+typedef struct kvb_tier_stats {
+    int32_t enabled;        /* the tier is configured and open */
+    int64_t lookups;        /* fetches tried (a load, not a contains) */
+    int64_t hits;           /* entries loaded (checked) */
+    int64_t misses;         /* fetches that found nothing loadable */
+    int64_t errors;         /* failed calls: server down or slow, I/O */
+    int64_t corrupt;        /* entries rejected and deleted (checksum,
+                               length, tokens, model) */
+    int64_t writes;         /* entries written */
+    int64_t write_errors;   /* writes that failed */
+    int64_t writes_dropped; /* writes dropped: queue full or shutting down */
+    uint64_t bytes_read;
+    uint64_t bytes_written;
+    int64_t entries;        /* disk: entries on disk now */
+    uint64_t bytes;         /* disk: their bytes */
+} kvb_tier_stats;
+
+/* The key that names a model's entries in the lower tiers: XXH3-64 of the
+ * model fingerprint (kvb_connector_fingerprint) and the shard (`rank` of
+ * `world` tensor-parallel ranks, each of which stores its own KV heads). */
+KVB_API uint64_t kvb_tier_key(uint64_t fingerprint, int32_t rank,
+                              int32_t world);
+
+/*
+ * Opens the lower tiers `cfg` names (the disk folder is created and its
+ * index rebuilt; a remote server that is down now is retried later).
+ * `*out` is NULL with KVB_OK when neither tier is configured.  A bad folder
+ * or URL is KVB_ERR_INVALID and a build without hiredis given a URL is
+ * KVB_ERR_UNSUPPORTED, each with a message naming the variable.
+ * Ownership: the caller frees it with kvb_tiers_free.
+ */
+KVB_API kvb_status kvb_tiers_open(const kvb_config *cfg, kvb_tiers **out);
+
+/* Writes what is queued, then closes the tiers.  NULL is a no-op. */
+KVB_API void kvb_tiers_free(kvb_tiers *tiers);
+
+/* Sets *found to 1 when the disk tier or the remote server holds the entry
+ * (key, hash) (a scheduler's lookup; no data is read).  A server that
+ * cannot answer counts as "not held" and in stats.errors. */
+KVB_API kvb_status kvb_tiers_contains(kvb_tiers *tiers, uint64_t key,
+                                      uint64_t hash, int *found);
+
+/* Waits until every queued write is done. */
+KVB_API kvb_status kvb_tiers_flush(kvb_tiers *tiers);
+
+/* Copies the disk and remote counters (either pointer may be NULL). */
+KVB_API kvb_status kvb_tiers_get_stats(kvb_tiers *tiers, kvb_tier_stats *disk,
+                                       kvb_tier_stats *remote);
 
 /* ------------------------------------------------------------------------ */
 /* Segmentation and hashing                                                   */
@@ -386,6 +476,11 @@ KVB_API kvb_status kvb_store_reserve(kvb_store *store, uint64_t ns,
 
 /* Makes a reserved entry visible to lookups and unpins it. */
 KVB_API kvb_status kvb_store_commit(kvb_store *store, kvb_entry *entry);
+
+/* As kvb_store_commit, but the reservation's pin is kept: the entry stays
+ * valid (and unevictable) until the caller's kvb_store_unpin. */
+KVB_API kvb_status kvb_store_commit_pinned(kvb_store *store,
+                                           kvb_entry *entry);
 
 /* Drops a reserved entry that will not be completed. */
 KVB_API kvb_status kvb_store_abort(kvb_store *store, kvb_entry *entry);
@@ -731,6 +826,20 @@ KVB_API uint64_t kvb_connector_fingerprint(const kvb_connector *conn);
 
 /* Returns the connector's store (owned by the connector). */
 KVB_API kvb_store *kvb_connector_store(kvb_connector *conn);
+
+/* Returns the connector's lower tiers (owned by the connector), NULL when
+ * the config names none. */
+KVB_API kvb_tiers *kvb_connector_tiers(kvb_connector *conn);
+
+/* Declares the tensor-parallel shard whose KV heads this connector stores
+ * (default rank 0 of 1), which sets its tier key
+ * (kvb_tier_key(fingerprint, rank, world)).  Call it before the first
+ * request.  KVB_ERR_INVALID unless 0 <= rank < world. */
+KVB_API kvb_status kvb_connector_set_shard(kvb_connector *conn, int32_t rank,
+                                           int32_t world);
+
+/* The connector's tier key. */
+KVB_API uint64_t kvb_connector_tier_key(const kvb_connector *conn);
 
 /* Sets the separator's token ids (the special string tokenized alone,
  * without BOS).  An empty separator disables splitting (explicit spans

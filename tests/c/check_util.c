@@ -22,6 +22,7 @@ START_TEST(test_status_str_names_each)
     ck_assert_str_eq(kvb_status_str(KVB_ERR_CUDA), "KVB_ERR_CUDA");
     ck_assert_str_eq(kvb_status_str(KVB_ERR_NOT_FOUND), "KVB_ERR_NOT_FOUND");
     ck_assert_str_eq(kvb_status_str(KVB_ERR_INTERNAL), "KVB_ERR_INTERNAL");
+    ck_assert_str_eq(kvb_status_str(KVB_ERR_IO), "KVB_ERR_IO");
     ck_assert_str_eq(kvb_status_str((kvb_status)999), "KVB_ERR_UNKNOWN");
 }
 END_TEST
