@@ -18,6 +18,8 @@
 #include "cuda_tier.h"
 #include "internal.h"
 #include "kvb_plan.h"
+#include "store.h"
+#include "tiers.h"
 
 struct kvb_connector {
     kvb_config cfg;
@@ -35,6 +37,8 @@ struct kvb_connector {
     int64_t sep_len;
     kvb_pool *dev_pool;  /* device tier rows (device connectors) */
     kvb_pool *host_pool; /* pinned host tier rows (device connectors) */
+    kvb_tiers *tiers;    /* disk and remote tiers; NULL when none */
+    uint64_t tier_key;   /* names this model and shard in the tiers */
 };
 
 struct kvb_request {
@@ -260,6 +264,12 @@ kvb_status kvb_connector_create(const kvb_config *cfg,
             return st;
         }
     }
+    c->tier_key = kvb_tier_key(c->fingerprint, 0, 1);
+    st = kvb_tiers_open(cfg, &c->tiers);
+    if (st != KVB_OK) {
+        kvb_connector_free(c);
+        return st;
+    }
     /* KVBLEND_LOG_LEVEL; the host program's sink, if any, stays */
     kvb_set_log_level(cfg->log_level);
     /* KVBLEND_NUM_THREADS (validated above) caps the CPU ops' threads;
@@ -275,6 +285,9 @@ void kvb_connector_free(kvb_connector *conn)
     if (conn == NULL) {
         return;
     }
+    /* The write-behind thread holds pins on store entries: it finishes
+     * first. */
+    kvb_tiers_free(conn->tiers);
     kvb_store_free(conn->store); /* returns every block to the pools */
     kvb_pool_free(conn->dev_pool);
     kvb_pool_free(conn->host_pool);
@@ -294,6 +307,100 @@ uint64_t kvb_connector_fingerprint(const kvb_connector *conn)
 kvb_store *kvb_connector_store(kvb_connector *conn)
 {
     return conn == NULL ? NULL : conn->store;
+}
+
+/* Returns the connector's lower tiers (NULL when none). */
+kvb_tiers *kvb_connector_tiers(kvb_connector *conn)
+{
+    return conn == NULL ? NULL : conn->tiers;
+}
+
+/* Sets the shard that names this connector's entries in the tiers. */
+kvb_status kvb_connector_set_shard(kvb_connector *conn, int32_t rank,
+                                   int32_t world)
+{
+    if (conn == NULL || world < 1 || rank < 0 || rank >= world) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_connector_set_shard: rank=%d, world=%d; "
+                        "expected 0 <= rank < world",
+                        (int)rank, (int)world);
+    }
+    conn->tier_key = kvb_tier_key(conn->fingerprint, rank, world);
+    return KVB_OK;
+}
+
+/* The tier key; see kvblend.h. */
+uint64_t kvb_connector_tier_key(const kvb_connector *conn)
+{
+    return conn == NULL ? 0 : conn->tier_key;
+}
+
+/* The shape of the connector's entries, as the lower tiers check it. */
+static kvb_blob_shape connector_shape(const kvb_connector *c)
+{
+    kvb_blob_shape s = {c->model.num_layers, c->model.num_kv_heads,
+                        c->model.head_size, c->model.dtype};
+    return s;
+}
+
+/* Copies an entry's rows between its tier and host memory for the lower
+ * tiers (a store mover's signature): through CUDA for a device connector
+ * (device-tier rows), with memcpy otherwise.  Returns 0 on success. */
+static int connector_copy_rows(void *dst, const void *src, size_t bytes,
+                               kvb_tier dst_tier, kvb_tier src_tier,
+                               void *ctx)
+{
+    kvb_connector *c = ctx;
+    if (c->device >= 0 &&
+        (dst_tier == KVB_TIER_DEVICE || src_tier == KVB_TIER_DEVICE)) {
+        return kvb_pool_move(dst, src, bytes, dst_tier, src_tier,
+                             c->dev_pool);
+    }
+    memcpy(dst, src, bytes);
+    return 0;
+}
+
+/*
+ * Loads segment tokens[0..n) of namespace `ns` from the lower tiers into a
+ * new store entry and returns it pinned in *entry (NULL when no tier has a
+ * loadable copy or the store has no room: the segment is then recomputed).
+ * Errors of the tiers are counted and logged there, never returned.
+ */
+static kvb_status connector_fetch(kvb_connector *c, uint64_t ns,
+                                  const int32_t *tokens, int64_t n,
+                                  kvb_entry **entry)
+{
+    *entry = NULL;
+    uint64_t hash = kvb_hash_tokens_ns(tokens, n, ns);
+    kvb_blob_shape shape = connector_shape(c);
+    void *blob = NULL;
+    size_t len = 0;
+    int remote = 0;
+    kvb_status st = kvb_tiers_fetch(c->tiers, c->tier_key, hash, &shape,
+                                    tokens, n, &blob, &len, &remote);
+    if (st != KVB_OK || blob == NULL) {
+        return st;
+    }
+    const unsigned char *b = blob;
+    kvb_entry *e = NULL;
+    st = kvb_store_reserve(c->store, ns, tokens, n,
+                           (const int64_t *)(b + kvb_blob_positions_offset(n)),
+                           &e);
+    if (st == KVB_OK && e != NULL) {
+        size_t rows = len - kvb_blob_rows_offset(n);
+        if (connector_copy_rows(kvb_entry_k(e, 0),
+                                b + kvb_blob_rows_offset(n), rows,
+                                kvb_entry_tier(e), KVB_TIER_HOST, c) != 0) {
+            kvb_store_abort(c->store, e);
+            e = NULL;
+        } else if ((st = kvb_store_commit_pinned(c->store, e)) != KVB_OK) {
+            kvb_store_abort(c->store, e);
+            e = NULL;
+        }
+    }
+    kvb_tiers_recycle(c->tiers, blob, len, c->tier_key, hash, remote);
+    *entry = e;
+    return st;
 }
 
 /* Replaces the separator with a copy of `sep`. */
@@ -425,6 +532,14 @@ kvb_status kvb_connector_lookup(kvb_connector *conn, uint64_t ns,
         st = kvb_store_contains(conn->store, ns,
                                 tokens + all[i].start,
                                 all[i].end - all[i].start, &found);
+        if (st == KVB_OK && !found && conn->tiers != NULL &&
+            conn->cfg.enable_blending) {
+            st = kvb_tiers_contains(
+                conn->tiers, conn->tier_key,
+                kvb_hash_tokens_ns(tokens + all[i].start,
+                                   all[i].end - all[i].start, ns),
+                &found);
+        }
         if (st != KVB_OK) {
             free(all);
             return st;
@@ -461,6 +576,22 @@ static kvb_status request_sync_saves(kvb_request *req)
     return kvb_cuda_sync(c->device, req->save_stream);
 }
 
+/* Commits a fully saved reserved entry; with lower tiers it is also queued
+ * for writing there (the writer takes the pin commit_pinned keeps). */
+static kvb_status connector_commit(kvb_connector *c, kvb_entry *e)
+{
+    if (c->tiers == NULL) {
+        return kvb_store_commit(c->store, e);
+    }
+    kvb_status st = kvb_store_commit_pinned(c->store, e);
+    if (st == KVB_OK) {
+        kvb_blob_shape shape = connector_shape(c);
+        kvb_tiers_put_entry(c->tiers, c->store, e, c->tier_key, &shape,
+                            connector_copy_rows, c);
+    }
+    return st;
+}
+
 /* Releases everything a request holds; reserved entries are committed when
  * `commit` is set and they were saved at every layer, else aborted. */
 static void request_release(kvb_request *req, int commit)
@@ -475,7 +606,7 @@ static void request_release(kvb_request *req, int commit)
         }
         if (req->saves != NULL && req->saves[i] != NULL) {
             if (commit && req->saved_layers[i] == c->model.num_layers) {
-                kvb_store_commit(c->store, req->saves[i]);
+                connector_commit(c, req->saves[i]);
             } else {
                 kvb_store_abort(c->store, req->saves[i]);
             }
@@ -558,6 +689,12 @@ kvb_status kvb_request_begin(kvb_connector *conn, uint64_t ns,
             if (st == KVB_OK && !intact) {
                 req->hits[i] = NULL;
             }
+        }
+        if (st == KVB_OK && req->hits[i] == NULL && conn->tiers != NULL) {
+            /* memory -> disk -> remote: a lower-tier hit is loaded into
+             * memory (pinned like a memory hit) */
+            st = connector_fetch(conn, ns, tokens + s->start,
+                                 s->end - s->start, &req->hits[i]);
         }
         if (st != KVB_OK) {
             request_release(req, 0);
@@ -1028,7 +1165,7 @@ kvb_status kvb_request_commit(kvb_request *req, int64_t *n_committed)
                 return sst;
             }
         }
-        kvb_status st = kvb_store_commit(req->conn->store, req->saves[i]);
+        kvb_status st = connector_commit(req->conn, req->saves[i]);
         req->saves[i] = NULL; /* committed, or (never) not pending: done */
         if (st != KVB_OK) {
             return st;

@@ -666,7 +666,7 @@ static PyObject *config_to_dict(const kvb_config *c)
     unsigned l = (unsigned)c->log_level;
     return Py_BuildValue(
         "{s:O,s:s,s:O,s:N,s:N,s:N,s:L,s:O,s:d,s:O,s:d,s:s,s:s,s:i,s:O,s:i,s:s,"
-        "s:s}",
+        "s:s,s:z,s:d,s:z,s:i,s:d}",
         "enable_blending", c->enable_blending ? Py_True : Py_False,
         "blend_special_str", c->blend_special_str,
         "use_layerwise", c->use_layerwise ? Py_True : Py_False,
@@ -685,7 +685,12 @@ static PyObject *config_to_dict(const kvb_config *c)
         "num_threads", c->num_threads,
         "log_level", l < 4 ? lvl[l] : "unknown",
         "verify_checksums", c->verify_checksums < 0 ? "auto"
-                            : c->verify_checksums ? "true" : "false");
+                            : c->verify_checksums ? "true" : "false",
+        "local_disk", c->local_disk[0] ? c->local_disk : NULL,
+        "max_local_disk_size_gb", c->max_local_disk_size_gb,
+        "remote_url", c->remote_url[0] ? c->remote_url : NULL,
+        "remote_timeout_ms", c->remote_timeout_ms,
+        "remote_part_size_mb", c->remote_part_size_mb);
 }
 
 /*
@@ -795,6 +800,93 @@ static PyObject *mod_config_from_env(PyObject *m, PyObject *unused)
         return set_error_from_status(get_state(m), s);
     }
     return config_to_dict(&cfg);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Lower tiers without a model (the vLLM scheduler's lookup)                 */
+/* ------------------------------------------------------------------------ */
+
+#define TIERS_CAPSULE "kvblend.tiers"
+
+static PyObject *tiers_stats_dict(module_state *st, kvb_tiers *tiers);
+
+/* Frees the tiers of a capsule made by tiers_open. */
+static void tiers_capsule_free(PyObject *cap)
+{
+    kvb_tiers *t = PyCapsule_GetPointer(cap, TIERS_CAPSULE);
+    Py_BEGIN_ALLOW_THREADS
+    kvb_tiers_free(t);
+    Py_END_ALLOW_THREADS
+}
+
+/* tiers_open(config_items) -> capsule or None: the lower tiers the config
+ * names, for lookups only. */
+static PyObject *mod_tiers_open(PyObject *m, PyObject *items)
+{
+    kvb_config cfg;
+    if (config_from_items(get_state(m), items, &cfg) < 0) {
+        return NULL;
+    }
+    kvb_tiers *t = NULL;
+    kvb_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = kvb_tiers_open(&cfg, &t);
+    Py_END_ALLOW_THREADS
+    if (s != KVB_OK) {
+        return set_error_from_status(get_state(m), s);
+    }
+    if (t == NULL) {
+        Py_RETURN_NONE;
+    }
+    PyObject *cap = PyCapsule_New(t, TIERS_CAPSULE, tiers_capsule_free);
+    if (cap == NULL) {
+        kvb_tiers_free(t);
+    }
+    return cap;
+}
+
+/* tiers_contains(capsule, key, hash) -> bool. */
+static PyObject *mod_tiers_contains(PyObject *m, PyObject *args)
+{
+    PyObject *cap;
+    unsigned long long key, hash;
+    if (!PyArg_ParseTuple(args, "OKK:tiers_contains", &cap, &key, &hash)) {
+        return NULL;
+    }
+    kvb_tiers *t = PyCapsule_GetPointer(cap, TIERS_CAPSULE);
+    if (t == NULL) {
+        return NULL;
+    }
+    int found = 0;
+    kvb_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = kvb_tiers_contains(t, key, hash, &found);
+    Py_END_ALLOW_THREADS
+    if (s != KVB_OK) {
+        return set_error_from_status(get_state(m), s);
+    }
+    return PyBool_FromLong(found);
+}
+
+/* tiers_stats(capsule) -> {"disk": {...}, "remote": {...}}. */
+static PyObject *mod_tiers_stats(PyObject *m, PyObject *cap)
+{
+    kvb_tiers *t = PyCapsule_GetPointer(cap, TIERS_CAPSULE);
+    if (t == NULL) {
+        return NULL;
+    }
+    return tiers_stats_dict(get_state(m), t);
+}
+
+/* tier_key(fingerprint, rank, world) -> int. */
+static PyObject *mod_tier_key(PyObject *m, PyObject *args)
+{
+    unsigned long long fp;
+    int rank, world;
+    if (!PyArg_ParseTuple(args, "Kii:tier_key", &fp, &rank, &world)) {
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(kvb_tier_key(fp, rank, world));
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1434,6 +1526,75 @@ static PyObject *connector_store_stats(ConnectorObject *self,
         "corrupt", (long long)ss.corrupt);
 }
 
+/* One tier's counters as a dict. */
+static PyObject *tier_stats_dict(const kvb_tier_stats *t)
+{
+    return Py_BuildValue(
+        "{s:O,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:K,s:K,s:L,s:K}",
+        "enabled", t->enabled ? Py_True : Py_False,
+        "lookups", (long long)t->lookups, "hits", (long long)t->hits,
+        "misses", (long long)t->misses, "errors", (long long)t->errors,
+        "corrupt", (long long)t->corrupt, "writes", (long long)t->writes,
+        "write_errors", (long long)t->write_errors,
+        "writes_dropped", (long long)t->writes_dropped,
+        "bytes_read", (unsigned long long)t->bytes_read,
+        "bytes_written", (unsigned long long)t->bytes_written,
+        "entries", (long long)t->entries,
+        "bytes", (unsigned long long)t->bytes);
+}
+
+/* {"disk": {...}, "remote": {...}} of `tiers`, or None without tiers. */
+static PyObject *tiers_stats_dict(module_state *st, kvb_tiers *tiers)
+{
+    if (tiers == NULL) {
+        Py_RETURN_NONE;
+    }
+    kvb_tier_stats d, r;
+    kvb_status s;
+    Py_BEGIN_ALLOW_THREADS
+    s = kvb_tiers_get_stats(tiers, &d, &r);
+    Py_END_ALLOW_THREADS
+    if (s != KVB_OK) {
+        return set_error_from_status(st, s);
+    }
+    return Py_BuildValue("{s:N,s:N}", "disk", tier_stats_dict(&d), "remote",
+                         tier_stats_dict(&r));
+}
+
+/* tier_stats() -> dict per lower tier, or None when none is configured. */
+static PyObject *connector_tier_stats(ConnectorObject *self, PyObject *unused)
+{
+    return tiers_stats_dict(state_of((PyObject *)self),
+                            kvb_connector_tiers(self->conn));
+}
+
+/* flush_tiers(): waits until queued disk/remote writes are done. */
+static PyObject *connector_flush_tiers(ConnectorObject *self,
+                                       PyObject *unused)
+{
+    kvb_tiers *t = kvb_connector_tiers(self->conn);
+    if (t != NULL) {
+        Py_BEGIN_ALLOW_THREADS
+        kvb_tiers_flush(t);
+        Py_END_ALLOW_THREADS
+    }
+    Py_RETURN_NONE;
+}
+
+/* set_shard(rank, world): the tensor-parallel shard of the tier key. */
+static PyObject *connector_set_shard(ConnectorObject *self, PyObject *args)
+{
+    int rank, world;
+    if (!PyArg_ParseTuple(args, "ii:set_shard", &rank, &world)) {
+        return NULL;
+    }
+    kvb_status s = kvb_connector_set_shard(self->conn, rank, world);
+    if (s != KVB_OK) {
+        return set_error_from_status(state_of((PyObject *)self), s);
+    }
+    Py_RETURN_NONE;
+}
+
 /* store_clear(): removes every unpinned entry. */
 static PyObject *connector_store_clear(ConnectorObject *self,
                                        PyObject *unused)
@@ -1512,6 +1673,12 @@ static PyObject *connector_get_device(ConnectorObject *self, void *closure)
     return PyLong_FromLong(self->device);
 }
 
+/* Getter of Connector.tier_key. */
+static PyObject *connector_get_tier_key(ConnectorObject *self, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(kvb_connector_tier_key(self->conn));
+}
+
 /* Getter of Connector.fingerprint. */
 static PyObject *connector_get_fingerprint(ConnectorObject *self,
                                            void *closure)
@@ -1535,6 +1702,14 @@ static PyMethodDef connector_methods[] = {
      "store_stats()\n--\n\nReturns the store's counters as a dict."},
     {"store_clear", (PyCFunction)connector_store_clear, METH_NOARGS,
      "store_clear()\n--\n\nRemoves every unpinned entry."},
+    {"tier_stats", (PyCFunction)connector_tier_stats, METH_NOARGS,
+     "tier_stats()\n--\n\n"
+     "The disk and remote tiers' counters, or None without lower tiers."},
+    {"flush_tiers", (PyCFunction)connector_flush_tiers, METH_NOARGS,
+     "flush_tiers()\n--\n\nWaits until queued disk/remote writes are done."},
+    {"set_shard", (PyCFunction)connector_set_shard, METH_VARARGS,
+     "set_shard(rank, world)\n--\n\n"
+     "Declares the tensor-parallel shard this connector stores."},
     {"watch_store", (PyCFunction)connector_watch_store, METH_O,
      "watch_store(enabled)\n--\n\nStarts or stops the store's event log."},
     {"take_store_events", (PyCFunction)connector_take_store_events,
@@ -1548,6 +1723,8 @@ static PyGetSetDef connector_getset[] = {
      "-1 for the CPU path, else the CUDA device ordinal", NULL},
     {"fingerprint", (getter)connector_get_fingerprint, NULL,
      "the model's fingerprint (architecture, shape, dtype, RoPE)", NULL},
+    {"tier_key", (getter)connector_get_tier_key, NULL,
+     "the key of this model and shard in the disk and remote tiers", NULL},
     {NULL, NULL, NULL, NULL, NULL}};
 
 static PyType_Slot connector_slots[] = {
@@ -1857,6 +2034,17 @@ static PyType_Spec request_spec = {
 /* ------------------------------------------------------------------------ */
 
 static PyMethodDef module_methods[] = {
+    {"tiers_open", mod_tiers_open, METH_O,
+     "tiers_open(config_items)\n--\n\n"
+     "Opens the disk/remote tiers the config names (None when none)."},
+    {"tiers_contains", mod_tiers_contains, METH_VARARGS,
+     "tiers_contains(tiers, key, hash)\n--\n\n"
+     "Whether the disk or remote tier holds the entry."},
+    {"tiers_stats", mod_tiers_stats, METH_O,
+     "tiers_stats(tiers)\n--\n\nThe tiers' counters."},
+    {"tier_key", mod_tier_key, METH_VARARGS,
+     "tier_key(fingerprint, rank, world)\n--\n\n"
+     "The key of a model shard in the disk and remote tiers."},
     {"version", mod_version, METH_NOARGS,
      "version()\n--\n\nThe C library's version string."},
     {"has_cuda", mod_has_cuda, METH_NOARGS,

@@ -46,6 +46,11 @@ class Config:
     num_threads: int
     log_level: str
     verify_checksums: str
+    local_disk: str | None = None
+    max_local_disk_size_gb: float = 0.0
+    remote_url: str | None = None
+    remote_timeout_ms: int = 1000
+    remote_part_size_mb: float = 8.0
     items: tuple[tuple[str, str], ...] = ()
 
     @classmethod

@@ -6,6 +6,7 @@ drives a KV connector through the same hooks, in the same order, with the same
 separation between a scheduler-role and a worker-role instance as vLLM:
 
     init:     worker.register_kv_caches({layer_name: kv_cache})
+              sched.set_xfer_handshake_metadata({0: worker.get_handshake_metadata()})
     request:  sched.get_num_new_matched_tokens(req, 0)        (asked twice)
               allocate blocks; sched.update_state_after_alloc(req, blocks, n_ext)
     each step (prefill, every decode token, and the step after the finish):
@@ -275,6 +276,10 @@ class LLM:
             self.worker_connector.register_kv_caches(dict(self.kv_caches))
             self.scheduler_connector = cls(self.vllm_config, vc.KVConnectorRole.SCHEDULER,
                                            self.kv_cache_config)
+            # vLLM's start-up handshake: workers' metadata to the scheduler
+            hs = getattr(self.worker_connector, "get_handshake_metadata", lambda: None)()
+            if hs is not None and hasattr(self.scheduler_connector, "set_xfer_handshake_metadata"):
+                self.scheduler_connector.set_xfer_handshake_metadata({0: hs})
 
     # ------------------------------------------------------------ public API
     def get_tokenizer(self):

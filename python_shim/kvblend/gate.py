@@ -144,8 +144,11 @@ def self_test(adapter, new_connector, model_name: str, kv_dtype: torch.dtype,
         raise SelfTestError(f"kvblend self-test: {model_name}: the model's own prefill has "
                             f"{len(own_a)} layers of KV, the adapter {n_layers}")
 
+    # the scratch store never touches the disk or remote tiers: its
+    # synthetic chunks must not reach a store other engines read
     conn = new_connector({"LMCACHE_MAX_LOCAL_CPU_SIZE": "0.02", "KVBLEND_MAX_DEVICE_SIZE": "0",
-                          "KVBLEND_VERIFY_CHECKSUMS": "true"})
+                          "KVBLEND_VERIFY_CHECKSUMS": "true", "LMCACHE_LOCAL_DISK": "",
+                          "LMCACHE_REMOTE_URL": ""})
     n = int(b_ids.numel())
     blocks = (max(n, a_ids.numel()) + BLOCK - 1) // BLOCK
     shape = (2, blocks, BLOCK, adapter.num_kv_heads, adapter.head_size)

@@ -10,6 +10,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -216,30 +217,18 @@ START_TEST(test_reordered_prompt_reuses_every_chunk)
 }
 END_TEST
 
-START_TEST(test_load_layer_rerotates_to_new_positions)
+/* Checks every layer a request for P2 loads against P1's saved rows:
+ * V as saved, K re-rotated from its P1 position to its P2 position, rows
+ * without stored KV (`want_forced`) untouched. */
+static void check_p2_rows(kvb_request *req, const uint8_t want_forced[11])
 {
-    kvb_connector *c = make_conn(1);
-    store_p1(c);
-    kvb_request *req = NULL;
-    ck_assert_int_eq(kvb_request_begin(c, 0, P2, N2, NULL, 0, -1, 1, &req), KVB_OK);
-    int64_t be = kvb_request_blend_end(req);
-    ck_assert_int_eq(be, 11);
-    const uint8_t *forced = kvb_request_forced(req);
-    /* separators (2,3 and 6,7) are forced, chunk rows are not */
-    const uint8_t want[11] = {0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 0};
-    ck_assert_mem_eq(forced, want, 11);
-    int64_t nseg, nhit, nforced;
-    ck_assert_int_eq(kvb_request_counts(req, &nseg, &nhit, &nforced), KVB_OK);
-    ck_assert_int_eq(nseg, 4);
-    ck_assert_int_eq(nhit, 3);
-    ck_assert_int_eq(nforced, 4);
     float k[11][ROW], v[11][ROW];
     for (int layer = 0; layer < L; layer++) {
         memset(k, 0x7f, sizeof k);
         ck_assert_int_eq(kvb_request_load_layer(req, layer, k, v, NULL), KVB_OK);
         /* P2 row 8 is token 10, stored at P1 position 4: rotate 4 -> 8 */
         for (int row = 0; row < 11; row++) {
-            if (want[row]) {
+            if (want_forced[row]) {
                 continue;
             }
             int tok = P2[row];
@@ -265,6 +254,26 @@ START_TEST(test_load_layer_rerotates_to_new_positions)
             }
         }
     }
+}
+
+/* Separators (2,3 and 6,7) are forced in P2's blend, chunk rows are not. */
+static const uint8_t P2_FORCED[11] = {0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 0};
+
+START_TEST(test_load_layer_rerotates_to_new_positions)
+{
+    kvb_connector *c = make_conn(1);
+    store_p1(c);
+    kvb_request *req = NULL;
+    ck_assert_int_eq(kvb_request_begin(c, 0, P2, N2, NULL, 0, -1, 1, &req), KVB_OK);
+    int64_t be = kvb_request_blend_end(req);
+    ck_assert_int_eq(be, 11);
+    ck_assert_mem_eq(kvb_request_forced(req), P2_FORCED, 11);
+    int64_t nseg, nhit, nforced;
+    ck_assert_int_eq(kvb_request_counts(req, &nseg, &nhit, &nforced), KVB_OK);
+    ck_assert_int_eq(nseg, 4);
+    ck_assert_int_eq(nhit, 3);
+    ck_assert_int_eq(nforced, 4);
+    check_p2_rows(req, P2_FORCED);
     kvb_request_finish(req, 1);
     kvb_connector_free(c);
 }
@@ -588,6 +597,138 @@ START_TEST(test_damaged_chunk_is_recomputed_not_loaded)
 }
 END_TEST
 
+/* ---- lower tiers (disk): what a restarted connector finds ---------------- */
+
+/* A blending connector whose config names the disk folder `dir` (or no
+ * disk tier for NULL), for shard `rank` of `world`. */
+static kvb_connector *make_disk_conn(const char *dir, int rank, int world)
+{
+    kvb_config cfg;
+    kvb_model_desc m;
+    kvb_connector *c = NULL;
+    ck_assert_int_eq(kvb_config_init(&cfg), KVB_OK);
+    cfg.enable_blending = 1;
+    if (dir != NULL) {
+        ck_assert_int_eq(kvb_config_set(&cfg, "LMCACHE_LOCAL_DISK", dir), KVB_OK);
+        ck_assert_int_eq(kvb_config_set(&cfg, "LMCACHE_MAX_LOCAL_DISK_SIZE", "0.01"), KVB_OK);
+    }
+    init_rope(&m);
+    ck_assert_int_eq(kvb_connector_create(&cfg, &m, -1, &c), KVB_OK);
+    ck_assert_int_eq(kvb_connector_set_shard(c, rank, world), KVB_OK);
+    const int32_t sep[2] = {99, 98};
+    ck_assert_int_eq(kvb_connector_set_separator(c, sep, 2), KVB_OK);
+    return c;
+}
+
+/* A fresh folder under /tmp in dir[64]. */
+static void tier_dir(char dir[64])
+{
+    snprintf(dir, 64, "/tmp/kvb_conn_tiers_XXXXXX");
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+}
+
+/* Removes the folder's files and the folder. */
+static void tier_dir_rm(const char *dir)
+{
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    ck_assert_int_eq(system(cmd), 0);
+}
+
+START_TEST(test_disk_tier_serves_a_restarted_connector)
+{
+    char dir[64];
+    tier_dir(dir);
+    kvb_connector *c = make_disk_conn(dir, 0, 1);
+    store_p1(c);
+    kvb_connector_free(c); /* drains the write-behind queue */
+
+    c = make_disk_conn(dir, 0, 1); /* empty memory, the folder reopened */
+    kvb_span segs[8];
+    uint8_t hit[8];
+    int64_t ns = 0, end = 0;
+    ck_assert_int_eq(kvb_connector_lookup(c, 0, P2, N2, NULL, 0, segs, hit, 8, &ns, &end), KVB_OK);
+    ck_assert_int_eq(end, 11); /* sys, B, A found on disk */
+    kvb_request *req = NULL;
+    ck_assert_int_eq(kvb_request_begin(c, 0, P2, N2, NULL, 0, -1, 1, &req), KVB_OK);
+    ck_assert_int_eq(kvb_request_blend_end(req), 11);
+    ck_assert_mem_eq(kvb_request_forced(req), P2_FORCED, 11);
+    check_p2_rows(req, P2_FORCED); /* loaded from disk, re-rotated */
+    kvb_request_finish(req, 0);
+    kvb_tier_stats d;
+    ck_assert_int_eq(kvb_tiers_get_stats(kvb_connector_tiers(c), &d, NULL), KVB_OK);
+    ck_assert_int_eq(d.hits, 3);
+    ck_assert_int_eq(d.corrupt, 0);
+    ck_assert_int_eq(d.entries, 4);
+    /* a disk hit was loaded into memory: it is a memory hit now */
+    kvb_store_stats st;
+    ck_assert_int_eq(kvb_store_get_stats(kvb_connector_store(c), &st), KVB_OK);
+    ck_assert_int_eq(st.num_entries, 3);
+    kvb_connector_free(c);
+    tier_dir_rm(dir);
+}
+END_TEST
+
+START_TEST(test_tier_key_separates_shards_and_models)
+{
+    char dir[64];
+    tier_dir(dir);
+    kvb_connector *c = make_disk_conn(dir, 0, 2);
+    store_p1(c);
+    uint64_t k0 = kvb_connector_tier_key(c);
+    kvb_connector_free(c);
+    c = make_disk_conn(dir, 1, 2); /* the other rank: other KV heads */
+    ck_assert_uint_ne(kvb_connector_tier_key(c), k0);
+    ck_assert_int_eq(hits_for(c, 0, P2, N2, NULL), 0);
+    kvb_connector_free(c);
+    c = make_disk_conn(dir, 0, 2);
+    ck_assert_uint_eq(kvb_connector_tier_key(c), k0);
+    ck_assert_int_eq(hits_for(c, 0, P2, N2, NULL), 3);
+    ck_assert_int_eq(kvb_connector_set_shard(c, 2, 2), KVB_ERR_INVALID);
+    kvb_connector_free(c);
+    tier_dir_rm(dir);
+}
+END_TEST
+
+START_TEST(test_corrupt_disk_entry_is_recomputed)
+{
+    char dir[64];
+    tier_dir(dir);
+    kvb_connector *c = make_disk_conn(dir, 0, 1);
+    store_p1(c);
+    uint64_t key = kvb_connector_tier_key(c);
+    kvb_connector_free(c);
+    /* flip one byte of A's rows on disk */
+    const int32_t a[3] = {10, 11, 12};
+    char path[160];
+    snprintf(path, sizeof path, "%s/%016llx-%016llx.kvb", dir, (unsigned long long)key,
+             (unsigned long long)kvb_hash_tokens(a, 3));
+    FILE *f = fopen(path, "r+b");
+    ck_assert_ptr_nonnull(f);
+    ck_assert_int_eq(fseek(f, -7, SEEK_END), 0);
+    int ch = fgetc(f);
+    ck_assert_int_eq(fseek(f, -7, SEEK_END), 0);
+    fputc(ch ^ 0x10, f);
+    fclose(f);
+    c = make_disk_conn(dir, 0, 1);
+    kvb_request *req = NULL;
+    ck_assert_int_eq(kvb_request_begin(c, 0, P2, N2, NULL, 0, 11, 1, &req), KVB_OK);
+    int64_t nseg, nhit, nforced;
+    ck_assert_int_eq(kvb_request_counts(req, &nseg, &nhit, &nforced), KVB_OK);
+    ck_assert_int_eq(nhit, 2); /* A is recomputed: its rows are forced */
+    const uint8_t forced_a[11] = {0, 0, 1, 1, 0, 0, 1, 1, 1, 1, 1};
+    ck_assert_mem_eq(kvb_request_forced(req), forced_a, 11);
+    check_p2_rows(req, forced_a);
+    kvb_request_finish(req, 0);
+    kvb_tier_stats d;
+    ck_assert_int_eq(kvb_tiers_get_stats(kvb_connector_tiers(c), &d, NULL), KVB_OK);
+    ck_assert_int_eq(d.corrupt, 1);
+    ck_assert_int_eq(d.hits, 2);
+    kvb_connector_free(c);
+    tier_dir_rm(dir);
+}
+END_TEST
+
 START_TEST(test_num_threads_applied_at_creation)
 {
     kvb_config cfg;
@@ -748,6 +889,9 @@ Suite *connector_suite(void)
     tcase_add_test(tc, test_num_threads_applied_at_creation);
     tcase_add_test(tc, test_own_reservation_never_evicts_promised_hits);
     tcase_add_test(tc, test_separator_swap_while_looking_up);
+    tcase_add_test(tc, test_disk_tier_serves_a_restarted_connector);
+    tcase_add_test(tc, test_tier_key_separates_shards_and_models);
+    tcase_add_test(tc, test_corrupt_disk_entry_is_recomputed);
     suite_add_tcase(s, tc);
     return s;
 }

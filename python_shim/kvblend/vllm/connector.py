@@ -107,9 +107,31 @@ class KVBlendWorkerMetadata(KVConnectorWorkerMetadata):
         return self
 
 
+try:  # vLLM's base of out-of-band handshake metadata (workers -> scheduler at start-up)
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorHandshakeMetadata
+except ImportError:  # the built-in engine without vLLM
+    class KVConnectorHandshakeMetadata:  # type: ignore[no-redef]
+        pass
+
+
+@dataclass
+class KVBlendHandshake(KVConnectorHandshakeMetadata):
+    """A worker's tier key (model fingerprint and shard), sent once at
+    start-up so the scheduler can look its chunks up in the disk and remote
+    tiers before the first step."""
+
+    rank: int
+    tier_key: int
+
+
 # ------------------------------------------------------------------ stats
 _COUNTERS = ("requests", "blended", "segments_total", "segments_hit", "rows_blended",
-             "rows_reused", "rows_recomputed", "segments_stored")
+             "rows_reused", "rows_recomputed", "segments_stored",
+             # lower tiers (rank 0's store), per interval
+             "disk_hits", "disk_misses", "disk_errors", "disk_corrupt", "disk_bytes_read",
+             "disk_bytes_written", "remote_hits", "remote_misses", "remote_errors",
+             "remote_corrupt", "remote_bytes_read", "remote_bytes_written")
+_TIER_FIELDS = ("hits", "misses", "errors", "corrupt", "bytes_read", "bytes_written")
 
 
 @dataclass
@@ -377,6 +399,26 @@ class KVBlendConnector(KVConnectorBase_V1):
                     "recompute ratios %s, tensor-parallel ranks %d",
                     cfg.blend_special_str, self.sep_ids, list(cfg.check_layers),
                     self.ratios_override or list(cfg.recompute_ratios), self.world_size)
+        # The disk and remote tiers, for lookups only: the workers load and
+        # write.  Their tier keys arrive with vLLM's start-up handshake.
+        self._tiers = self._ext.tiers_open(dict(cfg.items))
+        self._tier_keys: dict[int, int] = {}
+        if self._tiers is not None:
+            logger.info("kvblend: lower tiers: disk %s, remote %s",
+                        cfg.local_disk or "off", _safe_url(cfg.remote_url) or "off")
+
+    def set_xfer_handshake_metadata(self, metadata) -> None:
+        """Take each worker's tier key (vLLM calls this once, at start-up)."""
+        for rank, meta in (metadata or {}).items():
+            if isinstance(meta, KVBlendHandshake):
+                self._tier_keys[int(meta.rank)] = int(meta.tier_key)
+
+    def _in_tiers(self, h: int) -> bool:
+        """True when every rank's copy of segment hash ``h`` is in the disk
+        or remote tier (a server that is down answers no)."""
+        if getattr(self, "_tiers", None) is None or len(self._tier_keys) < self.world_size:
+            return False
+        return all(self._ext.tiers_contains(self._tiers, k, h) for k in self._tier_keys.values())
 
     def _separator_ids(self, extra: dict) -> list[int]:
         """The separator's token ids: ``kvblend.separator_ids`` when given,
@@ -430,7 +472,8 @@ class KVBlendConnector(KVConnectorBase_V1):
         spans = self._segments(tokens)
         hits, end = [], 0
         for a, b in spans:
-            hit = self.index.has((self._ext.hash_tokens(tokens[a:b], ns), b - a))
+            h = self._ext.hash_tokens(tokens[a:b], ns)
+            hit = self.index.has((h, b - a)) or self._in_tiers(h)
             hits.append(hit)
             if hit:
                 end = b
@@ -638,12 +681,15 @@ class KVBlendConnector(KVConnectorBase_V1):
             logger.warning("kvblend: KVBLEND_SELF_TEST=0: blending %s without the start-up "
                            "self-test", name)
         self._conn = new_connector()
+        self._rank, self._tp_size, self._tp_group = _tp() if self._in_vllm else (0, 1, None)
+        # each rank stores its own KV heads: its own key in the lower tiers
+        self._conn.set_shard(self._rank, max(1, self._tp_size))
         self._conn.watch_store(True)
+        self._tier_last: dict[str, int] = {}
         if hasattr(adapter, "enable_cuda_graphs"):
             adapter.enable_compile(self.compile_pieces)
             adapter.enable_cuda_graphs(self.cuda_graph_max_tokens)
         self._adapter = adapter
-        self._rank, self._tp_size, self._tp_group = _tp() if self._in_vllm else (0, 1, None)
         if self._tp_size != self.world_size and self._in_vllm:
             raise RuntimeError(f"kvblend: tensor-parallel group has {self._tp_size} ranks, the "
                                f"config {self.world_size}")
@@ -816,19 +862,44 @@ class KVBlendConnector(KVConnectorBase_V1):
     def get_finished(self, finished_req_ids):
         return None, None
 
+    def get_handshake_metadata(self):
+        """This rank's tier key for the scheduler (None without lower tiers)."""
+        if self._is_scheduler() or self._conn is None or self._conn.tier_stats() is None:
+            return None
+        return KVBlendHandshake(rank=self._rank, tier_key=int(self._conn.tier_key))
+
+    def _tier_deltas(self) -> dict[str, int]:
+        """Lower-tier counters since the last call, as ``disk_hits``, ..."""
+        ts = self._conn.tier_stats() if self._conn is not None else None
+        if not ts:
+            return {}
+        out = {}
+        for tier in ("disk", "remote"):
+            for f in _TIER_FIELDS:
+                k = f"{tier}_{f}"
+                v = int(ts[tier][f])
+                out[k] = v - self._tier_last.get(k, 0)
+                self._tier_last[k] = v
+        return {k: v for k, v in out.items() if v}
+
     def blend_stats(self) -> dict:
         """Cumulative counters of this worker (those already handed to vLLM
         and those of the current interval) with the store's."""
         out = {k: self._cumulative.get(k, 0) + int(self._stats.data.get(k, 0)) for k in _COUNTERS}
         if not self._is_scheduler() and self._conn is not None:
             out["store"] = self._conn.store_stats()
+            out["tiers"] = self._conn.tier_stats()
         return out
 
     def get_kv_connector_stats(self):
         """This interval's counters as vLLM connector stats (rank 0 of a
         tensor-parallel group only, so the sum over workers counts each
         request once); None when there is nothing new."""
-        if self._is_scheduler() or self._rank != 0 or self._stats.is_empty():
+        if self._is_scheduler() or self._rank != 0:
+            return None
+        for k, v in self._tier_deltas().items():
+            self._stats.data[k] = self._stats.data.get(k, 0) + v
+        if self._stats.is_empty():
             return None
         out, self._stats = self._stats, KVBlendStats()
         for k, v in out.data.items():
@@ -849,10 +920,19 @@ class KVBlendConnector(KVConnectorBase_V1):
             return
         for req_id in list(self._active):
             self._end(req_id, commit=False)
+        if self._conn is not None:
+            self._conn.flush_tiers()  # chunks queued for disk/remote are written
 
 
 RATIO_ARG = "kvblend_recompute_ratio"
 SAVE_ARG = "kvblend_save"
+
+
+def _safe_url(url: str | None) -> str | None:
+    """``url`` with its password masked, for logs."""
+    if not url:
+        return url
+    return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
 
 
 def _extra_args(request) -> dict:
