@@ -5,7 +5,8 @@
 # PYTEST=0 / BENCH=0 skip those parts, BENCH_TIMEOUT bounds the benchmark.
 # At most 8 files come back: summary.txt, build.log (pip + ctest),
 # pytest_gpu.log, bench.log, results.md, results.json, profile.txt (with
-# --profile in BENCH_ARGS) and memcheck.log (SANITIZE=1, the default).
+# --profile in BENCH_ARGS) and memcheck.log (SANITIZE=1, the default);
+# TIERS=1 adds tiers.log and tiers.json (benchmarks/bench_tiers.py).
 # Build dependencies missing on the machine (libxxhash, check) may be
 # brought as .deb files in .debs/ and are unpacked to /tmp/debroot.
 set -u
@@ -17,12 +18,18 @@ if ls .debs/*.deb >/dev/null 2>&1; then
   for f in .debs/*.deb; do dpkg -x "$f" /tmp/debroot; done
   R=/tmp/debroot/usr
   export PKG_CONFIG_PATH=$R/lib/x86_64-linux-gnu/pkgconfig:${PKG_CONFIG_PATH:-}
-  sed -i "s|^prefix=.*|prefix=$R|" $R/lib/x86_64-linux-gnu/pkgconfig/*.pc 2>/dev/null
+  # point the .pc files at the unpacked tree (hiredis.pc spells its
+  # folders out instead of deriving them from prefix)
+  sed -i -e "s|^prefix=.*|prefix=$R|" -e "s|=/usr/include|=$R/include|" \
+    -e "s|^libdir=/usr/lib\$|libdir=$R/lib/x86_64-linux-gnu|" \
+    $R/lib/x86_64-linux-gnu/pkgconfig/*.pc 2>/dev/null
   export LD_LIBRARY_PATH=$R/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+  export PATH=$R/bin:$PATH  # redis-server, when brought, for the remote tier's tests
   ARGS="-DCMAKE_PREFIX_PATH=$R -DXXHASH_INCLUDE_DIR=$R/include -DXXHASH_LIBRARY=$(ls $R/lib/x86_64-linux-gnu/libxxhash.so.0* | head -1)"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/summary.txt" 2>&1
 echo "start $(date -u +%T)" >> "$OUT/summary.txt"
+rm -f /tmp/bgpu/CMakeCache.txt  # a warm machine's cache may hold another call's paths
 KVB_CUDA=ON KVB_BUILD_DIR=/tmp/bgpu \
   KVB_CMAKE_ARGS="-DKVB_BUILD_TESTS=ON -DCMAKE_CUDA_ARCHITECTURES=90 $ARGS" \
   python3 -m pip install -q --no-build-isolation --no-deps . > "$OUT/build.log" 2>&1
@@ -30,13 +37,19 @@ echo "pip rc=$?" | tee -a "$OUT/summary.txt"
 (cd /tmp/bgpu && ctest --output-on-failure) >> "$OUT/build.log" 2>&1
 echo "ctest rc=$?" | tee -a "$OUT/summary.txt"
 if [ "${PYTEST:-1}" = 1 ]; then
-  (cd tests && timeout 240 python3 -m pytest -q gpu -rs -p no:cacheprovider) > "$OUT/pytest_gpu.log" 2>&1
+  (cd tests && timeout 330 python3 -m pytest -q gpu -rs -p no:cacheprovider) > "$OUT/pytest_gpu.log" 2>&1
   echo "pytest gpu rc=$? $(date -u +%T)" | tee -a "$OUT/summary.txt"
   tail -3 "$OUT/pytest_gpu.log"
 fi
 if [ "${BENCH:-1}" = 1 ]; then
   timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_gpu.py --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
   echo "bench rc=$? $(date -u +%T)" | tee -a "$OUT/summary.txt"
+fi
+if [ "${TIERS:-0}" = 1 ]; then
+  timeout ${TIERS_TIMEOUT:-300} python3 benchmarks/bench_tiers.py --device cuda --synthetic \
+    --repeat 5 --json "$OUT/tiers.json" > "$OUT/tiers.log" 2>&1
+  echo "tiers bench rc=$? $(date -u +%T)" | tee -a "$OUT/summary.txt"
+  tail -12 "$OUT/tiers.log"
 fi
 if [ "${SANITIZE:-1}" = 1 ]; then
   KVB_GPU_TEST_QUICK=1 timeout 120 compute-sanitizer --tool memcheck --leak-check full \

