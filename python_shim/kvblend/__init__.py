@@ -19,7 +19,7 @@ _EXT_NAMES = frozenset({
 # Submodules reachable as attributes without an explicit import.
 _SUBMODULES = frozenset({"config", "ops"})
 
-__all__ = sorted(_EXT_NAMES | {"Config", "__version__"})
+__all__ = sorted(_EXT_NAMES | {"Config", "__version__", "store_stats"})
 
 
 def __getattr__(name: str) -> Any:
@@ -30,6 +30,9 @@ def __getattr__(name: str) -> Any:
     if name == "Config":
         from .config import Config
         return Config
+    if name == "store_stats":
+        from .runtime import store_stats
+        return store_stats
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'kvblend' has no attribute {name!r}")

@@ -11,6 +11,7 @@ this module: they meet only through vLLM's own channels.
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any
 
 _lock = threading.Lock()
@@ -18,6 +19,7 @@ _model: Any = None
 _tokenizer: Any = None
 _request_stats: dict[str, dict] = {}
 _MAX_STATS = 4096
+_worker: "weakref.ref | None" = None  # this process's latest worker connector
 
 
 def set_model(model: Any, tokenizer: Any = None) -> None:
@@ -51,3 +53,28 @@ def request_stats(req_id: str) -> dict | None:
     """Return the statistics recorded for ``req_id``, or None."""
     with _lock:
         return _request_stats.get(req_id)
+
+
+def register_worker(connector: Any) -> None:
+    """Remember this process's worker connector (weakly) for ``store_stats``."""
+    global _worker
+    with _lock:
+        _worker = weakref.ref(connector)
+
+
+def store_stats() -> dict | None:
+    """The chunk store of this process's worker connector, per tier:
+    ``{"memory": {...}, "disk": {...} | None, "remote": {...} | None}``
+    (hits, misses, bytes, errors, ...; see README), or None when no worker
+    connector with a store lives in this process (a vLLM scheduler process,
+    or blending off)."""
+    w = _worker() if _worker is not None else None
+    conn = getattr(w, "_conn", None)
+    if conn is None:
+        return None
+    tiers = conn.tier_stats() or {}
+    out = {"memory": conn.store_stats()}
+    for name in ("disk", "remote"):
+        t = tiers.get(name)
+        out[name] = t if t is not None and t["enabled"] else None
+    return out

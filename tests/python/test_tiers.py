@@ -158,6 +158,11 @@ def test_disk_entries_found_again_after_a_restart(smollm2, tier_env, full):
                                      return_first_logits=True)[0])
     d = _tiers(b)["disk"]
     assert d["hits"] == 4 and d["corrupt"] == 0 and d["entries"] >= 4
+    import kvblend
+
+    st = kvblend.store_stats()  # this process's worker store, per tier
+    assert st["disk"]["hits"] == 4 and st["remote"] is None
+    assert st["memory"]["num_entries"] >= 4
     # a disk hit is loaded into memory: the same prompt again hits memory
     before = _tiers(b)["disk"]["lookups"]
     _, st2 = _run(b, second)

@@ -686,6 +686,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         self._conn.set_shard(self._rank, max(1, self._tp_size))
         self._conn.watch_store(True)
         self._tier_last: dict[str, int] = {}
+        runtime.register_worker(self)  # kvblend.store_stats()
         if hasattr(adapter, "enable_cuda_graphs"):
             adapter.enable_compile(self.compile_pieces)
             adapter.enable_cuda_graphs(self.cuda_graph_max_tokens)
