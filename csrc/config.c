@@ -12,9 +12,8 @@
  * and trailing garbage ("1.5x") are all rejected.  strtod follows LC_NUMERIC;
  * CPython and vLLM leave it at "C", where the decimal point is '.'.
  *
- * LMCACHE_EXTRA_CONFIG holds a JSON object; a small strict recursive-descent
- * parser (RFC 8259 grammar, nesting limited to KVB_JSON_MAX_DEPTH) validates
- * the whole text and picks out "enable_sparse".
+ * LMCACHE_EXTRA_CONFIG holds a JSON object, parsed with cJSON (Debian's
+ * libcjson-dev), of which "enable_sparse" is read.
  */
 #include <ctype.h>
 #include <errno.h>
@@ -26,6 +25,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cJSON.h>
+
 #include "internal.h"
 
 /* The process environment (POSIX); declared here because strict C11 headers
@@ -34,9 +35,6 @@ extern char **environ;
 
 /* How many bytes of a value an error message quotes before "...". */
 #define KVB_CFG_SHOW_MAX 80
-
-/* Deepest nesting of arrays and objects LMCACHE_EXTRA_CONFIG may use. */
-#define KVB_JSON_MAX_DEPTH 64
 
 /* Longest number (after trimming) the scalar parsers accept, in bytes;
  * longer text is rejected before parsing. */
@@ -324,490 +322,74 @@ static kvb_status cfg_set_floats(const char *name, const char *value,
 }
 
 /* ------------------------------------------------------------------------ */
-/* JSON (LMCACHE_EXTRA_CONFIG)                                                */
+/* JSON (LMCACHE_EXTRA_CONFIG), parsed by cJSON                               */
 /* ------------------------------------------------------------------------ */
 
-/* Kinds of JSON values, as far as the config cares. */
-typedef enum json_kind {
-    JSON_NULL,
-    JSON_BOOL,
-    JSON_NUMBER,
-    JSON_STRING,
-    JSON_ARRAY,
-    JSON_OBJECT
-} json_kind;
-
-/* Parser state: the text, the cursor, and the first error found. */
-typedef struct json_parser {
-    const char *s;
-    size_t n;
-    size_t pos;
-    char err[160]; /* "at byte N: expected ..." once an error occurred */
-} json_parser;
-
-/* Records the first error as "at byte <pos>: <what>" and returns -1. */
-static int json_error(json_parser *p, const char *fmt, ...) KVB_PRINTF(2, 3);
-
-static int json_error(json_parser *p, const char *fmt, ...)
+/* What a JSON value is, for messages. */
+static const char *json_kind_str(const cJSON *v)
 {
-    if (p->err[0] != '\0') {
-        return -1;
+    if (cJSON_IsNull(v)) {
+        return "null";
     }
-    char what[128];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(what, sizeof what, fmt, ap);
-    va_end(ap);
-    snprintf(p->err, sizeof p->err, "at byte %zu: %s", p->pos, what);
-    return -1;
-}
-
-/* Names the byte at the cursor for an error message ("end of input",
- * "'x'", or "byte 0x1f"). */
-static const char *json_here(const json_parser *p, char *buf, size_t cap)
-{
-    if (p->pos >= p->n) {
-        return "end of input";
+    if (cJSON_IsBool(v)) {
+        return "a boolean";
     }
-    unsigned char c = (unsigned char)p->s[p->pos];
-    if (c >= 0x20 && c < 0x7f) {
-        snprintf(buf, cap, "'%c'", c);
-    } else {
-        snprintf(buf, cap, "byte 0x%02x", c);
+    if (cJSON_IsNumber(v)) {
+        return "a number";
     }
-    return buf;
-}
-
-/* Skips JSON whitespace (space, tab, CR, LF). */
-static void json_skip_ws(json_parser *p)
-{
-    while (p->pos < p->n) {
-        char c = p->s[p->pos];
-        if (c != ' ' && c != '\t' && c != '\n' && c != '\r') {
-            break;
-        }
-        p->pos++;
+    if (cJSON_IsString(v)) {
+        return "a string";
     }
-}
-
-/* Reads four hex digits at the cursor into *out.  Returns 0 or -1. */
-static int json_hex4(json_parser *p, unsigned *out)
-{
-    unsigned v = 0;
-    for (int i = 0; i < 4; i++) {
-        if (p->pos >= p->n || !isxdigit((unsigned char)p->s[p->pos])) {
-            return json_error(p, "expected 4 hex digits after \\u");
-        }
-        char c = p->s[p->pos++];
-        v = v * 16 + (unsigned)(isdigit((unsigned char)c)
-                                    ? c - '0'
-                                    : tolower((unsigned char)c) - 'a' + 10);
+    if (cJSON_IsArray(v)) {
+        return "an array";
     }
-    *out = v;
-    return 0;
-}
-
-/* Appends one byte to the decoded string buffer, noting truncation. */
-static void json_put(char *buf, size_t cap, size_t *len, int *cut, char c)
-{
-    if (buf == NULL) {
-        return;
-    }
-    if (*len + 1 < cap) {
-        buf[(*len)++] = c;
-        buf[*len] = '\0';
-    } else {
-        *cut = 1;
-    }
-}
-
-/* Length of the well-formed UTF-8 sequence at s[0..n) (RFC 3629: no
- * overlong forms, no surrogates, nothing above U+10FFFF), 0 when it is not
- * one. */
-static size_t utf8_sequence(const unsigned char *s, size_t n)
-{
-    unsigned char c = s[0];
-    size_t len;
-    unsigned lo = 0x80, hi = 0xBF; /* bounds of the second byte */
-    if (c < 0x80) {
-        return 1;
-    } else if (c >= 0xC2 && c <= 0xDF) {
-        len = 2;
-    } else if (c >= 0xE0 && c <= 0xEF) {
-        len = 3;
-        lo = c == 0xE0 ? 0xA0 : 0x80;
-        hi = c == 0xED ? 0x9F : 0xBF;
-    } else if (c >= 0xF0 && c <= 0xF4) {
-        len = 4;
-        lo = c == 0xF0 ? 0x90 : 0x80;
-        hi = c == 0xF4 ? 0x8F : 0xBF;
-    } else {
-        return 0;
-    }
-    if (n < len || s[1] < lo || s[1] > hi) {
-        return 0;
-    }
-    for (size_t i = 2; i < len; i++) {
-        if (s[i] < 0x80 || s[i] > 0xBF) {
-            return 0;
-        }
-    }
-    return len;
-}
-
-/* Parses a string at the cursor (which must be '"').  Escapes are checked
- * (\uXXXX surrogates must pair); raw control characters and bytes that
- * are not UTF-8 are rejected.  The decoded UTF-8 text goes to `buf`
- * (capacity `cap`, may be NULL); `*cut` is set when it did not fit and
- * `*out_len` (may be NULL) gets the decoded length, which counts an
- * escaped \u0000 where strlen would stop.  Returns 0 or -1. */
-static int json_string(json_parser *p, char *buf, size_t cap, int *cut,
-                       size_t *out_len)
-{
-    size_t len = 0;
-    int cut_local = 0;
-    if (cut == NULL) {
-        cut = &cut_local;
-    }
-    *cut = 0;
-    if (buf != NULL && cap > 0) {
-        buf[0] = '\0';
-    }
-    p->pos++; /* opening quote */
-    for (;;) {
-        if (p->pos >= p->n) {
-            return json_error(p, "unterminated string");
-        }
-        unsigned char c = (unsigned char)p->s[p->pos];
-        if (c == '"') {
-            p->pos++;
-            if (out_len != NULL) {
-                *out_len = len;
-            }
-            return 0;
-        }
-        if (c < 0x20) {
-            return json_error(p, "control character 0x%02x in a string", c);
-        }
-        if (c >= 0x80) {
-            size_t k = utf8_sequence((const unsigned char *)p->s + p->pos,
-                                     p->n - p->pos);
-            if (k == 0) {
-                return json_error(p, "byte 0x%02x in a string is not "
-                                  "UTF-8", c);
-            }
-            for (size_t i = 0; i < k; i++) {
-                json_put(buf, cap, &len, cut, p->s[p->pos++]);
-            }
-            continue;
-        }
-        if (c != '\\') {
-            json_put(buf, cap, &len, cut, (char)c);
-            p->pos++;
-            continue;
-        }
-        p->pos++;
-        if (p->pos >= p->n) {
-            return json_error(p, "unterminated escape");
-        }
-        char e = p->s[p->pos++];
-        const char *simple = strchr("\"\\/bfnrt", e);
-        if (e != '\0' && simple != NULL) {
-            static const char map[] = "\"\\/\b\f\n\r\t";
-            json_put(buf, cap, &len, cut, map[simple - "\"\\/bfnrt"]);
-            continue;
-        }
-        if (e != 'u') {
-            p->pos--;
-            return json_error(p, "invalid escape '\\%c'",
-                              isprint((unsigned char)e) ? e : '?');
-        }
-        unsigned cp = 0;
-        if (json_hex4(p, &cp) != 0) {
-            return -1;
-        }
-        if (cp >= 0xDC00 && cp <= 0xDFFF) {
-            return json_error(p, "unpaired low surrogate \\u%04X", cp);
-        }
-        if (cp >= 0xD800 && cp <= 0xDBFF) {
-            unsigned lo = 0;
-            if (p->pos + 2 > p->n || p->s[p->pos] != '\\' ||
-                p->s[p->pos + 1] != 'u') {
-                return json_error(p, "high surrogate \\u%04X not followed "
-                                  "by a low surrogate", cp);
-            }
-            p->pos += 2;
-            if (json_hex4(p, &lo) != 0) {
-                return -1;
-            }
-            if (lo < 0xDC00 || lo > 0xDFFF) {
-                return json_error(p, "high surrogate \\u%04X not followed "
-                                  "by a low surrogate", cp);
-            }
-            cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
-        }
-        /* encode as UTF-8 */
-        if (cp < 0x80) {
-            json_put(buf, cap, &len, cut, (char)cp);
-        } else if (cp < 0x800) {
-            json_put(buf, cap, &len, cut, (char)(0xC0 | (cp >> 6)));
-            json_put(buf, cap, &len, cut, (char)(0x80 | (cp & 0x3F)));
-        } else if (cp < 0x10000) {
-            json_put(buf, cap, &len, cut, (char)(0xE0 | (cp >> 12)));
-            json_put(buf, cap, &len, cut, (char)(0x80 | ((cp >> 6) & 0x3F)));
-            json_put(buf, cap, &len, cut, (char)(0x80 | (cp & 0x3F)));
-        } else {
-            json_put(buf, cap, &len, cut, (char)(0xF0 | (cp >> 18)));
-            json_put(buf, cap, &len, cut, (char)(0x80 | ((cp >> 12) & 0x3F)));
-            json_put(buf, cap, &len, cut, (char)(0x80 | ((cp >> 6) & 0x3F)));
-            json_put(buf, cap, &len, cut, (char)(0x80 | (cp & 0x3F)));
-        }
-    }
-}
-
-/* Parses a number at the cursor following the JSON grammar
- * -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?.  Returns 0 or -1. */
-static int json_number(json_parser *p)
-{
-    const char *s = p->s;
-    if (p->pos < p->n && s[p->pos] == '-') {
-        p->pos++;
-    }
-    if (p->pos >= p->n || !isdigit((unsigned char)s[p->pos])) {
-        return json_error(p, "expected a digit");
-    }
-    if (s[p->pos] == '0') {
-        p->pos++;
-    } else {
-        while (p->pos < p->n && isdigit((unsigned char)s[p->pos])) {
-            p->pos++;
-        }
-    }
-    if (p->pos < p->n && s[p->pos] == '.') {
-        p->pos++;
-        if (p->pos >= p->n || !isdigit((unsigned char)s[p->pos])) {
-            return json_error(p, "expected a digit after '.'");
-        }
-        while (p->pos < p->n && isdigit((unsigned char)s[p->pos])) {
-            p->pos++;
-        }
-    }
-    if (p->pos < p->n && (s[p->pos] == 'e' || s[p->pos] == 'E')) {
-        p->pos++;
-        if (p->pos < p->n && (s[p->pos] == '+' || s[p->pos] == '-')) {
-            p->pos++;
-        }
-        if (p->pos >= p->n || !isdigit((unsigned char)s[p->pos])) {
-            return json_error(p, "expected a digit in the exponent");
-        }
-        while (p->pos < p->n && isdigit((unsigned char)s[p->pos])) {
-            p->pos++;
-        }
-    }
-    return 0;
-}
-
-/* Matches the literal `word` at the cursor.  Returns 0 or -1. */
-static int json_literal(json_parser *p, const char *word)
-{
-    size_t len = strlen(word);
-    if (p->n - p->pos < len || memcmp(p->s + p->pos, word, len) != 0) {
-        return json_error(p, "invalid literal; expected %s", word);
-    }
-    p->pos += len;
-    /* "truex" must not pass as "true" followed by garbage the caller
-     * then reports less clearly */
-    if (p->pos < p->n && isalnum((unsigned char)p->s[p->pos])) {
-        return json_error(p, "invalid literal; expected %s", word);
-    }
-    return 0;
-}
-
-static int json_value(json_parser *p, int depth, json_kind *kind, int *bval);
-
-/* After a member of an array or object: skips whitespace, then consumes a
- * ',' (returns 1: another member follows) or `close` (returns 0: the array
- * or object ends); anything else is an error naming what was found (-1). */
-static int json_after_member(json_parser *p, char close)
-{
-    char here[16];
-    json_skip_ws(p);
-    if (p->pos < p->n && p->s[p->pos] == ',') {
-        p->pos++;
-        return 1;
-    }
-    if (p->pos < p->n && p->s[p->pos] == close) {
-        p->pos++;
-        return 0;
-    }
-    return json_error(p, "expected ',' or '%c', found %s", close,
-                      json_here(p, here, sizeof here));
-}
-
-/* Parses an array at the cursor (which must be '[').  Returns 0 or -1. */
-static int json_array(json_parser *p, int depth)
-{
-    p->pos++;
-    json_skip_ws(p);
-    if (p->pos < p->n && p->s[p->pos] == ']') {
-        p->pos++;
-        return 0;
-    }
-    for (;;) {
-        json_kind k;
-        int b;
-        if (json_value(p, depth, &k, &b) != 0) {
-            return -1;
-        }
-        int more = json_after_member(p, ']');
-        if (more <= 0) {
-            return more;
-        }
-    }
-}
-
-/* What the config reads out of the top-level object. */
-typedef struct json_extra {
-    int has_sparse;
-    int sparse;            /* valid when has_sparse and sparse_kind is bool */
-    json_kind sparse_kind; /* kind of the last "enable_sparse" value */
-} json_extra;
-
-/* Parses an object at the cursor (which must be '{').  When `extra` is not
- * NULL (the top level), records the "enable_sparse" member; duplicate keys
- * keep the last value, as Python's json does.  Returns 0 or -1. */
-static int json_object(json_parser *p, int depth, json_extra *extra)
-{
-    char here[16];
-    p->pos++;
-    json_skip_ws(p);
-    if (p->pos < p->n && p->s[p->pos] == '}') {
-        p->pos++;
-        return 0;
-    }
-    for (;;) {
-        char key[32];
-        int cut = 0;
-        size_t key_len = 0;
-        json_skip_ws(p);
-        if (p->pos >= p->n || p->s[p->pos] != '"') {
-            return json_error(p, "expected a string key, found %s",
-                              json_here(p, here, sizeof here));
-        }
-        if (json_string(p, key, sizeof key, &cut, &key_len) != 0) {
-            return -1;
-        }
-        json_skip_ws(p);
-        if (p->pos >= p->n || p->s[p->pos] != ':') {
-            return json_error(p, "expected ':' after a key, found %s",
-                              json_here(p, here, sizeof here));
-        }
-        p->pos++;
-        json_kind k;
-        int b = 0;
-        if (json_value(p, depth, &k, &b) != 0) {
-            return -1;
-        }
-        /* by decoded length: "enable_sparse\u0000x" is another key */
-        if (extra != NULL && !cut && key_len == strlen("enable_sparse") &&
-            memcmp(key, "enable_sparse", key_len) == 0) {
-            extra->has_sparse = 1;
-            extra->sparse_kind = k;
-            extra->sparse = b;
-        }
-        int more = json_after_member(p, '}');
-        if (more <= 0) {
-            return more;
-        }
-    }
-}
-
-/* Parses any value at the cursor (after whitespace); `depth` counts the
- * arrays and objects around it.  Sets *kind, and *bval for booleans.
- * Returns 0 or -1. */
-static int json_value(json_parser *p, int depth, json_kind *kind, int *bval)
-{
-    char here[16];
-    json_skip_ws(p);
-    if (p->pos >= p->n) {
-        return json_error(p, "expected a value, found end of input");
-    }
-    char c = p->s[p->pos];
-    if (c == '{' || c == '[') {
-        if (depth >= KVB_JSON_MAX_DEPTH) {
-            return json_error(p, "nesting deeper than %d levels",
-                              KVB_JSON_MAX_DEPTH);
-        }
-        *kind = c == '{' ? JSON_OBJECT : JSON_ARRAY;
-        return c == '{' ? json_object(p, depth + 1, NULL)
-                        : json_array(p, depth + 1);
-    }
-    if (c == '"') {
-        *kind = JSON_STRING;
-        return json_string(p, NULL, 0, NULL, NULL);
-    }
-    if (c == '-' || isdigit((unsigned char)c)) {
-        *kind = JSON_NUMBER;
-        return json_number(p);
-    }
-    if (c == 't' || c == 'f') {
-        *kind = JSON_BOOL;
-        *bval = c == 't';
-        return json_literal(p, c == 't' ? "true" : "false");
-    }
-    if (c == 'n') {
-        *kind = JSON_NULL;
-        return json_literal(p, "null");
-    }
-    return json_error(p, "expected a value, found %s",
-                      json_here(p, here, sizeof here));
-}
-
-/* Returns the JSON name of a value kind for messages. */
-static const char *json_kind_str(json_kind k)
-{
-    switch (k) {
-    case JSON_NULL: return "null";
-    case JSON_BOOL: return "a boolean";
-    case JSON_NUMBER: return "a number";
-    case JSON_STRING: return "a string";
-    case JSON_ARRAY: return "an array";
-    case JSON_OBJECT: return "an object";
-    }
-    return "a value";
+    return cJSON_IsObject(v) ? "an object" : "a value";
 }
 
 /* Parses LMCACHE_EXTRA_CONFIG: the whole text must be one JSON object
  * (surrounded by whitespace at most).  Sets enable_sparse when the object
- * has that key with a boolean value; other keys are ignored. */
+ * has that key with a boolean value; other keys are ignored.  Errors name
+ * the byte where parsing stopped. */
 static kvb_status cfg_set_extra(kvb_config *c, const char *name,
                                 const char *value)
 {
-    json_parser p = {value, strlen(value), 0, {0}};
-    json_extra extra = {0, 0, JSON_NULL};
-    char here[16];
-    json_skip_ws(&p);
-    if (p.pos >= p.n || p.s[p.pos] != '{') {
-        json_error(&p, "expected a JSON object '{', found %s",
-                   json_here(&p, here, sizeof here));
-    } else if (json_object(&p, 1, &extra) == 0) {
-        json_skip_ws(&p);
-        if (p.pos < p.n) {
-            json_error(&p, "unexpected %s after the object",
-                       json_here(&p, here, sizeof here));
+    size_t n = strlen(value);
+    const char *end = NULL;
+    /* the end pointer, not cJSON_GetErrorPtr (a global): thread-safe */
+    cJSON *root = cJSON_ParseWithLengthOpts(value, n, &end, 0);
+    size_t at = end != NULL && end >= value ? (size_t)(end - value) : 0;
+    if (root == NULL) {
+        return cfg_fail(name, value, "invalid JSON at byte %zu", at);
+    }
+    while (at < n && isspace((unsigned char)value[at])) {
+        at++;
+    }
+    kvb_status st = KVB_OK;
+    if (at < n) {
+        st = cfg_fail(name, value, "invalid JSON at byte %zu: unexpected "
+                      "'%c' after the value", at, value[at]);
+    } else if (!cJSON_IsObject(root)) {
+        st = cfg_fail(name, value, "expected a JSON object, got %s",
+                      json_kind_str(root));
+    } else {
+        /* the last of duplicate keys wins, as in Python's json */
+        const cJSON *sparse = NULL;
+        const cJSON *item = NULL;
+        cJSON_ArrayForEach(item, root)
+        {
+            if (item->string != NULL && !strcmp(item->string, "enable_sparse")) {
+                sparse = item;
+            }
+        }
+        if (sparse != NULL && !cJSON_IsBool(sparse)) {
+            st = cfg_fail(name, value, "\"enable_sparse\" must be true or "
+                          "false, got %s", json_kind_str(sparse));
+        } else if (sparse != NULL) {
+            c->enable_sparse = cJSON_IsTrue(sparse) ? 1 : 0;
         }
     }
-    if (p.err[0] != '\0') {
-        return cfg_fail(name, value, "invalid JSON %s", p.err);
-    }
-    if (extra.has_sparse) {
-        if (extra.sparse_kind != JSON_BOOL) {
-            return cfg_fail(name, value, "\"enable_sparse\" must be true or "
-                            "false, got %s", json_kind_str(extra.sparse_kind));
-        }
-        c->enable_sparse = extra.sparse;
-    }
-    return KVB_OK;
+    cJSON_Delete(root);
+    return st;
 }
 
 /* ------------------------------------------------------------------------ */

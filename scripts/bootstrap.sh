@@ -12,6 +12,7 @@ command -v cc >/dev/null || need_apt+=(build-essential)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 [ -f /usr/include/xxhash.h ] || need_apt+=(libxxhash-dev)
 pkg-config --exists check 2>/dev/null || need_apt+=(check)
+pkg-config --exists libcjson 2>/dev/null || need_apt+=(libcjson-dev)  # LMCACHE_EXTRA_CONFIG
 # the remote tier (LMCACHE_REMOTE_URL) and the server its tests start on loopback
 pkg-config --exists hiredis 2>/dev/null || need_apt+=(libhiredis-dev)
 command -v redis-server >/dev/null || need_apt+=(redis-server)

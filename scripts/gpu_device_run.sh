@@ -22,6 +22,7 @@ if ls .debs/*.deb >/dev/null 2>&1; then
   # folders out instead of deriving them from prefix)
   sed -i -e "s|^prefix=.*|prefix=$R|" -e "s|=/usr/include|=$R/include|" \
     -e "s|^libdir=/usr/lib\$|libdir=$R/lib/x86_64-linux-gnu|" \
+    -e "s|=/usr/lib/x86_64-linux-gnu|=$R/lib/x86_64-linux-gnu|" \
     $R/lib/x86_64-linux-gnu/pkgconfig/*.pc 2>/dev/null
   export LD_LIBRARY_PATH=$R/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
   export PATH=$R/bin:$PATH  # redis-server, when brought, for the remote tier's tests

