@@ -40,6 +40,9 @@ struct kvb_connector {
     kvb_pool *host_pool; /* pinned host tier rows (device connectors) */
     kvb_tiers *tiers;    /* disk and remote tiers; NULL when none */
     uint64_t tier_key;   /* names this model and shard in the tiers */
+    uint64_t model_id;   /* kvb_connector_set_shard's weights identity */
+    int32_t rank;        /* tensor-parallel shard */
+    int32_t world;
 };
 
 struct kvb_request {
@@ -265,6 +268,7 @@ kvb_status kvb_connector_create(const kvb_config *cfg,
             return st;
         }
     }
+    c->world = 1;
     c->tier_key = kvb_tier_key(c->fingerprint, 0, 1);
     st = kvb_tiers_open(cfg, &c->tiers);
     if (st != KVB_OK) {
@@ -316,6 +320,17 @@ kvb_tiers *kvb_connector_tiers(kvb_connector *conn)
     return conn == NULL ? NULL : conn->tiers;
 }
 
+/* Recomputes the tier key from the fingerprint, the weights identity and
+ * the shard. */
+static void connector_update_tier_key(kvb_connector *c)
+{
+    uint64_t fp = c->model_id != 0
+                      ? kvb_checksum(&c->model_id, sizeof c->model_id,
+                                     c->fingerprint)
+                      : c->fingerprint;
+    c->tier_key = kvb_tier_key(fp, c->rank, c->world);
+}
+
 /* Sets the shard that names this connector's entries in the tiers. */
 kvb_status kvb_connector_set_shard(kvb_connector *conn, int32_t rank,
                                    int32_t world)
@@ -326,7 +341,22 @@ kvb_status kvb_connector_set_shard(kvb_connector *conn, int32_t rank,
                         "expected 0 <= rank < world",
                         (int)rank, (int)world);
     }
-    conn->tier_key = kvb_tier_key(conn->fingerprint, rank, world);
+    conn->rank = rank;
+    conn->world = world;
+    connector_update_tier_key(conn);
+    return KVB_OK;
+}
+
+/* Mixes the identity of the model's weights into the tier key. */
+kvb_status kvb_connector_set_model_id(kvb_connector *conn, const void *id,
+                                      size_t len)
+{
+    if (conn == NULL || (id == NULL && len > 0)) {
+        return kvb_fail(KVB_ERR_INVALID,
+                        "kvb_connector_set_model_id: NULL connector or id");
+    }
+    conn->model_id = len > 0 ? kvb_checksum(id, len, 0x6d6f64656cULL) : 0;
+    connector_update_tier_key(conn);
     return KVB_OK;
 }
 
@@ -387,6 +417,14 @@ static kvb_status connector_fetch(kvb_connector *c, uint64_t ns,
     st = kvb_store_reserve(c->store, ns, tokens, n,
                            (const int64_t *)(b + kvb_blob_positions_offset(n)),
                            &e);
+    if (st == KVB_OK && e == NULL) {
+        /* stored meanwhile (another request, or the same segment earlier
+         * in this prompt): use that one; NULL when there was no room */
+        st = kvb_store_acquire(c->store, ns, tokens, n, &e);
+        kvb_tiers_recycle(c->tiers, blob, len, c->tier_key, hash, remote);
+        *entry = e;
+        return st;
+    }
     if (st == KVB_OK && e != NULL) {
         size_t rows = len - kvb_blob_rows_offset(n);
         if (connector_copy_rows(kvb_entry_k(e, 0),
@@ -565,13 +603,17 @@ kvb_status kvb_connector_lookup(kvb_connector *conn, uint64_t ns,
     return KVB_OK;
 }
 
-/* A device connector whose store checksums its entries waits for the
- * request's queued gathers before committing (they write the rows the
- * store hashes). */
+/* A device connector whose store checksums its entries, or whose entries
+ * go to the lower tiers, waits for the request's queued gathers before
+ * committing (they write the rows the store hashes or the tiers copy). */
 static kvb_status request_sync_saves(kvb_request *req)
 {
     const kvb_connector *c = req->conn;
-    if (c->device < 0 || req->d_slots == NULL || !c->checksums) {
+    /* the lower tiers' writer copies and seals the rows: they must have
+     * landed too, or a blob would carry half-written rows under a valid
+     * checksum */
+    if (c->device < 0 || req->d_slots == NULL ||
+        (!c->checksums && c->tiers == NULL)) {
         return KVB_OK;
     }
     return kvb_cuda_sync(c->device, req->save_stream);

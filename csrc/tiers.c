@@ -23,10 +23,18 @@
  *
  * Locking.  `mu` guards the queue and the counters; disk and remote I/O runs
  * without it (both tiers are thread-safe).
+ *
+ * Views.  A lookup-only view (kvb_tiers_open_view, a vLLM scheduler's) has
+ * no writer, never opens the disk tier (it stats the entry's file name per
+ * lookup: scanning, cleaning, adopting and evicting are the owners' job)
+ * and gives the remote tier at most TIERS_VIEW_TIMEOUT_MS per call.
  */
+#define _POSIX_C_SOURCE 200809L /* strdup, stat */
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "internal.h"
 #include "store.h"
@@ -36,6 +44,7 @@
 #define TIERS_REMOTE 1
 #define TIERS_MAX_JOBS 256
 #define TIERS_RETRY_MS 1000 /* a down server is tried again after this */
+#define TIERS_VIEW_TIMEOUT_MS 100 /* a view's remote timeout, at most */
 
 /* One queued write: an entry to serialize (entry != NULL, pinned) or a
  * ready blob (blob != NULL, owned by the job). */
@@ -56,6 +65,7 @@ typedef struct tiers_job {
 
 struct kvb_tiers {
     kvb_disk *disk;
+    char *view_dir;  /* a lookup-only view's disk folder (stat per lookup) */
     kvb_remote *remote;
     pthread_mutex_t mu;
     pthread_cond_t work; /* a job was queued, or stop */
@@ -233,8 +243,8 @@ static void *tiers_writer(void *arg)
     return NULL;
 }
 
-/* Opens the tiers `cfg` names; see kvblend.h. */
-kvb_status kvb_tiers_open(const kvb_config *cfg, kvb_tiers **out)
+/* Opens the tiers `cfg` names, or (view) a lookup-only view of them. */
+static kvb_status tiers_open(const kvb_config *cfg, int view, kvb_tiers **out)
 {
     if (cfg == NULL || out == NULL) {
         return kvb_fail(KVB_ERR_INVALID, "kvb_tiers_open: NULL cfg or out");
@@ -254,23 +264,33 @@ kvb_status kvb_tiers_open(const kvb_config *cfg, kvb_tiers **out)
     pthread_mutex_init(&t->mu, NULL);
     pthread_cond_init(&t->work, NULL);
     pthread_cond_init(&t->idle, NULL);
-    if (cfg->local_disk[0] != '\0') {
+    if (cfg->local_disk[0] != '\0' && view) {
+        t->view_dir = strdup(cfg->local_disk);
+        st = t->view_dir != NULL
+                 ? KVB_OK
+                 : kvb_fail(KVB_ERR_NOMEM, "kvb_tiers_open: out of memory");
+        t->stats[TIERS_DISK].enabled = st == KVB_OK;
+    } else if (cfg->local_disk[0] != '\0') {
         double b = cfg->max_local_disk_size_gb * 1073741824.0;
         size_t budget = b >= (double)SIZE_MAX ? SIZE_MAX : (size_t)b;
         st = kvb_disk_open(cfg->local_disk, budget, &t->disk);
         t->stats[TIERS_DISK].enabled = st == KVB_OK;
     }
     if (st == KVB_OK && cfg->remote_url[0] != '\0') {
+        /* a view answers a scheduler, which must not wait on a slow server */
+        int ms = view && cfg->remote_timeout_ms > TIERS_VIEW_TIMEOUT_MS
+                     ? TIERS_VIEW_TIMEOUT_MS
+                     : cfg->remote_timeout_ms;
         kvb_remote_options o = {
-            .connect_timeout_ms = cfg->remote_timeout_ms,
-            .command_timeout_ms = cfg->remote_timeout_ms,
+            .connect_timeout_ms = ms,
+            .command_timeout_ms = ms,
             .part_bytes = (size_t)(cfg->remote_part_size_mb * 1048576.0),
             .retry_ms = TIERS_RETRY_MS,
         };
         st = kvb_remote_open(cfg->remote_url, &o, &t->remote);
         t->stats[TIERS_REMOTE].enabled = st == KVB_OK;
     }
-    if (st == KVB_OK) {
+    if (st == KVB_OK && !view) {
         if (pthread_create(&t->writer, NULL, tiers_writer, t) != 0) {
             st = kvb_fail(KVB_ERR_NOMEM, "kvb_tiers_open: cannot start the "
                           "write-behind thread");
@@ -284,6 +304,18 @@ kvb_status kvb_tiers_open(const kvb_config *cfg, kvb_tiers **out)
     }
     *out = t;
     return KVB_OK;
+}
+
+/* Opens the tiers `cfg` names; see kvblend.h. */
+kvb_status kvb_tiers_open(const kvb_config *cfg, kvb_tiers **out)
+{
+    return tiers_open(cfg, 0, out);
+}
+
+/* Opens a lookup-only view of the tiers; see kvblend.h. */
+kvb_status kvb_tiers_open_view(const kvb_config *cfg, kvb_tiers **out)
+{
+    return tiers_open(cfg, 1, out);
 }
 
 /* Drains the write queue, stops the writer, closes the tiers. */
@@ -300,6 +332,7 @@ void kvb_tiers_free(kvb_tiers *tiers)
         pthread_join(tiers->writer, NULL);
     }
     kvb_disk_close(tiers->disk);
+    free(tiers->view_dir);
     kvb_remote_close(tiers->remote);
     pthread_cond_destroy(&tiers->idle);
     pthread_cond_destroy(&tiers->work);
@@ -316,6 +349,14 @@ kvb_status kvb_tiers_contains(kvb_tiers *tiers, uint64_t key, uint64_t hash,
                         "kvb_tiers_contains: NULL tiers or found");
     }
     *found = tiers->disk != NULL && kvb_disk_contains(tiers->disk, key, hash);
+    if (tiers->view_dir != NULL) {
+        /* a view only looks: the owning processes index, adopt and evict */
+        char path[KVB_MAX_PATH + 48];
+        struct stat sb;
+        snprintf(path, sizeof path, "%s/%016llx-%016llx.kvb", tiers->view_dir,
+                 (unsigned long long)key, (unsigned long long)hash);
+        *found = stat(path, &sb) == 0 && S_ISREG(sb.st_mode);
+    }
     if (!*found && tiers->remote != NULL) {
         kvb_status st = kvb_remote_contains(tiers->remote, key, hash, found);
         tiers_remote_outcome(tiers, st);

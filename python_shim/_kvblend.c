@@ -819,8 +819,8 @@ static void tiers_capsule_free(PyObject *cap)
     Py_END_ALLOW_THREADS
 }
 
-/* tiers_open(config_items) -> capsule or None: the lower tiers the config
- * names, for lookups only. */
+/* tiers_open(config_items) -> capsule or None: a lookup-only view of the
+ * lower tiers the config names (kvb_tiers_open_view). */
 static PyObject *mod_tiers_open(PyObject *m, PyObject *items)
 {
     kvb_config cfg;
@@ -830,7 +830,7 @@ static PyObject *mod_tiers_open(PyObject *m, PyObject *items)
     kvb_tiers *t = NULL;
     kvb_status s;
     Py_BEGIN_ALLOW_THREADS
-    s = kvb_tiers_open(&cfg, &t);
+    s = kvb_tiers_open_view(&cfg, &t);
     Py_END_ALLOW_THREADS
     if (s != KVB_OK) {
         return set_error_from_status(get_state(m), s);
@@ -1595,6 +1595,22 @@ static PyObject *connector_set_shard(ConnectorObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* set_model_id(bytes): an identity of the model's weights for the tier
+ * key. */
+static PyObject *connector_set_model_id(ConnectorObject *self, PyObject *arg)
+{
+    char *buf;
+    Py_ssize_t len;
+    if (PyBytes_AsStringAndSize(arg, &buf, &len) < 0) {
+        return NULL;
+    }
+    kvb_status s = kvb_connector_set_model_id(self->conn, buf, (size_t)len);
+    if (s != KVB_OK) {
+        return set_error_from_status(state_of((PyObject *)self), s);
+    }
+    Py_RETURN_NONE;
+}
+
 /* store_clear(): removes every unpinned entry. */
 static PyObject *connector_store_clear(ConnectorObject *self,
                                        PyObject *unused)
@@ -1710,6 +1726,9 @@ static PyMethodDef connector_methods[] = {
     {"set_shard", (PyCFunction)connector_set_shard, METH_VARARGS,
      "set_shard(rank, world)\n--\n\n"
      "Declares the tensor-parallel shard this connector stores."},
+    {"set_model_id", (PyCFunction)connector_set_model_id, METH_O,
+     "set_model_id(digest)\n--\n\n"
+     "Mixes an identity of the model's weights (bytes) into the tier key."},
     {"watch_store", (PyCFunction)connector_watch_store, METH_O,
      "watch_store(enabled)\n--\n\nStarts or stops the store's event log."},
     {"take_store_events", (PyCFunction)connector_take_store_events,

@@ -296,8 +296,9 @@ typedef struct kvb_tier_stats {
 } kvb_tier_stats;
 
 /* The key that names a model's entries in the lower tiers: XXH3-64 of the
- * model fingerprint (kvb_connector_fingerprint) and the shard (`rank` of
- * `world` tensor-parallel ranks, each of which stores its own KV heads). */
+ * model fingerprint (kvb_connector_fingerprint, with the weights identity
+ * of kvb_connector_set_model_id mixed in) and the shard (`rank` of `world`
+ * tensor-parallel ranks, each of which stores its own KV heads). */
 KVB_API uint64_t kvb_tier_key(uint64_t fingerprint, int32_t rank,
                               int32_t world);
 
@@ -310,6 +311,14 @@ KVB_API uint64_t kvb_tier_key(uint64_t fingerprint, int32_t rank,
  * Ownership: the caller frees it with kvb_tiers_free.
  */
 KVB_API kvb_status kvb_tiers_open(const kvb_config *cfg, kvb_tiers **out);
+
+/* Opens a lookup-only view of the tiers `cfg` names, for a process that
+ * only asks what is stored (vLLM's scheduler): kvb_tiers_contains stats the
+ * entry's file in the disk folder (the view never scans, cleans or evicts
+ * it) and asks the remote server with a timeout of at most 100 ms; nothing
+ * is written.  `*out` is NULL when neither tier is configured. */
+KVB_API kvb_status kvb_tiers_open_view(const kvb_config *cfg,
+                                       kvb_tiers **out);
 
 /* Writes what is queued, then closes the tiers.  NULL is a no-op. */
 KVB_API void kvb_tiers_free(kvb_tiers *tiers);
@@ -838,6 +847,15 @@ KVB_API kvb_tiers *kvb_connector_tiers(kvb_connector *conn);
  * request.  KVB_ERR_INVALID unless 0 <= rank < world. */
 KVB_API kvb_status kvb_connector_set_shard(kvb_connector *conn, int32_t rank,
                                            int32_t world);
+
+/* Mixes an identity of the model's weights (bytes `id[0..len)`, e.g. a
+ * digest of the loaded parameters) into the tier key, so that two models
+ * of one architecture and shape (a base model and its fine-tune, two
+ * quantizations) never share entries in the disk or remote tier; the
+ * fingerprint alone covers only architecture, shape, dtype and RoPE.  Call
+ * it before the first request; len 0 removes it. */
+KVB_API kvb_status kvb_connector_set_model_id(kvb_connector *conn,
+                                              const void *id, size_t len);
 
 /* The connector's tier key. */
 KVB_API uint64_t kvb_connector_tier_key(const kvb_connector *conn);

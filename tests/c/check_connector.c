@@ -683,6 +683,12 @@ START_TEST(test_tier_key_separates_shards_and_models)
     kvb_connector_free(c);
     c = make_disk_conn(dir, 0, 2);
     ck_assert_uint_eq(kvb_connector_tier_key(c), k0);
+    /* other weights of the same architecture and shape (a fine-tune) */
+    ck_assert_int_eq(kvb_connector_set_model_id(c, "finetune", 8), KVB_OK);
+    ck_assert_uint_ne(kvb_connector_tier_key(c), k0);
+    ck_assert_int_eq(hits_for(c, 0, P2, N2, NULL), 0);
+    ck_assert_int_eq(kvb_connector_set_model_id(c, NULL, 0), KVB_OK);
+    ck_assert_uint_eq(kvb_connector_tier_key(c), k0);
     ck_assert_int_eq(hits_for(c, 0, P2, N2, NULL), 3);
     ck_assert_int_eq(kvb_connector_set_shard(c, 2, 2), KVB_ERR_INVALID);
     kvb_connector_free(c);

@@ -854,11 +854,13 @@ START_TEST(test_remote_server_down)
 {
     NEED_REDIS();
     kvb_remote_options o = test_opts(MIB);
-    o.retry_ms = 400;
+    /* timing bounds are loose (sanitizers, a loaded 2-core CI machine):
+     * what tells a fast failure from a connection attempt is the message */
+    o.retry_ms = 2000;
     int port = free_port();
     int64_t t0 = now_ms();
     kvb_remote *r = open_port(port, 0, &o);
-    ck_assert_int_lt(now_ms() - t0, o.connect_timeout_ms + 200);
+    ck_assert_int_lt(now_ms() - t0, o.connect_timeout_ms + 1000);
     char w[1024];
     ck_assert_int_eq(warnings(w, sizeof w), 1); /* unreachable at open */
     ck_assert_msg(strstr(w, kvb_remote_name(r)) != NULL, "warning: %s", w);
@@ -878,11 +880,11 @@ START_TEST(test_remote_server_down)
                          KVB_ERR_IO);
         ck_assert_int_eq(kvb_remote_del(r, TKEY, 1), KVB_ERR_IO);
     }
-    ck_assert_int_lt(now_ms() - t0, 150);
+    ck_assert_int_lt(now_ms() - t0, 1000);
     const char *msg = kvb_last_error();
     ck_assert_msg(strstr(msg, kvb_remote_name(r)) != NULL &&
                       strstr(msg, "down since") != NULL &&
-                      strstr(msg, "retrying after 400 ms") != NULL &&
+                      strstr(msg, "retrying after 2000 ms") != NULL &&
                       strstr(msg, "connect") != NULL,
                   "message: %s", msg);
 
@@ -890,7 +892,7 @@ START_TEST(test_remote_server_down)
     sleep_ms(o.retry_ms + 50);
     t0 = now_ms();
     ck_assert_int_eq(kvb_remote_contains(r, TKEY, 1, &found), KVB_ERR_IO);
-    ck_assert_int_lt(now_ms() - t0, o.connect_timeout_ms + 100);
+    ck_assert_int_lt(now_ms() - t0, o.connect_timeout_ms + 1000);
     msg = kvb_last_error();
     ck_assert_msg(strstr(msg, "connect: ") != NULL &&
                       strstr(msg, "down since") == NULL,
@@ -916,6 +918,7 @@ START_TEST(test_remote_restart)
     test_redis s;
     redis_start(&s, 0, NULL);
     kvb_remote_options o = test_opts(MIB);
+    o.retry_ms = 2000; /* the fast failure below is told by its message */
     kvb_remote *r = open_port(s.port, 0, &o);
     size_t n = 3 * MIB;
     unsigned char *blob = make_blob(n, 6);
@@ -927,13 +930,13 @@ START_TEST(test_remote_restart)
     size_t len = 0;
     int64_t t0 = now_ms();
     ck_assert_int_eq(kvb_remote_get(r, TKEY, 50, &buf, &len), KVB_ERR_IO);
-    ck_assert_int_lt(now_ms() - t0, 3 * o.command_timeout_ms);
+    ck_assert_int_lt(now_ms() - t0, 5 * o.command_timeout_ms);
     ck_assert_ptr_null(buf);
     ck_assert_msg(strstr(kvb_last_error(), kvb_remote_name(r)) != NULL,
                   "message: %s", kvb_last_error());
     t0 = now_ms();
     ck_assert_int_eq(kvb_remote_put(r, TKEY, 51, blob, n), KVB_ERR_IO);
-    ck_assert_int_lt(now_ms() - t0, 50);
+    ck_assert_int_lt(now_ms() - t0, 1000);
     ck_assert_ptr_nonnull(strstr(kvb_last_error(), "down since"));
 
     redis_start(&s, s.port, NULL);
@@ -975,7 +978,7 @@ START_TEST(test_remote_silent_server)
     int64_t t0 = now_ms();
     ck_assert_int_eq(kvb_remote_get(r, TKEY, 60, &buf, &len), KVB_ERR_IO);
     int64_t took = now_ms() - t0;
-    ck_assert_int_lt(took, 3 * o.command_timeout_ms);
+    ck_assert_int_lt(took, 5 * o.command_timeout_ms);
     ck_assert_int_ge(took, o.command_timeout_ms - 50);
     ck_assert_msg(strstr(kvb_last_error(), "timeout") != NULL,
                   "message: %s", kvb_last_error());
@@ -1001,7 +1004,7 @@ START_TEST(test_remote_silent_server)
     t0 = now_ms();
     int found = -1;
     ck_assert_int_eq(kvb_remote_contains(r1, TKEY, 60, &found), KVB_ERR_IO);
-    ck_assert_int_lt(now_ms() - t0, 50); /* open's attempt failed already */
+    ck_assert_int_lt(now_ms() - t0, 1000); /* open's attempt failed already */
     ck_assert_msg(strstr(kvb_last_error(), "SELECT") != NULL,
                   "message: %s", kvb_last_error());
     free(blob);

@@ -139,6 +139,16 @@ START_TEST(test_tiers_write_behind_then_fetch)
     }
     ck_assert_mem_eq((unsigned char *)blob + kvb_blob_positions_offset(5), POS, sizeof POS);
     kvb_tiers_recycle(t, blob, len, key, hash, remote);
+    /* a lookup-only view (a scheduler's) sees the file without indexing it */
+    kvb_tiers *view = NULL;
+    ck_assert_int_eq(kvb_tiers_open_view(&cfg, &view), KVB_OK);
+    ck_assert_ptr_nonnull(view);
+    ck_assert_int_eq(kvb_tiers_contains(view, key, hash, &found), KVB_OK);
+    ck_assert_int_eq(found, 1);
+    ck_assert_int_eq(kvb_tiers_contains(view, key, hash + 1, &found), KVB_OK);
+    ck_assert_int_eq(found, 0);
+    ck_assert_int_eq(kvb_tiers_flush(view), KVB_OK); /* nothing to write */
+    kvb_tiers_free(view);
     /* the same hash with other tokens (a collision) is refused and dropped */
     const int32_t other[5] = {1, 1, 1, 1, 1};
     ck_assert_int_eq(kvb_tiers_fetch(t, key, hash, &SHAPE, other, 5, &blob, &len, &remote), KVB_OK);

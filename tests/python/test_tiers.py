@@ -229,15 +229,16 @@ def test_two_processes_share_chunks_through_redis(smollm2, redis, tmp_path):
     assert b["tier_key"] == a["tier_key"]
 
 
-def test_wrong_model_fingerprint_never_hits(smollm2, redis, tmp_path):
-    """The same chunks stored by the fp32 build are never served to a bf16
-    build of the same model (another KV dtype: another tier key)."""
+@pytest.mark.parametrize("other", [{"dtype": "bfloat16"}, {"perturb": True}])
+def test_wrong_model_fingerprint_never_hits(smollm2, redis, tmp_path, other):
+    """The chunks the fp32 SmolLM2 stored are never served to a bf16 build
+    of it (another KV dtype) nor to a model of the same architecture and
+    shape with other weights (a fine-tune): another tier key."""
     _, tok = smollm2
     first, second = _prompts(tok)
     env = {**ENV, "LMCACHE_REMOTE_URL": redis.url}
     a = _worker({"dir": str(tmp_path), "env": env, "ratio": 1.0, "prompts": [first]})
-    b = _worker({"dir": str(tmp_path), "env": env, "ratio": 1.0, "dtype": "bfloat16",
-                 "prompts": [second]})
+    b = _worker({"dir": str(tmp_path), "env": env, "ratio": 1.0, "prompts": [second], **other})
     assert b["tier_key"] != a["tier_key"]
     assert b["results"][0]["segments_hit"] == 0 and b["results"][0]["num_cached_tokens"] == 0
     assert b["tiers"]["remote"]["hits"] == 0

@@ -1,6 +1,7 @@
 """One engine process of the tier tests: python tiers_worker.py SPEC.json.
 
 SPEC: {"env": {LMCACHE_*: ...}, "dtype": "float32", "ratio": 1.0,
+       "perturb": false (shift one weight: another model of the same shape),
        "prompts": [[token ids], ...]}.  Runs each prompt through the built-in
 engine with the connector and, in the same process, without it (full
 prefill), then prints one JSON line: per prompt the segment counts, cached
@@ -25,6 +26,9 @@ def main() -> None:
     from kvblend.models import load_model
 
     model, tok = load_model("smollm2", dtype=getattr(torch, spec.get("dtype", "float32")))
+    if spec.get("perturb"):  # other weights, same architecture (a fine-tune)
+        with torch.no_grad():
+            model.model.norm.weight.add_(1e-3)
     ktc = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
                            kv_role="kv_both",
                            kv_connector_extra_config={"kvblend.recompute_ratios": [spec["ratio"]]})

@@ -682,8 +682,12 @@ class KVBlendConnector(KVConnectorBase_V1):
                            "self-test", name)
         self._conn = new_connector()
         self._rank, self._tp_size, self._tp_group = _tp() if self._in_vllm else (0, 1, None)
-        # each rank stores its own KV heads: its own key in the lower tiers
+        # each rank stores its own KV heads: its own key in the lower tiers;
+        # entries there outlive this process and are shared, so the key
+        # also names the weights (a fine-tune never reads its base's KV)
         self._conn.set_shard(self._rank, max(1, self._tp_size))
+        if self._conn.tier_stats() is not None:
+            self._conn.set_model_id(weights_digest(model))
         self._conn.watch_store(True)
         self._tier_last: dict[str, int] = {}
         runtime.register_worker(self)  # kvblend.store_stats()
@@ -930,10 +934,41 @@ SAVE_ARG = "kvblend_save"
 
 
 def _safe_url(url: str | None) -> str | None:
-    """``url`` with its password masked, for logs."""
-    if not url:
+    """``url`` with its password masked, for logs (the userinfo ends at the
+    last '@', as the C parser reads it: a password may hold '@' or '/')."""
+    if not url or "://" not in url:
         return url
-    return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
+    scheme, rest = url.split("://", 1)
+    at = rest.rfind("@")
+    if at < 0:
+        return url
+    user = rest[:at].split(":", 1)[0] if ":" in rest[:at] else rest[:at]
+    masked = f"{user}:***" if ":" in rest[:at] else user
+    return f"{scheme}://{masked}@{rest[at + 1:]}"
+
+
+def weights_digest(model) -> bytes:
+    """SHA-256 of the model's parameters' names, shapes, dtypes and up to 64
+    evenly spaced values of each: two builds of one architecture (a base
+    model and its fine-tune, two quantizations) differ here."""
+    import hashlib
+
+    h = hashlib.sha256()
+    samples = []
+    for name, p in model.named_parameters():
+        t = p.detach().reshape(-1)
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+        if t.numel():
+            k = min(64, t.numel())  # evenly spaced, in integers (exact)
+            idx = torch.arange(k, device=t.device) * (t.numel() - 1) // max(k - 1, 1)
+            samples.append(t[idx].float())
+    if samples:
+        try:
+            flat = torch.cat(samples).cpu()  # one copy from the device
+        except RuntimeError:  # parameters on several devices
+            flat = torch.cat([s.cpu() for s in samples])
+        h.update(flat.numpy().tobytes())
+    return h.digest()
 
 
 def _extra_args(request) -> dict:
