@@ -354,6 +354,20 @@ static kvb_status cfg_set_extra(kvb_config *c, const char *name,
                                 const char *value)
 {
     size_t n = strlen(value);
+    /* cJSON cuts strings at an escaped NUL: "enable_sparse\u0000x" would
+     * read as enable_sparse.  No setting needs one: refused. */
+    for (size_t i = 0; i + 1 < n; i++) {
+        if (value[i] != '\\') {
+            continue;
+        }
+        if (value[i + 1] == 'u' && i + 5 < n && value[i + 2] == '0' &&
+            value[i + 3] == '0' && value[i + 4] == '0' &&
+            value[i + 5] == '0') {
+            return cfg_fail(name, value, "invalid JSON at byte %zu: \\u0000 "
+                            "(an escaped NUL) is not supported", i);
+        }
+        i++; /* the escaped character */
+    }
     const char *end = NULL;
     /* the end pointer, not cJSON_GetErrorPtr (a global): thread-safe */
     cJSON *root = cJSON_ParseWithLengthOpts(value, n, &end, 0);

@@ -380,6 +380,8 @@ static const bad_value kBadValues[] = {
     {"LMCACHE_EXTRA_CONFIG", "{\"a\": \"\\q\"}", "invalid JSON at byte"},
     {"LMCACHE_EXTRA_CONFIG", "{\"a\": \"\\uD800\"}", "invalid JSON at byte"},
     {"LMCACHE_EXTRA_CONFIG", "{\"a\": \"\\uDC00\"}", "invalid JSON at byte"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\\u0000x\": true}",
+     "invalid JSON at byte 15: \\u0000 (an escaped NUL) is not supported"},
 };
 
 START_TEST(test_config_set_rejects_bad_values)

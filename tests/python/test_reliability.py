@@ -231,8 +231,9 @@ def test_settings_with_nul_or_bad_utf8_named():
     with pytest.raises(InvalidError, match="LMCACHE_EXTRA_CONFIG: the value is not valid UTF-8"):
         Config.from_items({"LMCACHE_EXTRA_CONFIG": '{"a": "\xff"}'.encode("latin-1")
                            .decode("utf-8", "surrogateescape")})
-    c = Config.from_items({"LMCACHE_EXTRA_CONFIG": '{"enable_sparse\\u0000x": true}'})
-    assert c.enable_sparse is False
+    # an escaped NUL would cut a key short (cJSON): refused, never misread
+    with pytest.raises(InvalidError, match="escaped NUL"):
+        Config.from_items({"LMCACHE_EXTRA_CONFIG": '{"enable_sparse\\u0000x": true}'})
     assert Config.from_items({"KVBLEND_VERIFY_CHECKSUMS": "1"}).verify_checksums == "true"
     assert Config.default().verify_checksums == "auto"
     with pytest.raises(InvalidError, match="KVBLEND_NUM_THREADS.*expected 0 \\(all cores\\) to 256"):
