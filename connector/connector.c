@@ -277,6 +277,7 @@ kvb_status kvb_connector_create(const kvb_config *cfg,
     }
     /* KVBLEND_LOG_LEVEL; the host program's sink, if any, stays */
     kvb_set_log_level(cfg->log_level);
+    kvb_config_log_compat(cfg);
     /* KVBLEND_NUM_THREADS (validated above) caps the CPU ops' threads;
      * the setting is process-wide, the last connector's wins. */
     (void)kvb_cpu_set_threads(cfg->num_threads);

@@ -21,6 +21,7 @@
 #include <limits.h>
 #include <math.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,6 +40,43 @@ extern char **environ;
 /* Longest number (after trimming) the scalar parsers accept, in bytes;
  * longer text is rejected before parsing. */
 #define KVB_CFG_TOKEN_MAX 64
+
+/* One row of the settings table (at the end of the file). */
+typedef struct cfg_setting cfg_setting;
+
+/* How a setting is stored and checked.  CFG_LIST and CFG_TEXT settings
+ * bring their own parser (and a checker for hand-filled structs). */
+typedef enum cfg_type {
+    CFG_BOOL,   /* int, 0 or 1 */
+    CFG_INT,    /* int or int64_t within [min, max] */
+    CFG_NUMBER, /* finite double within [min, max] */
+    CFG_ENUM,   /* int-sized enum: base + index of a word */
+    CFG_LIST,   /* its parser fills an array and its count */
+    CFG_TEXT,   /* its parser fills a char array */
+    CFG_CHECK   /* no field: the value is only checked */
+} cfg_type;
+
+typedef kvb_status (*cfg_parse_fn)(kvb_config *c, const cfg_setting *s,
+                                   const char *value);
+typedef kvb_status (*cfg_check_fn)(const kvb_config *c,
+                                   const cfg_setting *s);
+
+struct cfg_setting {
+    const char *name;    /* the variable */
+    const char *key;     /* the field; NULL for CFG_CHECK */
+    cfg_type type;
+    size_t offset;       /* of the field (CFG_LIST: of the array) */
+    size_t size;         /* of the field (CFG_INT: 4 or 8) */
+    size_t count_offset; /* CFG_LIST: of the int count */
+    const char *def;     /* default, parsed like a value; NULL: zero */
+    double min, max;     /* CFG_INT, CFG_NUMBER */
+    const char *words;   /* CFG_ENUM: "a|b|c" in the order of the values */
+    int base;            /* CFG_ENUM: value of the first word */
+    const char *expect;  /* what a bad value is told to be */
+    unsigned flags;      /* KVB_SETTING_COMPAT */
+    cfg_parse_fn parse;  /* replaces the type's parser when set */
+    cfg_check_fn check;  /* CFG_LIST, CFG_TEXT: checks a filled struct */
+};
 
 /* ------------------------------------------------------------------------ */
 /* Messages                                                                   */
@@ -253,9 +291,10 @@ static const char *cfg_item_str(const cfg_item *it, char *buf, size_t cap)
 }
 
 /* Parses LMCACHE_BLEND_CHECK_LAYERS: integers >= 0, strictly increasing. */
-static kvb_status cfg_set_check_layers(kvb_config *c, const char *name,
-                                       const char *value)
+static kvb_status cfg_parse_check_layers(kvb_config *c, const cfg_setting *s,
+                                         const char *value)
 {
+    const char *name = s->name;
     cfg_item items[KVB_MAX_CHECK_LAYERS];
     int n = 0;
     kvb_status st = cfg_split_list(name, value, items, &n);
@@ -350,9 +389,10 @@ static const char *json_kind_str(const cJSON *v)
  * (surrounded by whitespace at most).  Sets enable_sparse when the object
  * has that key with a boolean value; other keys are ignored.  Errors name
  * the byte where parsing stopped. */
-static kvb_status cfg_set_extra(kvb_config *c, const char *name,
-                                const char *value)
+static kvb_status cfg_parse_extra(kvb_config *c, const cfg_setting *s,
+                                  const char *value)
 {
+    const char *name = s->name;
     size_t n = strlen(value);
     /* cJSON cuts strings at an escaped NUL: "enable_sparse\u0000x" would
      * read as enable_sparse.  No setting needs one: refused. */
@@ -407,34 +447,8 @@ static kvb_status cfg_set_extra(kvb_config *c, const char *name,
 }
 
 /* ------------------------------------------------------------------------ */
-/* Per-variable setters                                                       */
+/* Words, paths and URLs                                                      */
 /* ------------------------------------------------------------------------ */
-
-/* Parses a boolean variable into *dst, leaving it untouched on failure. */
-static kvb_status cfg_set_bool(const char *name, const char *value, int *dst)
-{
-    if (cfg_parse_bool(value, dst) != 0) {
-        return cfg_fail(name, value, "expected True, False, true, false, 1 "
-                        "or 0");
-    }
-    return KVB_OK;
-}
-
-/* Parses a size in GB: a finite number >= 0. */
-static kvb_status cfg_set_size(const char *name, const char *value,
-                               double *dst)
-{
-    double v = 0;
-    if (cfg_parse_double(value, strlen(value), &v) != 0) {
-        return cfg_fail(name, value, "expected a finite number of GB >= 0");
-    }
-    if (v < 0) {
-        return cfg_fail(name, value, "size is negative; expected a number "
-                        "of GB >= 0");
-    }
-    *dst = v + 0.0; /* turns -0.0 into 0.0 */
-    return KVB_OK;
-}
 
 /* Copies `value` after lower-casing and trimming into `buf`; returns 0, or
  * -1 when it does not fit. */
@@ -450,20 +464,56 @@ static int cfg_lower_trim(const char *value, char *buf, size_t cap)
 }
 
 /* Index of `value` (case-insensitive, surrounding whitespace ignored) in
- * words[0..n), or -1.  The words of an enum setting are listed in the
- * order of its enum values, so the index is the value. */
-static int cfg_word_index(const char *value, const char *const *words, int n)
+ * the '|'-separated `words`, or -1. */
+static int cfg_word_index(const char *value, const char *words)
 {
-    char buf[16];
+    char buf[32];
     if (cfg_lower_trim(value, buf, sizeof buf) != 0) {
         return -1;
     }
-    for (int i = 0; i < n; i++) {
-        if (!strcmp(buf, words[i])) {
+    size_t len = strlen(buf);
+    int i = 0;
+    for (const char *w = words; *w != '\0'; i++) {
+        size_t wl = strcspn(w, "|");
+        if (wl == len && !strncmp(w, buf, len)) {
             return i;
         }
+        w += wl + (w[wl] == '|');
     }
     return -1;
+}
+
+/* Writes word `i` of the '|'-separated `words` into buf; "" when there is
+ * no such word. */
+static const char *cfg_word_at(const char *words, int i, char *buf,
+                               size_t cap)
+{
+    buf[0] = '\0';
+    for (const char *w = words; *w != '\0' && i >= 0; i--) {
+        size_t wl = strcspn(w, "|");
+        if (i == 0) {
+            snprintf(buf, cap, "%.*s", (int)wl, w);
+        }
+        w += wl + (w[wl] == '|');
+    }
+    return buf;
+}
+
+/* "a, b or c" for the words "a|b|c". */
+static const char *cfg_word_list(const char *words, char *buf, size_t cap)
+{
+    char w[32];
+    int n = 0;
+    while (cfg_word_at(words, n, w, sizeof w)[0] != '\0') {
+        n++;
+    }
+    buf[0] = '\0';
+    for (int i = 0; i < n; i++) {
+        size_t at = strlen(buf);
+        snprintf(buf + at, cap - at, "%s%s", i == 0 ? "" : i == n - 1 ? " or "
+                 : ", ", cfg_word_at(words, i, w, sizeof w));
+    }
+    return buf;
 }
 
 /* Returns 1 when `value` (trimmed) is empty or LMCache's "None". */
@@ -476,11 +526,238 @@ static int cfg_is_none(const char *value)
     return buf[0] == '\0' || !strcmp(buf, "None") || !strcmp(buf, "none");
 }
 
-/* Parses LMCACHE_LOCAL_DISK: "file://" + path (LMCache's form:
- * "file:///abs/" is /abs/, "file://rel/" the relative folder rel/) or a
- * plain path; empty or None turns the disk tier off. */
-static kvb_status cfg_set_disk(kvb_config *c, const char *name,
-                               const char *value)
+/* ------------------------------------------------------------------------ */
+/* The settings table                                                         */
+/* ------------------------------------------------------------------------ */
+
+
+/* Reads or writes an integer field of 4 or 8 bytes. */
+static int64_t cfg_get_int(const kvb_config *c, const cfg_setting *s)
+{
+    const char *p = (const char *)c + s->offset;
+    if (s->size == sizeof(int64_t)) {
+        int64_t v;
+        memcpy(&v, p, sizeof v);
+        return v;
+    }
+    int v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static void cfg_put_int(kvb_config *c, const cfg_setting *s, int64_t v)
+{
+    char *p = (char *)c + s->offset;
+    if (s->size == sizeof(int64_t)) {
+        memcpy(p, &v, sizeof v);
+    } else {
+        int iv = (int)v;
+        memcpy(p, &iv, sizeof iv);
+    }
+}
+
+static double cfg_get_number(const kvb_config *c, const cfg_setting *s)
+{
+    double v;
+    memcpy(&v, (const char *)c + s->offset, sizeof v);
+    return v;
+}
+
+/* The generic parser of CFG_BOOL, CFG_INT, CFG_NUMBER and CFG_ENUM. */
+static kvb_status cfg_parse_value(kvb_config *c, const cfg_setting *s,
+                                  const char *value)
+{
+    int b = 0;
+    int64_t iv = 0;
+    double dv = 0;
+    char words[128];
+    switch (s->type) {
+    case CFG_BOOL:
+        if (cfg_parse_bool(value, &b) != 0) {
+            return cfg_fail(s->name, value, "expected True, False, true, "
+                            "false, 1 or 0");
+        }
+        cfg_put_int(c, s, b);
+        return KVB_OK;
+    case CFG_INT:
+        if (cfg_parse_int(value, strlen(value), &iv) != 0) {
+            return cfg_fail(s->name, value, "expected %s", s->expect);
+        }
+        if ((double)iv < s->min || (double)iv > s->max) {
+            return cfg_fail(s->name, value, "%lld is out of range; expected "
+                            "%s", (long long)iv, s->expect);
+        }
+        cfg_put_int(c, s, iv);
+        return KVB_OK;
+    case CFG_NUMBER:
+        if (cfg_parse_double(value, strlen(value), &dv) != 0) {
+            return cfg_fail(s->name, value, "expected %s", s->expect);
+        }
+        if (dv < s->min || dv > s->max) {
+            return cfg_fail(s->name, value, "%g is out of range; expected %s",
+                            dv, s->expect);
+        }
+        dv += 0.0; /* turns -0.0 into 0.0 */
+        memcpy((char *)c + s->offset, &dv, sizeof dv);
+        return KVB_OK;
+    case CFG_ENUM:
+        iv = cfg_word_index(value, s->words);
+        if (iv < 0) {
+            return cfg_fail(s->name, value, "expected %s",
+                            cfg_word_list(s->words, words, sizeof words));
+        }
+        cfg_put_int(c, s, s->base + iv);
+        return KVB_OK;
+    default:
+        return kvb_fail(KVB_ERR_INTERNAL, "%s: no parser", s->name);
+    }
+}
+
+/* Checks a CFG_BOOL, CFG_INT, CFG_NUMBER or CFG_ENUM field of a struct a
+ * caller may have filled by hand. */
+static kvb_status cfg_check_value(const kvb_config *c, const cfg_setting *s)
+{
+    char words[128];
+    if (s->type == CFG_NUMBER) {
+        double v = cfg_get_number(c, s);
+        if (!isfinite(v) || v < s->min || v > s->max) {
+            return kvb_fail(KVB_ERR_INVALID, "%s: %s=%g; expected %s",
+                            s->name, s->key, v, s->expect);
+        }
+        return KVB_OK;
+    }
+    int64_t v = cfg_get_int(c, s);
+    if (s->type == CFG_BOOL && v != 0 && v != 1) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: %s=%lld; expected 0 or 1",
+                        s->name, s->key, (long long)v);
+    }
+    if (s->type == CFG_INT && ((double)v < s->min || (double)v > s->max)) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: %s=%lld; expected %s", s->name,
+                        s->key, (long long)v, s->expect);
+    }
+    if (s->type == CFG_ENUM) {
+        char w[32];
+        if (cfg_word_at(s->words, (int)(v - s->base), w, sizeof w)[0] == '\0') {
+            return kvb_fail(KVB_ERR_INVALID, "%s: %s=%lld; expected %s",
+                            s->name, s->key, (long long)v,
+                            cfg_word_list(s->words, words, sizeof words));
+        }
+    }
+    return KVB_OK;
+}
+
+/* ---- parsers and checkers of single settings ---- */
+
+static kvb_status cfg_parse_special(kvb_config *c, const cfg_setting *s,
+                                    const char *value)
+{
+    size_t len = strlen(value);
+    if (len == 0) {
+        return cfg_fail(s->name, value, "the separator string is empty");
+    }
+    if (len >= KVB_MAX_SPECIAL_STR) {
+        return cfg_fail(s->name, value, "the separator string has %zu bytes; "
+                        "at most %d are allowed", len, KVB_MAX_SPECIAL_STR - 1);
+    }
+    memcpy(c->blend_special_str, value, len + 1);
+    return KVB_OK;
+}
+
+static kvb_status cfg_check_special(const kvb_config *c,
+                                    const cfg_setting *s)
+{
+    if (memchr(c->blend_special_str, '\0', KVB_MAX_SPECIAL_STR) == NULL ||
+        c->blend_special_str[0] == '\0') {
+        return kvb_fail(KVB_ERR_INVALID, "%s: the separator string is %s",
+                        s->name, c->blend_special_str[0] == '\0'
+                                     ? "empty" : "not NUL-terminated");
+    }
+    return KVB_OK;
+}
+
+static kvb_status cfg_check_check_layers(const kvb_config *c,
+                                         const cfg_setting *s)
+{
+    int nl = c->num_check_layers;
+    if (nl < 1 || nl > KVB_MAX_CHECK_LAYERS) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: num_check_layers=%d; expected "
+                        "1..%d", s->name, nl, KVB_MAX_CHECK_LAYERS);
+    }
+    for (int i = 0; i < nl; i++) {
+        if (c->check_layers[i] < 0 ||
+            (i > 0 && c->check_layers[i] <= c->check_layers[i - 1])) {
+            return kvb_fail(KVB_ERR_INVALID, "%s: check_layers[%d]=%d; "
+                            "layers must be >= 0 and strictly increasing",
+                            s->name, i, (int)c->check_layers[i]);
+        }
+    }
+    return KVB_OK;
+}
+
+static kvb_status cfg_parse_ratios(kvb_config *c, const cfg_setting *s,
+                                   const char *value)
+{
+    return cfg_set_floats(s->name, value, 1, c->recompute_ratios,
+                          &c->num_recompute_ratios);
+}
+
+static kvb_status cfg_parse_thresholds(kvb_config *c, const cfg_setting *s,
+                                       const char *value)
+{
+    return cfg_set_floats(s->name, value, 0, c->thresholds,
+                          &c->num_thresholds);
+}
+
+/* Ratios and thresholds: one value per check layer or one for all (none
+ * also for thresholds), each within its range. */
+static kvb_status cfg_check_floats(const kvb_config *c, const cfg_setting *s)
+{
+    int is_ratio = s->parse == cfg_parse_ratios;
+    int n = is_ratio ? c->num_recompute_ratios : c->num_thresholds;
+    const float *v = is_ratio ? c->recompute_ratios : c->thresholds;
+    int nl = c->num_check_layers;
+    if (n != 1 && n != nl && (is_ratio || n != 0)) {
+        return kvb_fail(KVB_ERR_INVALID, "%s has %d values but "
+                        "LMCACHE_BLEND_CHECK_LAYERS has %d layers; give one "
+                        "%s per check layer or a single %s for all",
+                        s->name, n, nl, is_ratio ? "ratio" : "threshold",
+                        is_ratio ? "ratio" : "threshold");
+    }
+    for (int i = 0; i < n; i++) {
+        if (is_ratio && (!(v[i] > 0.0f) || v[i] > 1.0f)) {
+            return kvb_fail(KVB_ERR_INVALID, "%s: recompute_ratios[%d]=%g is "
+                            "outside (0, 1]", s->name, i, (double)v[i]);
+        }
+        if (!is_ratio && (!(v[i] >= 0.0f) || !isfinite(v[i]))) {
+            return kvb_fail(KVB_ERR_INVALID, "%s: thresholds[%d]=%g; expected "
+                            "a finite value >= 0", s->name, i, (double)v[i]);
+        }
+    }
+    return KVB_OK;
+}
+
+/* KVBLEND_VERIFY_CHECKSUMS: a boolean or "auto" (-1). */
+static kvb_status cfg_parse_checksums(kvb_config *c, const cfg_setting *s,
+                                      const char *value)
+{
+    int b = 0;
+    if (cfg_word_index(value, "auto") == 0) {
+        c->verify_checksums = -1;
+        return KVB_OK;
+    }
+    if (cfg_parse_bool(value, &b) != 0) {
+        return cfg_fail(s->name, value, "expected auto, True, False, true, "
+                        "false, 1 or 0");
+    }
+    c->verify_checksums = b;
+    return KVB_OK;
+}
+
+/* LMCACHE_LOCAL_DISK: "file://" + path (LMCache's form: "file:///abs/" is
+ * /abs/, "file://rel/" the relative folder rel/) or a plain path; empty or
+ * None turns the disk tier off. */
+static kvb_status cfg_parse_disk(kvb_config *c, const cfg_setting *s,
+                                 const char *value)
 {
     if (cfg_is_none(value)) {
         c->local_disk[0] = '\0';
@@ -490,26 +767,26 @@ static kvb_status cfg_set_disk(kvb_config *c, const char *name,
     if (!strncmp(path, "file://", 7)) {
         path += 7;
     } else if (strstr(path, "://") != NULL) {
-        return cfg_fail(name, value, "expected a folder as file:///path/ or "
-                        "a plain path");
+        return cfg_fail(s->name, value, "expected a folder as file:///path/ "
+                        "or a plain path");
     }
     size_t len = strlen(path);
     if (len == 0) {
-        return cfg_fail(name, value, "the folder is empty");
+        return cfg_fail(s->name, value, "the folder is empty");
     }
     if (len >= KVB_MAX_PATH) {
-        return cfg_fail(name, value, "the path has %zu bytes; at most %d are "
-                        "allowed", len, KVB_MAX_PATH - 1);
+        return cfg_fail(s->name, value, "the path has %zu bytes; at most %d "
+                        "are allowed", len, KVB_MAX_PATH - 1);
     }
     memcpy(c->local_disk, path, len + 1);
     return KVB_OK;
 }
 
-/* Parses LMCACHE_REMOTE_URL: redis:// or valkey:// (the server is parsed
- * and reached when a connector opens the tier); empty or None turns the
- * remote tier off.  LMCache's other backends are named in the refusal. */
-static kvb_status cfg_set_remote(kvb_config *c, const char *name,
-                                 const char *value)
+/* LMCACHE_REMOTE_URL: redis:// or valkey:// (the server is parsed and
+ * reached when a connector opens the tier); empty or None turns the remote
+ * tier off.  LMCache's other backends are named in the refusal. */
+static kvb_status cfg_parse_remote(kvb_config *c, const cfg_setting *s,
+                                   const char *value)
 {
     if (cfg_is_none(value)) {
         c->remote_url[0] = '\0';
@@ -518,50 +795,148 @@ static kvb_status cfg_set_remote(kvb_config *c, const char *name,
     size_t len = strlen(value);
     if (strncmp(value, "redis://", 8) != 0 &&
         strncmp(value, "valkey://", 9) != 0) {
-        return cfg_fail(name, value, "expected redis://host:port or "
+        return cfg_fail(s->name, value, "expected redis://host:port or "
                         "valkey://host:port (kvblend does not implement "
                         "LMCache's lm://, mooncakestore://, s3:// or other "
                         "remote backends)");
     }
     if (len >= KVB_MAX_PATH) {
-        return cfg_fail(name, value, "the URL has %zu bytes; at most %d are "
-                        "allowed", len, KVB_MAX_PATH - 1);
+        return cfg_fail(s->name, value, "the URL has %zu bytes; at most %d "
+                        "are allowed", len, KVB_MAX_PATH - 1);
     }
     memcpy(c->remote_url, value, len + 1);
     return KVB_OK;
 }
 
+/* The disk folder and the remote URL must be NUL-terminated; a disk folder
+ * needs a size. */
+static kvb_status cfg_check_path(const kvb_config *c, const cfg_setting *s)
+{
+    const char *v = (const char *)c + s->offset;
+    if (memchr(v, '\0', KVB_MAX_PATH) == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "%s is not NUL-terminated", s->name);
+    }
+    if (v == c->local_disk && v[0] != '\0' &&
+        !(c->max_local_disk_size_gb > 0)) {
+        return kvb_fail(KVB_ERR_INVALID, "LMCACHE_LOCAL_DISK=%s is set but "
+                        "LMCACHE_MAX_LOCAL_DISK_SIZE is 0; give the disk "
+                        "tier a size in GB", v);
+    }
+    return KVB_OK;
+}
+
+/* LMCACHE_REMOTE_SERDE: only "naive" (or unset). */
+static kvb_status cfg_parse_serde(kvb_config *c, const cfg_setting *s,
+                                  const char *value)
+{
+    (void)c;
+    if (cfg_is_none(value) || cfg_word_index(value, "naive") == 0) {
+        return KVB_OK;
+    }
+    return cfg_fail(s->name, value, "expected naive: kvblend keeps entries in "
+                    "its own checked format (cachegen is not supported)");
+}
+
+/* KVBLEND_MODEL_CACHE: the Python model loader's folder; any value. */
+static kvb_status cfg_parse_any(kvb_config *c, const cfg_setting *s,
+                                const char *value)
+{
+    (void)c;
+    (void)s;
+    (void)value;
+    return KVB_OK;
+}
+
+_Static_assert(sizeof(kvb_deviation_kind) == sizeof(int) &&
+                   sizeof(kvb_selection_kind) == sizeof(int) &&
+                   sizeof(kvb_log_level) == sizeof(int),
+               "enum settings are stored as int");
+_Static_assert(KVB_DEVIATION_K == 0 && KVB_DEVIATION_KV == 2 &&
+                   KVB_SELECT_DEVIATION == 0 &&
+                   KVB_SELECT_QUERY_DEVIATION == 2 && KVB_LOG_DEBUG == 0 &&
+                   KVB_LOG_ERROR == 3,
+               "the words of an enum setting follow its values");
+
+#define F(field) offsetof(kvb_config, field), sizeof(((kvb_config *)0)->field)
+#define GB_MAX 1e15 /* a petabyte: a bound only against overflow */
+
 /* Every variable kvblend reads, in the order kvb_config_from_env applies
- * them. */
-static const char *const kvb_config_names[] = {
-    "LMCACHE_ENABLE_BLENDING",
-    "LMCACHE_BLEND_SPECIAL_STR",
-    "LMCACHE_USE_LAYERWISE",
-    "LMCACHE_BLEND_CHECK_LAYERS",
-    "LMCACHE_BLEND_RECOMPUTE_RATIOS",
-    "LMCACHE_BLEND_THRESHOLDS",
-    "LMCACHE_CHUNK_SIZE",
-    "LMCACHE_LOCAL_CPU",
-    "LMCACHE_MAX_LOCAL_CPU_SIZE",
-    "LMCACHE_EXTRA_CONFIG",
-    "KVBLEND_MAX_DEVICE_SIZE",
-    "KVBLEND_DEVIATION",
-    "KVBLEND_SELECTION",
-    "KVBLEND_BOUNDARY_TOKENS",
-    "KVBLEND_SELF_TEST",
-    "KVBLEND_NUM_THREADS",
-    "KVBLEND_LOG_LEVEL",
-    "KVBLEND_VERIFY_CHECKSUMS",
-    "KVBLEND_MODEL_CACHE",
-    "LMCACHE_LOCAL_DISK",
-    "LMCACHE_MAX_LOCAL_DISK_SIZE",
-    "LMCACHE_REMOTE_URL",
-    "LMCACHE_REMOTE_SERDE",
-    "KVBLEND_REMOTE_TIMEOUT_MS",
-    "KVBLEND_REMOTE_PART_SIZE",
+ * them (check layers before the lists counted against them). */
+static const cfg_setting kvb_settings[] = {
+    {.name = "LMCACHE_ENABLE_BLENDING", .key = "enable_blending",
+     .type = CFG_BOOL, F(enable_blending), .def = "False"},
+    {.name = "LMCACHE_BLEND_SPECIAL_STR", .key = "blend_special_str",
+     .type = CFG_TEXT, F(blend_special_str), .def = " # # ",
+     .parse = cfg_parse_special, .check = cfg_check_special},
+    {.name = "LMCACHE_USE_LAYERWISE", .key = "use_layerwise",
+     .type = CFG_BOOL, F(use_layerwise), .def = "False",
+     .flags = KVB_SETTING_COMPAT},
+    {.name = "LMCACHE_BLEND_CHECK_LAYERS", .key = "check_layers",
+     .type = CFG_LIST, F(check_layers),
+     .count_offset = offsetof(kvb_config, num_check_layers), .def = "1",
+     .parse = cfg_parse_check_layers, .check = cfg_check_check_layers},
+    {.name = "LMCACHE_BLEND_RECOMPUTE_RATIOS", .key = "recompute_ratios",
+     .type = CFG_LIST, F(recompute_ratios),
+     .count_offset = offsetof(kvb_config, num_recompute_ratios),
+     .def = "0.15", .parse = cfg_parse_ratios, .check = cfg_check_floats},
+    {.name = "LMCACHE_BLEND_THRESHOLDS", .key = "thresholds",
+     .type = CFG_LIST, F(thresholds),
+     .count_offset = offsetof(kvb_config, num_thresholds),
+     .parse = cfg_parse_thresholds, .check = cfg_check_floats,
+     .flags = KVB_SETTING_COMPAT},
+    {.name = "LMCACHE_CHUNK_SIZE", .key = "chunk_size", .type = CFG_INT,
+     F(chunk_size), .def = "256", .min = 1, .max = 9.2e18,
+     .expect = "an integer > 0", .flags = KVB_SETTING_COMPAT},
+    {.name = "LMCACHE_LOCAL_CPU", .key = "local_cpu", .type = CFG_BOOL,
+     F(local_cpu), .def = "True"},
+    {.name = "LMCACHE_MAX_LOCAL_CPU_SIZE", .key = "max_local_cpu_size_gb",
+     .type = CFG_NUMBER, F(max_local_cpu_size_gb), .def = "5", .min = 0,
+     .max = GB_MAX, .expect = "a finite number of GB >= 0"},
+    {.name = "LMCACHE_EXTRA_CONFIG", .key = "enable_sparse",
+     .type = CFG_BOOL, F(enable_sparse), .parse = cfg_parse_extra,
+     .flags = KVB_SETTING_COMPAT},
+    {.name = "KVBLEND_MAX_DEVICE_SIZE", .key = "max_device_size_gb",
+     .type = CFG_NUMBER, F(max_device_size_gb), .def = "0", .min = 0,
+     .max = GB_MAX, .expect = "a finite number of GB >= 0"},
+    {.name = "KVBLEND_DEVIATION", .key = "deviation", .type = CFG_ENUM,
+     F(deviation), .def = "kv", .words = "k|v|kv"},
+    {.name = "KVBLEND_SELECTION", .key = "selection", .type = CFG_ENUM,
+     F(selection), .def = "query_deviation",
+     .words = "deviation|query|query_deviation"},
+    {.name = "KVBLEND_BOUNDARY_TOKENS", .key = "boundary_tokens",
+     .type = CFG_INT, F(boundary_tokens), .def = "4", .min = 0,
+     .max = KVB_MAX_BOUNDARY_TOKENS, .expect = "an integer from 0 to 4096"},
+    {.name = "KVBLEND_SELF_TEST", .key = "self_test", .type = CFG_BOOL,
+     F(self_test), .def = "True"},
+    {.name = "KVBLEND_NUM_THREADS", .key = "num_threads", .type = CFG_INT,
+     F(num_threads), .def = "0", .min = 0, .max = KVB_MAX_CPU_THREADS,
+     .expect = "0 (all cores) to 256"},
+    {.name = "KVBLEND_LOG_LEVEL", .key = "log_level", .type = CFG_ENUM,
+     F(log_level), .def = "warning", .words = "debug|info|warning|error"},
+    {.name = "KVBLEND_VERIFY_CHECKSUMS", .key = "verify_checksums",
+     .type = CFG_ENUM, F(verify_checksums), .def = "auto",
+     .words = "auto|false|true", .base = -1, .parse = cfg_parse_checksums},
+    {.name = "KVBLEND_MODEL_CACHE", .type = CFG_CHECK,
+     .parse = cfg_parse_any},
+    {.name = "LMCACHE_LOCAL_DISK", .key = "local_disk", .type = CFG_TEXT,
+     F(local_disk), .parse = cfg_parse_disk, .check = cfg_check_path},
+    {.name = "LMCACHE_MAX_LOCAL_DISK_SIZE", .key = "max_local_disk_size_gb",
+     .type = CFG_NUMBER, F(max_local_disk_size_gb), .def = "0", .min = 0,
+     .max = GB_MAX, .expect = "a finite number of GB >= 0"},
+    {.name = "LMCACHE_REMOTE_URL", .key = "remote_url", .type = CFG_TEXT,
+     F(remote_url), .parse = cfg_parse_remote, .check = cfg_check_path},
+    {.name = "LMCACHE_REMOTE_SERDE", .type = CFG_CHECK,
+     .parse = cfg_parse_serde},
+    {.name = "KVBLEND_REMOTE_TIMEOUT_MS", .key = "remote_timeout_ms",
+     .type = CFG_INT, F(remote_timeout_ms), .def = "1000", .min = 1,
+     .max = 600000,
+     .expect = "an integer number of milliseconds from 1 to 600000"},
+    {.name = "KVBLEND_REMOTE_PART_SIZE", .key = "remote_part_size_mb",
+     .type = CFG_NUMBER, F(remote_part_size_mb), .def = "8", .min = 0.0625,
+     .max = 512, .expect = "a number of MB from 0.0625 to 512"},
 };
-#define KVB_CONFIG_NUM_NAMES \
-    ((int)(sizeof kvb_config_names / sizeof kvb_config_names[0]))
+#undef F
+#define KVB_NUM_SETTINGS ((int)(sizeof kvb_settings / sizeof kvb_settings[0]))
 
 /* Returns 1 when `name` starts with `prefix`. */
 static int cfg_has_prefix(const char *name, const char *prefix)
@@ -569,175 +944,24 @@ static int cfg_has_prefix(const char *name, const char *prefix)
     return strncmp(name, prefix, strlen(prefix)) == 0;
 }
 
-/* Parses one known variable into `c` (a scratch copy).  Returns KVB_OK,
- * KVB_ERR_INVALID with the message set, or KVB_ERR_NOT_FOUND (no message)
- * when `name` is not one kvblend reads. */
-static kvb_status cfg_apply(kvb_config *c, const char *name,
+/* The setting named `name` (`len` bytes), or NULL. */
+static const cfg_setting *cfg_find(const char *name, size_t len)
+{
+    for (int i = 0; i < KVB_NUM_SETTINGS; i++) {
+        if (strlen(kvb_settings[i].name) == len &&
+            !strncmp(kvb_settings[i].name, name, len)) {
+            return &kvb_settings[i];
+        }
+    }
+    return NULL;
+}
+
+/* Parses `value` into `c` with the setting's parser. */
+static kvb_status cfg_apply(kvb_config *c, const cfg_setting *s,
                             const char *value)
 {
-    char buf[16];
-    int64_t iv = 0;
-    if (!strcmp(name, "LMCACHE_ENABLE_BLENDING")) {
-        return cfg_set_bool(name, value, &c->enable_blending);
-    }
-    if (!strcmp(name, "LMCACHE_BLEND_SPECIAL_STR")) {
-        size_t len = strlen(value);
-        if (len == 0) {
-            return cfg_fail(name, value, "the separator string is empty");
-        }
-        if (len >= KVB_MAX_SPECIAL_STR) {
-            return cfg_fail(name, value, "the separator string has %zu "
-                            "bytes; at most %d are allowed", len,
-                            KVB_MAX_SPECIAL_STR - 1);
-        }
-        memcpy(c->blend_special_str, value, len + 1);
-        return KVB_OK;
-    }
-    if (!strcmp(name, "LMCACHE_USE_LAYERWISE")) {
-        return cfg_set_bool(name, value, &c->use_layerwise);
-    }
-    if (!strcmp(name, "LMCACHE_BLEND_CHECK_LAYERS")) {
-        return cfg_set_check_layers(c, name, value);
-    }
-    if (!strcmp(name, "LMCACHE_BLEND_RECOMPUTE_RATIOS")) {
-        return cfg_set_floats(name, value, 1, c->recompute_ratios,
-                              &c->num_recompute_ratios);
-    }
-    if (!strcmp(name, "LMCACHE_BLEND_THRESHOLDS")) {
-        return cfg_set_floats(name, value, 0, c->thresholds,
-                              &c->num_thresholds);
-    }
-    if (!strcmp(name, "LMCACHE_CHUNK_SIZE")) {
-        if (cfg_parse_int(value, strlen(value), &iv) != 0) {
-            return cfg_fail(name, value, "expected an integer > 0");
-        }
-        if (iv <= 0) {
-            return cfg_fail(name, value, "chunk size must be > 0");
-        }
-        c->chunk_size = iv;
-        return KVB_OK;
-    }
-    if (!strcmp(name, "LMCACHE_LOCAL_CPU")) {
-        return cfg_set_bool(name, value, &c->local_cpu);
-    }
-    if (!strcmp(name, "LMCACHE_MAX_LOCAL_CPU_SIZE")) {
-        return cfg_set_size(name, value, &c->max_local_cpu_size_gb);
-    }
-    if (!strcmp(name, "LMCACHE_EXTRA_CONFIG")) {
-        return cfg_set_extra(c, name, value);
-    }
-    if (!strcmp(name, "KVBLEND_MAX_DEVICE_SIZE")) {
-        return cfg_set_size(name, value, &c->max_device_size_gb);
-    }
-    if (!strcmp(name, "KVBLEND_DEVIATION")) {
-        static const char *const kinds[] = {"k", "v", "kv"}; /* enum order */
-        int i = cfg_word_index(value, kinds, 3);
-        if (i < 0) {
-            return cfg_fail(name, value, "expected k, v or kv");
-        }
-        c->deviation = (kvb_deviation_kind)i;
-        return KVB_OK;
-    }
-    if (!strcmp(name, "KVBLEND_SELECTION")) {
-        static const char *const kinds[] = {"deviation", "query",
-                                            "query_deviation"}; /* enum order */
-        int i = cfg_word_index(value, kinds, 3);
-        if (i < 0) {
-            return cfg_fail(name, value, "expected deviation, query or "
-                            "query_deviation");
-        }
-        c->selection = (kvb_selection_kind)i;
-        return KVB_OK;
-    }
-    if (!strcmp(name, "KVBLEND_BOUNDARY_TOKENS")) {
-        if (cfg_parse_int(value, strlen(value), &iv) != 0 || iv < 0 ||
-            iv > KVB_MAX_BOUNDARY_TOKENS) {
-            return cfg_fail(name, value, "expected an integer from 0 to %d",
-                            KVB_MAX_BOUNDARY_TOKENS);
-        }
-        c->boundary_tokens = (int)iv;
-        return KVB_OK;
-    }
-    if (!strcmp(name, "KVBLEND_MODEL_CACHE")) {
-        return KVB_OK; /* the Python model loader's folder; nothing here */
-    }
-    if (!strcmp(name, "LMCACHE_LOCAL_DISK")) {
-        return cfg_set_disk(c, name, value);
-    }
-    if (!strcmp(name, "LMCACHE_MAX_LOCAL_DISK_SIZE")) {
-        return cfg_set_size(name, value, &c->max_local_disk_size_gb);
-    }
-    if (!strcmp(name, "LMCACHE_REMOTE_URL")) {
-        return cfg_set_remote(c, name, value);
-    }
-    if (!strcmp(name, "LMCACHE_REMOTE_SERDE")) {
-        if (cfg_is_none(value) ||
-            cfg_word_index(value, (const char *const[]){"naive"}, 1) == 0) {
-            return KVB_OK;
-        }
-        return cfg_fail(name, value, "expected naive: kvblend keeps entries "
-                        "in its own checked format (cachegen is not "
-                        "supported)");
-    }
-    if (!strcmp(name, "KVBLEND_REMOTE_TIMEOUT_MS")) {
-        if (cfg_parse_int(value, strlen(value), &iv) != 0 || iv < 1 ||
-            iv > 600000) {
-            return cfg_fail(name, value, "expected an integer number of "
-                            "milliseconds from 1 to 600000");
-        }
-        c->remote_timeout_ms = (int)iv;
-        return KVB_OK;
-    }
-    if (!strcmp(name, "KVBLEND_REMOTE_PART_SIZE")) {
-        double mb = 0;
-        if (cfg_parse_double(value, strlen(value), &mb) != 0 ||
-            !(mb >= 0.0625 && mb <= 512)) {
-            return cfg_fail(name, value, "expected a number of MB from "
-                            "0.0625 to 512");
-        }
-        c->remote_part_size_mb = mb;
-        return KVB_OK;
-    }
-    if (!strcmp(name, "KVBLEND_SELF_TEST")) {
-        return cfg_set_bool(name, value, &c->self_test);
-    }
-    if (!strcmp(name, "KVBLEND_NUM_THREADS")) {
-        if (cfg_parse_int(value, strlen(value), &iv) != 0) {
-            return cfg_fail(name, value, "expected an integer >= 0 "
-                            "(0 = all cores)");
-        }
-        if (iv < 0 || iv > KVB_MAX_CPU_THREADS) {
-            return cfg_fail(name, value, "thread count %lld is out of range; "
-                            "expected 0 (all cores) to %d", (long long)iv,
-                            KVB_MAX_CPU_THREADS);
-        }
-        c->num_threads = (int)iv;
-        return KVB_OK;
-    }
-    if (!strcmp(name, "KVBLEND_LOG_LEVEL")) {
-        static const char *const levels[] = {"debug", "info", "warning",
-                                             "error"}; /* enum order */
-        int i = cfg_word_index(value, levels, 4);
-        if (i < 0) {
-            return cfg_fail(name, value, "expected debug, info, warning or "
-                            "error");
-        }
-        c->log_level = (kvb_log_level)i;
-        return KVB_OK;
-    }
-    if (!strcmp(name, "KVBLEND_VERIFY_CHECKSUMS")) {
-        if (cfg_lower_trim(value, buf, sizeof buf) == 0 &&
-            !strcmp(buf, "auto")) {
-            c->verify_checksums = -1;
-            return KVB_OK;
-        }
-        if (cfg_parse_bool(value, &c->verify_checksums) != 0) {
-            return cfg_fail(name, value, "expected auto, True, False, true, "
-                            "false, 1 or 0");
-        }
-        return KVB_OK;
-    }
-    return KVB_ERR_NOT_FOUND;
+    return s->parse != NULL ? s->parse(c, s, value)
+                            : cfg_parse_value(c, s, value);
 }
 
 /* Records the error for an unknown KVBLEND_ variable, listing the known
@@ -745,13 +969,11 @@ static kvb_status cfg_apply(kvb_config *c, const char *name,
 static kvb_status cfg_fail_unknown(const char *name, const char *value)
 {
     char known[512] = "";
-    for (int i = 0; i < KVB_CONFIG_NUM_NAMES; i++) {
-        if (cfg_has_prefix(kvb_config_names[i], "KVBLEND_")) {
-            if (known[0] != '\0') {
-                strncat(known, ", ", sizeof known - strlen(known) - 1);
-            }
-            strncat(known, kvb_config_names[i],
-                    sizeof known - strlen(known) - 1);
+    for (int i = 0; i < KVB_NUM_SETTINGS; i++) {
+        if (cfg_has_prefix(kvb_settings[i].name, "KVBLEND_")) {
+            size_t at = strlen(known);
+            snprintf(known + at, sizeof known - at, "%s%s",
+                     at > 0 ? ", " : "", kvb_settings[i].name);
         }
     }
     return cfg_fail(name, value, "unknown kvblend variable %s; known: %s",
@@ -762,50 +984,27 @@ static kvb_status cfg_fail_unknown(const char *name, const char *value)
 /* Public API                                                                 */
 /* ------------------------------------------------------------------------ */
 
-/* The i-th name of kvb_config_names, NULL out of range. */
 const char *kvb_config_name(int i)
 {
-    return i >= 0 && i < KVB_CONFIG_NUM_NAMES ? kvb_config_names[i] : NULL;
+    return i >= 0 && i < KVB_NUM_SETTINGS ? kvb_settings[i].name : NULL;
 }
 
-/* Fills `cfg` with LMCache's defaults and kvblend's own.  Fails only for a
- * NULL cfg. */
 kvb_status kvb_config_init(kvb_config *cfg)
 {
     if (cfg == NULL) {
         return kvb_fail(KVB_ERR_INVALID, "kvb_config_init: cfg is NULL");
     }
     memset(cfg, 0, sizeof *cfg);
-    cfg->enable_blending = 0;
-    snprintf(cfg->blend_special_str, sizeof cfg->blend_special_str, " # # ");
-    cfg->use_layerwise = 0;
-    cfg->num_check_layers = 1;
-    cfg->check_layers[0] = 1;
-    cfg->num_recompute_ratios = 1;
-    cfg->recompute_ratios[0] = 0.15f;
-    cfg->num_thresholds = 0;
-    cfg->chunk_size = 256;
-    cfg->local_cpu = 1;
-    cfg->max_local_cpu_size_gb = 5.0;
-    cfg->enable_sparse = 0;
-    cfg->max_device_size_gb = 0.0;
-    /* measured best on MuSiQue at every ratio (benchmarks/RESULTS.md) */
-    cfg->deviation = KVB_DEVIATION_KV;
-    cfg->selection = KVB_SELECT_QUERY_DEVIATION;
-    cfg->boundary_tokens = 4;
-    cfg->self_test = 1;
-    cfg->num_threads = 0;
-    cfg->log_level = KVB_LOG_WARNING;
-    cfg->verify_checksums = -1;
-    cfg->max_local_disk_size_gb = 0.0;
-    cfg->remote_timeout_ms = 1000;
-    cfg->remote_part_size_mb = 8.0;
+    for (int i = 0; i < KVB_NUM_SETTINGS; i++) {
+        const cfg_setting *s = &kvb_settings[i];
+        if (s->def != NULL && cfg_apply(cfg, s, s->def) != KVB_OK) {
+            return kvb_fail(KVB_ERR_INTERNAL, "kvb_config_init: the default "
+                            "of %s does not parse", s->name);
+        }
+    }
     return KVB_OK;
 }
 
-/* Parses one variable into a copy of `cfg` and commits the copy only on
- * success.  Unknown LMCACHE_ names return KVB_OK untouched; unknown
- * KVBLEND_ names and names with neither prefix are KVB_ERR_INVALID. */
 kvb_status kvb_config_set(kvb_config *cfg, const char *name,
                           const char *value)
 {
@@ -813,9 +1012,8 @@ kvb_status kvb_config_set(kvb_config *cfg, const char *name,
         return kvb_fail(KVB_ERR_INVALID, "kvb_config_set: %s is NULL",
                         cfg == NULL ? "cfg" : name == NULL ? "name" : "value");
     }
-    kvb_config tmp = *cfg;
-    kvb_status st = cfg_apply(&tmp, name, value);
-    if (st == KVB_ERR_NOT_FOUND) {
+    const cfg_setting *s = cfg_find(name, strlen(name));
+    if (s == NULL) {
         if (cfg_has_prefix(name, "LMCACHE_")) {
             return KVB_OK; /* an LMCache setting kvblend does not use */
         }
@@ -825,141 +1023,94 @@ kvb_status kvb_config_set(kvb_config *cfg, const char *name,
         return cfg_fail(name, value, "not a kvblend setting; expected a name "
                         "starting with LMCACHE_ or KVBLEND_");
     }
+    kvb_config tmp = *cfg;
+    kvb_status st = cfg_apply(&tmp, s, value);
     if (st == KVB_OK) {
         *cfg = tmp;
     }
     return st;
 }
 
-/* Checks the cross-field rules and the field ranges (a caller may fill the
- * struct by hand, so each field is checked, not only the counts). */
+/* Checks every field (a caller may fill the struct by hand) and the
+ * cross-field rules, in table order. */
 kvb_status kvb_config_validate(const kvb_config *cfg)
 {
     if (cfg == NULL) {
         return kvb_fail(KVB_ERR_INVALID, "kvb_config_validate: cfg is NULL");
     }
-    int nl = cfg->num_check_layers;
-    if (nl < 1 || nl > KVB_MAX_CHECK_LAYERS) {
-        return kvb_fail(KVB_ERR_INVALID, "LMCACHE_BLEND_CHECK_LAYERS: "
-                        "num_check_layers=%d; expected 1..%d", nl,
-                        KVB_MAX_CHECK_LAYERS);
-    }
-    for (int i = 0; i < nl; i++) {
-        if (cfg->check_layers[i] < 0 ||
-            (i > 0 && cfg->check_layers[i] <= cfg->check_layers[i - 1])) {
-            return kvb_fail(KVB_ERR_INVALID, "LMCACHE_BLEND_CHECK_LAYERS: "
-                            "check_layers[%d]=%d; layers must be >= 0 and "
-                            "strictly increasing", i, (int)cfg->check_layers[i]);
+    for (int i = 0; i < KVB_NUM_SETTINGS; i++) {
+        const cfg_setting *s = &kvb_settings[i];
+        kvb_status st = KVB_OK;
+        if (s->check != NULL) {
+            st = s->check(cfg, s);
+        } else if (s->type != CFG_CHECK && s->type != CFG_LIST &&
+                   s->type != CFG_TEXT) {
+            st = cfg_check_value(cfg, s);
+        }
+        if (st != KVB_OK) {
+            return st;
         }
     }
-    int nr = cfg->num_recompute_ratios;
-    if (nr != 1 && nr != nl) {
-        return kvb_fail(KVB_ERR_INVALID, "LMCACHE_BLEND_RECOMPUTE_RATIOS has "
-                        "%d values but LMCACHE_BLEND_CHECK_LAYERS has %d "
-                        "layers; give one ratio per check layer or a single "
-                        "ratio for all", nr, nl);
+    return KVB_OK;
+}
+
+kvb_status kvb_config_get(const kvb_config *cfg, int i, kvb_setting *out)
+{
+    if (cfg == NULL || out == NULL) {
+        return kvb_fail(KVB_ERR_INVALID, "kvb_config_get: %s is NULL",
+                        cfg == NULL ? "cfg" : "out");
     }
-    for (int i = 0; i < nr; i++) {
-        float r = cfg->recompute_ratios[i];
-        if (!(r > 0.0f) || r > 1.0f) {
-            return kvb_fail(KVB_ERR_INVALID, "LMCACHE_BLEND_RECOMPUTE_RATIOS: "
-                            "recompute_ratios[%d]=%g is outside (0, 1]", i,
-                            (double)r);
+    if (i < 0 || i >= KVB_NUM_SETTINGS) {
+        return KVB_ERR_NOT_FOUND;
+    }
+    const cfg_setting *s = &kvb_settings[i];
+    memset(out, 0, sizeof *out);
+    out->name = s->name;
+    out->key = s->key;
+    out->flags = s->flags;
+    const char *field = (const char *)cfg + s->offset;
+    switch (s->type) {
+    case CFG_BOOL:
+    case CFG_INT:
+        out->type = s->type == CFG_BOOL ? KVB_SETTING_BOOL : KVB_SETTING_INT;
+        out->i = cfg_get_int(cfg, s);
+        break;
+    case CFG_NUMBER:
+        out->type = KVB_SETTING_FLOAT;
+        out->f = cfg_get_number(cfg, s);
+        break;
+    case CFG_ENUM: {
+        /* the word itself, from the table (it outlives the call) */
+        int k = (int)(cfg_get_int(cfg, s) - s->base);
+        const char *w = s->words;
+        for (; k > 0 && *w != '\0'; k--) {
+            w += strcspn(w, "|") + (w[strcspn(w, "|")] == '|');
         }
+        out->type = KVB_SETTING_STR;
+        out->s = k == 0 && *w != '\0' ? w : NULL;
+        out->n = out->s != NULL ? (int)strcspn(w, "|") : 0;
+        break;
     }
-    int nt = cfg->num_thresholds;
-    if (nt != 0 && nt != 1 && nt != nl) {
-        return kvb_fail(KVB_ERR_INVALID, "LMCACHE_BLEND_THRESHOLDS has %d "
-                        "values but LMCACHE_BLEND_CHECK_LAYERS has %d layers; "
-                        "give one threshold per check layer or a single "
-                        "threshold for all", nt, nl);
-    }
-    for (int i = 0; i < nt; i++) {
-        float t = cfg->thresholds[i];
-        if (!(t >= 0.0f) || !isfinite(t)) {
-            return kvb_fail(KVB_ERR_INVALID, "LMCACHE_BLEND_THRESHOLDS: "
-                            "thresholds[%d]=%g; expected a finite value >= 0",
-                            i, (double)t);
+    case CFG_LIST:
+        memcpy(&out->n, (const char *)cfg + s->count_offset, sizeof out->n);
+        if (s->parse == cfg_parse_check_layers) {
+            out->type = KVB_SETTING_INT_LIST;
+            out->ints = (const int32_t *)(const void *)field;
+        } else {
+            out->type = KVB_SETTING_FLOAT_LIST;
+            out->floats = (const float *)(const void *)field;
         }
-    }
-    if (cfg->chunk_size <= 0) {
-        return kvb_fail(KVB_ERR_INVALID, "LMCACHE_CHUNK_SIZE: chunk_size=%lld; "
-                        "expected > 0", (long long)cfg->chunk_size);
-    }
-    if (!(cfg->max_local_cpu_size_gb >= 0) ||
-        !isfinite(cfg->max_local_cpu_size_gb)) {
-        return kvb_fail(KVB_ERR_INVALID, "LMCACHE_MAX_LOCAL_CPU_SIZE: %g GB; "
-                        "expected a finite size >= 0",
-                        cfg->max_local_cpu_size_gb);
-    }
-    if (!(cfg->max_device_size_gb >= 0) || !isfinite(cfg->max_device_size_gb)) {
-        return kvb_fail(KVB_ERR_INVALID, "KVBLEND_MAX_DEVICE_SIZE: %g GB; "
-                        "expected a finite size >= 0", cfg->max_device_size_gb);
-    }
-    if (cfg->num_threads < 0 || cfg->num_threads > KVB_MAX_CPU_THREADS) {
-        return kvb_fail(KVB_ERR_INVALID, "KVBLEND_NUM_THREADS: num_threads=%d; "
-                        "expected 0 (all cores) to %d", cfg->num_threads,
-                        KVB_MAX_CPU_THREADS);
-    }
-    if ((int)cfg->deviation < KVB_DEVIATION_K ||
-        (int)cfg->deviation > KVB_DEVIATION_KV) {
-        return kvb_fail(KVB_ERR_INVALID, "KVBLEND_DEVIATION: deviation=%d; "
-                        "expected k, v or kv", (int)cfg->deviation);
-    }
-    if ((int)cfg->selection < KVB_SELECT_DEVIATION ||
-        (int)cfg->selection > KVB_SELECT_QUERY_DEVIATION) {
-        return kvb_fail(KVB_ERR_INVALID, "KVBLEND_SELECTION: selection=%d; "
-                        "expected deviation, query or query_deviation",
-                        (int)cfg->selection);
-    }
-    if (cfg->boundary_tokens < 0 ||
-        cfg->boundary_tokens > KVB_MAX_BOUNDARY_TOKENS) {
-        return kvb_fail(KVB_ERR_INVALID, "KVBLEND_BOUNDARY_TOKENS: "
-                        "boundary_tokens=%d; expected 0 to %d",
-                        cfg->boundary_tokens, KVB_MAX_BOUNDARY_TOKENS);
-    }
-    if (cfg->verify_checksums < -1 || cfg->verify_checksums > 1) {
-        return kvb_fail(KVB_ERR_INVALID, "KVBLEND_VERIFY_CHECKSUMS: "
-                        "verify_checksums=%d; expected -1 (auto), 0 or 1",
-                        cfg->verify_checksums);
-    }
-    if ((int)cfg->log_level < KVB_LOG_DEBUG ||
-        (int)cfg->log_level > KVB_LOG_ERROR) {
-        return kvb_fail(KVB_ERR_INVALID, "KVBLEND_LOG_LEVEL: log_level=%d; "
-                        "expected debug, info, warning or error",
-                        (int)cfg->log_level);
-    }
-    if (memchr(cfg->local_disk, '\0', KVB_MAX_PATH) == NULL ||
-        memchr(cfg->remote_url, '\0', KVB_MAX_PATH) == NULL) {
-        return kvb_fail(KVB_ERR_INVALID, "LMCACHE_LOCAL_DISK or "
-                        "LMCACHE_REMOTE_URL is not NUL-terminated");
-    }
-    if (!(cfg->max_local_disk_size_gb >= 0) ||
-        !isfinite(cfg->max_local_disk_size_gb)) {
-        return kvb_fail(KVB_ERR_INVALID, "LMCACHE_MAX_LOCAL_DISK_SIZE: %g GB; "
-                        "expected a finite size >= 0",
-                        cfg->max_local_disk_size_gb);
-    }
-    if (cfg->local_disk[0] != '\0' && !(cfg->max_local_disk_size_gb > 0)) {
-        return kvb_fail(KVB_ERR_INVALID, "LMCACHE_LOCAL_DISK=%s is set but "
-                        "LMCACHE_MAX_LOCAL_DISK_SIZE is 0; give the disk "
-                        "tier a size in GB", cfg->local_disk);
-    }
-    if (cfg->remote_timeout_ms < 1 || cfg->remote_timeout_ms > 600000) {
-        return kvb_fail(KVB_ERR_INVALID, "KVBLEND_REMOTE_TIMEOUT_MS: %d; "
-                        "expected 1 to 600000", cfg->remote_timeout_ms);
-    }
-    if (!(cfg->remote_part_size_mb >= 0.0625 &&
-          cfg->remote_part_size_mb <= 512)) {
-        return kvb_fail(KVB_ERR_INVALID, "KVBLEND_REMOTE_PART_SIZE: %g MB; "
-                        "expected 0.0625 to 512", cfg->remote_part_size_mb);
-    }
-    if (memchr(cfg->blend_special_str, '\0', KVB_MAX_SPECIAL_STR) == NULL ||
-        cfg->blend_special_str[0] == '\0') {
-        return kvb_fail(KVB_ERR_INVALID, "LMCACHE_BLEND_SPECIAL_STR: the "
-                        "separator string is %s",
-                        cfg->blend_special_str[0] == '\0'
-                            ? "empty" : "not NUL-terminated");
+        break;
+    case CFG_TEXT:
+        out->type = KVB_SETTING_STR;
+        out->s = field[0] != '\0' ? field : NULL;
+        out->n = out->s != NULL
+                     ? (int)((const char *)memchr(field, 0, s->size) - field)
+                     : 0;
+        break;
+    case CFG_CHECK:
+        out->type = KVB_SETTING_NO_FIELD;
+        break;
     }
     return KVB_OK;
 }
@@ -975,12 +1126,12 @@ kvb_status kvb_config_from_env(kvb_config *cfg)
     }
     kvb_config tmp;
     kvb_config_init(&tmp);
-    for (int i = 0; i < KVB_CONFIG_NUM_NAMES; i++) {
-        const char *value = getenv(kvb_config_names[i]);
+    for (int i = 0; i < KVB_NUM_SETTINGS; i++) {
+        const char *value = getenv(kvb_settings[i].name);
         if (value == NULL) {
             continue;
         }
-        kvb_status st = kvb_config_set(&tmp, kvb_config_names[i], value);
+        kvb_status st = cfg_apply(&tmp, &kvb_settings[i], value);
         if (st != KVB_OK) {
             return st;
         }
@@ -992,15 +1143,7 @@ kvb_status kvb_config_from_env(kvb_config *cfg)
         }
         const char *eq = strchr(entry, '=');
         size_t nlen = eq != NULL ? (size_t)(eq - entry) : strlen(entry);
-        int known = 0;
-        for (int i = 0; i < KVB_CONFIG_NUM_NAMES; i++) {
-            if (strlen(kvb_config_names[i]) == nlen &&
-                strncmp(kvb_config_names[i], entry, nlen) == 0) {
-                known = 1;
-                break;
-            }
-        }
-        if (!known) {
+        if (cfg_find(entry, nlen) == NULL) {
             char name[128];
             snprintf(name, sizeof name, "%.*s",
                      (int)(nlen < sizeof name ? nlen : sizeof name - 1), entry);
@@ -1013,6 +1156,35 @@ kvb_status kvb_config_from_env(kvb_config *cfg)
     }
     *cfg = tmp;
     return KVB_OK;
+}
+
+/* Logs, once per call, each compatibility-only setting whose value differs
+ * from its default: it is accepted and does nothing. */
+KVB_HIDDEN void kvb_config_log_compat(const kvb_config *cfg)
+{
+    kvb_config def;
+    kvb_config_init(&def);
+    for (int i = 0; i < KVB_NUM_SETTINGS; i++) {
+        const cfg_setting *s = &kvb_settings[i];
+        if (!(s->flags & KVB_SETTING_COMPAT)) {
+            continue;
+        }
+        size_t n = s->size;
+        size_t at = s->offset;
+        if (s->type == CFG_LIST) { /* compare the count and the values */
+            int a, b;
+            memcpy(&a, (const char *)cfg + s->count_offset, sizeof a);
+            memcpy(&b, (const char *)&def + s->count_offset, sizeof b);
+            if (a != b) {
+                n = 0;
+            }
+        }
+        if (n == 0 || memcmp((const char *)cfg + at, (const char *)&def + at,
+                             n) != 0) {
+            kvb_log(KVB_LOG_INFO, "%s is accepted for LMCache compatibility "
+                    "and has no effect in kvblend", s->name);
+        }
+    }
 }
 
 /* Returns the ratio for check layer index `i`: ratios[i], or ratios[0] when

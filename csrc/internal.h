@@ -29,6 +29,10 @@ KVB_HIDDEN kvb_status kvb_fail(kvb_status status, const char *fmt, ...)
 KVB_HIDDEN void kvb_log(kvb_log_level level, const char *fmt, ...)
     KVB_PRINTF(2, 3);
 
+/* Logs at info each compatibility-only setting of `cfg` that differs from
+ * its default: accepted for LMCache, and it does nothing (config.c). */
+KVB_HIDDEN void kvb_config_log_compat(const kvb_config *cfg);
+
 /* XXH3-64 of bytes[0..len) with `seed` (chain calls by passing the last
  * digest as the next seed): the checksum of stored rows (hash.c). */
 KVB_HIDDEN uint64_t kvb_checksum(const void *bytes, size_t len,

@@ -635,62 +635,46 @@ static PyObject *list_of_f32(const float *v, int n)
     return l;
 }
 
-/* Returns a new dict with one key per kvb_config field (Python values:
- * bools, ints, floats, str, lists; thresholds None when unset; deviation
- * "k"/"v"/"kv"; log_level its name). */
+/* Returns a new dict with one key per kvb_config field, from the settings
+ * table (kvb_config_get): bools, ints, floats, str or None, lists; an unset
+ * list (thresholds) is None. */
 static PyObject *config_to_dict(const kvb_config *c)
 {
-    static const char *dev[] = {"k", "v", "kv"};
-    static const char *sel[] = {"deviation", "query", "query_deviation"};
-    static const char *lvl[] = {"debug", "info", "warning", "error"};
-    PyObject *thr;
-    if (c->num_thresholds > 0) {
-        thr = list_of_f32(c->thresholds, c->num_thresholds);
-        if (thr == NULL) {
-            return NULL;
+    PyObject *d = PyDict_New();
+    kvb_setting v;
+    for (int i = 0; d != NULL && kvb_config_get(c, i, &v) == KVB_OK; i++) {
+        PyObject *x = NULL;
+        switch (v.type) {
+        case KVB_SETTING_BOOL:
+            x = PyBool_FromLong((long)v.i);
+            break;
+        case KVB_SETTING_INT:
+            x = PyLong_FromLongLong((long long)v.i);
+            break;
+        case KVB_SETTING_FLOAT:
+            x = PyFloat_FromDouble(v.f);
+            break;
+        case KVB_SETTING_STR:
+            x = v.s != NULL ? PyUnicode_FromStringAndSize(v.s, v.n)
+                            : Py_NewRef(Py_None);
+            break;
+        case KVB_SETTING_INT_LIST:
+            x = list_of_i32(v.ints, v.n);
+            break;
+        case KVB_SETTING_FLOAT_LIST:
+            x = v.n > 0 ? list_of_f32(v.floats, v.n) : Py_NewRef(Py_None);
+            break;
+        default:
+            continue; /* checked only: no field */
         }
-    } else {
-        thr = Py_NewRef(Py_None);
+        if (x == NULL || PyDict_SetItemString(d, v.key, x) < 0) {
+            Py_XDECREF(x);
+            Py_CLEAR(d);
+            break;
+        }
+        Py_DECREF(x);
     }
-    PyObject *checks = list_of_i32(c->check_layers, c->num_check_layers);
-    PyObject *ratios = list_of_f32(c->recompute_ratios,
-                                   c->num_recompute_ratios);
-    if (checks == NULL || ratios == NULL) {
-        Py_XDECREF(checks);
-        Py_XDECREF(ratios);
-        Py_DECREF(thr);
-        return NULL;
-    }
-    unsigned d = (unsigned)c->deviation;
-    unsigned s = (unsigned)c->selection;
-    unsigned l = (unsigned)c->log_level;
-    return Py_BuildValue(
-        "{s:O,s:s,s:O,s:N,s:N,s:N,s:L,s:O,s:d,s:O,s:d,s:s,s:s,s:i,s:O,s:i,s:s,"
-        "s:s,s:z,s:d,s:z,s:i,s:d}",
-        "enable_blending", c->enable_blending ? Py_True : Py_False,
-        "blend_special_str", c->blend_special_str,
-        "use_layerwise", c->use_layerwise ? Py_True : Py_False,
-        "check_layers", checks,
-        "recompute_ratios", ratios,
-        "thresholds", thr,
-        "chunk_size", (long long)c->chunk_size,
-        "local_cpu", c->local_cpu ? Py_True : Py_False,
-        "max_local_cpu_size_gb", c->max_local_cpu_size_gb,
-        "enable_sparse", c->enable_sparse ? Py_True : Py_False,
-        "max_device_size_gb", c->max_device_size_gb,
-        "deviation", d < 3 ? dev[d] : "unknown",
-        "selection", s < 3 ? sel[s] : "unknown",
-        "boundary_tokens", c->boundary_tokens,
-        "self_test", c->self_test ? Py_True : Py_False,
-        "num_threads", c->num_threads,
-        "log_level", l < 4 ? lvl[l] : "unknown",
-        "verify_checksums", c->verify_checksums < 0 ? "auto"
-                            : c->verify_checksums ? "true" : "false",
-        "local_disk", c->local_disk[0] ? c->local_disk : NULL,
-        "max_local_disk_size_gb", c->max_local_disk_size_gb,
-        "remote_url", c->remote_url[0] ? c->remote_url : NULL,
-        "remote_timeout_ms", c->remote_timeout_ms,
-        "remote_part_size_mb", c->remote_part_size_mb);
+    return d;
 }
 
 /*

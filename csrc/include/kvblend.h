@@ -140,67 +140,14 @@ typedef enum kvb_selection_kind {
 
 /*
  * Every setting kvblend reads.  LMCache-compatible settings come from
- * LMCACHE_* variables with LMCache's defaults; kvblend's own from KVBLEND_*.
- *
- *   LMCACHE_ENABLE_BLENDING        bool   enable_blending (False)
- *   LMCACHE_BLEND_SPECIAL_STR      str    blend_special_str (" # # ")
- *   LMCACHE_USE_LAYERWISE          bool   use_layerwise (False)
- *   LMCACHE_BLEND_CHECK_LAYERS     ints   check_layers, "1" or "1,2,4",
- *                                         strictly increasing, >= 0 (1)
- *   LMCACHE_BLEND_RECOMPUTE_RATIOS floats recompute_ratios, each in (0,1],
- *                                         one per check layer or one for
- *                                         all (0.15)
- *   LMCACHE_BLEND_THRESHOLDS       floats optional deviation thresholds,
- *                                         each >= 0 (unset)
- *   LMCACHE_CHUNK_SIZE             int    chunk_size > 0 (256)
- *   LMCACHE_LOCAL_CPU              bool   local_cpu (True)
- *   LMCACHE_MAX_LOCAL_CPU_SIZE     float  GB of host memory, >= 0 (5.0)
- *   LMCACHE_EXTRA_CONFIG           JSON object (cJSON); "enable_sparse":
- *                                         bool, accepted for compatibility
- *   LMCACHE_LOCAL_DISK             str    folder of the disk tier,
- *                                         "file:///abs/path/", "file://rel/"
- *                                         or a plain path; "" or None: no
- *                                         disk tier (None)
- *   LMCACHE_MAX_LOCAL_DISK_SIZE    float  GB of blob files on disk, > 0 when
- *                                         LMCACHE_LOCAL_DISK is set (0.0)
- *   LMCACHE_REMOTE_URL             str    redis://[[user]:password@]host[:port]
- *                                         [/db] or valkey://...; "" or None:
- *                                         no remote tier (None)
- *   LMCACHE_REMOTE_SERDE           "naive" (entries are kvblend's checked
- *                                         format; "cachegen" is refused)
- *   KVBLEND_REMOTE_TIMEOUT_MS      int    connect and command timeout of the
- *                                         remote tier, 1..600000 (1000)
- *   KVBLEND_REMOTE_PART_SIZE       float  MB per Redis value of an entry
- *                                         written in parts, 0.0625..512 (8)
- *   KVBLEND_MAX_DEVICE_SIZE        float  GB of device memory for the GPU
- *                                         tier, >= 0 (0 = no GPU tier)
- *   KVBLEND_DEVIATION              "k", "v" or "kv" ("kv")
- *   KVBLEND_SELECTION              "deviation", "query" or
- *                                         "query_deviation"
- *                                         ("query_deviation")
- *   KVBLEND_BOUNDARY_TOKENS        int    first rows of each reused chunk
- *                                         recomputed first, inside the
- *                                         budget, 0..KVB_MAX_BOUNDARY_TOKENS
- *                                         (4)
- *   KVBLEND_SELF_TEST              bool   correctness gate at connector
- *                                         start-up (True)
- *   KVBLEND_MODEL_CACHE            str    folder of converted models (read
- *                                         by the Python loader; accepted and
- *                                         ignored here)
- *   KVBLEND_NUM_THREADS            int    CPU op threads, 0 = all cores,
- *                                         at most KVB_MAX_CPU_THREADS (0);
- *                                         applied process-wide by
- *                                         kvb_connector_create
- *   KVBLEND_LOG_LEVEL              "debug", "info", "warning", "error"
- *                                         ("warning")
- *   KVBLEND_VERIFY_CHECKSUMS       bool or "auto": checksum every stored
- *                                         chunk per layer and check it before
- *                                         reuse ("auto": on for CPU
- *                                         connectors and in debug builds,
- *                                         off for device connectors)
- *
- * Booleans accept True/False/true/false/1/0.  Surrounding whitespace is
- * ignored in numbers and booleans.
+ * LMCACHE_* variables with LMCache's names and defaults; kvblend's own from
+ * KVBLEND_*.  One table in config.c lists each variable once, with its
+ * field, type, default and range, and drives the defaults, parsing,
+ * validation and kvb_config_get; README.md documents each.  Booleans accept
+ * True/False/true/false/1/0; whitespace around numbers and booleans is
+ * ignored.  Some LMCache settings are accepted (and checked) for
+ * compatibility but change nothing in kvblend: kvb_config_get marks them
+ * KVB_SETTING_COMPAT and a connector logs each one that is set.
  */
 typedef struct kvb_config {
     int enable_blending;
@@ -249,6 +196,42 @@ KVB_API kvb_status kvb_config_validate(const kvb_config *cfg);
 /* The i-th variable kvblend reads (0-based, in the order
  * kvb_config_from_env applies them), or NULL when i is out of range. */
 KVB_API const char *kvb_config_name(int i);
+
+/* The type of a setting's value in kvb_setting. */
+typedef enum kvb_setting_type {
+    KVB_SETTING_BOOL = 0,       /* .i is 0 or 1 */
+    KVB_SETTING_INT = 1,        /* .i */
+    KVB_SETTING_FLOAT = 2,      /* .f */
+    KVB_SETTING_STR = 3,        /* .s; NULL when unset; enums give a word */
+    KVB_SETTING_INT_LIST = 4,   /* .n values at .ints */
+    KVB_SETTING_FLOAT_LIST = 5, /* .n values at .floats; n = 0: unset */
+    KVB_SETTING_NO_FIELD = 6    /* only checked here (read elsewhere) */
+} kvb_setting_type;
+
+#define KVB_SETTING_COMPAT 1u /* accepted for LMCache; changes nothing */
+
+/* One setting and its value in a config, from kvb_config_get.  Pointers
+ * point into the table or the config and live as long as both. */
+typedef struct kvb_setting {
+    const char *name; /* the variable, "LMCACHE_CHUNK_SIZE" */
+    const char *key;  /* the kvb_config field, "chunk_size"; NULL for
+                       * KVB_SETTING_NO_FIELD */
+    kvb_setting_type type;
+    unsigned flags;   /* KVB_SETTING_COMPAT */
+    int64_t i;
+    double f;
+    const char *s;
+    int n;
+    const int32_t *ints;
+    const float *floats;
+} kvb_setting;
+
+/* Fills `out` with setting `i` (the order of kvb_config_name) and its value
+ * in `cfg`.  Returns KVB_OK, or KVB_ERR_NOT_FOUND (no message) when i is
+ * past the last setting, so a loop stops there; KVB_ERR_INVALID for NULL
+ * arguments. */
+KVB_API kvb_status kvb_config_get(const kvb_config *cfg, int i,
+                                  kvb_setting *out);
 
 /* Initialises `cfg` from the process environment: kvb_config_init, then
  * kvb_config_set for each recognised variable that is set, then

@@ -10,8 +10,8 @@ variable and the value.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Iterable, Mapping
+from dataclasses import FrozenInstanceError
+from typing import Any, Iterable, Mapping
 
 from . import _ext
 
@@ -19,39 +19,54 @@ from . import _ext
 ENV_PREFIXES = ("LMCACHE_", "KVBLEND_")
 
 
-@dataclass(frozen=True)
 class Config:
-    """Every kvblend setting (see csrc/include/kvblend.h for the variables).
+    """Every kvblend setting, read only (fields: :meth:`fields`).
 
-    Build it with :meth:`from_env` or :meth:`from_items`; ``items`` keeps the
-    raw ``(name, value)`` pairs it was parsed from, so a Connector can be
-    created from exactly the same values (``Connector(dict(cfg.items), ...)``).
+    The fields are those of the C library's settings table (the C struct
+    ``kvb_config``, through ``kvb_config_get``): ``enable_blending``,
+    ``check_layers`` (a tuple), ``recompute_ratios`` (a tuple),
+    ``deviation`` ("k"/"v"/"kv"), ``local_disk`` (None when unset) and so on;
+    README.md lists each variable.  Build it with :meth:`from_env` or
+    :meth:`from_items`; ``items`` keeps the raw ``(name, value)`` pairs it
+    was parsed from, so a Connector can be created from exactly the same
+    values (``Connector(dict(cfg.items), ...)``).
     """
 
-    enable_blending: bool
-    blend_special_str: str
-    use_layerwise: bool
-    check_layers: tuple[int, ...]
-    recompute_ratios: tuple[float, ...]
-    thresholds: tuple[float, ...] | None
-    chunk_size: int
-    local_cpu: bool
-    max_local_cpu_size_gb: float
-    enable_sparse: bool
-    max_device_size_gb: float
-    deviation: str
-    selection: str
-    boundary_tokens: int
-    self_test: bool
-    num_threads: int
-    log_level: str
-    verify_checksums: str
-    local_disk: str | None = None
-    max_local_disk_size_gb: float = 0.0
-    remote_url: str | None = None
-    remote_timeout_ms: int = 1000
-    remote_part_size_mb: float = 8.0
-    items: tuple[tuple[str, str], ...] = ()
+    __slots__ = ("_values", "items")
+
+    def __init__(self, values: Mapping[str, Any], items: tuple[tuple[str, str], ...] = ()):
+        object.__setattr__(self, "_values", dict(values))
+        object.__setattr__(self, "items", items)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return object.__getattribute__(self, "_values")[name]
+        except KeyError:
+            raise AttributeError(f"Config has no setting {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}: a Config is read only")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}: a Config is read only")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Config):
+            return NotImplemented
+        return self._values == other._values and self.items == other.items
+
+    def __hash__(self) -> int:
+        return hash((tuple(sorted(self._values.items())), self.items))
+
+    def __repr__(self) -> str:
+        return "Config(" + ", ".join(f"{k}={v!r}" for k, v in self._values.items()) + ")"
+
+    def __reduce__(self):
+        return (Config, (self._values, self.items))
+
+    def fields(self) -> dict[str, Any]:
+        """The settings as a new dict, field name -> value."""
+        return dict(self._values)
 
     @classmethod
     def from_items(cls, items: Mapping[str, str] | Iterable[tuple[str, str]]) -> "Config":
@@ -63,11 +78,7 @@ class Config:
         """
         pairs = tuple(sorted(dict(items).items()))
         fields = _ext.load().config_parse(dict(pairs))
-        fields["check_layers"] = tuple(fields["check_layers"])
-        fields["recompute_ratios"] = tuple(fields["recompute_ratios"])
-        if fields["thresholds"] is not None:
-            fields["thresholds"] = tuple(fields["thresholds"])
-        return cls(items=pairs, **fields)
+        return cls({k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}, pairs)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Config":

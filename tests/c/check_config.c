@@ -303,21 +303,21 @@ static const bad_value kBadValues[] = {
     {"LMCACHE_BLEND_THRESHOLDS", "abc", "threshold 'abc' is not a finite number"},
     {"LMCACHE_BLEND_THRESHOLDS", "1e39", "does not fit a float"},
     /* chunk size */
-    {"LMCACHE_CHUNK_SIZE", "0", "chunk size must be > 0"},
-    {"LMCACHE_CHUNK_SIZE", "-5", "chunk size must be > 0"},
+    {"LMCACHE_CHUNK_SIZE", "0", "0 is out of range; expected an integer > 0"},
+    {"LMCACHE_CHUNK_SIZE", "-5", "-5 is out of range"},
     {"LMCACHE_CHUNK_SIZE", "abc", "expected an integer > 0"},
     {"LMCACHE_CHUNK_SIZE", "", "expected an integer > 0"},
     {"LMCACHE_CHUNK_SIZE", "256.0", "expected an integer > 0"},
     {"LMCACHE_CHUNK_SIZE", "99999999999999999999", "expected an integer > 0"},
     /* sizes */
-    {"LMCACHE_MAX_LOCAL_CPU_SIZE", "-1", "size is negative"},
+    {"LMCACHE_MAX_LOCAL_CPU_SIZE", "-1", "-1 is out of range; expected a finite number of GB >= 0"},
     {"LMCACHE_MAX_LOCAL_CPU_SIZE", "abc", "expected a finite number of GB"},
     {"LMCACHE_MAX_LOCAL_CPU_SIZE", "inf", "expected a finite number of GB"},
     {"LMCACHE_MAX_LOCAL_CPU_SIZE", "nan", "expected a finite number of GB"},
     {"LMCACHE_MAX_LOCAL_CPU_SIZE", "1e400", "expected a finite number of GB"},
     {"LMCACHE_MAX_LOCAL_CPU_SIZE", "", "expected a finite number of GB"},
     {"KVBLEND_MAX_DEVICE_SIZE", "1.5x", "expected a finite number of GB"},
-    {"KVBLEND_MAX_DEVICE_SIZE", "-0.5", "size is negative"},
+    {"KVBLEND_MAX_DEVICE_SIZE", "-0.5", "-0.5 is out of range"},
     /* booleans */
     {"LMCACHE_ENABLE_BLENDING", "yes", "expected True, False, true, false, 1 or 0"},
     {"LMCACHE_ENABLE_BLENDING", "", "expected True, False"},
@@ -333,16 +333,16 @@ static const bad_value kBadValues[] = {
     {"KVBLEND_BOUNDARY_TOKENS", "-1", "expected an integer from 0 to 4096"},
     {"KVBLEND_BOUNDARY_TOKENS", "4097", "expected an integer from 0 to 4096"},
     {"KVBLEND_SELF_TEST", "maybe", "expected True, False"},
-    {"KVBLEND_NUM_THREADS", "-1", "thread count -1 is out of range"},
-    {"KVBLEND_NUM_THREADS", "257", "thread count 257 is out of range; expected 0 (all cores) to 256"},
-    {"KVBLEND_NUM_THREADS", "2147483648", "thread count 2147483648 is out of range"},
-    {"KVBLEND_NUM_THREADS", "x", "expected an integer >= 0"},
+    {"KVBLEND_NUM_THREADS", "-1", "-1 is out of range"},
+    {"KVBLEND_NUM_THREADS", "257", "257 is out of range; expected 0 (all cores) to 256"},
+    {"KVBLEND_NUM_THREADS", "2147483648", "2147483648 is out of range"},
+    {"KVBLEND_NUM_THREADS", "x", "expected 0 (all cores) to 256"},
     {"KVBLEND_LOG_LEVEL", "loud", "expected debug, info, warning or error"},
     {"KVBLEND_VERIFY_CHECKSUMS", "sometimes", "expected auto, True, False"},
     /* lower tiers */
     {"LMCACHE_LOCAL_DISK", "s3://bucket/kv", "expected a folder as file:///path/"},
     {"LMCACHE_LOCAL_DISK", "file://", "the folder is empty"},
-    {"LMCACHE_MAX_LOCAL_DISK_SIZE", "-2", "size is negative"},
+    {"LMCACHE_MAX_LOCAL_DISK_SIZE", "-2", "-2 is out of range"},
     {"LMCACHE_REMOTE_URL", "lm://localhost:65432", "expected redis://host:port or "
      "valkey://host:port (kvblend does not implement LMCache's lm://"},
     {"LMCACHE_REMOTE_URL", "mooncakestore://x", "expected redis://"},
@@ -576,6 +576,121 @@ START_TEST(test_config_ratio_at)
 END_TEST
 
 
+/* kvb_config_get walks the whole table: every variable once, in the order
+ * of kvb_config_name, each default read back with its type. */
+START_TEST(test_config_get_iterates_the_table)
+{
+    kvb_config c;
+    kvb_setting v;
+    kvb_config_init(&c);
+    int n = 0;
+    while (kvb_config_get(&c, n, &v) == KVB_OK) {
+        ck_assert_str_eq(v.name, kvb_config_name(n));
+        ck_assert_int_eq(v.key == NULL, v.type == KVB_SETTING_NO_FIELD);
+        n++;
+    }
+    ck_assert_ptr_null(kvb_config_name(n));
+    ck_assert_int_ge(n, 25);
+    ck_assert_int_eq(kvb_config_get(&c, -1, &v), KVB_ERR_NOT_FOUND);
+    ck_assert_int_eq(kvb_config_get(NULL, 0, &v), KVB_ERR_INVALID);
+    ck_assert_int_eq(kvb_config_get(&c, 0, NULL), KVB_ERR_INVALID);
+}
+END_TEST
+
+/* The value of the setting named `name` in `c`. */
+static kvb_setting get_named(const kvb_config *c, const char *name)
+{
+    kvb_setting v;
+    for (int i = 0; kvb_config_get(c, i, &v) == KVB_OK; i++) {
+        if (!strcmp(v.name, name)) {
+            return v;
+        }
+    }
+    ck_abort_msg("%s is not in the table", name);
+    return v;
+}
+
+/* Values read back through kvb_config_get, one row per type. */
+static const struct {
+    const char *name, *value, *key;
+    kvb_setting_type type;
+    int64_t i;
+    double f;
+    const char *s;
+    unsigned flags;
+} kGetRows[] = {
+    {"LMCACHE_ENABLE_BLENDING", "true", "enable_blending", KVB_SETTING_BOOL, 1, 0, NULL, 0},
+    {"LMCACHE_USE_LAYERWISE", "1", "use_layerwise", KVB_SETTING_BOOL, 1, 0, NULL, KVB_SETTING_COMPAT},
+    {"LMCACHE_CHUNK_SIZE", "512", "chunk_size", KVB_SETTING_INT, 512, 0, NULL, KVB_SETTING_COMPAT},
+    {"LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": true}", "enable_sparse", KVB_SETTING_BOOL, 1, 0,
+     NULL, KVB_SETTING_COMPAT},
+    {"KVBLEND_NUM_THREADS", "3", "num_threads", KVB_SETTING_INT, 3, 0, NULL, 0},
+    {"LMCACHE_MAX_LOCAL_CPU_SIZE", "0.5", "max_local_cpu_size_gb", KVB_SETTING_FLOAT, 0, 0.5, NULL, 0},
+    {"KVBLEND_DEVIATION", "V", "deviation", KVB_SETTING_STR, 0, 0, "v", 0},
+    {"KVBLEND_SELECTION", "query", "selection", KVB_SETTING_STR, 0, 0, "query", 0},
+    {"KVBLEND_LOG_LEVEL", "error", "log_level", KVB_SETTING_STR, 0, 0, "error", 0},
+    {"KVBLEND_VERIFY_CHECKSUMS", "0", "verify_checksums", KVB_SETTING_STR, 0, 0, "false", 0},
+    {"KVBLEND_VERIFY_CHECKSUMS", "auto", "verify_checksums", KVB_SETTING_STR, 0, 0, "auto", 0},
+    {"LMCACHE_BLEND_SPECIAL_STR", "<s>", "blend_special_str", KVB_SETTING_STR, 0, 0, "<s>", 0},
+    {"LMCACHE_LOCAL_DISK", "file:///kv/", "local_disk", KVB_SETTING_STR, 0, 0, "/kv/", 0},
+    {"LMCACHE_REMOTE_URL", "None", "remote_url", KVB_SETTING_STR, 0, 0, NULL, 0},
+    {"LMCACHE_REMOTE_SERDE", "naive", NULL, KVB_SETTING_NO_FIELD, 0, 0, NULL, 0},
+};
+
+START_TEST(test_config_get_reads_values_by_type)
+{
+    kvb_config c;
+    kvb_config_init(&c);
+    set_ok(&c, kGetRows[_i].name, kGetRows[_i].value);
+    kvb_setting v = get_named(&c, kGetRows[_i].name);
+    ck_assert_int_eq(v.type, kGetRows[_i].type);
+    ck_assert_uint_eq(v.flags, kGetRows[_i].flags);
+    if (kGetRows[_i].key == NULL) {
+        ck_assert_ptr_null(v.key);
+    } else {
+        ck_assert_str_eq(v.key, kGetRows[_i].key);
+    }
+    switch (v.type) {
+    case KVB_SETTING_BOOL:
+    case KVB_SETTING_INT:
+        ck_assert_int_eq(v.i, kGetRows[_i].i);
+        break;
+    case KVB_SETTING_FLOAT:
+        ck_assert_double_eq(v.f, kGetRows[_i].f);
+        break;
+    case KVB_SETTING_STR:
+        if (kGetRows[_i].s == NULL) {
+            ck_assert_ptr_null(v.s);
+        } else {
+            ck_assert_int_eq(v.n, (int)strlen(kGetRows[_i].s));
+            ck_assert_int_eq(strncmp(v.s, kGetRows[_i].s, (size_t)v.n), 0);
+        }
+        break;
+    default:
+        break;
+    }
+}
+END_TEST
+
+START_TEST(test_config_get_lists)
+{
+    kvb_config c;
+    kvb_config_init(&c);
+    kvb_setting v = get_named(&c, "LMCACHE_BLEND_THRESHOLDS");
+    ck_assert_int_eq(v.type, KVB_SETTING_FLOAT_LIST);
+    ck_assert_int_eq(v.n, 0); /* unset */
+    set_ok(&c, "LMCACHE_BLEND_CHECK_LAYERS", "1,4,8");
+    set_ok(&c, "LMCACHE_BLEND_RECOMPUTE_RATIOS", "0.5,0.3,0.15");
+    v = get_named(&c, "LMCACHE_BLEND_CHECK_LAYERS");
+    ck_assert_int_eq(v.type, KVB_SETTING_INT_LIST);
+    ck_assert_int_eq(v.n, 3);
+    ck_assert_int_eq(v.ints[2], 8);
+    v = get_named(&c, "LMCACHE_BLEND_RECOMPUTE_RATIOS");
+    ck_assert_int_eq(v.n, 3);
+    ck_assert_float_eq(v.floats[1], 0.3f);
+}
+END_TEST
+
 /* Fixture: starts and ends every env test with none of the variables set,
  * whatever the environment the suite runs in. */
 static void env_clear(void)
@@ -696,6 +811,10 @@ Suite *config_suite(void)
     tcase_add_test(tc, test_config_lower_tiers);
     tcase_add_test(tc, test_config_set_null_arguments);
     tcase_add_test(tc, test_config_long_value_is_truncated_in_message);
+    tcase_add_test(tc, test_config_get_iterates_the_table);
+    tcase_add_loop_test(tc, test_config_get_reads_values_by_type, 0,
+                        (int)(sizeof kGetRows / sizeof kGetRows[0]));
+    tcase_add_test(tc, test_config_get_lists);
     suite_add_tcase(s, tc);
     TCase *tv = tcase_create("validate");
     tcase_add_test(tv, test_config_validate_ratio_count_mismatch);

@@ -96,6 +96,49 @@ START_TEST(test_connector_keeps_the_host_log_sink)
 }
 END_TEST
 
+static char compat_line[256];
+static int compat_lines;
+
+static void compat_sink(kvb_log_level level, const char *msg, void *user)
+{
+    (void)user;
+    if (level == KVB_LOG_INFO && strstr(msg, "LMCache compatibility") != NULL) {
+        snprintf(compat_line, sizeof compat_line, "%s", msg);
+        compat_lines++;
+    }
+}
+
+/* A setting accepted only for LMCache compatibility says so when it is set
+ * (and only then), at info, once per connector. */
+START_TEST(test_connector_logs_compat_only_settings)
+{
+    kvb_config cfg;
+    kvb_model_desc m;
+    kvb_connector *c = NULL;
+    init_rope(&m);
+    kvb_set_log(compat_sink, NULL, KVB_LOG_DEBUG);
+    ck_assert_int_eq(kvb_config_init(&cfg), KVB_OK);
+    cfg.log_level = KVB_LOG_INFO;
+    compat_lines = 0;
+    ck_assert_int_eq(kvb_connector_create(&cfg, &m, -1, &c), KVB_OK);
+    kvb_connector_free(c);
+    ck_assert_int_eq(compat_lines, 0); /* defaults: nothing to say */
+    ck_assert_int_eq(kvb_config_set(&cfg, "LMCACHE_CHUNK_SIZE", "512"), KVB_OK);
+    ck_assert_int_eq(kvb_connector_create(&cfg, &m, -1, &c), KVB_OK);
+    kvb_connector_free(c);
+    ck_assert_int_eq(compat_lines, 1);
+    ck_assert_str_eq(compat_line, "LMCACHE_CHUNK_SIZE is accepted for LMCache "
+                     "compatibility and has no effect in kvblend");
+    ck_assert_int_eq(kvb_config_set(&cfg, "LMCACHE_BLEND_THRESHOLDS", "0.5"),
+                     KVB_OK);
+    compat_lines = 0;
+    ck_assert_int_eq(kvb_connector_create(&cfg, &m, -1, &c), KVB_OK);
+    kvb_connector_free(c);
+    ck_assert_int_eq(compat_lines, 2);
+    kvb_set_log(NULL, NULL, KVB_LOG_WARNING);
+}
+END_TEST
+
 /* Describes layer `layer` of the global paged cache (planes K and V). */
 static kvb_paged_layout layout_of(void)
 {
@@ -877,6 +920,7 @@ Suite *connector_suite(void)
     Suite *s = suite_create("connector");
     TCase *tc = tcase_create("core");
     tcase_add_test(tc, test_connector_keeps_the_host_log_sink);
+    tcase_add_test(tc, test_connector_logs_compat_only_settings);
     tcase_add_test(tc, test_lookup_empty_store_misses);
     tcase_add_test(tc, test_reordered_prompt_reuses_every_chunk);
     tcase_add_test(tc, test_load_layer_rerotates_to_new_positions);

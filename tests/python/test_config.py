@@ -102,12 +102,12 @@ def test_config_is_frozen_and_items_rebuild_it():
     ("LMCACHE_BLEND_THRESHOLDS", "-1", "negative"),
     ("LMCACHE_CHUNK_SIZE", "0", "> 0"),
     ("LMCACHE_CHUNK_SIZE", "abc", ""),
-    ("LMCACHE_MAX_LOCAL_CPU_SIZE", "-1", "negative"),
+    ("LMCACHE_MAX_LOCAL_CPU_SIZE", "-1", "out of range"),
     ("LMCACHE_EXTRA_CONFIG", "{bad", "JSON"),
     ("KVBLEND_MAX_DEVICE_SIZE", "x", "GB"),
     ("KVBLEND_DEVIATION", "q", "k, v or kv"),
     ("KVBLEND_NUM_THREADS", "-2", "expected 0 (all cores) to 256"),
-    ("KVBLEND_NUM_THREADS", "257", "thread count 257 is out of range"),
+    ("KVBLEND_NUM_THREADS", "257", "257 is out of range"),
     ("KVBLEND_LOG_LEVEL", "loud", "debug, info, warning or error"),
     ("KVBLEND_NOPE", "1", "unknown kvblend variable"),
 ])
@@ -139,3 +139,18 @@ def test_config_non_str_values_are_converted_and_others_refused():
         Config.from_items({"LMCACHE_CHUNK_SIZE": [1]})
     with pytest.raises(TypeError, match="names must be str"):
         ext.config_parse({1: "2"})
+
+
+def test_config_fields_come_from_the_c_table_and_pickle():
+    import copy
+    import pickle
+
+    c = Config.from_items({"LMCACHE_CHUNK_SIZE": "12", "KVBLEND_DEVIATION": "V"})
+    # one field per setting of the C table that stores one (kvb_config_get)
+    assert set(c.fields()) == set(ext.config_parse({}))
+    assert {"enable_blending", "check_layers", "remote_part_size_mb", "verify_checksums"} <= set(c.fields())
+    assert (c.chunk_size, c.deviation, c.thresholds, c.local_disk) == (12, "v", None, None)
+    assert pickle.loads(pickle.dumps(c)) == c and copy.deepcopy(c) == c
+    assert c != Config.default() and hash(c) == hash(Config.from_items(c.items))
+    with pytest.raises(AttributeError, match="no setting 'chunk_sise'"):
+        c.chunk_sise  # noqa: B018
