@@ -98,3 +98,73 @@ class Config:
         if not 0 <= i < len(self.check_layers):
             raise IndexError(f"check layer index {i} outside [0, {len(self.check_layers)})")
         return self.recompute_ratios[0] if len(self.recompute_ratios) == 1 else self.recompute_ratios[i]
+
+
+# ------------------------------------------------- per-engine options
+# The "kvblend.*" keys of vLLM's kv_connector_extra_config, one row each:
+# key -> (default, check).  A check returns None for a good value, else what
+# is wrong.  They are JSON values, not variables, and configure one engine;
+# engine_options() is their only reader.
+def _flag(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "expected true or false"
+
+
+def _settings(v: Any) -> str | None:
+    ok = isinstance(v, dict) and all(isinstance(k, str) and k.startswith(ENV_PREFIXES) for k in v)
+    return None if ok else "expected a dict of LMCACHE_*/KVBLEND_* variable names to values"
+
+
+def _list_of(v: Any, what: str, one: str, ok) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, (list, tuple)) or not v:
+        return f"expected a non-empty list of {what}"
+    for i, x in enumerate(v):
+        if isinstance(x, bool) or not ok(x):
+            return f"entry {i} ({x!r}) is not {one}"
+    return None
+
+
+def _ratios(v: Any) -> str | None:
+    return _list_of(v, "ratios in [0, 1]", "a ratio in [0, 1]", lambda r: isinstance(r, (int, float)) and 0.0 <= r <= 1.0)
+
+
+def _token_ids(v: Any) -> str | None:
+    return _list_of(v, "token ids (ints >= 0)", "a token id (an int >= 0)", lambda t: isinstance(t, int) and t >= 0)
+
+
+ENGINE_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "kvblend.settings": ({}, _settings),
+    "kvblend.recompute_ratios": (None, _ratios),
+    "kvblend.separator_ids": (None, _token_ids),
+    "kvblend.namespace": ("", lambda v: None if isinstance(v, str) else "expected a str"),
+    "kvblend.save": (True, _flag),
+    "kvblend.timing": (False, _flag),
+    "kvblend.compile": (True, _flag),
+    "kvblend.cuda_graph_max_tokens": (2048, lambda v: None if isinstance(v, int) and not isinstance(
+        v, bool) and v >= 0 else "expected an int >= 0"),
+    "kvblend.kv_layout": (None, lambda v: None if v is None or isinstance(v, str)
+                          else "expected a layout name (str)"),
+}
+
+
+def engine_options(extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``kvblend.*`` options of a kv_connector_extra_config, checked,
+    with defaults for the missing ones; keys lose their ``kvblend.`` prefix.
+
+    Other keys (another connector's) are left alone; an unknown ``kvblend.``
+    key or a bad value raises ValueError naming it (a typo must not be
+    silently ignored, and ``"kvblend.save": "false"`` is refused, not true).
+    """
+    for key in extra:
+        if isinstance(key, str) and key.startswith("kvblend.") and key not in ENGINE_OPTIONS:
+            raise ValueError(f"kv_connector_extra_config: unknown option {key!r}; known: "
+                             + ", ".join(ENGINE_OPTIONS))
+    out = {}
+    for key, (default, check) in ENGINE_OPTIONS.items():
+        value = extra.get(key, default)
+        wrong = check(value)
+        if wrong is not None:
+            raise ValueError(f"kv_connector_extra_config {key!r}={value!r}: {wrong}")
+        out[key[len("kvblend."):]] = value
+    return out

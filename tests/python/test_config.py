@@ -154,3 +154,28 @@ def test_config_fields_come_from_the_c_table_and_pickle():
     assert c != Config.default() and hash(c) == hash(Config.from_items(c.items))
     with pytest.raises(AttributeError, match="no setting 'chunk_sise'"):
         c.chunk_sise  # noqa: B018
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"kvblend.save": "false"}, "'kvblend.save'='false': expected true or false"),
+    ({"kvblend.namspace": "a"}, "unknown option 'kvblend.namspace'; known: kvblend.settings"),
+    ({"kvblend.separator_ids": [3, -1]}, r"entry 1 \(-1\) is not a token id"),
+    ({"kvblend.separator_ids": []}, "expected a non-empty list of token ids"),
+    ({"kvblend.cuda_graph_max_tokens": True}, "expected an int >= 0"),
+    ({"kvblend.settings": {"VLLM_X": 1}}, "expected a dict of LMCACHE_"),
+    ({"kvblend.namespace": 3}, "expected a str"),
+])
+def test_engine_options_refuse_typos_and_bad_values(extra, message):
+    from kvblend.config import engine_options
+
+    with pytest.raises(ValueError, match=message):
+        engine_options(extra)
+
+
+def test_engine_options_defaults_and_foreign_keys():
+    from kvblend.config import ENGINE_OPTIONS, engine_options
+
+    opts = engine_options({"lmcache.blend": 1, "kvblend.save": False, "kvblend.separator_ids": [5]})
+    assert opts["save"] is False and opts["separator_ids"] == [5]
+    assert opts["compile"] is True and opts["namespace"] == "" and opts["cuda_graph_max_tokens"] == 2048
+    assert set(opts) == {k[len("kvblend."):] for k in ENGINE_OPTIONS}

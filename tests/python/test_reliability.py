@@ -98,7 +98,7 @@ def test_cache_salt_and_namespace_keep_tenants_apart(parts, blend_env):
         assert out.num_cached_tokens > 0 and st["segments_hit"] == 5
     finally:
         llm.shutdown()
-    with pytest.raises(ValueError, match="kvblend.namespace=5: expected a str"):
+    with pytest.raises(ValueError, match="'kvblend.namespace'=5: expected a str"):
         LLM(model=model, tokenizer=tok, kv_transfer_config=_ktc(**{"kvblend.namespace": 5}))
 
 

@@ -46,7 +46,7 @@ from .._vllm_compat import (
     KVConnectorStats,
     KVConnectorWorkerMetadata,
 )
-from ..config import ENV_PREFIXES, Config
+from ..config import Config, engine_options
 
 logger = logging.getLogger("kvblend")
 
@@ -314,44 +314,37 @@ class KVBlendConnector(KVConnectorBase_V1):
         self.vllm_config = vllm_config
         self.role_ = role
         extra = _extra(vllm_config)
+        # the "kvblend.*" options, checked (kvblend.config.ENGINE_OPTIONS)
+        opts = self.options = engine_options(extra)
         # "kvblend.settings": {"KVBLEND_SELECTION": "query", ...} sets any
         # LMCACHE_*/KVBLEND_* variable for this connector only, over the
-        # environment (one process, several engines configured apart).
-        settings = extra.get("kvblend.settings", {})
-        if not isinstance(settings, dict) or not all(
-                isinstance(k, str) and k.startswith(ENV_PREFIXES) for k in settings):
-            raise ValueError(f"kvblend.settings={settings!r}: expected a dict of LMCACHE_*/KVBLEND_* "
-                             "variable names to values")
-        # bad LMCACHE_* values fail here
-        self.config = Config.from_env({**os.environ, **{k: str(v) for k, v in settings.items()}})
-        ratios = extra.get("kvblend.recompute_ratios")
-        self.timing = bool(extra.get("kvblend.timing", False))
+        # environment (one process, several engines configured apart); bad
+        # values fail here
+        self.config = Config.from_env({**os.environ, **{k: str(v) for k, v in opts["settings"].items()}})
+        self.timing = opts["timing"]
         self.self_test_report: dict | None = None  # the start-up gate's figures (kvblend.gate)
         # "kvblend.save": False makes a read-only consumer: it reuses stored
         # chunks but never adds its own (evaluation, or a replica that must
         # not fill a shared store).
-        self.save_chunks = bool(extra.get("kvblend.save", True))
-        self.ratios_override = _ratios_override(ratios, len(self.config.check_layers))
+        self.save_chunks = opts["save"]
+        self.ratios_override = _ratios_override(opts["recompute_ratios"], len(self.config.check_layers))
         # Tenants: chunks stored under one namespace are never found from
         # another.  "kvblend.namespace" names this deployment's (or, in the
         # built-in engine, this engine's) namespace; a request's cache_salt
         # refines it per request, as vLLM's prefix cache does.
-        ns = extra.get("kvblend.namespace", "")
-        if not isinstance(ns, str):
-            raise ValueError(f"kvblend.namespace={ns!r}: expected a str")
-        self.namespace = ns
+        self.namespace = opts["namespace"]
         # An explicit layout wins; kvblend's built-in engine names its own;
         # under vLLM it is detected from the attention backend in
         # register_kv_caches.
-        self.kv_layout = extra.get("kvblend.kv_layout")
+        self.kv_layout = opts["kv_layout"]
         # On CUDA the blend runs the dense pieces of layers with at most this
         # many active rows as per-layer CUDA graphs (0: eager).  At 8K tokens
         # and r=0.15 a layer's ~1.2K rows cost the device about as long as
         # launching their ~60 eager ops costs the host.
-        self.cuda_graph_max_tokens = int(extra.get("kvblend.cuda_graph_max_tokens", 2048))
+        self.cuda_graph_max_tokens = opts["cuda_graph_max_tokens"]
         # ... and compiles them (torch.compile): the norms, RoPE, activation
         # and residual adds fuse into a few kernels per layer.
-        self.compile_pieces = bool(extra.get("kvblend.compile", True))
+        self.compile_pieces = opts["compile"]
         self._in_vllm = not type(vllm_config).__module__.startswith("kvblend.")
         if self.kv_layout is None and not self._in_vllm:
             self.kv_layout = getattr(getattr(vllm_config, "cache_config", None),
@@ -424,12 +417,8 @@ class KVBlendConnector(KVConnectorBase_V1):
         """The separator's token ids: ``kvblend.separator_ids`` when given,
         else LMCACHE_BLEND_SPECIAL_STR tokenized alone without special
         tokens.  Raises ValueError naming the setting when neither works."""
-        given = extra.get("kvblend.separator_ids")
+        given = self.options["separator_ids"]  # checked by engine_options
         if given is not None:
-            if (not isinstance(given, (list, tuple)) or not given
-                    or not all(isinstance(t, int) and t >= 0 for t in given)):
-                raise ValueError(f"kvblend.separator_ids={given!r}: expected a non-empty list "
-                                 "of token ids (ints >= 0)")
             return [int(t) for t in given]
         mc = getattr(self.vllm_config, "model_config", None)
         if getattr(mc, "skip_tokenizer_init", False):
@@ -997,13 +986,7 @@ def _ratios_override(value, num_check_layers: int) -> list[float] | None:
     if value is None:
         return None
     name = "kv_connector_extra_config 'kvblend.recompute_ratios'"
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ValueError(f"{name}={value!r}: expected a non-empty list of ratios in [0, 1]")
-    out = []
-    for i, r in enumerate(value):
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= float(r) <= 1.0:
-            raise ValueError(f"{name}={value!r}: entry {i} ({r!r}) is not a ratio in [0, 1]")
-        out.append(float(r))
+    out = [float(r) for r in value]  # each in [0, 1]: checked by engine_options
     if len(out) not in (1, num_check_layers):
         raise ValueError(f"{name}={value!r}: {len(out)} ratios for {num_check_layers} check "
                          "layers (LMCACHE_BLEND_CHECK_LAYERS); give one per check layer or one")
