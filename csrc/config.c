@@ -290,11 +290,17 @@ static const char *cfg_item_str(const cfg_item *it, char *buf, size_t cap)
     return buf;
 }
 
-/* Parses LMCACHE_BLEND_CHECK_LAYERS: integers >= 0, strictly increasing. */
-static kvb_status cfg_parse_check_layers(kvb_config *c, const cfg_setting *s,
-                                         const char *value)
+/* Parses one of the three lists, each value by the setting's rule:
+ * LMCACHE_BLEND_CHECK_LAYERS integers >= 0, strictly increasing;
+ * LMCACHE_BLEND_RECOMPUTE_RATIOS ratios in (0, 1];
+ * LMCACHE_BLEND_THRESHOLDS numbers >= 0 that fit a float. */
+static kvb_status cfg_parse_list(kvb_config *c, const cfg_setting *s,
+                                 const char *value)
 {
     const char *name = s->name;
+    int layers = s->offset == offsetof(kvb_config, check_layers);
+    int ratio = s->offset == offsetof(kvb_config, recompute_ratios);
+    const char *what = layers ? "check layer" : ratio ? "ratio" : "threshold";
     cfg_item items[KVB_MAX_CHECK_LAYERS];
     int n = 0;
     kvb_status st = cfg_split_list(name, value, items, &n);
@@ -302,61 +308,40 @@ static kvb_status cfg_parse_check_layers(kvb_config *c, const cfg_setting *s,
         return st;
     }
     char show[KVB_CFG_TOKEN_MAX];
+    int32_t ints[KVB_MAX_CHECK_LAYERS];
+    float floats[KVB_MAX_CHECK_LAYERS];
     for (int i = 0; i < n; i++) {
-        int64_t v = 0;
-        if (cfg_parse_int(items[i].s, items[i].len, &v) != 0) {
-            return cfg_fail(name, value, "check layer '%s' is not an integer",
-                            cfg_item_str(&items[i], show, sizeof show));
+        int64_t iv = 0;
+        double v = 0;
+        cfg_item_str(&items[i], show, sizeof show);
+        if (layers ? cfg_parse_int(items[i].s, items[i].len, &iv) != 0
+                   : cfg_parse_double(items[i].s, items[i].len, &v) != 0) {
+            return cfg_fail(name, value, "%s '%s' is not %s", what, show,
+                            layers ? "an integer" : "a finite number");
         }
-        if (v < 0 || v > INT32_MAX) {
+        if (layers && (iv < 0 || iv > INT32_MAX)) {
             return cfg_fail(name, value, "check layer %lld is out of range; "
-                            "expected a layer index >= 0", (long long)v);
+                            "expected a layer index >= 0", (long long)iv);
         }
-        if (i > 0 && v <= c->check_layers[i - 1]) {
+        if (layers && i > 0 && iv <= ints[i - 1]) {
             return cfg_fail(name, value, "check layer %lld does not follow "
                             "%d; layers must be strictly increasing",
-                            (long long)v, (int)c->check_layers[i - 1]);
+                            (long long)iv, (int)ints[i - 1]);
         }
-        c->check_layers[i] = (int32_t)v;
-    }
-    c->num_check_layers = n;
-    return KVB_OK;
-}
-
-/* Parses a list of floats into `dst`/`*count`.  `is_ratio` selects the rule:
- * ratios lie in (0, 1], thresholds are >= 0 and must fit a float. */
-static kvb_status cfg_set_floats(const char *name, const char *value,
-                                 int is_ratio, float *dst, int *count)
-{
-    cfg_item items[KVB_MAX_CHECK_LAYERS];
-    int n = 0;
-    kvb_status st = cfg_split_list(name, value, items, &n);
-    if (st != KVB_OK) {
-        return st;
-    }
-    char show[KVB_CFG_TOKEN_MAX];
-    const char *what = is_ratio ? "ratio" : "threshold";
-    for (int i = 0; i < n; i++) {
-        double v = 0;
-        if (cfg_parse_double(items[i].s, items[i].len, &v) != 0) {
-            return cfg_fail(name, value, "%s '%s' is not a finite number",
-                            what, cfg_item_str(&items[i], show, sizeof show));
-        }
-        cfg_item_str(&items[i], show, sizeof show);
-        if (is_ratio && (!(v > 0.0) || v > 1.0 || (float)v == 0.0f)) {
+        if (ratio && (!(v > 0.0) || v > 1.0 || (float)v == 0.0f)) {
             return cfg_fail(name, value, "ratio %s is outside (0, 1]", show);
         }
-        if (!is_ratio && v < 0.0) {
-            return cfg_fail(name, value, "threshold %s is negative; expected "
-                            ">= 0", show);
+        if (!layers && !ratio && (v < 0.0 || v > FLT_MAX)) {
+            return cfg_fail(name, value, "threshold %s %s", show, v < 0.0
+                            ? "is negative; expected >= 0"
+                            : "does not fit a float");
         }
-        if (!is_ratio && v > FLT_MAX) {
-            return cfg_fail(name, value, "threshold %s does not fit a float",
-                            show);
-        }
-        dst[i] = (float)v;
+        ints[i] = (int32_t)iv;
+        floats[i] = (float)v;
     }
-    *count = n;
+    memcpy((char *)c + s->offset, layers ? (void *)ints : (void *)floats,
+           (size_t)n * 4);
+    memcpy((char *)c + s->count_offset, &n, sizeof n);
     return KVB_OK;
 }
 
@@ -648,19 +633,31 @@ static kvb_status cfg_check_value(const kvb_config *c, const cfg_setting *s)
 
 /* ---- parsers and checkers of single settings ---- */
 
+/* Stores `text` (from `value`) in the setting's char array; `what` names
+ * it in the message when it is too long. */
+static kvb_status cfg_put_text(kvb_config *c, const cfg_setting *s,
+                               const char *value, const char *text,
+                               const char *what)
+{
+    char *dst = (char *)c + s->offset;
+    size_t len = strlen(text);
+    if (len >= s->size) {
+        return cfg_fail(s->name, value, "the %s has %zu bytes; at most %zu "
+                        "are allowed", what, len, s->size - 1);
+    }
+    memcpy(dst, text, len);
+    dst[len] = '\0';
+    return KVB_OK;
+}
+
+
 static kvb_status cfg_parse_special(kvb_config *c, const cfg_setting *s,
                                     const char *value)
 {
-    size_t len = strlen(value);
-    if (len == 0) {
+    if (value[0] == '\0') {
         return cfg_fail(s->name, value, "the separator string is empty");
     }
-    if (len >= KVB_MAX_SPECIAL_STR) {
-        return cfg_fail(s->name, value, "the separator string has %zu bytes; "
-                        "at most %d are allowed", len, KVB_MAX_SPECIAL_STR - 1);
-    }
-    memcpy(c->blend_special_str, value, len + 1);
-    return KVB_OK;
+    return cfg_put_text(c, s, value, value, "separator string");
 }
 
 static kvb_status cfg_check_special(const kvb_config *c,
@@ -694,25 +691,11 @@ static kvb_status cfg_check_check_layers(const kvb_config *c,
     return KVB_OK;
 }
 
-static kvb_status cfg_parse_ratios(kvb_config *c, const cfg_setting *s,
-                                   const char *value)
-{
-    return cfg_set_floats(s->name, value, 1, c->recompute_ratios,
-                          &c->num_recompute_ratios);
-}
-
-static kvb_status cfg_parse_thresholds(kvb_config *c, const cfg_setting *s,
-                                       const char *value)
-{
-    return cfg_set_floats(s->name, value, 0, c->thresholds,
-                          &c->num_thresholds);
-}
-
 /* Ratios and thresholds: one value per check layer or one for all (none
  * also for thresholds), each within its range. */
 static kvb_status cfg_check_floats(const kvb_config *c, const cfg_setting *s)
 {
-    int is_ratio = s->parse == cfg_parse_ratios;
+    int is_ratio = s->offset == offsetof(kvb_config, recompute_ratios);
     int n = is_ratio ? c->num_recompute_ratios : c->num_thresholds;
     const float *v = is_ratio ? c->recompute_ratios : c->thresholds;
     int nl = c->num_check_layers;
@@ -759,10 +742,6 @@ static kvb_status cfg_parse_checksums(kvb_config *c, const cfg_setting *s,
 static kvb_status cfg_parse_disk(kvb_config *c, const cfg_setting *s,
                                  const char *value)
 {
-    if (cfg_is_none(value)) {
-        c->local_disk[0] = '\0';
-        return KVB_OK;
-    }
     const char *path = value;
     if (!strncmp(path, "file://", 7)) {
         path += 7;
@@ -770,16 +749,10 @@ static kvb_status cfg_parse_disk(kvb_config *c, const cfg_setting *s,
         return cfg_fail(s->name, value, "expected a folder as file:///path/ "
                         "or a plain path");
     }
-    size_t len = strlen(path);
-    if (len == 0) {
+    if (path[0] == '\0' && !cfg_is_none(value)) {
         return cfg_fail(s->name, value, "the folder is empty");
     }
-    if (len >= KVB_MAX_PATH) {
-        return cfg_fail(s->name, value, "the path has %zu bytes; at most %d "
-                        "are allowed", len, KVB_MAX_PATH - 1);
-    }
-    memcpy(c->local_disk, path, len + 1);
-    return KVB_OK;
+    return cfg_put_text(c, s, value, cfg_is_none(value) ? "" : path, "path");
 }
 
 /* LMCACHE_REMOTE_URL: redis:// or valkey:// (the server is parsed and
@@ -788,24 +761,14 @@ static kvb_status cfg_parse_disk(kvb_config *c, const cfg_setting *s,
 static kvb_status cfg_parse_remote(kvb_config *c, const cfg_setting *s,
                                    const char *value)
 {
-    if (cfg_is_none(value)) {
-        c->remote_url[0] = '\0';
-        return KVB_OK;
-    }
-    size_t len = strlen(value);
-    if (strncmp(value, "redis://", 8) != 0 &&
+    if (!cfg_is_none(value) && strncmp(value, "redis://", 8) != 0 &&
         strncmp(value, "valkey://", 9) != 0) {
         return cfg_fail(s->name, value, "expected redis://host:port or "
                         "valkey://host:port (kvblend does not implement "
                         "LMCache's lm://, mooncakestore://, s3:// or other "
                         "remote backends)");
     }
-    if (len >= KVB_MAX_PATH) {
-        return cfg_fail(s->name, value, "the URL has %zu bytes; at most %d "
-                        "are allowed", len, KVB_MAX_PATH - 1);
-    }
-    memcpy(c->remote_url, value, len + 1);
-    return KVB_OK;
+    return cfg_put_text(c, s, value, cfg_is_none(value) ? "" : value, "URL");
 }
 
 /* The disk folder and the remote URL must be NUL-terminated; a disk folder
@@ -874,15 +837,15 @@ static const cfg_setting kvb_settings[] = {
     {.name = "LMCACHE_BLEND_CHECK_LAYERS", .key = "check_layers",
      .type = CFG_LIST, F(check_layers),
      .count_offset = offsetof(kvb_config, num_check_layers), .def = "1",
-     .parse = cfg_parse_check_layers, .check = cfg_check_check_layers},
+     .parse = cfg_parse_list, .check = cfg_check_check_layers},
     {.name = "LMCACHE_BLEND_RECOMPUTE_RATIOS", .key = "recompute_ratios",
      .type = CFG_LIST, F(recompute_ratios),
      .count_offset = offsetof(kvb_config, num_recompute_ratios),
-     .def = "0.15", .parse = cfg_parse_ratios, .check = cfg_check_floats},
+     .def = "0.15", .parse = cfg_parse_list, .check = cfg_check_floats},
     {.name = "LMCACHE_BLEND_THRESHOLDS", .key = "thresholds",
      .type = CFG_LIST, F(thresholds),
      .count_offset = offsetof(kvb_config, num_thresholds),
-     .parse = cfg_parse_thresholds, .check = cfg_check_floats,
+     .parse = cfg_parse_list, .check = cfg_check_floats,
      .flags = KVB_SETTING_COMPAT},
     {.name = "LMCACHE_CHUNK_SIZE", .key = "chunk_size", .type = CFG_INT,
      F(chunk_size), .def = "256", .min = 1, .max = 9.2e18,
@@ -1093,7 +1056,7 @@ kvb_status kvb_config_get(const kvb_config *cfg, int i, kvb_setting *out)
     }
     case CFG_LIST:
         memcpy(&out->n, (const char *)cfg + s->count_offset, sizeof out->n);
-        if (s->parse == cfg_parse_check_layers) {
+        if (s->offset == offsetof(kvb_config, check_layers)) {
             out->type = KVB_SETTING_INT_LIST;
             out->ints = (const int32_t *)(const void *)field;
         } else {
