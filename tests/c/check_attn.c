@@ -4,6 +4,8 @@
  * shapes, unsorted keys, queries that see nothing, half types and thread
  * counts.
  */
+#include "test_util.h"
+
 #include <check.h>
 #include <math.h>
 #include <stdlib.h>
@@ -11,28 +13,6 @@
 
 #include "kvblend.h"
 #include "../../csrc/internal.h"
-
-/* A small deterministic generator (64-bit LCG, high bits). */
-static uint64_t g_rng;
-
-/* Seeds the generator. */
-static void rng_seed(uint64_t s)
-{
-    g_rng = s * 2862933555777941757ull + 3037000493ull;
-}
-
-/* Returns 32 random bits. */
-static uint32_t rng_u32(void)
-{
-    g_rng = g_rng * 6364136223846793005ull + 1442695040888963407ull;
-    return (uint32_t)(g_rng >> 32);
-}
-
-/* Returns a uniform float in [-1, 1). */
-static float rng_sym(void)
-{
-    return (float)((double)rng_u32() / 2147483648.0 - 1.0);
-}
 
 /* One attention problem: N tokens with K/V and a query per token, all in
  * `dt`; positions k_pos/q_pos (the query of token i sits at q_pos[i]). */

@@ -6,6 +6,8 @@
  * the saved rows re-rotated to their new positions.
  */
 #define _POSIX_C_SOURCE 200809L /* pthread */
+#include "test_util.h"
+
 #include <check.h>
 #include <math.h>
 #include <pthread.h>
@@ -60,22 +62,12 @@ static kvb_connector *make_conn(int blending)
     return c;
 }
 
-static int host_sink_lines;
-
-static void host_sink(kvb_log_level level, const char *msg, void *user)
-{
-    (void)level;
-    (void)msg;
-    (void)user;
-    host_sink_lines++;
-}
-
 /* A C host program's log sink survives kvb_connector_create, which sets
  * only the level (KVBLEND_LOG_LEVEL). */
 START_TEST(test_connector_keeps_the_host_log_sink)
 {
-    host_sink_lines = 0;
-    kvb_set_log(host_sink, NULL, KVB_LOG_DEBUG);
+    test_log host;
+    test_log_start(&host, NULL);
     kvb_connector *c = make_conn(1); /* default level: warning */
     /* a store too small for any chunk logs a WARNING per reservation; a
      * disabled one an INFO line, below the connector's level */
@@ -88,25 +80,13 @@ START_TEST(test_connector_keeps_the_host_log_sink)
     kvb_entry *e = NULL;
     ck_assert_int_eq(kvb_store_reserve(off, 0, tok, 4, NULL, &e), KVB_OK);
     ck_assert_int_eq(kvb_store_reserve(small, 0, tok, 4, NULL, &e), KVB_OK);
-    ck_assert_int_eq(host_sink_lines, 1);
+    ck_assert_int_eq(host.total, 1);
     kvb_store_free(small);
     kvb_store_free(off);
     kvb_connector_free(c);
-    kvb_set_log(NULL, NULL, KVB_LOG_WARNING);
+    test_log_stop(&host);
 }
 END_TEST
-
-static char compat_line[256];
-static int compat_lines;
-
-static void compat_sink(kvb_log_level level, const char *msg, void *user)
-{
-    (void)user;
-    if (level == KVB_LOG_INFO && strstr(msg, "LMCache compatibility") != NULL) {
-        snprintf(compat_line, sizeof compat_line, "%s", msg);
-        compat_lines++;
-    }
-}
 
 /* A setting accepted only for LMCache compatibility says so when it is set
  * (and only then), at info, once per connector. */
@@ -116,26 +96,26 @@ START_TEST(test_connector_logs_compat_only_settings)
     kvb_model_desc m;
     kvb_connector *c = NULL;
     init_rope(&m);
-    kvb_set_log(compat_sink, NULL, KVB_LOG_DEBUG);
+    test_log log;
+    test_log_start(&log, "LMCache compatibility");
     ck_assert_int_eq(kvb_config_init(&cfg), KVB_OK);
     cfg.log_level = KVB_LOG_INFO;
-    compat_lines = 0;
     ck_assert_int_eq(kvb_connector_create(&cfg, &m, -1, &c), KVB_OK);
     kvb_connector_free(c);
-    ck_assert_int_eq(compat_lines, 0); /* defaults: nothing to say */
+    ck_assert_int_eq(log.total, 0); /* defaults: nothing to say */
     ck_assert_int_eq(kvb_config_set(&cfg, "LMCACHE_CHUNK_SIZE", "512"), KVB_OK);
     ck_assert_int_eq(kvb_connector_create(&cfg, &m, -1, &c), KVB_OK);
     kvb_connector_free(c);
-    ck_assert_int_eq(compat_lines, 1);
-    ck_assert_str_eq(compat_line, "LMCACHE_CHUNK_SIZE is accepted for LMCache "
+    ck_assert_int_eq(log.count[KVB_LOG_INFO], 1);
+    ck_assert_str_eq(log.last[KVB_LOG_INFO], "LMCACHE_CHUNK_SIZE is accepted for LMCache "
                      "compatibility and has no effect in kvblend");
     ck_assert_int_eq(kvb_config_set(&cfg, "LMCACHE_BLEND_THRESHOLDS", "0.5"),
                      KVB_OK);
-    compat_lines = 0;
     ck_assert_int_eq(kvb_connector_create(&cfg, &m, -1, &c), KVB_OK);
     kvb_connector_free(c);
-    ck_assert_int_eq(compat_lines, 2);
-    kvb_set_log(NULL, NULL, KVB_LOG_WARNING);
+    ck_assert_int_eq(log.count[KVB_LOG_INFO], 1 + 2);
+    ck_assert_int_eq(log.total, log.count[KVB_LOG_INFO]);
+    test_log_stop(&log);
 }
 END_TEST
 
@@ -663,25 +643,10 @@ static kvb_connector *make_disk_conn(const char *dir, int rank, int world)
     return c;
 }
 
-/* A fresh folder under /tmp in dir[64]. */
-static void tier_dir(char dir[64])
-{
-    snprintf(dir, 64, "/tmp/kvb_conn_tiers_XXXXXX");
-    ck_assert_ptr_nonnull(mkdtemp(dir));
-}
-
-/* Removes the folder's files and the folder. */
-static void tier_dir_rm(const char *dir)
-{
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-    ck_assert_int_eq(system(cmd), 0);
-}
-
 START_TEST(test_disk_tier_serves_a_restarted_connector)
 {
     char dir[64];
-    tier_dir(dir);
+    tmpdir_make(dir, sizeof dir, "kvb_conn_tiers");
     kvb_connector *c = make_disk_conn(dir, 0, 1);
     store_p1(c);
     kvb_connector_free(c); /* drains the write-behind queue */
@@ -708,14 +673,14 @@ START_TEST(test_disk_tier_serves_a_restarted_connector)
     ck_assert_int_eq(kvb_store_get_stats(kvb_connector_store(c), &st), KVB_OK);
     ck_assert_int_eq(st.num_entries, 3);
     kvb_connector_free(c);
-    tier_dir_rm(dir);
+    tmpdir_remove(dir);
 }
 END_TEST
 
 START_TEST(test_tier_key_separates_shards_and_models)
 {
     char dir[64];
-    tier_dir(dir);
+    tmpdir_make(dir, sizeof dir, "kvb_conn_tiers");
     kvb_connector *c = make_disk_conn(dir, 0, 2);
     store_p1(c);
     uint64_t k0 = kvb_connector_tier_key(c);
@@ -735,14 +700,14 @@ START_TEST(test_tier_key_separates_shards_and_models)
     ck_assert_int_eq(hits_for(c, 0, P2, N2, NULL), 3);
     ck_assert_int_eq(kvb_connector_set_shard(c, 2, 2), KVB_ERR_INVALID);
     kvb_connector_free(c);
-    tier_dir_rm(dir);
+    tmpdir_remove(dir);
 }
 END_TEST
 
 START_TEST(test_corrupt_disk_entry_is_recomputed)
 {
     char dir[64];
-    tier_dir(dir);
+    tmpdir_make(dir, sizeof dir, "kvb_conn_tiers");
     kvb_connector *c = make_disk_conn(dir, 0, 1);
     store_p1(c);
     uint64_t key = kvb_connector_tier_key(c);
@@ -774,7 +739,7 @@ START_TEST(test_corrupt_disk_entry_is_recomputed)
     ck_assert_int_eq(d.corrupt, 1);
     ck_assert_int_eq(d.hits, 2);
     kvb_connector_free(c);
-    tier_dir_rm(dir);
+    tmpdir_remove(dir);
 }
 END_TEST
 

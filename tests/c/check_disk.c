@@ -8,6 +8,8 @@
  * puts, gets and drops keeping the index equal to the folder.
  */
 #define _POSIX_C_SOURCE 200809L /* mkdtemp, utimensat, pthread */
+#include "test_util.h"
+
 #include <check.h>
 #include <dirent.h>
 #include <errno.h>
@@ -30,41 +32,20 @@
 
 /* ------------------------------------------------------------- helpers */
 
-/* Creates a fresh folder under /tmp into path[PATH_LEN]. */
-static void make_tmpdir(char *path)
+/* The test's own folder: made before and removed after every test (a
+ * checked fixture, so it runs in the forked test process). */
+static char g_dir[PATH_LEN];
+
+/* Fixture: creates g_dir. */
+static void dir_setup(void)
 {
-    snprintf(path, PATH_LEN, "/tmp/kvb_disk_XXXXXX");
-    ck_assert_ptr_nonnull(mkdtemp(path));
+    tmpdir_make(g_dir, sizeof g_dir, "kvb_disk");
 }
 
-/* Deletes `path` and everything below it (best effort; permissions are
- * restored first so a read-only folder can be emptied). */
-static void rm_rf(const char *path)
+/* Fixture: removes g_dir and everything in it. */
+static void dir_teardown(void)
 {
-    struct stat sb;
-    if (lstat(path, &sb) != 0) {
-        return;
-    }
-    if (S_ISDIR(sb.st_mode)) {
-        chmod(path, 0700);
-        DIR *d = opendir(path);
-        if (d != NULL) {
-            struct dirent *de;
-            while ((de = readdir(d)) != NULL) {
-                if (strcmp(de->d_name, ".") == 0 ||
-                    strcmp(de->d_name, "..") == 0) {
-                    continue;
-                }
-                char sub[PATH_LEN];
-                snprintf(sub, sizeof sub, "%s/%s", path, de->d_name);
-                rm_rf(sub);
-            }
-            closedir(d);
-        }
-        rmdir(path);
-    } else {
-        unlink(path);
-    }
+    tmpdir_remove(g_dir);
 }
 
 /* Writes the path of the entry file of (key, hash) in `dir` to out. */
@@ -75,31 +56,12 @@ static void entry_path(char *out, const char *dir, uint64_t key,
              (unsigned long long)key, (unsigned long long)hash);
 }
 
-/* Returns the byte at offset i of the test blob `seed`. */
-static unsigned char blob_byte(uint64_t seed, size_t i)
-{
-    uint64_t x = (seed + 1) * 0x9e3779b97f4a7c15ull + i * 0xbf58476d1ce4e5b9ull;
-    x ^= x >> 31;
-    return (unsigned char)(x ^ (x >> 13));
-}
-
-/* Returns a new malloc'd test blob of len bytes made from `seed`. */
-static unsigned char *make_blob(uint64_t seed, size_t len)
-{
-    unsigned char *b = malloc(len > 0 ? len : 1);
-    ck_assert_ptr_nonnull(b);
-    for (size_t i = 0; i < len; i++) {
-        b[i] = blob_byte(seed, i);
-    }
-    return b;
-}
-
 /* Puts the test blob `seed` of len bytes as (key, hash); fails the test
  * unless the put returns KVB_OK. */
 static void put_blob(kvb_disk *d, uint64_t key, uint64_t hash, uint64_t seed,
                      size_t len)
 {
-    unsigned char *b = make_blob(seed, len);
+    unsigned char *b = pattern_blob(len, seed);
     ck_assert_int_eq(kvb_disk_put(d, key, hash, b, len), KVB_OK);
     free(b);
 }
@@ -109,15 +71,7 @@ static void put_blob(kvb_disk *d, uint64_t key, uint64_t hash, uint64_t seed,
 static int blob_matches(const unsigned char *buf, size_t len, uint64_t seed,
                         size_t want)
 {
-    if (buf == NULL || len != want) {
-        return 0;
-    }
-    for (size_t i = 0; i < len; i++) {
-        if (buf[i] != blob_byte(seed, i)) {
-            return 0;
-        }
-    }
-    return 1;
+    return buf != NULL && len == want && pattern_matches(buf, len, seed);
 }
 
 /* Gets (key, hash) and returns 1 when it is a hit holding exactly the
@@ -235,31 +189,13 @@ static void assert_usage(kvb_disk *d, int64_t entries, size_t bytes)
     ck_assert_uint_eq(b, bytes);
 }
 
-/* A log sink that keeps the last line per level and counts lines. */
-typedef struct log_capture {
-    int count[4];
-    char last[4][1024];
-} log_capture;
-
-/* kvb_log_fn recording into a log_capture. */
-static void capture_log(kvb_log_level level, const char *msg, void *user)
-{
-    log_capture *cap = user;
-    if (level >= 0 && level <= 3) {
-        cap->count[level]++;
-        snprintf(cap->last[level], sizeof cap->last[level], "%s", msg);
-    }
-}
-
 /* ---------------------------------------------------------------- tests */
 
 /* Blobs of several sizes (1 byte to a few MB) come back byte for byte,
  * each in its own file of exactly its size, and usage adds them up. */
 START_TEST(test_disk_put_get_round_trip)
 {
-    char dir[PATH_LEN];
-    make_tmpdir(dir);
-    kvb_disk *d = open_disk(dir, 64u << 20);
+    kvb_disk *d = open_disk(g_dir, 64u << 20);
     const size_t sizes[] = {1, 4096, 100003, 3u << 20};
     size_t total = 0;
     for (uint64_t i = 0; i < 4; i++) {
@@ -271,16 +207,15 @@ START_TEST(test_disk_put_get_round_trip)
         ck_assert_int_eq(get_blob(d, 7, 100 + i, i, sizes[i]), 1);
         char p[PATH_LEN];
         struct stat sb;
-        entry_path(p, dir, 7, 100 + i);
+        entry_path(p, g_dir, 7, 100 + i);
         ck_assert_int_eq(stat(p, &sb), 0);
         ck_assert_uint_eq((size_t)sb.st_size, sizes[i]);
     }
-    folder_count c = count_folder(dir);
+    folder_count c = count_folder(g_dir);
     ck_assert_int_eq(c.entries, 4);
     ck_assert_uint_eq(c.bytes, total);
     ck_assert_int_eq(c.temps, 0);
     kvb_disk_close(d);
-    rm_rf(dir);
 }
 END_TEST
 
@@ -288,9 +223,7 @@ END_TEST
  * hash, or the same key with another hash, is a miss (KVB_OK, NULL). */
 START_TEST(test_disk_contains_and_miss)
 {
-    char dir[PATH_LEN];
-    make_tmpdir(dir);
-    kvb_disk *d = open_disk(dir, 1u << 20);
+    kvb_disk *d = open_disk(g_dir, 1u << 20);
     ck_assert_int_eq(kvb_disk_contains(d, 1, 2), 0);
     ck_assert_int_eq(get_blob(d, 1, 2, 0, 10), 0);
     put_blob(d, 1, 2, 5, 100);
@@ -302,10 +235,9 @@ START_TEST(test_disk_contains_and_miss)
     ck_assert_int_eq(get_blob(d, 1, 2, 5, 100), 1);
     /* the extremes of both numbers make well-formed names */
     put_blob(d, UINT64_MAX, 0, 6, 10);
-    ck_assert_int_eq(file_exists(dir, UINT64_MAX, 0), 1);
+    ck_assert_int_eq(file_exists(g_dir, UINT64_MAX, 0), 1);
     ck_assert_int_eq(get_blob(d, UINT64_MAX, 0, 6, 10), 1);
     kvb_disk_close(d);
-    rm_rf(dir);
 }
 END_TEST
 
@@ -313,30 +245,27 @@ END_TEST
  * a get in between saves the older entry and the other one goes. */
 START_TEST(test_disk_lru_evicts_least_recently_used)
 {
-    char dir[PATH_LEN];
-    make_tmpdir(dir);
-    kvb_disk *d = open_disk(dir, 2 * SZ);
+    kvb_disk *d = open_disk(g_dir, 2 * SZ);
     put_blob(d, 9, 1, 1, SZ);
     put_blob(d, 9, 2, 2, SZ);
     ck_assert_int_eq(get_blob(d, 9, 1, 1, SZ), 1); /* 1 is now newest */
     put_blob(d, 9, 3, 3, SZ);
     ck_assert_int_eq(kvb_disk_contains(d, 9, 2), 0);
-    ck_assert_int_eq(file_exists(dir, 9, 2), 0);
+    ck_assert_int_eq(file_exists(g_dir, 9, 2), 0);
     ck_assert_int_eq(kvb_disk_contains(d, 9, 1), 1);
     ck_assert_int_eq(kvb_disk_contains(d, 9, 3), 1);
     assert_usage(d, 2, 2 * SZ);
     /* without a get, the oldest write goes: order is now 1, 3 */
     put_blob(d, 9, 4, 4, SZ);
     ck_assert_int_eq(kvb_disk_contains(d, 9, 1), 0);
-    ck_assert_int_eq(file_exists(dir, 9, 1), 0);
+    ck_assert_int_eq(file_exists(g_dir, 9, 1), 0);
     ck_assert_int_eq(get_blob(d, 9, 3, 3, SZ), 1);
     ck_assert_int_eq(get_blob(d, 9, 4, 4, SZ), 1);
-    folder_count c = count_folder(dir);
+    folder_count c = count_folder(g_dir);
     ck_assert_int_eq(c.entries, 2);
     ck_assert_uint_eq(c.bytes, 2 * SZ);
     ck_assert_int_eq(c.temps, 0);
     kvb_disk_close(d);
-    rm_rf(dir);
 }
 END_TEST
 
@@ -344,9 +273,7 @@ END_TEST
  * itself. */
 START_TEST(test_disk_put_evicts_several_for_a_large_blob)
 {
-    char dir[PATH_LEN];
-    make_tmpdir(dir);
-    kvb_disk *d = open_disk(dir, 4 * SZ);
+    kvb_disk *d = open_disk(g_dir, 4 * SZ);
     for (uint64_t i = 0; i < 4; i++) {
         put_blob(d, 1, i, i, SZ);
     }
@@ -362,7 +289,6 @@ START_TEST(test_disk_put_evicts_several_for_a_large_blob)
     assert_usage(d, 1, 4 * SZ);
     ck_assert_int_eq(get_blob(d, 1, 11, 11, 4 * SZ), 1);
     kvb_disk_close(d);
-    rm_rf(dir);
 }
 END_TEST
 
@@ -370,19 +296,16 @@ END_TEST
  * accounts (one entry, the new size, the new bytes). */
 START_TEST(test_disk_put_replaces_same_entry)
 {
-    char dir[PATH_LEN];
-    make_tmpdir(dir);
-    kvb_disk *d = open_disk(dir, 1u << 20);
+    kvb_disk *d = open_disk(g_dir, 1u << 20);
     put_blob(d, 4, 4, 1, 100);
     put_blob(d, 4, 5, 2, 50);
     put_blob(d, 4, 4, 3, 300);
     assert_usage(d, 2, 350);
     ck_assert_int_eq(get_blob(d, 4, 4, 3, 300), 1);
-    folder_count c = count_folder(dir);
+    folder_count c = count_folder(g_dir);
     ck_assert_int_eq(c.entries, 2);
     ck_assert_uint_eq(c.bytes, 350);
     kvb_disk_close(d);
-    rm_rf(dir);
 }
 END_TEST
 
@@ -390,26 +313,24 @@ END_TEST
  * order by modification time: new puts evict the oldest file first. */
 START_TEST(test_disk_reopen_restores_entries_and_lru_order)
 {
-    char dir[PATH_LEN];
-    make_tmpdir(dir);
-    kvb_disk *d = open_disk(dir, 3 * SZ);
+    kvb_disk *d = open_disk(g_dir, 3 * SZ);
     put_blob(d, 2, 1, 1, SZ);
     put_blob(d, 2, 2, 2, SZ);
     put_blob(d, 2, 3, 3, SZ);
     kvb_disk_close(d);
     /* written order 1, 2, 3; make the file times say 2, 3, 1 */
-    set_mtime(dir, 2, 2, 1000000000);
-    set_mtime(dir, 2, 3, 1000000100);
-    set_mtime(dir, 2, 1, 1000000200);
+    set_mtime(g_dir, 2, 2, 1000000000);
+    set_mtime(g_dir, 2, 3, 1000000100);
+    set_mtime(g_dir, 2, 1, 1000000200);
 
-    d = open_disk(dir, 3 * SZ);
+    d = open_disk(g_dir, 3 * SZ);
     assert_usage(d, 3, 3 * SZ);
     for (uint64_t i = 1; i <= 3; i++) {
         ck_assert_int_eq(kvb_disk_contains(d, 2, i), 1); /* no touch */
     }
     put_blob(d, 2, 4, 4, SZ);
     ck_assert_int_eq(kvb_disk_contains(d, 2, 2), 0);
-    ck_assert_int_eq(file_exists(dir, 2, 2), 0);
+    ck_assert_int_eq(file_exists(g_dir, 2, 2), 0);
     ck_assert_int_eq(kvb_disk_contains(d, 2, 3), 1);
     put_blob(d, 2, 5, 5, SZ);
     ck_assert_int_eq(kvb_disk_contains(d, 2, 3), 0);
@@ -418,7 +339,6 @@ START_TEST(test_disk_reopen_restores_entries_and_lru_order)
     ck_assert_int_eq(get_blob(d, 2, 4, 4, SZ), 1);
     ck_assert_int_eq(get_blob(d, 2, 5, 5, SZ), 1);
     kvb_disk_close(d);
-    rm_rf(dir);
 }
 END_TEST
 
@@ -426,27 +346,24 @@ END_TEST
  * records survives a restart: the got entry outlives a newer write. */
 START_TEST(test_disk_get_refreshes_file_time)
 {
-    char dir[PATH_LEN];
-    make_tmpdir(dir);
-    kvb_disk *d = open_disk(dir, 2 * SZ);
+    kvb_disk *d = open_disk(g_dir, 2 * SZ);
     put_blob(d, 3, 1, 1, SZ);
     put_blob(d, 3, 2, 2, SZ);
-    set_mtime(dir, 3, 1, 1000000000);
-    set_mtime(dir, 3, 2, 1000000100);
+    set_mtime(g_dir, 3, 1, 1000000000);
+    set_mtime(g_dir, 3, 2, 1000000100);
     ck_assert_int_eq(get_blob(d, 3, 1, 1, SZ), 1);
     char p[PATH_LEN];
     struct stat sb;
-    entry_path(p, dir, 3, 1);
+    entry_path(p, g_dir, 3, 1);
     ck_assert_int_eq(stat(p, &sb), 0);
     ck_assert_int_gt((long long)sb.st_mtim.tv_sec, 1000000100LL);
     kvb_disk_close(d);
 
-    d = open_disk(dir, 2 * SZ);
+    d = open_disk(g_dir, 2 * SZ);
     put_blob(d, 3, 3, 3, SZ); /* evicts 2, the least recently used */
     ck_assert_int_eq(kvb_disk_contains(d, 3, 2), 0);
     ck_assert_int_eq(kvb_disk_contains(d, 3, 1), 1);
     kvb_disk_close(d);
-    rm_rf(dir);
 }
 END_TEST
 
@@ -455,8 +372,6 @@ END_TEST
  * (another process sharing the folder) is left alone. */
 START_TEST(test_disk_open_removes_leftover_temp_files)
 {
-    char dir[PATH_LEN];
-    make_tmpdir(dir);
     pid_t child = fork();
     if (child == 0) {
         _exit(0);
@@ -472,16 +387,15 @@ START_TEST(test_disk_open_removes_leftover_temp_files)
              (long)child);
     snprintf(live, sizeof live,
              ".0000000000000003-0000000000000004.%ld.1.tmp", (long)getpid());
-    touch_file(dir, dead[0]);
-    touch_file(dir, dead[1]);
-    touch_file(dir, live);
-    kvb_disk *d = open_disk(dir, 1u << 20);
-    ck_assert_int_eq(name_exists(dir, dead[0]), 0);
-    ck_assert_int_eq(name_exists(dir, dead[1]), 0);
-    ck_assert_int_eq(name_exists(dir, live), 1);
+    touch_file(g_dir, dead[0]);
+    touch_file(g_dir, dead[1]);
+    touch_file(g_dir, live);
+    kvb_disk *d = open_disk(g_dir, 1u << 20);
+    ck_assert_int_eq(name_exists(g_dir, dead[0]), 0);
+    ck_assert_int_eq(name_exists(g_dir, dead[1]), 0);
+    ck_assert_int_eq(name_exists(g_dir, live), 1);
     assert_usage(d, 0, 0);
     kvb_disk_close(d);
-    rm_rf(dir);
 }
 END_TEST
 
@@ -490,10 +404,8 @@ END_TEST
  * read; one another process deleted is a miss. */
 START_TEST(test_disk_adopts_files_of_other_processes)
 {
-    char dir[PATH_LEN];
-    make_tmpdir(dir);
-    kvb_disk *a = open_disk(dir, 1u << 20);
-    kvb_disk *b = open_disk(dir, 1u << 20); /* the other process's view */
+    kvb_disk *a = open_disk(g_dir, 1u << 20);
+    kvb_disk *b = open_disk(g_dir, 1u << 20); /* the other process's view */
     put_blob(b, 5, 6, 9, 1000);
     assert_usage(a, 0, 0);
     ck_assert_int_eq(kvb_disk_contains(a, 5, 6), 1);
@@ -510,7 +422,6 @@ START_TEST(test_disk_adopts_files_of_other_processes)
     ck_assert_int_eq(kvb_disk_contains(a, 5, 6), 0);
     kvb_disk_close(a);
     kvb_disk_close(b);
-    rm_rf(dir);
 }
 END_TEST
 
@@ -519,8 +430,6 @@ END_TEST
  * budget that would have to evict them; a real entry beside them is. */
 START_TEST(test_disk_open_leaves_unrelated_files)
 {
-    char dir[PATH_LEN];
-    make_tmpdir(dir);
     const char *others[] = {
         "notes.txt",
         "0123456789ABCDEF-0123456789abcdef.kvb",  /* upper case */
@@ -534,20 +443,20 @@ START_TEST(test_disk_open_leaves_unrelated_files)
     };
     const int n = (int)(sizeof others / sizeof others[0]);
     for (int i = 0; i < n; i++) {
-        touch_file(dir, others[i]);
+        touch_file(g_dir, others[i]);
     }
     char sub[PATH_LEN];
     snprintf(sub, sizeof sub, "%s/00000000000000aa-00000000000000bb.kvb",
-             dir);
+             g_dir);
     ck_assert_int_eq(mkdir(sub, 0700), 0);
     char p[PATH_LEN];
-    entry_path(p, dir, 0xab, 0xcd);
+    entry_path(p, g_dir, 0xab, 0xcd);
     FILE *f = fopen(p, "w");
     ck_assert_ptr_nonnull(f);
     fputs("blob", f);
     fclose(f);
 
-    kvb_disk *d = open_disk(dir, 4); /* room for the real entry only */
+    kvb_disk *d = open_disk(g_dir, 4); /* room for the real entry only */
     assert_usage(d, 1, 4);
     void *buf = NULL;
     size_t len = 0;
@@ -557,13 +466,12 @@ START_TEST(test_disk_open_leaves_unrelated_files)
     free(buf);
     kvb_disk_close(d);
     for (int i = 0; i < n; i++) {
-        ck_assert_msg(name_exists(dir, others[i]), "%s was deleted",
+        ck_assert_msg(name_exists(g_dir, others[i]), "%s was deleted",
                       others[i]);
     }
     struct stat sb;
     ck_assert_int_eq(stat(sub, &sb), 0);
     ck_assert(S_ISDIR(sb.st_mode));
-    rm_rf(dir);
 }
 END_TEST
 
@@ -571,44 +479,37 @@ END_TEST
  * line) and evicts nothing; one of exactly the budget is stored. */
 START_TEST(test_disk_oversize_blob_not_stored)
 {
-    char dir[PATH_LEN];
-    make_tmpdir(dir);
-    log_capture cap;
-    memset(&cap, 0, sizeof cap);
-    kvb_set_log(capture_log, &cap, KVB_LOG_DEBUG);
-    kvb_disk *d = open_disk(dir, 100);
+    test_log cap;
+    test_log_start(&cap, NULL);
+    kvb_disk *d = open_disk(g_dir, 100);
     put_blob(d, 1, 1, 1, 60);
     put_blob(d, 1, 2, 2, 101);
     ck_assert_int_eq(kvb_disk_contains(d, 1, 2), 0);
-    ck_assert_int_eq(file_exists(dir, 1, 2), 0);
+    ck_assert_int_eq(file_exists(g_dir, 1, 2), 0);
     ck_assert_int_eq(kvb_disk_contains(d, 1, 1), 1);
     assert_usage(d, 1, 60);
     ck_assert_ptr_nonnull(strstr(cap.last[KVB_LOG_DEBUG], "101 bytes"));
-    ck_assert_int_eq(count_folder(dir).temps, 0);
+    ck_assert_int_eq(count_folder(g_dir).temps, 0);
     put_blob(d, 1, 3, 3, 100);
     assert_usage(d, 1, 100);
     ck_assert_int_eq(get_blob(d, 1, 3, 3, 100), 1);
     kvb_disk_close(d);
-    kvb_set_log(NULL, NULL, KVB_LOG_WARNING);
-    rm_rf(dir);
+    test_log_stop(&cap);
 }
 END_TEST
 
 /* A zero budget stores nothing: put is a no-op returning KVB_OK. */
 START_TEST(test_disk_zero_budget_stores_nothing)
 {
-    char dir[PATH_LEN];
-    make_tmpdir(dir);
-    kvb_disk *d = open_disk(dir, 0);
+    kvb_disk *d = open_disk(g_dir, 0);
     put_blob(d, 1, 1, 1, 10);
     put_blob(d, 1, 2, 2, 0);
     ck_assert_int_eq(kvb_disk_contains(d, 1, 1), 0);
     ck_assert_int_eq(kvb_disk_contains(d, 1, 2), 0);
     assert_usage(d, 0, 0);
-    folder_count c = count_folder(dir);
+    folder_count c = count_folder(g_dir);
     ck_assert_int_eq(c.entries + c.temps + c.others, 0);
     kvb_disk_close(d);
-    rm_rf(dir);
 }
 END_TEST
 
@@ -616,29 +517,26 @@ END_TEST
  * until the rest fits, and keeps the newest. */
 START_TEST(test_disk_reopen_smaller_budget_evicts_oldest)
 {
-    char dir[PATH_LEN];
-    make_tmpdir(dir);
-    kvb_disk *d = open_disk(dir, 4 * SZ);
+    kvb_disk *d = open_disk(g_dir, 4 * SZ);
     for (uint64_t i = 0; i < 4; i++) {
         put_blob(d, 5, i, i, SZ);
     }
     kvb_disk_close(d);
     /* age order 3, 0, 2, 1 (oldest first) */
-    set_mtime(dir, 5, 3, 1000000000);
-    set_mtime(dir, 5, 0, 1000000010);
-    set_mtime(dir, 5, 2, 1000000020);
-    set_mtime(dir, 5, 1, 1000000030);
-    d = open_disk(dir, 2 * SZ + SZ / 2);
+    set_mtime(g_dir, 5, 3, 1000000000);
+    set_mtime(g_dir, 5, 0, 1000000010);
+    set_mtime(g_dir, 5, 2, 1000000020);
+    set_mtime(g_dir, 5, 1, 1000000030);
+    d = open_disk(g_dir, 2 * SZ + SZ / 2);
     assert_usage(d, 2, 2 * SZ);
-    ck_assert_int_eq(file_exists(dir, 5, 3), 0);
-    ck_assert_int_eq(file_exists(dir, 5, 0), 0);
+    ck_assert_int_eq(file_exists(g_dir, 5, 3), 0);
+    ck_assert_int_eq(file_exists(g_dir, 5, 0), 0);
     ck_assert_int_eq(get_blob(d, 5, 2, 2, SZ), 1);
     ck_assert_int_eq(get_blob(d, 5, 1, 1, SZ), 1);
-    folder_count c = count_folder(dir);
+    folder_count c = count_folder(g_dir);
     ck_assert_int_eq(c.entries, 2);
     ck_assert_int_eq(c.temps, 0);
     kvb_disk_close(d);
-    rm_rf(dir);
 }
 END_TEST
 
@@ -646,25 +544,22 @@ END_TEST
  * is harmless and leaves the others. */
 START_TEST(test_disk_drop_deletes_file)
 {
-    char dir[PATH_LEN];
-    make_tmpdir(dir);
-    kvb_disk *d = open_disk(dir, 1u << 20);
+    kvb_disk *d = open_disk(g_dir, 1u << 20);
     put_blob(d, 6, 1, 1, 200);
     put_blob(d, 6, 2, 2, 300);
     kvb_disk_drop(d, 6, 1);
     ck_assert_int_eq(kvb_disk_contains(d, 6, 1), 0);
-    ck_assert_int_eq(file_exists(dir, 6, 1), 0);
+    ck_assert_int_eq(file_exists(g_dir, 6, 1), 0);
     ck_assert_int_eq(get_blob(d, 6, 1, 1, 200), 0);
     assert_usage(d, 1, 300);
     kvb_disk_drop(d, 6, 1);
     kvb_disk_drop(d, 77, 77);
     assert_usage(d, 1, 300);
     ck_assert_int_eq(get_blob(d, 6, 2, 2, 300), 1);
-    folder_count c = count_folder(dir);
+    folder_count c = count_folder(g_dir);
     ck_assert_int_eq(c.entries, 1);
     ck_assert_int_eq(c.temps, 0);
     kvb_disk_close(d);
-    rm_rf(dir);
 }
 END_TEST
 
@@ -672,16 +567,13 @@ END_TEST
  * the index forgets the entry and a warning names the file. */
 START_TEST(test_disk_vanished_file_is_a_miss_and_forgotten)
 {
-    char dir[PATH_LEN];
-    make_tmpdir(dir);
-    log_capture cap;
-    memset(&cap, 0, sizeof cap);
-    kvb_set_log(capture_log, &cap, KVB_LOG_WARNING);
-    kvb_disk *d = open_disk(dir, 1u << 20);
+    test_log cap;
+    test_log_start(&cap, NULL);
+    kvb_disk *d = open_disk(g_dir, 1u << 20);
     put_blob(d, 8, 1, 1, 111);
     put_blob(d, 8, 2, 2, 222);
     char p[PATH_LEN];
-    entry_path(p, dir, 8, 1);
+    entry_path(p, g_dir, 8, 1);
     ck_assert_int_eq(unlink(p), 0);
     ck_assert_int_eq(kvb_disk_contains(d, 8, 1), 1); /* not yet noticed */
     ck_assert_int_eq(get_blob(d, 8, 1, 1, 111), 0);
@@ -693,8 +585,7 @@ START_TEST(test_disk_vanished_file_is_a_miss_and_forgotten)
                   cap.last[KVB_LOG_WARNING], p);
     ck_assert_int_eq(get_blob(d, 8, 2, 2, 222), 1);
     kvb_disk_close(d);
-    kvb_set_log(NULL, NULL, KVB_LOG_WARNING);
-    rm_rf(dir);
+    test_log_stop(&cap);
 }
 END_TEST
 
@@ -703,50 +594,44 @@ END_TEST
  * which ignores permissions) and a folder removed after open. */
 START_TEST(test_disk_put_failure_names_path)
 {
-    char dir[PATH_LEN];
-    make_tmpdir(dir);
-    kvb_disk *d = open_disk(dir, 1u << 20);
+    kvb_disk *d = open_disk(g_dir, 1u << 20);
     put_blob(d, 1, 1, 1, 10);
     unsigned char blob[32] = {0};
     if (geteuid() != 0) {
-        ck_assert_int_eq(chmod(dir, 0500), 0);
+        ck_assert_int_eq(chmod(g_dir, 0500), 0);
         ck_assert_int_eq(kvb_disk_put(d, 1, 2, blob, sizeof blob),
                          KVB_ERR_IO);
-        ck_assert_ptr_nonnull(strstr(kvb_last_error(), dir));
-        ck_assert_int_eq(chmod(dir, 0700), 0);
+        ck_assert_ptr_nonnull(strstr(kvb_last_error(), g_dir));
+        ck_assert_int_eq(chmod(g_dir, 0700), 0);
         ck_assert_int_eq(kvb_disk_contains(d, 1, 2), 0);
         assert_usage(d, 1, 10);
-        ck_assert_int_eq(count_folder(dir).temps, 0);
+        ck_assert_int_eq(count_folder(g_dir).temps, 0);
     }
     char p[PATH_LEN];
-    entry_path(p, dir, 1, 1);
+    entry_path(p, g_dir, 1, 1);
     ck_assert_int_eq(unlink(p), 0);
-    ck_assert_int_eq(rmdir(dir), 0);
+    ck_assert_int_eq(rmdir(g_dir), 0);
     kvb_clear_error();
     ck_assert_int_eq(kvb_disk_put(d, 1, 3, blob, sizeof blob), KVB_ERR_IO);
-    ck_assert_msg(strstr(kvb_last_error(), dir) != NULL,
-                  "message '%s' does not name %s", kvb_last_error(), dir);
+    ck_assert_msg(strstr(kvb_last_error(), g_dir) != NULL,
+                  "message '%s' does not name %s", kvb_last_error(), g_dir);
     ck_assert_ptr_nonnull(strstr(kvb_last_error(), "kvb_disk_put"));
     ck_assert_int_eq(kvb_disk_contains(d, 1, 3), 0);
     assert_usage(d, 1, 10); /* the vanished entry is not noticed yet */
     kvb_disk_close(d);
-    rm_rf(dir);
 }
 END_TEST
 
 /* Missing parents of the folder are created. */
 START_TEST(test_disk_open_creates_missing_parents)
 {
-    char dir[PATH_LEN];
-    make_tmpdir(dir);
     char deep[PATH_LEN];
-    snprintf(deep, sizeof deep, "%s/a/b/c/", dir);
+    snprintf(deep, sizeof deep, "%s/a/b/c/", g_dir);
     kvb_disk *d = open_disk(deep, 1u << 20);
     put_blob(d, 1, 1, 1, 10);
-    snprintf(deep, sizeof deep, "%s/a/b/c", dir);
+    snprintf(deep, sizeof deep, "%s/a/b/c", g_dir);
     ck_assert_int_eq(file_exists(deep, 1, 1), 1);
     kvb_disk_close(d);
-    rm_rf(dir);
 }
 END_TEST
 
@@ -754,30 +639,28 @@ END_TEST
  * and the argument or path; the void calls accept NULL. */
 START_TEST(test_disk_bad_arguments_named)
 {
-    char dir[PATH_LEN];
-    make_tmpdir(dir);
     kvb_disk *d = (kvb_disk *)1;
     ck_assert_int_eq(kvb_disk_open(NULL, 10, &d), KVB_ERR_INVALID);
     ck_assert_ptr_null(d);
     ck_assert_ptr_nonnull(strstr(kvb_last_error(), "kvb_disk_open: dir"));
     ck_assert_int_eq(kvb_disk_open("", 10, &d), KVB_ERR_INVALID);
     ck_assert_ptr_nonnull(strstr(kvb_last_error(), "dir is empty"));
-    ck_assert_int_eq(kvb_disk_open(dir, 10, NULL), KVB_ERR_INVALID);
+    ck_assert_int_eq(kvb_disk_open(g_dir, 10, NULL), KVB_ERR_INVALID);
     ck_assert_ptr_nonnull(strstr(kvb_last_error(), "out is NULL"));
 
     /* a regular file is no folder, nor can one be made below it */
     char file[PATH_LEN];
-    snprintf(file, sizeof file, "%s/plain", dir);
-    touch_file(dir, "plain");
+    snprintf(file, sizeof file, "%s/plain", g_dir);
+    touch_file(g_dir, "plain");
     ck_assert_int_eq(kvb_disk_open(file, 10, &d), KVB_ERR_INVALID);
     ck_assert_ptr_nonnull(strstr(kvb_last_error(), file));
     char below[PATH_LEN];
-    snprintf(below, sizeof below, "%s/plain/sub", dir);
+    snprintf(below, sizeof below, "%s/plain/sub", g_dir);
     ck_assert_int_eq(kvb_disk_open(below, 10, &d), KVB_ERR_INVALID);
     ck_assert_ptr_nonnull(strstr(kvb_last_error(), below));
     ck_assert_ptr_null(d);
 
-    d = open_disk(dir, 1000);
+    d = open_disk(g_dir, 1000);
     void *buf = NULL;
     size_t len = 0;
     unsigned char byte = 0;
@@ -801,7 +684,6 @@ START_TEST(test_disk_bad_arguments_named)
     kvb_disk_close(NULL);
     assert_usage(d, 0, 0);
     kvb_disk_close(d);
-    rm_rf(dir);
 }
 END_TEST
 
@@ -836,7 +718,7 @@ static void *t_worker(void *p)
         uint64_t k = (s >> 8) % T_KEYS;
         unsigned op = (s >> 20) % 10;
         if (op < 5) {
-            unsigned char *b = make_blob(k, t_size(k));
+            unsigned char *b = pattern_blob(t_size(k), k);
             if (kvb_disk_put(a->disk, 42, k, b, t_size(k)) != KVB_OK) {
                 a->bad++;
             }
@@ -863,10 +745,8 @@ static void *t_worker(void *p)
  * reopen finds the same. */
 START_TEST(test_disk_threads_keep_index_consistent_with_folder)
 {
-    char dir[PATH_LEN];
-    make_tmpdir(dir);
     size_t budget = 6 * t_size(T_KEYS / 2);
-    kvb_disk *d = open_disk(dir, budget);
+    kvb_disk *d = open_disk(g_dir, budget);
     pthread_t th[T_THREADS];
     thread_arg args[T_THREADS];
     for (int t = 0; t < T_THREADS; t++) {
@@ -882,7 +762,7 @@ START_TEST(test_disk_threads_keep_index_consistent_with_folder)
     int64_t n;
     size_t bytes;
     kvb_disk_usage(d, &n, &bytes);
-    folder_count c = count_folder(dir);
+    folder_count c = count_folder(g_dir);
     ck_assert_int_eq(n, c.entries);
     ck_assert_uint_eq(bytes, c.bytes);
     ck_assert_int_eq(c.temps, 0);
@@ -891,21 +771,20 @@ START_TEST(test_disk_threads_keep_index_consistent_with_folder)
     size_t sum = 0;
     for (uint64_t k = 0; k < T_KEYS; k++) {
         int in = kvb_disk_contains(d, 42, k);
-        ck_assert_int_eq(in, file_exists(dir, 42, k));
+        ck_assert_int_eq(in, file_exists(g_dir, 42, k));
         sum += in ? t_size(k) : 0;
     }
     ck_assert_uint_eq(sum, bytes);
     kvb_disk_close(d);
 
-    d = open_disk(dir, budget);
+    d = open_disk(g_dir, budget);
     assert_usage(d, n, bytes);
     for (uint64_t k = 0; k < T_KEYS; k++) {
-        if (file_exists(dir, 42, k)) {
+        if (file_exists(g_dir, 42, k)) {
             ck_assert_int_eq(get_blob(d, 42, k, k, t_size(k)), 1);
         }
     }
     kvb_disk_close(d);
-    rm_rf(dir);
 }
 END_TEST
 
@@ -915,6 +794,7 @@ Suite *disk_suite(void)
 {
     Suite *s = suite_create("disk");
     TCase *tc = tcase_create("core");
+    tcase_add_checked_fixture(tc, dir_setup, dir_teardown);
     tcase_add_test(tc, test_disk_put_get_round_trip);
     tcase_add_test(tc, test_disk_contains_and_miss);
     tcase_add_test(tc, test_disk_lru_evicts_least_recently_used);

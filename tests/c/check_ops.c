@@ -4,6 +4,8 @@
  * selection of tokens to recompute.  References are computed here in double
  * by straightforward code.
  */
+#include "test_util.h"
+
 #include <check.h>
 #include <math.h>
 #include <stdlib.h>
@@ -12,111 +14,7 @@
 #include "kvblend.h"
 #include "../../csrc/internal.h"
 
-/* A small deterministic generator (64-bit LCG, high bits). */
-static uint64_t g_rng;
-
-/* Seeds the generator. */
-static void rng_seed(uint64_t s)
-{
-    g_rng = s * 2862933555777941757ull + 3037000493ull;
-}
-
-/* Returns 32 random bits. */
-static uint32_t rng_u32(void)
-{
-    g_rng = g_rng * 6364136223846793005ull + 1442695040888963407ull;
-    return (uint32_t)(g_rng >> 32);
-}
-
-/* Returns a uniform float in [-1, 1). */
-static float rng_sym(void)
-{
-    return (float)((double)rng_u32() / 2147483648.0 - 1.0);
-}
-
 /* ---- gather / scatter ------------------------------------------------- */
-
-/* The paged layouts vLLM has used. */
-enum {
-    LAYOUT_2BNHD, /* (2, B, N, H, D): K plane, then V plane */
-    LAYOUT_B2NHD, /* (B, 2, N, H, D): K and V per block */
-    LAYOUT_BNH2D, /* (B, N, H, 2D): K | V per token and head */
-    LAYOUT_HND,   /* K and V planes of (B, H, N, D) */
-    LAYOUT_BNDH,  /* (2, B, N, D, H): dims strided, element-wise path */
-    LAYOUT_CPU_ATTN, /* (B, H, [K^T: D, N | V: N, D]): V's own strides */
-    NUM_LAYOUTS
-};
-
-/* Describes a cache of B blocks of N tokens, H heads, D dims in `base`
- * (2*B*N*H*D elements) as layout `kind`. */
-static kvb_paged_layout make_layout(int kind, char *base, int64_t B,
-                                    int64_t N, int32_t H, int32_t D,
-                                    kvb_dtype dt)
-{
-    size_t es = kvb_dtype_size(dt);
-    kvb_paged_layout L;
-    memset(&L, 0, sizeof L);
-    L.num_blocks = B;
-    L.block_size = N;
-    L.num_kv_heads = H;
-    L.head_size = D;
-    L.dtype = dt;
-    L.device = -1;
-    L.dim_stride = 1;
-    switch (kind) {
-    case LAYOUT_2BNHD:
-        L.k_base = base;
-        L.v_base = base + (size_t)(B * N * H * D) * es;
-        L.block_stride = N * H * D;
-        L.token_stride = H * D;
-        L.head_stride = D;
-        break;
-    case LAYOUT_B2NHD:
-        L.k_base = base;
-        L.v_base = base + (size_t)(N * H * D) * es;
-        L.block_stride = 2 * N * H * D;
-        L.token_stride = H * D;
-        L.head_stride = D;
-        break;
-    case LAYOUT_BNH2D:
-        L.k_base = base;
-        L.v_base = base + (size_t)D * es;
-        L.block_stride = N * H * 2 * D;
-        L.token_stride = H * 2 * D;
-        L.head_stride = 2 * D;
-        break;
-    case LAYOUT_HND:
-        L.k_base = base;
-        L.v_base = base + (size_t)(B * H * N * D) * es;
-        L.block_stride = H * N * D;
-        L.token_stride = D;
-        L.head_stride = N * D;
-        break;
-    case LAYOUT_CPU_ATTN:
-        /* vLLM's CPU backend: per block and head a K plane stored
-         * transposed (element (t, d) at d*N + t), then a row-major V plane */
-        L.k_base = base;
-        L.v_base = base + (size_t)(N * D) * es;
-        L.block_stride = H * 2 * N * D;
-        L.head_stride = 2 * N * D;
-        L.token_stride = 1;
-        L.dim_stride = N;
-        L.v_block_stride = H * 2 * N * D;
-        L.v_head_stride = 2 * N * D;
-        L.v_token_stride = D;
-        L.v_dim_stride = 1;
-        break;
-    default: /* LAYOUT_BNDH */
-        L.k_base = base;
-        L.v_base = base + (size_t)(B * N * D * H) * es;
-        L.block_stride = N * D * H;
-        L.token_stride = D * H;
-        L.head_stride = 1;
-        L.dim_stride = H;
-        break;
-    }
-    return L;
-}
 
 /* Scatters random rows to a random set of distinct slots (with padding
  * slots mixed in), checks that exactly those cache elements changed, then
@@ -161,7 +59,7 @@ static void check_roundtrip(int kind, kvb_dtype dt)
         slots[i] = (i % 5 == 2) ? -1 : perm[i];
         real += slots[i] >= 0;
     }
-    kvb_paged_layout L = make_layout(kind, cache, B, N, H, D, dt);
+    kvb_paged_layout L = make_layout(kind, cache, B, N, H, D, dt, -1);
 
     ck_assert_int_eq(kvb_cpu_scatter(&L, slots, n, kin, vin), KVB_OK);
     size_t changed = 0;
@@ -222,7 +120,7 @@ START_TEST(test_copy_scatter_addresses_interleaved)
         v[i] = (float)(-i - 1);
     }
     kvb_paged_layout L =
-        make_layout(LAYOUT_BNH2D, (char *)cache, B, N, H, D, KVB_DTYPE_F32);
+        make_layout(LAYOUT_BNH2D, (char *)cache, B, N, H, D, KVB_DTYPE_F32, -1);
     int64_t slot = 6; /* block 1, token 2 */
     ck_assert_int_eq(kvb_cpu_scatter(&L, &slot, 1, k, v), KVB_OK);
     for (int h = 0; h < H; h++) {
@@ -248,8 +146,8 @@ START_TEST(test_copy_scatter_addresses_transposed_k)
         k[i] = (float)(i + 1);
         v[i] = (float)(-i - 1);
     }
-    kvb_paged_layout L = make_layout(LAYOUT_CPU_ATTN, (char *)cache, B, N, H,
-                                     D, KVB_DTYPE_F32);
+    kvb_paged_layout L = make_layout(LAYOUT_KT, (char *)cache, B, N, H,
+                                     D, KVB_DTYPE_F32, -1);
     int64_t slots[2] = {6, 1}; /* block 1 token 2; block 0 token 1 */
     ck_assert_int_eq(kvb_cpu_scatter(&L, slots, 2, k, v), KVB_OK);
     int nonzero = 0;
@@ -290,11 +188,11 @@ START_TEST(test_copy_zero_v_strides_mean_k_strides)
         v[i] = (float)(1000 + i);
     }
     int64_t slots[3] = {0, 7, 11};
-    for (int kind = 0; kind < LAYOUT_CPU_ATTN; kind++) {
+    for (int kind = 0; kind < LAYOUT_KT; kind++) {
         kvb_paged_layout La =
-            make_layout(kind, (char *)a, B, N, H, D, KVB_DTYPE_F32);
+            make_layout(kind, (char *)a, B, N, H, D, KVB_DTYPE_F32, -1);
         kvb_paged_layout Lb =
-            make_layout(kind, (char *)b, B, N, H, D, KVB_DTYPE_F32);
+            make_layout(kind, (char *)b, B, N, H, D, KVB_DTYPE_F32, -1);
         ck_assert_int_eq(La.v_block_stride | La.v_token_stride |
                              La.v_head_stride | La.v_dim_stride,
                          0);
@@ -317,7 +215,7 @@ START_TEST(test_copy_scatter_k_only)
     memset(cache, 0, sizeof cache);
     float k[2] = {1.0f, 2.0f};
     kvb_paged_layout L =
-        make_layout(LAYOUT_2BNHD, (char *)cache, 2, 2, 1, 2, KVB_DTYPE_F32);
+        make_layout(LAYOUT_2BNHD, (char *)cache, 2, 2, 1, 2, KVB_DTYPE_F32, -1);
     int64_t slot = 3;
     ck_assert_int_eq(kvb_cpu_scatter(&L, &slot, 1, k, NULL), KVB_OK);
     ck_assert_float_eq(cache[3 * 2], 1.0f);
@@ -333,7 +231,7 @@ START_TEST(test_copy_bad_slot_rejected)
     float cache[2 * 2 * 2 * 1 * 2];
     float out[4 * 2];
     kvb_paged_layout L =
-        make_layout(LAYOUT_2BNHD, (char *)cache, 2, 2, 1, 2, KVB_DTYPE_F32);
+        make_layout(LAYOUT_2BNHD, (char *)cache, 2, 2, 1, 2, KVB_DTYPE_F32, -1);
     int64_t slots[4] = {0, -1, 3, 4};
     kvb_clear_error();
     ck_assert_int_eq(kvb_cpu_gather(&L, slots, 4, out, out), KVB_ERR_INVALID);
@@ -349,7 +247,7 @@ START_TEST(test_copy_bad_args_rejected)
 {
     float cache[16], out[16];
     kvb_paged_layout L =
-        make_layout(LAYOUT_2BNHD, (char *)cache, 2, 2, 1, 2, KVB_DTYPE_F32);
+        make_layout(LAYOUT_2BNHD, (char *)cache, 2, 2, 1, 2, KVB_DTYPE_F32, -1);
     int64_t slot = 0;
     ck_assert_int_eq(kvb_cpu_gather(NULL, &slot, 1, out, out),
                      KVB_ERR_INVALID);

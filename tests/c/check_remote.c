@@ -17,6 +17,8 @@
  * other tests return early.
  */
 #define _POSIX_C_SOURCE 200809L /* pthread, nanosleep, kill, fork */
+#include "test_util.h"
+
 #include <arpa/inet.h>
 #include <check.h>
 #include <fcntl.h>
@@ -63,28 +65,6 @@ static void sleep_ms(int ms)
     }
 }
 
-/* Fills buf[0..n) with bytes determined by seed (xorshift64). */
-static void fill_pattern(unsigned char *buf, size_t n, uint64_t seed)
-{
-    uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
-    for (size_t i = 0; i < n; i++) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        buf[i] = (unsigned char)(x >> 24);
-    }
-}
-
-/* Returns a malloc'd buffer of n pattern bytes (seed); the caller frees
- * it.  Fails the test when out of memory. */
-static unsigned char *make_blob(size_t n, uint64_t seed)
-{
-    unsigned char *b = malloc(n);
-    ck_assert_ptr_nonnull(b);
-    fill_pattern(b, n, seed);
-    return b;
-}
-
 /* The server's key of the meta of (key, hash), as remote.c names it. */
 static void meta_key(char *out, size_t cap, uint64_t key, uint64_t hash)
 {
@@ -102,49 +82,26 @@ static void part_key(char *out, size_t cap, uint64_t key, uint64_t hash,
 
 /* ------------------------------------------------------------ log sink */
 
-static pthread_mutex_t g_log_mu = PTHREAD_MUTEX_INITIALIZER;
-static int g_warnings;       /* warnings (and worse) received */
-static char g_last_warn[1024];
+/* What the tier logged: tests assert that a bad value was reported. */
+static test_log g_log;
 
-/* Log sink of the tests: counts warnings and keeps the last one, so a test
- * can assert that a bad value was reported; drops the rest. */
-static void capture_log(kvb_log_level level, const char *msg, void *user)
-{
-    (void)user;
-    if (level < KVB_LOG_WARNING) {
-        return;
-    }
-    pthread_mutex_lock(&g_log_mu);
-    g_warnings++;
-    snprintf(g_last_warn, sizeof g_last_warn, "%s", msg);
-    pthread_mutex_unlock(&g_log_mu);
-}
-
-/* Checked fixture: installs capture_log. */
+/* Checked fixture: captures the log into g_log. */
 static void setup_log(void)
 {
-    g_warnings = 0;
-    g_last_warn[0] = '\0';
-    kvb_set_log(capture_log, NULL, KVB_LOG_DEBUG);
+    test_log_start(&g_log, NULL);
 }
 
 /* Checked fixture: restores the default sink. */
 static void teardown_log(void)
 {
-    kvb_set_log(NULL, NULL, KVB_LOG_WARNING);
+    test_log_stop(&g_log);
 }
 
-/* Returns the number of warnings captured so far and copies the last one
- * to out[0..cap). */
+/* Returns the number of warnings (and worse) captured so far and copies
+ * the last one to out[0..cap). */
 static int warnings(char *out, size_t cap)
 {
-    pthread_mutex_lock(&g_log_mu);
-    int n = g_warnings;
-    if (out != NULL) {
-        snprintf(out, cap, "%s", g_last_warn);
-    }
-    pthread_mutex_unlock(&g_log_mu);
-    return n;
+    return test_log_count(&g_log, KVB_LOG_WARNING, out, cap);
 }
 
 /* ------------------------------------------------- test redis-server */
@@ -646,7 +603,7 @@ START_TEST(test_remote_roundtrip)
     expect_miss(r, TKEY, 1);
 
     size_t big = 5 * MIB + 12345;
-    unsigned char *blob = make_blob(big, 1);
+    unsigned char *blob = pattern_blob(big, 1);
     put(r, TKEY, 1, blob, big);
     ck_assert_int_eq(contains(r, TKEY, 1), 1);
     expect_hit(r, TKEY, 1, blob, big);
@@ -706,7 +663,7 @@ START_TEST(test_remote_del)
     kvb_remote_options o = test_opts(MIB);
     kvb_remote *r = open_port(s.port, 0, &o);
     size_t n = 5 * MIB + 1;
-    unsigned char *blob = make_blob(n, 3);
+    unsigned char *blob = pattern_blob(n, 3);
     put(r, TKEY, 10, blob, n);
     put(r, TKEY, 11, blob, 100);
     ck_assert_int_eq(kvb_remote_del(r, TKEY, 10), KVB_OK);
@@ -747,7 +704,7 @@ START_TEST(test_remote_missing_part)
     kvb_remote_options o = test_opts(MIB);
     kvb_remote *r = open_port(s.port, 0, &o);
     size_t n = 5 * MIB + 12345;
-    unsigned char *blob = make_blob(n, 4);
+    unsigned char *blob = pattern_blob(n, 4);
     char k[96];
 
     put(r, TKEY, 20, blob, n);
@@ -793,7 +750,7 @@ START_TEST(test_remote_corrupt_meta)
     kvb_remote_options o = test_opts(MIB);
     kvb_remote *r = open_port(s.port, 0, &o);
     size_t n = 2 * MIB + 5;
-    unsigned char *blob = make_blob(n, 5);
+    unsigned char *blob = pattern_blob(n, 5);
     struct {
         const char *cmd;
         const char *arg1;
@@ -921,7 +878,7 @@ START_TEST(test_remote_restart)
     o.retry_ms = 2000; /* the fast failure below is told by its message */
     kvb_remote *r = open_port(s.port, 0, &o);
     size_t n = 3 * MIB;
-    unsigned char *blob = make_blob(n, 6);
+    unsigned char *blob = pattern_blob(n, 6);
     put(r, TKEY, 50, blob, n);
     expect_hit(r, TKEY, 50, blob, n);
 
@@ -990,7 +947,7 @@ START_TEST(test_remote_silent_server)
      * sent fails, so a stalled put takes a few timeouts, never more. */
     sleep_ms(o.retry_ms + 50);
     size_t n = 16 * MIB;
-    unsigned char *blob = make_blob(n, 7);
+    unsigned char *blob = pattern_blob(n, 7);
     t0 = now_ms();
     ck_assert_int_eq(kvb_remote_put(r, TKEY, 60, blob, n), KVB_ERR_IO);
     took = now_ms() - t0;

@@ -3,6 +3,8 @@
  * separators in no segment, no empty segments) and the checks on explicit
  * segment boundaries.
  */
+#include "test_util.h"
+
 #include <check.h>
 #include <string.h>
 
@@ -27,9 +29,6 @@ static void expect_split(const int32_t *t, int64_t n, const int32_t *sep,
     }
 }
 
-/* Asserts that `s` contains `frag`, printing both on failure. */
-#define ck_assert_has(s, frag) \
-    ck_assert_msg(strstr((s), (frag)) != NULL, "'%s' lacks '%s'", (s), (frag))
 
 START_TEST(test_split_empty_prompt_has_no_segments)
 {

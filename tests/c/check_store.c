@@ -6,6 +6,8 @@
  * promotion, failures and one LRU order across the tiers.
  */
 #define _POSIX_C_SOURCE 200809L /* rand_r */
+#include "test_util.h"
+
 #include <check.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -133,34 +135,8 @@ static size_t entry_size(int64_t n)
     return st.host_bytes;
 }
 
-/* Log capture: the last line and its level, plus a count. */
-static struct {
-    char line[1024];
-    kvb_log_level level;
-    int count;
-} g_log;
-
-/* Log sink that records the last line. */
-static void capture_log(kvb_log_level level, const char *msg, void *user)
-{
-    (void)user;
-    snprintf(g_log.line, sizeof g_log.line, "%s", msg);
-    g_log.level = level;
-    g_log.count++;
-}
-
-/* Routes log lines of every level into g_log. */
-static void start_capture(void)
-{
-    memset(&g_log, 0, sizeof g_log);
-    kvb_set_log(capture_log, NULL, KVB_LOG_DEBUG);
-}
-
-/* Restores the default log sink. */
-static void stop_capture(void)
-{
-    kvb_set_log(NULL, NULL, KVB_LOG_WARNING);
-}
+/* What the store logged while a test captured it. */
+static test_log g_log;
 
 START_TEST(test_store_create_names_bad_params)
 {
@@ -477,15 +453,15 @@ START_TEST(test_store_pinned_never_evicted)
     ck_assert(put(s, 'B', 4));
     kvb_entry *a = get(s, 'A', 4);
     kvb_entry *b = get(s, 'B', 4);
-    start_capture();
+    test_log_start(&g_log, NULL);
     chunk_tokens('C', toks, 4);
     ck_assert_int_eq(kvb_store_reserve(s, 0, toks, 4, NULL, &c), KVB_OK);
     ck_assert_ptr_null(c);
-    ck_assert_int_eq(g_log.count, 1);
+    ck_assert_int_eq(g_log.total, 1);
     ck_assert_int_eq(g_log.level, KVB_LOG_INFO);
     ck_assert_ptr_nonnull(strstr(g_log.line, "not storing a chunk of 4 "
                                              "tokens"));
-    stop_capture();
+    test_log_stop(&g_log);
     ck_assert_int_eq(kvb_store_get_stats(s, &st), KVB_OK);
     ck_assert_int_eq(st.rejected, 1);
     ck_assert_int_eq(st.evictions, 0); /* nothing evicted in vain */
@@ -527,15 +503,15 @@ START_TEST(test_store_oversized_entry_rejected)
     kvb_store *s = make_store(KVB_DTYPE_F32, es - 1);
     kvb_store_stats st;
     char want[128];
-    start_capture();
+    test_log_start(&g_log, NULL);
     ck_assert_int_eq(put(s, 'A', 4), 0);
-    ck_assert_int_eq(g_log.count, 1);
+    ck_assert_int_eq(g_log.total, 1);
     ck_assert_int_eq(g_log.level, KVB_LOG_WARNING);
     snprintf(want, sizeof want, "(%zu bytes): the host budget is %zu bytes",
              es, es - 1);
     ck_assert_msg(strstr(g_log.line, want) != NULL, "'%s' lacks '%s'",
                   g_log.line, want);
-    stop_capture();
+    test_log_stop(&g_log);
     ck_assert_int_eq(kvb_store_get_stats(s, &st), KVB_OK);
     ck_assert_int_eq(st.rejected, 1);
     ck_assert_int_eq(st.num_entries, 0);
@@ -550,11 +526,11 @@ START_TEST(test_store_zero_budget_stores_nothing)
 {
     kvb_store *s = make_store(KVB_DTYPE_F32, 0);
     kvb_store_stats st;
-    start_capture();
+    test_log_start(&g_log, NULL);
     for (int k = 0; k < 3; k++) {
         ck_assert_int_eq(put(s, k, 1), 0);
     }
-    stop_capture();
+    test_log_stop(&g_log);
     ck_assert_int_eq(has(s, 0, 1), 0);
     ck_assert_int_eq(kvb_store_get_stats(s, &st), KVB_OK);
     ck_assert_int_eq(st.rejected, 3);
@@ -738,11 +714,11 @@ START_TEST(test_store_free_with_pinned_entry_warns)
     kvb_store *s = make_store(KVB_DTYPE_F32, (size_t)1 << 20);
     ck_assert(put(s, 1, 3));
     ck_assert_ptr_nonnull(get(s, 1, 3));
-    start_capture();
+    test_log_start(&g_log, NULL);
     kvb_store_free(s); /* frees it anyway: no leak under ASan */
     ck_assert_int_eq(g_log.level, KVB_LOG_WARNING);
     ck_assert_ptr_nonnull(strstr(g_log.line, "1 entries still pinned"));
-    stop_capture();
+    test_log_stop(&g_log);
 }
 END_TEST
 
@@ -1461,7 +1437,7 @@ START_TEST(test_store_threads_keep_invariants)
     pthread_t t[STRESS_THREADS];
     stress_arg args[STRESS_THREADS];
     int stored = 0;
-    start_capture(); /* rejections are logged; keep stderr quiet */
+    test_log_start(&g_log, NULL); /* rejections are logged; keep stderr quiet */
     for (int i = 0; i < STRESS_THREADS; i++) {
         args[i] = (stress_arg){s, 1234u + 77u * (unsigned)i, 0, 0};
         ck_assert_int_eq(pthread_create(&t[i], NULL, stress_main, &args[i]),
@@ -1472,7 +1448,7 @@ START_TEST(test_store_threads_keep_invariants)
         ck_assert_int_eq(args[i].errors, 0);
         stored += args[i].stored;
     }
-    stop_capture();
+    test_log_stop(&g_log);
     kvb_store_stats st;
     ck_assert_int_eq(kvb_store_get_stats(s, &st), KVB_OK);
     ck_assert_uint_le(st.host_bytes, budget);
@@ -1503,7 +1479,7 @@ START_TEST(test_store_threads_with_mover_keep_invariants)
     /* chunks of STRESS_TOKENS tokens: 2 fit the device, 3 the host */
     tiered_init_bytes(&t, 2 * es + es / 3, 3 * es + es / 3, 1);
     t.es = es;
-    start_capture(); /* rejections are logged; keep stderr quiet */
+    test_log_start(&g_log, NULL); /* rejections are logged; keep stderr quiet */
     for (int i = 0; i < STRESS_THREADS; i++) {
         args[i] = (stress_arg){t.s, 4321u + 77u * (unsigned)i, 0, 0};
         ck_assert_int_eq(
@@ -1514,7 +1490,7 @@ START_TEST(test_store_threads_with_mover_keep_invariants)
         ck_assert_int_eq(args[i].errors, 0);
         stored += args[i].stored;
     }
-    stop_capture();
+    test_log_stop(&g_log);
     kvb_store_stats st = tiered_stats(&t);
     ck_assert_uint_le(st.device_bytes, 2 * es + es / 3);
     ck_assert_uint_le(st.host_bytes, 3 * es + es / 3);
@@ -1607,11 +1583,11 @@ START_TEST(test_store_checksum_catches_a_flipped_byte)
     ((unsigned char *)kvb_entry_v(e, LAYERS - 1))[rb - 1] ^= 0x10;
     ck_assert_int_eq(kvb_store_unpin(s, e), KVB_OK);
     ck_assert_int_eq(kvb_store_watch(s, 1), KVB_OK);
-    start_capture();
+    test_log_start(&g_log, NULL);
     e = get(s, 1, 8);
     ck_assert_ptr_nonnull(e); /* found; the load path verifies it */
     ck_assert_int_eq(kvb_store_verify(s, e, &intact), KVB_OK);
-    stop_capture();
+    test_log_stop(&g_log);
     ck_assert_int_eq(intact, 0); /* the pin is gone with the entry */
     ck_assert_ptr_nonnull(strstr(g_log.line, "fails its checksum at layer 2"));
     ck_assert_int_eq(has(s, 1, 8), 0);

@@ -6,7 +6,8 @@
  * check_connector.c, the disk and Redis tiers alone in check_disk.c and
  * check_remote.c.
  */
-#define _POSIX_C_SOURCE 200809L /* mkdtemp */
+#include "test_util.h"
+
 #include <check.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -94,8 +95,7 @@ static int copy_rows(void *dst, const void *src, size_t bytes,
 START_TEST(test_tiers_write_behind_then_fetch)
 {
     char dir[64];
-    snprintf(dir, sizeof dir, "/tmp/kvb_tiers_XXXXXX");
-    ck_assert_ptr_nonnull(mkdtemp(dir));
+    tmpdir_make(dir, sizeof dir, "kvb_tiers");
     kvb_config cfg;
     ck_assert_int_eq(kvb_config_init(&cfg), KVB_OK);
     ck_assert_int_eq(kvb_config_set(&cfg, "LMCACHE_LOCAL_DISK", dir), KVB_OK);
@@ -165,9 +165,7 @@ START_TEST(test_tiers_write_behind_then_fetch)
     ck_assert_int_eq(d.entries, 0);
     kvb_tiers_free(t);
     kvb_store_free(s);
-    char cmd[96];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-    ck_assert_int_eq(system(cmd), 0);
+    tmpdir_remove(dir);
 }
 END_TEST
 

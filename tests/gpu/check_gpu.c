@@ -25,6 +25,8 @@
  * Tests run in one process (CK_NOFORK): a CUDA context does not survive
  * fork.
  */
+#include "../c/test_util.h"
+
 #include <check.h>
 #include <math.h>
 #include <stdio.h>
@@ -42,29 +44,6 @@
 static const kvb_dtype all_dtypes[3] = {KVB_DTYPE_F32, KVB_DTYPE_F16,
                                         KVB_DTYPE_BF16};
 static int quick; /* KVB_GPU_TEST_QUICK: smaller sizes */
-static uint64_t rng_state = 0x243f6a8885a308d3ull;
-
-/* Next pseudo-random 64-bit value (xorshift64*). */
-static uint64_t rnd(void)
-{
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    return rng_state * 0x2545f4914f6cdd1dull;
-}
-
-/* Uniform float in [-1, 1). */
-static float rndf(void)
-{
-    return (float)((double)(rnd() >> 11) / 9007199254740992.0 * 2.0 - 1.0);
-}
-
-/* Uniform integer in [0, n). */
-static int64_t rndi(int64_t n)
-{
-    return (int64_t)(rnd() % (uint64_t)n);
-}
-
 /* Allocates `n` elements of `dt` on the host filled with random values in
  * [-1, 1) rounded to the dtype. */
 static void *host_random(int64_t n, kvb_dtype dt)
@@ -72,7 +51,7 @@ static void *host_random(int64_t n, kvb_dtype dt)
     void *p = malloc((size_t)n * kvb_dtype_size(dt) + 16);
     ck_assert_ptr_nonnull(p);
     for (int64_t i = 0; i < n; i++) {
-        kvb_store_elem(p, i, dt, rndf());
+        kvb_store_elem(p, i, dt, rng_sym());
     }
     return p;
 }
@@ -164,77 +143,9 @@ static double tol_of(kvb_dtype dt)
 /* Paged layouts                                                            */
 /* ---------------------------------------------------------------------- */
 
-enum { L_2BNHD, L_B2NHD, L_BNH2D, L_HND, L_DIMT, L_KT, L_COUNT };
-static const char *layout_names[L_COUNT] = {
+static const char *layout_names[NUM_LAYOUTS] = {
     "(2,B,N,H,D)", "(B,2,N,H,D)", "(B,N,H,2D)", "HND (B,H,N,D) planes",
     "(B,N,D,H) strided dims", "(B,H,[K^T D,N | V N,D]) transposed K"};
-
-/* Describes a cache of B blocks x N tokens x H heads x D dims in `kind`
- * over one buffer `base` of 2*B*N*H*D elements (planes at their offsets). */
-static kvb_paged_layout make_layout(int kind, char *base, int64_t B,
-                                    int64_t N, int32_t H, int32_t D,
-                                    kvb_dtype dt, int device)
-{
-    const size_t es = kvb_dtype_size(dt);
-    const int64_t plane = B * N * H * D;
-    kvb_paged_layout L;
-    memset(&L, 0, sizeof L);
-    L.num_blocks = B;
-    L.block_size = N;
-    L.num_kv_heads = H;
-    L.head_size = D;
-    L.dtype = dt;
-    L.device = device;
-    L.k_base = base;
-    L.dim_stride = 1;
-    switch (kind) {
-    case L_2BNHD:
-        L.v_base = base + plane * es;
-        L.block_stride = N * H * D;
-        L.token_stride = H * D;
-        L.head_stride = D;
-        break;
-    case L_B2NHD:
-        L.v_base = base + N * H * D * es;
-        L.block_stride = 2 * N * H * D;
-        L.token_stride = H * D;
-        L.head_stride = D;
-        break;
-    case L_BNH2D:
-        L.v_base = base + D * es;
-        L.block_stride = N * H * 2 * D;
-        L.token_stride = H * 2 * D;
-        L.head_stride = 2 * D;
-        break;
-    case L_HND:
-        L.v_base = base + plane * es;
-        L.block_stride = H * N * D;
-        L.token_stride = D;
-        L.head_stride = N * D;
-        break;
-    case L_KT:
-        /* vLLM's CPU backend: per block and head K transposed ([D, N]),
-         * then V row-major ([N, D]); V has its own strides */
-        L.v_base = base + N * D * es;
-        L.block_stride = H * 2 * N * D;
-        L.head_stride = 2 * N * D;
-        L.token_stride = 1;
-        L.dim_stride = N;
-        L.v_block_stride = H * 2 * N * D;
-        L.v_head_stride = 2 * N * D;
-        L.v_token_stride = D;
-        L.v_dim_stride = 1;
-        break;
-    default: /* L_DIMT */
-        L.v_base = base + plane * es;
-        L.block_stride = N * H * D;
-        L.token_stride = H * D;
-        L.head_stride = 1;
-        L.dim_stride = H;
-        break;
-    }
-    return L;
-}
 
 /* Builds a ragged slot mapping of n tokens over B*N slots: runs of
  * consecutive slots of random length starting at random blocks, with about
@@ -245,10 +156,10 @@ static int64_t *make_slots(int64_t n, int64_t B, int64_t N)
     ck_assert_ptr_nonnull(s);
     int64_t i = 0;
     while (i < n) {
-        int64_t run = 1 + rndi(3 * N);
-        int64_t start = rndi(B) * N;
+        int64_t run = 1 + rng_below(3 * N);
+        int64_t start = rng_below(B) * N;
         for (int64_t j = 0; j < run && i < n; j++, i++) {
-            s[i] = rndi(8) == 0 ? -1 : (start + j) % (B * N);
+            s[i] = rng_below(8) == 0 ? -1 : (start + j) % (B * N);
         }
     }
     return s;
@@ -269,7 +180,7 @@ START_TEST(test_gather_layouts)
         size_t es = kvb_dtype_size(dt);
         size_t cache_bytes = (size_t)(2 * B * N * H * D) * es;
         size_t rows_bytes = (size_t)(n * H * D) * es;
-        for (int kind = 0; kind < L_COUNT; kind++) {
+        for (int kind = 0; kind < NUM_LAYOUTS; kind++) {
             char *hc = host_random(2 * B * N * H * D, dt);
             char *dc = dev_from(hc, cache_bytes);
             int64_t *slots = make_slots(n, B, N);
@@ -305,7 +216,7 @@ START_TEST(test_scatter_layouts)
         size_t es = kvb_dtype_size(dt);
         size_t cache_bytes = (size_t)(2 * B * N * H * D) * es;
         size_t rows_bytes = (size_t)(n * H * D) * es;
-        for (int kind = 0; kind < L_COUNT; kind++) {
+        for (int kind = 0; kind < NUM_LAYOUTS; kind++) {
             for (int k_only = 0; k_only < 2; k_only++) {
                 char *hc = host_random(2 * B * N * H * D, dt);
                 char *dc = dev_from(hc, cache_bytes);
@@ -313,7 +224,7 @@ START_TEST(test_scatter_layouts)
                 int64_t *slots = malloc((size_t)(B * N) * 8);
                 for (int64_t i = 0; i < B * N; i++) slots[i] = i;
                 for (int64_t i = B * N - 1; i > 0; i--) {
-                    int64_t j = rndi(i + 1), t = slots[i];
+                    int64_t j = rng_below(i + 1), t = slots[i];
                     slots[i] = slots[j];
                     slots[j] = t;
                 }
@@ -351,7 +262,7 @@ START_TEST(test_gather_out_of_range_slot_skipped)
     int64_t slots[3] = {5, B * N + 100, 7};
     int64_t *dslots = dev_from(slots, sizeof slots);
     void *dk = dev_alloc(rows_bytes), *dv = dev_alloc(rows_bytes);
-    kvb_paged_layout dl = make_layout(L_2BNHD, dc, B, N, H, D, dt, 0);
+    kvb_paged_layout dl = make_layout(LAYOUT_2BNHD, dc, B, N, H, D, dt, 0);
     OK(kvb_cuda_gather(&dl, dslots, n, dk, dv, NULL));
     uint16_t *gk = host_from(dk, rows_bytes);
     ck_assert_int_eq(memcmp(gk, hc + 5 * H * D * es, (size_t)(H * D) * es), 0);
@@ -384,12 +295,12 @@ static float *make_inv_freq(int32_t rotary_dim)
 static void make_positions(int64_t n, int64_t *old_pos, int64_t *new_pos)
 {
     for (int64_t i = 0; i < n; i++) {
-        old_pos[i] = rndi(3000);
-        switch (rndi(4)) {
+        old_pos[i] = rng_below(3000);
+        switch (rng_below(4)) {
         case 0: new_pos[i] = old_pos[i] + 100000; break;
         case 1: new_pos[i] = 0; break;
         case 2: new_pos[i] = old_pos[i]; break;
-        default: new_pos[i] = old_pos[i] + rndi(5000) - 2500; break;
+        default: new_pos[i] = old_pos[i] + rng_below(5000) - 2500; break;
         }
     }
 }
@@ -522,19 +433,19 @@ static void load_case(kvb_dtype dt, int style, int32_t D, int32_t rot, load_opts
     kvb_load_seg hsegs[8], dsegs[8];
     void *store_k[8], *store_v[8], *dev_k[8], *dev_v[8];
     int64_t *hsrc[8], *dsrc[8];
-    const int64_t shift = o.uniform ? (int64_t)rndi(2) * 100000 : 0;
+    const int64_t shift = o.uniform ? (int64_t)rng_below(2) * 100000 : 0;
     int64_t row = 0;
     for (int s = 0; s < nseg; s++) {
         int64_t T = sizes[s] * scale;
-        row += rndi(5); /* a gap (rows that must stay untouched) */
+        row += rng_below(5); /* a gap (rows that must stay untouched) */
         int64_t per_layer = T * H * D;
         size_t bytes = (size_t)(L * per_layer) * es;
         store_k[s] = host_random(L * per_layer, dt);
         store_v[s] = host_random(L * per_layer, dt);
         hsrc[s] = malloc((size_t)T * 8);
         /* uniform: segment 2 keeps its positions (delta 0) */
-        int64_t base = s == 2 ? row + shift : rndi(4000);
-        for (int64_t t = 0; t < T; t++) hsrc[s][t] = o.uniform ? base + t : rndi(4000);
+        int64_t base = s == 2 ? row + shift : rng_below(4000);
+        for (int64_t t = 0; t < T; t++) hsrc[s][t] = o.uniform ? base + t : rng_below(4000);
         if (o.host_mapped) {
             void *pk, *pv, *pp;
             ck_assert_int_eq(cudaHostAlloc(&pk, bytes, cudaHostAllocMapped), cudaSuccess);
@@ -570,7 +481,7 @@ static void load_case(kvb_dtype dt, int style, int32_t D, int32_t rot, load_opts
     if (num_rows % 16 == 0) num_rows++; /* never a whole number of tiles */
     int64_t *dst_pos = malloc((size_t)num_rows * 8);
     for (int64_t r = 0; r < num_rows; r++) {
-        dst_pos[r] = o.uniform ? r + shift : rndi(3) == 0 ? r : 100000 + r; /* near and far */
+        dst_pos[r] = o.uniform ? r + shift : rng_below(3) == 0 ? r : 100000 + r; /* near and far */
     }
     if (!o.uniform) {
         /* some rows keep their stored position exactly (delta 0) */
@@ -805,9 +716,9 @@ static void connector_tier_case(kvb_dtype dt, int32_t style, int32_t rot)
             if (dev >= 0) {
                 ck_assert_int_eq(cudaMemcpy(dcache, hcache[l], cache_bytes,
                                             cudaMemcpyHostToDevice), cudaSuccess);
-                lay = make_layout(L_2BNHD, dcache, NB, BS, HK, HD, dt, 0);
+                lay = make_layout(LAYOUT_2BNHD, dcache, NB, BS, HK, HD, dt, 0);
             } else {
-                lay = make_layout(L_2BNHD, hcache[l], NB, BS, HK, HD, dt, -1);
+                lay = make_layout(LAYOUT_2BNHD, hcache[l], NB, BS, HK, HD, dt, -1);
             }
             OK(kvb_request_save_layer(req, l, &lay, slots, n1, NULL));
         }
@@ -910,7 +821,7 @@ START_TEST(test_connector_checksums_device_saves)
     for (int round = 0; round < 3; round++) {
         kvb_request *req = NULL;
         OK(kvb_request_begin(c, 0, p1, n1, NULL, 0, -1, 1, &req));
-        kvb_paged_layout lay = make_layout(L_2BNHD, dcache, NB, BS, HK, HD, dt, 0);
+        kvb_paged_layout lay = make_layout(LAYOUT_2BNHD, dcache, NB, BS, HK, HD, dt, 0);
         for (int l = 0; l < NL; l++) {
             OK(kvb_request_save_layer(req, l, &lay, slots, n1, stream));
         }
@@ -931,7 +842,7 @@ START_TEST(test_connector_checksums_device_saves)
     /* stored again, then chunk A (tokens 1000..1036) damaged in pinned memory */
     kvb_request *req = NULL;
     OK(kvb_request_begin(c, 0, p1, n1, NULL, 0, -1, 1, &req));
-    kvb_paged_layout lay = make_layout(L_2BNHD, dcache, NB, BS, HK, HD, dt, 0);
+    kvb_paged_layout lay = make_layout(LAYOUT_2BNHD, dcache, NB, BS, HK, HD, dt, 0);
     for (int l = 0; l < NL; l++) {
         OK(kvb_request_save_layer(req, l, &lay, slots, n1, stream));
     }
@@ -1015,16 +926,16 @@ static void select_case(int64_t n, int64_t k, int ties, double nan_frac, double 
     uint8_t *forced = malloc((size_t)n + 1);
     int64_t nf = 0;
     for (int64_t i = 0; i < n; i++) {
-        double u = (double)(rnd() >> 11) / 9007199254740992.0;
+        double u = rng_unit();
         if (u < nan_frac) {
             score[i] = NAN;
         } else if (ties) {
-            score[i] = (float)rndi(ties) - (float)ties / 2; /* many equal scores */
-            if (score[i] == 0.0f && rndi(2)) score[i] = -0.0f;
+            score[i] = (float)rng_below(ties) - (float)ties / 2; /* many equal scores */
+            if (score[i] == 0.0f && rng_below(2)) score[i] = -0.0f;
         } else {
-            score[i] = rndf() * 1e3f;
+            score[i] = rng_sym() * 1e3f;
         }
-        forced[i] = with_forced && (double)(rnd() >> 11) / 9007199254740992.0 < forced_frac;
+        forced[i] = with_forced && rng_unit() < forced_frac;
         nf += forced[i];
     }
     int64_t expect = nf + (k < n - nf ? k : n - nf);
@@ -1087,15 +998,15 @@ static void attn_case(kvb_dtype dt, int32_t Hq, int32_t Hkv, int32_t D, int64_t 
     /* key positions: 10 + a permutation of 0..nk-1 built from chunks */
     for (int64_t j = 0; j < nk; j++) kp[j] = 10 + j;
     for (int64_t c = 0; c + 256 < nk; c += 256) {
-        int64_t o = rndi((nk - c) / 256) * 256 + c; /* swap chunk c with o */
+        int64_t o = rng_below((nk - c) / 256) * 256 + c; /* swap chunk c with o */
         for (int64_t j = 0; j < 256 && o + j < nk; j++) {
             int64_t t = kp[c + j];
             kp[c + j] = kp[o + j];
             kp[o + j] = t;
         }
     }
-    for (int64_t j = 0; j < nk; j += 97) kp[j] = kp[rndi(nk)]; /* duplicates */
-    for (int64_t i = 0; i < nq; i++) qp[i] = kp[rndi(nk)];
+    for (int64_t j = 0; j < nk; j += 97) kp[j] = kp[rng_below(nk)]; /* duplicates */
+    for (int64_t i = 0; i < nq; i++) qp[i] = kp[rng_below(nk)];
     qp[0] = 0;                 /* sees no key: zeros */
     qp[nq - 1] = 5;            /* likewise */
     qp[1] = 10 + nk + 50;      /* sees every key */
@@ -1181,14 +1092,14 @@ START_TEST(test_cuda_args_rejected)
 {
     ck_assert_int_eq(kvb_has_cuda(), 1);
     static char buf[4096];
-    kvb_paged_layout L = make_layout(L_2BNHD, buf, 2, 4, 1, 8, KVB_DTYPE_F16, 0);
+    kvb_paged_layout L = make_layout(LAYOUT_2BNHD, buf, 2, 4, 1, 8, KVB_DTYPE_F16, 0);
     int64_t slots[1] = {0};
     L.dtype = (kvb_dtype)9;
     EXPECT_FAIL(kvb_cuda_gather(&L, slots, 1, buf, buf, NULL), KVB_ERR_INVALID, "dtype=9");
-    L = make_layout(L_2BNHD, buf, 2, 4, 1, 8, KVB_DTYPE_F16, 0);
+    L = make_layout(LAYOUT_2BNHD, buf, 2, 4, 1, 8, KVB_DTYPE_F16, 0);
     L.block_size = 0;
     EXPECT_FAIL(kvb_cuda_scatter(&L, slots, 1, buf, buf, NULL), KVB_ERR_INVALID, "block_size=0");
-    L = make_layout(L_2BNHD, buf, 2, 4, 1, 8, KVB_DTYPE_F16, -1);
+    L = make_layout(LAYOUT_2BNHD, buf, 2, 4, 1, 8, KVB_DTYPE_F16, -1);
     EXPECT_FAIL(kvb_cuda_gather(&L, slots, 1, buf, buf, NULL), KVB_ERR_INVALID, "device=-1");
     L.device = 0;
     EXPECT_FAIL(kvb_cuda_gather(&L, NULL, 1, buf, buf, NULL), KVB_ERR_INVALID, "slots is NULL");
