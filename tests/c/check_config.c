@@ -5,17 +5,16 @@
  * validation, and reading the real environment.
  */
 #define _POSIX_C_SOURCE 200809L /* setenv, unsetenv */
+#include "test_util.h"
+
 #include <check.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kvblend.h"
-
-/* Asserts that `s` contains `frag`, printing both on failure. */
-#define ck_assert_has(s, frag) \
-    ck_assert_msg(strstr((s), (frag)) != NULL, "'%s' lacks '%s'", (s), (frag))
 
 /* Sets one variable and asserts success. */
 static void set_ok(kvb_config *c, const char *name, const char *value)
@@ -25,32 +24,295 @@ static void set_ok(kvb_config *c, const char *name, const char *value)
                   kvb_last_error());
 }
 
-START_TEST(test_config_init_defaults)
+/* The type of the kvb_config field a step reads. */
+typedef enum field_kind {
+    F_INT, /* int or an enum of int size */
+    F_I64,
+    F_FLOAT,
+    F_DOUBLE,
+    F_STR,
+    F_NONE,     /* the step only sets */
+    F_VALIDATE, /* kvb_config_validate must return `want` (and name want_s) */
+} field_kind;
+
+/* One step of a sequence run on one config: set name=value (skipped when
+ * name is NULL), then the field at `off` (of `size` bytes) must hold `want`
+ * (numbers) or `want_s` (strings). */
+typedef struct set_step {
+    const char *name, *value;
+    size_t off, size;
+    field_kind kind;
+    double want;
+    const char *want_s;
+} set_step;
+
+/* The offset, size and kind of field `f` of kvb_config. */
+#define FIELD(f)                                                          \
+    offsetof(kvb_config, f), sizeof(((kvb_config *)0)->f),                \
+        _Generic(((kvb_config *)0)->f, int64_t: F_I64, float: F_FLOAT,    \
+                 double: F_DOUBLE, char *: F_STR, default: F_INT)
+/* A step that reads nothing; one that runs kvb_config_validate. */
+#define NO_FIELD 0, 0, F_NONE
+#define VALIDATE 0, 0, F_VALIDATE
+
+/* Checks the field of step `st` (number i of the sequence `what`) in c. */
+static void check_step(const kvb_config *c, const set_step *st,
+                       const char *what, size_t i)
+{
+    const char *field = (const char *)c + st->off;
+    int iv;
+    int64_t lv;
+    float fv;
+    double dv;
+    const char *nm = st->name != NULL ? st->name : "(no set)";
+    const char *val = st->value != NULL ? st->value : "";
+    switch (st->kind) {
+    case F_INT:
+        ck_assert_uint_eq(st->size, sizeof iv);
+        memcpy(&iv, field, sizeof iv);
+        ck_assert_msg(iv == (int)st->want, "%s step %zu (%s=\"%s\"): %d, expected %g",
+                      what, i, nm, val, iv, st->want);
+        break;
+    case F_I64:
+        memcpy(&lv, field, sizeof lv);
+        ck_assert_msg(lv == (int64_t)st->want, "%s step %zu (%s=\"%s\"): %lld, expected %g",
+                      what, i, nm, val, (long long)lv, st->want);
+        break;
+    case F_FLOAT:
+        memcpy(&fv, field, sizeof fv);
+        ck_assert_msg(fv == (float)st->want, "%s step %zu (%s=\"%s\"): %g, expected %g",
+                      what, i, nm, val, (double)fv, st->want);
+        break;
+    case F_DOUBLE:
+        memcpy(&dv, field, sizeof dv);
+        ck_assert_msg(dv == st->want, "%s step %zu (%s=\"%s\"): %g, expected %g",
+                      what, i, nm, val, dv, st->want);
+        break;
+    case F_STR:
+        ck_assert_msg(strcmp(field, st->want_s) == 0,
+                      "%s step %zu (%s=\"%s\"): \"%s\", expected \"%s\"", what, i,
+                      nm, val, field, st->want_s);
+        break;
+    case F_VALIDATE:
+        kvb_clear_error();
+        ck_assert_msg(kvb_config_validate(c) == (kvb_status)st->want,
+                      "%s step %zu: validate is not %s: %s", what, i,
+                      kvb_status_str((kvb_status)st->want), kvb_last_error());
+        if (st->want_s != NULL) {
+            ck_assert_has(kvb_last_error(), st->want_s);
+        }
+        break;
+    case F_NONE:
+        break;
+    }
+}
+
+/* Runs steps[0..n) in order on one config, which starts as the defaults
+ * over garbage (so init must write every field it reads). */
+static void run_steps(const set_step *steps, size_t n, const char *what)
 {
     kvb_config c;
     memset(&c, 0x5a, sizeof c);
     ck_assert_int_eq(kvb_config_init(&c), KVB_OK);
-    ck_assert_int_eq(c.enable_blending, 0);
-    ck_assert_str_eq(c.blend_special_str, " # # ");
-    ck_assert_int_eq(c.use_layerwise, 0);
-    ck_assert_int_eq(c.num_check_layers, 1);
-    ck_assert_int_eq(c.check_layers[0], 1);
-    ck_assert_int_eq(c.num_recompute_ratios, 1);
-    ck_assert_float_eq(c.recompute_ratios[0], 0.15f);
-    ck_assert_int_eq(c.num_thresholds, 0);
-    ck_assert_int_eq(c.chunk_size, 256);
-    ck_assert_int_eq(c.local_cpu, 1);
-    ck_assert_double_eq(c.max_local_cpu_size_gb, 5.0);
-    ck_assert_int_eq(c.enable_sparse, 0);
-    ck_assert_double_eq(c.max_device_size_gb, 0.0);
-    ck_assert_int_eq(c.deviation, KVB_DEVIATION_KV);
-    ck_assert_int_eq(c.selection, KVB_SELECT_QUERY_DEVIATION);
-    ck_assert_int_eq(c.boundary_tokens, 4);
-    ck_assert_int_eq(c.self_test, 1);
-    ck_assert_int_eq(c.num_threads, 0);
-    ck_assert_int_eq(c.log_level, KVB_LOG_WARNING);
-    ck_assert_int_eq(kvb_config_validate(&c), KVB_OK);
-    ck_assert_int_eq(kvb_config_init(NULL), KVB_ERR_INVALID);
+    for (size_t i = 0; i < n; i++) {
+        if (steps[i].name != NULL) {
+            set_ok(&c, steps[i].name, steps[i].value);
+        }
+        check_step(&c, &steps[i], what, i);
+    }
+}
+
+/* The defaults (no set at all). */
+static const set_step kDefaults[] = {
+    {NULL, NULL, FIELD(enable_blending), 0, NULL},
+    {NULL, NULL, FIELD(blend_special_str), 0, " # # "},
+    {NULL, NULL, FIELD(use_layerwise), 0, NULL},
+    {NULL, NULL, FIELD(num_check_layers), 1, NULL},
+    {NULL, NULL, FIELD(check_layers[0]), 1, NULL},
+    {NULL, NULL, FIELD(num_recompute_ratios), 1, NULL},
+    {NULL, NULL, FIELD(recompute_ratios[0]), 0.15, NULL},
+    {NULL, NULL, FIELD(num_thresholds), 0, NULL},
+    {NULL, NULL, FIELD(chunk_size), 256, NULL},
+    {NULL, NULL, FIELD(local_cpu), 1, NULL},
+    {NULL, NULL, FIELD(max_local_cpu_size_gb), 5.0, NULL},
+    {NULL, NULL, FIELD(enable_sparse), 0, NULL},
+    {NULL, NULL, FIELD(max_device_size_gb), 0.0, NULL},
+    {NULL, NULL, FIELD(deviation), KVB_DEVIATION_KV, NULL},
+    {NULL, NULL, FIELD(selection), KVB_SELECT_QUERY_DEVIATION, NULL},
+    {NULL, NULL, FIELD(boundary_tokens), 4, NULL},
+    {NULL, NULL, FIELD(self_test), 1, NULL},
+    {NULL, NULL, FIELD(num_threads), 0, NULL},
+    {NULL, NULL, FIELD(log_level), KVB_LOG_WARNING, NULL},
+    {NULL, NULL, FIELD(verify_checksums), -1, NULL},
+    {NULL, NULL, FIELD(local_disk), 0, ""},
+    {NULL, NULL, FIELD(remote_url), 0, ""},
+    {NULL, NULL, VALIDATE, KVB_OK, NULL},
+};
+
+/* Every accepted form of the check layers. */
+static const set_step kCheckLayerForms[] = {
+    {"LMCACHE_BLEND_CHECK_LAYERS", "3", FIELD(num_check_layers), 1, NULL},
+    {NULL, NULL, FIELD(check_layers[0]), 3, NULL},
+    {"LMCACHE_BLEND_CHECK_LAYERS", "1,2,4", FIELD(num_check_layers), 3, NULL},
+    {NULL, NULL, FIELD(check_layers[0]), 1, NULL},
+    {NULL, NULL, FIELD(check_layers[1]), 2, NULL},
+    {NULL, NULL, FIELD(check_layers[2]), 4, NULL},
+    {"LMCACHE_BLEND_CHECK_LAYERS", " [0, 5 ,17] ", FIELD(num_check_layers), 3, NULL},
+    {NULL, NULL, FIELD(check_layers[0]), 0, NULL},
+    {NULL, NULL, FIELD(check_layers[2]), 17, NULL},
+    {"LMCACHE_BLEND_CHECK_LAYERS", "[1]", FIELD(num_check_layers), 1, NULL},
+    {NULL, NULL, FIELD(check_layers[0]), 1, NULL},
+    {"LMCACHE_BLEND_CHECK_LAYERS", "0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
+     FIELD(num_check_layers), KVB_MAX_CHECK_LAYERS, NULL},
+    {NULL, NULL, FIELD(check_layers[15]), 15, NULL},
+};
+
+/* The float lists: ratios and thresholds. */
+static const set_step kFloatLists[] = {
+    {"LMCACHE_BLEND_RECOMPUTE_RATIOS", "1", FIELD(num_recompute_ratios), 1, NULL},
+    {NULL, NULL, FIELD(recompute_ratios[0]), 1.0, NULL},
+    {"LMCACHE_BLEND_RECOMPUTE_RATIOS", "[0.5, 0.25,1e-1]", FIELD(num_recompute_ratios), 3,
+     NULL},
+    {NULL, NULL, FIELD(recompute_ratios[0]), 0.5, NULL},
+    {NULL, NULL, FIELD(recompute_ratios[1]), 0.25, NULL},
+    {NULL, NULL, FIELD(recompute_ratios[2]), 0.1, NULL},
+    {"LMCACHE_BLEND_THRESHOLDS", "0", FIELD(num_thresholds), 1, NULL},
+    {NULL, NULL, FIELD(thresholds[0]), 0.0, NULL},
+    {"LMCACHE_BLEND_THRESHOLDS", " 0.5 , 2.0 ", FIELD(num_thresholds), 2, NULL},
+    {NULL, NULL, FIELD(thresholds[1]), 2.0, NULL},
+};
+
+/* The numbers. */
+static const set_step kNumbers[] = {
+    {"LMCACHE_CHUNK_SIZE", " 512 ", FIELD(chunk_size), 512, NULL},
+    {"LMCACHE_CHUNK_SIZE", "+8", FIELD(chunk_size), 8, NULL},
+    {"LMCACHE_MAX_LOCAL_CPU_SIZE", "2.5", FIELD(max_local_cpu_size_gb), 2.5, NULL},
+    {"LMCACHE_MAX_LOCAL_CPU_SIZE", "0", FIELD(max_local_cpu_size_gb), 0.0, NULL},
+    {"KVBLEND_MAX_DEVICE_SIZE", "1e1", FIELD(max_device_size_gb), 10.0, NULL},
+    {"KVBLEND_NUM_THREADS", "8", FIELD(num_threads), 8, NULL},
+    {"KVBLEND_NUM_THREADS", "0", FIELD(num_threads), 0, NULL},
+};
+
+/* The enums and the other words. */
+static const set_step kEnums[] = {
+    {"KVBLEND_DEVIATION", "v", FIELD(deviation), KVB_DEVIATION_V, NULL},
+    {"KVBLEND_DEVIATION", " KV ", FIELD(deviation), KVB_DEVIATION_KV, NULL},
+    {"KVBLEND_DEVIATION", "k", FIELD(deviation), KVB_DEVIATION_K, NULL},
+    {"KVBLEND_SELECTION", " Query ", FIELD(selection), KVB_SELECT_QUERY, NULL},
+    {"KVBLEND_SELECTION", "query_deviation", FIELD(selection), KVB_SELECT_QUERY_DEVIATION,
+     NULL},
+    {"KVBLEND_SELECTION", "deviation", FIELD(selection), KVB_SELECT_DEVIATION, NULL},
+    {"KVBLEND_BOUNDARY_TOKENS", "0", FIELD(boundary_tokens), 0, NULL},
+    {"KVBLEND_BOUNDARY_TOKENS", "4096", FIELD(boundary_tokens), KVB_MAX_BOUNDARY_TOKENS,
+     NULL},
+    {NULL, NULL, FIELD(self_test), 1, NULL},
+    {"KVBLEND_SELF_TEST", "0", FIELD(self_test), 0, NULL},
+    {"KVBLEND_LOG_LEVEL", "debug", FIELD(log_level), KVB_LOG_DEBUG, NULL},
+    {"KVBLEND_LOG_LEVEL", "INFO", FIELD(log_level), KVB_LOG_INFO, NULL},
+    {"KVBLEND_LOG_LEVEL", "error", FIELD(log_level), KVB_LOG_ERROR, NULL},
+    {"KVBLEND_LOG_LEVEL", "warning", FIELD(log_level), KVB_LOG_WARNING, NULL},
+    {NULL, NULL, FIELD(verify_checksums), -1, NULL},
+    {"KVBLEND_VERIFY_CHECKSUMS", "True", FIELD(verify_checksums), 1, NULL},
+    {"KVBLEND_VERIFY_CHECKSUMS", "0", FIELD(verify_checksums), 0, NULL},
+    {"KVBLEND_VERIFY_CHECKSUMS", " AUTO ", FIELD(verify_checksums), -1, NULL},
+};
+
+/* The JSON of LMCACHE_EXTRA_CONFIG: only enable_sparse is read. */
+static const set_step kExtraConfigForms[] = {
+    {"LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": true}", FIELD(enable_sparse), 1, NULL},
+    /* absent key: unchanged */
+    {"LMCACHE_EXTRA_CONFIG", "{}", FIELD(enable_sparse), 1, NULL},
+    {"LMCACHE_EXTRA_CONFIG",
+     " {\"other\": [1, -2.5e+3, {\"a\": null}, \"s\\n\\u00e9\"],\n"
+     "  \"enable_sparse\": false, \"x\": {} } ",
+     FIELD(enable_sparse), 0, NULL},
+    /* keys are compared after unescaping */
+    {"LMCACHE_EXTRA_CONFIG", "{\"\\u0065nable_sparse\": true}", FIELD(enable_sparse), 1, NULL},
+    /* the last duplicate wins, as in Python's json */
+    {"LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": true, \"enable_sparse\": false}",
+     FIELD(enable_sparse), 0, NULL},
+    /* a surrogate pair and every simple escape */
+    {"LMCACHE_EXTRA_CONFIG", "{\"e\": \"\\uD83D\\uDE00 \\\" \\\\ \\/ \\b \\f \\r \\t\"}",
+     NO_FIELD, 0, NULL},
+    /* a longer key that merely starts like enable_sparse is ignored */
+    {"LMCACHE_EXTRA_CONFIG", "{\"enable_sparse_extra_long_key_name_here\": 5}",
+     FIELD(enable_sparse), 0, NULL},
+    /* well-formed UTF-8 of every length passes */
+    {"LMCACHE_EXTRA_CONFIG",
+     "{\"s\": \"\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80\", \"enable_sparse\": true}",
+     FIELD(enable_sparse), 1, NULL},
+};
+
+/* The lower tiers' settings, and the validator's rule that a disk folder
+ * needs a size. */
+static const set_step kLowerTiers[] = {
+    {NULL, NULL, FIELD(local_disk), 0, ""},
+    {NULL, NULL, FIELD(remote_url), 0, ""},
+    {"LMCACHE_LOCAL_DISK", "file:///var/kv/", FIELD(local_disk), 0, "/var/kv/"},
+    /* LMCache's form */
+    {"LMCACHE_LOCAL_DISK", "file://local_disk/", FIELD(local_disk), 0, "local_disk/"},
+    {"LMCACHE_LOCAL_DISK", "/plain/path", FIELD(local_disk), 0, "/plain/path"},
+    {NULL, NULL, VALIDATE, KVB_ERR_INVALID, "LMCACHE_MAX_LOCAL_DISK_SIZE is 0"},
+    {"LMCACHE_MAX_LOCAL_DISK_SIZE", "20", VALIDATE, KVB_OK, NULL},
+    {"LMCACHE_LOCAL_DISK", "None", FIELD(local_disk), 0, ""},
+    {"LMCACHE_REMOTE_URL", "valkey://:pw@10.0.0.2:6380/3", FIELD(remote_url), 0,
+     "valkey://:pw@10.0.0.2:6380/3"},
+    {"LMCACHE_REMOTE_URL", "", FIELD(remote_url), 0, ""},
+    {"LMCACHE_REMOTE_SERDE", "naive", NO_FIELD, 0, NULL},
+    {"KVBLEND_REMOTE_TIMEOUT_MS", "250", FIELD(remote_timeout_ms), 250, NULL},
+    {"KVBLEND_REMOTE_PART_SIZE", "0.5", FIELD(remote_part_size_mb), 0.5, NULL},
+    {NULL, NULL, VALIDATE, KVB_OK, NULL},
+};
+
+/* One ratio serves every check layer, else one per layer. */
+static const set_step kRatioCount[] = {
+    {"LMCACHE_BLEND_CHECK_LAYERS", "1,2,3", VALIDATE, KVB_OK, NULL},
+    {"LMCACHE_BLEND_RECOMPUTE_RATIOS", "0.3,0.2,0.1", VALIDATE, KVB_OK, NULL},
+    {"LMCACHE_BLEND_RECOMPUTE_RATIOS", "0.3,0.2", VALIDATE, KVB_ERR_INVALID,
+     "LMCACHE_BLEND_RECOMPUTE_RATIOS has 2 values but LMCACHE_BLEND_CHECK_LAYERS has 3 "
+     "layers"},
+};
+
+/* One threshold serves every check layer, else one per layer. */
+static const set_step kThresholdCount[] = {
+    {"LMCACHE_BLEND_CHECK_LAYERS", "1,2,3", NO_FIELD, 0, NULL},
+    {"LMCACHE_BLEND_THRESHOLDS", "0.5", VALIDATE, KVB_OK, NULL},
+    {"LMCACHE_BLEND_THRESHOLDS", "0.5,1,2", VALIDATE, KVB_OK, NULL},
+    {"LMCACHE_BLEND_THRESHOLDS", "0.5,1", VALIDATE, KVB_ERR_INVALID,
+     "LMCACHE_BLEND_THRESHOLDS has 2 values but LMCACHE_BLEND_CHECK_LAYERS has 3"},
+};
+
+/* The sequences of the set and validate cases, each a test of its own. */
+#define SEQUENCE(steps) {#steps, steps, COUNT_OF(steps)}
+static const struct {
+    const char *what;
+    const set_step *steps;
+    size_t n;
+} kSetSequences[] = {
+    SEQUENCE(kDefaults),
+    SEQUENCE(kCheckLayerForms),
+    SEQUENCE(kFloatLists),
+    SEQUENCE(kNumbers),
+    SEQUENCE(kEnums),
+    SEQUENCE(kExtraConfigForms),
+    SEQUENCE(kLowerTiers),
+}, kValidateSequences[] = {
+    SEQUENCE(kRatioCount),
+    SEQUENCE(kThresholdCount),
+};
+
+/* Each sequence of accepted values reads back as it should. */
+START_TEST(test_config_set_accepted_values)
+{
+    run_steps(kSetSequences[_i].steps, kSetSequences[_i].n, kSetSequences[_i].what);
+}
+END_TEST
+
+/* Cross-field validation: the list lengths must agree. */
+START_TEST(test_config_validate_list_counts)
+{
+    run_steps(kValidateSequences[_i].steps, kValidateSequences[_i].n,
+              kValidateSequences[_i].what);
 }
 END_TEST
 
@@ -98,149 +360,6 @@ START_TEST(test_config_set_special_str)
                      KVB_ERR_INVALID);
     ck_assert_has(kvb_last_error(), "256 bytes; at most 255");
     ck_assert_str_eq(c.blend_special_str, longest);
-}
-END_TEST
-
-START_TEST(test_config_set_check_layers_forms)
-{
-    kvb_config c;
-    kvb_config_init(&c);
-    set_ok(&c, "LMCACHE_BLEND_CHECK_LAYERS", "3");
-    ck_assert_int_eq(c.num_check_layers, 1);
-    ck_assert_int_eq(c.check_layers[0], 3);
-    set_ok(&c, "LMCACHE_BLEND_CHECK_LAYERS", "1,2,4");
-    ck_assert_int_eq(c.num_check_layers, 3);
-    ck_assert_int_eq(c.check_layers[0], 1);
-    ck_assert_int_eq(c.check_layers[1], 2);
-    ck_assert_int_eq(c.check_layers[2], 4);
-    set_ok(&c, "LMCACHE_BLEND_CHECK_LAYERS", " [0, 5 ,17] ");
-    ck_assert_int_eq(c.num_check_layers, 3);
-    ck_assert_int_eq(c.check_layers[0], 0);
-    ck_assert_int_eq(c.check_layers[2], 17);
-    set_ok(&c, "LMCACHE_BLEND_CHECK_LAYERS", "[1]");
-    ck_assert_int_eq(c.num_check_layers, 1);
-    ck_assert_int_eq(c.check_layers[0], 1);
-    set_ok(&c, "LMCACHE_BLEND_CHECK_LAYERS",
-           "0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15");
-    ck_assert_int_eq(c.num_check_layers, KVB_MAX_CHECK_LAYERS);
-    ck_assert_int_eq(c.check_layers[15], 15);
-}
-END_TEST
-
-START_TEST(test_config_set_float_lists)
-{
-    kvb_config c;
-    kvb_config_init(&c);
-    set_ok(&c, "LMCACHE_BLEND_RECOMPUTE_RATIOS", "1");
-    ck_assert_int_eq(c.num_recompute_ratios, 1);
-    ck_assert_float_eq(c.recompute_ratios[0], 1.0f);
-    set_ok(&c, "LMCACHE_BLEND_RECOMPUTE_RATIOS", "[0.5, 0.25,1e-1]");
-    ck_assert_int_eq(c.num_recompute_ratios, 3);
-    ck_assert_float_eq(c.recompute_ratios[0], 0.5f);
-    ck_assert_float_eq(c.recompute_ratios[1], 0.25f);
-    ck_assert_float_eq(c.recompute_ratios[2], 0.1f);
-    set_ok(&c, "LMCACHE_BLEND_THRESHOLDS", "0");
-    ck_assert_int_eq(c.num_thresholds, 1);
-    ck_assert_float_eq(c.thresholds[0], 0.0f);
-    set_ok(&c, "LMCACHE_BLEND_THRESHOLDS", " 0.5 , 2.0 ");
-    ck_assert_int_eq(c.num_thresholds, 2);
-    ck_assert_float_eq(c.thresholds[1], 2.0f);
-}
-END_TEST
-
-START_TEST(test_config_set_numbers)
-{
-    kvb_config c;
-    kvb_config_init(&c);
-    set_ok(&c, "LMCACHE_CHUNK_SIZE", " 512 ");
-    ck_assert_int_eq(c.chunk_size, 512);
-    set_ok(&c, "LMCACHE_CHUNK_SIZE", "+8");
-    ck_assert_int_eq(c.chunk_size, 8);
-    set_ok(&c, "LMCACHE_MAX_LOCAL_CPU_SIZE", "2.5");
-    ck_assert_double_eq(c.max_local_cpu_size_gb, 2.5);
-    set_ok(&c, "LMCACHE_MAX_LOCAL_CPU_SIZE", "0");
-    ck_assert_double_eq(c.max_local_cpu_size_gb, 0.0);
-    set_ok(&c, "KVBLEND_MAX_DEVICE_SIZE", "1e1");
-    ck_assert_double_eq(c.max_device_size_gb, 10.0);
-    set_ok(&c, "KVBLEND_NUM_THREADS", "8");
-    ck_assert_int_eq(c.num_threads, 8);
-    set_ok(&c, "KVBLEND_NUM_THREADS", "0");
-    ck_assert_int_eq(c.num_threads, 0);
-}
-END_TEST
-
-START_TEST(test_config_set_enums)
-{
-    kvb_config c;
-    kvb_config_init(&c);
-    set_ok(&c, "KVBLEND_DEVIATION", "v");
-    ck_assert_int_eq(c.deviation, KVB_DEVIATION_V);
-    set_ok(&c, "KVBLEND_DEVIATION", " KV ");
-    ck_assert_int_eq(c.deviation, KVB_DEVIATION_KV);
-    set_ok(&c, "KVBLEND_DEVIATION", "k");
-    ck_assert_int_eq(c.deviation, KVB_DEVIATION_K);
-    set_ok(&c, "KVBLEND_SELECTION", " Query ");
-    ck_assert_int_eq(c.selection, KVB_SELECT_QUERY);
-    set_ok(&c, "KVBLEND_SELECTION", "query_deviation");
-    ck_assert_int_eq(c.selection, KVB_SELECT_QUERY_DEVIATION);
-    set_ok(&c, "KVBLEND_SELECTION", "deviation");
-    ck_assert_int_eq(c.selection, KVB_SELECT_DEVIATION);
-    set_ok(&c, "KVBLEND_BOUNDARY_TOKENS", "0");
-    ck_assert_int_eq(c.boundary_tokens, 0);
-    set_ok(&c, "KVBLEND_BOUNDARY_TOKENS", "4096");
-    ck_assert_int_eq(c.boundary_tokens, KVB_MAX_BOUNDARY_TOKENS);
-    ck_assert_int_eq(c.self_test, 1);
-    set_ok(&c, "KVBLEND_SELF_TEST", "0");
-    ck_assert_int_eq(c.self_test, 0);
-    set_ok(&c, "KVBLEND_LOG_LEVEL", "debug");
-    ck_assert_int_eq(c.log_level, KVB_LOG_DEBUG);
-    set_ok(&c, "KVBLEND_LOG_LEVEL", "INFO");
-    ck_assert_int_eq(c.log_level, KVB_LOG_INFO);
-    set_ok(&c, "KVBLEND_LOG_LEVEL", "error");
-    ck_assert_int_eq(c.log_level, KVB_LOG_ERROR);
-    set_ok(&c, "KVBLEND_LOG_LEVEL", "warning");
-    ck_assert_int_eq(c.log_level, KVB_LOG_WARNING);
-    ck_assert_int_eq(c.verify_checksums, -1);
-    set_ok(&c, "KVBLEND_VERIFY_CHECKSUMS", "True");
-    ck_assert_int_eq(c.verify_checksums, 1);
-    set_ok(&c, "KVBLEND_VERIFY_CHECKSUMS", "0");
-    ck_assert_int_eq(c.verify_checksums, 0);
-    set_ok(&c, "KVBLEND_VERIFY_CHECKSUMS", " AUTO ");
-    ck_assert_int_eq(c.verify_checksums, -1);
-}
-END_TEST
-
-START_TEST(test_config_set_extra_config_forms)
-{
-    kvb_config c;
-    kvb_config_init(&c);
-    set_ok(&c, "LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": true}");
-    ck_assert_int_eq(c.enable_sparse, 1);
-    set_ok(&c, "LMCACHE_EXTRA_CONFIG", "{}"); /* absent key: unchanged */
-    ck_assert_int_eq(c.enable_sparse, 1);
-    set_ok(&c, "LMCACHE_EXTRA_CONFIG",
-           " {\"other\": [1, -2.5e+3, {\"a\": null}, \"s\\n\\u00e9\"],\n"
-           "  \"enable_sparse\": false, \"x\": {} } ");
-    ck_assert_int_eq(c.enable_sparse, 0);
-    /* keys are compared after unescaping */
-    set_ok(&c, "LMCACHE_EXTRA_CONFIG", "{\"\\u0065nable_sparse\": true}");
-    ck_assert_int_eq(c.enable_sparse, 1);
-    /* the last duplicate wins, as in Python's json */
-    set_ok(&c, "LMCACHE_EXTRA_CONFIG",
-           "{\"enable_sparse\": true, \"enable_sparse\": false}");
-    ck_assert_int_eq(c.enable_sparse, 0);
-    /* a surrogate pair and every simple escape */
-    set_ok(&c, "LMCACHE_EXTRA_CONFIG",
-           "{\"e\": \"\\uD83D\\uDE00 \\\" \\\\ \\/ \\b \\f \\r \\t\"}");
-    /* a longer key that merely starts like enable_sparse is ignored */
-    set_ok(&c, "LMCACHE_EXTRA_CONFIG",
-           "{\"enable_sparse_extra_long_key_name_here\": 5}");
-    ck_assert_int_eq(c.enable_sparse, 0);
-    /* well-formed UTF-8 of every length passes */
-    set_ok(&c, "LMCACHE_EXTRA_CONFIG",
-           "{\"s\": \"\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80\", "
-           "\"enable_sparse\": true}");
-    ck_assert_int_eq(c.enable_sparse, 1);
 }
 END_TEST
 
@@ -410,38 +529,6 @@ START_TEST(test_config_set_rejects_bad_values)
 }
 END_TEST
 
-START_TEST(test_config_lower_tiers)
-{
-    kvb_config c;
-    kvb_config_init(&c);
-    ck_assert_str_eq(c.local_disk, "");
-    ck_assert_str_eq(c.remote_url, "");
-    set_ok(&c, "LMCACHE_LOCAL_DISK", "file:///var/kv/");
-    ck_assert_str_eq(c.local_disk, "/var/kv/");
-    set_ok(&c, "LMCACHE_LOCAL_DISK", "file://local_disk/"); /* LMCache's form */
-    ck_assert_str_eq(c.local_disk, "local_disk/");
-    set_ok(&c, "LMCACHE_LOCAL_DISK", "/plain/path");
-    ck_assert_str_eq(c.local_disk, "/plain/path");
-    /* a disk folder needs a size: refused by the validator, naming both */
-    ck_assert_int_eq(kvb_config_validate(&c), KVB_ERR_INVALID);
-    ck_assert_has(kvb_last_error(), "LMCACHE_MAX_LOCAL_DISK_SIZE is 0");
-    set_ok(&c, "LMCACHE_MAX_LOCAL_DISK_SIZE", "20");
-    ck_assert_int_eq(kvb_config_validate(&c), KVB_OK);
-    set_ok(&c, "LMCACHE_LOCAL_DISK", "None");
-    ck_assert_str_eq(c.local_disk, "");
-    set_ok(&c, "LMCACHE_REMOTE_URL", "valkey://:pw@10.0.0.2:6380/3");
-    ck_assert_str_eq(c.remote_url, "valkey://:pw@10.0.0.2:6380/3");
-    set_ok(&c, "LMCACHE_REMOTE_URL", "");
-    ck_assert_str_eq(c.remote_url, "");
-    set_ok(&c, "LMCACHE_REMOTE_SERDE", "naive");
-    set_ok(&c, "KVBLEND_REMOTE_TIMEOUT_MS", "250");
-    ck_assert_int_eq(c.remote_timeout_ms, 250);
-    set_ok(&c, "KVBLEND_REMOTE_PART_SIZE", "0.5");
-    ck_assert_double_eq(c.remote_part_size_mb, 0.5);
-    ck_assert_int_eq(kvb_config_validate(&c), KVB_OK);
-}
-END_TEST
-
 START_TEST(test_config_set_unknown_lmcache_name_ignored)
 {
     kvb_config c;
@@ -466,6 +553,7 @@ START_TEST(test_config_set_null_arguments)
     ck_assert_int_eq(kvb_config_set(&c, "LMCACHE_CHUNK_SIZE", NULL),
                      KVB_ERR_INVALID);
     ck_assert_has(kvb_last_error(), "value is NULL");
+    ck_assert_int_eq(kvb_config_init(NULL), KVB_ERR_INVALID);
     ck_assert_int_eq(kvb_config_validate(NULL), KVB_ERR_INVALID);
     ck_assert_int_eq(kvb_config_from_env(NULL), KVB_ERR_INVALID);
 }
@@ -488,39 +576,6 @@ START_TEST(test_config_long_value_is_truncated_in_message)
     ck_assert_has(msg, "...\": invalid JSON at byte 398");
     ck_assert_ptr_null(strstr(msg, value));
     ck_assert_uint_lt(strlen(msg), 250);
-}
-END_TEST
-
-START_TEST(test_config_validate_ratio_count_mismatch)
-{
-    kvb_config c;
-    kvb_config_init(&c);
-    set_ok(&c, "LMCACHE_BLEND_CHECK_LAYERS", "1,2,3");
-    ck_assert_int_eq(kvb_config_validate(&c), KVB_OK); /* one ratio for all */
-    set_ok(&c, "LMCACHE_BLEND_RECOMPUTE_RATIOS", "0.3,0.2,0.1");
-    ck_assert_int_eq(kvb_config_validate(&c), KVB_OK);
-    set_ok(&c, "LMCACHE_BLEND_RECOMPUTE_RATIOS", "0.3,0.2");
-    kvb_clear_error();
-    ck_assert_int_eq(kvb_config_validate(&c), KVB_ERR_INVALID);
-    ck_assert_has(kvb_last_error(),
-                  "LMCACHE_BLEND_RECOMPUTE_RATIOS has 2 values but "
-                  "LMCACHE_BLEND_CHECK_LAYERS has 3 layers");
-}
-END_TEST
-
-START_TEST(test_config_validate_threshold_count_mismatch)
-{
-    kvb_config c;
-    kvb_config_init(&c);
-    set_ok(&c, "LMCACHE_BLEND_CHECK_LAYERS", "1,2,3");
-    set_ok(&c, "LMCACHE_BLEND_THRESHOLDS", "0.5");
-    ck_assert_int_eq(kvb_config_validate(&c), KVB_OK);
-    set_ok(&c, "LMCACHE_BLEND_THRESHOLDS", "0.5,1,2");
-    ck_assert_int_eq(kvb_config_validate(&c), KVB_OK);
-    set_ok(&c, "LMCACHE_BLEND_THRESHOLDS", "0.5,1");
-    ck_assert_int_eq(kvb_config_validate(&c), KVB_ERR_INVALID);
-    ck_assert_has(kvb_last_error(), "LMCACHE_BLEND_THRESHOLDS has 2 values "
-                                    "but LMCACHE_BLEND_CHECK_LAYERS has 3");
 }
 END_TEST
 
@@ -713,41 +768,39 @@ START_TEST(test_config_from_env_defaults)
 }
 END_TEST
 
+/* Every variable read from the environment, and what it sets. */
+static const set_step kEnvSteps[] = {
+    {"LMCACHE_ENABLE_BLENDING", "True", FIELD(enable_blending), 1, NULL},
+    {"LMCACHE_BLEND_SPECIAL_STR", " ## ", FIELD(blend_special_str), 0, " ## "},
+    {"LMCACHE_USE_LAYERWISE", "true", FIELD(use_layerwise), 1, NULL},
+    {"LMCACHE_BLEND_CHECK_LAYERS", "[1, 3]", FIELD(num_check_layers), 2, NULL},
+    {NULL, NULL, FIELD(check_layers[1]), 3, NULL},
+    {"LMCACHE_BLEND_RECOMPUTE_RATIOS", "0.2,0.1", FIELD(num_recompute_ratios), 2, NULL},
+    {NULL, NULL, FIELD(recompute_ratios[1]), 0.1, NULL},
+    {"LMCACHE_BLEND_THRESHOLDS", "0.5", FIELD(num_thresholds), 1, NULL},
+    {"LMCACHE_CHUNK_SIZE", "128", FIELD(chunk_size), 128, NULL},
+    {"LMCACHE_LOCAL_CPU", "False", FIELD(local_cpu), 0, NULL},
+    {"LMCACHE_MAX_LOCAL_CPU_SIZE", "7.5", FIELD(max_local_cpu_size_gb), 7.5, NULL},
+    {"LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": true}", FIELD(enable_sparse), 1, NULL},
+    {"KVBLEND_MAX_DEVICE_SIZE", "2", FIELD(max_device_size_gb), 2.0, NULL},
+    {"KVBLEND_DEVIATION", "kv", FIELD(deviation), KVB_DEVIATION_KV, NULL},
+    {"KVBLEND_NUM_THREADS", "3", FIELD(num_threads), 3, NULL},
+    {"KVBLEND_LOG_LEVEL", "debug", FIELD(log_level), KVB_LOG_DEBUG, NULL},
+    {"LMCACHE_SOMETHING_ELSE", "whatever", NO_FIELD, 0, NULL}, /* ignored */
+};
+
 START_TEST(test_config_from_env_reads_every_variable)
 {
-    setenv("LMCACHE_ENABLE_BLENDING", "True", 1);
-    setenv("LMCACHE_BLEND_SPECIAL_STR", " ## ", 1);
-    setenv("LMCACHE_USE_LAYERWISE", "true", 1);
-    setenv("LMCACHE_BLEND_CHECK_LAYERS", "[1, 3]", 1);
-    setenv("LMCACHE_BLEND_RECOMPUTE_RATIOS", "0.2,0.1", 1);
-    setenv("LMCACHE_BLEND_THRESHOLDS", "0.5", 1);
-    setenv("LMCACHE_CHUNK_SIZE", "128", 1);
-    setenv("LMCACHE_LOCAL_CPU", "False", 1);
-    setenv("LMCACHE_MAX_LOCAL_CPU_SIZE", "7.5", 1);
-    setenv("LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": true}", 1);
-    setenv("KVBLEND_MAX_DEVICE_SIZE", "2", 1);
-    setenv("KVBLEND_DEVIATION", "kv", 1);
-    setenv("KVBLEND_NUM_THREADS", "3", 1);
-    setenv("KVBLEND_LOG_LEVEL", "debug", 1);
-    setenv("LMCACHE_SOMETHING_ELSE", "whatever", 1); /* ignored */
+    for (size_t i = 0; i < COUNT_OF(kEnvSteps); i++) {
+        if (kEnvSteps[i].name != NULL) {
+            setenv(kEnvSteps[i].name, kEnvSteps[i].value, 1);
+        }
+    }
     kvb_config c;
     ck_assert_int_eq(kvb_config_from_env(&c), KVB_OK);
-    ck_assert_int_eq(c.enable_blending, 1);
-    ck_assert_str_eq(c.blend_special_str, " ## ");
-    ck_assert_int_eq(c.use_layerwise, 1);
-    ck_assert_int_eq(c.num_check_layers, 2);
-    ck_assert_int_eq(c.check_layers[1], 3);
-    ck_assert_int_eq(c.num_recompute_ratios, 2);
-    ck_assert_float_eq(c.recompute_ratios[1], 0.1f);
-    ck_assert_int_eq(c.num_thresholds, 1);
-    ck_assert_int_eq(c.chunk_size, 128);
-    ck_assert_int_eq(c.local_cpu, 0);
-    ck_assert_double_eq(c.max_local_cpu_size_gb, 7.5);
-    ck_assert_int_eq(c.enable_sparse, 1);
-    ck_assert_double_eq(c.max_device_size_gb, 2.0);
-    ck_assert_int_eq(c.deviation, KVB_DEVIATION_KV);
-    ck_assert_int_eq(c.num_threads, 3);
-    ck_assert_int_eq(c.log_level, KVB_LOG_DEBUG);
+    for (size_t i = 0; i < COUNT_OF(kEnvSteps); i++) {
+        check_step(&c, &kEnvSteps[i], "environment", i);
+    }
 }
 END_TEST
 
@@ -796,19 +849,14 @@ Suite *config_suite(void)
 {
     Suite *s = suite_create("config");
     TCase *tc = tcase_create("set");
-    tcase_add_test(tc, test_config_init_defaults);
+    tcase_add_loop_test(tc, test_config_set_accepted_values, 0,
+                        (int)COUNT_OF(kSetSequences));
     tcase_add_test(tc, test_config_set_bool_forms);
     tcase_add_test(tc, test_config_set_special_str);
-    tcase_add_test(tc, test_config_set_check_layers_forms);
-    tcase_add_test(tc, test_config_set_float_lists);
-    tcase_add_test(tc, test_config_set_numbers);
-    tcase_add_test(tc, test_config_set_enums);
-    tcase_add_test(tc, test_config_set_extra_config_forms);
     tcase_add_test(tc, test_config_extra_config_nesting_limit);
     tcase_add_loop_test(tc, test_config_set_rejects_bad_values, 0,
                         (int)(sizeof kBadValues / sizeof kBadValues[0]));
     tcase_add_test(tc, test_config_set_unknown_lmcache_name_ignored);
-    tcase_add_test(tc, test_config_lower_tiers);
     tcase_add_test(tc, test_config_set_null_arguments);
     tcase_add_test(tc, test_config_long_value_is_truncated_in_message);
     tcase_add_test(tc, test_config_get_iterates_the_table);
@@ -817,8 +865,8 @@ Suite *config_suite(void)
     tcase_add_test(tc, test_config_get_lists);
     suite_add_tcase(s, tc);
     TCase *tv = tcase_create("validate");
-    tcase_add_test(tv, test_config_validate_ratio_count_mismatch);
-    tcase_add_test(tv, test_config_validate_threshold_count_mismatch);
+    tcase_add_loop_test(tv, test_config_validate_list_counts, 0,
+                        (int)COUNT_OF(kValidateSequences));
     tcase_add_test(tv, test_config_validate_hand_filled_fields);
     tcase_add_test(tv, test_config_ratio_at);
     suite_add_tcase(s, tv);
