@@ -113,6 +113,37 @@ static int has(kvb_store *s, int key, int64_t n)
     return found;
 }
 
+/* Puts the chunks named by the characters of `keys`, n tokens each; each
+ * must be stored. */
+static void put_each(kvb_store *s, const char *keys, int64_t n)
+{
+    for (const char *k = keys; *k; k++) {
+        ck_assert_msg(put(s, *k, n), "chunk %c not stored", *k);
+    }
+}
+
+/* Checks that the chunks named in `in` (n tokens each) are stored and
+ * those in `out` are not. */
+static void expect_stored(kvb_store *s, const char *in, const char *out,
+                          int64_t n)
+{
+    for (const char *k = in; *k; k++) {
+        ck_assert_msg(has(s, *k, n) == 1, "chunk %c not stored", *k);
+    }
+    for (const char *k = out; *k; k++) {
+        ck_assert_msg(has(s, *k, n) == 0, "chunk %c still stored", *k);
+    }
+}
+
+/* Puts chunks first .. first+count-1 of n tokens, each of which must be
+ * stored. */
+static void put_keys(kvb_store *s, int first, int count, int64_t n)
+{
+    for (int k = first; k < first + count; k++) {
+        ck_assert_msg(put(s, k, n), "chunk %d not stored", k);
+    }
+}
+
 /* Acquires chunk `key` of n tokens (NULL on a miss). */
 static kvb_entry *get(kvb_store *s, int key, int64_t n)
 {
@@ -121,6 +152,40 @@ static kvb_entry *get(kvb_store *s, int key, int64_t n)
     chunk_tokens(key, toks, n);
     ck_assert_int_eq(kvb_store_acquire(s, 0, toks, n, &e), KVB_OK);
     return e;
+}
+
+/* Checks the store's entry count and host bytes; ANY skips one. */
+#define ANY (-1)
+static void expect_usage(kvb_store *s, int64_t entries, int64_t host_bytes)
+{
+    kvb_store_stats st;
+    ck_assert_int_eq(kvb_store_get_stats(s, &st), KVB_OK);
+    if (entries != ANY) {
+        ck_assert_int_eq(st.num_entries, entries);
+    }
+    if (host_bytes != ANY) {
+        ck_assert_uint_eq(st.host_bytes, (size_t)host_bytes);
+    }
+}
+
+/* Reserves chunk `key` of n tokens and returns the pending entry (NULL
+ * when the store declined it). */
+static kvb_entry *reserve_chunk(kvb_store *s, int key, int64_t n)
+{
+    int32_t toks[256];
+    kvb_entry *e = (kvb_entry *)1;
+    chunk_tokens(key, toks, n);
+    ck_assert_int_eq(kvb_store_reserve(s, 0, toks, n, NULL, &e), KVB_OK);
+    return e;
+}
+
+/* A store of 1 MiB that checksums every entry. */
+static kvb_store *make_checked_store(void)
+{
+    kvb_store_params p = {LAYERS, HEADS, HSIZE, KVB_DTYPE_F32, (size_t)1 << 20, 0, 1};
+    kvb_store *s = NULL;
+    ck_assert_int_eq(kvb_store_create(&p, &s), KVB_OK);
+    return s;
 }
 
 /* Returns the bytes one committed entry of n tokens is charged, measured on
@@ -248,7 +313,7 @@ START_TEST(test_store_lookup_any_subset_any_order)
     ck_assert_int_eq(st.lookups, 3 + 5 + 3 + 3);
     ck_assert_int_eq(st.hits, 3 + 5 + 3);
     ck_assert_int_eq(st.inserts, 5);
-    ck_assert_int_eq(st.num_entries, 5);
+    expect_usage(s, 5, ANY);
     kvb_store_free(s);
 }
 END_TEST
@@ -305,7 +370,7 @@ START_TEST(test_store_collision_never_returns_other_chunk)
     ck_assert_int_eq(has(s, 4, 8), 0);
     ck_assert_int_eq(kvb_store_get_stats(s, &st), KVB_OK);
     ck_assert_int_eq(st.collisions, before + 1); /* contains adds nothing */
-    ck_assert_int_eq(st.num_entries, 3);
+    expect_usage(s, 3, ANY);
     /* the hash can only be replaced on an empty store */
     kvb_clear_error();
     ck_assert_int_eq(kvb_store_debug_set_hash(s, NULL), KVB_ERR_INVALID);
@@ -318,24 +383,18 @@ END_TEST
 
 START_TEST(test_store_lru_evicts_least_recent)
 {
+    kvb_store_stats st;
     size_t es = entry_size(4);
     kvb_store *s = make_store(KVB_DTYPE_F32, 2 * es + es / 2);
-    kvb_store_stats st;
-    ck_assert(put(s, 'A', 4));
-    ck_assert(put(s, 'B', 4));
-    ck_assert(put(s, 'C', 4));
-    ck_assert_int_eq(has(s, 'A', 4), 0);
-    ck_assert_int_eq(has(s, 'B', 4), 1);
-    ck_assert_int_eq(has(s, 'C', 4), 1);
+    put_each(s, "ABC", 4);
+    expect_stored(s, "BC", "A", 4);
     ck_assert_int_eq(kvb_store_get_stats(s, &st), KVB_OK);
     ck_assert_int_eq(st.evictions, 1);
-    ck_assert_uint_eq(st.host_bytes, 2 * es);
     ck_assert_int_eq(st.rejected, 0);
+    expect_usage(s, ANY, 2 * es);
     /* contains does not refresh B, so B goes next */
     ck_assert(put(s, 'D', 4));
-    ck_assert_int_eq(has(s, 'B', 4), 0);
-    ck_assert_int_eq(has(s, 'C', 4), 1);
-    ck_assert_int_eq(has(s, 'D', 4), 1);
+    expect_stored(s, "CD", "B", 4);
     kvb_store_free(s);
 }
 END_TEST
@@ -430,14 +489,11 @@ START_TEST(test_store_lru_acquire_refreshes)
 {
     size_t es = entry_size(4);
     kvb_store *s = make_store(KVB_DTYPE_F32, 2 * es + es / 2);
-    ck_assert(put(s, 'A', 4));
-    ck_assert(put(s, 'B', 4));
+    put_each(s, "AB", 4);
     kvb_entry *e = get(s, 'A', 4); /* touch A: B is now the oldest */
     ck_assert_int_eq(kvb_store_unpin(s, e), KVB_OK);
     ck_assert(put(s, 'C', 4));
-    ck_assert_int_eq(has(s, 'A', 4), 1);
-    ck_assert_int_eq(has(s, 'B', 4), 0);
-    ck_assert_int_eq(has(s, 'C', 4), 1);
+    expect_stored(s, "AC", "B", 4);
     kvb_store_free(s);
 }
 END_TEST
@@ -449,8 +505,7 @@ START_TEST(test_store_pinned_never_evicted)
     kvb_store_stats st;
     int32_t toks[4];
     kvb_entry *c = (kvb_entry *)1;
-    ck_assert(put(s, 'A', 4));
-    ck_assert(put(s, 'B', 4));
+    put_each(s, "AB", 4);
     kvb_entry *a = get(s, 'A', 4);
     kvb_entry *b = get(s, 'B', 4);
     test_log_start(&g_log, NULL);
@@ -470,8 +525,7 @@ START_TEST(test_store_pinned_never_evicted)
     /* B unpinned: C evicts B, not the older but pinned A */
     ck_assert_int_eq(kvb_store_unpin(s, b), KVB_OK);
     ck_assert(put(s, 'C', 4));
-    ck_assert_int_eq(has(s, 'A', 4), 1);
-    ck_assert_int_eq(has(s, 'B', 4), 0);
+    expect_stored(s, "A", "B", 4);
     ck_assert(rows_match(a, 'A', LAYERS, row_bytes_for(4, KVB_DTYPE_F32)));
     ck_assert_int_eq(kvb_store_unpin(s, a), KVB_OK);
     kvb_store_free(s);
@@ -514,8 +568,7 @@ START_TEST(test_store_oversized_entry_rejected)
     test_log_stop(&g_log);
     ck_assert_int_eq(kvb_store_get_stats(s, &st), KVB_OK);
     ck_assert_int_eq(st.rejected, 1);
-    ck_assert_int_eq(st.num_entries, 0);
-    ck_assert_uint_eq(st.host_bytes, 0);
+    expect_usage(s, 0, 0);
     /* smaller chunks still fit */
     ck_assert(put(s, 'B', 2));
     kvb_store_free(s);
@@ -534,8 +587,7 @@ START_TEST(test_store_zero_budget_stores_nothing)
     ck_assert_int_eq(has(s, 0, 1), 0);
     ck_assert_int_eq(kvb_store_get_stats(s, &st), KVB_OK);
     ck_assert_int_eq(st.rejected, 3);
-    ck_assert_int_eq(st.num_entries, 0);
-    ck_assert_uint_eq(st.host_bytes, 0);
+    expect_usage(s, 0, 0);
     kvb_store_free(s);
 }
 END_TEST
@@ -558,8 +610,8 @@ START_TEST(test_store_duplicate_reserve_returns_null)
     ck_assert_int_eq(kvb_store_reserve(s, 0, toks, 6, NULL, &dup), KVB_OK);
     ck_assert_ptr_null(dup);
     ck_assert_int_eq(kvb_store_get_stats(s, &st), KVB_OK);
-    ck_assert_int_eq(st.num_entries, 1);
     ck_assert_int_eq(st.rejected, 0); /* a duplicate is not a rejection */
+    expect_usage(s, 1, ANY);
     kvb_store_free(s);
 }
 END_TEST
@@ -568,17 +620,13 @@ START_TEST(test_store_abort_frees_reservation)
 {
     kvb_store *s = make_store(KVB_DTYPE_F32, (size_t)1 << 20);
     kvb_store_stats st;
-    int32_t toks[6];
-    kvb_entry *a = NULL;
-    chunk_tokens(5, toks, 6);
-    ck_assert_int_eq(kvb_store_reserve(s, 0, toks, 6, NULL, &a), KVB_OK);
+    kvb_entry *a = reserve_chunk(s, 5, 6);
     ck_assert_int_eq(kvb_store_get_stats(s, &st), KVB_OK);
     ck_assert_uint_gt(st.host_bytes, 0);
     ck_assert_int_eq(kvb_store_abort(s, a), KVB_OK);
     ck_assert_int_eq(kvb_store_get_stats(s, &st), KVB_OK);
-    ck_assert_uint_eq(st.host_bytes, 0);
-    ck_assert_int_eq(st.num_entries, 0);
     ck_assert_int_eq(st.inserts, 0);
+    expect_usage(s, 0, 0);
     ck_assert_int_eq(has(s, 5, 6), 0);
     /* the tokens can be reserved again; commit twice and abort after
      * commit are errors */
@@ -620,16 +668,13 @@ END_TEST
 START_TEST(test_store_pending_invisible)
 {
     kvb_store *s = make_store(KVB_DTYPE_F32, (size_t)1 << 20);
-    kvb_store_stats st;
-    int32_t toks[3];
-    kvb_entry *a = NULL;
-    chunk_tokens(8, toks, 3);
-    ck_assert_int_eq(kvb_store_reserve(s, 0, toks, 3, NULL, &a), KVB_OK);
+    kvb_entry *a = reserve_chunk(s, 8, 3);
     ck_assert_int_eq(has(s, 8, 3), 0);
     ck_assert_ptr_null(get(s, 8, 3));
     kvb_clear_error();
     ck_assert_int_eq(kvb_store_unpin(s, a), KVB_ERR_INVALID);
     ck_assert_ptr_nonnull(strstr(kvb_last_error(), "is pending"));
+    kvb_store_stats st;
     ck_assert_int_eq(kvb_store_get_stats(s, &st), KVB_OK);
     ck_assert_int_eq(st.lookups, 1);
     ck_assert_int_eq(st.hits, 0);
@@ -645,30 +690,22 @@ START_TEST(test_store_bytes_return_to_zero_after_clear)
     size_t es = entry_size(4);
     kvb_store *s = make_store(KVB_DTYPE_F32, (size_t)1 << 20);
     kvb_store_stats st;
-    int32_t toks[4];
-    kvb_entry *pending = NULL;
-    for (int k = 0; k < 3; k++) {
-        ck_assert(put(s, k, 4));
-    }
+    put_keys(s, 0, 3, 4);
     kvb_entry *pinned = get(s, 1, 4);
-    chunk_tokens(9, toks, 4);
-    ck_assert_int_eq(kvb_store_reserve(s, 0, toks, 4, NULL, &pending), KVB_OK);
-    ck_assert_int_eq(kvb_store_get_stats(s, &st), KVB_OK);
-    ck_assert_uint_eq(st.host_bytes, 4 * es);
+    kvb_entry *pending = reserve_chunk(s, 9, 4);
+    expect_usage(s, ANY, 4 * es);
     /* clear keeps the pinned and the pending entry */
     ck_assert_int_eq(kvb_store_clear(s), KVB_OK);
     ck_assert_int_eq(kvb_store_get_stats(s, &st), KVB_OK);
-    ck_assert_uint_eq(st.host_bytes, 2 * es);
-    ck_assert_int_eq(st.num_entries, 2);
     ck_assert_int_eq(st.evictions, 0);
+    expect_usage(s, 2, 2 * es);
     ck_assert(rows_match(pinned, 1, LAYERS, row_bytes_for(4, KVB_DTYPE_F32)));
     ck_assert_int_eq(kvb_store_unpin(s, pinned), KVB_OK);
     ck_assert_int_eq(kvb_store_commit(s, pending), KVB_OK);
     ck_assert_int_eq(kvb_store_clear(s), KVB_OK);
+    expect_usage(s, 0, 0);
     ck_assert_int_eq(kvb_store_get_stats(s, &st), KVB_OK);
-    ck_assert_uint_eq(st.host_bytes, 0);
     ck_assert_uint_eq(st.device_bytes, 0);
-    ck_assert_int_eq(st.num_entries, 0);
     kvb_store_free(s);
 }
 END_TEST
@@ -931,28 +968,75 @@ static kvb_store_stats tiered_stats(tiered *t)
     return st;
 }
 
+/* Checks the store's movement counters; ANY skips one. */
+static void expect_moves(tiered *t, int64_t promotions, int64_t demotions,
+                         int64_t evictions)
+{
+    kvb_store_stats st = tiered_stats(t);
+    if (promotions != ANY) {
+        ck_assert_int_eq(st.promotions, promotions);
+    }
+    if (demotions != ANY) {
+        ck_assert_int_eq(st.demotions, demotions);
+    }
+    if (evictions != ANY) {
+        ck_assert_int_eq(st.evictions, evictions);
+    }
+}
+
+/* Checks that the device holds `dev` entries' bytes and the host `host`
+ * entries' bytes. */
+static void expect_tier_bytes(tiered *t, size_t dev, size_t host)
+{
+    kvb_store_stats st = tiered_stats(t);
+    ck_assert_uint_eq(st.device_bytes, dev * t->es);
+    ck_assert_uint_eq(st.host_bytes, host * t->es);
+}
+
+/* Checks where chunks 0, 1, ... are: want[k] is 'D' (device), 'H'
+ * (host), '-' (not stored) or '.' (not checked) for chunk k. */
+static void expect_placement(tiered *t, const char *want)
+{
+    for (int k = 0; want[k] != '\0'; k++) {
+        int at = tier_of(t, k);
+        switch (want[k]) {
+        case 'D':
+            ck_assert_msg(at == KVB_TIER_DEVICE, "chunk %d not on the device (%d)", k, at);
+            break;
+        case 'H':
+            ck_assert_msg(at == KVB_TIER_HOST, "chunk %d not on the host (%d)", k, at);
+            break;
+        case '-':
+            ck_assert_msg(at == -1, "chunk %d still stored (%d)", k, at);
+            break;
+        default:
+            break;
+        }
+    }
+}
+
+/* tiered_init, then puts chunks 0 .. keys-1, each of which must be
+ * stored. */
+static void tiered_start(tiered *t, int dev_slots, int host_slots,
+                         int with_mover, int keys)
+{
+    tiered_init(t, dev_slots, host_slots, with_mover);
+    put_keys(t->s, 0, keys, TIER_TOKENS);
+}
+
 START_TEST(test_store_demotion_moves_rows_exactly)
 {
     tiered t;
-    tiered_init(&t, 2, 4, 1);
-    ck_assert(put(t.s, 0, TIER_TOKENS));
-    ck_assert(put(t.s, 1, TIER_TOKENS));
-    ck_assert_int_eq(tier_of(&t, 0), KVB_TIER_DEVICE);
-    ck_assert_int_eq(tier_of(&t, 1), KVB_TIER_DEVICE);
+    tiered_start(&t, 2, 4, 1, 2);
+    expect_placement(&t, "DD");
     ck_assert_int_eq(t.host.allocs, 0);
     /* a third chunk pushes the device LRU (0) down to the host */
     ck_assert(put(t.s, 2, TIER_TOKENS));
-    ck_assert_int_eq(tier_of(&t, 0), KVB_TIER_HOST);
-    ck_assert_int_eq(tier_of(&t, 1), KVB_TIER_DEVICE);
-    ck_assert_int_eq(tier_of(&t, 2), KVB_TIER_DEVICE);
-    kvb_store_stats st = tiered_stats(&t);
-    ck_assert_int_eq(st.demotions, 1);
-    ck_assert_int_eq(st.evictions, 0);
-    ck_assert_int_eq(st.promotions, 0);
-    ck_assert_int_eq(st.num_entries, 3);
-    ck_assert_uint_eq(st.device_bytes, 2 * t.es);
-    ck_assert_uint_eq(st.host_bytes, t.es);
+    expect_placement(&t, "HDD");
+    expect_tier_bytes(&t, 2, 1);
     ck_assert_int_eq(t.mv.calls, 1);
+    expect_moves(&t, 0, 1, 0);
+    ck_assert_int_eq(tiered_stats(&t).num_entries, 3);
     /* still findable and bit-exact, served from the host tier */
     ck_assert_int_eq(has(t.s, 0, TIER_TOKENS), 1);
     ck_assert_int_eq(kvb_store_set_promotion(t.s, 0), KVB_OK);
@@ -963,7 +1047,7 @@ START_TEST(test_store_demotion_moves_rows_exactly)
     ck_assert(rows_match(e, 0, LAYERS,
                          row_bytes_for(TIER_TOKENS, KVB_DTYPE_F32)));
     ck_assert_int_eq(kvb_store_unpin(t.s, e), KVB_OK);
-    st = tiered_stats(&t);
+    kvb_store_stats st = tiered_stats(&t);
     ck_assert_int_eq(st.promotions, 0);
     ck_assert_int_eq(t.mv.calls, 1);
     tiered_free(&t);
@@ -974,10 +1058,7 @@ START_TEST(test_store_promotion_on_acquire_moves_back)
 {
     tiered t;
     size_t rb = row_bytes_for(TIER_TOKENS, KVB_DTYPE_F32);
-    tiered_init(&t, 2, 4, 1);
-    for (int k = 0; k < 3; k++) {
-        ck_assert(put(t.s, k, TIER_TOKENS));
-    }
+    tiered_start(&t, 2, 4, 1, 3);
     ck_assert_int_eq(tier_of(&t, 0), KVB_TIER_HOST);
     /* a hit on the host entry brings it back, demoting the device LRU (1) */
     kvb_entry *e = get(t.s, 0, TIER_TOKENS);
@@ -985,16 +1066,11 @@ START_TEST(test_store_promotion_on_acquire_moves_back)
     ck_assert_int_eq(kvb_entry_tier(e), KVB_TIER_DEVICE);
     ck_assert_ptr_nonnull(fake_find(&t.dev, kvb_entry_k(e, 0)));
     ck_assert(rows_match(e, 0, LAYERS, rb));
-    ck_assert_int_eq(tier_of(&t, 0), KVB_TIER_DEVICE);
-    ck_assert_int_eq(tier_of(&t, 1), KVB_TIER_HOST);
-    ck_assert_int_eq(tier_of(&t, 2), KVB_TIER_DEVICE);
+    expect_placement(&t, "DHD");
     kvb_store_stats st = tiered_stats(&t);
-    ck_assert_int_eq(st.promotions, 1);
-    ck_assert_int_eq(st.demotions, 2);
-    ck_assert_int_eq(st.evictions, 0);
+    expect_moves(&t, 1, 2, 0);
     ck_assert_int_eq(st.hits, 1);
-    ck_assert_uint_eq(st.device_bytes, 2 * t.es);
-    ck_assert_uint_eq(st.host_bytes, t.es);
+    expect_tier_bytes(&t, 2, 1);
     ck_assert_int_eq(t.mv.calls, 3);
     ck_assert_int_eq(kvb_store_unpin(t.s, e), KVB_OK);
     /* a device hit moves nothing */
@@ -1012,29 +1088,40 @@ START_TEST(test_store_promotion_on_acquire_moves_back)
 }
 END_TEST
 
-START_TEST(test_store_without_mover_eviction_drops)
+/* The device's LRU victim is dropped, not demoted, when it cannot go
+ * down: without a mover (0), without a host tier (1), with a host tier too
+ * small for one entry (2). */
+START_TEST(test_store_victim_dropped_when_it_cannot_move)
 {
     tiered t;
-    tiered_init(&t, 2, 4, 0);
-    for (int k = 0; k < 3; k++) {
-        ck_assert(put(t.s, k, TIER_TOKENS));
+    size_t es = entry_size(TIER_TOKENS);
+    switch (_i) {
+    case 0:
+        tiered_init(&t, 2, 4, 0);
+        break;
+    case 1:
+        tiered_init(&t, 2, 0, 1);
+        break;
+    default:
+        tiered_init_bytes(&t, 2 * es + es / 2, es - 1, 1);
+        break;
     }
+    put_keys(t.s, 0, 3, TIER_TOKENS);
     ck_assert_int_eq(has(t.s, 0, TIER_TOKENS), 0);
     ck_assert_int_eq(tier_of(&t, 0), -1);
-    kvb_store_stats st = tiered_stats(&t);
-    ck_assert_int_eq(st.evictions, 1);
-    ck_assert_int_eq(st.demotions, 0);
-    ck_assert_uint_eq(st.host_bytes, 0);
+    expect_moves(&t, ANY, 0, 1);
+    ck_assert_uint_eq(tiered_stats(&t).host_bytes, 0);
     ck_assert_int_eq(t.host.allocs, 0);
-    /* a mover installed and removed again leaves today's behaviour */
-    ck_assert_int_eq(kvb_store_set_mover(t.s, fake_move, &t.mv), KVB_OK);
-    ck_assert_int_eq(kvb_store_set_mover(t.s, NULL, NULL), KVB_OK);
-    ck_assert(put(t.s, 3, TIER_TOKENS));
-    ck_assert_int_eq(has(t.s, 1, TIER_TOKENS), 0);
-    st = tiered_stats(&t);
-    ck_assert_int_eq(st.evictions, 2);
-    ck_assert_int_eq(st.demotions, 0);
     ck_assert_int_eq(t.mv.calls, 0);
+    if (_i == 0) {
+        /* a mover installed and removed again leaves today's behaviour */
+        ck_assert_int_eq(kvb_store_set_mover(t.s, fake_move, &t.mv), KVB_OK);
+        ck_assert_int_eq(kvb_store_set_mover(t.s, NULL, NULL), KVB_OK);
+        ck_assert(put(t.s, 3, TIER_TOKENS));
+        ck_assert_int_eq(has(t.s, 1, TIER_TOKENS), 0);
+        expect_moves(&t, ANY, 0, 2);
+        ck_assert_int_eq(t.mv.calls, 0);
+    }
     tiered_free(&t);
 }
 END_TEST
@@ -1056,9 +1143,7 @@ START_TEST(test_store_pinned_and_pending_never_move)
     fill_rows(pending, 1, LAYERS, rb);
     /* the device tier is all pinned or pending: 2 goes to the host */
     ck_assert(put(t.s, 2, TIER_TOKENS));
-    ck_assert_int_eq(tier_of(&t, 0), KVB_TIER_DEVICE);
-    ck_assert_int_eq(tier_of(&t, 1), KVB_TIER_DEVICE);
-    ck_assert_int_eq(tier_of(&t, 2), KVB_TIER_HOST);
+    expect_placement(&t, "DDH");
     /* a hit on 2 cannot promote it: nothing on the device can move */
     kvb_entry *e2 = get(t.s, 2, TIER_TOKENS);
     ck_assert_int_eq(kvb_entry_tier(e2), KVB_TIER_HOST);
@@ -1075,10 +1160,7 @@ START_TEST(test_store_pinned_and_pending_never_move)
     ck_assert_int_eq(kvb_entry_tier(again), KVB_TIER_HOST);
     ck_assert_ptr_nonnull(fake_find(&t.host, kvb_entry_k(again, 0)));
     ck_assert(rows_match(again, 2, LAYERS, rb));
-    kvb_store_stats st = tiered_stats(&t);
-    ck_assert_int_eq(st.promotions, 0);
-    ck_assert_int_eq(st.demotions, 0);
-    ck_assert_int_eq(st.evictions, 0);
+    expect_moves(&t, 0, 0, 0);
     ck_assert_int_eq(t.mv.calls, 0);
     ck_assert_int_eq(kvb_store_unpin(t.s, again), KVB_OK);
     ck_assert_int_eq(kvb_store_unpin(t.s, e2), KVB_OK);
@@ -1088,94 +1170,74 @@ START_TEST(test_store_pinned_and_pending_never_move)
 }
 END_TEST
 
+/* A host tier whose only slot is pinned cannot take the device's victim,
+ * which is dropped. */
 START_TEST(test_store_host_cannot_take_victim_drops)
 {
     tiered t;
-    /* no host tier at all */
-    tiered_init(&t, 2, 0, 1);
-    for (int k = 0; k < 3; k++) {
-        ck_assert(put(t.s, k, TIER_TOKENS));
-    }
-    ck_assert_int_eq(has(t.s, 0, TIER_TOKENS), 0);
-    kvb_store_stats st = tiered_stats(&t);
-    ck_assert_int_eq(st.evictions, 1);
-    ck_assert_int_eq(st.demotions, 0);
-    ck_assert_int_eq(t.mv.calls, 0);
-    tiered_free(&t);
-
-    /* a host tier too small for one entry */
-    tiered_init_bytes(&t, 2 * t.es + t.es / 2, t.es - 1, 1);
-    for (int k = 0; k < 3; k++) {
-        ck_assert(put(t.s, k, TIER_TOKENS));
-    }
-    ck_assert_int_eq(has(t.s, 0, TIER_TOKENS), 0);
-    st = tiered_stats(&t);
-    ck_assert_int_eq(st.evictions, 1);
-    ck_assert_int_eq(st.demotions, 0);
-    ck_assert_int_eq(t.host.allocs, 0);
-    tiered_free(&t);
-
-    /* a host tier whose only slot is pinned */
-    tiered_init(&t, 2, 1, 1);
-    for (int k = 0; k < 3; k++) {
-        ck_assert(put(t.s, k, TIER_TOKENS));
-    }
+    tiered_start(&t, 2, 1, 1, 3);
     ck_assert_int_eq(tier_of(&t, 0), KVB_TIER_HOST);
     ck_assert_int_eq(kvb_store_set_promotion(t.s, 0), KVB_OK);
     kvb_entry *e0 = get(t.s, 0, TIER_TOKENS);
     ck_assert(put(t.s, 3, TIER_TOKENS)); /* device victim 1 has no place */
     ck_assert_int_eq(has(t.s, 1, TIER_TOKENS), 0);
     ck_assert_int_eq(tier_of(&t, 0), KVB_TIER_HOST);
-    st = tiered_stats(&t);
-    ck_assert_int_eq(st.demotions, 1);
-    ck_assert_int_eq(st.evictions, 1);
+    expect_moves(&t, ANY, 1, 1);
     ck_assert_int_eq(kvb_store_unpin(t.s, e0), KVB_OK);
     tiered_free(&t);
 }
 END_TEST
 
+/* Starts `t` (device 2 entries, host 4, a mover) with chunks 0 and 1 on
+ * the device and puts chunk 2 while *fail is set: the device LRU, 0, cannot
+ * go down and is dropped instead.  *fail stays set. */
+static void fail_first_demotion(tiered *t, int *fail)
+{
+    tiered_init(t, 2, 4, 1);
+    put_keys(t->s, 0, 2, TIER_TOKENS);
+    *fail = 1;
+    ck_assert(put(t->s, 2, TIER_TOKENS));
+    ck_assert_int_eq(has(t->s, 0, TIER_TOKENS), 0);
+    expect_moves(t, ANY, 0, 1);
+}
+
+/* Clears *fail and puts chunk 3, which demotes 1; then acquires 1 with
+ * *fail set again: the promotion fails and the hit is served, bit-exact,
+ * from the host.  Returns the pinned entry. */
+static kvb_entry *hit_without_promotion(tiered *t, int *fail)
+{
+    *fail = 0;
+    ck_assert(put(t->s, 3, TIER_TOKENS)); /* demotes 1 */
+    ck_assert_int_eq(tier_of(t, 1), KVB_TIER_HOST);
+    *fail = 1;
+    kvb_entry *e = get(t->s, 1, TIER_TOKENS);
+    ck_assert_ptr_nonnull(e);
+    ck_assert_int_eq(kvb_entry_tier(e), KVB_TIER_HOST);
+    ck_assert(rows_match(e, 1, LAYERS, row_bytes_for(TIER_TOKENS, KVB_DTYPE_F32)));
+    return e;
+}
+
 START_TEST(test_store_failing_mover_keeps_store_consistent)
 {
     tiered t;
-    size_t rb = row_bytes_for(TIER_TOKENS, KVB_DTYPE_F32);
-    tiered_init(&t, 2, 4, 1);
-    ck_assert(put(t.s, 0, TIER_TOKENS));
-    ck_assert(put(t.s, 1, TIER_TOKENS));
     /* a failed demotion drops the victim and frees the host block */
-    t.mv.fail = 1;
-    ck_assert(put(t.s, 2, TIER_TOKENS));
-    ck_assert_int_eq(has(t.s, 0, TIER_TOKENS), 0);
+    fail_first_demotion(&t, &t.mv.fail);
     ck_assert_int_eq(t.host.allocs, 1);
     ck_assert_int_eq(t.host.live, 0);
-    kvb_store_stats st = tiered_stats(&t);
-    ck_assert_int_eq(st.evictions, 1);
-    ck_assert_int_eq(st.demotions, 0);
-    ck_assert_uint_eq(st.host_bytes, 0);
-    ck_assert_uint_eq(st.device_bytes, 2 * t.es);
-    t.mv.fail = 0;
-    ck_assert(put(t.s, 3, TIER_TOKENS)); /* demotes 1 */
-    ck_assert_int_eq(tier_of(&t, 1), KVB_TIER_HOST);
+    expect_tier_bytes(&t, 2, 0);
     /* a failed promotion serves the hit from the host; making room on the
      * device (its own demotion failing too) dropped the device LRU, 2 */
-    t.mv.fail = 1;
-    kvb_entry *e = get(t.s, 1, TIER_TOKENS);
-    ck_assert_ptr_nonnull(e);
-    ck_assert_int_eq(kvb_entry_tier(e), KVB_TIER_HOST);
-    ck_assert(rows_match(e, 1, LAYERS, rb));
+    kvb_entry *e = hit_without_promotion(&t, &t.mv.fail);
     ck_assert_int_eq(has(t.s, 2, TIER_TOKENS), 0);
     ck_assert_int_eq(tier_of(&t, 3), KVB_TIER_DEVICE);
-    st = tiered_stats(&t);
-    ck_assert_int_eq(st.promotions, 0);
-    ck_assert_int_eq(st.demotions, 1);
-    ck_assert_int_eq(st.evictions, 2);
-    ck_assert_uint_eq(st.device_bytes, t.es);
-    ck_assert_uint_eq(st.host_bytes, t.es);
+    expect_moves(&t, 0, 1, 2);
+    expect_tier_bytes(&t, 1, 1);
     ck_assert_int_eq(kvb_store_unpin(t.s, e), KVB_OK);
     /* once copies work again the next hit promotes it */
     t.mv.fail = 0;
     e = get(t.s, 1, TIER_TOKENS);
     ck_assert_int_eq(kvb_entry_tier(e), KVB_TIER_DEVICE);
-    ck_assert(rows_match(e, 1, LAYERS, rb));
+    ck_assert(rows_match(e, 1, LAYERS, row_bytes_for(TIER_TOKENS, KVB_DTYPE_F32)));
     ck_assert_int_eq(kvb_store_unpin(t.s, e), KVB_OK);
     tiered_free(&t);
 }
@@ -1184,32 +1246,15 @@ END_TEST
 START_TEST(test_store_failing_allocator_keeps_store_consistent)
 {
     tiered t;
-    size_t rb = row_bytes_for(TIER_TOKENS, KVB_DTYPE_F32);
-    tiered_init(&t, 2, 4, 1);
-    ck_assert(put(t.s, 0, TIER_TOKENS));
-    ck_assert(put(t.s, 1, TIER_TOKENS));
     /* no host block for the victim: it is dropped, nothing is copied */
-    t.host.fail = 1;
-    ck_assert(put(t.s, 2, TIER_TOKENS));
-    ck_assert_int_eq(has(t.s, 0, TIER_TOKENS), 0);
+    fail_first_demotion(&t, &t.host.fail);
     ck_assert_int_eq(t.mv.calls, 0);
-    kvb_store_stats st = tiered_stats(&t);
-    ck_assert_int_eq(st.evictions, 1);
-    ck_assert_int_eq(st.demotions, 0);
     t.host.fail = 0;
-    ck_assert(put(t.s, 3, TIER_TOKENS)); /* demotes 1 */
     /* no device block for the promotion: the hit stays on the host (the
      * room made for it stays made: 2 was demoted) */
-    t.dev.fail = 1;
-    kvb_entry *e = get(t.s, 1, TIER_TOKENS);
-    ck_assert_int_eq(kvb_entry_tier(e), KVB_TIER_HOST);
-    ck_assert(rows_match(e, 1, LAYERS, rb));
-    ck_assert_int_eq(tier_of(&t, 2), KVB_TIER_HOST);
-    ck_assert_int_eq(tier_of(&t, 3), KVB_TIER_DEVICE);
-    st = tiered_stats(&t);
-    ck_assert_int_eq(st.promotions, 0);
-    ck_assert_int_eq(st.demotions, 2);
-    ck_assert_int_eq(st.evictions, 1);
+    kvb_entry *e = hit_without_promotion(&t, &t.dev.fail);
+    expect_placement(&t, "..HD");
+    expect_moves(&t, 0, 2, 1);
     /* a new chunk falls back to the host tier */
     ck_assert(put(t.s, 4, TIER_TOKENS));
     ck_assert_int_eq(tier_of(&t, 4), KVB_TIER_HOST);
@@ -1226,9 +1271,7 @@ START_TEST(test_store_fragmented_pool_evicts_until_a_block_fits)
     tiered t;
     tiered_init(&t, 0, 4, 0);
     t.host.max_live = 2;
-    ck_assert(put(t.s, 0, TIER_TOKENS));
-    ck_assert(put(t.s, 1, TIER_TOKENS));
-    ck_assert(put(t.s, 2, TIER_TOKENS));
+    put_keys(t.s, 0, 3, TIER_TOKENS);
     ck_assert_int_eq(has(t.s, 0, TIER_TOKENS), 0);
     ck_assert_int_eq(has(t.s, 1, TIER_TOKENS), 1);
     ck_assert_int_eq(has(t.s, 2, TIER_TOKENS), 1);
@@ -1256,25 +1299,19 @@ END_TEST
 START_TEST(test_store_tier_bytes_return_to_zero_after_clear)
 {
     tiered t;
-    tiered_init(&t, 2, 3, 1);
-    for (int k = 0; k < 6; k++) {
-        ck_assert(put(t.s, k, TIER_TOKENS));
-    }
+    tiered_start(&t, 2, 3, 1, 6);
     kvb_entry *e = get(t.s, 3, TIER_TOKENS); /* promoted, then pinned */
     ck_assert_int_eq(kvb_entry_tier(e), KVB_TIER_DEVICE);
-    kvb_store_stats st = tiered_stats(&t);
-    ck_assert_uint_eq(st.device_bytes, 2 * t.es);
-    ck_assert_uint_eq(st.host_bytes, 2 * t.es);
+    expect_tier_bytes(&t, 2, 2);
     ck_assert_int_eq(kvb_store_clear(t.s), KVB_OK);
-    st = tiered_stats(&t);
+    kvb_store_stats st = tiered_stats(&t);
     ck_assert_uint_eq(st.device_bytes, t.es); /* the pinned one stays */
     ck_assert_uint_eq(st.host_bytes, 0);
     ck_assert_int_eq(st.num_entries, 1);
     ck_assert_int_eq(kvb_store_unpin(t.s, e), KVB_OK);
     ck_assert_int_eq(kvb_store_clear(t.s), KVB_OK);
     st = tiered_stats(&t);
-    ck_assert_uint_eq(st.device_bytes, 0);
-    ck_assert_uint_eq(st.host_bytes, 0);
+    expect_tier_bytes(&t, 0, 0);
     ck_assert_int_eq(st.num_entries, 0);
     ck_assert_int_eq(t.dev.live, 0);
     ck_assert_int_eq(t.host.live, 0);
@@ -1336,9 +1373,7 @@ START_TEST(test_store_lru_order_across_tiers)
     expect_tiers(&t, "GH", "EFC", "ABD");
     kvb_store_stats st = tiered_stats(&t);
     ck_assert_int_eq(st.inserts, 8);
-    ck_assert_int_eq(st.evictions, 3);
-    ck_assert_int_eq(st.demotions, 7);
-    ck_assert_int_eq(st.promotions, 1);
+    expect_moves(&t, 1, 7, 3);
     ck_assert_int_eq(st.num_entries, 5);
     ck_assert_int_eq(st.hits, 1);
     ck_assert_int_eq(t.mv.calls, 8);
@@ -1462,9 +1497,7 @@ START_TEST(test_store_threads_keep_invariants)
     ck_assert_int_eq(st.collisions, 0);
     /* nothing is left pinned: every entry can be cleared */
     ck_assert_int_eq(kvb_store_clear(s), KVB_OK);
-    ck_assert_int_eq(kvb_store_get_stats(s, &st), KVB_OK);
-    ck_assert_uint_eq(st.host_bytes, 0);
-    ck_assert_int_eq(st.num_entries, 0);
+    expect_usage(s, 0, 0);
     kvb_store_free(s);
 }
 END_TEST
@@ -1506,8 +1539,7 @@ START_TEST(test_store_threads_with_mover_keep_invariants)
     /* nothing is left pinned: every entry can be cleared */
     ck_assert_int_eq(kvb_store_clear(t.s), KVB_OK);
     st = tiered_stats(&t);
-    ck_assert_uint_eq(st.device_bytes, 0);
-    ck_assert_uint_eq(st.host_bytes, 0);
+    expect_tier_bytes(&t, 0, 0);
     ck_assert_int_eq(st.num_entries, 0);
     tiered_free(&t);
 }
@@ -1568,9 +1600,7 @@ END_TEST
 
 START_TEST(test_store_checksum_catches_a_flipped_byte)
 {
-    kvb_store_params p = {LAYERS, HEADS, HSIZE, KVB_DTYPE_F32, (size_t)1 << 20, 0, 1};
-    kvb_store *s = NULL;
-    ck_assert_int_eq(kvb_store_create(&p, &s), KVB_OK);
+    kvb_store *s = make_checked_store();
     ck_assert(put(s, 1, 8));
     ck_assert(put(s, 2, 8));
     size_t rb = row_bytes_for(8, KVB_DTYPE_F32);
@@ -1601,8 +1631,7 @@ START_TEST(test_store_checksum_catches_a_flipped_byte)
     kvb_store_stats st;
     ck_assert_int_eq(kvb_store_get_stats(s, &st), KVB_OK);
     ck_assert_int_eq(st.corrupt, 1);
-    ck_assert_int_eq(st.num_entries, 1);
-    ck_assert_uint_eq(st.host_bytes, entry_size(8));
+    expect_usage(s, 1, entry_size(8));
     /* the other entry is untouched, and the damaged one can be stored again */
     e = get(s, 2, 8);
     ck_assert_int_eq(kvb_store_verify(s, e, &intact), KVB_OK);
@@ -1625,9 +1654,7 @@ START_TEST(test_store_doomed_entry_freed_at_last_pin)
 {
     /* two requests hold the entry when the second finds it damaged: it
      * vanishes from lookups at once, its bytes go with the first's pin */
-    kvb_store_params p = {LAYERS, HEADS, HSIZE, KVB_DTYPE_F32, (size_t)1 << 20, 0, 1};
-    kvb_store *s = NULL;
-    ck_assert_int_eq(kvb_store_create(&p, &s), KVB_OK);
+    kvb_store *s = make_checked_store();
     ck_assert(put(s, 3, 8));
     kvb_entry *first = get(s, 3, 8);
     kvb_entry *second = get(s, 3, 8);
@@ -1642,9 +1669,7 @@ START_TEST(test_store_doomed_entry_freed_at_last_pin)
     ck_assert_int_gt(st.host_bytes, 0); /* still held by the first pin */
     ck_assert(put(s, 3, 8));             /* a fresh copy beside it */
     ck_assert_int_eq(kvb_store_unpin(s, first), KVB_OK);
-    ck_assert_int_eq(kvb_store_get_stats(s, &st), KVB_OK);
-    ck_assert_uint_eq(st.host_bytes, entry_size(8));
-    ck_assert_int_eq(st.num_entries, 1);
+    expect_usage(s, 1, entry_size(8));
     kvb_store_free(s);
 }
 END_TEST
@@ -1676,7 +1701,7 @@ Suite *store_suite(void)
     tcase_add_test(tc, test_store_threads_keep_invariants);
     tcase_add_test(tc, test_store_demotion_moves_rows_exactly);
     tcase_add_test(tc, test_store_promotion_on_acquire_moves_back);
-    tcase_add_test(tc, test_store_without_mover_eviction_drops);
+    tcase_add_loop_test(tc, test_store_victim_dropped_when_it_cannot_move, 0, 3);
     tcase_add_test(tc, test_store_pinned_and_pending_never_move);
     tcase_add_test(tc, test_store_host_cannot_take_victim_drops);
     tcase_add_test(tc, test_store_failing_mover_keeps_store_consistent);
