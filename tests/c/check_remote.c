@@ -179,8 +179,9 @@ static int redis_available(void)
         }                                            \
     } while (0)
 
-/* Returns a loopback TCP port that was free a moment ago. */
-static int free_port(void)
+/* Returns a TCP socket bound to a free loopback port, listening when
+ * `backlog` > 0, and that port in *port. */
+static int loopback_socket(int backlog, int *port)
 {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     ck_assert_int_ge(fd, 0);
@@ -190,10 +191,21 @@ static int free_port(void)
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     a.sin_port = 0;
     ck_assert_int_eq(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
+    if (backlog > 0) {
+        ck_assert_int_eq(listen(fd, backlog), 0);
+    }
     socklen_t len = sizeof a;
     ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&a, &len), 0);
-    close(fd);
-    return ntohs(a.sin_port);
+    *port = ntohs(a.sin_port);
+    return fd;
+}
+
+/* Returns a loopback TCP port that was free a moment ago. */
+static int free_port(void)
+{
+    int port = 0;
+    close(loopback_socket(0, &port));
+    return port;
 }
 
 /* Appends one RESP array of the NULL-terminated args to buf[*n..cap). */
@@ -511,34 +523,30 @@ START_TEST(test_remote_url_bad)
     kvb_remote_options o = test_opts(MIB);
     struct {
         const char *url;
-        const char *shown; /* the URL as the message must show it */
+        const char *shown; /* the URL as the message must show it (NULL: url) */
         const char *why;   /* and a word of the reason */
     } cases[] = {
-        {"http://127.0.0.1:6379", "http://127.0.0.1:6379", "scheme"},
-        {"127.0.0.1:6379", "127.0.0.1:6379", "scheme"},
-        {"rediss://127.0.0.1", "rediss://127.0.0.1", "TLS"},
-        {"redis://", "redis://", "empty host"},
-        {"redis://:6379", "redis://:6379", "empty host"},
-        {"redis:///1", "redis:///1", "empty host"},
-        {"redis://127.0.0.1:0", "redis://127.0.0.1:0", "port"},
-        {"redis://127.0.0.1:65536", "redis://127.0.0.1:65536", "port"},
-        {"redis://127.0.0.1:http", "redis://127.0.0.1:http", "port"},
-        {"redis://127.0.0.1:", "redis://127.0.0.1:", "port"},
-        {"redis://127.0.0.1:-1", "redis://127.0.0.1:-1", "port"},
-        {"redis://127.0.0.1/-1", "redis://127.0.0.1/-1", "db"},
-        {"redis://127.0.0.1/one", "redis://127.0.0.1/one", "db"},
-        {"redis://127.0.0.1/99999999999", "redis://127.0.0.1/99999999999",
-         "db"},
-        {"redis://127.0.0.1/0?timeout=1", "redis://127.0.0.1/0?timeout=1",
-         "db"},
-        {"redis://[::1", "redis://[::1", "]"},
+        {"http://127.0.0.1:6379", NULL, "scheme"},
+        {"127.0.0.1:6379", NULL, "scheme"},
+        {"rediss://127.0.0.1", NULL, "TLS"},
+        {"redis://", NULL, "empty host"},
+        {"redis://:6379", NULL, "empty host"},
+        {"redis:///1", NULL, "empty host"},
+        {"redis://127.0.0.1:0", NULL, "port"},
+        {"redis://127.0.0.1:65536", NULL, "port"},
+        {"redis://127.0.0.1:http", NULL, "port"},
+        {"redis://127.0.0.1:", NULL, "port"},
+        {"redis://127.0.0.1:-1", NULL, "port"},
+        {"redis://127.0.0.1/-1", NULL, "db"},
+        {"redis://127.0.0.1/one", NULL, "db"},
+        {"redis://127.0.0.1/99999999999", NULL, "db"},
+        {"redis://127.0.0.1/0?timeout=1", NULL, "db"},
+        {"redis://[::1", NULL, "]"},
         {"redis://bob:hunter2@127.0.0.1:99999",
          "redis://bob:***@127.0.0.1:99999", "port"},
         {"redis://:hunter2@", "redis://:***@", "empty host"},
-        {"redis://hunter2@127.0.0.1", "redis://***@127.0.0.1",
-         "credentials"},
-        {"redis://bob:@127.0.0.1", "redis://bob:***@127.0.0.1",
-         "empty password"},
+        {"redis://hunter2@127.0.0.1", "redis://***@127.0.0.1", "credentials"},
+        {"redis://bob:@127.0.0.1", "redis://bob:***@127.0.0.1", "empty password"},
         {"valkey://:hunter2@host/x", "valkey://:***@host/x", "db"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -548,9 +556,10 @@ START_TEST(test_remote_url_bad)
         ck_assert_msg(st == KVB_ERR_INVALID, "%s: %s (%s)", cases[i].url,
                       kvb_status_str(st), msg);
         ck_assert_ptr_null(r);
-        ck_assert_msg(strstr(msg, cases[i].shown) != NULL,
+        const char *shown = cases[i].shown != NULL ? cases[i].shown : cases[i].url;
+        ck_assert_msg(strstr(msg, shown) != NULL,
                       "%s: message '%s' does not show '%s'", cases[i].url,
-                      msg, cases[i].shown);
+                      msg, shown);
         ck_assert_msg(strstr(msg, cases[i].why) != NULL,
                       "%s: message '%s' does not say '%s'", cases[i].url, msg,
                       cases[i].why);
@@ -587,6 +596,73 @@ START_TEST(test_remote_url_bad)
 }
 END_TEST
 
+/* ------------------------------------------------------ served tests */
+
+/* The server, options and tier of the tests of the "served" case, made
+ * and removed by a checked fixture; g_r is NULL when no server can run
+ * (the test then returns at NEED_SERVER). */
+static test_redis g_srv;
+static kvb_remote_options g_opts;
+static kvb_remote *g_r;
+static unsigned char *g_blob; /* freed by the fixture */
+
+/* Checked fixture: captures the log, starts a server, opens the tier on
+ * it with parts of 1 MiB. */
+static void served_setup(void)
+{
+    setup_log();
+    g_r = NULL;
+    g_blob = NULL;
+    if (!remote_built() || !redis_available()) {
+        return;
+    }
+    redis_start(&g_srv, 0, NULL);
+    g_opts = test_opts(MIB);
+    g_r = open_port(g_srv.port, 0, &g_opts);
+}
+
+/* Checked fixture: closes the tier, stops the server, frees the blob. */
+static void served_teardown(void)
+{
+    if (g_r != NULL) {
+        kvb_remote_close(g_r);
+        redis_kill(&g_srv);
+    }
+    free(g_blob);
+    teardown_log();
+}
+
+/* A pattern blob of n bytes (seed) that the fixture frees. */
+static unsigned char *served_blob(size_t n, uint64_t seed)
+{
+    free(g_blob);
+    g_blob = pattern_blob(n, seed);
+    return g_blob;
+}
+
+/* Returns early from a served test when no server runs. */
+#define NEED_SERVER()      \
+    do {                   \
+        if (g_r == NULL) { \
+            return;        \
+        }                  \
+    } while (0)
+
+/* Gets (key, hash) from r and fails the test unless it is a miss reported
+ * by exactly one new warning containing `frag` (and `frag2` when not
+ * NULL). */
+static void expect_miss_warned(kvb_remote *r, uint64_t key, uint64_t hash,
+                               const char *frag, const char *frag2)
+{
+    char last[1024];
+    int w0 = warnings(NULL, 0);
+    expect_miss(r, key, hash);
+    ck_assert_int_eq(warnings(last, sizeof last), w0 + 1);
+    ck_assert_msg(strstr(last, frag) != NULL, "warning '%s' lacks '%s'", last, frag);
+    ck_assert_msg(frag2 == NULL || strstr(last, frag2) != NULL,
+                  "warning '%s' lacks '%s'", last, frag2);
+}
+
 /* ----------------------------------------------------------- round trip */
 
 /* A 5 MiB + 12345 byte entry is written as 6 parts of at most part_bytes
@@ -594,62 +670,55 @@ END_TEST
  * follows; a rewrite replaces the value. */
 START_TEST(test_remote_roundtrip)
 {
-    NEED_REDIS();
-    test_redis s;
-    redis_start(&s, 0, NULL);
-    kvb_remote_options o = test_opts(MIB);
-    kvb_remote *r = open_port(s.port, 0, &o);
-    ck_assert_int_eq(contains(r, TKEY, 1), 0);
-    expect_miss(r, TKEY, 1);
+    NEED_SERVER();
+    ck_assert_int_eq(contains(g_r, TKEY, 1), 0);
+    expect_miss(g_r, TKEY, 1);
 
     size_t big = 5 * MIB + 12345;
-    unsigned char *blob = pattern_blob(big, 1);
-    put(r, TKEY, 1, blob, big);
-    ck_assert_int_eq(contains(r, TKEY, 1), 1);
-    expect_hit(r, TKEY, 1, blob, big);
+    unsigned char *blob = served_blob(big, 1);
+    put(g_r, TKEY, 1, blob, big);
+    ck_assert_int_eq(contains(g_r, TKEY, 1), 1);
+    expect_hit(g_r, TKEY, 1, blob, big);
 
     /* the layout on the server: parts 0..5, the last partial */
     char k[96];
     for (int i = 0; i < 6; i++) {
         part_key(k, sizeof k, TKEY, 1, i);
-        ck_assert_int_eq(raw_int(s.port, NULL, 0, "STRLEN", k),
+        ck_assert_int_eq(raw_int(g_srv.port, NULL, 0, "STRLEN", k),
                          i < 5 ? (long long)MIB : 12345);
     }
     part_key(k, sizeof k, TKEY, 1, 6);
-    ck_assert_int_eq(raw_int(s.port, NULL, 0, "EXISTS", k), 0);
+    ck_assert_int_eq(raw_int(g_srv.port, NULL, 0, "EXISTS", k), 0);
     meta_key(k, sizeof k, TKEY, 1);
-    ck_assert_int_eq(raw_int(s.port, NULL, 0, "STRLEN", k), META_BYTES);
+    ck_assert_int_eq(raw_int(g_srv.port, NULL, 0, "STRLEN", k), META_BYTES);
 
     /* an entry of exactly part_bytes is one part */
-    put(r, TKEY, 3, blob, MIB);
+    put(g_r, TKEY, 3, blob, MIB);
     part_key(k, sizeof k, TKEY, 3, 1);
-    ck_assert_int_eq(raw_int(s.port, NULL, 0, "EXISTS", k), 0);
-    expect_hit(r, TKEY, 3, blob, MIB);
+    ck_assert_int_eq(raw_int(g_srv.port, NULL, 0, "EXISTS", k), 0);
+    expect_hit(g_r, TKEY, 3, blob, MIB);
 
     /* a tiny entry; another tier key does not see it */
     unsigned char tiny[7] = {1, 2, 3, 0, 5, 6, 7};
-    put(r, TKEY, 2, tiny, sizeof tiny);
-    expect_hit(r, TKEY, 2, tiny, sizeof tiny);
-    ck_assert_int_eq(contains(r, TKEY + 1, 2), 0);
-    expect_miss(r, TKEY + 1, 2);
+    put(g_r, TKEY, 2, tiny, sizeof tiny);
+    expect_hit(g_r, TKEY, 2, tiny, sizeof tiny);
+    ck_assert_int_eq(contains(g_r, TKEY + 1, 2), 0);
+    expect_miss(g_r, TKEY + 1, 2);
 
     /* a rewrite with other bytes wins */
     fill_pattern(blob, big, 2);
-    put(r, TKEY, 1, blob, big);
-    expect_hit(r, TKEY, 1, blob, big);
+    put(g_r, TKEY, 1, blob, big);
+    expect_hit(g_r, TKEY, 1, blob, big);
 
     /* an empty or NULL buffer is refused */
-    ck_assert_int_eq(kvb_remote_put(r, TKEY, 4, blob, 0), KVB_ERR_INVALID);
+    ck_assert_int_eq(kvb_remote_put(g_r, TKEY, 4, blob, 0), KVB_ERR_INVALID);
     ck_assert_ptr_nonnull(strstr(kvb_last_error(), "len=0"));
-    ck_assert_int_eq(kvb_remote_put(r, TKEY, 4, NULL, 8), KVB_ERR_INVALID);
-    ck_assert_int_eq(kvb_remote_get(r, TKEY, 4, NULL, NULL), KVB_ERR_INVALID);
-    ck_assert_int_eq(kvb_remote_contains(r, TKEY, 4, NULL), KVB_ERR_INVALID);
+    ck_assert_int_eq(kvb_remote_put(g_r, TKEY, 4, NULL, 8), KVB_ERR_INVALID);
+    ck_assert_int_eq(kvb_remote_get(g_r, TKEY, 4, NULL, NULL), KVB_ERR_INVALID);
+    ck_assert_int_eq(kvb_remote_contains(g_r, TKEY, 4, NULL), KVB_ERR_INVALID);
     ck_assert_int_eq(kvb_remote_del(NULL, TKEY, 4), KVB_ERR_INVALID);
     ck_assert_int_eq(warnings(NULL, 0), 0);
 
-    free(blob);
-    kvb_remote_close(r);
-    redis_kill(&s);
 }
 END_TEST
 
@@ -657,40 +726,33 @@ END_TEST
  * (parts are then found by probing); deleting a missing entry is fine. */
 START_TEST(test_remote_del)
 {
-    NEED_REDIS();
-    test_redis s;
-    redis_start(&s, 0, NULL);
-    kvb_remote_options o = test_opts(MIB);
-    kvb_remote *r = open_port(s.port, 0, &o);
+    NEED_SERVER();
     size_t n = 5 * MIB + 1;
-    unsigned char *blob = pattern_blob(n, 3);
-    put(r, TKEY, 10, blob, n);
-    put(r, TKEY, 11, blob, 100);
-    ck_assert_int_eq(kvb_remote_del(r, TKEY, 10), KVB_OK);
-    ck_assert_int_eq(contains(r, TKEY, 10), 0);
-    expect_miss(r, TKEY, 10);
+    unsigned char *blob = served_blob(n, 3);
+    put(g_r, TKEY, 10, blob, n);
+    put(g_r, TKEY, 11, blob, 100);
+    ck_assert_int_eq(kvb_remote_del(g_r, TKEY, 10), KVB_OK);
+    ck_assert_int_eq(contains(g_r, TKEY, 10), 0);
+    expect_miss(g_r, TKEY, 10);
     char k[96];
     for (int i = 0; i < 7; i++) {
         part_key(k, sizeof k, TKEY, 10, i);
-        ck_assert_int_eq(raw_int(s.port, NULL, 0, "EXISTS", k), 0);
+        ck_assert_int_eq(raw_int(g_srv.port, NULL, 0, "EXISTS", k), 0);
     }
-    expect_hit(r, TKEY, 11, blob, 100); /* the other entry stays */
-    ck_assert_int_eq(kvb_remote_del(r, TKEY, 10), KVB_OK); /* gone: fine */
+    expect_hit(g_r, TKEY, 11, blob, 100); /* the other entry stays */
+    ck_assert_int_eq(kvb_remote_del(g_r, TKEY, 10), KVB_OK); /* gone: fine */
 
     /* a corrupt meta: the parts are still all found and deleted */
-    put(r, TKEY, 12, blob, n);
+    put(g_r, TKEY, 12, blob, n);
     meta_key(k, sizeof k, TKEY, 12);
     char reply[64];
-    ck_assert_int_eq(raw_cmd(s.port, NULL, 0, reply, sizeof reply, "SET", k,
+    ck_assert_int_eq(raw_cmd(g_srv.port, NULL, 0, reply, sizeof reply, "SET", k,
                              "garbage", (const char *)NULL),
                      0);
-    ck_assert_int_eq(kvb_remote_del(r, TKEY, 12), KVB_OK);
-    ck_assert_int_eq(raw_int(s.port, NULL, 0, "DBSIZE", NULL), 2);
-    ck_assert_int_eq(kvb_remote_del(r, TKEY, 11), KVB_OK);
-    ck_assert_int_eq(raw_int(s.port, NULL, 0, "DBSIZE", NULL), 0);
-    free(blob);
-    kvb_remote_close(r);
-    redis_kill(&s);
+    ck_assert_int_eq(kvb_remote_del(g_r, TKEY, 12), KVB_OK);
+    ck_assert_int_eq(raw_int(g_srv.port, NULL, 0, "DBSIZE", NULL), 2);
+    ck_assert_int_eq(kvb_remote_del(g_r, TKEY, 11), KVB_OK);
+    ck_assert_int_eq(raw_int(g_srv.port, NULL, 0, "DBSIZE", NULL), 0);
 }
 END_TEST
 
@@ -698,45 +760,33 @@ END_TEST
  * miss, not an error, and the connection stays usable. */
 START_TEST(test_remote_missing_part)
 {
-    NEED_REDIS();
-    test_redis s;
-    redis_start(&s, 0, NULL);
-    kvb_remote_options o = test_opts(MIB);
-    kvb_remote *r = open_port(s.port, 0, &o);
+    NEED_SERVER();
     size_t n = 5 * MIB + 12345;
-    unsigned char *blob = pattern_blob(n, 4);
+    unsigned char *blob = served_blob(n, 4);
     char k[96];
 
-    put(r, TKEY, 20, blob, n);
+    put(g_r, TKEY, 20, blob, n);
     part_key(k, sizeof k, TKEY, 20, 3);
-    ck_assert_int_eq(raw_int(s.port, NULL, 0, "DEL", k), 1);
-    expect_miss(r, TKEY, 20);
+    ck_assert_int_eq(raw_int(g_srv.port, NULL, 0, "DEL", k), 1);
+    expect_miss(g_r, TKEY, 20);
 
-    put(r, TKEY, 21, blob, n);
+    put(g_r, TKEY, 21, blob, n);
     part_key(k, sizeof k, TKEY, 21, 5); /* the partial last part */
-    ck_assert_int_eq(raw_int(s.port, NULL, 0, "DEL", k), 1);
-    expect_miss(r, TKEY, 21);
+    ck_assert_int_eq(raw_int(g_srv.port, NULL, 0, "DEL", k), 1);
+    expect_miss(g_r, TKEY, 21);
 
-    put(r, TKEY, 22, blob, n);
+    put(g_r, TKEY, 22, blob, n);
     part_key(k, sizeof k, TKEY, 22, 2);
     char reply[64];
-    ck_assert_int_eq(raw_cmd(s.port, NULL, 0, reply, sizeof reply, "APPEND",
+    ck_assert_int_eq(raw_cmd(g_srv.port, NULL, 0, reply, sizeof reply, "APPEND",
                              k, "x", (const char *)NULL),
                      0);
     ck_assert_str_eq(reply, ":1048577");
-    char last[1024];
-    int w0 = warnings(NULL, 0);
-    expect_miss(r, TKEY, 22);
-    ck_assert_int_eq(warnings(last, sizeof last), w0 + 1);
-    ck_assert_msg(strstr(last, "part 2 of 6 has 1048577 bytes") != NULL,
-                  "warning: %s", last);
+    expect_miss_warned(g_r, TKEY, 22, "part 2 of 6 has 1048577 bytes", NULL);
 
     /* the pooled connection is in step: the next get is right */
-    put(r, TKEY, 23, blob, n);
-    expect_hit(r, TKEY, 23, blob, n);
-    free(blob);
-    kvb_remote_close(r);
-    redis_kill(&s);
+    put(g_r, TKEY, 23, blob, n);
+    expect_hit(g_r, TKEY, 23, blob, n);
 }
 END_TEST
 
@@ -744,13 +794,9 @@ END_TEST
  * logged as a warning naming the reason. */
 START_TEST(test_remote_corrupt_meta)
 {
-    NEED_REDIS();
-    test_redis s;
-    redis_start(&s, 0, NULL);
-    kvb_remote_options o = test_opts(MIB);
-    kvb_remote *r = open_port(s.port, 0, &o);
+    NEED_SERVER();
     size_t n = 2 * MIB + 5;
-    unsigned char *blob = pattern_blob(n, 5);
+    unsigned char *blob = served_blob(n, 5);
     struct {
         const char *cmd;
         const char *arg1;
@@ -765,40 +811,30 @@ START_TEST(test_remote_corrupt_meta)
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         uint64_t hash = 30 + i;
-        char k[96], reply[64], last[1024];
-        put(r, TKEY, hash, blob, n);
+        char k[96], reply[64];
+        put(g_r, TKEY, hash, blob, n);
         meta_key(k, sizeof k, TKEY, hash);
-        ck_assert_int_eq(raw_cmd(s.port, NULL, 0, reply, sizeof reply,
+        ck_assert_int_eq(raw_cmd(g_srv.port, NULL, 0, reply, sizeof reply,
                                  cases[i].cmd, k, cases[i].arg1,
                                  cases[i].arg2, (const char *)NULL),
                          0);
         ck_assert_msg(reply[0] != '-', "%s: %s", cases[i].cmd, reply);
-        int w0 = warnings(NULL, 0);
-        expect_miss(r, TKEY, hash);
-        ck_assert_int_eq(warnings(last, sizeof last), w0 + 1);
-        ck_assert_msg(strstr(last, "invalid meta") != NULL &&
-                          strstr(last, cases[i].why) != NULL &&
-                          strstr(last, k) != NULL,
-                      "case %zu: warning '%s'", i, last);
+        expect_miss_warned(g_r, TKEY, hash, "invalid meta", cases[i].why);
+        char last[1024];
+        warnings(last, sizeof last);
+        ck_assert_msg(strstr(last, k) != NULL, "case %zu: warning '%s'", i, last);
     }
     /* a meta moved under another entry's name is not that entry's */
     char from[96], to[96], reply[64];
-    put(r, TKEY, 40, blob, n);
-    put(r, TKEY, 41, blob, 10);
+    put(g_r, TKEY, 40, blob, n);
+    put(g_r, TKEY, 41, blob, 10);
     meta_key(from, sizeof from, TKEY, 40);
     meta_key(to, sizeof to, TKEY, 41);
-    ck_assert_int_eq(raw_cmd(s.port, NULL, 0, reply, sizeof reply, "RENAME",
+    ck_assert_int_eq(raw_cmd(g_srv.port, NULL, 0, reply, sizeof reply, "RENAME",
                              from, to, (const char *)NULL),
                      0);
     ck_assert_str_eq(reply, "+OK");
-    int w0 = warnings(NULL, 0);
-    expect_miss(r, TKEY, 41);
-    char last[1024];
-    ck_assert_int_eq(warnings(last, sizeof last), w0 + 1);
-    ck_assert_msg(strstr(last, "identity") != NULL, "warning '%s'", last);
-    free(blob);
-    kvb_remote_close(r);
-    redis_kill(&s);
+    expect_miss_warned(g_r, TKEY, 41, "identity", NULL);
 }
 END_TEST
 
@@ -916,17 +952,8 @@ START_TEST(test_remote_silent_server)
     if (!remote_built()) {
         return;
     }
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    ck_assert_int_ge(fd, 0);
-    struct sockaddr_in a;
-    memset(&a, 0, sizeof a);
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    ck_assert_int_eq(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
-    ck_assert_int_eq(listen(fd, 64), 0);
-    socklen_t alen = sizeof a;
-    ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&a, &alen), 0);
-    int port = ntohs(a.sin_port);
+    int port = 0;
+    int fd = loopback_socket(64, &port);
 
     kvb_remote_options o = test_opts(MIB);
     kvb_remote *r = open_port(port, 0, &o);
@@ -1220,10 +1247,6 @@ Suite *remote_suite(void)
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, test_remote_url_good);
     tcase_add_test(tc, test_remote_url_bad);
-    tcase_add_test(tc, test_remote_roundtrip);
-    tcase_add_test(tc, test_remote_del);
-    tcase_add_test(tc, test_remote_missing_part);
-    tcase_add_test(tc, test_remote_corrupt_meta);
     tcase_add_test(tc, test_remote_server_down);
     tcase_add_test(tc, test_remote_restart);
     tcase_add_test(tc, test_remote_silent_server);
@@ -1232,5 +1255,13 @@ Suite *remote_suite(void)
     tcase_add_test(tc, test_remote_concurrent);
     tcase_add_test(tc, test_remote_unsupported);
     suite_add_tcase(s, tc);
+    TCase *sv = tcase_create("served");
+    tcase_add_checked_fixture(sv, served_setup, served_teardown);
+    tcase_set_timeout(sv, 120);
+    tcase_add_test(sv, test_remote_roundtrip);
+    tcase_add_test(sv, test_remote_del);
+    tcase_add_test(sv, test_remote_missing_part);
+    tcase_add_test(sv, test_remote_corrupt_meta);
+    suite_add_tcase(s, sv);
     return s;
 }
