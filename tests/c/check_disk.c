@@ -36,6 +36,10 @@
  * checked fixture, so it runs in the forked test process). */
 static char g_dir[PATH_LEN];
 
+/* The tiers a test opened with open_disk and has not closed with
+ * close_disk: the fixture closes them after the test. */
+static kvb_disk *g_open[2];
+
 /* Fixture: creates g_dir. */
 static void dir_setup(void)
 {
@@ -45,6 +49,10 @@ static void dir_setup(void)
 /* Fixture: removes g_dir and everything in it. */
 static void dir_teardown(void)
 {
+    for (size_t i = 0; i < COUNT_OF(g_open); i++) {
+        kvb_disk_close(g_open[i]);
+        g_open[i] = NULL;
+    }
     tmpdir_remove(g_dir);
 }
 
@@ -170,13 +178,75 @@ static folder_count count_folder(const char *dir)
     return c;
 }
 
-/* Opens the tier on `dir` with `budget`, failing the test on an error. */
+/* Opens the tier on `dir` with `budget`, failing the test on an error;
+ * the fixture closes it unless the test does (close_disk). */
 static kvb_disk *open_disk(const char *dir, size_t budget)
 {
     kvb_disk *d = NULL;
     ck_assert_int_eq(kvb_disk_open(dir, budget, &d), KVB_OK);
     ck_assert_ptr_nonnull(d);
+    for (size_t i = 0; i < COUNT_OF(g_open); i++) {
+        if (g_open[i] == NULL) {
+            g_open[i] = d;
+            return d;
+        }
+    }
+    ck_abort_msg("more than %zu tiers open", COUNT_OF(g_open));
     return d;
+}
+
+/* Closes a tier of open_disk before the test ends. */
+static void close_disk(kvb_disk *d)
+{
+    for (size_t i = 0; i < COUNT_OF(g_open); i++) {
+        if (g_open[i] == d) {
+            g_open[i] = NULL;
+        }
+    }
+    kvb_disk_close(d);
+}
+
+/* Sets the file times of the entries (key, hashes[0..n)) to 10^9 s, then
+ * `step` seconds apart each: hashes[0] is the oldest. */
+static void age_files(uint64_t key, const uint64_t *hashes, int n, time_t step)
+{
+    for (int i = 0; i < n; i++) {
+        set_mtime(g_dir, key, hashes[i], 1000000000 + i * step);
+    }
+}
+
+/* Puts the test blobs of hashes first .. first+count-1 under `key`, each
+ * made from the seed equal to its hash, of len bytes. */
+static void put_blobs(kvb_disk *d, uint64_t key, uint64_t first,
+                      uint64_t count, size_t len)
+{
+    for (uint64_t h = first; h < first + count; h++) {
+        put_blob(d, key, h, h, len);
+    }
+}
+
+/* Fails the test unless (key, hash) is neither indexed nor on disk. */
+static void expect_gone(kvb_disk *d, uint64_t key, uint64_t hash)
+{
+    ck_assert_int_eq(kvb_disk_contains(d, key, hash), 0);
+    ck_assert_int_eq(file_exists(g_dir, key, hash), 0);
+}
+
+/* Fails the test unless g_dir holds `entries` entry files of `bytes` in
+ * all and `temps` temporary files; ANY skips one. */
+#define ANY (-1)
+static void expect_folder(int64_t entries, int64_t bytes, int64_t temps)
+{
+    folder_count c = count_folder(g_dir);
+    if (entries != ANY) {
+        ck_assert_int_eq(c.entries, entries);
+    }
+    if (bytes != ANY) {
+        ck_assert_uint_eq(c.bytes, (size_t)bytes);
+    }
+    if (temps != ANY) {
+        ck_assert_int_eq(c.temps, temps);
+    }
 }
 
 /* Fails the test unless the tier's usage is (entries, bytes). */
@@ -211,11 +281,7 @@ START_TEST(test_disk_put_get_round_trip)
         ck_assert_int_eq(stat(p, &sb), 0);
         ck_assert_uint_eq((size_t)sb.st_size, sizes[i]);
     }
-    folder_count c = count_folder(g_dir);
-    ck_assert_int_eq(c.entries, 4);
-    ck_assert_uint_eq(c.bytes, total);
-    ck_assert_int_eq(c.temps, 0);
-    kvb_disk_close(d);
+    expect_folder(4, total, 0);
 }
 END_TEST
 
@@ -237,7 +303,6 @@ START_TEST(test_disk_contains_and_miss)
     put_blob(d, UINT64_MAX, 0, 6, 10);
     ck_assert_int_eq(file_exists(g_dir, UINT64_MAX, 0), 1);
     ck_assert_int_eq(get_blob(d, UINT64_MAX, 0, 6, 10), 1);
-    kvb_disk_close(d);
 }
 END_TEST
 
@@ -246,26 +311,19 @@ END_TEST
 START_TEST(test_disk_lru_evicts_least_recently_used)
 {
     kvb_disk *d = open_disk(g_dir, 2 * SZ);
-    put_blob(d, 9, 1, 1, SZ);
-    put_blob(d, 9, 2, 2, SZ);
+    put_blobs(d, 9, 1, 2, SZ);
     ck_assert_int_eq(get_blob(d, 9, 1, 1, SZ), 1); /* 1 is now newest */
     put_blob(d, 9, 3, 3, SZ);
-    ck_assert_int_eq(kvb_disk_contains(d, 9, 2), 0);
-    ck_assert_int_eq(file_exists(g_dir, 9, 2), 0);
+    expect_gone(d, 9, 2);
     ck_assert_int_eq(kvb_disk_contains(d, 9, 1), 1);
     ck_assert_int_eq(kvb_disk_contains(d, 9, 3), 1);
     assert_usage(d, 2, 2 * SZ);
     /* without a get, the oldest write goes: order is now 1, 3 */
     put_blob(d, 9, 4, 4, SZ);
-    ck_assert_int_eq(kvb_disk_contains(d, 9, 1), 0);
-    ck_assert_int_eq(file_exists(g_dir, 9, 1), 0);
+    expect_gone(d, 9, 1);
     ck_assert_int_eq(get_blob(d, 9, 3, 3, SZ), 1);
     ck_assert_int_eq(get_blob(d, 9, 4, 4, SZ), 1);
-    folder_count c = count_folder(g_dir);
-    ck_assert_int_eq(c.entries, 2);
-    ck_assert_uint_eq(c.bytes, 2 * SZ);
-    ck_assert_int_eq(c.temps, 0);
-    kvb_disk_close(d);
+    expect_folder(2, 2 * SZ, 0);
 }
 END_TEST
 
@@ -274,9 +332,7 @@ END_TEST
 START_TEST(test_disk_put_evicts_several_for_a_large_blob)
 {
     kvb_disk *d = open_disk(g_dir, 4 * SZ);
-    for (uint64_t i = 0; i < 4; i++) {
-        put_blob(d, 1, i, i, SZ);
-    }
+    put_blobs(d, 1, 0, 4, SZ);
     put_blob(d, 1, 10, 10, 3 * SZ);
     for (uint64_t i = 0; i < 3; i++) {
         ck_assert_int_eq(kvb_disk_contains(d, 1, i), 0);
@@ -288,7 +344,6 @@ START_TEST(test_disk_put_evicts_several_for_a_large_blob)
     put_blob(d, 1, 11, 11, 4 * SZ);
     assert_usage(d, 1, 4 * SZ);
     ck_assert_int_eq(get_blob(d, 1, 11, 11, 4 * SZ), 1);
-    kvb_disk_close(d);
 }
 END_TEST
 
@@ -302,10 +357,7 @@ START_TEST(test_disk_put_replaces_same_entry)
     put_blob(d, 4, 4, 3, 300);
     assert_usage(d, 2, 350);
     ck_assert_int_eq(get_blob(d, 4, 4, 3, 300), 1);
-    folder_count c = count_folder(g_dir);
-    ck_assert_int_eq(c.entries, 2);
-    ck_assert_uint_eq(c.bytes, 350);
-    kvb_disk_close(d);
+    expect_folder(2, 350, ANY);
 }
 END_TEST
 
@@ -314,14 +366,10 @@ END_TEST
 START_TEST(test_disk_reopen_restores_entries_and_lru_order)
 {
     kvb_disk *d = open_disk(g_dir, 3 * SZ);
-    put_blob(d, 2, 1, 1, SZ);
-    put_blob(d, 2, 2, 2, SZ);
-    put_blob(d, 2, 3, 3, SZ);
-    kvb_disk_close(d);
+    put_blobs(d, 2, 1, 3, SZ);
+    close_disk(d);
     /* written order 1, 2, 3; make the file times say 2, 3, 1 */
-    set_mtime(g_dir, 2, 2, 1000000000);
-    set_mtime(g_dir, 2, 3, 1000000100);
-    set_mtime(g_dir, 2, 1, 1000000200);
+    age_files(2, (const uint64_t[]){2, 3, 1}, 3, 100);
 
     d = open_disk(g_dir, 3 * SZ);
     assert_usage(d, 3, 3 * SZ);
@@ -329,8 +377,7 @@ START_TEST(test_disk_reopen_restores_entries_and_lru_order)
         ck_assert_int_eq(kvb_disk_contains(d, 2, i), 1); /* no touch */
     }
     put_blob(d, 2, 4, 4, SZ);
-    ck_assert_int_eq(kvb_disk_contains(d, 2, 2), 0);
-    ck_assert_int_eq(file_exists(g_dir, 2, 2), 0);
+    expect_gone(d, 2, 2);
     ck_assert_int_eq(kvb_disk_contains(d, 2, 3), 1);
     put_blob(d, 2, 5, 5, SZ);
     ck_assert_int_eq(kvb_disk_contains(d, 2, 3), 0);
@@ -338,7 +385,6 @@ START_TEST(test_disk_reopen_restores_entries_and_lru_order)
     ck_assert_int_eq(get_blob(d, 2, 1, 1, SZ), 1);
     ck_assert_int_eq(get_blob(d, 2, 4, 4, SZ), 1);
     ck_assert_int_eq(get_blob(d, 2, 5, 5, SZ), 1);
-    kvb_disk_close(d);
 }
 END_TEST
 
@@ -347,8 +393,7 @@ END_TEST
 START_TEST(test_disk_get_refreshes_file_time)
 {
     kvb_disk *d = open_disk(g_dir, 2 * SZ);
-    put_blob(d, 3, 1, 1, SZ);
-    put_blob(d, 3, 2, 2, SZ);
+    put_blobs(d, 3, 1, 2, SZ);
     set_mtime(g_dir, 3, 1, 1000000000);
     set_mtime(g_dir, 3, 2, 1000000100);
     ck_assert_int_eq(get_blob(d, 3, 1, 1, SZ), 1);
@@ -357,13 +402,12 @@ START_TEST(test_disk_get_refreshes_file_time)
     entry_path(p, g_dir, 3, 1);
     ck_assert_int_eq(stat(p, &sb), 0);
     ck_assert_int_gt((long long)sb.st_mtim.tv_sec, 1000000100LL);
-    kvb_disk_close(d);
+    close_disk(d);
 
     d = open_disk(g_dir, 2 * SZ);
     put_blob(d, 3, 3, 3, SZ); /* evicts 2, the least recently used */
     ck_assert_int_eq(kvb_disk_contains(d, 3, 2), 0);
     ck_assert_int_eq(kvb_disk_contains(d, 3, 1), 1);
-    kvb_disk_close(d);
 }
 END_TEST
 
@@ -395,7 +439,6 @@ START_TEST(test_disk_open_removes_leftover_temp_files)
     ck_assert_int_eq(name_exists(g_dir, dead[1]), 0);
     ck_assert_int_eq(name_exists(g_dir, live), 1);
     assert_usage(d, 0, 0);
-    kvb_disk_close(d);
 }
 END_TEST
 
@@ -420,8 +463,8 @@ START_TEST(test_disk_adopts_files_of_other_processes)
     ck_assert_int_eq(kvb_disk_get(a, 5, 6, &buf, &len), KVB_OK);
     ck_assert_ptr_null(buf);
     ck_assert_int_eq(kvb_disk_contains(a, 5, 6), 0);
-    kvb_disk_close(a);
-    kvb_disk_close(b);
+    close_disk(a);
+    close_disk(b);
 }
 END_TEST
 
@@ -464,7 +507,7 @@ START_TEST(test_disk_open_leaves_unrelated_files)
     ck_assert_uint_eq(len, 4);
     ck_assert_int_eq(memcmp(buf, "blob", 4), 0);
     free(buf);
-    kvb_disk_close(d);
+    close_disk(d);
     for (int i = 0; i < n; i++) {
         ck_assert_msg(name_exists(g_dir, others[i]), "%s was deleted",
                       others[i]);
@@ -484,8 +527,7 @@ START_TEST(test_disk_oversize_blob_not_stored)
     kvb_disk *d = open_disk(g_dir, 100);
     put_blob(d, 1, 1, 1, 60);
     put_blob(d, 1, 2, 2, 101);
-    ck_assert_int_eq(kvb_disk_contains(d, 1, 2), 0);
-    ck_assert_int_eq(file_exists(g_dir, 1, 2), 0);
+    expect_gone(d, 1, 2);
     ck_assert_int_eq(kvb_disk_contains(d, 1, 1), 1);
     assert_usage(d, 1, 60);
     ck_assert_ptr_nonnull(strstr(cap.last[KVB_LOG_DEBUG], "101 bytes"));
@@ -493,7 +535,7 @@ START_TEST(test_disk_oversize_blob_not_stored)
     put_blob(d, 1, 3, 3, 100);
     assert_usage(d, 1, 100);
     ck_assert_int_eq(get_blob(d, 1, 3, 3, 100), 1);
-    kvb_disk_close(d);
+    close_disk(d);
     test_log_stop(&cap);
 }
 END_TEST
@@ -509,7 +551,6 @@ START_TEST(test_disk_zero_budget_stores_nothing)
     assert_usage(d, 0, 0);
     folder_count c = count_folder(g_dir);
     ck_assert_int_eq(c.entries + c.temps + c.others, 0);
-    kvb_disk_close(d);
 }
 END_TEST
 
@@ -518,25 +559,17 @@ END_TEST
 START_TEST(test_disk_reopen_smaller_budget_evicts_oldest)
 {
     kvb_disk *d = open_disk(g_dir, 4 * SZ);
-    for (uint64_t i = 0; i < 4; i++) {
-        put_blob(d, 5, i, i, SZ);
-    }
-    kvb_disk_close(d);
+    put_blobs(d, 5, 0, 4, SZ);
+    close_disk(d);
     /* age order 3, 0, 2, 1 (oldest first) */
-    set_mtime(g_dir, 5, 3, 1000000000);
-    set_mtime(g_dir, 5, 0, 1000000010);
-    set_mtime(g_dir, 5, 2, 1000000020);
-    set_mtime(g_dir, 5, 1, 1000000030);
+    age_files(5, (const uint64_t[]){3, 0, 2, 1}, 4, 10);
     d = open_disk(g_dir, 2 * SZ + SZ / 2);
     assert_usage(d, 2, 2 * SZ);
     ck_assert_int_eq(file_exists(g_dir, 5, 3), 0);
     ck_assert_int_eq(file_exists(g_dir, 5, 0), 0);
     ck_assert_int_eq(get_blob(d, 5, 2, 2, SZ), 1);
     ck_assert_int_eq(get_blob(d, 5, 1, 1, SZ), 1);
-    folder_count c = count_folder(g_dir);
-    ck_assert_int_eq(c.entries, 2);
-    ck_assert_int_eq(c.temps, 0);
-    kvb_disk_close(d);
+    expect_folder(2, ANY, 0);
 }
 END_TEST
 
@@ -548,18 +581,14 @@ START_TEST(test_disk_drop_deletes_file)
     put_blob(d, 6, 1, 1, 200);
     put_blob(d, 6, 2, 2, 300);
     kvb_disk_drop(d, 6, 1);
-    ck_assert_int_eq(kvb_disk_contains(d, 6, 1), 0);
-    ck_assert_int_eq(file_exists(g_dir, 6, 1), 0);
+    expect_gone(d, 6, 1);
     ck_assert_int_eq(get_blob(d, 6, 1, 1, 200), 0);
     assert_usage(d, 1, 300);
     kvb_disk_drop(d, 6, 1);
     kvb_disk_drop(d, 77, 77);
     assert_usage(d, 1, 300);
     ck_assert_int_eq(get_blob(d, 6, 2, 2, 300), 1);
-    folder_count c = count_folder(g_dir);
-    ck_assert_int_eq(c.entries, 1);
-    ck_assert_int_eq(c.temps, 0);
-    kvb_disk_close(d);
+    expect_folder(1, ANY, 0);
 }
 END_TEST
 
@@ -584,7 +613,7 @@ START_TEST(test_disk_vanished_file_is_a_miss_and_forgotten)
                   "warning '%s' does not name %s",
                   cap.last[KVB_LOG_WARNING], p);
     ck_assert_int_eq(get_blob(d, 8, 2, 2, 222), 1);
-    kvb_disk_close(d);
+    close_disk(d);
     test_log_stop(&cap);
 }
 END_TEST
@@ -618,7 +647,6 @@ START_TEST(test_disk_put_failure_names_path)
     ck_assert_ptr_nonnull(strstr(kvb_last_error(), "kvb_disk_put"));
     ck_assert_int_eq(kvb_disk_contains(d, 1, 3), 0);
     assert_usage(d, 1, 10); /* the vanished entry is not noticed yet */
-    kvb_disk_close(d);
 }
 END_TEST
 
@@ -631,7 +659,6 @@ START_TEST(test_disk_open_creates_missing_parents)
     put_blob(d, 1, 1, 1, 10);
     snprintf(deep, sizeof deep, "%s/a/b/c", g_dir);
     ck_assert_int_eq(file_exists(deep, 1, 1), 1);
-    kvb_disk_close(d);
 }
 END_TEST
 
@@ -683,7 +710,6 @@ START_TEST(test_disk_bad_arguments_named)
     kvb_disk_drop(NULL, 1, 1);
     kvb_disk_close(NULL);
     assert_usage(d, 0, 0);
-    kvb_disk_close(d);
 }
 END_TEST
 
@@ -775,7 +801,7 @@ START_TEST(test_disk_threads_keep_index_consistent_with_folder)
         sum += in ? t_size(k) : 0;
     }
     ck_assert_uint_eq(sum, bytes);
-    kvb_disk_close(d);
+    close_disk(d);
 
     d = open_disk(g_dir, budget);
     assert_usage(d, n, bytes);
@@ -784,7 +810,6 @@ START_TEST(test_disk_threads_keep_index_consistent_with_folder)
             ck_assert_int_eq(get_blob(d, 42, k, k, t_size(k)), 1);
         }
     }
-    kvb_disk_close(d);
 }
 END_TEST
 
