@@ -569,52 +569,77 @@ static void load_fixture(uint16_t *store, int64_t *src_pos, int64_t *dst_pos,
     dst_pos[17] = src_pos[5 + 9];            /* delta 0: bit-exact copy */
 }
 
+/* A load problem: the fixture's segments, a rope over LD_ROT dims, and
+ * staging buffers k, v plus a second pair k2, v2 holding the same bytes. */
+typedef struct load_case {
+    float inv[LD_ROT / 2];
+    kvb_rope rope;
+    uint16_t store[2 * 2 * 18 * LD_ROW];
+    int64_t src_pos[18], dst_pos[LD_ROWS];
+    kvb_load_seg segs[3];
+    uint16_t k[LD_ROWS * LD_ROW], v[LD_ROWS * LD_ROW];
+    uint16_t k2[LD_ROWS * LD_ROW], v2[LD_ROWS * LD_ROW];
+} load_case;
+
+/* Fills `lc` from load_fixture (seeded with `seed`) with rope `style`;
+ * both staging pairs start as bytes `fill`. */
+static void load_case_init(load_case *lc, kvb_rope_style style, uint64_t seed,
+                           int fill)
+{
+    plain_inv_freq(lc->inv, LD_ROT, 10000.0);
+    lc->rope = (kvb_rope){LD_ROT, style, lc->inv, 1.0f};
+    rng_seed(seed);
+    load_fixture(lc->store, lc->src_pos, lc->dst_pos, lc->segs);
+    memset(lc->k, fill, sizeof lc->k);
+    memset(lc->v, fill, sizeof lc->v);
+    memcpy(lc->k2, lc->k, sizeof lc->k);
+    memcpy(lc->v2, lc->v, sizeof lc->v);
+}
+
+/* Copies segment `seg`'s K and V rows of `layer` to its rows of k, v. */
+static void copy_segment(const kvb_load_seg *seg, int32_t layer, uint16_t *k,
+                         uint16_t *v)
+{
+    size_t bytes = (size_t)(seg->num_tokens * LD_ROW) * 2;
+    memcpy(k + seg->dst_start * LD_ROW,
+           (const uint16_t *)seg->k0 + layer * seg->layer_stride, bytes);
+    memcpy(v + seg->dst_start * LD_ROW,
+           (const uint16_t *)seg->v0 + layer * seg->layer_stride, bytes);
+}
+
+/* Runs kvb_cpu_load_rotate of `segs` for `layer` into k, v of `lc`. */
+static kvb_status load_into(load_case *lc, const kvb_load_seg *segs,
+                            int32_t layer, uint16_t *k, uint16_t *v)
+{
+    return kvb_cpu_load_rotate(segs, 3, layer, k, v, lc->dst_pos, LD_ROWS,
+                               LD_H, LD_D, KVB_DTYPE_BF16, &lc->rope);
+}
+
 /* The load equals copying each segment's rows of the layer and then
  * re-rotating them with kvb_cpu_rerotate, bit for bit; rows no segment
  * covers keep their bytes. */
 START_TEST(test_load_rotate_equals_copy_then_rerotate)
 {
-    float inv[LD_ROT / 2];
-    plain_inv_freq(inv, LD_ROT, 10000.0);
-    kvb_rope rope = {LD_ROT, KVB_ROPE_NEOX, inv, 1.0f};
-    uint16_t store[2 * 2 * 18 * LD_ROW];
-    int64_t src_pos[18], dst_pos[LD_ROWS];
-    kvb_load_seg segs[3];
-    rng_seed(21);
-    load_fixture(store, src_pos, dst_pos, segs);
-    uint16_t k[LD_ROWS * LD_ROW], v[LD_ROWS * LD_ROW];
-    uint16_t rk[LD_ROWS * LD_ROW], rv[LD_ROWS * LD_ROW];
-    memset(k, 0xab, sizeof k);
-    memset(v, 0xab, sizeof v);
-    memcpy(rk, k, sizeof k);
-    memcpy(rv, v, sizeof v);
+    static load_case lc;
+    load_case_init(&lc, KVB_ROPE_NEOX, 21, 0xab);
     const int32_t layer = 1;
     for (int s = 0; s < 3; s++) {
-        size_t bytes = (size_t)(segs[s].num_tokens * LD_ROW) * 2;
-        memcpy(rk + segs[s].dst_start * LD_ROW,
-               (const uint16_t *)segs[s].k0 + layer * segs[s].layer_stride,
-               bytes);
-        memcpy(rv + segs[s].dst_start * LD_ROW,
-               (const uint16_t *)segs[s].v0 + layer * segs[s].layer_stride,
-               bytes);
-        ck_assert_int_eq(kvb_cpu_rerotate(rk + segs[s].dst_start * LD_ROW,
-                                          segs[s].num_tokens, LD_H, LD_D,
-                                          KVB_DTYPE_BF16, &rope,
-                                          segs[s].src_pos,
-                                          dst_pos + segs[s].dst_start),
+        const kvb_load_seg *seg = &lc.segs[s];
+        copy_segment(seg, layer, lc.k2, lc.v2);
+        ck_assert_int_eq(kvb_cpu_rerotate(lc.k2 + seg->dst_start * LD_ROW,
+                                          seg->num_tokens, LD_H, LD_D,
+                                          KVB_DTYPE_BF16, &lc.rope, seg->src_pos,
+                                          lc.dst_pos + seg->dst_start),
                          KVB_OK);
     }
-    ck_assert_int_eq(kvb_cpu_load_rotate(segs, 3, layer, k, v, dst_pos,
-                                         LD_ROWS, LD_H, LD_D, KVB_DTYPE_BF16,
-                                         &rope),
-                     KVB_OK);
-    ck_assert_int_eq(memcmp(k, rk, sizeof k), 0);
-    ck_assert_int_eq(memcmp(v, rv, sizeof v), 0);
+    ck_assert_int_eq(load_into(&lc, lc.segs, layer, lc.k, lc.v), KVB_OK);
+    ck_assert_int_eq(memcmp(lc.k, lc.k2, sizeof lc.k), 0);
+    ck_assert_int_eq(memcmp(lc.v, lc.v2, sizeof lc.v), 0);
     /* row 0 is uncovered, row 17 (delta 0) is the stored row itself */
-    ck_assert_int_eq(k[0], 0xabab);
-    ck_assert_int_eq(memcmp(k + 17 * LD_ROW,
-                            (const uint16_t *)segs[2].k0 +
-                                layer * segs[2].layer_stride,
+    ck_assert_int_eq(lc.k[0], 0xabab);
+    ck_assert_int_eq(memcmp(lc.k + 17 * LD_ROW,
+                            (const uint16_t *)lc.segs[2].k0 +
+                                layer * lc.segs[2].layer_stride,
                             LD_ROW * 2),
                      0);
 }
@@ -625,52 +650,28 @@ END_TEST
  * equals the load that copies, bit for bit. */
 START_TEST(test_load_rotate_in_place_equals_copy)
 {
-    float inv[LD_ROT / 2];
-    plain_inv_freq(inv, LD_ROT, 10000.0);
     for (int style = 0; style < 2; style++) {
-        kvb_rope rope = {LD_ROT, (kvb_rope_style)style, inv, 1.0f};
-        uint16_t store[2 * 2 * 18 * LD_ROW];
-        int64_t src_pos[18], dst_pos[LD_ROWS];
-        kvb_load_seg segs[3];
-        rng_seed(22 + (uint64_t)style);
-        load_fixture(store, src_pos, dst_pos, segs);
-        uint16_t k[LD_ROWS * LD_ROW], v[LD_ROWS * LD_ROW];
-        uint16_t ik[LD_ROWS * LD_ROW], iv[LD_ROWS * LD_ROW];
-        memset(k, 0x7f, sizeof k);
-        memset(v, 0x7f, sizeof v);
-        memcpy(ik, k, sizeof k);
-        memcpy(iv, v, sizeof v);
+        static load_case lc;
+        load_case_init(&lc, (kvb_rope_style)style, 22 + (uint64_t)style, 0x7f);
         const int32_t layer = 1;
-        ck_assert_int_eq(kvb_cpu_load_rotate(segs, 3, layer, k, v, dst_pos,
-                                             LD_ROWS, LD_H, LD_D,
-                                             KVB_DTYPE_BF16, &rope),
-                         KVB_OK);
+        ck_assert_int_eq(load_into(&lc, lc.segs, layer, lc.k, lc.v), KVB_OK);
         /* segments 0 and 2 arrive by a plain copy first, then in place */
         kvb_load_seg in_place[3];
-        memcpy(in_place, segs, sizeof in_place);
+        memcpy(in_place, lc.segs, sizeof in_place);
         for (int s = 0; s < 3; s += 2) {
-            size_t bytes = (size_t)(segs[s].num_tokens * LD_ROW) * 2;
-            memcpy(ik + segs[s].dst_start * LD_ROW,
-                   (const uint16_t *)segs[s].k0 + layer * segs[s].layer_stride,
-                   bytes);
-            memcpy(iv + segs[s].dst_start * LD_ROW,
-                   (const uint16_t *)segs[s].v0 + layer * segs[s].layer_stride,
-                   bytes);
+            copy_segment(&lc.segs[s], layer, lc.k2, lc.v2);
             in_place[s].k0 = NULL;
             in_place[s].v0 = NULL;
             in_place[s].layer_stride = 0; /* not read */
         }
-        ck_assert_int_eq(kvb_cpu_load_rotate(in_place, 3, layer, ik, iv,
-                                             dst_pos, LD_ROWS, LD_H, LD_D,
-                                             KVB_DTYPE_BF16, &rope),
-                         KVB_OK);
-        ck_assert_msg(memcmp(k, ik, sizeof k) == 0, "style %d: K differs",
+        ck_assert_int_eq(load_into(&lc, in_place, layer, lc.k2, lc.v2), KVB_OK);
+        ck_assert_msg(memcmp(lc.k, lc.k2, sizeof lc.k) == 0, "style %d: K differs",
                       style);
-        ck_assert_msg(memcmp(v, iv, sizeof v) == 0, "style %d: V differs",
+        ck_assert_msg(memcmp(lc.v, lc.v2, sizeof lc.v) == 0, "style %d: V differs",
                       style);
         /* the rotation did happen: segment 0's first K row moved */
-        ck_assert(memcmp(ik + LD_ROW, (const uint16_t *)segs[0].k0 +
-                                          layer * segs[0].layer_stride,
+        ck_assert(memcmp(lc.k2 + LD_ROW, (const uint16_t *)lc.segs[0].k0 +
+                                             layer * lc.segs[0].layer_stride,
                          LD_ROW * 2) != 0);
     }
 }
@@ -679,49 +680,36 @@ END_TEST
 /* Bad tables are refused with the segment and the fault named. */
 START_TEST(test_load_rotate_bad_segments_rejected)
 {
-    float inv[LD_ROT / 2];
-    plain_inv_freq(inv, LD_ROT, 10000.0);
-    kvb_rope rope = {LD_ROT, KVB_ROPE_NEOX, inv, 1.0f};
-    uint16_t store[2 * 2 * 18 * LD_ROW];
-    int64_t src_pos[18], dst_pos[LD_ROWS];
-    kvb_load_seg segs[3], bad[3];
-    rng_seed(23);
-    load_fixture(store, src_pos, dst_pos, segs);
-    uint16_t k[LD_ROWS * LD_ROW], v[LD_ROWS * LD_ROW];
-
-    memcpy(bad, segs, sizeof bad);
-    bad[1].v0 = NULL; /* k0 set: the rows must come from somewhere */
-    ck_assert_int_eq(kvb_cpu_load_rotate(bad, 3, 0, k, v, dst_pos, LD_ROWS,
-                                         LD_H, LD_D, KVB_DTYPE_BF16, &rope),
-                     KVB_ERR_INVALID);
-    ck_assert_ptr_nonnull(
-        strstr(kvb_last_error(), "load segment 1: NULL v0 with k0 set"));
-
-    memcpy(bad, segs, sizeof bad);
-    bad[2].k0 = NULL;
-    bad[2].src_pos = NULL; /* in place still needs the stored positions */
-    ck_assert_int_eq(kvb_cpu_load_rotate(bad, 3, 0, k, v, dst_pos, LD_ROWS,
-                                         LD_H, LD_D, KVB_DTYPE_BF16, &rope),
-                     KVB_ERR_INVALID);
-    ck_assert_ptr_nonnull(
-        strstr(kvb_last_error(), "load segment 2: NULL src_pos"));
-
-    memcpy(bad, segs, sizeof bad);
-    bad[0].dst_start = 4; /* rows 4..8 run into segment 1 at row 8 */
-    ck_assert_int_eq(kvb_cpu_load_rotate(bad, 3, 0, k, v, dst_pos, LD_ROWS,
-                                         LD_H, LD_D, KVB_DTYPE_BF16, &rope),
-                     KVB_ERR_INVALID);
-    ck_assert_ptr_nonnull(
-        strstr(kvb_last_error(), "load segments 0 and 1 overlap at row 8"));
-
-    memcpy(bad, segs, sizeof bad);
-    bad[2].dst_start = 19; /* 19 + 4 > 22 */
-    ck_assert_int_eq(kvb_cpu_load_rotate(bad, 3, 0, k, v, dst_pos, LD_ROWS,
-                                         LD_H, LD_D, KVB_DTYPE_BF16, &rope),
-                     KVB_ERR_INVALID);
-    ck_assert_ptr_nonnull(strstr(kvb_last_error(),
-                                 "rows [19, 23) are outside the staging "
-                                 "buffer of 22 rows"));
+    static const char *const why[4] = {
+        "load segment 1: NULL v0 with k0 set",
+        "load segment 2: NULL src_pos",
+        "load segments 0 and 1 overlap at row 8",
+        "rows [19, 23) are outside the staging buffer of 22 rows",
+    };
+    static load_case lc;
+    load_case_init(&lc, KVB_ROPE_NEOX, 23, 0);
+    for (int c = 0; c < 4; c++) {
+        kvb_load_seg bad[3];
+        memcpy(bad, lc.segs, sizeof bad);
+        switch (c) {
+        case 0:
+            bad[1].v0 = NULL; /* k0 set: the rows must come from somewhere */
+            break;
+        case 1:
+            bad[2].k0 = NULL;
+            bad[2].src_pos = NULL; /* in place still needs the stored positions */
+            break;
+        case 2:
+            bad[0].dst_start = 4; /* rows 4..8 run into segment 1 at row 8 */
+            break;
+        default:
+            bad[2].dst_start = 19; /* 19 + 4 > 22 */
+            break;
+        }
+        kvb_clear_error();
+        ck_assert_int_eq(load_into(&lc, bad, 0, lc.k, lc.v), KVB_ERR_INVALID);
+        ck_assert_has(kvb_last_error(), why[c]);
+    }
 }
 END_TEST
 
