@@ -119,24 +119,12 @@ START_TEST(test_connector_logs_compat_only_settings)
 }
 END_TEST
 
-/* Describes layer `layer` of the global paged cache (planes K and V). */
+/* Describes the global paged cache: a K plane, then a V plane, of NB
+ * blocks of BS tokens. */
 static kvb_paged_layout layout_of(void)
 {
-    kvb_paged_layout lay = {
-        .k_base = &g_cache[0][0][0][0][0],
-        .v_base = &g_cache[1][0][0][0][0],
-        .block_stride = BS * H * D,
-        .token_stride = H * D,
-        .head_stride = D,
-        .dim_stride = 1,
-        .num_blocks = NB,
-        .block_size = BS,
-        .num_kv_heads = H,
-        .head_size = D,
-        .dtype = KVB_DTYPE_F32,
-        .device = -1,
-    };
-    return lay;
+    return make_layout(LAYOUT_2BNHD, (char *)g_cache, NB, BS, H, D,
+                       KVB_DTYPE_F32, -1);
 }
 
 /* Deterministic value of element (layer, kv, token id, pos, h, d): the
@@ -197,6 +185,14 @@ static void store_p1(kvb_connector *c)
     kvb_request_finish(req, 1);
 }
 
+/* Returns how many entries the connector's store holds. */
+static int64_t stored_entries(kvb_connector *c)
+{
+    kvb_store_stats st;
+    ck_assert_int_eq(kvb_store_get_stats(kvb_connector_store(c), &st), KVB_OK);
+    return st.num_entries;
+}
+
 START_TEST(test_lookup_empty_store_misses)
 {
     kvb_connector *c = make_conn(1);
@@ -233,9 +229,7 @@ START_TEST(test_reordered_prompt_reuses_every_chunk)
     int64_t ns2 = 0, end2 = 0;
     ck_assert_int_eq(kvb_connector_lookup(c, 0, P2, N2, NULL, 0, segs, hit, 8, &ns2, &end2), KVB_OK);
     ck_assert_int_eq(end2, end);
-    kvb_store_stats st;
-    ck_assert_int_eq(kvb_store_get_stats(kvb_connector_store(c), &st), KVB_OK);
-    ck_assert_int_eq(st.num_entries, 4); /* P1's four segments */
+    ck_assert_int_eq(stored_entries(c), 4); /* P1's four segments */
     kvb_connector_free(c);
 }
 END_TEST
@@ -320,28 +314,30 @@ START_TEST(test_promised_rows_survive_eviction)
 }
 END_TEST
 
-START_TEST(test_whole_prompt_stored_keeps_last_token)
-{
-    kvb_connector *c = make_conn(1);
-    store_p1(c);
-    kvb_span segs[8];
-    uint8_t hit[8];
-    int64_t ns, end;
-    ck_assert_int_eq(kvb_connector_lookup(c, 0, P1, N1, NULL, 0, segs, hit, 8, &ns, &end), KVB_OK);
-    ck_assert_int_eq(end, N1 - 1); /* the engine computes the last token */
-    kvb_connector_free(c);
-}
-END_TEST
+/* Where the reuse of a lookup ends after P1 was stored: a whole stored
+ * prompt is reused but for its last token (the engine computes it), and
+ * nothing is with blending off. */
+static const struct {
+    int blending;
+    const int32_t *prompt;
+    int n;
+    int64_t end;
+} kLookupEnds[] = {
+    {1, P1, N1, N1 - 1},
+    {0, P2, N2, 0},
+};
 
-START_TEST(test_blending_disabled_reuses_nothing)
+START_TEST(test_lookup_end_after_storing_p1)
 {
-    kvb_connector *c = make_conn(0);
+    kvb_connector *c = make_conn(kLookupEnds[_i].blending);
     store_p1(c);
     kvb_span segs[8];
     uint8_t hit[8];
     int64_t ns, end;
-    ck_assert_int_eq(kvb_connector_lookup(c, 0, P2, N2, NULL, 0, segs, hit, 8, &ns, &end), KVB_OK);
-    ck_assert_int_eq(end, 0);
+    ck_assert_int_eq(kvb_connector_lookup(c, 0, kLookupEnds[_i].prompt, kLookupEnds[_i].n,
+                                          NULL, 0, segs, hit, 8, &ns, &end),
+                     KVB_OK);
+    ck_assert_int_eq(end, kLookupEnds[_i].end);
     kvb_connector_free(c);
 }
 END_TEST
@@ -478,9 +474,7 @@ START_TEST(test_finish_after_partial_prefill_commits_complete_segments)
     for (int i = 1; i < 4; i++) {
         ck_assert_int_eq(p1_hit(c, i), 0);
     }
-    kvb_store_stats st;
-    ck_assert_int_eq(kvb_store_get_stats(kvb_connector_store(c), &st), KVB_OK);
-    ck_assert_int_eq(st.num_entries, 1);
+    ck_assert_int_eq(stored_entries(c), 1);
     kvb_connector_free(c);
 }
 END_TEST
@@ -643,15 +637,38 @@ static kvb_connector *make_disk_conn(const char *dir, int rank, int world)
     return c;
 }
 
+/* The disk folder of the tests of the "disk" case (checked fixture). */
+static char g_tier_dir[64];
+
+/* Fixture: a fresh folder for the disk tier. */
+static void tier_dir_setup(void)
+{
+    tmpdir_make(g_tier_dir, sizeof g_tier_dir, "kvb_conn_tiers");
+}
+
+/* Fixture: removes the folder and everything in it. */
+static void tier_dir_teardown(void)
+{
+    tmpdir_remove(g_tier_dir);
+}
+
+/* Stores P1's segments through a connector of shard `rank` of `world` on
+ * the disk folder, frees it (which drains the write-behind queue) and
+ * returns its tier key. */
+static uint64_t save_p1_to_disk(int rank, int world)
+{
+    kvb_connector *c = make_disk_conn(g_tier_dir, rank, world);
+    store_p1(c);
+    uint64_t key = kvb_connector_tier_key(c);
+    kvb_connector_free(c);
+    return key;
+}
+
 START_TEST(test_disk_tier_serves_a_restarted_connector)
 {
-    char dir[64];
-    tmpdir_make(dir, sizeof dir, "kvb_conn_tiers");
-    kvb_connector *c = make_disk_conn(dir, 0, 1);
-    store_p1(c);
-    kvb_connector_free(c); /* drains the write-behind queue */
-
-    c = make_disk_conn(dir, 0, 1); /* empty memory, the folder reopened */
+    save_p1_to_disk(0, 1);
+    /* empty memory, the folder reopened */
+    kvb_connector *c = make_disk_conn(g_tier_dir, 0, 1);
     kvb_span segs[8];
     uint8_t hit[8];
     int64_t ns = 0, end = 0;
@@ -669,27 +686,19 @@ START_TEST(test_disk_tier_serves_a_restarted_connector)
     ck_assert_int_eq(d.corrupt, 0);
     ck_assert_int_eq(d.entries, 4);
     /* a disk hit was loaded into memory: it is a memory hit now */
-    kvb_store_stats st;
-    ck_assert_int_eq(kvb_store_get_stats(kvb_connector_store(c), &st), KVB_OK);
-    ck_assert_int_eq(st.num_entries, 3);
+    ck_assert_int_eq(stored_entries(c), 3);
     kvb_connector_free(c);
-    tmpdir_remove(dir);
 }
 END_TEST
 
 START_TEST(test_tier_key_separates_shards_and_models)
 {
-    char dir[64];
-    tmpdir_make(dir, sizeof dir, "kvb_conn_tiers");
-    kvb_connector *c = make_disk_conn(dir, 0, 2);
-    store_p1(c);
-    uint64_t k0 = kvb_connector_tier_key(c);
-    kvb_connector_free(c);
-    c = make_disk_conn(dir, 1, 2); /* the other rank: other KV heads */
+    uint64_t k0 = save_p1_to_disk(0, 2);
+    kvb_connector *c = make_disk_conn(g_tier_dir, 1, 2); /* the other rank: other KV heads */
     ck_assert_uint_ne(kvb_connector_tier_key(c), k0);
     ck_assert_int_eq(hits_for(c, 0, P2, N2, NULL), 0);
     kvb_connector_free(c);
-    c = make_disk_conn(dir, 0, 2);
+    c = make_disk_conn(g_tier_dir, 0, 2);
     ck_assert_uint_eq(kvb_connector_tier_key(c), k0);
     /* other weights of the same architecture and shape (a fine-tune) */
     ck_assert_int_eq(kvb_connector_set_model_id(c, "finetune", 8), KVB_OK);
@@ -700,22 +709,16 @@ START_TEST(test_tier_key_separates_shards_and_models)
     ck_assert_int_eq(hits_for(c, 0, P2, N2, NULL), 3);
     ck_assert_int_eq(kvb_connector_set_shard(c, 2, 2), KVB_ERR_INVALID);
     kvb_connector_free(c);
-    tmpdir_remove(dir);
 }
 END_TEST
 
 START_TEST(test_corrupt_disk_entry_is_recomputed)
 {
-    char dir[64];
-    tmpdir_make(dir, sizeof dir, "kvb_conn_tiers");
-    kvb_connector *c = make_disk_conn(dir, 0, 1);
-    store_p1(c);
-    uint64_t key = kvb_connector_tier_key(c);
-    kvb_connector_free(c);
+    uint64_t key = save_p1_to_disk(0, 1);
     /* flip one byte of A's rows on disk */
     const int32_t a[3] = {10, 11, 12};
     char path[160];
-    snprintf(path, sizeof path, "%s/%016llx-%016llx.kvb", dir, (unsigned long long)key,
+    snprintf(path, sizeof path, "%s/%016llx-%016llx.kvb", g_tier_dir, (unsigned long long)key,
              (unsigned long long)kvb_hash_tokens(a, 3));
     FILE *f = fopen(path, "r+b");
     ck_assert_ptr_nonnull(f);
@@ -724,7 +727,7 @@ START_TEST(test_corrupt_disk_entry_is_recomputed)
     ck_assert_int_eq(fseek(f, -7, SEEK_END), 0);
     fputc(ch ^ 0x10, f);
     fclose(f);
-    c = make_disk_conn(dir, 0, 1);
+    kvb_connector *c = make_disk_conn(g_tier_dir, 0, 1);
     kvb_request *req = NULL;
     ck_assert_int_eq(kvb_request_begin(c, 0, P2, N2, NULL, 0, 11, 1, &req), KVB_OK);
     int64_t nseg, nhit, nforced;
@@ -739,29 +742,32 @@ START_TEST(test_corrupt_disk_entry_is_recomputed)
     ck_assert_int_eq(d.corrupt, 1);
     ck_assert_int_eq(d.hits, 2);
     kvb_connector_free(c);
-    tmpdir_remove(dir);
 }
 END_TEST
 
 START_TEST(test_num_threads_applied_at_creation)
 {
+    /* KVBLEND_NUM_THREADS and the threads after creation (0: every core) */
+    static const struct {
+        const char *value;
+        int threads;
+    } cases[] = {{"1", 1}, {"3", 3}, {"0", 0}};
     kvb_config cfg;
     kvb_model_desc m;
-    kvb_connector *c = NULL;
     ck_assert_int_eq(kvb_config_init(&cfg), KVB_OK);
     init_rope(&m);
-    ck_assert_int_eq(kvb_config_set(&cfg, "KVBLEND_NUM_THREADS", "1"), KVB_OK);
-    ck_assert_int_eq(kvb_connector_create(&cfg, &m, -1, &c), KVB_OK);
-    ck_assert_int_eq(kvb_cpu_get_threads(), 1);
-    kvb_connector_free(c);
-    ck_assert_int_eq(kvb_config_set(&cfg, "KVBLEND_NUM_THREADS", "3"), KVB_OK);
-    ck_assert_int_eq(kvb_connector_create(&cfg, &m, -1, &c), KVB_OK);
-    ck_assert_int_eq(kvb_cpu_get_threads(), 3);
-    kvb_connector_free(c);
-    ck_assert_int_eq(kvb_config_set(&cfg, "KVBLEND_NUM_THREADS", "0"), KVB_OK);
-    ck_assert_int_eq(kvb_connector_create(&cfg, &m, -1, &c), KVB_OK);
-    ck_assert_int_ge(kvb_cpu_get_threads(), 1); /* every core */
-    kvb_connector_free(c);
+    for (size_t i = 0; i < COUNT_OF(cases); i++) {
+        kvb_connector *c = NULL;
+        ck_assert_int_eq(kvb_config_set(&cfg, "KVBLEND_NUM_THREADS", cases[i].value),
+                         KVB_OK);
+        ck_assert_int_eq(kvb_connector_create(&cfg, &m, -1, &c), KVB_OK);
+        if (cases[i].threads > 0) {
+            ck_assert_int_eq(kvb_cpu_get_threads(), cases[i].threads);
+        } else {
+            ck_assert_int_ge(kvb_cpu_get_threads(), 1);
+        }
+        kvb_connector_free(c);
+    }
 }
 END_TEST
 
@@ -890,8 +896,8 @@ Suite *connector_suite(void)
     tcase_add_test(tc, test_reordered_prompt_reuses_every_chunk);
     tcase_add_test(tc, test_load_layer_rerotates_to_new_positions);
     tcase_add_test(tc, test_promised_rows_survive_eviction);
-    tcase_add_test(tc, test_whole_prompt_stored_keeps_last_token);
-    tcase_add_test(tc, test_blending_disabled_reuses_nothing);
+    tcase_add_loop_test(tc, test_lookup_end_after_storing_p1, 0,
+                        (int)COUNT_OF(kLookupEnds));
     tcase_add_test(tc, test_short_prompt_and_no_separator);
     tcase_add_test(tc, test_duplicate_chunk_hits_twice);
     tcase_add_test(tc, test_incomplete_save_is_dropped);
@@ -904,9 +910,12 @@ Suite *connector_suite(void)
     tcase_add_test(tc, test_num_threads_applied_at_creation);
     tcase_add_test(tc, test_own_reservation_never_evicts_promised_hits);
     tcase_add_test(tc, test_separator_swap_while_looking_up);
-    tcase_add_test(tc, test_disk_tier_serves_a_restarted_connector);
-    tcase_add_test(tc, test_tier_key_separates_shards_and_models);
-    tcase_add_test(tc, test_corrupt_disk_entry_is_recomputed);
     suite_add_tcase(s, tc);
+    TCase *td = tcase_create("disk");
+    tcase_add_checked_fixture(td, tier_dir_setup, tier_dir_teardown);
+    tcase_add_test(td, test_disk_tier_serves_a_restarted_connector);
+    tcase_add_test(td, test_tier_key_separates_shards_and_models);
+    tcase_add_test(td, test_corrupt_disk_entry_is_recomputed);
+    suite_add_tcase(s, td);
     return s;
 }

@@ -17,6 +17,8 @@
  * evictions and hits.
  */
 #define _POSIX_C_SOURCE 200809L /* pthread, nanosleep */
+#include "test_util.h"
+
 #include <check.h>
 #include <math.h>
 #include <pthread.h>
@@ -82,24 +84,12 @@ static void forward_row(int layer, int kv, int32_t tok, int64_t pos,
     }
 }
 
-/* Describes the shared cache to save_layer. */
+/* Describes the shared cache to save_layer: a K plane, then a V plane,
+ * of NB blocks of BS tokens. */
 static kvb_paged_layout layout_of(void)
 {
-    kvb_paged_layout lay = {
-        .k_base = &g_cache[0][0][0],
-        .v_base = &g_cache[1][0][0],
-        .block_stride = BS * ROW,
-        .token_stride = ROW,
-        .head_stride = D,
-        .dim_stride = 1,
-        .num_blocks = NB,
-        .block_size = BS,
-        .num_kv_heads = H,
-        .head_size = D,
-        .dtype = KVB_DTYPE_F32,
-        .device = -1,
-    };
-    return lay;
+    return make_layout(LAYOUT_2BNHD, (char *)g_cache, NB, BS, H, D,
+                       KVB_DTYPE_F32, -1);
 }
 
 /* The model: 2 layers, 2 KV heads of 8, f32, NeoX RoPE on every dim. */
