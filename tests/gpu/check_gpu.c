@@ -175,12 +175,13 @@ START_TEST(test_gather_layouts)
 {
     const int64_t B = 37, N = 16, n = quick ? 300 : 2000;
     const int32_t H = 3, D = 64;
-    for (int d = 0; d < 3; d++) {
-        kvb_dtype dt = all_dtypes[d];
-        size_t es = kvb_dtype_size(dt);
-        size_t cache_bytes = (size_t)(2 * B * N * H * D) * es;
-        size_t rows_bytes = (size_t)(n * H * D) * es;
-        for (int kind = 0; kind < NUM_LAYOUTS; kind++) {
+    /* every dtype (outer) and layout (inner) */
+    for (int c = 0; c < 3 * NUM_LAYOUTS; c++) {
+        const kvb_dtype dt = all_dtypes[c / NUM_LAYOUTS];
+        const int kind = c % NUM_LAYOUTS;
+        const size_t cache_bytes = (size_t)(2 * B * N * H * D) * kvb_dtype_size(dt);
+        const size_t rows_bytes = (size_t)(n * H * D) * kvb_dtype_size(dt);
+        {
             char *hc = host_random(2 * B * N * H * D, dt);
             char *dc = dev_from(hc, cache_bytes);
             int64_t *slots = make_slots(n, B, N);
@@ -659,6 +660,24 @@ static kvb_connector *tier_conn(const kvb_model_desc *m, int32_t device, double 
     return c;
 }
 
+/* The two prompts of the tier tests: p1 (A before B) and p2 (B before A,
+ * another question), with p1's tokens in slots 0 .. n1-1. */
+typedef struct tier_prompts {
+    int32_t p1[160], p2[160];
+    int n1, n2;
+    int64_t slots[160];
+} tier_prompts;
+
+static int tier_prompt(int32_t *out, int b_first, int q_base, int q_len);
+
+/* Fills `tp`. */
+static void tier_prompts_make(tier_prompts *tp)
+{
+    tp->n1 = tier_prompt(tp->p1, 0, 3000, 3);
+    tp->n2 = tier_prompt(tp->p2, 1, 3500, 4);
+    for (int i = 0; i < tp->n1; i++) tp->slots[i] = i;
+}
+
 /* sys | sep | first | sep | second | sep | question into out; returns the
  * length.  Chunk A is 37 tokens, B 70, so their rows straddle the load
  * kernel's tiles. */
@@ -696,11 +715,8 @@ static void connector_tier_case(kvb_dtype dt, int32_t style, int32_t rot)
         tier_conn(&m, 0, 0, 0.01), /* device tier only */
         tier_conn(&m, -1, 0.01, 0) /* CPU reference */
     };
-    int32_t p1[160], p2[160];
-    const int n1 = tier_prompt(p1, 0, 3000, 3);
-    const int n2 = tier_prompt(p2, 1, 3500, 4);
-    int64_t slots[160];
-    for (int i = 0; i < n1; i++) slots[i] = i;
+    tier_prompts tp;
+    tier_prompts_make(&tp);
     /* per layer, the cache content the first prompt's forward left */
     const int64_t cache_elems = 2 * (int64_t)NB * BS * HK * HD;
     const size_t cache_bytes = (size_t)cache_elems * es;
@@ -710,7 +726,7 @@ static void connector_tier_case(kvb_dtype dt, int32_t style, int32_t rot)
     for (int c = 0; c < 3; c++) {
         const int dev = c < 2 ? 0 : -1;
         kvb_request *req = NULL;
-        OK(kvb_request_begin(conns[c], 0, p1, n1, NULL, 0, -1, 1, &req));
+        OK(kvb_request_begin(conns[c], 0, tp.p1, tp.n1, NULL, 0, -1, 1, &req));
         for (int l = 0; l < NL; l++) {
             kvb_paged_layout lay;
             if (dev >= 0) {
@@ -720,7 +736,7 @@ static void connector_tier_case(kvb_dtype dt, int32_t style, int32_t rot)
             } else {
                 lay = make_layout(LAYOUT_2BNHD, hcache[l], NB, BS, HK, HD, dt, -1);
             }
-            OK(kvb_request_save_layer(req, l, &lay, slots, n1, NULL));
+            OK(kvb_request_save_layer(req, l, &lay, tp.slots, tp.n1, NULL));
         }
         kvb_request_finish(req, 1);
     }
@@ -740,7 +756,7 @@ static void connector_tier_case(kvb_dtype dt, int32_t style, int32_t rot)
     kvb_request *reqs[3];
     int64_t be = -1;
     for (int c = 0; c < 3; c++) {
-        OK(kvb_request_begin(conns[c], 0, p2, n2, NULL, 0, -1, 0, &reqs[c]));
+        OK(kvb_request_begin(conns[c], 0, tp.p2, tp.n2, NULL, 0, -1, 0, &reqs[c]));
         int64_t hit = 0;
         OK(kvb_request_counts(reqs[c], NULL, &hit, NULL));
         ck_assert_int_ge(hit, 2);
@@ -806,11 +822,8 @@ START_TEST(test_connector_checksums_device_saves)
     OK(kvb_connector_create(&cfg, &m, 0, &c));
     const int32_t sep[2] = {7, 8};
     OK(kvb_connector_set_separator(c, sep, 2));
-    int32_t p1[160], p2[160];
-    const int n1 = tier_prompt(p1, 0, 3000, 3);
-    const int n2 = tier_prompt(p2, 1, 3500, 4);
-    int64_t slots[160];
-    for (int i = 0; i < n1; i++) slots[i] = i;
+    tier_prompts tp;
+    tier_prompts_make(&tp);
     const int64_t cache_elems = 2 * (int64_t)NB * BS * HK * HD;
     const size_t cache_bytes = (size_t)cache_elems * es;
     void *h = host_random(cache_elems, dt);
@@ -820,17 +833,17 @@ START_TEST(test_connector_checksums_device_saves)
     ck_assert_int_eq(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
     for (int round = 0; round < 3; round++) {
         kvb_request *req = NULL;
-        OK(kvb_request_begin(c, 0, p1, n1, NULL, 0, -1, 1, &req));
+        OK(kvb_request_begin(c, 0, tp.p1, tp.n1, NULL, 0, -1, 1, &req));
         kvb_paged_layout lay = make_layout(LAYOUT_2BNHD, dcache, NB, BS, HK, HD, dt, 0);
         for (int l = 0; l < NL; l++) {
-            OK(kvb_request_save_layer(req, l, &lay, slots, n1, stream));
+            OK(kvb_request_save_layer(req, l, &lay, tp.slots, tp.n1, stream));
         }
         kvb_request_finish(req, 1); /* commits right after queueing */
         kvb_store_stats st;
         OK(kvb_store_get_stats(kvb_connector_store(c), &st));
         ck_assert_int_eq(st.num_entries, 4);
         /* every stored chunk passes its check */
-        OK(kvb_request_begin(c, 0, p2, n2, NULL, 0, -1, 0, &req));
+        OK(kvb_request_begin(c, 0, tp.p2, tp.n2, NULL, 0, -1, 0, &req));
         int64_t hit = 0;
         OK(kvb_request_counts(req, NULL, &hit, NULL));
         kvb_request_finish(req, 0);
@@ -841,10 +854,10 @@ START_TEST(test_connector_checksums_device_saves)
     }
     /* stored again, then chunk A (tokens 1000..1036) damaged in pinned memory */
     kvb_request *req = NULL;
-    OK(kvb_request_begin(c, 0, p1, n1, NULL, 0, -1, 1, &req));
+    OK(kvb_request_begin(c, 0, tp.p1, tp.n1, NULL, 0, -1, 1, &req));
     kvb_paged_layout lay = make_layout(LAYOUT_2BNHD, dcache, NB, BS, HK, HD, dt, 0);
     for (int l = 0; l < NL; l++) {
-        OK(kvb_request_save_layer(req, l, &lay, slots, n1, stream));
+        OK(kvb_request_save_layer(req, l, &lay, tp.slots, tp.n1, stream));
     }
     kvb_request_finish(req, 1);
     int32_t a[37];
@@ -854,7 +867,7 @@ START_TEST(test_connector_checksums_device_saves)
     ck_assert_ptr_nonnull(e);
     ((unsigned char *)kvb_entry_v(e, 1))[100] ^= 0x02;
     OK(kvb_store_unpin(kvb_connector_store(c), e));
-    OK(kvb_request_begin(c, 0, p2, n2, NULL, 0, -1, 0, &req));
+    OK(kvb_request_begin(c, 0, tp.p2, tp.n2, NULL, 0, -1, 0, &req));
     int64_t hit = 0;
     OK(kvb_request_counts(req, NULL, &hit, NULL));
     kvb_request_finish(req, 0);
