@@ -415,8 +415,7 @@ static const bad_value kBadValues[] = {
     {"LMCACHE_BLEND_CHECK_LAYERS", "x", "check layer 'x' is not an integer"},
     {"LMCACHE_BLEND_CHECK_LAYERS", "", "the list is empty"},
     {"LMCACHE_BLEND_CHECK_LAYERS", "3000000000", "out of range"},
-    {"LMCACHE_BLEND_CHECK_LAYERS", "0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16",
-     "more than 16 values"},
+    {"LMCACHE_BLEND_CHECK_LAYERS", "0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16", "more than 16 values"},
     /* thresholds */
     {"LMCACHE_BLEND_THRESHOLDS", "-1", "threshold -1 is negative"},
     {"LMCACHE_BLEND_THRESHOLDS", "abc", "threshold 'abc' is not a finite number"},
@@ -462,8 +461,7 @@ static const bad_value kBadValues[] = {
     {"LMCACHE_LOCAL_DISK", "s3://bucket/kv", "expected a folder as file:///path/"},
     {"LMCACHE_LOCAL_DISK", "file://", "the folder is empty"},
     {"LMCACHE_MAX_LOCAL_DISK_SIZE", "-2", "-2 is out of range"},
-    {"LMCACHE_REMOTE_URL", "lm://localhost:65432", "expected redis://host:port or "
-     "valkey://host:port (kvblend does not implement LMCache's lm://"},
+    {"LMCACHE_REMOTE_URL", "lm://localhost:65432", "expected redis://host:port or valkey://host:port (kvblend does not implement LMCache's lm://"},
     {"LMCACHE_REMOTE_URL", "mooncakestore://x", "expected redis://"},
     {"LMCACHE_REMOTE_SERDE", "cachegen", "expected naive"},
     {"KVBLEND_REMOTE_TIMEOUT_MS", "0", "from 1 to 600000"},
@@ -471,14 +469,12 @@ static const bad_value kBadValues[] = {
     {"KVBLEND_REMOTE_PART_SIZE", "0.01", "from 0.0625 to 512"},
     {"KVBLEND_REMOTE_PART_SIZE", "x", "from 0.0625 to 512"},
     /* names */
-    {"KVBLEND_FOO", "1", "unknown kvblend variable KVBLEND_FOO; known: "
-     "KVBLEND_MAX_DEVICE_SIZE, KVBLEND_DEVIATION"},
+    {"KVBLEND_FOO", "1", "unknown kvblend variable KVBLEND_FOO; known: KVBLEND_MAX_DEVICE_SIZE, KVBLEND_DEVIATION"},
     {"VLLM_BLEND", "1", "not a kvblend setting"},
     /* LMCACHE_EXTRA_CONFIG (parsed by cJSON: the message names the byte
      * where parsing stopped) */
     {"LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": tru}", "invalid JSON at byte 18"},
-    {"LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": 1}",
-     "\"enable_sparse\" must be true or false, got a number"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": 1}", "\"enable_sparse\" must be true or false, got a number"},
     {"LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": \"true\"}", "got a string"},
     {"LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": null}", "got null"},
     {"LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\": [true]}", "got an array"},
@@ -499,8 +495,7 @@ static const bad_value kBadValues[] = {
     {"LMCACHE_EXTRA_CONFIG", "{\"a\": \"\\q\"}", "invalid JSON at byte"},
     {"LMCACHE_EXTRA_CONFIG", "{\"a\": \"\\uD800\"}", "invalid JSON at byte"},
     {"LMCACHE_EXTRA_CONFIG", "{\"a\": \"\\uDC00\"}", "invalid JSON at byte"},
-    {"LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\\u0000x\": true}",
-     "invalid JSON at byte 15: \\u0000 (an escaped NUL) is not supported"},
+    {"LMCACHE_EXTRA_CONFIG", "{\"enable_sparse\\u0000x\": true}", "invalid JSON at byte 15: \\u0000 (an escaped NUL) is not supported"},
 };
 
 START_TEST(test_config_set_rejects_bad_values)
