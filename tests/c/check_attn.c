@@ -360,17 +360,16 @@ END_TEST
 /* Builds the suite of the CPU attention op. */
 Suite *attn_suite(void)
 {
-    Suite *s = suite_create("attn");
-    TCase *tc = tcase_create("core");
-    tcase_set_timeout(tc, 300);
-    tcase_add_test(tc, test_attention_subset_equals_full_gqa_smollm);
-    tcase_add_test(tc, test_attention_subset_equals_full_gqa_llama);
-    tcase_add_test(tc, test_attention_odd_shapes);
-    tcase_add_test(tc, test_attention_half_types);
-    tcase_add_test(tc, test_attention_unsorted_keys);
-    tcase_add_test(tc, test_attention_no_keys_zeros);
-    tcase_add_test(tc, test_attention_threads_identical);
-    tcase_add_test(tc, test_attention_bad_args_rejected);
-    suite_add_tcase(s, tc);
-    return s;
+    static const case_spec cases[] = {{"core", NULL, NULL, 300}};
+    const test_spec tests[] = {
+        {0, test_attention_subset_equals_full_gqa_smollm, 0},
+        {0, test_attention_subset_equals_full_gqa_llama, 0},
+        {0, test_attention_odd_shapes, 0},
+        {0, test_attention_half_types, 0},
+        {0, test_attention_unsorted_keys, 0},
+        {0, test_attention_no_keys_zeros, 0},
+        {0, test_attention_threads_identical, 0},
+        {0, test_attention_bad_args_rejected, 0},
+    };
+    return suite_build("attn", cases, COUNT_OF(cases), tests, COUNT_OF(tests));
 }

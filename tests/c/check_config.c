@@ -189,6 +189,7 @@ static const set_step kNumbers[] = {
     {"LMCACHE_MAX_LOCAL_CPU_SIZE", "2.5", FIELD(max_local_cpu_size_gb), 2.5, NULL},
     {"LMCACHE_MAX_LOCAL_CPU_SIZE", "0", FIELD(max_local_cpu_size_gb), 0.0, NULL},
     {"KVBLEND_MAX_DEVICE_SIZE", "1e1", FIELD(max_device_size_gb), 10.0, NULL},
+    {NULL, NULL, FIELD(num_threads), 0, NULL}, /* the default: all cores */
     {"KVBLEND_NUM_THREADS", "8", FIELD(num_threads), 8, NULL},
     {"KVBLEND_NUM_THREADS", "0", FIELD(num_threads), 0, NULL},
 };
@@ -840,38 +841,34 @@ START_TEST(test_config_from_env_cross_field_mismatch)
 }
 END_TEST
 
+/* The config suite. */
 Suite *config_suite(void)
 {
-    Suite *s = suite_create("config");
-    TCase *tc = tcase_create("set");
-    tcase_add_loop_test(tc, test_config_set_accepted_values, 0,
-                        (int)COUNT_OF(kSetSequences));
-    tcase_add_test(tc, test_config_set_bool_forms);
-    tcase_add_test(tc, test_config_set_special_str);
-    tcase_add_test(tc, test_config_extra_config_nesting_limit);
-    tcase_add_loop_test(tc, test_config_set_rejects_bad_values, 0,
-                        (int)(sizeof kBadValues / sizeof kBadValues[0]));
-    tcase_add_test(tc, test_config_set_unknown_lmcache_name_ignored);
-    tcase_add_test(tc, test_config_set_null_arguments);
-    tcase_add_test(tc, test_config_long_value_is_truncated_in_message);
-    tcase_add_test(tc, test_config_get_iterates_the_table);
-    tcase_add_loop_test(tc, test_config_get_reads_values_by_type, 0,
-                        (int)(sizeof kGetRows / sizeof kGetRows[0]));
-    tcase_add_test(tc, test_config_get_lists);
-    suite_add_tcase(s, tc);
-    TCase *tv = tcase_create("validate");
-    tcase_add_loop_test(tv, test_config_validate_list_counts, 0,
-                        (int)COUNT_OF(kValidateSequences));
-    tcase_add_test(tv, test_config_validate_hand_filled_fields);
-    tcase_add_test(tv, test_config_ratio_at);
-    suite_add_tcase(s, tv);
-    TCase *te = tcase_create("env");
-    tcase_add_checked_fixture(te, env_clear, env_clear);
-    tcase_add_test(te, test_config_from_env_defaults);
-    tcase_add_test(te, test_config_from_env_reads_every_variable);
-    tcase_add_test(te, test_config_from_env_bad_value_leaves_cfg);
-    tcase_add_test(te, test_config_from_env_unknown_kvblend_variable);
-    tcase_add_test(te, test_config_from_env_cross_field_mismatch);
-    suite_add_tcase(s, te);
-    return s;
+    static const case_spec cases[] = {
+        {"set", NULL, NULL, 0},
+        {"validate", NULL, NULL, 0},
+        {"env", env_clear, env_clear, 0},
+    };
+    const test_spec tests[] = {
+        {0, test_config_set_accepted_values, (int)COUNT_OF(kSetSequences)},
+        {0, test_config_set_bool_forms, 0},
+        {0, test_config_set_special_str, 0},
+        {0, test_config_extra_config_nesting_limit, 0},
+        {0, test_config_set_rejects_bad_values, (int)(sizeof kBadValues / sizeof kBadValues[0])},
+        {0, test_config_set_unknown_lmcache_name_ignored, 0},
+        {0, test_config_set_null_arguments, 0},
+        {0, test_config_long_value_is_truncated_in_message, 0},
+        {0, test_config_get_iterates_the_table, 0},
+        {0, test_config_get_reads_values_by_type, (int)(sizeof kGetRows / sizeof kGetRows[0])},
+        {0, test_config_get_lists, 0},
+        {1, test_config_validate_list_counts, (int)COUNT_OF(kValidateSequences)},
+        {1, test_config_validate_hand_filled_fields, 0},
+        {1, test_config_ratio_at, 0},
+        {2, test_config_from_env_defaults, 0},
+        {2, test_config_from_env_reads_every_variable, 0},
+        {2, test_config_from_env_bad_value_leaves_cfg, 0},
+        {2, test_config_from_env_unknown_kvblend_variable, 0},
+        {2, test_config_from_env_cross_field_mismatch, 0},
+    };
+    return suite_build("config", cases, COUNT_OF(cases), tests, COUNT_OF(tests));
 }

@@ -886,36 +886,36 @@ START_TEST(test_own_reservation_never_evicts_promised_hits)
 }
 END_TEST
 
+/* The connector suite. */
 Suite *connector_suite(void)
 {
-    Suite *s = suite_create("connector");
-    TCase *tc = tcase_create("core");
-    tcase_add_test(tc, test_connector_keeps_the_host_log_sink);
-    tcase_add_test(tc, test_connector_logs_compat_only_settings);
-    tcase_add_test(tc, test_lookup_empty_store_misses);
-    tcase_add_test(tc, test_reordered_prompt_reuses_every_chunk);
-    tcase_add_test(tc, test_load_layer_rerotates_to_new_positions);
-    tcase_add_test(tc, test_promised_rows_survive_eviction);
-    tcase_add_loop_test(tc, test_lookup_end_after_storing_p1, 0,
-                        (int)COUNT_OF(kLookupEnds));
-    tcase_add_test(tc, test_short_prompt_and_no_separator);
-    tcase_add_test(tc, test_duplicate_chunk_hits_twice);
-    tcase_add_test(tc, test_incomplete_save_is_dropped);
-    tcase_add_test(tc, test_prefill_over_steps_stores_each_segment_when_complete);
-    tcase_add_test(tc, test_finish_after_partial_prefill_commits_complete_segments);
-    tcase_add_test(tc, test_bad_arguments_named);
-    tcase_add_test(tc, test_tenants_never_share_chunks);
-    tcase_add_test(tc, test_damaged_chunk_is_recomputed_not_loaded);
-    tcase_add_test(tc, test_fingerprint_names_the_model);
-    tcase_add_test(tc, test_num_threads_applied_at_creation);
-    tcase_add_test(tc, test_own_reservation_never_evicts_promised_hits);
-    tcase_add_test(tc, test_separator_swap_while_looking_up);
-    suite_add_tcase(s, tc);
-    TCase *td = tcase_create("disk");
-    tcase_add_checked_fixture(td, tier_dir_setup, tier_dir_teardown);
-    tcase_add_test(td, test_disk_tier_serves_a_restarted_connector);
-    tcase_add_test(td, test_tier_key_separates_shards_and_models);
-    tcase_add_test(td, test_corrupt_disk_entry_is_recomputed);
-    suite_add_tcase(s, td);
-    return s;
+    static const case_spec cases[] = {
+        {"core", NULL, NULL, 0},
+        {"disk", tier_dir_setup, tier_dir_teardown, 0},
+    };
+    const test_spec tests[] = {
+        {0, test_connector_keeps_the_host_log_sink, 0},
+        {0, test_connector_logs_compat_only_settings, 0},
+        {0, test_lookup_empty_store_misses, 0},
+        {0, test_reordered_prompt_reuses_every_chunk, 0},
+        {0, test_load_layer_rerotates_to_new_positions, 0},
+        {0, test_promised_rows_survive_eviction, 0},
+        {0, test_lookup_end_after_storing_p1, (int)COUNT_OF(kLookupEnds)},
+        {0, test_short_prompt_and_no_separator, 0},
+        {0, test_duplicate_chunk_hits_twice, 0},
+        {0, test_incomplete_save_is_dropped, 0},
+        {0, test_prefill_over_steps_stores_each_segment_when_complete, 0},
+        {0, test_finish_after_partial_prefill_commits_complete_segments, 0},
+        {0, test_bad_arguments_named, 0},
+        {0, test_tenants_never_share_chunks, 0},
+        {0, test_damaged_chunk_is_recomputed_not_loaded, 0},
+        {0, test_fingerprint_names_the_model, 0},
+        {0, test_num_threads_applied_at_creation, 0},
+        {0, test_own_reservation_never_evicts_promised_hits, 0},
+        {0, test_separator_swap_while_looking_up, 0},
+        {1, test_disk_tier_serves_a_restarted_connector, 0},
+        {1, test_tier_key_separates_shards_and_models, 0},
+        {1, test_corrupt_disk_entry_is_recomputed, 0},
+    };
+    return suite_build("connector", cases, COUNT_OF(cases), tests, COUNT_OF(tests));
 }

@@ -817,29 +817,27 @@ END_TEST
  * log sinks some of them install). */
 Suite *disk_suite(void)
 {
-    Suite *s = suite_create("disk");
-    TCase *tc = tcase_create("core");
-    tcase_add_checked_fixture(tc, dir_setup, dir_teardown);
-    tcase_add_test(tc, test_disk_put_get_round_trip);
-    tcase_add_test(tc, test_disk_contains_and_miss);
-    tcase_add_test(tc, test_disk_lru_evicts_least_recently_used);
-    tcase_add_test(tc, test_disk_put_evicts_several_for_a_large_blob);
-    tcase_add_test(tc, test_disk_put_replaces_same_entry);
-    tcase_add_test(tc, test_disk_reopen_restores_entries_and_lru_order);
-    tcase_add_test(tc, test_disk_get_refreshes_file_time);
-    tcase_add_test(tc, test_disk_open_removes_leftover_temp_files);
-    tcase_add_test(tc, test_disk_open_leaves_unrelated_files);
-    tcase_add_test(tc, test_disk_oversize_blob_not_stored);
-    tcase_add_test(tc, test_disk_zero_budget_stores_nothing);
-    tcase_add_test(tc, test_disk_reopen_smaller_budget_evicts_oldest);
-    tcase_add_test(tc, test_disk_drop_deletes_file);
-    tcase_add_test(tc, test_disk_vanished_file_is_a_miss_and_forgotten);
-    tcase_add_test(tc, test_disk_adopts_files_of_other_processes);
-    tcase_add_test(tc, test_disk_put_failure_names_path);
-    tcase_add_test(tc, test_disk_open_creates_missing_parents);
-    tcase_add_test(tc, test_disk_bad_arguments_named);
-    tcase_add_test(tc, test_disk_threads_keep_index_consistent_with_folder);
-    suite_add_tcase(s, tc);
-    tcase_set_timeout(tc, 120);
-    return s;
+    static const case_spec cases[] = {{"core", dir_setup, dir_teardown, 120}};
+    const test_spec tests[] = {
+        {0, test_disk_put_get_round_trip, 0},
+        {0, test_disk_contains_and_miss, 0},
+        {0, test_disk_lru_evicts_least_recently_used, 0},
+        {0, test_disk_put_evicts_several_for_a_large_blob, 0},
+        {0, test_disk_put_replaces_same_entry, 0},
+        {0, test_disk_reopen_restores_entries_and_lru_order, 0},
+        {0, test_disk_get_refreshes_file_time, 0},
+        {0, test_disk_open_removes_leftover_temp_files, 0},
+        {0, test_disk_open_leaves_unrelated_files, 0},
+        {0, test_disk_oversize_blob_not_stored, 0},
+        {0, test_disk_zero_budget_stores_nothing, 0},
+        {0, test_disk_reopen_smaller_budget_evicts_oldest, 0},
+        {0, test_disk_drop_deletes_file, 0},
+        {0, test_disk_vanished_file_is_a_miss_and_forgotten, 0},
+        {0, test_disk_adopts_files_of_other_processes, 0},
+        {0, test_disk_put_failure_names_path, 0},
+        {0, test_disk_open_creates_missing_parents, 0},
+        {0, test_disk_bad_arguments_named, 0},
+        {0, test_disk_threads_keep_index_consistent_with_folder, 0},
+    };
+    return suite_build("disk", cases, COUNT_OF(cases), tests, COUNT_OF(tests));
 }

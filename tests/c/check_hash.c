@@ -4,6 +4,8 @@
  * properties the chunk index relies on (position independence, distinct
  * sequences give distinct keys).
  */
+#include "test_util.h"
+
 #include <check.h>
 #include <stdint.h>
 #include <string.h>
@@ -100,14 +102,15 @@ START_TEST(test_hash_distinct_sequences_differ)
 }
 END_TEST
 
+/* The hash suite. */
 Suite *hash_suite(void)
 {
-    Suite *s = suite_create("hash");
-    TCase *tc = tcase_create("core");
-    tcase_add_test(tc, test_hash_empty_input);
-    tcase_add_test(tc, test_hash_reference_values);
-    tcase_add_test(tc, test_hash_position_independent);
-    tcase_add_test(tc, test_hash_distinct_sequences_differ);
-    suite_add_tcase(s, tc);
-    return s;
+    static const case_spec cases[] = {{"core", NULL, NULL, 0}};
+    const test_spec tests[] = {
+        {0, test_hash_empty_input, 0},
+        {0, test_hash_reference_values, 0},
+        {0, test_hash_position_independent, 0},
+        {0, test_hash_distinct_sequences_differ, 0},
+    };
+    return suite_build("hash", cases, COUNT_OF(cases), tests, COUNT_OF(tests));
 }

@@ -2,6 +2,8 @@
  * check_layout.c: the paged-KV layout descriptor and slot-mapping checks
  * every paged op runs before touching the engine's cache.
  */
+#include "test_util.h"
+
 #include <check.h>
 #include <stdint.h>
 #include <string.h>
@@ -185,17 +187,18 @@ START_TEST(test_layout_check_slots_bad_arguments)
 }
 END_TEST
 
+/* The layout suite. */
 Suite *layout_suite(void)
 {
-    Suite *s = suite_create("layout");
-    TCase *tc = tcase_create("core");
-    tcase_add_test(tc, test_layout_validate_accepts_engine_layouts);
-    tcase_add_test(tc, test_layout_validate_names_each_bad_field);
-    tcase_add_test(tc, test_layout_validate_rejects_overflowing_extent);
-    tcase_add_test(tc, test_layout_validate_v_strides);
-    tcase_add_test(tc, test_layout_check_slots_accepts_range_and_padding);
-    tcase_add_test(tc, test_layout_check_slots_names_index_slot_and_limit);
-    tcase_add_test(tc, test_layout_check_slots_bad_arguments);
-    suite_add_tcase(s, tc);
-    return s;
+    static const case_spec cases[] = {{"core", NULL, NULL, 0}};
+    const test_spec tests[] = {
+        {0, test_layout_validate_accepts_engine_layouts, 0},
+        {0, test_layout_validate_names_each_bad_field, 0},
+        {0, test_layout_validate_rejects_overflowing_extent, 0},
+        {0, test_layout_validate_v_strides, 0},
+        {0, test_layout_check_slots_accepts_range_and_padding, 0},
+        {0, test_layout_check_slots_names_index_slot_and_limit, 0},
+        {0, test_layout_check_slots_bad_arguments, 0},
+    };
+    return suite_build("layout", cases, COUNT_OF(cases), tests, COUNT_OF(tests));
 }

@@ -903,29 +903,28 @@ END_TEST
 /* Builds the suite of the CPU copy, rotation and selection ops. */
 Suite *ops_suite(void)
 {
-    Suite *s = suite_create("ops");
-    TCase *tc = tcase_create("core");
-    tcase_set_timeout(tc, 120);
-    tcase_add_test(tc, test_copy_roundtrip_every_layout);
-    tcase_add_test(tc, test_copy_scatter_addresses_interleaved);
-    tcase_add_test(tc, test_copy_scatter_k_only);
-    tcase_add_test(tc, test_copy_scatter_addresses_transposed_k);
-    tcase_add_test(tc, test_copy_zero_v_strides_mean_k_strides);
-    tcase_add_test(tc, test_copy_bad_slot_rejected);
-    tcase_add_test(tc, test_copy_bad_args_rejected);
-    tcase_add_test(tc, test_rerotate_equals_rotating_unrotated);
-    tcase_add_test(tc, test_rerotate_half_types_within_tolerance);
-    tcase_add_test(tc, test_rerotate_tail_and_identity_exact);
-    tcase_add_test(tc, test_rerotate_composes);
-    tcase_add_test(tc, test_rerotate_bad_args_rejected);
-    tcase_add_test(tc, test_load_rotate_equals_copy_then_rerotate);
-    tcase_add_test(tc, test_load_rotate_in_place_equals_copy);
-    tcase_add_test(tc, test_load_rotate_bad_segments_rejected);
-    tcase_add_test(tc, test_deviation_matches_double_reference);
-    tcase_add_test(tc, test_deviation_bad_args_rejected);
-    tcase_add_test(tc, test_select_matches_sort_reference);
-    tcase_add_test(tc, test_select_ties_nan_forced);
-    tcase_add_test(tc, test_select_bad_args_rejected);
-    suite_add_tcase(s, tc);
-    return s;
+    static const case_spec cases[] = {{"core", NULL, NULL, 120}};
+    const test_spec tests[] = {
+        {0, test_copy_roundtrip_every_layout, 0},
+        {0, test_copy_scatter_addresses_interleaved, 0},
+        {0, test_copy_scatter_k_only, 0},
+        {0, test_copy_scatter_addresses_transposed_k, 0},
+        {0, test_copy_zero_v_strides_mean_k_strides, 0},
+        {0, test_copy_bad_slot_rejected, 0},
+        {0, test_copy_bad_args_rejected, 0},
+        {0, test_rerotate_equals_rotating_unrotated, 0},
+        {0, test_rerotate_half_types_within_tolerance, 0},
+        {0, test_rerotate_tail_and_identity_exact, 0},
+        {0, test_rerotate_composes, 0},
+        {0, test_rerotate_bad_args_rejected, 0},
+        {0, test_load_rotate_equals_copy_then_rerotate, 0},
+        {0, test_load_rotate_in_place_equals_copy, 0},
+        {0, test_load_rotate_bad_segments_rejected, 0},
+        {0, test_deviation_matches_double_reference, 0},
+        {0, test_deviation_bad_args_rejected, 0},
+        {0, test_select_matches_sort_reference, 0},
+        {0, test_select_ties_nan_forced, 0},
+        {0, test_select_bad_args_rejected, 0},
+    };
+    return suite_build("ops", cases, COUNT_OF(cases), tests, COUNT_OF(tests));
 }

@@ -1239,27 +1239,24 @@ END_TEST
 /* The remote tier suite. */
 Suite *remote_suite(void)
 {
-    Suite *s = suite_create("remote");
-    TCase *tc = tcase_create("core");
-    tcase_add_checked_fixture(tc, setup_log, teardown_log);
-    tcase_set_timeout(tc, 120);
-    tcase_add_test(tc, test_remote_url_good);
-    tcase_add_test(tc, test_remote_url_bad);
-    tcase_add_test(tc, test_remote_server_down);
-    tcase_add_test(tc, test_remote_restart);
-    tcase_add_test(tc, test_remote_silent_server);
-    tcase_add_test(tc, test_remote_auth);
-    tcase_add_test(tc, test_remote_db);
-    tcase_add_test(tc, test_remote_concurrent);
-    tcase_add_test(tc, test_remote_unsupported);
-    suite_add_tcase(s, tc);
-    TCase *sv = tcase_create("served");
-    tcase_add_checked_fixture(sv, served_setup, served_teardown);
-    tcase_set_timeout(sv, 120);
-    tcase_add_test(sv, test_remote_roundtrip);
-    tcase_add_test(sv, test_remote_del);
-    tcase_add_test(sv, test_remote_missing_part);
-    tcase_add_test(sv, test_remote_corrupt_meta);
-    suite_add_tcase(s, sv);
-    return s;
+    static const case_spec cases[] = {
+        {"core", setup_log, teardown_log, 120},
+        {"served", served_setup, served_teardown, 120},
+    };
+    const test_spec tests[] = {
+        {0, test_remote_url_good, 0},
+        {0, test_remote_url_bad, 0},
+        {0, test_remote_server_down, 0},
+        {0, test_remote_restart, 0},
+        {0, test_remote_silent_server, 0},
+        {0, test_remote_auth, 0},
+        {0, test_remote_db, 0},
+        {0, test_remote_concurrent, 0},
+        {0, test_remote_unsupported, 0},
+        {1, test_remote_roundtrip, 0},
+        {1, test_remote_del, 0},
+        {1, test_remote_missing_part, 0},
+        {1, test_remote_corrupt_meta, 0},
+    };
+    return suite_build("remote", cases, COUNT_OF(cases), tests, COUNT_OF(tests));
 }

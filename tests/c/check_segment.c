@@ -277,29 +277,30 @@ START_TEST(test_split_output_passes_check)
 }
 END_TEST
 
+/* The segment suite. */
 Suite *segment_suite(void)
 {
-    Suite *s = suite_create("segment");
-    TCase *tc = tcase_create("split");
-    tcase_add_test(tc, test_split_empty_prompt_has_no_segments);
-    tcase_add_test(tc, test_split_no_separator_is_one_segment);
-    tcase_add_test(tc, test_split_typical_rag_prompt);
-    tcase_add_test(tc, test_split_separator_at_start_and_end);
-    tcase_add_test(tc, test_split_consecutive_separators);
-    tcase_add_test(tc, test_split_partial_match_keeps_tokens);
-    tcase_add_test(tc, test_split_overlapping_pattern_leftmost_wins);
-    tcase_add_test(tc, test_split_one_token_separator);
-    tcase_add_test(tc, test_split_separator_is_whole_prompt);
-    tcase_add_test(tc, test_split_prompt_shorter_than_separator);
-    tcase_add_test(tc, test_split_capacity_overflow_reports_count);
-    tcase_add_test(tc, test_split_bad_arguments);
-    tcase_add_test(tc, test_split_output_passes_check);
-    suite_add_tcase(s, tc);
-    TCase *tc2 = tcase_create("check");
-    tcase_add_test(tc2, test_check_valid_spans);
-    tcase_add_loop_test(tc2, test_check_bad_spans_named_by_index, 0,
-                        (int)(sizeof kBadSpans / sizeof kBadSpans[0]));
-    tcase_add_test(tc2, test_check_bad_arguments);
-    suite_add_tcase(s, tc2);
-    return s;
+    static const case_spec cases[] = {
+        {"split", NULL, NULL, 0},
+        {"check", NULL, NULL, 0},
+    };
+    const test_spec tests[] = {
+        {0, test_split_empty_prompt_has_no_segments, 0},
+        {0, test_split_no_separator_is_one_segment, 0},
+        {0, test_split_typical_rag_prompt, 0},
+        {0, test_split_separator_at_start_and_end, 0},
+        {0, test_split_consecutive_separators, 0},
+        {0, test_split_partial_match_keeps_tokens, 0},
+        {0, test_split_overlapping_pattern_leftmost_wins, 0},
+        {0, test_split_one_token_separator, 0},
+        {0, test_split_separator_is_whole_prompt, 0},
+        {0, test_split_prompt_shorter_than_separator, 0},
+        {0, test_split_capacity_overflow_reports_count, 0},
+        {0, test_split_bad_arguments, 0},
+        {0, test_split_output_passes_check, 0},
+        {1, test_check_valid_spans, 0},
+        {1, test_check_bad_spans_named_by_index, (int)(sizeof kBadSpans / sizeof kBadSpans[0])},
+        {1, test_check_bad_arguments, 0},
+    };
+    return suite_build("segment", cases, COUNT_OF(cases), tests, COUNT_OF(tests));
 }

@@ -1674,47 +1674,47 @@ START_TEST(test_store_doomed_entry_freed_at_last_pin)
 }
 END_TEST
 
+/* The store suite. */
 Suite *store_suite(void)
 {
-    Suite *s = suite_create("store");
-    TCase *tc = tcase_create("core");
-    tcase_add_test(tc, test_store_create_names_bad_params);
-    tcase_add_test(tc, test_store_roundtrip_every_layer);
-    tcase_add_test(tc, test_store_lookup_any_subset_any_order);
-    tcase_add_test(tc, test_store_many_entries_all_found);
-    tcase_add_test(tc, test_store_collision_never_returns_other_chunk);
-    tcase_add_test(tc, test_store_lru_evicts_least_recent);
-    tcase_add_test(tc, test_store_lru_acquire_refreshes);
-    tcase_add_test(tc, test_store_events_mirror_commits_and_evictions);
-    tcase_add_test(tc, test_store_events_many_grow_in_order);
-    tcase_add_test(tc, test_store_pinned_never_evicted);
-    tcase_add_test(tc, test_store_pending_entry_blocks_eviction);
-    tcase_add_test(tc, test_store_oversized_entry_rejected);
-    tcase_add_test(tc, test_store_zero_budget_stores_nothing);
-    tcase_add_test(tc, test_store_duplicate_reserve_returns_null);
-    tcase_add_test(tc, test_store_abort_frees_reservation);
-    tcase_add_test(tc, test_store_unpin_counts_pins);
-    tcase_add_test(tc, test_store_pending_invisible);
-    tcase_add_test(tc, test_store_bytes_return_to_zero_after_clear);
-    tcase_add_test(tc, test_store_bad_arguments_named);
-    tcase_add_test(tc, test_store_free_with_pinned_entry_warns);
-    tcase_add_test(tc, test_store_threads_keep_invariants);
-    tcase_add_test(tc, test_store_demotion_moves_rows_exactly);
-    tcase_add_test(tc, test_store_promotion_on_acquire_moves_back);
-    tcase_add_loop_test(tc, test_store_victim_dropped_when_it_cannot_move, 0, 3);
-    tcase_add_test(tc, test_store_pinned_and_pending_never_move);
-    tcase_add_test(tc, test_store_host_cannot_take_victim_drops);
-    tcase_add_test(tc, test_store_failing_mover_keeps_store_consistent);
-    tcase_add_test(tc, test_store_failing_allocator_keeps_store_consistent);
-    tcase_add_test(tc, test_store_fragmented_pool_evicts_until_a_block_fits);
-    tcase_add_test(tc, test_store_tier_bytes_return_to_zero_after_clear);
-    tcase_add_test(tc, test_store_lru_order_across_tiers);
-    tcase_add_test(tc, test_store_mover_bad_arguments_named);
-    tcase_add_test(tc, test_store_threads_with_mover_keep_invariants);
-    tcase_add_test(tc, test_store_namespaces_never_meet);
-    tcase_add_test(tc, test_store_checksum_catches_a_flipped_byte);
-    tcase_add_test(tc, test_store_doomed_entry_freed_at_last_pin);
-    suite_add_tcase(s, tc);
-    tcase_set_timeout(tc, 120);
-    return s;
+    static const case_spec cases[] = {{"core", NULL, NULL, 120}};
+    const test_spec tests[] = {
+        {0, test_store_create_names_bad_params, 0},
+        {0, test_store_roundtrip_every_layer, 0},
+        {0, test_store_lookup_any_subset_any_order, 0},
+        {0, test_store_many_entries_all_found, 0},
+        {0, test_store_collision_never_returns_other_chunk, 0},
+        {0, test_store_lru_evicts_least_recent, 0},
+        {0, test_store_lru_acquire_refreshes, 0},
+        {0, test_store_events_mirror_commits_and_evictions, 0},
+        {0, test_store_events_many_grow_in_order, 0},
+        {0, test_store_pinned_never_evicted, 0},
+        {0, test_store_pending_entry_blocks_eviction, 0},
+        {0, test_store_oversized_entry_rejected, 0},
+        {0, test_store_zero_budget_stores_nothing, 0},
+        {0, test_store_duplicate_reserve_returns_null, 0},
+        {0, test_store_abort_frees_reservation, 0},
+        {0, test_store_unpin_counts_pins, 0},
+        {0, test_store_pending_invisible, 0},
+        {0, test_store_bytes_return_to_zero_after_clear, 0},
+        {0, test_store_bad_arguments_named, 0},
+        {0, test_store_free_with_pinned_entry_warns, 0},
+        {0, test_store_threads_keep_invariants, 0},
+        {0, test_store_demotion_moves_rows_exactly, 0},
+        {0, test_store_promotion_on_acquire_moves_back, 0},
+        {0, test_store_victim_dropped_when_it_cannot_move, 3},
+        {0, test_store_pinned_and_pending_never_move, 0},
+        {0, test_store_host_cannot_take_victim_drops, 0},
+        {0, test_store_failing_mover_keeps_store_consistent, 0},
+        {0, test_store_failing_allocator_keeps_store_consistent, 0},
+        {0, test_store_fragmented_pool_evicts_until_a_block_fits, 0},
+        {0, test_store_tier_bytes_return_to_zero_after_clear, 0},
+        {0, test_store_lru_order_across_tiers, 0},
+        {0, test_store_mover_bad_arguments_named, 0},
+        {0, test_store_threads_with_mover_keep_invariants, 0},
+        {0, test_store_namespaces_never_meet, 0},
+        {0, test_store_checksum_catches_a_flipped_byte, 0},
+        {0, test_store_doomed_entry_freed_at_last_pin, 0},
+    };
+    return suite_build("store", cases, COUNT_OF(cases), tests, COUNT_OF(tests));
 }

@@ -390,12 +390,12 @@ START_TEST(test_stress_workers_with_separator_swaps_and_clears)
 }
 END_TEST
 
+/* The stress suite. */
 Suite *stress_suite(void)
 {
-    Suite *s = suite_create("stress");
-    TCase *tc = tcase_create("threads");
-    tcase_set_timeout(tc, 300);
-    tcase_add_test(tc, test_stress_workers_with_separator_swaps_and_clears);
-    suite_add_tcase(s, tc);
-    return s;
+    static const case_spec cases[] = {{"threads", NULL, NULL, 300}};
+    const test_spec tests[] = {
+        {0, test_stress_workers_with_separator_swaps_and_clears, 0},
+    };
+    return suite_build("stress", cases, COUNT_OF(cases), tests, COUNT_OF(tests));
 }

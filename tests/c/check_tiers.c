@@ -186,13 +186,14 @@ START_TEST(test_tiers_none_configured_and_bad_values)
 }
 END_TEST
 
+/* The tiers suite. */
 Suite *tiers_suite(void)
 {
-    Suite *s = suite_create("tiers");
-    TCase *tc = tcase_create("core");
-    tcase_add_test(tc, test_blob_round_trip_and_every_refusal);
-    tcase_add_test(tc, test_tiers_write_behind_then_fetch);
-    tcase_add_test(tc, test_tiers_none_configured_and_bad_values);
-    suite_add_tcase(s, tc);
-    return s;
+    static const case_spec cases[] = {{"core", NULL, NULL, 0}};
+    const test_spec tests[] = {
+        {0, test_blob_round_trip_and_every_refusal, 0},
+        {0, test_tiers_write_behind_then_fetch, 0},
+        {0, test_tiers_none_configured_and_bad_values, 0},
+    };
+    return suite_build("tiers", cases, COUNT_OF(cases), tests, COUNT_OF(tests));
 }

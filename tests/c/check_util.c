@@ -3,6 +3,8 @@
  * the fp16/bf16 conversions every op relies on, and the log sink.
  */
 #define _DEFAULT_SOURCE /* usleep */
+#include "test_util.h"
+
 #include <check.h>
 #include <math.h>
 #include <pthread.h>
@@ -158,15 +160,16 @@ START_TEST(test_log_sink_never_deadlocks_against_its_own_lock)
 }
 END_TEST
 
+/* The util suite. */
 Suite *util_suite(void)
 {
-    Suite *s = suite_create("util");
-    TCase *tc = tcase_create("core");
-    tcase_add_test(tc, test_status_str_names_each);
-    tcase_add_test(tc, test_dtype_size_and_name);
-    tcase_add_test(tc, test_threads_bad_count_rejected);
-    tcase_add_test(tc, test_last_error_is_thread_local);
-    tcase_add_test(tc, test_log_sink_never_deadlocks_against_its_own_lock);
-    suite_add_tcase(s, tc);
-    return s;
+    static const case_spec cases[] = {{"core", NULL, NULL, 0}};
+    const test_spec tests[] = {
+        {0, test_status_str_names_each, 0},
+        {0, test_dtype_size_and_name, 0},
+        {0, test_threads_bad_count_rejected, 0},
+        {0, test_last_error_is_thread_local, 0},
+        {0, test_log_sink_never_deadlocks_against_its_own_lock, 0},
+    };
+    return suite_build("util", cases, COUNT_OF(cases), tests, COUNT_OF(tests));
 }

@@ -320,3 +320,53 @@ static inline kvb_paged_layout make_layout(int kind, char *base, int64_t B,
     }
     return L;
 }
+
+/* ----------------------------------------------------------- registration */
+
+/* One test case of a suite: its name, its checked fixture (NULL: none) and
+ * its timeout in seconds (0: Check's default). */
+typedef struct case_spec {
+    const char *name;
+    SFun setup, teardown;
+    double timeout;
+} case_spec;
+
+/* One test of a suite: the index of its case among the suite's
+ * case_specs, the test, and for a loop test the end of its _i range (0: a
+ * plain test). */
+typedef struct test_spec {
+    int tcase;
+    const TTest *test;
+    int loop_end;
+} test_spec;
+
+/* Builds the suite `name` of cases[0..ncases), each holding its tests of
+ * tests[0..ntests) in their order.  The caller owns the returned suite (a
+ * runner frees it). */
+static inline Suite *suite_build(const char *name, const case_spec *cases,
+                                 size_t ncases, const test_spec *tests,
+                                 size_t ntests)
+{
+    Suite *s = suite_create(name);
+    for (size_t c = 0; c < ncases; c++) {
+        TCase *tc = tcase_create(cases[c].name);
+        if (cases[c].setup != NULL || cases[c].teardown != NULL) {
+            tcase_add_checked_fixture(tc, cases[c].setup, cases[c].teardown);
+        }
+        if (cases[c].timeout > 0) {
+            tcase_set_timeout(tc, cases[c].timeout);
+        }
+        for (size_t t = 0; t < ntests; t++) {
+            if ((size_t)tests[t].tcase != c) {
+                continue;
+            }
+            if (tests[t].loop_end > 0) {
+                tcase_add_loop_test(tc, tests[t].test, 0, tests[t].loop_end);
+            } else {
+                tcase_add_test(tc, tests[t].test);
+            }
+        }
+        suite_add_tcase(s, tc);
+    }
+    return s;
+}
