@@ -8,8 +8,9 @@
  * call into libkvblend that may take a lock, start threads or log, because
  * the log sink re-enters Python (PyGILState_Ensure) from any thread.
  *
- * Built with multi-phase initialisation: exceptions and the two heap types
- * (Connector, Request) live in the module state, never in static globals.
+ * Built with multi-phase initialisation: exceptions and the heap types
+ * (Connector, Request, Layout) live in the module state, never in static
+ * globals.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -21,6 +22,7 @@
 #include <string.h>
 
 #include "kvblend.h"
+#include "structmember.h" /* T_* member types (Python 3.11) */
 
 /* ------------------------------------------------------------------------ */
 /* Module state and errors                                                   */
@@ -36,7 +38,10 @@ typedef struct {
     PyObject *internal_error;   /* (Error, RuntimeError) */
     PyTypeObject *connector_type;
     PyTypeObject *request_type;
+    PyTypeObject *layout_type;
 } module_state;
+
+static struct PyModuleDef kvblend_module;
 
 /* Returns the state of the module `m` (never NULL for this module). */
 static inline module_state *get_state(PyObject *m)
@@ -215,9 +220,10 @@ static PyObject *mod_set_log_level(PyObject *m, PyObject *arg)
 
 /*
  * Copies a token sequence into a new int32 array (*out, freed by the caller
- * with PyMem_Free; non-NULL even when empty).  Accepts a C-contiguous 1-D
- * buffer of any integer format (array('i'), numpy int32/int64, ...) or any
- * sequence of objects with __index__ (list, tuple, torch tensor); str is
+ * with PyMem_Free; non-NULL even when empty).  A C-contiguous 1-D buffer of
+ * signed 4- or 8-byte integers (array('i'), numpy int32/int64) is read
+ * directly; any other integer buffer or sequence of objects with __index__
+ * (list, tuple, torch tensor) item by item; str and non-integer buffers are
  * refused.  Each id must fit int32; the ValueError names `what`, the index
  * and the value.  Returns 0, or -1 with an exception set.
  */
@@ -231,109 +237,88 @@ static int tokens_from_object(module_state *st, PyObject *obj,
                      "%s must be a sequence of int token ids, not str", what);
         return -1;
     }
-    if (PyObject_CheckBuffer(obj)) {
-        Py_buffer view;
-        if (PyObject_GetBuffer(obj, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
-            == 0) {
-            const char *f = view.format ? view.format : "B";
-            while (*f == '@' || *f == '=' || *f == '<') {
-                f++;
-            }
-            int is_signed = strchr("bhilqn", *f) != NULL && *f != '\0';
-            int is_int = *f != '\0' && f[1] == '\0'
-                         && strchr("bBhHiIlLqQnN", *f) != NULL;
-            if (!is_int || view.ndim > 1) {
-                PyErr_Format(PyExc_TypeError,
-                             "%s: buffer of format '%s' with %d dimensions is "
-                             "not a 1-D integer array",
-                             what, view.format ? view.format : "B",
-                             view.ndim);
-                PyBuffer_Release(&view);
-                return -1;
-            }
-            Py_ssize_t n = view.len / view.itemsize;
-            int32_t *buf = PyMem_Malloc(sizeof(int32_t) * (size_t)(n ? n : 1));
-            if (buf == NULL) {
-                PyBuffer_Release(&view);
-                PyErr_NoMemory();
-                return -1;
-            }
-            const char *p = view.buf;
-            for (Py_ssize_t i = 0; i < n; i++) {
-                const char *e = p + i * view.itemsize;
-                long long sv = 0;
-                unsigned long long uv = 0;
-                switch (view.itemsize) {
-                case 1: sv = is_signed ? *(const int8_t *)e : *(const uint8_t *)e; uv = (unsigned long long)sv; break;
-                case 2: { int16_t a; uint16_t b; memcpy(&a, e, 2); memcpy(&b, e, 2); sv = is_signed ? a : b; uv = (unsigned long long)sv; break; }
-                case 4: { int32_t a; uint32_t b; memcpy(&a, e, 4); memcpy(&b, e, 4); sv = is_signed ? a : (long long)b; uv = (unsigned long long)sv; break; }
-                default: { int64_t a; uint64_t b; memcpy(&a, e, 8); memcpy(&b, e, 8); sv = a; uv = b; break; }
-                }
-                int bad = is_signed ? (sv < INT32_MIN || sv > INT32_MAX)
-                                    : (uv > (unsigned long long)INT32_MAX);
-                if (bad) {
-                    if (is_signed) {
-                        raise_invalid(st, "%s[%zd] = %lld is outside the int32 "
-                                          "range of token ids", what, i, sv);
-                    } else {
-                        raise_invalid(st, "%s[%zd] = %llu is outside the int32 "
-                                          "range of token ids", what, i, uv);
-                    }
-                    PyMem_Free(buf);
-                    PyBuffer_Release(&view);
-                    return -1;
-                }
-                buf[i] = (int32_t)sv;
-            }
+    Py_buffer view = {0};
+    if (PyObject_CheckBuffer(obj) &&
+        PyObject_GetBuffer(obj, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) == 0) {
+        const char *f = view.format ? view.format : "B";
+        f += *f == '@' || *f == '=' || *f == '<';
+        if (view.ndim > 1 || strlen(f) != 1 || !strchr("bBhHiIlLqQnN", *f)) {
+            PyErr_Format(PyExc_TypeError, "%s: buffer of format '%s' with %d "
+                         "dimensions is not a 1-D integer array", what,
+                         view.format ? view.format : "B", view.ndim);
             PyBuffer_Release(&view);
-            *out = buf;
-            *n_out = n;
-            return 0;
+            return -1;
         }
-        PyErr_Clear(); /* not C-contiguous: iterate it instead */
+        if (!strchr("ilqn", *f) || (view.itemsize != 4 && view.itemsize != 8)) {
+            PyBuffer_Release(&view); /* unsigned or narrow: item by item */
+            view.obj = NULL;
+        }
+    } else {
+        PyErr_Clear(); /* not a C-contiguous buffer: item by item */
     }
-    PyObject *seq = PySequence_Fast(
-        obj, "token ids must be a sequence of ints or a 1-D integer buffer");
-    if (seq == NULL) {
-        return -1;
+    PyObject *seq = NULL;
+    if (view.obj == NULL) {
+        seq = PySequence_Fast(obj, "token ids must be a sequence of ints or "
+                                   "a 1-D integer buffer");
+        if (seq == NULL) {
+            return -1;
+        }
     }
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t n = seq ? PySequence_Fast_GET_SIZE(seq)
+                       : view.len / view.itemsize;
     int32_t *buf = PyMem_Malloc(sizeof(int32_t) * (size_t)(n ? n : 1));
     if (buf == NULL) {
-        Py_DECREF(seq);
         PyErr_NoMemory();
-        return -1;
+        goto fail;
     }
-    PyObject **items = PySequence_Fast_ITEMS(seq);
     for (Py_ssize_t i = 0; i < n; i++) {
+        long long v;
         int overflow = 0;
-        PyObject *idx = PyNumber_Index(items[i]);
-        if (idx == NULL) {
-            PyErr_Format(PyExc_TypeError, "%s[%zd] must be an int, not %.100s",
-                         what, i, Py_TYPE(items[i])->tp_name);
-            goto fail;
-        }
-        long long v = PyLong_AsLongLongAndOverflow(idx, &overflow);
-        if (v == -1 && PyErr_Occurred()) {
+        if (seq == NULL) {
+            const char *e = (const char *)view.buf + i * view.itemsize;
+            int32_t v4;
+            int64_t v8;
+            memcpy(view.itemsize == 4 ? (void *)&v4 : (void *)&v8, e,
+                   (size_t)view.itemsize);
+            v = view.itemsize == 4 ? v4 : v8;
+        } else {
+            PyObject *it = PySequence_Fast_GET_ITEM(seq, i);
+            PyObject *idx = PyNumber_Index(it);
+            if (idx == NULL) {
+                PyErr_Format(PyExc_TypeError, "%s[%zd] must be an int, not "
+                             "%.100s", what, i, Py_TYPE(it)->tp_name);
+                goto fail;
+            }
+            v = PyLong_AsLongLongAndOverflow(idx, &overflow);
+            if (overflow) {
+                raise_invalid(st, "%s[%zd] = %S is outside the int32 range "
+                              "of token ids", what, i, idx);
+            }
             Py_DECREF(idx);
+            if (overflow || (v == -1 && PyErr_Occurred())) {
+                goto fail;
+            }
+        }
+        if (v < INT32_MIN || v > INT32_MAX) {
+            raise_invalid(st, "%s[%zd] = %lld is outside the int32 range of "
+                          "token ids", what, i, v);
             goto fail;
         }
-        if (overflow || v < INT32_MIN || v > INT32_MAX) {
-            raise_invalid(st, "%s[%zd] = %S is outside the int32 range of "
-                              "token ids", what, i, idx);
-            Py_DECREF(idx);
-            goto fail;
-        }
-        Py_DECREF(idx);
         buf[i] = (int32_t)v;
     }
-    Py_DECREF(seq);
+    Py_XDECREF(seq);
+    if (view.obj != NULL) {
+        PyBuffer_Release(&view);
+    }
     *out = buf;
     *n_out = n;
     return 0;
 fail:
     PyMem_Free(buf);
-    Py_DECREF(seq);
+    Py_XDECREF(seq);
+    if (view.obj != NULL) {
+        PyBuffer_Release(&view);
+    }
     return -1;
 }
 
@@ -402,189 +387,148 @@ fail:
     return -1;
 }
 
-/*
- * Converts the layout tuple (k_ptr, v_ptr, block_stride, token_stride,
- * head_stride, dim_stride, num_blocks, block_size, num_kv_heads, head_size,
- * dtype, device[, v_block_stride, v_token_stride, v_head_stride,
- * v_dim_stride]) of 12 or 16 ints into a kvb_paged_layout; with 12 (or four
- * zero V strides) V shares K's strides.  Only types and ranges are checked
- * here; kvb_layout_validate and the ops check meaning.  Returns 0, or -1
- * with an exception set.
- */
-static int layout_from_object(const char *fn, PyObject *obj,
-                              kvb_paged_layout *lay)
+/* O& converter of an address argument: an int in [0, 2^64); 0 is NULL. */
+static int conv_ptr(PyObject *obj, void *out)
 {
-    static const char *names[16] = {
-        "k_ptr", "v_ptr", "block_stride", "token_stride", "head_stride",
-        "dim_stride", "num_blocks", "block_size", "num_kv_heads",
-        "head_size", "dtype", "device", "v_block_stride", "v_token_stride",
-        "v_head_stride", "v_dim_stride"};
-    Py_ssize_t count = PyTuple_Check(obj) ? PyTuple_GET_SIZE(obj) : -1;
-    if (count != 12 && count != 16) {
-        PyErr_Format(PyExc_TypeError,
-                     "%s(): layout must be a tuple of 12 or 16 ints (k_ptr, "
-                     "v_ptr, block_stride, token_stride, head_stride, "
-                     "dim_stride, num_blocks, block_size, num_kv_heads, "
-                     "head_size, dtype, device[, v_block_stride, "
-                     "v_token_stride, v_head_stride, v_dim_stride]), got "
-                     "%.100s of length %zd",
-                     fn, Py_TYPE(obj)->tp_name, count);
+    if (!PyLong_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "an address must be an int, not %.100s",
+                     Py_TYPE(obj)->tp_name);
+        return 0;
+    }
+    unsigned long long u = PyLong_AsUnsignedLongLong(obj);
+    if (u == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Format(PyExc_ValueError, "%R is not a valid address", obj);
+        return 0;
+    }
+    *(void **)out = (void *)(uintptr_t)u;
+    return 1;
+}
+
+/* Layout: one layer of a paged KV cache as the C library sees it
+ * (kvb_paged_layout), built by keyword in kvblend.ops.  Its fields are
+ * declared here only. */
+typedef struct {
+    PyObject_HEAD
+    kvb_paged_layout lay;
+} LayoutObject;
+
+#define LAYOUT_FIELD(name, type, field)                                    \
+    {name, type, offsetof(LayoutObject, lay) +                             \
+     offsetof(kvb_paged_layout, field), READONLY, NULL}
+static PyMemberDef layout_members[] = {
+    LAYOUT_FIELD("k_ptr", T_ULONGLONG, k_base),
+    LAYOUT_FIELD("v_ptr", T_ULONGLONG, v_base),
+    LAYOUT_FIELD("block_stride", T_LONGLONG, block_stride),
+    LAYOUT_FIELD("token_stride", T_LONGLONG, token_stride),
+    LAYOUT_FIELD("head_stride", T_LONGLONG, head_stride),
+    LAYOUT_FIELD("dim_stride", T_LONGLONG, dim_stride),
+    LAYOUT_FIELD("num_blocks", T_LONGLONG, num_blocks),
+    LAYOUT_FIELD("block_size", T_LONGLONG, block_size),
+    LAYOUT_FIELD("num_kv_heads", T_INT, num_kv_heads),
+    LAYOUT_FIELD("head_size", T_INT, head_size),
+    LAYOUT_FIELD("dtype", T_INT, dtype),
+    LAYOUT_FIELD("device", T_INT, device),
+    LAYOUT_FIELD("v_block_stride", T_LONGLONG, v_block_stride),
+    LAYOUT_FIELD("v_token_stride", T_LONGLONG, v_token_stride),
+    LAYOUT_FIELD("v_head_stride", T_LONGLONG, v_head_stride),
+    LAYOUT_FIELD("v_dim_stride", T_LONGLONG, v_dim_stride),
+    {NULL, 0, 0, 0, NULL}};
+#undef LAYOUT_FIELD
+
+/* Layout(**fields): every field by name, each an int; the four v_*
+ * strides may be left out (0).  Errors name the field. */
+static int layout_init(LayoutObject *self, PyObject *args, PyObject *kwds)
+{
+    Py_ssize_t given = kwds != NULL ? PyDict_GET_SIZE(kwds) : 0, used = 0;
+    if (PyTuple_GET_SIZE(args) != 0) {
+        PyErr_SetString(PyExc_TypeError, "Layout() takes keyword arguments "
+                        "only (the field names)");
         return -1;
     }
-    long long v[16] = {0};
-    for (int i = 0; i < (int)count; i++) {
-        PyObject *it = PyTuple_GET_ITEM(obj, i);
-        if (!PyLong_Check(it)) {
-            PyErr_Format(PyExc_TypeError, "%s(): layout[%d] (%s) must be an "
-                         "int, not %.100s", fn, i, names[i],
-                         Py_TYPE(it)->tp_name);
+    memset(&self->lay, 0, sizeof self->lay);
+    for (const PyMemberDef *f = layout_members; f->name != NULL; f++) {
+        PyObject *v = kwds != NULL ? PyDict_GetItemString(kwds, f->name)
+                                   : NULL;
+        char *dst = (char *)self + f->offset;
+        if (v == NULL) {
+            if (strncmp(f->name, "v_", 2) != 0 || f->type != T_LONGLONG) {
+                PyErr_Format(PyExc_TypeError, "Layout() misses field '%s'",
+                             f->name);
+                return -1;
+            }
+            continue;
+        }
+        used++;
+        if (!PyLong_Check(v)) {
+            PyErr_Format(PyExc_TypeError, "Layout field '%s' must be an int, "
+                         "not %.100s", f->name, Py_TYPE(v)->tp_name);
             return -1;
         }
-        if (i < 2) {
-            unsigned long long u = PyLong_AsUnsignedLongLong(it);
-            if (u == (unsigned long long)-1 && PyErr_Occurred()) {
-                PyErr_Format(PyExc_ValueError, "%s(): layout[%d] (%s) = %R "
-                             "is not a valid address", fn, i, names[i], it);
+        if (f->type == T_ULONGLONG) { /* an address */
+            if (!conv_ptr(v, dst)) {
                 return -1;
             }
-            v[i] = (long long)u;
+            continue;
+        }
+        long long x = PyLong_AsLongLong(v);
+        if ((x == -1 && PyErr_Occurred()) ||
+            (f->type == T_INT && (x < INT32_MIN || x > INT32_MAX))) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "Layout field '%s' = %R does not "
+                         "fit %s", f->name, v, f->type == T_INT ? "int32"
+                         : "int64");
+            return -1;
+        }
+        if (f->type == T_INT) {
+            int i = (int)x;
+            memcpy(dst, &i, sizeof i);
         } else {
-            v[i] = PyLong_AsLongLong(it);
-            if (v[i] == -1 && PyErr_Occurred()) {
-                return -1;
-            }
-            if (i >= 8 && i < 12 && (v[i] < INT32_MIN || v[i] > INT32_MAX)) {
-                PyErr_Format(PyExc_ValueError, "%s(): layout[%d] (%s) = %lld "
-                             "does not fit int32", fn, i, names[i], v[i]);
-                return -1;
-            }
+            memcpy(dst, &x, sizeof x);
         }
     }
-    lay->k_base = (void *)(uintptr_t)(unsigned long long)v[0];
-    lay->v_base = (void *)(uintptr_t)(unsigned long long)v[1];
-    lay->block_stride = v[2];
-    lay->token_stride = v[3];
-    lay->head_stride = v[4];
-    lay->dim_stride = v[5];
-    lay->num_blocks = v[6];
-    lay->block_size = v[7];
-    lay->num_kv_heads = (int32_t)v[8];
-    lay->head_size = (int32_t)v[9];
-    lay->dtype = (kvb_dtype)v[10];
-    lay->device = (int32_t)v[11];
-    lay->v_block_stride = v[12];
-    lay->v_token_stride = v[13];
-    lay->v_head_stride = v[14];
-    lay->v_dim_stride = v[15];
+    if (used != given) {
+        PyErr_Format(PyExc_TypeError, "Layout() got %zd unknown field(s) "
+                     "among %R", given - used, kwds);
+        return -1;
+    }
     return 0;
 }
 
-/*
- * Positional argument parser for METH_FASTCALL functions.  `fmt` has one
- * letter per argument, optional ones after '|':
- *   'l' int64_t*   'i' int32_t*   'p' void** (an int address, 0 = NULL)
- *   'f' float*     'L' kvb_paged_layout* (the 12-int tuple)
- * `names` gives each argument's name for messages.  Optional outputs keep
- * the value the caller initialised.  Returns 0, or -1 with TypeError or
- * ValueError naming the function and argument.
- */
-static int parse_fast(const char *fn, PyObject *const *args, Py_ssize_t nargs,
-                      const char *fmt, const char *const *names, ...)
+_Static_assert(sizeof(void *) == sizeof(unsigned long long) &&
+                   sizeof(kvb_dtype) == sizeof(int),
+               "Layout's members read pointers as unsigned long long");
+
+static PyType_Slot layout_slots[] = {
+    {Py_tp_init, layout_init},
+    {Py_tp_members, layout_members},
+    {Py_tp_doc, "Layout(k_ptr, v_ptr, block_stride, token_stride, "
+                "head_stride, dim_stride, num_blocks, block_size, "
+                "num_kv_heads, head_size, dtype, device, v_block_stride=0, "
+                "v_token_stride=0, v_head_stride=0, v_dim_stride=0)\n--\n\n"
+                "One layer of a paged KV cache (kvb_paged_layout); element "
+                "strides; all four V strides 0 means K's."},
+    {0, NULL}};
+
+static PyType_Spec layout_spec = {
+    .name = "kvblend._kvblend.Layout",
+    .basicsize = sizeof(LayoutObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = layout_slots,
+};
+
+/* O& converter of a Layout argument into a kvb_paged_layout. */
+static int conv_layout(PyObject *obj, void *out)
 {
-    Py_ssize_t min = 0, max = 0;
-    int optional = 0;
-    for (const char *c = fmt; *c; c++) {
-        if (*c == '|') {
-            optional = 1;
-            continue;
-        }
-        max++;
-        if (!optional) {
-            min++;
-        }
+    PyObject *m = PyType_GetModuleByDef(Py_TYPE(obj), &kvblend_module);
+    if (m == NULL || Py_TYPE(obj) != get_state(m)->layout_type) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "layout must be a kvblend Layout "
+                     "(kvblend.ops.paged_layout), not %.100s",
+                     Py_TYPE(obj)->tp_name);
+        return 0;
     }
-    if (nargs < min || nargs > max) {
-        if (min == max) {
-            PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd "
-                         "given)", fn, min, nargs);
-        } else {
-            PyErr_Format(PyExc_TypeError, "%s() takes from %zd to %zd "
-                         "arguments (%zd given)", fn, min, max, nargs);
-        }
-        return -1;
-    }
-    va_list ap;
-    va_start(ap, names);
-    int rc = 0;
-    Py_ssize_t i = 0;
-    for (const char *c = fmt; *c; c++) {
-        if (*c == '|') {
-            continue;
-        }
-        void *dst = va_arg(ap, void *);
-        if (i >= nargs) {
-            i++;
-            continue;
-        }
-        PyObject *o = args[i];
-        const char *name = names[i];
-        i++;
-        if (*c == 'L') {
-            if (layout_from_object(fn, o, dst) < 0) {
-                rc = -1;
-                break;
-            }
-            continue;
-        }
-        if (*c == 'f') {
-            double d = PyFloat_AsDouble(o);
-            if (d == -1.0 && PyErr_Occurred()) {
-                PyErr_Format(PyExc_TypeError, "%s() argument '%s' must be a "
-                             "float, not %.100s", fn, name, Py_TYPE(o)->tp_name);
-                rc = -1;
-                break;
-            }
-            *(float *)dst = (float)d;
-            continue;
-        }
-        if (!PyLong_Check(o)) {
-            PyErr_Format(PyExc_TypeError, "%s() argument '%s' must be an int, "
-                         "not %.100s", fn, name, Py_TYPE(o)->tp_name);
-            rc = -1;
-            break;
-        }
-        if (*c == 'p') {
-            unsigned long long u = PyLong_AsUnsignedLongLong(o);
-            if (u == (unsigned long long)-1 && PyErr_Occurred()) {
-                PyErr_Format(PyExc_ValueError, "%s() argument '%s' = %R is not "
-                             "a valid address", fn, name, o);
-                rc = -1;
-                break;
-            }
-            *(void **)dst = (void *)(uintptr_t)u;
-            continue;
-        }
-        long long v = PyLong_AsLongLong(o);
-        if (v == -1 && PyErr_Occurred()) {
-            PyErr_Format(PyExc_ValueError, "%s() argument '%s' = %R does not "
-                         "fit int64", fn, name, o);
-            rc = -1;
-            break;
-        }
-        if (*c == 'i') {
-            if (v < INT32_MIN || v > INT32_MAX) {
-                PyErr_Format(PyExc_ValueError, "%s() argument '%s' = %lld "
-                             "does not fit int32", fn, name, v);
-                rc = -1;
-                break;
-            }
-            *(int32_t *)dst = (int32_t)v;
-        } else {
-            *(int64_t *)dst = (int64_t)v;
-        }
-    }
-    va_end(ap);
-    return rc;
+    *(kvb_paged_layout *)out = ((LayoutObject *)obj)->lay;
+    return 1;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1017,19 +961,28 @@ static PyObject *mod_segment_check(PyObject *m, PyObject *const *args,
 /* Ops: device -1 runs kvb_cpu_*, device >= 0 runs kvb_cuda_* on `stream`    */
 /* ------------------------------------------------------------------------ */
 
-/* The body of gather (to_dense) and scatter: parses (device, layout,
- * slots_ptr, n, k_ptr, v_ptr, stream=0) with the argument names of `name`
- * and runs the CPU or CUDA op with the GIL released. */
-static PyObject *paged_copy(PyObject *m, PyObject *const *args,
-                            Py_ssize_t nargs, const char *name,
-                            const char *const *names, int to_dense)
+/* Raises the status's exception, or returns None for KVB_OK. */
+static PyObject *none_or_error(PyObject *m, kvb_status s)
 {
-    int32_t device;
+    if (s != KVB_OK) {
+        return set_error_from_status(get_state(m), s);
+    }
+    Py_RETURN_NONE;
+}
+
+/* gather(device, layout, slots_ptr, n, k_out_ptr, v_out_ptr, stream=0) and
+ * scatter(... k_in_ptr, v_in_ptr ...): a 0 input pointer of scatter writes
+ * only the other tensor. */
+static PyObject *paged_copy(PyObject *m, PyObject *args, int to_dense)
+{
+    int device;
     kvb_paged_layout lay;
     void *slots, *k, *v, *stream = NULL;
-    int64_t n;
-    if (parse_fast(name, args, nargs, "iLplpp|p", names, &device, &lay,
-                   &slots, &n, &k, &v, &stream) < 0) {
+    long long n;
+    if (!PyArg_ParseTuple(args, to_dense ? "iO&O&LO&O&|O&:gather"
+                                         : "iO&O&LO&O&|O&:scatter",
+                          &device, conv_layout, &lay, conv_ptr, &slots, &n,
+                          conv_ptr, &k, conv_ptr, &v, conv_ptr, &stream)) {
         return NULL;
     }
     kvb_status s;
@@ -1042,48 +995,32 @@ static PyObject *paged_copy(PyObject *m, PyObject *const *args,
                        : kvb_cuda_scatter(&lay, slots, n, k, v, stream);
     }
     Py_END_ALLOW_THREADS
-    if (s != KVB_OK) {
-        return set_error_from_status(get_state(m), s);
-    }
-    Py_RETURN_NONE;
+    return none_or_error(m, s);
 }
 
-/* gather(device, layout, slots_ptr, n, k_out_ptr, v_out_ptr, stream=0) */
-static PyObject *mod_gather(PyObject *m, PyObject *const *args,
-                            Py_ssize_t nargs)
+static PyObject *mod_gather(PyObject *m, PyObject *args)
 {
-    static const char *const names[] = {"device", "layout", "slots_ptr", "n",
-                                        "k_out_ptr", "v_out_ptr", "stream"};
-    return paged_copy(m, args, nargs, "gather", names, 1);
+    return paged_copy(m, args, 1);
 }
 
-/* scatter(device, layout, slots_ptr, n, k_in_ptr, v_in_ptr, stream=0);
- * a 0 input pointer writes only the other tensor. */
-static PyObject *mod_scatter(PyObject *m, PyObject *const *args,
-                             Py_ssize_t nargs)
+static PyObject *mod_scatter(PyObject *m, PyObject *args)
 {
-    static const char *const names[] = {"device", "layout", "slots_ptr", "n",
-                                        "k_in_ptr", "v_in_ptr", "stream"};
-    return paged_copy(m, args, nargs, "scatter", names, 0);
+    return paged_copy(m, args, 0);
 }
 
 /* rerotate(device, k_ptr, n, num_heads, head_size, dtype, rotary_dim,
  *          style, inv_freq_ptr, attention_factor, old_pos_ptr, new_pos_ptr,
  *          stream=0); inv_freq is a host float32 array in both cases. */
-static PyObject *mod_rerotate(PyObject *m, PyObject *const *args,
-                              Py_ssize_t nargs)
+static PyObject *mod_rerotate(PyObject *m, PyObject *args)
 {
-    static const char *const names[] = {
-        "device", "k_ptr", "n", "num_heads", "head_size", "dtype",
-        "rotary_dim", "style", "inv_freq_ptr", "attention_factor",
-        "old_pos_ptr", "new_pos_ptr", "stream"};
-    int32_t device, heads, hs, dtype, rdim, style;
+    int device, heads, hs, dtype, rdim, style;
     void *k, *inv, *oldp, *newp, *stream = NULL;
-    int64_t n;
+    long long n;
     float af;
-    if (parse_fast("rerotate", args, nargs, "iplii" "iiipfpp|p", names,
-                   &device, &k, &n, &heads, &hs, &dtype, &rdim, &style, &inv,
-                   &af, &oldp, &newp, &stream) < 0) {
+    if (!PyArg_ParseTuple(args, "iO&LiiiiiO&fO&O&|O&:rerotate", &device,
+                          conv_ptr, &k, &n, &heads, &hs, &dtype, &rdim,
+                          &style, conv_ptr, &inv, &af, conv_ptr, &oldp,
+                          conv_ptr, &newp, conv_ptr, &stream)) {
         return NULL;
     }
     kvb_rope rope = {rdim, (kvb_rope_style)style, inv, af};
@@ -1094,25 +1031,19 @@ static PyObject *mod_rerotate(PyObject *m, PyObject *const *args,
                    : kvb_cuda_rerotate(k, n, heads, hs, (kvb_dtype)dtype,
                                        &rope, oldp, newp, stream);
     Py_END_ALLOW_THREADS
-    if (s != KVB_OK) {
-        return set_error_from_status(get_state(m), s);
-    }
-    Py_RETURN_NONE;
+    return none_or_error(m, s);
 }
 
 /* deviation(device, a_ptr, b_ptr, n, num_heads, head_size, dtype, out_ptr,
  *           stream=0); out is float32 [n]. */
-static PyObject *mod_deviation(PyObject *m, PyObject *const *args,
-                               Py_ssize_t nargs)
+static PyObject *mod_deviation(PyObject *m, PyObject *args)
 {
-    static const char *const names[] = {"device", "a_ptr", "b_ptr", "n",
-                                        "num_heads", "head_size", "dtype",
-                                        "out_ptr", "stream"};
-    int32_t device, heads, hs, dtype;
+    int device, heads, hs, dtype;
     void *a, *b, *out, *stream = NULL;
-    int64_t n;
-    if (parse_fast("deviation", args, nargs, "ippliiip|p", names, &device,
-                   &a, &b, &n, &heads, &hs, &dtype, &out, &stream) < 0) {
+    long long n;
+    if (!PyArg_ParseTuple(args, "iO&O&LiiiO&|O&:deviation", &device,
+                          conv_ptr, &a, conv_ptr, &b, &n, &heads, &hs, &dtype,
+                          conv_ptr, &out, conv_ptr, &stream)) {
         return NULL;
     }
     kvb_status s;
@@ -1122,33 +1053,27 @@ static PyObject *mod_deviation(PyObject *m, PyObject *const *args,
                    : kvb_cuda_deviation(a, b, n, heads, hs, (kvb_dtype)dtype,
                                         out, stream);
     Py_END_ALLOW_THREADS
-    if (s != KVB_OK) {
-        return set_error_from_status(get_state(m), s);
-    }
-    Py_RETURN_NONE;
+    return none_or_error(m, s);
 }
 
 /* select(device, score_ptr, forced_ptr, n, k, out_idx_ptr, stream=0,
  *        n_forced=0) -> count.  On the CPU the count comes from the op; on
  * the device it is n_forced + min(k, n - n_forced), which the caller must
  * know (nothing is read back). */
-static PyObject *mod_select(PyObject *m, PyObject *const *args,
-                            Py_ssize_t nargs)
+static PyObject *mod_select(PyObject *m, PyObject *args)
 {
-    static const char *const names[] = {"device", "score_ptr", "forced_ptr",
-                                        "n", "k", "out_idx_ptr", "stream",
-                                        "n_forced"};
-    int32_t device;
+    int device;
     void *score, *forced, *out, *stream = NULL;
-    int64_t n, k, n_forced = 0, count = 0;
-    if (parse_fast("select", args, nargs, "ipppllp|pl", names, &device,
-                   &score, &forced, &n, &k, &out, &stream, &n_forced) < 0) {
+    long long n, k, n_forced = 0;
+    int64_t count = 0;
+    if (!PyArg_ParseTuple(args, "iO&O&LLO&|O&L:select", &device, conv_ptr,
+                          &score, conv_ptr, &forced, &n, &k, conv_ptr, &out,
+                          conv_ptr, &stream, &n_forced)) {
         return NULL;
     }
     if (device >= 0 && (n_forced < 0 || n_forced > n)) {
         return raise_invalid(get_state(m), "select(): n_forced = %lld must "
-                             "be in [0, n = %lld]", (long long)n_forced,
-                             (long long)n);
+                             "be in [0, n = %lld]", n_forced, n);
     }
     kvb_status s;
     Py_BEGIN_ALLOW_THREADS
@@ -1156,7 +1081,7 @@ static PyObject *mod_select(PyObject *m, PyObject *const *args,
         s = kvb_cpu_select(score, forced, n, k, out, &count);
     } else {
         s = kvb_cuda_select(score, forced, n, k, out, stream);
-        int64_t rest = n - n_forced;
+        long long rest = n - n_forced;
         count = n_forced + (k < 0 ? 0 : (k < rest ? k : rest));
     }
     Py_END_ALLOW_THREADS
@@ -1169,20 +1094,16 @@ static PyObject *mod_select(PyObject *m, PyObject *const *args,
 /* attention(device, q_ptr, q_pos_ptr, nq, k_ptr, v_ptr, k_pos_ptr, nk,
  *           num_q_heads, num_kv_heads, head_size, scale, dtype, out_ptr,
  *           stream=0) */
-static PyObject *mod_attention(PyObject *m, PyObject *const *args,
-                               Py_ssize_t nargs)
+static PyObject *mod_attention(PyObject *m, PyObject *args)
 {
-    static const char *const names[] = {
-        "device", "q_ptr", "q_pos_ptr", "nq", "k_ptr", "v_ptr", "k_pos_ptr",
-        "nk", "num_q_heads", "num_kv_heads", "head_size", "scale", "dtype",
-        "out_ptr", "stream"};
-    int32_t device, nqh, nkh, hs, dtype;
+    int device, nqh, nkh, hs, dtype;
     void *q, *qpos, *k, *v, *kpos, *out, *stream = NULL;
-    int64_t nq, nk;
+    long long nq, nk;
     float scale;
-    if (parse_fast("attention", args, nargs, "ippl" "pppl" "iiifip|p", names,
-                   &device, &q, &qpos, &nq, &k, &v, &kpos, &nk, &nqh, &nkh,
-                   &hs, &scale, &dtype, &out, &stream) < 0) {
+    if (!PyArg_ParseTuple(args, "iO&O&LO&O&O&LiiifiO&|O&:attention", &device,
+                          conv_ptr, &q, conv_ptr, &qpos, &nq, conv_ptr, &k,
+                          conv_ptr, &v, conv_ptr, &kpos, &nk, &nqh, &nkh, &hs,
+                          &scale, &dtype, conv_ptr, &out, conv_ptr, &stream)) {
         return NULL;
     }
     kvb_status s;
@@ -1193,10 +1114,7 @@ static PyObject *mod_attention(PyObject *m, PyObject *const *args,
             : kvb_cuda_attention(q, qpos, nq, k, v, kpos, nk, nqh, nkh, hs,
                                  scale, (kvb_dtype)dtype, out, stream);
     Py_END_ALLOW_THREADS
-    if (s != KVB_OK) {
-        return set_error_from_status(get_state(m), s);
-    }
-    Py_RETURN_NONE;
+    return none_or_error(m, s);
 }
 
 /* set_num_threads(n): threads CPU ops may use (0 = all cores). */
@@ -1874,25 +1792,30 @@ static PyObject *request_reused(RequestObject *self, PyObject *unused)
 }
 
 /* load_layer(layer, k_ptr, v_ptr, stream=0): fills the staging rows of
- * stored segments with layer `layer`'s KV, keys re-rotated. */
-static PyObject *request_load_layer(RequestObject *self,
-                                    PyObject *const *args, Py_ssize_t nargs)
+ * stored segments with layer `layer`'s KV, keys re-rotated; save_layer(layer,
+ * layout, slots_ptr, n, stream=0) copies layer `layer` of every reserved
+ * segment out of the paged cache into the store (slots: host int64 [n]). */
+static PyObject *request_layer(RequestObject *self, PyObject *args, int save)
 {
-    static const char *const names[] = {"layer", "k_ptr", "v_ptr", "stream"};
-    int32_t layer;
-    void *k, *v, *stream = NULL;
-    if (parse_fast("load_layer", args, nargs, "ipp|p", names, &layer, &k, &v,
-                   &stream) < 0) {
-        return NULL;
-    }
-    kvb_request *req = request_live(self);
+    int layer;
+    kvb_paged_layout lay;
+    void *k = NULL, *v = NULL, *slots = NULL, *stream = NULL;
+    long long n = 0;
+    int ok = save ? PyArg_ParseTuple(args, "iO&O&L|O&:save_layer", &layer,
+                                     conv_layout, &lay, conv_ptr, &slots, &n,
+                                     conv_ptr, &stream)
+                  : PyArg_ParseTuple(args, "iO&O&|O&:load_layer", &layer,
+                                     conv_ptr, &k, conv_ptr, &v, conv_ptr,
+                                     &stream);
+    kvb_request *req = ok ? request_live(self) : NULL;
     if (req == NULL) {
         return NULL;
     }
     kvb_status s;
     self->busy++;
     Py_BEGIN_ALLOW_THREADS
-    s = kvb_request_load_layer(req, layer, k, v, stream);
+    s = save ? kvb_request_save_layer(req, layer, &lay, slots, n, stream)
+             : kvb_request_load_layer(req, layer, k, v, stream);
     Py_END_ALLOW_THREADS
     self->busy--;
     if (s != KVB_OK) {
@@ -1901,36 +1824,14 @@ static PyObject *request_load_layer(RequestObject *self,
     Py_RETURN_NONE;
 }
 
-/* save_layer(layer, layout, slots_ptr, n, stream=0): copies layer `layer`
- * of every reserved segment out of the paged cache into the store; slots
- * are host int64 [n]. */
-static PyObject *request_save_layer(RequestObject *self,
-                                    PyObject *const *args, Py_ssize_t nargs)
+static PyObject *request_load_layer(RequestObject *self, PyObject *args)
 {
-    static const char *const names[] = {"layer", "layout", "slots_ptr", "n",
-                                        "stream"};
-    int32_t layer;
-    kvb_paged_layout lay;
-    void *slots, *stream = NULL;
-    int64_t n;
-    if (parse_fast("save_layer", args, nargs, "iLpl|p", names, &layer, &lay,
-                   &slots, &n, &stream) < 0) {
-        return NULL;
-    }
-    kvb_request *req = request_live(self);
-    if (req == NULL) {
-        return NULL;
-    }
-    kvb_status s;
-    self->busy++;
-    Py_BEGIN_ALLOW_THREADS
-    s = kvb_request_save_layer(req, layer, &lay, slots, n, stream);
-    Py_END_ALLOW_THREADS
-    self->busy--;
-    if (s != KVB_OK) {
-        return set_error_from_status(state_of((PyObject *)self), s);
-    }
-    Py_RETURN_NONE;
+    return request_layer(self, args, 0);
+}
+
+static PyObject *request_save_layer(RequestObject *self, PyObject *args)
+{
+    return request_layer(self, args, 1);
 }
 
 /* finish(commit=True): ends the request (idempotent).  Refused while a
@@ -1994,12 +1895,10 @@ static PyMethodDef request_methods[] = {
      "reused() -> [(start, num_tokens)] of each reused segment"},
     {"counts", (PyCFunction)request_counts, METH_NOARGS,
      "counts()\n--\n\nReturns (n_segments, n_hit, n_forced)."},
-    {"load_layer", (PyCFunction)(void (*)(void))request_load_layer,
-     METH_FASTCALL,
+    {"load_layer", (PyCFunction)request_load_layer, METH_VARARGS,
      "load_layer(layer, k_ptr, v_ptr, stream=0)\n--\n\n"
      "Loads a layer's stored KV into staging [blend_end, H, D]."},
-    {"save_layer", (PyCFunction)(void (*)(void))request_save_layer,
-     METH_FASTCALL,
+    {"save_layer", (PyCFunction)request_save_layer, METH_VARARGS,
      "save_layer(layer, layout, slots_ptr, n, stream=0)\n--\n\n"
      "Saves a layer of the reserved segments from the paged cache."},
     {"finish", (PyCFunction)(void (*)(void))request_finish,
@@ -2077,21 +1976,21 @@ static PyMethodDef module_methods[] = {
     {"segment_check", (PyCFunction)(void (*)(void))mod_segment_check,
      METH_FASTCALL,
      "segment_check(spans, n)\n--\n\nRaises InvalidError on bad spans."},
-    {"gather", (PyCFunction)(void (*)(void))mod_gather, METH_FASTCALL,
+    {"gather", mod_gather, METH_VARARGS,
      "gather(device, layout, slots_ptr, n, k_out_ptr, v_out_ptr, stream=0)"},
-    {"scatter", (PyCFunction)(void (*)(void))mod_scatter, METH_FASTCALL,
+    {"scatter", mod_scatter, METH_VARARGS,
      "scatter(device, layout, slots_ptr, n, k_in_ptr, v_in_ptr, stream=0)"},
-    {"rerotate", (PyCFunction)(void (*)(void))mod_rerotate, METH_FASTCALL,
+    {"rerotate", mod_rerotate, METH_VARARGS,
      "rerotate(device, k_ptr, n, num_heads, head_size, dtype, rotary_dim, "
      "style, inv_freq_ptr, attention_factor, old_pos_ptr, new_pos_ptr, "
      "stream=0)"},
-    {"deviation", (PyCFunction)(void (*)(void))mod_deviation, METH_FASTCALL,
+    {"deviation", mod_deviation, METH_VARARGS,
      "deviation(device, a_ptr, b_ptr, n, num_heads, head_size, dtype, "
      "out_ptr, stream=0)"},
-    {"select", (PyCFunction)(void (*)(void))mod_select, METH_FASTCALL,
+    {"select", mod_select, METH_VARARGS,
      "select(device, score_ptr, forced_ptr, n, k, out_idx_ptr, stream=0, "
      "n_forced=0) -> count"},
-    {"attention", (PyCFunction)(void (*)(void))mod_attention, METH_FASTCALL,
+    {"attention", mod_attention, METH_VARARGS,
      "attention(device, q_ptr, q_pos_ptr, nq, k_ptr, v_ptr, k_pos_ptr, nk, "
      "num_q_heads, num_kv_heads, head_size, scale, dtype, out_ptr, "
      "stream=0)"},
@@ -2162,6 +2061,12 @@ static int module_exec(PyObject *m)
         || PyModule_AddType(m, st->request_type) < 0) {
         return -1;
     }
+    st->layout_type = (PyTypeObject *)PyType_FromModuleAndSpec(
+        m, &layout_spec, NULL);
+    if (st->layout_type == NULL
+        || PyModule_AddType(m, st->layout_type) < 0) {
+        return -1;
+    }
     static const struct {
         const char *name;
         long value;
@@ -2197,6 +2102,7 @@ static int module_traverse(PyObject *m, visitproc visit, void *arg)
     Py_VISIT(st->internal_error);
     Py_VISIT(st->connector_type);
     Py_VISIT(st->request_type);
+    Py_VISIT(st->layout_type);
     return 0;
 }
 
@@ -2213,6 +2119,7 @@ static int module_clear(PyObject *m)
     Py_CLEAR(st->internal_error);
     Py_CLEAR(st->connector_type);
     Py_CLEAR(st->request_type);
+    Py_CLEAR(st->layout_type);
     return 0;
 }
 

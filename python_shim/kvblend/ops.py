@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import NamedTuple, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -21,35 +21,6 @@ from . import _ext
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ROPE_STYLES = {"neox": 0, "gptj": 1}
 LAYOUTS = ("cpu", "flash", "flashinfer", "joint", "cpu_attn")
-
-
-class PagedLayout(NamedTuple):
-    """One layer of a paged KV cache as the C library sees it.
-
-    Element (block b, token t, head h, dim d) of K is at
-    ``k_ptr + (b*block_stride + t*token_stride + h*head_stride + d*dim_stride)
-    * itemsize``; V likewise from ``v_ptr``, with the ``v_*`` strides when
-    any of them is non-zero (all four 0, the default, means K's strides).
-    The pointers are borrowed: keep the cache tensor alive while the layout
-    is used.
-    """
-
-    k_ptr: int
-    v_ptr: int
-    block_stride: int
-    token_stride: int
-    head_stride: int
-    dim_stride: int
-    num_blocks: int
-    block_size: int
-    num_kv_heads: int
-    head_size: int
-    dtype: int
-    device: int
-    v_block_stride: int = 0
-    v_token_stride: int = 0
-    v_head_stride: int = 0
-    v_dim_stride: int = 0
 
 
 # --- checks -------------------------------------------------------------------
@@ -115,10 +86,16 @@ def _torch_device(index: int) -> torch.device:
 
 # --- paged layout ---------------------------------------------------------------
 
-def layout_from_views(k: torch.Tensor, v: torch.Tensor) -> PagedLayout:
+def layout_from_views(k: torch.Tensor, v: torch.Tensor):
     """Describe K and V views of shape (num_blocks, block_size, num_kv_heads,
     head_size) with arbitrary element strides (V's may differ from K's, as
-    in vLLM's CPU backend, which stores K transposed per block and head)."""
+    in vLLM's CPU backend, which stores K transposed per block and head).
+
+    Returns the extension's ``Layout`` (kvb_paged_layout): element (block b,
+    token t, head h, dim d) of K is at ``k_ptr + (b*block_stride +
+    t*token_stride + h*head_stride + d*dim_stride) * itemsize``; V likewise
+    from ``v_ptr`` with the ``v_*`` strides (all four 0: K's).  The pointers
+    are borrowed: keep the cache tensor alive while the layout is used."""
     _check(k, "k", dtype=tuple(_DTYPE_CODES), contiguous=False)
     _check(v, "v", shape=tuple(k.shape), dtype=k.dtype, device=k.device, contiguous=False)
     if k.dim() != 4:
@@ -126,9 +103,12 @@ def layout_from_views(k: torch.Tensor, v: torch.Tensor) -> PagedLayout:
     if min(k.stride() + v.stride()) < 0:
         raise ValueError(f"k, v: expected non-negative strides, got {k.stride()} and {v.stride()}")
     b, n, h, d = k.shape
-    v_strides = (0, 0, 0, 0) if v.stride() == k.stride() else v.stride()
-    return PagedLayout(k.data_ptr(), v.data_ptr(), *k.stride(), b, n, h, d,
-                       dtype_code(k.dtype, "k"), device_index(k), *v_strides)
+    vs = (0, 0, 0, 0) if v.stride() == k.stride() else v.stride()
+    return _ext.load().Layout(k_ptr=k.data_ptr(), v_ptr=v.data_ptr(), block_stride=k.stride(0),
+                              token_stride=k.stride(1), head_stride=k.stride(2), dim_stride=k.stride(3),
+                              num_blocks=b, block_size=n, num_kv_heads=h, head_size=d,
+                              dtype=dtype_code(k.dtype, "k"), device=device_index(k), v_block_stride=vs[0],
+                              v_token_stride=vs[1], v_head_stride=vs[2], v_dim_stride=vs[3])
 
 
 def cpu_attn_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +135,7 @@ def cpu_attn_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return k, v
 
 
-def paged_layout(kv_cache: torch.Tensor, layout: str) -> PagedLayout:
+def paged_layout(kv_cache: torch.Tensor, layout: str):
     """Describe one layer's KV cache tensor laid out as `layout`:
 
     ``"cpu"``        (2, num_blocks, num_kv_heads, block_size, head_size)  (HND planes)
@@ -194,15 +174,14 @@ def paged_layout(kv_cache: torch.Tensor, layout: str) -> PagedLayout:
     return layout_from_views(k, v)
 
 
-def _layout_args(layout: Sequence[int]) -> tuple[PagedLayout, torch.device]:
-    """Normalise a layout argument and return it with its torch device."""
-    if len(layout) not in (12, 16):
-        raise ValueError(f"layout: expected 12 or 16 fields (a PagedLayout), got {len(layout)}")
-    lay = PagedLayout(*(int(x) for x in layout))
-    return lay, _torch_device(lay.device)
+def _layout_args(layout) -> tuple[Any, torch.device]:
+    """Check a layout argument and return it with its torch device."""
+    if type(layout) is not _ext.load().Layout:
+        raise TypeError(f"layout: expected a Layout (paged_layout()), got {type(layout).__name__}")
+    return layout, _torch_device(layout.device)
 
 
-def _layout_dtype(lay: PagedLayout) -> torch.dtype:
+def _layout_dtype(lay) -> torch.dtype:
     """Torch dtype of a layout's dtype code."""
     for dt, code in _DTYPE_CODES.items():
         if code == lay.dtype:
@@ -212,7 +191,7 @@ def _layout_dtype(lay: PagedLayout) -> torch.dtype:
 
 # --- ops ------------------------------------------------------------------------------
 
-def gather(layout: Sequence[int], slots: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
+def gather(layout, slots: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
     """Copy the rows at `slots` (int64 [n], negative = padding, row untouched)
     of the paged cache into contiguous k_out/v_out [n, num_kv_heads, head_size]."""
     lay, dev = _layout_args(layout)
@@ -227,7 +206,7 @@ def gather(layout: Sequence[int], slots: torch.Tensor, k_out: torch.Tensor, v_ou
                            _stream(lay.device))
 
 
-def scatter(layout: Sequence[int], slots: torch.Tensor, k_in: torch.Tensor | None,
+def scatter(layout, slots: torch.Tensor, k_in: torch.Tensor | None,
             v_in: torch.Tensor | None) -> None:
     """Write contiguous k_in/v_in [n, num_kv_heads, head_size] into the paged
     cache at `slots` (int64 [n]; negative = skip).  Either input may be None."""

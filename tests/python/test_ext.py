@@ -178,24 +178,47 @@ def test_ext_segment_bad_input():
         ext.segment_split([1])
 
 
-def test_ext_fastcall_argument_errors_name_the_argument():
-    lay = (1, 1, 0, 0, 0, 1, 1, 1, 1, 1, 0, -1)
-    with pytest.raises(TypeError, match=r"gather\(\) takes from 6 to 7 arguments \(3 given\)"):
+def test_ext_argument_errors_name_the_function_and_value():
+    L = ext.Layout
+    lay = L(k_ptr=1, v_ptr=1, block_stride=0, token_stride=0, head_stride=0, dim_stride=1, num_blocks=1,
+            block_size=1, num_kv_heads=1, head_size=1, dtype=0, device=-1)
+    assert (lay.k_ptr, lay.dim_stride, lay.device, lay.v_dim_stride) == (1, 1, -1, 0)
+    with pytest.raises(AttributeError):
+        lay.k_ptr = 2  # read only
+    with pytest.raises(TypeError, match=r"gather\(\) takes at least 6 arguments \(3 given\)"):
         ext.gather(-1, lay, 0)
-    with pytest.raises(TypeError, match=r"gather\(\) argument 'n' must be an int, not float"):
+    with pytest.raises(TypeError, match="'float' object cannot be interpreted as an integer"):
         ext.gather(-1, lay, 0, 1.0, 0, 0)
-    with pytest.raises(ValueError, match=r"argument 'k_out_ptr' = -5 is not a valid address"):
+    with pytest.raises(ValueError, match="-5 is not a valid address"):
         ext.gather(-1, lay, 0, 1, -5, 0)
-    with pytest.raises(TypeError, match=r"layout\[3\] \(token_stride\) must be an int"):
-        ext.gather(-1, lay[:3] + ("x",) + lay[4:], 0, 1, 0, 0)
-    with pytest.raises(TypeError, match="layout must be a tuple of 12 or 16 ints"):
-        ext.gather(-1, lay[:11], 0, 1, 0, 0)
-    with pytest.raises(TypeError, match=r"layout\[14\] \(v_head_stride\) must be an int"):
-        ext.gather(-1, lay + (0, 0, "x", 0), 0, 1, 0, 0)
+    with pytest.raises(TypeError, match="an address must be an int, not str"):
+        ext.gather(-1, lay, 0, 1, "0", 0)
+    with pytest.raises(TypeError, match=r"layout must be a kvblend Layout \(kvblend.ops.paged_layout\), not tuple"):
+        ext.gather(-1, (1, 1, 0, 0, 0, 1, 1, 1, 1, 1, 0, -1), 0, 1, 0, 0)
+    with pytest.raises(TypeError, match="Layout field 'token_stride' must be an int, not str"):
+        L(k_ptr=1, v_ptr=1, block_stride=0, token_stride="x", head_stride=0, dim_stride=1, num_blocks=1,
+          block_size=1, num_kv_heads=1, head_size=1, dtype=0, device=-1)
+    with pytest.raises(TypeError, match="Layout\\(\\) misses field 'device'"):
+        L(k_ptr=1, v_ptr=1, block_stride=0, token_stride=0, head_stride=0, dim_stride=1, num_blocks=1,
+          block_size=1, num_kv_heads=1, head_size=1, dtype=0)
+    with pytest.raises(TypeError, match="unknown field"):
+        L(k_ptr=1, v_ptr=1, block_stride=0, token_stride=0, head_stride=0, dim_stride=1, num_blocks=1,
+          block_size=1, num_kv_heads=1, head_size=1, dtype=0, device=-1, v_dim_strde=0)
+    with pytest.raises(ValueError, match="Layout field 'num_kv_heads' = 4294967296 does not fit int32"):
+        L(k_ptr=1, v_ptr=1, block_stride=0, token_stride=0, head_stride=0, dim_stride=1, num_blocks=1,
+          block_size=1, num_kv_heads=2**32, head_size=1, dtype=0, device=-1)
+    with pytest.raises(ValueError, match="-1 is not a valid address"):
+        L(k_ptr=-1, v_ptr=1, block_stride=0, token_stride=0, head_stride=0, dim_stride=1, num_blocks=1,
+          block_size=1, num_kv_heads=1, head_size=1, dtype=0, device=-1)
+    bad_v = L(k_ptr=1, v_ptr=1, block_stride=0, token_stride=0, head_stride=0, dim_stride=1, num_blocks=1,
+              block_size=1, num_kv_heads=1, head_size=1, dtype=0, device=-1, v_block_stride=1,
+              v_token_stride=1, v_head_stride=1, v_dim_stride=-1)
     with pytest.raises(ext.InvalidError, match=r"layout->v_dim_stride=-1 is invalid"):
-        ext.gather(-1, lay + (1, 1, 1, -1), 0, 1, 0, 0)
+        ext.gather(-1, bad_v, 0, 1, 0, 0)
+    null = L(k_ptr=0, v_ptr=0, block_stride=0, token_stride=0, head_stride=0, dim_stride=1, num_blocks=1,
+             block_size=1, num_kv_heads=1, head_size=1, dtype=0, device=-1)
     with pytest.raises(ext.InvalidError):  # NULL bases reach C and are refused there
-        ext.gather(-1, (0, 0) + lay[2:], 0, 0, 0, 0)
+        ext.gather(-1, null, 0, 0, 0, 0)
 
 
 def test_ext_log_level_names():
@@ -276,8 +299,9 @@ def test_ops_cpu_attn_layout_transposed_k():
             assert flat[1, h, d * bs + 2] == k[0, h, d]
             assert flat[1, h, bs * dim + 2 * dim + d] == -k[0, h, d]
     assert int((kv != 0).sum()) == 2 * heads * dim
-    # equal strides for K and V keep the 12-field meaning (V strides 0)
-    assert ops.paged_layout(torch.zeros(2, blocks, bs, heads, dim), "flash")[12:] == (0, 0, 0, 0)
+    # equal strides for K and V: V strides 0 (K's)
+    eq = ops.paged_layout(torch.zeros(2, blocks, bs, heads, dim), "flash")
+    assert (eq.v_block_stride, eq.v_token_stride, eq.v_head_stride, eq.v_dim_stride) == (0, 0, 0, 0)
     with pytest.raises(ValueError, match=r"layout 'cpu_attn' needs each \(block, head\) contiguous"):
         ops.paged_layout(torch.zeros(blocks, bs, heads, 2 * dim).transpose(1, 2), "cpu_attn")
     with pytest.raises(ValueError, match=r"layout 'cpu_attn' expects shape \(num_blocks, num_kv_heads"):

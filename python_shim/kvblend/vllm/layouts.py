@@ -17,18 +17,18 @@ meaning of its axes depend on the vLLM release and the attention backend:
                   tensor has the "bhnc" shape, but the backend views each
                   (block, head) as a K plane followed by a V plane, K stored
                   transposed ([head_size, block_size]) and V row-major
-                  ([block_size, head_size]); the PagedLayout gives V its own
+                  ([block_size, head_size]); the Layout gives V its own
                   strides
 
 CPU_ATTN's "amx" kernels (bf16 on CPUs with AMX tiles) pack K in bf16 pairs,
-which no PagedLayout describes: that cache is refused with an error naming
+which no Layout describes: that cache is refused with an error naming
 it, as are the ARM/POWER/s390x/RISC-V kernels, whose K order kvblend has
 not been checked against.
 
 The shapes of "cpu" and "flash" are equal (and CPU_ATTN's shape equals
 "bhnc"), so the layout cannot be told from the shape alone: ``detect``
 takes the backend name too.  ``layout_of`` turns a tensor and a layout name
-into the ``kvblend.ops.PagedLayout`` the C ops use.
+into the ``Layout`` (kvblend.ops.layout_from_views) the C ops use.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def kv_views(kv_cache: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.T
 
 
 def layout_of(kv_cache: torch.Tensor, layout: str):
-    """The ``kvblend.ops.PagedLayout`` of ``kv_cache`` read as ``layout``
+    """The ``Layout`` (kvblend.ops.layout_from_views) of ``kv_cache`` read as ``layout``
     (strides come from the views, so NHD and HND memory orders both work)."""
     from .. import ops
 
