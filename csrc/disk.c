@@ -109,13 +109,27 @@ static void disk_final_name(char *name, uint64_t key, uint64_t hash)
 }
 
 /* Writes the temporary file name of (key, hash) with `serial` and this
- * process's id into name[DISK_NAME_MAX]. */
+ * process's id into name[DISK_NAME_MAX]: "." + the final name without
+ * ".kvb" + ".pid.serial.tmp". */
 static void disk_temp_name(char *name, uint64_t key, uint64_t hash,
                            uint64_t serial)
 {
-    snprintf(name, DISK_NAME_MAX, ".%016llx-%016llx.%ld.%llu.tmp",
-             (unsigned long long)key, (unsigned long long)hash,
+    char final[DISK_NAME_MAX];
+    disk_final_name(final, key, hash);
+    snprintf(name, DISK_NAME_MAX, ".%.33s.%ld.%llu.tmp", final,
              (long)getpid(), (unsigned long long)serial);
+}
+
+/* Whether a final file of (key, hash) exists in `dir` (a stat; no index:
+ * the scheduler's lookup-only view of a folder other processes own). */
+int kvb_disk_file_exists(const char *dir, uint64_t key, uint64_t hash)
+{
+    char name[DISK_NAME_MAX];
+    char path[KVB_MAX_PATH + DISK_NAME_MAX];
+    struct stat sb;
+    disk_final_name(name, key, hash);
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    return stat(path, &sb) == 0 && S_ISREG(sb.st_mode);
 }
 
 /* Returns a fresh serial for a temporary name (never 0, which marks "no

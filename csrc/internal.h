@@ -169,6 +169,13 @@ static inline void kvb_store_elem(void *p, int64_t i, kvb_dtype dt, float v)
 /* Returns KVB_OK if dt is a known dtype, else fails naming `what`. */
 KVB_HIDDEN kvb_status kvb_check_dtype(kvb_dtype dt, const char *what);
 
+/* KVB_ERR_INVALID naming `fn` when `count` is negative or the array `p`
+ * is NULL with count > 0: "fn: count_name=-1; expected >= 0", "fn: name is
+ * NULL with count_name=3". */
+KVB_HIDDEN kvb_status kvb_check_array(const char *fn, const char *name,
+                                      const void *p, const char *count_name,
+                                      int64_t count);
+
 /* Checks the rows and head geometry of op `fn` (the CPU and CUDA ops of
  * rows [n, num_heads, head_size]): KVB_ERR_INVALID naming the values unless
  * n >= 0, num_heads > 0 and head_size > 0. */

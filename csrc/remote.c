@@ -217,8 +217,9 @@ static void remote_meta_key(char *out, uint64_t key, uint64_t hash)
 static void remote_part_key(char *out, uint64_t key, uint64_t hash,
                             uint64_t index)
 {
-    snprintf(out, REMOTE_KEY_CHARS, "kvblend:%016llx:%016llx:%llu",
-             (unsigned long long)key, (unsigned long long)hash,
+    remote_meta_key(out, key, hash);
+    size_t at = strlen(out);
+    snprintf(out + at, REMOTE_KEY_CHARS - at, ":%llu",
              (unsigned long long)index);
 }
 

@@ -60,13 +60,10 @@ kvb_status kvb_segment_split(const int32_t *tokens, int64_t n,
         return kvb_fail(KVB_ERR_INVALID, "kvb_segment_split: n_out is NULL");
     }
     *n_out = 0;
-    if (n < 0) {
-        return kvb_fail(KVB_ERR_INVALID, "kvb_segment_split: n=%lld; expected "
-                        ">= 0 tokens", (long long)n);
-    }
-    if (tokens == NULL && n > 0) {
-        return kvb_fail(KVB_ERR_INVALID, "kvb_segment_split: tokens is NULL "
-                        "with n=%lld", (long long)n);
+    kvb_status st = kvb_check_array("kvb_segment_split", "tokens", tokens,
+                                    "n", n);
+    if (st != KVB_OK) {
+        return st;
     }
     if (sep_len < 1) {
         return kvb_fail(KVB_ERR_INVALID, "kvb_segment_split: sep_len=%lld; "
@@ -77,13 +74,9 @@ kvb_status kvb_segment_split(const int32_t *tokens, int64_t n,
         return kvb_fail(KVB_ERR_INVALID, "kvb_segment_split: sep is NULL "
                         "with sep_len=%lld", (long long)sep_len);
     }
-    if (cap < 0) {
-        return kvb_fail(KVB_ERR_INVALID, "kvb_segment_split: cap=%lld; "
-                        "expected >= 0", (long long)cap);
-    }
-    if (out == NULL && cap > 0) {
-        return kvb_fail(KVB_ERR_INVALID, "kvb_segment_split: out is NULL "
-                        "with cap=%lld", (long long)cap);
+    st = kvb_check_array("kvb_segment_split", "out", out, "cap", cap);
+    if (st != KVB_OK) {
+        return st;
     }
     if (n == 0) {
         return KVB_OK;
@@ -124,17 +117,14 @@ kvb_status kvb_segment_split(const int32_t *tokens, int64_t n,
 kvb_status kvb_segment_check(const kvb_span *spans, int64_t n_spans,
                              int64_t n)
 {
-    if (n_spans < 0) {
-        return kvb_fail(KVB_ERR_INVALID, "kvb_segment_check: n_spans=%lld; "
-                        "expected >= 0", (long long)n_spans);
+    kvb_status st = kvb_check_array("kvb_segment_check", "spans", spans,
+                                    "n_spans", n_spans);
+    if (st == KVB_OK && n < 0) {
+        st = kvb_fail(KVB_ERR_INVALID, "kvb_segment_check: n=%lld; expected "
+                      ">= 0 tokens", (long long)n);
     }
-    if (spans == NULL && n_spans > 0) {
-        return kvb_fail(KVB_ERR_INVALID, "kvb_segment_check: spans is NULL "
-                        "with n_spans=%lld", (long long)n_spans);
-    }
-    if (n < 0) {
-        return kvb_fail(KVB_ERR_INVALID, "kvb_segment_check: n=%lld; expected "
-                        ">= 0 tokens", (long long)n);
+    if (st != KVB_OK) {
+        return st;
     }
     for (int64_t i = 0; i < n_spans; i++) {
         long long s = (long long)spans[i].start;

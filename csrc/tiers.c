@@ -351,11 +351,7 @@ kvb_status kvb_tiers_contains(kvb_tiers *tiers, uint64_t key, uint64_t hash,
     *found = tiers->disk != NULL && kvb_disk_contains(tiers->disk, key, hash);
     if (tiers->view_dir != NULL) {
         /* a view only looks: the owning processes index, adopt and evict */
-        char path[KVB_MAX_PATH + 48];
-        struct stat sb;
-        snprintf(path, sizeof path, "%s/%016llx-%016llx.kvb", tiers->view_dir,
-                 (unsigned long long)key, (unsigned long long)hash);
-        *found = stat(path, &sb) == 0 && S_ISREG(sb.st_mode);
+        *found = kvb_disk_file_exists(tiers->view_dir, key, hash);
     }
     if (!*found && tiers->remote != NULL) {
         kvb_status st = kvb_remote_contains(tiers->remote, key, hash, found);

@@ -131,6 +131,11 @@ KVB_TIER_HOOK void kvb_disk_close(kvb_disk *disk);
 /* 1 when the index holds an entry for (key, hash), else 0. */
 KVB_TIER_HOOK int kvb_disk_contains(kvb_disk *disk, uint64_t key, uint64_t hash);
 
+/* Whether the final file of (key, hash) exists in folder `dir`, by one
+ * stat, without opening the folder as a tier (a lookup-only view). */
+KVB_TIER_HOOK int kvb_disk_file_exists(const char *dir, uint64_t key,
+                                       uint64_t hash);
+
 /*
  * Reads the whole file of (key, hash) into a new malloc'd buffer (*buf, the
  * caller frees it) of *len bytes, and makes the entry most recently used.

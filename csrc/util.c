@@ -165,6 +165,21 @@ kvb_status kvb_check_rows(const char *fn, int64_t n, int32_t num_heads,
     return KVB_OK;
 }
 
+/* Checks an array argument and its count; see internal.h. */
+kvb_status kvb_check_array(const char *fn, const char *name, const void *p,
+                           const char *count_name, int64_t count)
+{
+    if (count < 0) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: %s=%lld; expected >= 0", fn,
+                        count_name, (long long)count);
+    }
+    if (p == NULL && count > 0) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: %s is NULL with %s=%lld", fn,
+                        name, count_name, (long long)count);
+    }
+    return KVB_OK;
+}
+
 /* Sets the CPU op thread count; negative values are rejected. */
 kvb_status kvb_cpu_set_threads(int num_threads)
 {
