@@ -9,15 +9,31 @@
 #include "internal.h"
 
 #ifdef KVB_WITH_CUDA
-
 #include "kvb_cuda.h"
+#endif
 
-/* Returns 1: this build has CUDA kernels. */
+/* Returns 1 when this build has CUDA kernels. */
 int kvb_has_cuda(void)
 {
+#ifdef KVB_WITH_CUDA
     return 1;
+#else
+    return 0;
+#endif
 }
 
+#ifndef KVB_WITH_CUDA
+/* The failure of every CUDA entry point in a CPU-only build. */
+static kvb_status no_cuda(const char *op)
+{
+    return kvb_fail(KVB_ERR_UNSUPPORTED,
+                    "%s: libkvblend was built without CUDA (configure with "
+                    "-DKVB_CUDA=ON where nvcc is available)",
+                    op);
+}
+#endif
+
+#ifdef KVB_WITH_CUDA
 /* Maps a launcher's cudaError_t to a kvb_status: KVB_OK for cudaSuccess,
  * else KVB_ERR_CUDA with the op and CUDA's own description. */
 static kvb_status cuda_status(const char *op, cudaError_t err)
@@ -83,47 +99,54 @@ static kvb_status copy_check(const char *fn, const kvb_paged_layout *layout,
     return KVB_OK;
 }
 
-/* Gathers n tokens of the paged cache into k_out/v_out on `stream`.  Copies
- * are bitwise, so the dtype only sets the element size.  Slots outside the
- * cache are skipped like padding (they cannot be checked without a sync). */
+/* Copies n tokens between the paged cache and dense rows on `stream`
+ * (to_dense: gather into k/v; else scatter k/v, either may be NULL).
+ * Copies are bitwise, so the dtype only sets the element size.  Slots
+ * outside the cache are skipped like padding (they cannot be checked
+ * without a sync). */
+static kvb_status paged_copy(const char *fn, const kvb_paged_layout *layout,
+                             const int64_t *slots, int64_t n, void *k,
+                             void *v, int to_dense, void *stream)
+{
+    kvb_cuda_paged g;
+    kvb_status st = copy_check(fn, layout, slots, n, k, v, &g);
+    if (st != KVB_OK) {
+        return st;
+    }
+    int esize = (int)kvb_dtype_size(layout->dtype);
+    return cuda_status(fn, kvb_launch_paged_copy(layout->k_base,
+                                                 layout->v_base, g, slots, n,
+                                                 k, v, esize, to_dense,
+                                                 (cudaStream_t)stream));
+}
+#endif
+
 kvb_status kvb_cuda_gather(const kvb_paged_layout *layout,
                            const int64_t *slots, int64_t n, void *k_out,
                            void *v_out, void *stream)
 {
-    kvb_cuda_paged g;
-    kvb_status st = copy_check("kvb_cuda_gather", layout, slots, n, k_out,
-                               v_out, &g);
-    if (st != KVB_OK) {
-        return st;
-    }
-    int esize = (int)kvb_dtype_size(layout->dtype);
-    return cuda_status("kvb_cuda_gather",
-                       kvb_launch_paged_copy(layout->k_base, layout->v_base,
-                                             g, slots, n, k_out, v_out, esize,
-                                             1, (cudaStream_t)stream));
+#ifdef KVB_WITH_CUDA
+    return paged_copy("kvb_cuda_gather", layout, slots, n, k_out, v_out, 1,
+                      stream);
+#else
+    return no_cuda("kvb_cuda_gather");
+#endif
 }
 
-/* Scatters k_in/v_in into the paged cache at slots on `stream` (either
- * input may be NULL to write only the other plane). */
 kvb_status kvb_cuda_scatter(const kvb_paged_layout *layout,
                             const int64_t *slots, int64_t n,
                             const void *k_in, const void *v_in, void *stream)
 {
-    kvb_cuda_paged g;
-    kvb_status st = copy_check("kvb_cuda_scatter", layout, slots, n, k_in,
-                               v_in, &g);
-    if (st != KVB_OK) {
-        return st;
-    }
-    int esize = (int)kvb_dtype_size(layout->dtype);
-    return cuda_status(
-        "kvb_cuda_scatter",
-        kvb_launch_paged_copy(layout->k_base, layout->v_base, g, slots, n,
-                              (void *)(uintptr_t)k_in,
-                              (void *)(uintptr_t)v_in, esize, 0,
-                              (cudaStream_t)stream));
+#ifdef KVB_WITH_CUDA
+    return paged_copy("kvb_cuda_scatter", layout, slots, n,
+                      (void *)(uintptr_t)k_in, (void *)(uintptr_t)v_in, 0,
+                      stream);
+#else
+    return no_cuda("kvb_cuda_scatter");
+#endif
 }
 
+#ifdef KVB_WITH_CUDA
 /* Checks a rotary description for heads of `head_size` and copies it into
  * the by-value kernel form.  Messages match kvb_cpu_rerotate's. */
 static kvb_status rope_check(const char *fn, const kvb_rope *rope,
@@ -161,6 +184,7 @@ static kvb_status rope_check(const char *fn, const kvb_rope *rope,
     out->style = (int32_t)rope->style;
     return KVB_OK;
 }
+#endif
 
 /* Re-rotates k in place on `stream` (kvb_cpu_rerotate's contract; rows
  * with equal old and new positions stay bit-exact). */
@@ -169,6 +193,7 @@ kvb_status kvb_cuda_rerotate(void *k, int64_t n, int32_t num_heads,
                              const kvb_rope *rope, const int64_t *old_pos,
                              const int64_t *new_pos, void *stream)
 {
+#ifdef KVB_WITH_CUDA
     const char *fn = "kvb_cuda_rerotate";
     kvb_status st = kvb_check_rows(fn, n, num_heads, head_size);
     if (st != KVB_OK) {
@@ -190,6 +215,9 @@ kvb_status kvb_cuda_rerotate(void *k, int64_t n, int32_t num_heads,
                       (k, n, num_heads, head_size, &r, old_pos, new_pos,
                        (cudaStream_t)stream));
     return cuda_status(fn, err);
+#else
+    return no_cuda("kvb_cuda_rerotate");
+#endif
 }
 
 /* Per-row squared L2 distance of a and b into out (fp32) on `stream`. */
@@ -197,6 +225,7 @@ kvb_status kvb_cuda_deviation(const void *a, const void *b, int64_t n,
                               int32_t num_heads, int32_t head_size,
                               kvb_dtype dtype, float *out, void *stream)
 {
+#ifdef KVB_WITH_CUDA
     const char *fn = "kvb_cuda_deviation";
     kvb_status st = kvb_check_rows(fn, n, num_heads, head_size);
     if (st != KVB_OK) {
@@ -212,6 +241,9 @@ kvb_status kvb_cuda_deviation(const void *a, const void *b, int64_t n,
     KVB_CUDA_DISPATCH(fn, dtype, err, kvb_launch_deviation,
                       (a, b, n, row, out, (cudaStream_t)stream));
     return cuda_status(fn, err);
+#else
+    return no_cuda("kvb_cuda_deviation");
+#endif
 }
 
 /* Causal-by-position attention on `stream` (kvb_cpu_attention's
@@ -223,6 +255,7 @@ kvb_status kvb_cuda_attention(const void *q, const int64_t *q_pos, int64_t nq,
                               int32_t head_size, float scale, kvb_dtype dtype,
                               void *out, void *stream)
 {
+#ifdef KVB_WITH_CUDA
     const char *fn = "kvb_cuda_attention";
     if (nq < 0 || nk < 0) {
         return kvb_fail(KVB_ERR_INVALID,
@@ -269,12 +302,17 @@ kvb_status kvb_cuda_attention(const void *q, const int64_t *q_pos, int64_t nq,
                        num_kv_heads, head_size, scale, out,
                        (cudaStream_t)stream));
     return cuda_status(fn, err);
+#else
+    return no_cuda("kvb_cuda_attention");
+#endif
 }
 
+#ifdef KVB_WITH_CUDA
 /* Most elements (num_kv_heads * head_size) in one row of the fused load:
  * the kernel counts a tile's items in int (KVB_LOAD_MAX_ROW in
  * cuda/rope.cu is the same number). */
 #define LOAD_MAX_ROW_ELEMS ((int64_t)1 << 24)
+#endif
 
 /* The fused per-layer load on `stream`.  The segment table lives on the
  * device (or is host-mapped), so its contents cannot be checked here: the
@@ -289,6 +327,7 @@ kvb_status kvb_cuda_load_rotate(const kvb_load_seg *segs, int64_t nseg,
                                 kvb_dtype dtype, const kvb_rope *rope,
                                 void *stream)
 {
+#ifdef KVB_WITH_CUDA
     const char *fn = "kvb_cuda_load_rotate";
     if (nseg < 0 || (nseg > 0 && segs == NULL) || layer < 0 ||
         num_rows < 0 || num_kv_heads <= 0 || head_size <= 0) {
@@ -325,6 +364,9 @@ kvb_status kvb_cuda_load_rotate(const kvb_load_seg *segs, int64_t nseg,
                       (segs, nseg, layer, dst_k, dst_v, dst_pos, num_rows,
                        num_kv_heads, head_size, &r, (cudaStream_t)stream));
     return cuda_status(fn, err);
+#else
+    return no_cuda("kvb_cuda_load_rotate");
+#endif
 }
 
 /* The connector's planned load (see kvb_launch_load_plan in kvb_cuda.h and
@@ -337,6 +379,7 @@ kvb_status kvb_cuda_load_planned(const kvb_load_seg *segs, const int32_t *row_se
                                  int32_t head_size, kvb_dtype dtype,
                                  const kvb_rope *rope, void *stream)
 {
+#ifdef KVB_WITH_CUDA
     const char *fn = "kvb_cuda_load_planned";
     if (segs == NULL || row_seg == NULL || tabs == NULL || seg_rot == NULL ||
         dst_k == NULL || dst_v == NULL || rope == NULL || layer < 0 ||
@@ -359,6 +402,9 @@ kvb_status kvb_cuda_load_planned(const kvb_load_seg *segs, const int32_t *row_se
                        num_kv_heads, head_size, rope->rotary_dim, rope->style,
                        (cudaStream_t)stream));
     return cuda_status(fn, err);
+#else
+    return no_cuda("kvb_cuda_load_planned");
+#endif
 }
 
 /* Top-k selection on `stream` (kvb_cpu_select's contract, indices written
@@ -368,6 +414,7 @@ kvb_status kvb_cuda_select(const float *score, const uint8_t *forced,
                            int64_t n, int64_t k, int64_t *out_idx,
                            void *stream)
 {
+#ifdef KVB_WITH_CUDA
     const char *fn = "kvb_cuda_select";
     if (n < 0 || n > KVB_CUDA_SELECT_MAX_N) {
         return kvb_fail(KVB_ERR_INVALID,
@@ -384,101 +431,8 @@ kvb_status kvb_cuda_select(const float *score, const uint8_t *forced,
     }
     return cuda_status(fn, kvb_launch_select(score, forced, n, k, out_idx,
                                              (cudaStream_t)stream));
-}
-
-#endif /* KVB_WITH_CUDA */
-
-#ifndef KVB_WITH_CUDA
-
-/* Returns 0: this build has no CUDA kernels. */
-int kvb_has_cuda(void)
-{
-    return 0;
-}
-
-/* Common failure of every CUDA entry point in a CPU-only build. */
-static kvb_status no_cuda(const char *op)
-{
-    return kvb_fail(KVB_ERR_UNSUPPORTED,
-                    "%s: libkvblend was built without CUDA (configure with "
-                    "-DKVB_CUDA=ON where nvcc is available)",
-                    op);
-}
-
-/* CPU-only build: unsupported. */
-kvb_status kvb_cuda_gather(const kvb_paged_layout *layout,
-                           const int64_t *slots, int64_t n, void *k_out,
-                           void *v_out, void *stream)
-{
-    return no_cuda("kvb_cuda_gather");
-}
-
-/* CPU-only build: unsupported. */
-kvb_status kvb_cuda_scatter(const kvb_paged_layout *layout,
-                            const int64_t *slots, int64_t n,
-                            const void *k_in, const void *v_in, void *stream)
-{
-    return no_cuda("kvb_cuda_scatter");
-}
-
-/* CPU-only build: unsupported. */
-kvb_status kvb_cuda_rerotate(void *k, int64_t n, int32_t num_heads,
-                             int32_t head_size, kvb_dtype dtype,
-                             const kvb_rope *rope, const int64_t *old_pos,
-                             const int64_t *new_pos, void *stream)
-{
-    return no_cuda("kvb_cuda_rerotate");
-}
-
-/* CPU-only build: unsupported. */
-kvb_status kvb_cuda_deviation(const void *a, const void *b, int64_t n,
-                              int32_t num_heads, int32_t head_size,
-                              kvb_dtype dtype, float *out, void *stream)
-{
-    return no_cuda("kvb_cuda_deviation");
-}
-
-/* CPU-only build: unsupported. */
-kvb_status kvb_cuda_attention(const void *q, const int64_t *q_pos, int64_t nq,
-                              const void *k, const void *v,
-                              const int64_t *k_pos, int64_t nk,
-                              int32_t num_q_heads, int32_t num_kv_heads,
-                              int32_t head_size, float scale, kvb_dtype dtype,
-                              void *out, void *stream)
-{
-    return no_cuda("kvb_cuda_attention");
-}
-
-/* CPU-only build: unsupported. */
-kvb_status kvb_cuda_load_planned(const kvb_load_seg *segs, const int32_t *row_seg,
-                                 const float *tabs, const int32_t *seg_rot,
-                                 int32_t layer, void *dst_k, void *dst_v,
-                                 int64_t num_rows, int32_t num_kv_heads,
-                                 int32_t head_size, kvb_dtype dtype,
-                                 const kvb_rope *rope, void *stream)
-{
-    (void)segs; (void)row_seg; (void)tabs; (void)seg_rot; (void)layer;
-    (void)dst_k; (void)dst_v; (void)num_rows; (void)num_kv_heads;
-    (void)head_size; (void)dtype; (void)rope; (void)stream;
-    return no_cuda("kvb_cuda_load_planned");
-}
-
-kvb_status kvb_cuda_load_rotate(const kvb_load_seg *segs, int64_t nseg,
-                                int32_t layer, void *dst_k, void *dst_v,
-                                const int64_t *dst_pos, int64_t num_rows,
-                                int32_t num_kv_heads, int32_t head_size,
-                                kvb_dtype dtype, const kvb_rope *rope,
-                                void *stream)
-{
-    return no_cuda("kvb_cuda_load_rotate");
-}
-
-/* CPU-only build: unsupported. */
-kvb_status kvb_cuda_select(const float *score, const uint8_t *forced,
-                           int64_t n, int64_t k, int64_t *out_idx,
-                           void *stream)
-{
+#else
     return no_cuda("kvb_cuda_select");
+#endif
 }
 
-#endif /* !KVB_WITH_CUDA */

@@ -20,6 +20,7 @@
  *     is 4 warps over 16 queries of one head; lanes own keys when scoring
  *     and dims when accumulating.
  */
+#include <type_traits>
 #include <climits>
 
 #include "common.cuh"
@@ -34,6 +35,24 @@
 #define KVB_SIMT_QW 4                                   /* queries per warp */
 #define KVB_SIMT_BQ (KVB_SIMT_WARPS * KVB_SIMT_QW)       /* queries per block */
 #define KVB_SIMT_BK 32                                  /* keys per tile */
+
+/* Stages the positions of keys [k0, k0 + bk) into kp (LLONG_MAX past nk)
+ * and returns whether any query of the block (the latest at qmax) sees any
+ * of them, so a tile nobody sees is skipped.  Called by every thread of the
+ * block (it synchronises). */
+static __device__ __forceinline__ bool kvb_tile_positions(const int64_t *k_pos, int64_t k0,
+                                                          int64_t nk, int bk, long long qmax,
+                                                          long long *kp)
+{
+    const int tid = threadIdx.x;
+    long long my_kp = LLONG_MAX;
+    if (tid < bk) {
+        const int64_t kj = k0 + tid;
+        my_kp = kj < nk ? (long long)k_pos[kj] : LLONG_MAX;
+        kp[tid] = my_kp;
+    }
+    return __syncthreads_or(tid < bk && my_kp <= qmax) != 0;
+}
 
 /*
  *   q      [nq, Hq, D]     q_pos [nq]
@@ -90,14 +109,7 @@ kvb_attn_simt(const T *__restrict__ q, const int64_t *__restrict__ q_pos, int64_
             ks[r][d] = in ? kvb_to_f32(k[(kj * Hkv + hk) * D + d]) : 0.0f;
             vs[r][d] = in ? kvb_to_f32(v[(kj * Hkv + hk) * D + d]) : 0.0f;
         }
-        long long my_kp = LLONG_MAX;
-        if (tid < KVB_SIMT_BK) {
-            const int64_t kj = k0 + tid;
-            my_kp = kj < nk ? (long long)k_pos[kj] : LLONG_MAX;
-            kp[tid] = my_kp;
-        }
-        /* Skip the tile when no query of the block sees any of its keys. */
-        if (!__syncthreads_or(tid < KVB_SIMT_BK && my_kp <= qmax)) {
+        if (!kvb_tile_positions(k_pos, k0, nk, KVB_SIMT_BK, qmax, kp)) {
             continue;
         }
 #pragma unroll
@@ -152,31 +164,22 @@ kvb_attn_simt(const T *__restrict__ q, const int64_t *__restrict__ q_pos, int64_
 
 /* D = A * B + D for one m16n8k16 tile, fp32 accumulate; T selects the f16
  * or bf16 instruction. */
+#define KVB_MMA_ASM(ty)                                                          \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." ty "." ty ".f32 "      \
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"       \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
 template <typename T>
 static __device__ __forceinline__ void kvb_mma(float (&d)[4], const uint32_t (&a)[4],
-                                               uint32_t b0, uint32_t b1);
-
-template <>
-__device__ __forceinline__ void kvb_mma<__half>(float (&d)[4], const uint32_t (&a)[4],
-                                                uint32_t b0, uint32_t b1)
+                                               uint32_t b0, uint32_t b1)
 {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    if constexpr (std::is_same<T, __half>::value) {
+        KVB_MMA_ASM("f16");
+    } else {
+        KVB_MMA_ASM("bf16");
+    }
 }
-
-template <>
-__device__ __forceinline__ void kvb_mma<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
-                                                       uint32_t b0, uint32_t b1)
-{
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+#undef KVB_MMA_ASM
 
 /* Packs two elements into one 32-bit register, `lo` in the low half (the
  * lower column index of an mma fragment pair). */
@@ -275,14 +278,8 @@ kvb_attn_mma(const T *__restrict__ q, const int64_t *__restrict__ q_pos, int64_t
 #pragma unroll
             for (int j = 0; j < V8; j++) vt[(c + j) * VS + r] = vv.e[j];
         }
-        long long my_kp = LLONG_MAX;
-        if (tid < BK) {
-            const int64_t kj = k0 + tid;
-            my_kp = kj < nk ? (long long)k_pos[kj] : LLONG_MAX;
-            kp[tid] = my_kp;
-        }
-        if (!__syncthreads_or(tid < BK && my_kp <= qmax)) {
-            continue; /* no query of the block sees any key of the tile */
+        if (!kvb_tile_positions(k_pos, k0, nk, BK, qmax, kp)) {
+            continue;
         }
 
         /* S = Q K^T for this warp's 16 rows x 64 keys. */
@@ -389,26 +386,22 @@ extern "C" int kvb_cuda_attention_supported(int32_t head_size)
     return head_size == 64 || head_size == 128;
 }
 
-/* Launches the CUDA-core kernel for head size D. */
-template <typename T, int D>
-static void kvb_attn_simt_go(const T *q, const int64_t *q_pos, int64_t nq, const T *k,
-                             const T *v, const int64_t *k_pos, int64_t nk, int Hq, int Hkv,
-                             float scale_log2, T *out, cudaStream_t stream)
+/* Launches the tensor-core kernel (MMA, 16-bit T) or the CUDA-core one for
+ * head size D. */
+template <typename T, int D, bool MMA>
+static void kvb_attn_go(const T *q, const int64_t *q_pos, int64_t nq, const T *k, const T *v,
+                        const int64_t *k_pos, int64_t nk, int Hq, int Hkv, float scale_log2,
+                        T *out, cudaStream_t stream)
 {
-    const dim3 grid((unsigned)((nq + KVB_SIMT_BQ - 1) / KVB_SIMT_BQ), (unsigned)Hq);
-    kvb_attn_simt<T, D><<<grid, KVB_SIMT_WARPS * 32, 0, stream>>>(q, q_pos, nq, k, v, k_pos, nk,
-                                                                  Hq, Hkv, scale_log2, out);
-}
-
-/* Launches the tensor-core kernel for head size D. */
-template <typename T, int D>
-static void kvb_attn_mma_go(const T *q, const int64_t *q_pos, int64_t nq, const T *k,
-                            const T *v, const int64_t *k_pos, int64_t nk, int Hq, int Hkv,
-                            float scale_log2, T *out, cudaStream_t stream)
-{
-    const dim3 grid((unsigned)((nq + KVB_MMA_BQ - 1) / KVB_MMA_BQ), (unsigned)Hq);
-    kvb_attn_mma<T, D><<<grid, KVB_MMA_WARPS * 32, 0, stream>>>(q, q_pos, nq, k, v, k_pos, nk,
-                                                                Hq, Hkv, scale_log2, out);
+    constexpr int BQ = MMA ? KVB_MMA_BQ : KVB_SIMT_BQ;
+    const dim3 grid((unsigned)((nq + BQ - 1) / BQ), (unsigned)Hq);
+    if constexpr (MMA) {
+        kvb_attn_mma<T, D><<<grid, KVB_MMA_WARPS * 32, 0, stream>>>(q, q_pos, nq, k, v, k_pos,
+                                                                    nk, Hq, Hkv, scale_log2, out);
+    } else {
+        kvb_attn_simt<T, D><<<grid, KVB_SIMT_WARPS * 32, 0, stream>>>(q, q_pos, nq, k, v, k_pos,
+                                                                      nk, Hq, Hkv, scale_log2, out);
+    }
 }
 
 /* Picks the kernel: tensor cores for 16-bit types when q/k/v/out are
@@ -433,20 +426,16 @@ static cudaError_t kvb_attention_go(const void *q, const int64_t *q_pos, int64_t
     const bool mma = sizeof(T) == 2 && kvb_aligned(q, 16) && kvb_aligned(k, 16) &&
                      kvb_aligned(v, 16) && kvb_aligned(out, 16);
     if constexpr (sizeof(T) == 2) {
-        if (mma) {
-            if (D == 64) {
-                kvb_attn_mma_go<T, 64>(tq, q_pos, nq, tk, tv, k_pos, nk, Hq, Hkv, sl, to, stream);
-            } else {
-                kvb_attn_mma_go<T, 128>(tq, q_pos, nq, tk, tv, k_pos, nk, Hq, Hkv, sl, to, stream);
-            }
-            KVB_CUDA_TRY(cudaGetLastError());
-            return cudaSuccess;
+        if (mma && D == 64) {
+            kvb_attn_go<T, 64, true>(tq, q_pos, nq, tk, tv, k_pos, nk, Hq, Hkv, sl, to, stream);
+        } else if (mma) {
+            kvb_attn_go<T, 128, true>(tq, q_pos, nq, tk, tv, k_pos, nk, Hq, Hkv, sl, to, stream);
         }
     }
-    if (D == 64) {
-        kvb_attn_simt_go<T, 64>(tq, q_pos, nq, tk, tv, k_pos, nk, Hq, Hkv, sl, to, stream);
-    } else {
-        kvb_attn_simt_go<T, 128>(tq, q_pos, nq, tk, tv, k_pos, nk, Hq, Hkv, sl, to, stream);
+    if (!mma && D == 64) {
+        kvb_attn_go<T, 64, false>(tq, q_pos, nq, tk, tv, k_pos, nk, Hq, Hkv, sl, to, stream);
+    } else if (!mma) {
+        kvb_attn_go<T, 128, false>(tq, q_pos, nq, tk, tv, k_pos, nk, Hq, Hkv, sl, to, stream);
     }
     KVB_CUDA_TRY(cudaGetLastError());
     return cudaSuccess;

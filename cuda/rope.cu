@@ -113,6 +113,21 @@ static __device__ __forceinline__ void kvb_rotate_chunk(const T *s, T *d, int c,
     }
 }
 
+/* How one head's row of D elements splits into work items: nrot rotary
+ * chunks of CR elements (NeoX: x at c*CR, y `half` further on; GPT-J: CR/2
+ * adjacent pairs), then (D - rot) / V pass-through vectors of V. */
+template <typename T, int STYLE, bool VL>
+struct kvb_row_split {
+    static constexpr int V = VL ? 16 / sizeof(T) : 1;
+    static constexpr int CR = STYLE == KVB_ROPE_GPTJ ? (V < 2 ? 2 : V) : V;
+    int half, nrot, per_head;
+    __device__ kvb_row_split(int D, int rot)
+        : half(rot / 2), nrot(STYLE == KVB_ROPE_GPTJ ? rot / CR : rot / 2 / CR),
+          per_head(nrot + (D - rot) / V)
+    {
+    }
+};
+
 /*
  * Rotates (or, with rot == 0, copies) one token row: src and dst are
  * [H, D] (they may alias: every item reads and writes only its own
@@ -124,12 +139,10 @@ template <typename T, int STYLE, bool VL>
 static __device__ void kvb_rotate_row(const T *src, T *dst, int H, int D,
                                       int rot, const float *cs, const float *sn)
 {
-    constexpr int V = VL ? 16 / sizeof(T) : 1;
-    constexpr int CR = STYLE == KVB_ROPE_GPTJ ? (V < 2 ? 2 : V) : V; /* rotary chunk */
-    const int half = rot / 2;
-    const int nrot = STYLE == KVB_ROPE_GPTJ ? rot / CR : half / CR;
-    const int npass = (D - rot) / V;
-    const int per_head = nrot + npass;
+    using S = kvb_row_split<T, STYLE, VL>;
+    constexpr int V = S::V, CR = S::CR;
+    const S sp(D, rot);
+    const int half = sp.half, nrot = sp.nrot, per_head = sp.per_head;
     for (int w = threadIdx.x; w < H * per_head; w += blockDim.x) {
         const int h = w / per_head;
         const int c = w - h * per_head;
@@ -290,12 +303,10 @@ template <typename T, int STYLE, bool VL, int U>
 static __device__ void kvb_rotate_tile(const T *const *sk, T *dk0, int r0, int r1, int H,
                                        int D, int rot, const float *cs, const float *sn)
 {
-    constexpr int V = VL ? 16 / sizeof(T) : 1;
-    constexpr int CR = STYLE == KVB_ROPE_GPTJ ? (V < 2 ? 2 : V) : V; /* rotary chunk */
-    const int half = rot / 2;
-    const int nrot = STYLE == KVB_ROPE_GPTJ ? rot / CR : half / CR;
-    const int npass = (D - rot) / V;
-    const int per_head = nrot + npass;
+    using S = kvb_row_split<T, STYLE, VL>;
+    constexpr int V = S::V, CR = S::CR;
+    const S sp(D, rot);
+    const int half = sp.half, nrot = sp.nrot, per_head = sp.per_head;
     const int per_row = H * per_head;
     const int row_elems = H * D;
     const int total = (r1 - r0) * per_row;
