@@ -84,18 +84,15 @@ static kvb_status copy_check(const char *fn, const kvb_paged_layout *layout,
     }
     kvb_plane_strides ks, vs;
     kvb_layout_strides(layout, &ks, &vs);
-    geom->block_stride = ks.block;
-    geom->token_stride = ks.token;
-    geom->head_stride = ks.head;
-    geom->dim_stride = ks.dim;
-    geom->v_block_stride = vs.block;
-    geom->v_token_stride = vs.token;
-    geom->v_head_stride = vs.head;
-    geom->v_dim_stride = vs.dim;
-    geom->num_slots = layout->num_blocks * layout->block_size;
-    geom->block_size = layout->block_size;
-    geom->num_kv_heads = layout->num_kv_heads;
-    geom->head_size = layout->head_size;
+    *geom = (kvb_cuda_paged){
+        .block_stride = ks.block, .token_stride = ks.token,
+        .head_stride = ks.head, .dim_stride = ks.dim,
+        .v_block_stride = vs.block, .v_token_stride = vs.token,
+        .v_head_stride = vs.head, .v_dim_stride = vs.dim,
+        .num_slots = layout->num_blocks * layout->block_size,
+        .block_size = layout->block_size,
+        .num_kv_heads = layout->num_kv_heads,
+        .head_size = layout->head_size};
     return KVB_OK;
 }
 

@@ -331,18 +331,11 @@ kvb_status kvb_cpu_attention(const void *q, const int64_t *q_pos, int64_t nq,
     if (st != KVB_OK || nq == 0) {
         return st;
     }
-    kvb_attn_ctx c;
-    memset(&c, 0, sizeof c);
-    c.q = q;
-    c.k = k;
-    c.v = v;
-    c.out = out;
-    c.dtype = dtype;
-    c.nq = nq;
-    c.num_q_heads = num_q_heads;
-    c.num_kv_heads = num_kv_heads;
-    c.group = num_q_heads / num_kv_heads;
-    c.head_size = head_size;
+    kvb_attn_ctx c = {.q = q, .k = k, .v = v, .out = out, .dtype = dtype,
+                      .nq = nq, .num_q_heads = num_q_heads,
+                      .num_kv_heads = num_kv_heads,
+                      .group = num_q_heads / num_kv_heads,
+                      .head_size = head_size};
     c.head_pad = (head_size + KVB_ATTN_DBLK - 1) / KVB_ATTN_DBLK *
                  KVB_ATTN_DBLK;
     c.qscale = scale * 1.44269504088896340736f;

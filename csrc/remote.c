@@ -797,11 +797,10 @@ kvb_status kvb_remote_open(const char *url, const kvb_remote_options *opts,
     memcpy(r->host, u.host, sizeof r->host);
     r->port = u.port;
     r->db = u.db;
-    r->user = u.user;
-    r->user_len = u.user_len;
-    r->password = u.password;
-    r->password_len = u.password_len;
     r->opts = *opts;
+    /* the credentials move into r (freed by remote_free) */
+    r->user = u.user, r->user_len = u.user_len;
+    r->password = u.password, r->password_len = u.password_len;
     snprintf(r->name, sizeof r->name, u.bracketed ? "[%s]:%d/%d" : "%s:%d/%d",
              r->host, r->port, r->db);
     if (pthread_mutex_init(&r->mu, NULL) != 0) {

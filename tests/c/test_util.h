@@ -262,16 +262,9 @@ static inline kvb_paged_layout make_layout(int kind, char *base, int64_t B,
 {
     const size_t es = kvb_dtype_size(dt);
     const size_t plane = (size_t)(B * N * H * D) * es;
-    kvb_paged_layout L;
-    memset(&L, 0, sizeof L);
-    L.num_blocks = B;
-    L.block_size = N;
-    L.num_kv_heads = H;
-    L.head_size = D;
-    L.dtype = dt;
-    L.device = device;
-    L.k_base = base;
-    L.dim_stride = 1;
+    kvb_paged_layout L = {.num_blocks = B, .block_size = N, .num_kv_heads = H,
+                          .head_size = D, .dtype = dt, .device = device,
+                          .k_base = base, .dim_stride = 1};
     switch (kind) {
     case LAYOUT_2BNHD:
         L.v_base = base + plane;
