@@ -201,18 +201,15 @@ static __device__ __forceinline__ uint32_t kvb_ld2(const void *p)
  * Tensor-core attention for T = __half or __nv_bfloat16.  Fragment layout of
  * m16n8k16 (g = lane / 4, t = lane % 4): A regs hold (row g | g+8, cols
  * 2t..2t+1 | 2t+8..2t+9), B regs (k rows 2t..2t+1 | 2t+8..2t+9, col g),
- * C holds (row g | g+8, cols 2t, 2t+1).
- *   q      [nq, Hq, D]     q_pos [nq]
- *   k, v   [nk, Hkv, D]    k_pos [nk]       (16-byte aligned)
- *   out    [nq, Hq, D]
+ * C holds (row g | g+8, cols 2t, 2t+1).  Arguments as kvb_attn_simt's,
+ * with q, k, v and out 16-byte aligned.
  * Grid: (ceil(nq / 64), Hq).  Block: 128 threads (4 warps x 16 queries).
  */
 template <typename T, int D>
 static __global__ void __launch_bounds__(KVB_MMA_WARPS * 32)
 kvb_attn_mma(const T *__restrict__ q, const int64_t *__restrict__ q_pos, int64_t nq,
-             const T *__restrict__ k, const T *__restrict__ v,
-             const int64_t *__restrict__ k_pos, int64_t nk, int Hq, int Hkv,
-             float scale_log2, T *__restrict__ out)
+             const T *__restrict__ k, const T *__restrict__ v, const int64_t *__restrict__ k_pos,
+             int64_t nk, int Hq, int Hkv, float scale_log2, T *__restrict__ out)
 {
     constexpr int BK = KVB_MMA_BK;
     constexpr int KS = D + KVB_MMA_PAD;  /* ks row stride */
