@@ -26,8 +26,7 @@ def main():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kvblend import models
-    from kvblend._vllm_compat import KVTransferConfig
-    from kvblend.engine import LLM, SamplingParams
+    from kvblend.engine import LLM, KVTransferConfig, SamplingParams
     from kvblend.prompt import encode, join
 
     path = str(models.smollm2_path())

@@ -79,8 +79,7 @@ def engine(model, kind, max_len):
     in the device tier ("device", and "device_eager": engine and blend
     without torch.compile and CUDA graphs) or the pinned host tier ("host")."""
     from kvblend import runtime
-    from kvblend._vllm_compat import KVTransferConfig
-    from kvblend.engine import LLM
+    from kvblend.engine import LLM, KVTransferConfig
 
     runtime.set_model(model, _Tok())
     if kind in ("full", "full_eager"):

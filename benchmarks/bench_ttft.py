@@ -39,8 +39,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("LMCACHE_BLEND_CHECK_LAYERS", "1")
     os.environ["LMCACHE_BLEND_RECOMPUTE_RATIOS"] = repr(args.ratio)
     from kvblend import runtime
-    from kvblend._vllm_compat import KVTransferConfig
-    from kvblend.engine import LLM, SamplingParams
+    from kvblend.engine import LLM, KVTransferConfig, SamplingParams
     from kvblend.prompt import encode, join
 
     ktc = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",

@@ -129,8 +129,7 @@ def main(argv=None) -> int:
     import torch  # noqa: F401
 
     from kvblend import runtime
-    from kvblend._vllm_compat import KVTransferConfig
-    from kvblend.engine import LLM, SamplingParams
+    from kvblend.engine import LLM, KVTransferConfig, SamplingParams
     from kvblend.prompt import chat_pieces, encode, join
     from kvblend.vllm.connector import RATIO_ARG, SAVE_ARG
 

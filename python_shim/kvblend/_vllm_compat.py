@@ -1,17 +1,20 @@
 """vLLM's KV-connector types, or small stand-ins when vLLM is absent.
 
-When ``vllm`` imports, ``KVConnectorBase_V1``, ``KVConnectorRole`` and
-``KVConnectorMetadata`` are vLLM's own classes, so a connector written against
-this module is a real vLLM connector.  Otherwise local stand-ins with the same
-constructor and method signatures as vLLM's current base class take their
-place, so the same connector runs inside kvblend's built-in engine.
+When ``vllm`` imports, ``KVConnectorBase_V1``, ``KVConnectorRole``,
+``KVConnectorMetadata``, ``KVConnectorWorkerMetadata`` and
+``KVConnectorStats`` are vLLM's own classes, so a connector written against
+this module is a real vLLM connector.  Otherwise local stand-ins with the
+same constructor and method signatures as vLLM's take their place, so the
+same connector runs inside kvblend's built-in engine.
 
 The remaining classes are what the built-in engine hands to a connector,
-shaped like the vLLM objects a connector reads (only the fields connectors
-use): a VllmConfig with its kv_transfer/model/cache configs, a Request,
-KVCacheBlocks, a SchedulerOutput with NewRequestData/CachedRequestData, and a
-ForwardContext whose layers carry ``kv_cache`` and whose attention metadata
-carries ``slot_mapping``.
+shaped like the vLLM objects they stand for and cut to the fields kvblend's
+engine and connector use: a VllmConfig with its kv_transfer/model/cache
+configs, a Request, KVCacheBlocks, a SchedulerOutput with
+NewRequestData/CachedRequestData, a KVConnectorOutput, and a ForwardContext
+whose layers carry ``kv_cache`` and whose attention metadata carries
+``slot_mapping``.  tests/vllm_cpu/test_compat.py checks every stand-in
+against vLLM's class.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ else:
         """Scheduler-to-worker metadata of one step; subclass it as a dataclass."""
 
     class KVConnectorBase_V1(ABC):
-        """Stand-in for vLLM's KVConnectorBase_V1 (same signatures and defaults).
+        """Stand-in for vLLM's KVConnectorBase_V1: the hooks the built-in
+        engine calls, with vLLM's signatures and defaults.
 
         The scheduler-role instance answers lookups and builds per-step
         metadata; the worker-role instance loads and saves KV around each
@@ -49,13 +53,12 @@ else:
         so metadata must pickle.
         """
 
-        def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
+        def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config):
             if vllm_config.kv_transfer_config is None:
                 raise ValueError("kv_transfer_config must be set for KVConnectorBase_V1")
             self._connector_metadata: KVConnectorMetadata | None = None
             self._vllm_config = vllm_config
             self._kv_transfer_config = vllm_config.kv_transfer_config
-            self._kv_cache_config = kv_cache_config
             self._role = role
 
         @property
@@ -79,7 +82,7 @@ else:
         def has_connector_metadata(self) -> bool:
             return self._connector_metadata is not None
 
-        def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
             """Receive the per-layer paged KV tensors, keyed by layer name."""
             return
 
@@ -100,13 +103,11 @@ else:
             """Return (finished sending, finished receiving) request ids."""
             return None, None
 
-        def get_block_ids_with_load_errors(self) -> set[int]:
-            return set()
-
-        def get_kv_connector_stats(self):
+        def shutdown(self):
             return None
 
-        def shutdown(self):
+        def build_connector_worker_meta(self):
+            """Worker-to-scheduler metadata of the step (None: nothing)."""
             return None
 
         # ---- scheduler side ----
@@ -126,17 +127,6 @@ else:
         def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
             """Return (delay freeing the blocks, KV transfer params)."""
             return False, None
-
-        def take_events(self):
-            return ()
-
-        def build_connector_worker_meta(self):
-            """Worker-to-scheduler metadata of the step (None: nothing)."""
-            return None
-
-        @classmethod
-        def get_required_kvcache_layout(cls, vllm_config) -> str | None:
-            return None
 
 # Worker -> scheduler metadata and connector statistics: vLLM's classes
 # where this vLLM has them, else stand-ins with the same interface.
@@ -161,14 +151,10 @@ except ImportError:
 
         data: dict[str, Any] = field(default_factory=dict)
 
-        def to_dict(self) -> dict[str, Any]:
-            return self.data
-
 
 @dataclass
 class KVConnectorOutput:
-    """What the built-in engine hands the scheduler connector after a step
-    (the field of vLLM's KVConnectorOutput that connectors read)."""
+    """What the built-in engine hands the scheduler connector after a step."""
 
     kv_connector_worker_meta: Any = None
 
@@ -176,21 +162,14 @@ class KVConnectorOutput:
 # ---------------------------------------------------------------- configs
 @dataclass
 class KVTransferConfig:
-    """Which connector to build and its settings (vLLM's KVTransferConfig fields)."""
+    """Which connector to build and its settings: the vLLM KVTransferConfig
+    fields a caller sets (kv_role and engine_id are accepted, not read)."""
 
     kv_connector: str | None = None
     kv_role: str | None = "kv_both"
     kv_connector_extra_config: dict[str, Any] = field(default_factory=dict)
     kv_connector_module_path: str | None = None
     engine_id: str | None = None
-
-    @property
-    def is_kv_producer(self) -> bool:
-        return self.kv_role in ("kv_producer", "kv_both")
-
-    @property
-    def is_kv_consumer(self) -> bool:
-        return self.kv_role in ("kv_consumer", "kv_both")
 
     def get_from_extra_config(self, key, default) -> Any:
         return self.kv_connector_extra_config.get(key, default)
@@ -199,13 +178,12 @@ class KVTransferConfig:
 @dataclass
 class ModelConfig:
     model: str
-    dtype: torch.dtype
-    max_model_len: int
 
 
 @dataclass
 class CacheConfig:
     block_size: int
+    kv_cache_layout: str | None = None  # the built-in engine's paged layout
 
 
 @dataclass
@@ -213,28 +191,6 @@ class VllmConfig:
     model_config: ModelConfig
     cache_config: CacheConfig
     kv_transfer_config: KVTransferConfig | None = None
-
-
-@dataclass
-class KVCacheSpec:
-    block_size: int
-    num_kv_heads: int
-    head_size: int
-    dtype: torch.dtype
-
-
-@dataclass
-class KVCacheGroupSpec:
-    layer_names: list[str]
-    kv_cache_spec: KVCacheSpec
-
-
-@dataclass
-class KVCacheConfig:
-    """One KV-cache group spanning every attention layer (no hybrid models)."""
-
-    num_blocks: int
-    kv_cache_groups: list[KVCacheGroupSpec]
 
 
 # ---------------------------------------------------------------- scheduler side
@@ -245,33 +201,28 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: Any = None
-    num_computed_tokens: int = 0
-    output_token_ids: list[int] = field(default_factory=list)
-    block_hashes: list = field(default_factory=list)
-    kv_transfer_params: dict[str, Any] | None = None
     cache_salt: str | None = None
-
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
 
-@dataclass
 class KVCacheBlocks:
-    """The blocks of one request, one list per KV-cache group."""
+    """The blocks of one request, one list per KV-cache group (read them
+    with ``get_block_ids``, as vLLM's hold block objects)."""
 
-    block_ids: tuple[list[int], ...]
+    def __init__(self, block_ids: tuple[list[int], ...]):
+        self._block_ids = tuple(list(b) for b in block_ids)
 
-    def get_block_ids(self) -> tuple[list[int], ...]:
-        return tuple(list(b) for b in self.block_ids)
+    def get_block_ids(self, allow_none: bool = False, *, group_ids=None
+                      ) -> tuple[list[int], ...] | None:
+        """The block ids of each group (of ``group_ids``, default all);
+        None with ``allow_none`` when every such group is empty."""
+        groups = self._block_ids if group_ids is None else tuple(self._block_ids[g] for g in group_ids)
+        if allow_none and all(len(g) == 0 for g in groups):
+            return None
+        return tuple(list(b) for b in groups)
 
 
 @dataclass
@@ -280,7 +231,6 @@ class NewRequestData:
     prompt_token_ids: list[int]
     block_ids: tuple[list[int], ...]
     num_computed_tokens: int
-    sampling_params: Any = None
 
 
 @dataclass
@@ -288,14 +238,9 @@ class CachedRequestData:
     """Requests scheduled again (decode steps); new_block_ids[i] may be None."""
 
     req_ids: list[str] = field(default_factory=list)
-    resumed_from_preemption: list[bool] = field(default_factory=list)
-    new_token_ids: list[list[int]] = field(default_factory=list)
+    resumed_req_ids: set[str] = field(default_factory=set)
     new_block_ids: list[tuple[list[int], ...] | None] = field(default_factory=list)
     num_computed_tokens: list[int] = field(default_factory=list)
-
-    @property
-    def num_reqs(self) -> int:
-        return len(self.req_ids)
 
 
 @dataclass
@@ -313,8 +258,7 @@ class SchedulerOutput:
 class AttentionLayer:
     """An attention layer as a connector finds it in no_compile_layers."""
 
-    layer_name: str
-    kv_cache: list[torch.Tensor]
+    kv_cache: torch.Tensor
 
 
 @dataclass
@@ -322,15 +266,9 @@ class AttentionMetadata:
     """Per-step attention metadata; slot_mapping[i] is the paged slot of scheduled token i."""
 
     slot_mapping: torch.Tensor
-    num_actual_tokens: int
-    query_start_loc: torch.Tensor
-    seq_lens: torch.Tensor
-    max_query_len: int
-    max_seq_len: int
 
 
 @dataclass
 class ForwardContext:
     no_compile_layers: dict[str, AttentionLayer]
     attn_metadata: dict[str, AttentionMetadata] | AttentionMetadata | None
-    virtual_engine: int = 0

@@ -23,6 +23,8 @@ The engine never assumes what a connector does: tokens [0, n_ext) are taken
 to be in the paged cache after start_load_kv/wait_for_layer_load, and the
 forward computes tokens [n_ext, n) over all keys [0, n) read back from the
 paged cache.  Without a connector it is a plain full prefill.
+
+Public entry: ``from kvblend.engine import LLM, SamplingParams, KVTransferConfig``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from typing import Any
 import torch
 
 from . import _vllm_compat as vc
+from ._vllm_compat import KVTransferConfig  # noqa: F401 - the engine's public config type
 from .adapters import get_adapter
 
 logger = logging.getLogger("kvblend")
@@ -254,12 +257,9 @@ class LLM:
         self.kv_caches = {n: torch.zeros(shape, dtype=a.dtype, device=a.device) for n in self.layer_names}
         self.allocator = BlockAllocator(num_blocks)
         self.vllm_config = vc.VllmConfig(
-            model_config=vc.ModelConfig(model=model_name, dtype=a.dtype, max_model_len=max_model_len),
-            cache_config=vc.CacheConfig(block_size=block_size),
+            model_config=vc.ModelConfig(model=model_name),
+            cache_config=vc.CacheConfig(block_size=block_size, kv_cache_layout=kv_cache_layout),
             kv_transfer_config=kv_transfer_config)
-        self.kv_cache_config = vc.KVCacheConfig(num_blocks=num_blocks, kv_cache_groups=[
-            vc.KVCacheGroupSpec(list(self.layer_names),
-                                vc.KVCacheSpec(block_size, a.num_kv_heads, a.head_size, a.dtype))])
         self._eos = self._eos_ids()
         self._next_id = 0
         self._finished_ids: set[str] = set()  # finished since the last step
@@ -271,11 +271,11 @@ class LLM:
         self.worker_connector = self.scheduler_connector = None
         if kv_transfer_config is not None and kv_transfer_config.kv_connector:
             cls = _connector_class(kv_transfer_config)
-            self.worker_connector = cls(self.vllm_config, vc.KVConnectorRole.WORKER,
-                                        self.kv_cache_config)
+            # no KVCacheConfig: one group spans every layer, which the
+            # connectors learn from register_kv_caches and the block ids
+            self.worker_connector = cls(self.vllm_config, vc.KVConnectorRole.WORKER, None)
             self.worker_connector.register_kv_caches(dict(self.kv_caches))
-            self.scheduler_connector = cls(self.vllm_config, vc.KVConnectorRole.SCHEDULER,
-                                           self.kv_cache_config)
+            self.scheduler_connector = cls(self.vllm_config, vc.KVConnectorRole.SCHEDULER, None)
             # vLLM's start-up handshake: workers' metadata to the scheduler
             hs = getattr(self.worker_connector, "get_handshake_metadata", lambda: None)()
             if hs is not None and hasattr(self.scheduler_connector, "set_xfer_handshake_metadata"):
@@ -353,17 +353,15 @@ class LLM:
             if self.scheduler_connector is not None:
                 self.scheduler_connector.update_state_after_alloc(
                     req, vc.KVCacheBlocks((list(self.allocator.blocks(rid)),)), num_external)
-            req.num_computed_tokens = num_external
             so = vc.SchedulerOutput(
                 scheduled_new_reqs=[vc.NewRequestData(rid, list(ids), (list(self.allocator.blocks(rid)),),
-                                                      num_external, sp)],
+                                                      num_external)],
                 num_scheduled_tokens={rid: n - num_external},
                 total_num_scheduled_tokens=n - num_external)
             t0 = time.perf_counter()
             h = self._step(so, rid, ids[num_external:], num_external)
             logits = self.adapter.logits(h[-1:])[0].float()
             metrics.prefill_s = time.perf_counter() - t0
-            req.num_computed_tokens = n
             token = int(torch.argmax(logits))
             metrics.first_token_time = time.perf_counter()
             metrics.ttft = metrics.first_token_time - metrics.arrival_time
@@ -378,16 +376,12 @@ class LLM:
                 new_blocks = None
                 if pos // bs >= len(self.allocator.blocks(rid)):
                     new_blocks = (self.allocator.allocate(rid, 1),)
-                req.output_token_ids = list(out_ids)
                 so = vc.SchedulerOutput(
                     scheduled_cached_reqs=vc.CachedRequestData(
-                        req_ids=[rid], resumed_from_preemption=[False], new_token_ids=[[]],
-                        new_block_ids=[new_blocks], num_computed_tokens=[pos]),
+                        req_ids=[rid], new_block_ids=[new_blocks], num_computed_tokens=[pos]),
                     num_scheduled_tokens={rid: 1}, total_num_scheduled_tokens=1)
                 h = self._step(so, rid, [out_ids[-1]], pos)
-                req.num_computed_tokens = pos + 1
                 out_ids.append(int(torch.argmax(self.adapter.logits(h[-1:])[0])))
-            req.output_token_ids = list(out_ids)
         except BaseException:
             self._finish(req, aborted=True)
             raise
@@ -481,13 +475,9 @@ class LLM:
     def _forward_context(self, rid, num_tokens, start) -> vc.ForwardContext:
         """Build the ForwardContext (layers with kv_cache, per-layer metadata)."""
         slots = self._slots(rid, start, start + num_tokens)
-        md = vc.AttentionMetadata(
-            slot_mapping=slots, num_actual_tokens=num_tokens,
-            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32),
-            seq_lens=torch.tensor([start + num_tokens], dtype=torch.int32),
-            max_query_len=num_tokens, max_seq_len=start + num_tokens)
+        md = vc.AttentionMetadata(slot_mapping=slots)
         return vc.ForwardContext(
-            no_compile_layers={n: vc.AttentionLayer(n, [self.kv_caches[n]]) for n in self.layer_names},
+            no_compile_layers={n: vc.AttentionLayer(self.kv_caches[n]) for n in self.layer_names},
             attn_metadata={n: md for n in self.layer_names})
 
     def _slots(self, rid, begin, end) -> torch.Tensor:

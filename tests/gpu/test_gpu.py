@@ -14,8 +14,7 @@ if not torch.cuda.is_available() or not kvb_ext.has_cuda():
     pytest.skip("needs a CUDA device and a CUDA build of kvblend", allow_module_level=True)
 
 from kvblend import ops, runtime  # noqa: E402
-from kvblend._vllm_compat import KVTransferConfig  # noqa: E402
-from kvblend.engine import LLM, SamplingParams  # noqa: E402
+from kvblend.engine import LLM, KVTransferConfig, SamplingParams  # noqa: E402
 from kvblend.prompt import join  # noqa: E402
 
 DEV = torch.device("cuda", 0)

@@ -13,8 +13,7 @@ import torch
 pytest.importorskip("kvblend._kvblend")
 
 from kvblend import runtime  # noqa: E402
-from kvblend._vllm_compat import KVTransferConfig  # noqa: E402
-from kvblend.engine import LLM, SamplingParams, kv_read  # noqa: E402
+from kvblend.engine import LLM, KVTransferConfig, SamplingParams, kv_read  # noqa: E402
 from kvblend.prompt import encode, join  # noqa: E402
 
 SEP = " # # "
@@ -101,6 +100,26 @@ def test_ratio_one_reproduces_full_prefill(engines):
     diff = (out.first_logits - ref.first_logits).abs().max().item()
     assert diff <= 1e-4, diff
     assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+
+
+@pytest.mark.parametrize("layout", ["flash", "flashinfer"])
+def test_engine_layout_reaches_the_connector(smollm2, blend_env, layout):
+    """The built-in engine names its paged layout in cache_config.kv_cache_layout
+    (as vLLM's CacheConfig does); read as the default "cpu" layout, a "flash"
+    cache would be blended through the wrong strides."""
+    model, tok = smollm2
+    sys_ids, chunks, q, sep = _pieces(tok)
+    llm = LLM(model=model, tokenizer=tok, kv_cache_layout=layout, kv_transfer_config=_ktc(1.0))
+    full = LLM(model=model, tokenizer=tok, kv_cache_layout=layout)
+    assert llm.worker_connector.kv_layout == layout
+    _run(llm, join(sys_ids, chunks[:3], q, sep))
+    p2 = join(sys_ids, [chunks[2], chunks[0], chunks[1]], _question(tok, "Where is the reef?"), sep)
+    out, st = _run(llm, p2)
+    ref, _ = _run(full, p2)
+    assert st["segments_hit"] == 4
+    assert (out.first_logits - ref.first_logits).abs().max().item() <= 1e-4
+    assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+    llm.shutdown()
 
 
 def test_ratio_zero_is_pure_reuse_of_rerotated_rows(engines):

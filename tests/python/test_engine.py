@@ -8,7 +8,7 @@ import torch
 
 from conftest import make_tiny_model
 from kvblend import _vllm_compat as vc
-from kvblend.engine import LLM, SamplingParams, kv_read, layer_name
+from kvblend.engine import LLM, KVTransferConfig, SamplingParams, kv_read, layer_name
 
 MODULE = __name__
 
@@ -188,8 +188,8 @@ class RecordingConnector(vc.KVConnectorBase_V1):
 
 
 def _ktc(cls_name, **extra):
-    return vc.KVTransferConfig(kv_connector=cls_name, kv_connector_module_path=MODULE,
-                               kv_role="kv_both", kv_connector_extra_config=extra)
+    return KVTransferConfig(kv_connector=cls_name, kv_connector_module_path=MODULE,
+                            kv_role="kv_both", kv_connector_extra_config=extra)
 
 
 def test_engine_connector_hook_order():
@@ -328,7 +328,7 @@ class PrefixStoreConnector(vc.KVConnectorBase_V1):
             for name, layer in forward_context.no_compile_layers.items():
                 k, v = STORE[key][name]
                 n = len(slots)
-                kv_write(layer.kv_cache[0], self.layout, torch.tensor(slots), k[:n], v[:n])
+                kv_write(layer.kv_cache, self.layout, torch.tensor(slots), k[:n], v[:n])
 
     def wait_for_layer_load(self, layer_name):
         pass
@@ -373,12 +373,13 @@ def test_engine_external_tokens_exact(layout):
 def test_compat_shapes():
     assert vc.KVConnectorRole.SCHEDULER.value == 0 and vc.KVConnectorRole.WORKER.value == 1
     with pytest.raises(ValueError, match="kv_transfer_config must be set"):
-        RecordingConnector(vc.VllmConfig(vc.ModelConfig("m", torch.float32, 8), vc.CacheConfig(16)),
+        RecordingConnector(vc.VllmConfig(vc.ModelConfig("m"), vc.CacheConfig(16)),
                            vc.KVConnectorRole.WORKER)
-    r = vc.Request("r", [1, 2, 3])
-    r.output_token_ids.append(4)
-    assert (r.num_tokens, r.num_prompt_tokens, r.all_token_ids) == (4, 3, [1, 2, 3, 4])
-    assert vc.KVCacheBlocks(([3, 4],)).get_block_ids() == ([3, 4],)
+    assert vc.Request("r", [1, 2, 3]).num_prompt_tokens == 3
+    blocks = vc.KVCacheBlocks(([3, 4], []))
+    assert blocks.get_block_ids() == ([3, 4], [])
+    assert blocks.get_block_ids(group_ids=[1]) == ([],)
+    assert blocks.get_block_ids(True, group_ids=[1]) is None
     md = pickle.loads(pickle.dumps(RecMeta(["a"], [], 1)))
     assert md == RecMeta(["a"], [], 1)
     base = vc.KVConnectorBase_V1

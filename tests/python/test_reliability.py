@@ -19,8 +19,7 @@ import torch
 pytest.importorskip("kvblend._kvblend")
 
 from kvblend import Config, InvalidError, runtime  # noqa: E402
-from kvblend._vllm_compat import KVTransferConfig  # noqa: E402
-from kvblend.engine import LLM, SamplingParams  # noqa: E402
+from kvblend.engine import LLM, KVTransferConfig, SamplingParams  # noqa: E402
 from kvblend.prompt import encode, join  # noqa: E402
 
 SEP = " # # "

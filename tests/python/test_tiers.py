@@ -20,9 +20,8 @@ import pytest
 pytest.importorskip("kvblend._kvblend")
 
 from kvblend import _ext, runtime  # noqa: E402
-from kvblend._vllm_compat import KVTransferConfig  # noqa: E402
 from kvblend.config import Config  # noqa: E402
-from kvblend.engine import LLM, SamplingParams  # noqa: E402
+from kvblend.engine import LLM, KVTransferConfig, SamplingParams  # noqa: E402
 from kvblend.prompt import encode, join  # noqa: E402
 
 from redis_server import RedisServer  # noqa: E402

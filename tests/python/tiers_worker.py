@@ -21,8 +21,7 @@ def main() -> None:
     spec = json.load(open(sys.argv[1]))
     os.environ.update(spec["env"])
     from kvblend import runtime
-    from kvblend._vllm_compat import KVTransferConfig
-    from kvblend.engine import LLM, SamplingParams
+    from kvblend.engine import LLM, KVTransferConfig, SamplingParams
     from kvblend.models import load_model
 
     model, tok = load_model("smollm2", dtype=getattr(torch, spec.get("dtype", "float32")))
