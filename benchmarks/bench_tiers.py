@@ -97,13 +97,12 @@ def random_prompts(seed: int, sep: list[int], chunk_tokens: int):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import blend as example  # examples/blend.py: the seed example's prompts
+    import _prompts as example  # examples/_prompts.py: the seed example's prompts
     from redis_server import RedisServer
 
     example.set_env(args.ratio)
     from kvblend import runtime
-    from kvblend._vllm_compat import KVTransferConfig
-    from kvblend.engine import LLM, SamplingParams
+    from kvblend.engine import LLM, KVTransferConfig, SamplingParams
     from kvblend.models import load_model
 
     extra = {}

@@ -66,8 +66,8 @@ if [ "${KVB_TEST_VLLM:-1}" != 0 ]; then
      "$VENV/bin/python" -m pytest -q -p no:cacheprovider -c ../pyproject.toml --rootdir .. vllm_cpu)
   # The seed example through vLLM's CPU backend: segments hit, tokens
   # recomputed and TTFT of the blended request vs vLLM without the connector.
-  echo "== examples/blend.py --engine vllm"
+  echo "== benchmarks/bench_vllm_ttft.py"
   VLLM_CPU_KVCACHE_SPACE=1 \
-    "$VENV/bin/python" examples/blend.py --engine vllm --passages-per-chunk 1 --max-tokens 8 2>/dev/null
+    "$VENV/bin/python" benchmarks/bench_vllm_ttft.py --passages-per-chunk 1 --max-tokens 8 2>/dev/null
 fi
 # --- end vLLM block ----------------------------------------------------------
