@@ -113,10 +113,10 @@ def not_blended(row: dict) -> str | None:
     if not Config.from_env().enable_blending:
         return ("WARNING: blending is OFF (LMCACHE_ENABLE_BLENDING="
                 f"{os.environ.get('LMCACHE_ENABLE_BLENDING')!r}): the connector stored and "
-                "reused nothing, every prompt was a full prefill")
+                "reused nothing; no prompt was blended")
     if row["segments_hit"] == 0:
         return (f"WARNING: nothing was reused: the {row['label']!r} prompt hit 0 of "
-                f"{row['segments_total']} segments, it was a full prefill")
+                f"its {row['segments_total']} segments and was not blended")
     return None
 
 
