@@ -405,11 +405,11 @@ kvb_status kvb_cuda_load_planned(const kvb_load_seg *segs, const int32_t *row_se
 }
 
 /* Top-k selection on `stream` (kvb_cpu_select's contract, indices written
- * ascending; the count is forced count + min(k, others), known to the
- * caller, so nothing is read back). */
+ * ascending); the count comes from the caller's forced count, so nothing
+ * is read back. */
 kvb_status kvb_cuda_select(const float *score, const uint8_t *forced,
-                           int64_t n, int64_t k, int64_t *out_idx,
-                           void *stream)
+                           int64_t n, int64_t n_forced, int64_t k,
+                           int64_t *out_idx, void *stream, int64_t *count)
 {
 #ifdef KVB_WITH_CUDA
     const char *fn = "kvb_cuda_select";
@@ -418,10 +418,15 @@ kvb_status kvb_cuda_select(const float *score, const uint8_t *forced,
                         "%s: n=%lld: expected 0 <= n <= %lld", fn,
                         (long long)n, (long long)KVB_CUDA_SELECT_MAX_N);
     }
-    if (k < 0) {
-        return kvb_fail(KVB_ERR_INVALID, "%s: k=%lld: expected k >= 0", fn,
-                        (long long)k);
+    if (k < 0 || n_forced < 0 || n_forced > n || count == NULL ||
+        (forced == NULL && n_forced > 0)) {
+        return kvb_fail(KVB_ERR_INVALID, "%s: k=%lld n_forced=%lld n=%lld "
+                        "count=%p: expected k >= 0, 0 <= n_forced <= n (0 "
+                        "without a forced mask) and a count", fn,
+                        (long long)k, (long long)n_forced, (long long)n,
+                        (void *)count);
     }
+    *count = n_forced + (k < n - n_forced ? k : n - n_forced);
     if (n > 0 && (score == NULL || out_idx == NULL)) {
         return kvb_fail(KVB_ERR_INVALID, "%s: %s is NULL with n=%lld", fn,
                         score == NULL ? "score" : "out_idx", (long long)n);

@@ -1057,9 +1057,8 @@ static PyObject *mod_deviation(PyObject *m, PyObject *args)
 }
 
 /* select(device, score_ptr, forced_ptr, n, k, out_idx_ptr, stream=0,
- *        n_forced=0) -> count.  On the CPU the count comes from the op; on
- * the device it is n_forced + min(k, n - n_forced), which the caller must
- * know (nothing is read back). */
+ *        n_forced=0) -> count.  On the device the caller gives the number
+ * of forced rows (the mask stays there). */
 static PyObject *mod_select(PyObject *m, PyObject *args)
 {
     int device;
@@ -1071,19 +1070,11 @@ static PyObject *mod_select(PyObject *m, PyObject *args)
                           conv_ptr, &stream, &n_forced)) {
         return NULL;
     }
-    if (device >= 0 && (n_forced < 0 || n_forced > n)) {
-        return raise_invalid(get_state(m), "select(): n_forced = %lld must "
-                             "be in [0, n = %lld]", n_forced, n);
-    }
     kvb_status s;
     Py_BEGIN_ALLOW_THREADS
-    if (device < 0) {
-        s = kvb_cpu_select(score, forced, n, k, out, &count);
-    } else {
-        s = kvb_cuda_select(score, forced, n, k, out, stream);
-        long long rest = n - n_forced;
-        count = n_forced + (k < 0 ? 0 : (k < rest ? k : rest));
-    }
+    s = device < 0 ? kvb_cpu_select(score, forced, n, k, out, &count)
+                   : kvb_cuda_select(score, forced, n, n_forced, k, out,
+                                     stream, &count);
     Py_END_ALLOW_THREADS
     if (s != KVB_OK) {
         return set_error_from_status(get_state(m), s);

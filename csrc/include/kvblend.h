@@ -772,12 +772,15 @@ KVB_API kvb_status kvb_cuda_load_rotate(const kvb_load_seg *segs,
                                         int32_t head_size, kvb_dtype dtype,
                                         const kvb_rope *rope, void *stream);
 
-/* kvb_cpu_select on the device (score, forced, out_idx device arrays).  The
- * number of chosen indices is known on the host in advance
- * (forced count + min(k, n - forced count)), so nothing is read back. */
+/* kvb_cpu_select on the device (score, forced, out_idx device arrays).
+ * The caller gives the number of forced rows, n_forced (0 <= n_forced <= n;
+ * the forced mask itself stays on the device), and *count is set on the
+ * host to n_forced + min(k, n - n_forced), the number of indices written,
+ * so nothing is read back. */
 KVB_API kvb_status kvb_cuda_select(const float *score, const uint8_t *forced,
-                                   int64_t n, int64_t k, int64_t *out_idx,
-                                   void *stream);
+                                   int64_t n, int64_t n_forced, int64_t k,
+                                   int64_t *out_idx, void *stream,
+                                   int64_t *count);
 
 /* ------------------------------------------------------------------------ */
 /* Connector: the hooks vLLM's KV connector calls, per request               */

@@ -958,7 +958,9 @@ static void select_case(int64_t n, int64_t k, int ties, double nan_frac, double 
     float *ds = dev_from(score, (size_t)n * 4);
     uint8_t *dfo = dev_from(forced, (size_t)n);
     int64_t *dout = dev_alloc((size_t)n * 8);
-    OK(kvb_cuda_select(ds, with_forced ? dfo : NULL, n, k, dout, NULL));
+    int64_t count = -1;
+    OK(kvb_cuda_select(ds, with_forced ? dfo : NULL, n, nf, k, dout, NULL, &count));
+    ck_assert_int_eq(count, nref); /* the count the CPU op returned */
     int64_t *g = host_from(dout, (size_t)n * 8);
     for (int64_t i = 0; i < nref; i++) {
         ck_assert_msg(g[i] == ref[i],
@@ -1161,10 +1163,16 @@ START_TEST(test_cuda_args_rejected)
                                      &rope, NULL),
                 KVB_ERR_UNSUPPORTED, "rotary_dim=2048");
 
-    EXPECT_FAIL(kvb_cuda_select((float *)buf, NULL, 4, -1, (int64_t *)buf, NULL),
+    int64_t count = 0;
+    EXPECT_FAIL(kvb_cuda_select((float *)buf, NULL, 4, 0, -1, (int64_t *)buf, NULL, &count),
                 KVB_ERR_INVALID, "k=-1");
-    EXPECT_FAIL(kvb_cuda_select(NULL, NULL, 4, 1, (int64_t *)buf, NULL), KVB_ERR_INVALID,
-                "score is NULL");
+    EXPECT_FAIL(kvb_cuda_select((float *)buf, NULL, 4, 1, 1, (int64_t *)buf, NULL, &count),
+                KVB_ERR_INVALID, "n_forced=1");
+    EXPECT_FAIL(kvb_cuda_select((float *)buf, (uint8_t *)buf, 4, 5, 1, (int64_t *)buf, NULL,
+                                &count),
+                KVB_ERR_INVALID, "n_forced=5");
+    EXPECT_FAIL(kvb_cuda_select(NULL, NULL, 4, 0, 1, (int64_t *)buf, NULL, &count),
+                KVB_ERR_INVALID, "score is NULL");
 }
 END_TEST
 
