@@ -19,9 +19,7 @@ The prompts and LMCache's blend defaults are examples/_prompts.py's.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -33,15 +31,7 @@ import _prompts  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or an HF model folder")
-    p.add_argument("--ratio", type=float, default=None,
-                   help="recompute ratio (default: LMCACHE_BLEND_RECOMPUTE_RATIOS or 0.15)")
-    p.add_argument("--max-tokens", type=int, default=24)
-    p.add_argument("--passages-per-chunk", type=int, default=2,
-                   help="passages of the sample per chunk (2 gives a ~4K-token prompt)")
-    p.add_argument("--data", default=str(_prompts.DATA))
-    p.add_argument("--json", dest="json_path", default=None, help="write the results here")
+    p = _prompts.parser(__doc__.splitlines()[0])
     p.add_argument("--run", choices=("baseline", "blend"), default=None,
                    help="run one engine in this process and write its rows to --out")
     p.add_argument("--out", default=None, help="with --run: the rows' JSON file")
@@ -51,21 +41,14 @@ def parse_args(argv=None):
 def run_engine(args) -> list[dict]:
     """Run the warm-up and both prompts on one vLLM engine, with kvblend's
     connector (``--run blend``) or without it; return the two rows."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.config import KVTransferConfig
 
-    from kvblend.models import resolve_model_path
-
     blend = args.run == "blend"
-    extra = {}
-    if blend:
-        extra["kv_transfer_config"] = KVTransferConfig(
-            kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
-            kv_role="kv_both")
+    extra = {"kv_transfer_config": _prompts.connector_config(KVTransferConfig)} if blend else {}
     # disable_log_stats=False: outputs carry vLLM's per-request metrics, so
     # the TTFT is its first_token_latency, not the whole generate call
-    llm = LLM(model=resolve_model_path(args.model), max_model_len=8192, dtype="float32",
-              disable_log_stats=False, **extra)
+    llm = _prompts.vllm_engine(args.model, disable_log_stats=False, **extra)
     first, reordered = _prompts.build_prompts(llm.get_tokenizer(), args.data,
                                               args.passages_per_chunk)
     sp = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
@@ -100,22 +83,9 @@ def main(argv=None) -> int:
     rows = blend + base
     ratio = base[1]["ttft_s"] / blend[1]["ttft_s"] if blend[1]["ttft_s"] > 0 else float("nan")
 
-    print(f"engine: vllm   model: {args.model}   recompute ratio: "
-          f"{os.environ['LMCACHE_BLEND_RECOMPUTE_RATIOS']}   check layers: "
-          f"{os.environ['LMCACHE_BLEND_CHECK_LAYERS']}")
-    _prompts.print_rows(rows)
-    warning = _prompts.not_blended(blend[1])
-    print()
-    if warning:
-        print(warning)
-        print(f"TTFT ratio (no connector / kvblend's connector, NOT a blend): {ratio:.2f}x")
-    else:
-        print(f"TTFT ratio (no connector / blended), reordered prompt: {ratio:.2f}x")
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(
-            {"engine": "vllm", "model": args.model,
-             "ratio": float(os.environ["LMCACHE_BLEND_RECOMPUTE_RATIOS"].split(",")[0]),
-             "blended": warning is None, "ttft_ratio": ratio, "requests": rows}, indent=2))
+    _prompts.report("vllm", args, rows, blend[1], ratio, (
+        "TTFT ratio (no connector / blended), reordered prompt",
+        "TTFT ratio (no connector / kvblend's connector, NOT a blend)"))
     return 0
 
 

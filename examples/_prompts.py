@@ -11,6 +11,7 @@ so every chunk can be reused.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -29,6 +30,69 @@ BLEND_ENV = {
     "LMCACHE_BLEND_RECOMPUTE_RATIOS": "0.15", "LMCACHE_LOCAL_CPU": "True",
     "LMCACHE_MAX_LOCAL_CPU_SIZE": "5", "LMCACHE_CHUNK_SIZE": "256",
 }
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every seed-example script takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or an HF model folder")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="recompute ratio (default: LMCACHE_BLEND_RECOMPUTE_RATIOS or 0.15)")
+    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--passages-per-chunk", type=int, default=2,
+                   help="passages of the sample per chunk (2 gives a ~4K-token prompt)")
+    p.add_argument("--data", default=str(DATA))
+    p.add_argument("--json", dest="json_path", default=None, help="write the results here")
+    return p
+
+
+def vllm_engine(model: str, **kwargs):
+    """A vLLM engine on ``model`` with the examples' settings (fp32, 8K
+    context) and otherwise vLLM's defaults."""
+    from vllm import LLM
+
+    from kvblend.models import resolve_model_path
+
+    return LLM(model=resolve_model_path(model), max_model_len=8192, dtype="float32", **kwargs)
+
+
+def connector_config(kv_transfer_config_cls):
+    """kvblend's connector as ``kv_transfer_config_cls`` (vLLM's
+    KVTransferConfig or the built-in engine's) names it."""
+    return kv_transfer_config_cls(kv_connector="KVBlendConnector",
+                                  kv_connector_module_path="kvblend.vllm", kv_role="kv_both")
+
+
+def report(engine: str, args, rows: list[dict], blended: dict, ratio: float | None = None,
+           ratio_lines: tuple[str, str] = ("", ""), with_ttft: bool = True) -> str | None:
+    """Print the settings, the rows, and the TTFT ratio (when given, after
+    ratio_lines[0], or ratio_lines[1] when not a blend) or else the blended
+    request's figures, with a warning when ``blended`` (the request run with
+    the connector) was not a blend; write --json.  Returns the warning or
+    None."""
+    print(f"engine: {engine}   model: {args.model}   recompute ratio: "
+          f"{os.environ['LMCACHE_BLEND_RECOMPUTE_RATIOS']}   check layers: "
+          f"{os.environ['LMCACHE_BLEND_CHECK_LAYERS']}")
+    print_rows(rows, with_ttft=with_ttft)
+    warning = not_blended(blended)
+    print()
+    if warning:
+        print(warning)
+    if ratio is not None:
+        print(f"{ratio_lines[1] if warning else ratio_lines[0]}: {ratio:.2f}x")
+    elif not warning:
+        r = blended
+        print(f"reordered prompt: {r['segments_hit']}/{r['segments_total']} segments reused, "
+              f"{r['tokens_recomputed']} of {r['blend_rows']} blended tokens recomputed, "
+              f"num_cached_tokens {r['num_cached_tokens']} of {r['prompt_tokens']}")
+    if args.json_path:
+        result = {"engine": engine, "model": args.model,
+                  "ratio": float(os.environ["LMCACHE_BLEND_RECOMPUTE_RATIOS"].split(",")[0]),
+                  "blended": warning is None, "requests": rows}
+        if ratio is not None:
+            result["ttft_ratio"] = ratio
+        Path(args.json_path).write_text(json.dumps(result, indent=2))
+    return warning
 
 
 def set_env(ratio: float | None = None) -> None:

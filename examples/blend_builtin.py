@@ -16,9 +16,6 @@ vLLM runs the same example with examples/blend_vllm.py.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -27,24 +24,14 @@ import _prompts  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or an HF model folder")
-    p.add_argument("--ratio", type=float, default=None,
-                   help="recompute ratio (default: LMCACHE_BLEND_RECOMPUTE_RATIOS or 0.15)")
-    p.add_argument("--max-tokens", type=int, default=24)
-    p.add_argument("--passages-per-chunk", type=int, default=2,
-                   help="passages of the sample per chunk (2 gives a ~4K-token prompt)")
-    p.add_argument("--data", default=str(_prompts.DATA))
-    p.add_argument("--json", dest="json_path", default=None, help="write the results here")
+    p = _prompts.parser(__doc__.splitlines()[0])
     args = p.parse_args(argv)
     _prompts.set_env(args.ratio)
 
     from kvblend.engine import LLM, KVTransferConfig, SamplingParams
 
     # One engine with kvblend's connector, one without it (same weights).
-    ktc = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
-                           kv_role="kv_both")
-    blend = LLM(model=args.model, kv_transfer_config=ktc)
+    blend = LLM(model=args.model, kv_transfer_config=_prompts.connector_config(KVTransferConfig))
     full = LLM(model=blend.model, tokenizer=blend.tokenizer)
     first, reordered = _prompts.build_prompts(blend.get_tokenizer(), args.data,
                                               args.passages_per_chunk)
@@ -59,22 +46,9 @@ def main(argv=None) -> int:
             _prompts.run_prompt(full, reordered, sp, "reordered, full prefill", connector=False)]
     ratio = rows[2]["ttft_s"] / rows[1]["ttft_s"] if rows[1]["ttft_s"] > 0 else float("nan")
 
-    print(f"engine: builtin   model: {args.model}   recompute ratio: "
-          f"{os.environ['LMCACHE_BLEND_RECOMPUTE_RATIOS']}   check layers: "
-          f"{os.environ['LMCACHE_BLEND_CHECK_LAYERS']}")
-    _prompts.print_rows(rows)
-    warning = _prompts.not_blended(rows[1])
-    print()
-    if warning:
-        print(warning)
-        print(f"TTFT ratio (full prefill / the connector's engine, NOT a blend): {ratio:.2f}x")
-    else:
-        print(f"TTFT ratio (full prefill / blended), same prompt: {ratio:.2f}x")
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(
-            {"engine": "builtin", "model": args.model,
-             "ratio": float(os.environ["LMCACHE_BLEND_RECOMPUTE_RATIOS"].split(",")[0]),
-             "blended": warning is None, "ttft_ratio": ratio, "requests": rows}, indent=2))
+    _prompts.report("builtin", args, rows, rows[1], ratio, (
+        "TTFT ratio (full prefill / blended), same prompt",
+        "TTFT ratio (full prefill / the connector's engine, NOT a blend)"))
     return 0
 
 
