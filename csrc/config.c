@@ -448,6 +448,19 @@ static int cfg_lower_trim(const char *value, char *buf, size_t cap)
     return 0;
 }
 
+/* Word `i` of the '|'-separated `words`: a pointer into `words` with its
+ * length in *len, or NULL when there is no such word (i < 0 included). */
+static const char *cfg_word(const char *words, int64_t i, int *len)
+{
+    const char *w = words;
+    for (; i > 0 && *w != '\0'; i--) {
+        w += strcspn(w, "|");
+        w += *w == '|';
+    }
+    *len = (int)strcspn(w, "|");
+    return i == 0 && *w != '\0' ? w : NULL;
+}
+
 /* Index of `value` (case-insensitive, surrounding whitespace ignored) in
  * the '|'-separated `words`, or -1. */
 static int cfg_word_index(const char *value, const char *words)
@@ -456,47 +469,29 @@ static int cfg_word_index(const char *value, const char *words)
     if (cfg_lower_trim(value, buf, sizeof buf) != 0) {
         return -1;
     }
-    size_t len = strlen(buf);
-    int i = 0;
-    for (const char *w = words; *w != '\0'; i++) {
-        size_t wl = strcspn(w, "|");
-        if (wl == len && !strncmp(w, buf, len)) {
+    int len = 0;
+    const char *w;
+    for (int i = 0; (w = cfg_word(words, i, &len)) != NULL; i++) {
+        if ((size_t)len == strlen(buf) && !strncmp(w, buf, (size_t)len)) {
             return i;
         }
-        w += wl + (w[wl] == '|');
     }
     return -1;
-}
-
-/* Writes word `i` of the '|'-separated `words` into buf; "" when there is
- * no such word. */
-static const char *cfg_word_at(const char *words, int i, char *buf,
-                               size_t cap)
-{
-    buf[0] = '\0';
-    for (const char *w = words; *w != '\0' && i >= 0; i--) {
-        size_t wl = strcspn(w, "|");
-        if (i == 0) {
-            snprintf(buf, cap, "%.*s", (int)wl, w);
-        }
-        w += wl + (w[wl] == '|');
-    }
-    return buf;
 }
 
 /* "a, b or c" for the words "a|b|c". */
 static const char *cfg_word_list(const char *words, char *buf, size_t cap)
 {
-    char w[32];
-    int n = 0;
-    while (cfg_word_at(words, n, w, sizeof w)[0] != '\0') {
+    int n = 0, len = 0;
+    while (cfg_word(words, n, &len) != NULL) {
         n++;
     }
     buf[0] = '\0';
     for (int i = 0; i < n; i++) {
+        const char *w = cfg_word(words, i, &len);
         size_t at = strlen(buf);
-        snprintf(buf + at, cap - at, "%s%s", i == 0 ? "" : i == n - 1 ? " or "
-                 : ", ", cfg_word_at(words, i, w, sizeof w));
+        snprintf(buf + at, cap - at, "%s%.*s", i == 0 ? "" : i == n - 1
+                 ? " or " : ", ", len, w);
     }
     return buf;
 }
@@ -620,9 +615,9 @@ static kvb_status cfg_check_value(const kvb_config *c, const cfg_setting *s)
         return kvb_fail(KVB_ERR_INVALID, "%s: %s=%lld; expected %s", s->name,
                         s->key, (long long)v, s->expect);
     }
+    int len = 0;
     if (s->type == CFG_ENUM) {
-        char w[32];
-        if (cfg_word_at(s->words, (int)(v - s->base), w, sizeof w)[0] == '\0') {
+        if (cfg_word(s->words, v - s->base, &len) == NULL) {
             return kvb_fail(KVB_ERR_INVALID, "%s: %s=%lld; expected %s",
                             s->name, s->key, (long long)v,
                             cfg_word_list(s->words, words, sizeof words));
@@ -1042,18 +1037,11 @@ kvb_status kvb_config_get(const kvb_config *cfg, int i, kvb_setting *out)
         out->type = KVB_SETTING_FLOAT;
         out->f = cfg_get_number(cfg, s);
         break;
-    case CFG_ENUM: {
-        /* the word itself, from the table (it outlives the call) */
-        int k = (int)(cfg_get_int(cfg, s) - s->base);
-        const char *w = s->words;
-        for (; k > 0 && *w != '\0'; k--) {
-            w += strcspn(w, "|") + (w[strcspn(w, "|")] == '|');
-        }
+    case CFG_ENUM: /* the word, in the table (it outlives the call) */
         out->type = KVB_SETTING_STR;
-        out->s = k == 0 && *w != '\0' ? w : NULL;
-        out->n = out->s != NULL ? (int)strcspn(w, "|") : 0;
+        out->s = cfg_word(s->words, cfg_get_int(cfg, s) - s->base, &out->n);
+        out->n = out->s != NULL ? out->n : 0;
         break;
-    }
     case CFG_LIST:
         memcpy(&out->n, (const char *)cfg + s->count_offset, sizeof out->n);
         if (s->offset == offsetof(kvb_config, check_layers)) {

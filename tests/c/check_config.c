@@ -603,6 +603,19 @@ START_TEST(test_config_validate_hand_filled_fields)
     c.blend_special_str[0] = '\0';
     ck_assert_int_eq(kvb_config_validate(&c), KVB_ERR_INVALID);
     ck_assert_has(kvb_last_error(), "separator string is empty");
+    /* enum fields outside their words, above and below (base -1) */
+    kvb_config_init(&c);
+    c.deviation = (kvb_deviation_kind)3;
+    ck_assert_int_eq(kvb_config_validate(&c), KVB_ERR_INVALID);
+    ck_assert_has(kvb_last_error(), "KVBLEND_DEVIATION: deviation=3; expected k, v or kv");
+    kvb_config_init(&c);
+    c.verify_checksums = -2;
+    ck_assert_int_eq(kvb_config_validate(&c), KVB_ERR_INVALID);
+    ck_assert_has(kvb_last_error(), "verify_checksums=-2; expected auto, false or true");
+    c.verify_checksums = 2;
+    ck_assert_int_eq(kvb_config_validate(&c), KVB_ERR_INVALID);
+    c.verify_checksums = -1;
+    ck_assert_int_eq(kvb_config_validate(&c), KVB_OK);
 }
 END_TEST
 
