@@ -63,13 +63,17 @@ def connector_config(kv_transfer_config_cls):
                                   kv_connector_module_path="kvblend.vllm", kv_role="kv_both")
 
 
-def report(engine: str, args, rows: list[dict], blended: dict, ratio: float | None = None,
+def report(engine: str, args, rows: list[dict], blended: dict, full: dict | None = None,
            ratio_lines: tuple[str, str] = ("", ""), with_ttft: bool = True) -> str | None:
-    """Print the settings, the rows, and the TTFT ratio (when given, after
-    ratio_lines[0], or ratio_lines[1] when not a blend) or else the blended
+    """Print the settings, the rows, and the TTFT ratio of ``full`` (the
+    same prompt without the connector) to ``blended`` (after ratio_lines[0],
+    or ratio_lines[1] when not a blend) or, without ``full``, the blended
     request's figures, with a warning when ``blended`` (the request run with
     the connector) was not a blend; write --json.  Returns the warning or
     None."""
+    ratio = None
+    if full is not None:
+        ratio = full["ttft_s"] / blended["ttft_s"] if blended["ttft_s"] > 0 else float("nan")
     print(f"engine: {engine}   model: {args.model}   recompute ratio: "
           f"{os.environ['LMCACHE_BLEND_RECOMPUTE_RATIOS']}   check layers: "
           f"{os.environ['LMCACHE_BLEND_CHECK_LAYERS']}")

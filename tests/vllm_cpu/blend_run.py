@@ -29,7 +29,11 @@ import sys
 import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "examples" / "data" / "rag_sample.json"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+from _prompts import ttft  # noqa: E402  (the examples' TTFT from vLLM's request metrics)
+
+DATA = EXAMPLES / "data" / "rag_sample.json"
 SYSTEM = "Answer the question using only the passages below, in a few words."
 QUESTIONS = ("Which band did the performer play in?",
              "Which record labels did the performer release music on?",
@@ -99,19 +103,6 @@ def tiny_prompts() -> dict[str, list[int]]:
     return {"first": join([chunks[0], chunks[1], chunks[2]], q[0]),
             "reordered": join([chunks[2], chunks[0], chunks[1]], q[1]),
             "new_mid": join([chunks[0], new, chunks[1]], q[2])}
-
-
-def ttft(out, wall: float) -> float:
-    """Time to first token from vLLM's request metrics (wall time if absent)."""
-    m = getattr(out, "metrics", None)
-    for name in ("first_token_latency", "ttft"):
-        v = getattr(m, name, None)
-        if v:
-            return float(v)
-    first, arrival = getattr(m, "first_token_time", None), getattr(m, "arrival_time", None)
-    if first and arrival:
-        return float(first - arrival)
-    return wall
 
 
 def main(argv=None) -> int:
