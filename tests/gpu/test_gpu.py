@@ -9,8 +9,10 @@ import copy
 import pytest
 import torch
 
-kvb_ext = pytest.importorskip("kvblend._kvblend")
-if not torch.cuda.is_available() or not kvb_ext.has_cuda():
+pytest.importorskip("kvblend._kvblend")
+from kvblend import _clib  # noqa: E402
+
+if not torch.cuda.is_available() or not _clib.has_cuda():
     pytest.skip("needs a CUDA device and a CUDA build of kvblend", allow_module_level=True)
 
 from kvblend import ops, runtime  # noqa: E402

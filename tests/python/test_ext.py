@@ -2,6 +2,7 @@
 checked against plain torch references."""
 
 import array
+import ctypes
 import logging
 import math
 
@@ -17,12 +18,17 @@ try:
 except ImportError as exc:  # the C extension is not built
     pytest.skip(str(exc), allow_module_level=True)
 
+from kvblend import _clib as clib  # noqa: E402
 from kvblend import ops  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16]
 
 
 # --- references ----------------------------------------------------------------------
+
+def ctypes_size(obj):
+    return ctypes.sizeof(obj)
+
 
 def rope_ref(x, pos, inv_freq, rotary_dim, style):
     """Rotate x [n, H, D] (float64) by pos[i] * inv_freq; dims >= rotary_dim pass."""
@@ -107,24 +113,24 @@ def test_ext_constants_and_version():
     assert (ext.ROPE_NEOX, ext.ROPE_GPTJ) == (0, 1)
     assert (ext.DEVIATION_K, ext.DEVIATION_V, ext.DEVIATION_KV) == (0, 1, 2)
     assert (ext.TIER_HOST, ext.TIER_DEVICE) == (0, 1)
-    assert ext.version() == kvblend.__version__
-    assert isinstance(ext.has_cuda(), bool)
+    assert clib.version() == kvblend.__version__
+    assert isinstance(clib.has_cuda(), bool)
 
 
 def test_ext_hash_is_the_same_for_every_token_container():
     toks = [5, 17, 2**31 - 1, -3, 0]
-    h = ext.hash_tokens(toks)
+    h = clib.hash_tokens(toks)
     assert 0 <= h < 2**64
-    assert ext.hash_tokens(tuple(toks)) == h
-    assert ext.hash_tokens(array.array("i", toks)) == h
-    assert ext.hash_tokens(array.array("q", toks)) == h
-    assert ext.hash_tokens(np.array(toks, dtype=np.int32)) == h
-    assert ext.hash_tokens(np.array(toks, dtype=np.int64)) == h
-    assert ext.hash_tokens(np.array(toks + toks, dtype=np.int64)[::2]) == ext.hash_tokens((toks + toks)[::2])
-    assert ext.hash_tokens(torch.tensor(toks)) == h
-    assert ext.hash_tokens(toks[:-1]) != h
-    assert ext.hash_tokens([5, 17]) != ext.hash_tokens([17, 5])
-    assert ext.hash_tokens([]) == ext.hash_tokens(array.array("i"))
+    assert clib.hash_tokens(tuple(toks)) == h
+    assert clib.hash_tokens(array.array("i", toks)) == h
+    assert clib.hash_tokens(array.array("q", toks)) == h
+    assert clib.hash_tokens(np.array(toks, dtype=np.int32)) == h
+    assert clib.hash_tokens(np.array(toks, dtype=np.int64)) == h
+    assert clib.hash_tokens(np.array(toks + toks, dtype=np.int64)[::2]) == clib.hash_tokens((toks + toks)[::2])
+    assert clib.hash_tokens(torch.tensor(toks)) == h
+    assert clib.hash_tokens(toks[:-1]) != h
+    assert clib.hash_tokens([5, 17]) != clib.hash_tokens([17, 5])
+    assert clib.hash_tokens([]) == clib.hash_tokens(array.array("i"))
 
 
 @pytest.mark.parametrize("bad,exc,fragment", [
@@ -132,6 +138,7 @@ def test_ext_hash_is_the_same_for_every_token_container():
     ([1, -2**31 - 1], ValueError, "tokens[1] = -2147483649 is outside the int32 range"),
     (np.array([1, 2**40], dtype=np.int64), ValueError, "tokens[1] = 1099511627776"),
     (np.array([2**32 - 1], dtype=np.uint32), ValueError, "tokens[0] = 4294967295"),
+    (torch.tensor([1, 2**40]), ValueError, "tokens[1] = 1099511627776"),
     ([1, 2.5], TypeError, "tokens[1] must be an int, not float"),
     ("abc", TypeError, "not str"),
     (np.zeros((2, 2), dtype=np.int32), TypeError, "not a 1-D integer array"),
@@ -140,7 +147,7 @@ def test_ext_hash_is_the_same_for_every_token_container():
 ])
 def test_ext_bad_tokens_are_refused(bad, exc, fragment):
     with pytest.raises(exc) as info:
-        ext.hash_tokens(bad)
+        clib.hash_tokens(bad)
     assert fragment in str(info.value)
     if exc is ValueError:
         assert isinstance(info.value, ext.InvalidError)
@@ -150,51 +157,50 @@ def test_ext_segment_split_round_trip():
     sep = [7, 8]
     chunks = [[1, 2, 3], [4], [5, 6, 9, 10]]
     toks = chunks[0] + sep + chunks[1] + sep + chunks[2]
-    spans = ext.segment_split(toks, sep)
+    spans = clib.segment_split(toks, sep)
     assert [toks[a:b] for a, b in spans] == chunks
-    ext.segment_check(spans, len(toks))
+    clib.segment_check(spans, len(toks))
     # Separators at the ends and back to back give no empty segments.
-    assert ext.segment_split(sep + [1] + sep + sep + [2] + sep, sep) == [(2, 3), (7, 8)]
-    assert ext.segment_split([1, 2, 3], [9]) == [(0, 3)]
-    assert ext.segment_split(np.array([1, 9, 2], dtype=np.int64), array.array("i", [9])) == [(0, 1), (2, 3)]
+    assert clib.segment_split(sep + [1] + sep + sep + [2] + sep, sep) == [(2, 3), (7, 8)]
+    assert clib.segment_split([1, 2, 3], [9]) == [(0, 3)]
+    assert clib.segment_split(np.array([1, 9, 2], dtype=np.int64), array.array("i", [9])) == [(0, 1), (2, 3)]
 
 
 def test_ext_segment_bad_input():
     with pytest.raises(ext.InvalidError):
-        ext.segment_split([1, 2], [])
+        clib.segment_split([1, 2], [])
     with pytest.raises(ext.InvalidError, match="longer than the prompt"):
-        ext.segment_split([1], [1, 2])
+        clib.segment_split([1], [1, 2])
     with pytest.raises(ext.InvalidError):
-        ext.segment_check([(0, 3), (2, 4)], 10)  # overlap
+        clib.segment_check([(0, 3), (2, 4)], 10)  # overlap
     with pytest.raises(ext.InvalidError):
-        ext.segment_check([(0, 11)], 10)  # past the end
+        clib.segment_check([(0, 11)], 10)  # past the end
     with pytest.raises(ext.InvalidError):
-        ext.segment_check([(3, 3)], 10)  # empty
+        clib.segment_check([(3, 3)], 10)  # empty
     with pytest.raises(TypeError, match=r"spans\[0\] must be a \(start, end\) pair"):
-        ext.segment_check([5], 10)
+        clib.segment_check([5], 10)
     with pytest.raises(ValueError, match=r"spans\[0\] must have 2 items"):
-        ext.segment_check([(1, 2, 3)], 10)
-    with pytest.raises(TypeError, match="takes 2 arguments"):
-        ext.segment_split([1])
+        clib.segment_check([(1, 2, 3)], 10)
+    with pytest.raises(TypeError, match="missing 1 required positional argument: 'sep'"):
+        clib.segment_split([1])
 
 
-def test_ext_argument_errors_name_the_function_and_value():
-    L = ext.Layout
+def test_clib_argument_errors_name_the_field_and_value():
+    L = clib.Layout
     lay = L(k_ptr=1, v_ptr=1, block_stride=0, token_stride=0, head_stride=0, dim_stride=1, num_blocks=1,
             block_size=1, num_kv_heads=1, head_size=1, dtype=0, device=-1)
     assert (lay.k_ptr, lay.dim_stride, lay.device, lay.v_dim_stride) == (1, 1, -1, 0)
-    with pytest.raises(AttributeError):
-        lay.k_ptr = 2  # read only
-    with pytest.raises(TypeError, match=r"gather\(\) takes at least 6 arguments \(3 given\)"):
-        ext.gather(-1, lay, 0)
-    with pytest.raises(TypeError, match="'float' object cannot be interpreted as an integer"):
-        ext.gather(-1, lay, 0, 1.0, 0, 0)
-    with pytest.raises(ValueError, match="-5 is not a valid address"):
-        ext.gather(-1, lay, 0, 1, -5, 0)
-    with pytest.raises(TypeError, match="an address must be an int, not str"):
-        ext.gather(-1, lay, 0, 1, "0", 0)
-    with pytest.raises(TypeError, match=r"layout must be a kvblend Layout \(kvblend.ops.paged_layout\), not tuple"):
-        ext.gather(-1, (1, 1, 0, 0, 0, 1, 1, 1, 1, 1, 0, -1), 0, 1, 0, 0)
+    assert ctypes_size(lay) == 112  # sizeof(kvb_paged_layout) on LP64; save_layer checks it in C
+    with pytest.raises(TypeError, match=r"gather\(\) missing 3 required positional arguments"):
+        clib.gather(lay, 0)
+    with pytest.raises(ctypes.ArgumentError, match="argument 3"):
+        clib.gather(lay, 0, 1.0, 0, 0)
+    with pytest.raises(ctypes.ArgumentError, match="-5 is not a valid address"):
+        clib.gather(lay, 0, 1, -5, 0)
+    with pytest.raises(ctypes.ArgumentError, match="an address must be an int, not str"):
+        clib.gather(lay, 0, 1, "0", 0)
+    with pytest.raises(TypeError):
+        clib.gather((1, 1, 0, 0, 0, 1, 1, 1, 1, 1, 0, -1), 0, 1, 0, 0)
     with pytest.raises(TypeError, match="Layout field 'token_stride' must be an int, not str"):
         L(k_ptr=1, v_ptr=1, block_stride=0, token_stride="x", head_stride=0, dim_stride=1, num_blocks=1,
           block_size=1, num_kv_heads=1, head_size=1, dtype=0, device=-1)
@@ -214,11 +220,41 @@ def test_ext_argument_errors_name_the_function_and_value():
               block_size=1, num_kv_heads=1, head_size=1, dtype=0, device=-1, v_block_stride=1,
               v_token_stride=1, v_head_stride=1, v_dim_stride=-1)
     with pytest.raises(ext.InvalidError, match=r"layout->v_dim_stride=-1 is invalid"):
-        ext.gather(-1, bad_v, 0, 1, 0, 0)
+        clib.gather(bad_v, 0, 1, 0, 0)
     null = L(k_ptr=0, v_ptr=0, block_stride=0, token_stride=0, head_stride=0, dim_stride=1, num_blocks=1,
              block_size=1, num_kv_heads=1, head_size=1, dtype=0, device=-1)
     with pytest.raises(ext.InvalidError):  # NULL bases reach C and are refused there
-        ext.gather(-1, null, 0, 0, 0, 0)
+        clib.gather(null, 0, 0, 0, 0)
+    with pytest.raises(ext.InvalidError, match="num_threads=-1"):
+        clib.set_num_threads(-1)
+    with pytest.raises(ext.InvalidError, match="num_threads=1099511627776"):
+        clib.set_num_threads(2**40)
+
+
+def test_ext_takes_flat_buffers_and_converts_the_rest():
+    cfg = {"LMCACHE_ENABLE_BLENDING": "True"}
+    inv = [float(x) for x in inv_freq_for(D)]
+    for freqs in (inv, array.array("f", inv), np.array(inv, dtype=np.float32), torch.tensor(inv)):
+        ext.Connector(cfg, LAYERS, HQ, HKV, D, ext.DTYPE_F32, D, ext.ROPE_NEOX, freqs)
+    with pytest.raises(TypeError, match="inv_freq must be a sequence of floats"):
+        ext.Connector(cfg, LAYERS, HQ, HKV, D, ext.DTYPE_F32, D, ext.ROPE_NEOX, ["x"] * (D // 2))
+    conn = ext.Connector(cfg, LAYERS, HQ, HKV, D, ext.DTYPE_F32, D, ext.ROPE_NEOX, inv)
+    toks = list(range(10))
+    want = conn.lookup(toks, spans=[(0, 5), (5, 10)])
+    assert conn.lookup(array.array("i", toks), spans=array.array("q", [0, 5, 5, 10])) == want
+    assert conn.lookup(np.array(toks, dtype=np.int64), spans=np.array([0, 5, 5, 10])) == want
+    with pytest.raises(ValueError, match="even number of int64"):
+        conn.lookup(toks, spans=array.array("q", [0, 5, 5]))
+    with pytest.raises(ValueError, match=r"spans\[1\] must have 2 items"):
+        conn.lookup(toks, spans=[(0, 5), (5,)])
+    lay = clib.Layout(k_ptr=1, v_ptr=1, block_stride=0, token_stride=0, head_stride=0, dim_stride=1,
+                      num_blocks=1, block_size=1, num_kv_heads=1, head_size=1, dtype=0, device=-1)
+    with conn.begin(toks) as req:
+        with pytest.raises(ext.InvalidError, match="layout has 3 bytes"):
+            req.save_layer(0, b"abc", 0, 0)
+        with pytest.raises(TypeError):
+            req.save_layer(0, (1, 2), 0, 0)
+        assert memoryview(lay).nbytes == ctypes_size(lay)
 
 
 def test_ext_log_level_names():

@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("kvblend._kvblend")
 
-from kvblend import _ext, runtime  # noqa: E402
+from kvblend import _clib as clib, _ext, runtime  # noqa: E402
 from kvblend.config import Config  # noqa: E402
 from kvblend.engine import LLM, KVTransferConfig, SamplingParams  # noqa: E402
 from kvblend.prompt import encode, join  # noqa: E402
@@ -216,9 +216,9 @@ def test_two_processes_share_chunks_through_redis(smollm2, redis, tmp_path):
     # the scheduler's model-free view finds a chunk under A's tier key only
     ext = _ext.load()
     view = ext.tiers_open({"LMCACHE_REMOTE_URL": redis.url})
-    h = ext.hash_tokens(encode(tok, TEXTS[0]))
+    h = clib.hash_tokens(encode(tok, TEXTS[0]))
     assert ext.tiers_contains(view, a["tier_key"], h) is True
-    assert ext.tiers_contains(view, ext.tier_key(1, 0, 1), h) is False
+    assert ext.tiers_contains(view, clib.tier_key(1, 0, 1), h) is False
     assert ext.tiers_open({}) is None
     b = _worker({"dir": str(tmp_path), "env": env, "ratio": 1.0, "prompts": [second]})
     r = b["results"][0]
@@ -249,7 +249,7 @@ def test_corrupt_redis_value_is_recomputed(smollm2, tier_env, redis, full):
     b, _, second = _store_then_restart(smollm2, monkeypatch, {"LMCACHE_REMOTE_URL": redis.url,
                                                               "KVBLEND_REMOTE_PART_SIZE": "0.5"})
     _, tok = smollm2
-    h = _ext.load().hash_tokens(encode(tok, TEXTS[0]))  # a chunk the second prompt reuses
+    h = clib.hash_tokens(encode(tok, TEXTS[0]))  # a chunk the second prompt reuses
     parts = redis.command("KEYS", f"kvblend:*:{h:016x}:*")
     assert len(parts) >= 3, parts
     redis.command("SETRANGE", sorted(parts)[1], "100", b"\xff\x00\xff\x00")

@@ -369,9 +369,9 @@ class KVBlendConnector(KVConnectorBase_V1):
     # ------------------------------------------------------------ scheduler
     def _init_scheduler(self, extra: dict) -> None:
         """Scheduler state; says at start-up whether blending is on."""
-        from .. import _ext
+        from .. import _clib, _ext
 
-        self._ext = _ext.load()
+        self._ext, self._clib = _ext.load(), _clib
         self.index = SegmentIndex(self.world_size)
         self._pending: dict[str, int] = {}               # req_id -> num_external
         self._prefill: dict[str, int] = {}               # req_id -> prompt length, while prefilling
@@ -443,7 +443,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         """The prompt's segments (spans) split on the separator."""
         if len(tokens) < len(self.sep_ids):
             return []
-        return [(int(a), int(b)) for a, b in self._ext.segment_split(tokens, self.sep_ids)]
+        return [(int(a), int(b)) for a, b in self._clib.segment_split(tokens, self.sep_ids)]
 
     def _namespace_of(self, request) -> int:
         """The request's tenant namespace: kvblend.namespace and the
@@ -452,7 +452,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         salt = getattr(request, "cache_salt", None) or ""
         if not self.namespace and not salt:
             return 0
-        return int(self._ext.namespace(f"{self.namespace}\x1f{salt}"))
+        return int(self._clib.namespace(f"{self.namespace}\x1f{salt}"))
 
     def _lookup(self, tokens: list[int], ns: int = 0) -> tuple[list[tuple[int, int]], list[bool], int]:
         """(spans, hit per span, reuse_end) in namespace ``ns``: reuse_end
@@ -461,7 +461,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         spans = self._segments(tokens)
         hits, end = [], 0
         for a, b in spans:
-            h = self._ext.hash_tokens(tokens[a:b], ns)
+            h = self._clib.hash_tokens(tokens[a:b], ns)
             hit = self.index.has((h, b - a)) or self._in_tiers(h)
             hits.append(hit)
             if hit:
