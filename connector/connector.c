@@ -130,7 +130,8 @@ static kvb_status connector_setup_tiers(kvb_connector *c,
     }
     if (st == KVB_OK && c->dev_pool != NULL && c->host_pool != NULL) {
         /* One LRU cache over both pools: device victims are demoted to
-         * the host pool, host hits promoted back (synchronous copies). */
+         * the host pool, host hits promoted back (copied outside the
+         * store's lock on the pool's own stream). */
         st = kvb_store_set_mover(c->store, kvb_pool_move, c->dev_pool);
     }
     return st;

@@ -30,6 +30,7 @@ struct kvb_pool {
     size_t size;
     int pinned;
     int32_t device;
+    cudaStream_t stream; /* the store's moves between the pools */
     pthread_mutex_t mu;
     pool_range *free_list; /* sorted by off, no two adjacent */
     size_t used;
@@ -117,10 +118,18 @@ kvb_status kvb_pool_create(int32_t device, size_t bytes, int pinned,
     } else {
         err = cudaMalloc(&mem, bytes);
     }
+    /* A stream of its own for the store's moves, which then wait neither
+     * for nor on the engine's streams. */
+    cudaStream_t stream = NULL;
+    if (err == cudaSuccess) {
+        err = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+    }
     device_leave(device, prev);
     if (err != cudaSuccess) {
         if (mem != NULL && pinned) {
             cudaFreeHost(mem);
+        } else if (mem != NULL) {
+            cudaFree(mem);
         }
         free(p);
         free(r);
@@ -137,6 +146,7 @@ kvb_status kvb_pool_create(int32_t device, size_t bytes, int pinned,
     p->size = bytes;
     p->pinned = pinned;
     p->device = device;
+    p->stream = stream;
     r->off = 0;
     r->len = bytes;
     p->free_list = r;
@@ -154,6 +164,7 @@ void kvb_pool_free(kvb_pool *pool)
     }
     int prev = 0;
     if (device_enter(pool->device, &prev) == cudaSuccess) {
+        cudaStreamDestroy(pool->stream);
         if (pool->pinned) {
             cudaFreeHost(pool->base);
         } else {
@@ -259,8 +270,9 @@ kvb_allocator kvb_pool_allocator(kvb_pool *pool)
 }
 
 /* Copies rows between the tiers for the store; see cuda_tier.h.  The copy
- * is synchronous: the store frees the source block as soon as this
- * returns. */
+ * is queued on the pool's stream and waited for: the store frees the
+ * source block as soon as this returns.  The store calls it without its
+ * lock, from any thread; copies of several threads share the stream. */
 int kvb_pool_move(void *dst, const void *src, size_t bytes, kvb_tier dst_tier,
                   kvb_tier src_tier, void *ctx)
 {
@@ -268,7 +280,10 @@ int kvb_pool_move(void *dst, const void *src, size_t bytes, kvb_tier dst_tier,
     int prev = 0;
     cudaError_t err = device_enter(p->device, &prev);
     if (err == cudaSuccess) {
-        err = cudaMemcpy(dst, src, bytes, cudaMemcpyDefault);
+        err = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, p->stream);
+        if (err == cudaSuccess) {
+            err = cudaStreamSynchronize(p->stream);
+        }
         device_leave(p->device, prev);
     }
     if (err != cudaSuccess) {

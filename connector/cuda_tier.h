@@ -37,8 +37,9 @@ KVB_HIDDEN kvb_allocator kvb_pool_allocator(kvb_pool *pool);
 
 /*
  * The store's mover (store.h, kvb_move_fn) for a device connector: copies
- * `bytes` between the device pool and the pinned host pool with a
- * synchronous cudaMemcpy (cudaMemcpyDefault) on the device of the pool
+ * `bytes` between the device pool and the pinned host pool (or host
+ * memory) with cudaMemcpyAsync (cudaMemcpyDefault) on the pool's own
+ * non-blocking stream and waits for that stream, on the device of the pool
  * `ctx` (a kvb_pool *, either of the connector's pools).  Returns 0 when
  * the copy completed, non-zero after logging the CUDA error (the store
  * then keeps or drops the entry).  Without CUDA it copies nothing and

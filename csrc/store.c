@@ -22,7 +22,8 @@
  * entry and makes it most recently used; kvb_store_unpin releases one pin.
  * Only READY entries with no pin are evicted, moved or cleared, so a
  * pointer obtained from reserve or acquire stays valid until its pin is
- * released.
+ * released (a move pins the entry itself, and an acquire of a moving entry
+ * waits for the move to end).
  *
  * Tiers.  A new entry goes to the device tier when it has an allocator and
  * a budget and room can be made there, else to the host tier.  Room is
@@ -41,18 +42,25 @@
  *     The entry is pinned by this acquire while it moves, so making room in
  *     the host tier for the demoted entries never drops it.  On any failure
  *     it stays on the host and the acquire still succeeds.
- * A move allocates the new block, copies the rows with the mover, frees the
- * old block and moves the entry's bytes between the tiers' accounts; it is
- * synchronous and runs under the store's lock.  stats.evictions counts the
- * entries dropped for room, stats.demotions and stats.promotions the moves.
+ * A move runs in three steps (store_moves_run): under the lock it pins the
+ * entry, marks it moving and allocates and charges the new block; without
+ * the lock the mover copies the rows; under the lock again the entry takes
+ * the new block and tier and the old block is freed (or, when the copy
+ * failed, the new block is freed).  The bytes of a move in flight count in
+ * both tiers, as busy bytes in the new one.  Room made by demotions is
+ * therefore there only once they have run: reserve and promotion run them
+ * and then look again, since anything else may have changed meanwhile.
+ * stats.evictions counts the entries dropped for room, stats.demotions and
+ * stats.promotions the moves.
  *
- * Locking.  One mutex guards the whole store; every operation is short (a
- * hash, a token comparison, list surgery and at most a malloc) except a
- * move, which also copies the rows of an entry (synchronously, e.g. a
- * cudaMemcpy), one per demotion or promotion.  The entry accessors read
- * without the lock: the tokens and positions never change after reserve,
- * and the rows pointer and tier change only while the entry is unpinned,
- * whereas the accessors are valid only while it is pinned.
+ * Locking.  One mutex guards the whole store; every operation under it is
+ * short (a hash, a token comparison, list surgery and at most a malloc or
+ * a block from a tier allocator).  The copies of moves run without it, and
+ * an acquire that finds a moving entry waits on `moved` for the end of the
+ * move.  The entry accessors read without the lock: the tokens and
+ * positions never change after reserve, and the rows pointer and tier
+ * change only at the end of a move, when nobody but the move holds a pin,
+ * whereas the accessors are valid only while the entry is pinned.
  */
 #include <assert.h>
 #include <pthread.h>
@@ -86,9 +94,15 @@ struct kvb_entry {
     size_t layer_bytes;  /* bytes of K (or V) of one layer */
     size_t rows_bytes;   /* size of the rows block */
     size_t bytes;        /* charged to the tier: record + rows */
-    kvb_tier tier;       /* changes only while unpinned (moves) */
+    kvb_tier tier;       /* changes only at the end of a move */
     entry_state state;
     int64_t pins;
+    /* A move in flight (store_move_start .. store_move_finish): the new
+     * block in the other tier, NULL when the entry is not moving; the
+     * batch it belongs to; whether its copy succeeded. */
+    unsigned char *move_rows;
+    kvb_entry *move_next;
+    int move_ok;
     kvb_entry *bucket_next;
     kvb_entry *lru_prev; /* towards the least recently used end */
     kvb_entry *lru_next; /* towards the most recently used end */
@@ -97,6 +111,7 @@ struct kvb_entry {
 
 struct kvb_store {
     pthread_mutex_t mu;
+    pthread_cond_t moved; /* a batch of moves finished (store_moves_run) */
     kvb_store_params params;
     size_t token_bytes; /* bytes of one token's K (or V) in one layer */
     uint64_t (*debug_hash)(const int32_t *, int64_t); /* NULL: the key */
@@ -411,22 +426,31 @@ static void store_destroy(kvb_store *store, kvb_entry *e)
     free(e);
 }
 
-/* The checksum of layer l of e's rows (host memory): XXH3-64 of its K
- * bytes, continued over its V bytes; store_sum_rows does every layer. */
-static void store_sum_rows_layer(const kvb_store *store, const kvb_entry *e,
-                                 int32_t l, uint64_t *sum)
+/* The K (which = 0) or V (which = 1) rows of layer l inside a rows block of
+ * the store's layout: per layer K then V, layer_bytes each. */
+static unsigned char *store_layer_rows(unsigned char *rows, size_t layer_bytes,
+                                       int32_t l, int which)
 {
-    (void)store;
-    const unsigned char *k = e->rows + 2 * (size_t)l * e->layer_bytes;
-    uint64_t h = kvb_checksum(k, e->layer_bytes, 0);
-    *sum = kvb_checksum(k + e->layer_bytes, e->layer_bytes, h);
+    return rows + (2 * (size_t)l + (size_t)which) * layer_bytes;
 }
 
+/* The checksum of layer l of `rows`, a rows block of e's shape in host
+ * memory: XXH3-64 of its K bytes, continued over its V bytes. */
+static uint64_t store_layer_sum(const kvb_entry *e, unsigned char *rows,
+                                int32_t l)
+{
+    uint64_t h = kvb_checksum(store_layer_rows(rows, e->layer_bytes, l, 0),
+                              e->layer_bytes, 0);
+    return kvb_checksum(store_layer_rows(rows, e->layer_bytes, l, 1),
+                        e->layer_bytes, h);
+}
+
+/* Fills sums[num_layers] with the checksums of every layer of `rows`. */
 static void store_sum_rows(const kvb_store *store, const kvb_entry *e,
-                           uint64_t *sums)
+                           unsigned char *rows, uint64_t *sums)
 {
     for (int32_t l = 0; l < store->params.num_layers; l++) {
-        store_sum_rows_layer(store, e, l, &sums[l]);
+        sums[l] = store_layer_sum(e, rows, l);
     }
 }
 
@@ -439,9 +463,7 @@ static int store_sums_match(const kvb_store *store, const kvb_entry *e)
         return 1;
     }
     for (int32_t l = 0; l < store->params.num_layers; l++) {
-        uint64_t got;
-        store_sum_rows_layer(store, e, l, &got);
-        if (got != e->sums[l]) {
+        if (store_layer_sum(e, e->rows, l) != e->sums[l]) {
             kvb_log(KVB_LOG_WARNING,
                     "store: a stored chunk of %lld tokens (key %016llx) "
                     "fails its checksum at layer %d: dropped, its rows are "
@@ -474,72 +496,166 @@ static int store_tier_open(const kvb_store *store, kvb_tier tier)
     return store->has_alloc[tier] && store->budget[tier] > 0;
 }
 
-static int store_make_room(kvb_store *store, kvb_tier tier, size_t need);
+/* The tier that is not `tier`: where a move of its entries goes. */
+static kvb_tier store_other_tier(kvb_tier tier)
+{
+    return tier == KVB_TIER_DEVICE ? KVB_TIER_HOST : KVB_TIER_DEVICE;
+}
 
 /*
- * Moves the rows of the READY entry `e` to tier `dst` (the other tier):
- * makes room there (which may evict or demote other entries), allocates a
- * block, copies the rows with the mover, frees the old block and moves the
- * entry's bytes (and busy bytes, when the caller holds a pin) between the
- * tiers' accounts.  The entry's place in the LRU list is left alone.  The
- * caller makes sure a mover is installed and that nobody else holds a pin
- * on `e` (pins == 0, or 1 taken by the caller itself).  Returns 1 when the
- * entry moved, 0 when it is still where it was with its rows untouched (no
- * room, allocation or copy failed).  Caller holds the lock.
+ * A batch of moves between the tiers.  Moves start under the lock
+ * (store_move_start), copy without it and end under it again
+ * (store_moves_run), so that a slow copy (a cudaMemcpy of a whole entry)
+ * never holds up the other users of the store.  `move` and `ctx` are the
+ * mover as it was when the batch was last refreshed under the lock (NULL:
+ * nothing moves, victims are dropped); `tries` counts store_place's extra
+ * evictions per tier over all the rounds of one reservation.
  */
-static int store_move(kvb_store *store, kvb_entry *e, kvb_tier dst)
+typedef struct store_moves {
+    kvb_entry *head; /* started moves, linked through move_next */
+    kvb_move_fn move;
+    void *ctx;
+    int tries[STORE_NUM_TIERS];
+} store_moves;
+
+/* Takes the store's current mover into `m`.  Caller holds the lock. */
+static void store_moves_refresh(const kvb_store *store, store_moves *m)
 {
-    kvb_tier src = e->tier;
-    assert(store->move != NULL && src != dst && e->state == ENTRY_READY);
-    if (!store_tier_open(store, dst) ||
-        !store_make_room(store, dst, e->bytes)) {
-        return 0;
-    }
-    const kvb_allocator *da = &store->alloc[dst];
-    void *rows = da->alloc(e->rows_bytes, da->ctx);
+    m->move = store->move;
+    m->ctx = store->move_ctx;
+}
+
+/* What store_make_room achieved: no room can be made; the room is there
+ * now; the room will be there once the batch's demotions have run. */
+enum { STORE_ROOM_NONE = 0, STORE_ROOM_NOW = 1, STORE_ROOM_LATER = 2 };
+
+static int store_make_room(kvb_store *store, kvb_tier tier, size_t need,
+                           store_moves *m);
+
+/*
+ * Starts moving the READY entry `e` to the other tier, where the caller has
+ * made room: allocates the new block, charges it to that tier (as busy
+ * bytes, never evictable), pins `e` (so it is neither evicted nor moved
+ * again), marks it moving (kvb_store_acquire waits for the end of the move
+ * before handing it out, so no other user ever holds a pointer to the rows
+ * that are about to be freed) and adds it to `m`.  Returns 0, having
+ * changed nothing, when the allocator has no block.  Caller holds the lock.
+ */
+static int store_move_start(kvb_store *store, kvb_entry *e, store_moves *m)
+{
+    assert(e->state == ENTRY_READY && e->move_rows == NULL);
+    kvb_tier dst = store_other_tier(e->tier);
+    const kvb_allocator *a = &store->alloc[dst];
+    unsigned char *rows = a->alloc(e->rows_bytes, a->ctx);
     if (rows == NULL) {
         return 0;
     }
-    if (store->move(rows, e->rows, e->rows_bytes, dst, src,
-                    store->move_ctx) != 0) {
-        da->free(rows, e->rows_bytes, da->ctx);
-        return 0;
-    }
-    const kvb_allocator *sa = &store->alloc[src];
-    sa->free(e->rows, e->rows_bytes, sa->ctx);
-    e->rows = rows;
-    e->tier = dst;
-    /* Checksums cover host-tier rows: a demoted entry gets them now (its
-     * rows were just copied, under the lock), a promoted one drops them. */
-    e->has_sums = dst == KVB_TIER_HOST && store->params.checksums;
-    if (e->has_sums) {
-        store_sum_rows(store, e, e->sums);
-    }
-    store->bytes[src] -= e->bytes;
+    e->move_rows = rows;
+    e->move_next = m->head;
+    m->head = e;
     store->bytes[dst] += e->bytes;
-    store->tier_entries[src]--;
+    store->busy_bytes[dst] += e->bytes;
     store->tier_entries[dst]++;
-    if (e->pins > 0) {
-        store->busy_bytes[src] -= e->bytes;
-        store->busy_bytes[dst] += e->bytes;
-    }
+    store_pin(store, e);
     return 1;
 }
 
 /*
- * Evicts the unpinned READY entry `e` from its tier: a device-tier entry is
- * demoted to the host tier when a mover is installed and the move succeeds,
- * any other is destroyed (counted in stats.evictions).  Returns the entry
- * that follows `e` on the LRU list once this is done (making room in the
- * host tier may have destroyed the one that followed it before), so that
- * a caller walking the list can go on.  Caller holds the lock.
+ * Ends the move of `e` once its copy is done: when the copy succeeded the
+ * entry takes its new block and tier and the old block is freed, else the
+ * new block is freed and the entry stays where it was, except that an
+ * entry being demoted (evicted from the device tier) is dropped, as it
+ * would have been without a mover.  The entry keeps its place in the LRU
+ * order.  Releases the move's pin; counts promotions, demotions and
+ * evictions.  Caller holds the lock.
  */
-static kvb_entry *store_evict(kvb_store *store, kvb_entry *e)
+static void store_move_finish(kvb_store *store, kvb_entry *e)
+{
+    kvb_tier src = e->tier;
+    kvb_tier dst = store_other_tier(src);
+    kvb_tier loser = e->move_ok ? src : dst; /* the tier giving a block back */
+    const kvb_allocator *a = &store->alloc[loser];
+    a->free(e->move_ok ? e->rows : e->move_rows, e->rows_bytes, a->ctx);
+    store->bytes[loser] -= e->bytes;
+    store->busy_bytes[loser] -= e->bytes; /* pinned by the move */
+    store->tier_entries[loser]--;
+    if (e->move_ok) {
+        e->rows = e->move_rows;
+        e->tier = dst;
+        /* Checksums cover host-tier rows: a demoted entry's were computed
+         * from its new rows after the copy, a promoted one drops them. */
+        e->has_sums = dst == KVB_TIER_HOST && store->params.checksums;
+        if (dst == KVB_TIER_DEVICE) {
+            store->stats.promotions++;
+        } else {
+            store->stats.demotions++;
+        }
+    }
+    int drop = !e->move_ok && dst == KVB_TIER_HOST && e->pins == 1 &&
+               e->state == ENTRY_READY;
+    e->move_rows = NULL;
+    e->move_next = NULL;
+    store_unpin_locked(store, e);
+    if (drop) {
+        store_destroy(store, e);
+        store->stats.evictions++;
+    }
+}
+
+/*
+ * Copies the rows of every move of `m` with its mover, without the store's
+ * lock, then takes the lock again to end each move (store_move_finish) and
+ * wakes the acquires that wait for a moving entry.  A demoted entry's
+ * checksums (checksums on) are computed from its new host rows before the
+ * lock is taken.  The moving entries are pinned and marked, so nobody else
+ * reads or changes their rows, tier or checksums meanwhile; anything else
+ * in the store may change.  Called and returns with the lock held.
+ */
+static void store_moves_run(kvb_store *store, store_moves *m)
+{
+    kvb_entry *head = m->head;
+    m->head = NULL;
+    if (head == NULL) {
+        return;
+    }
+    pthread_mutex_unlock(&store->mu);
+    for (kvb_entry *e = head; e != NULL; e = e->move_next) {
+        kvb_tier dst = store_other_tier(e->tier);
+        e->move_ok = m->move(e->move_rows, e->rows, e->rows_bytes, dst,
+                             e->tier, m->ctx) == 0;
+        if (e->move_ok && dst == KVB_TIER_HOST && store->params.checksums) {
+            store_sum_rows(store, e, e->move_rows, e->sums);
+        }
+    }
+    pthread_mutex_lock(&store->mu);
+    while (head != NULL) {
+        kvb_entry *next = head->move_next;
+        store_move_finish(store, head);
+        head = next;
+    }
+    pthread_cond_broadcast(&store->moved);
+}
+
+/*
+ * Evicts the unpinned READY entry `e` from its tier: a device-tier entry
+ * starts its demotion to the host tier in `m` when `m` has a mover and the
+ * host tier can make room and a block for it (its bytes are then added to
+ * *leaving: they leave the device tier once `m` has run), any other is
+ * destroyed (counted in stats.evictions).  Returns the entry that follows
+ * `e` on the LRU list once this is done (making room in the host tier may
+ * have destroyed the one that followed it before), so that a caller
+ * walking the list can go on.  Caller holds the lock.
+ */
+static kvb_entry *store_evict(kvb_store *store, kvb_entry *e, store_moves *m,
+                              size_t *leaving)
 {
     assert(e->pins == 0 && e->state == ENTRY_READY);
-    if (e->tier == KVB_TIER_DEVICE && store->move != NULL &&
-        store_move(store, e, KVB_TIER_HOST)) {
-        store->stats.demotions++;
+    if (e->tier == KVB_TIER_DEVICE && m->move != NULL &&
+        store_tier_open(store, KVB_TIER_HOST) &&
+        store_make_room(store, KVB_TIER_HOST, e->bytes, m) ==
+            STORE_ROOM_NOW &&
+        store_move_start(store, e, m)) {
+        *leaving += e->bytes;
         return e->lru_next;
     }
     kvb_entry *next = e->lru_next;
@@ -550,31 +666,34 @@ static kvb_entry *store_evict(kvb_store *store, kvb_entry *e)
 
 /*
  * Makes room for `need` bytes in `tier` by evicting unpinned READY entries of
- * that tier, least recently used first (device-tier ones are demoted when
- * they can be, see store_evict; host-tier ones are dropped).  Evicts nothing
- * and returns 0 when even evicting every evictable entry would not free
- * enough (the entry is larger than the budget, or the rest is pinned or
- * pending); returns 1 when `need` more bytes now fit.  Caller holds the
- * lock.
+ * that tier, least recently used first (device-tier ones start a demotion
+ * in `m` when they can, see store_evict; host-tier ones are dropped).
+ * Evicts nothing and returns STORE_ROOM_NONE when even evicting every
+ * evictable entry would not free enough (the entry is larger than the
+ * budget, or the rest is pinned, pending or moving); returns STORE_ROOM_NOW
+ * when `need` more bytes fit now, STORE_ROOM_LATER when they fit once the
+ * demotions started in `m` have run.  Caller holds the lock.
  */
-static int store_make_room(kvb_store *store, kvb_tier tier, size_t need)
+static int store_make_room(kvb_store *store, kvb_tier tier, size_t need,
+                           store_moves *m)
 {
     size_t budget = store->budget[tier];
     if (need > budget || budget - store->busy_bytes[tier] < need) {
-        return 0;
+        return STORE_ROOM_NONE;
     }
+    size_t leaving = 0;
     kvb_entry *e = store->lru_head;
-    while (store->bytes[tier] + need > budget && e != NULL) {
+    while (store->bytes[tier] - leaving + need > budget && e != NULL) {
         if (e->tier == tier && e->pins == 0) {
-            e = store_evict(store, e);
+            e = store_evict(store, e, m, &leaving);
         } else {
             e = e->lru_next;
         }
     }
     /* The busy-bytes check above guarantees the loop frees enough: every
-     * evicted entry leaves the tier, moved or dropped. */
-    assert(store->bytes[tier] + need <= budget);
-    return 1;
+     * evicted entry leaves the tier, dropped now or moving out. */
+    assert(store->bytes[tier] - leaving + need <= budget);
+    return leaving > 0 ? STORE_ROOM_LATER : STORE_ROOM_NOW;
 }
 
 /* Creates a store after validating every field of `params`; see the header
@@ -618,6 +737,12 @@ kvb_status kvb_store_create(const kvb_store_params *params, kvb_store **out)
         free(buckets);
         return kvb_fail(KVB_ERR_NOMEM, "kvb_store_create: out of memory");
     }
+    if (pthread_cond_init(&s->moved, NULL) != 0) {
+        pthread_mutex_destroy(&s->mu);
+        free(s);
+        free(buckets);
+        return kvb_fail(KVB_ERR_NOMEM, "kvb_store_create: out of memory");
+    }
     s->params = *params;
     s->token_bytes = (size_t)params->num_kv_heads *
                      (size_t)params->head_size * elem;
@@ -655,6 +780,7 @@ void kvb_store_free(kvb_store *store)
     }
     free(store->buckets);
     free(store->events);
+    pthread_cond_destroy(&store->moved);
     pthread_mutex_destroy(&store->mu);
     free(store);
 }
@@ -680,12 +806,44 @@ kvb_status kvb_store_contains(kvb_store *store, uint64_t ns,
     return KVB_OK;
 }
 
+/*
+ * Promotes the host-tier entry `e`, pinned by the caller alone, to the
+ * device tier when the device tier can make room: the demotions that make
+ * the room are copied first, then e's own rows (store_moves_run: the lock
+ * is released during each copy).  `e` stays on the host when any step
+ * fails, when someone else pins it while the demotions run (their pointers
+ * are to its host rows), or when the mover or promotion was turned off
+ * meanwhile.  Caller holds the lock.
+ */
+static void store_promote(kvb_store *store, kvb_entry *e)
+{
+    store_moves m = {0};
+    int room = STORE_ROOM_NONE;
+    for (;;) {
+        store_moves_refresh(store, &m);
+        if (m.move == NULL || !store->promote || e->pins != 1 ||
+            e->state != ENTRY_READY || !store_tier_open(store, KVB_TIER_DEVICE)) {
+            return;
+        }
+        room = store_make_room(store, KVB_TIER_DEVICE, e->bytes, &m);
+        if (room != STORE_ROOM_LATER) {
+            break;
+        }
+        store_moves_run(store, &m);
+    }
+    if (room == STORE_ROOM_NOW && store_move_start(store, e, &m)) {
+        store_moves_run(store, &m);
+    }
+}
+
 /* Pins and returns the READY entry for exactly these tokens (most recently
  * used from now on), or NULL on a miss; counts lookups, hits and
- * collisions.  A host-tier entry that had no pin is first promoted to the
- * device tier when a mover is installed, promotion is on and the device
- * tier can make room; the copy is synchronous (it is done when this
- * returns), and on any failure the entry is returned from the host tier. */
+ * collisions.  An entry that is moving between the tiers is waited for
+ * (its rows are about to change place).  A host-tier entry that had no pin
+ * is first promoted to the device tier when a mover is installed,
+ * promotion is on and the device tier can make room (store_promote: the
+ * copies run without the lock and are done when this returns); on any
+ * failure the entry is returned from the host tier. */
 kvb_status kvb_store_acquire(kvb_store *store, uint64_t ns,
                              const int32_t *tokens, int64_t n,
                              kvb_entry **entry)
@@ -699,8 +857,12 @@ kvb_status kvb_store_acquire(kvb_store *store, uint64_t ns,
     }
     int collided;
     pthread_mutex_lock(&store->mu);
-    kvb_entry *e = store_find(store, store_hash(store, ns, tokens, n), ns,
-                              tokens, n, &collided);
+    uint64_t h = store_hash(store, ns, tokens, n);
+    kvb_entry *e = store_find(store, h, ns, tokens, n, &collided);
+    while (e != NULL && e->move_rows != NULL) {
+        pthread_cond_wait(&store->moved, &store->mu);
+        e = store_find(store, h, ns, tokens, n, &collided);
+    }
     store->stats.lookups++;
     store->stats.collisions += collided;
     if (e != NULL && e->state != ENTRY_READY) {
@@ -722,8 +884,8 @@ kvb_status kvb_store_acquire(kvb_store *store, uint64_t ns,
                 store_doom(store, e);
                 store_unpin_locked(store, e);
                 e = NULL;
-            } else if (store_move(store, e, KVB_TIER_DEVICE)) {
-                store->stats.promotions++;
+            } else {
+                store_promote(store, e);
             }
         }
     }
@@ -736,23 +898,35 @@ kvb_status kvb_store_acquire(kvb_store *store, uint64_t ns,
  * still finds no block (fragmentation), before it gives up on the tier. */
 #define STORE_FRAGMENT_EVICTIONS 8
 
+/* store_place's outcomes besides 1 (placed): no tier has room (0), an
+ * allocator failed (-1), demotions must run before it can go on. */
+#define STORE_PLACE_LATER 2
+
 /*
  * Allocates the rows block for a new entry of `total` bytes (`rows_bytes`
  * of rows) in the first tier that can take it: the device tier when it has
  * an allocator and a budget, else the host tier, evicting LRU entries of
- * that tier as needed (demoting device-tier ones when a mover is
- * installed).  Returns 1 with *rows and *tier set, 0 when no tier
- * has room, -1 when an allocator failed.  Caller holds the lock.
+ * that tier as needed (demoting device-tier ones when `m` has a mover).
+ * Returns 1 with *rows and *tier set, 0 when no tier has room, -1 when an
+ * allocator failed, STORE_PLACE_LATER when demotions were started in `m`:
+ * the caller runs them (store_moves_run) and calls again.  Caller holds
+ * the lock.
  */
 static int store_place(kvb_store *store, size_t total, size_t rows_bytes,
-                       void **rows, kvb_tier *tier)
+                       void **rows, kvb_tier *tier, store_moves *m)
 {
     static const kvb_tier order[STORE_NUM_TIERS] = {KVB_TIER_DEVICE,
                                                     KVB_TIER_HOST};
     int failed = 0;
     for (int i = 0; i < STORE_NUM_TIERS; i++) {
         kvb_tier t = order[i];
-        if (!store_tier_open(store, t) || !store_make_room(store, t, total)) {
+        int room = store_tier_open(store, t)
+                       ? store_make_room(store, t, total, m)
+                       : STORE_ROOM_NONE;
+        if (room == STORE_ROOM_LATER) {
+            return STORE_PLACE_LATER;
+        }
+        if (room == STORE_ROOM_NONE) {
             continue;
         }
         const kvb_allocator *a = &store->alloc[t];
@@ -760,13 +934,18 @@ static int store_place(kvb_store *store, size_t total, size_t rows_bytes,
         /* The budget has room but the allocator has no block that large (a
          * fragmented pool): evict more of the tier's LRU entries, one at a
          * time, until a block fits, at most STORE_FRAGMENT_EVICTIONS of them
-         * (an allocator that fails for good must not empty the tier). */
+         * (an allocator that fails for good must not empty the tier).  A
+         * demoted entry frees its block only once it has moved. */
         kvb_entry *e = store->lru_head;
-        int tries = 0;
-        while (*rows == NULL && e != NULL && tries < STORE_FRAGMENT_EVICTIONS) {
+        while (*rows == NULL && e != NULL &&
+               m->tries[t] < STORE_FRAGMENT_EVICTIONS) {
             if (e->tier == t && e->pins == 0 && e->state == ENTRY_READY) {
-                e = store_evict(store, e);
-                tries++;
+                size_t leaving = 0;
+                e = store_evict(store, e, m, &leaving);
+                m->tries[t]++;
+                if (leaving > 0) {
+                    return STORE_PLACE_LATER;
+                }
                 *rows = a->alloc(rows_bytes, a->ctx);
             } else {
                 e = e->lru_next;
@@ -823,16 +1002,25 @@ kvb_status kvb_store_reserve(kvb_store *store, uint64_t ns,
     int collided;
     void *rows = NULL;
     kvb_tier tier = KVB_TIER_HOST;
+    store_moves m = {0};
+    int placed = STORE_PLACE_LATER;
     pthread_mutex_lock(&store->mu);
     uint64_t h = store_hash(store, ns, tokens, n);
-    kvb_entry *old = store_find(store, h, ns, tokens, n, &collided);
-    store->stats.collisions += collided;
-    if (old != NULL) {
-        pthread_mutex_unlock(&store->mu);
-        free(e);
-        return KVB_OK;
+    for (int round = 0; placed == STORE_PLACE_LATER; round++) {
+        if (round > 0) {
+            store_moves_run(store, &m); /* the lock was released */
+        }
+        kvb_entry *old = store_find(store, h, ns, tokens, n, &collided);
+        store->stats.collisions += round == 0 ? collided : 0;
+        if (old != NULL) {
+            pthread_mutex_unlock(&store->mu);
+            free(e);
+            return KVB_OK;
+        }
+        store_moves_refresh(store, &m);
+        placed = store_place(store, total, rows_bytes, &rows, &tier, &m);
     }
-    int placed = store_place(store, total, rows_bytes, &rows, &tier);
+    assert(m.head == NULL);
     if (placed <= 0) {
         size_t host_budget = store->budget[KVB_TIER_HOST];
         size_t host_busy = store->busy_bytes[KVB_TIER_HOST];
@@ -920,7 +1108,7 @@ static kvb_status store_commit(kvb_store *store, kvb_entry *entry,
     int sums = store->params.checksums && entry->tier == KVB_TIER_HOST &&
                entry->state == ENTRY_PENDING;
     if (sums) {
-        store_sum_rows(store, entry, entry->sums);
+        store_sum_rows(store, entry, entry->rows, entry->sums);
     }
     st = store_lock_pending(store, entry, fn);
     if (st != KVB_OK) {
@@ -1246,8 +1434,7 @@ static void *entry_rows(kvb_entry *entry, int32_t layer, int which)
         layer >= entry->store->params.num_layers) {
         return NULL;
     }
-    return entry->rows + (2 * (size_t)layer + (size_t)which) *
-                             entry->layer_bytes;
+    return store_layer_rows(entry->rows, entry->layer_bytes, layer, which);
 }
 
 /* K rows of one layer: contiguous [num_tokens, num_kv_heads, head_size]. */

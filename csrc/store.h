@@ -14,8 +14,9 @@
  * device tier is demoted (its rows copied into a new host-tier block) when
  * the host tier can take it, and a hit on an unpinned host-tier entry
  * promotes it back to the device tier when the device tier can make room.
- * Without a mover nothing moves: eviction drops the entry.  All moves run
- * synchronously under the store's lock.
+ * Without a mover nothing moves: eviction drops the entry.  The copies run
+ * without the store's lock (the moving entry is pinned meanwhile), so a
+ * slow copy holds up only the users of that entry.
  *
  * These hooks are exported from the shared library (their kvb_ names pass
  * its version script) only so that the store's tests can install stand-in
@@ -44,8 +45,10 @@ typedef struct kvb_allocator {
  * being different, and returns only once the copy is complete: the store
  * frees `src` right after.  Returns 0 on success, non-zero on failure (the
  * store then frees `dst` and keeps the entry where it was, or drops it when
- * it was being evicted).  Called with the store's lock held, so it must not
- * call back into the store.  ctx is passed through unchanged.
+ * it was being evicted).  Called without the store's lock, possibly from
+ * several threads at once (one entry each), while the store keeps the
+ * entry pinned; it must not call back into the store for that entry.
+ * ctx is passed through unchanged.
  */
 typedef int (*kvb_move_fn)(void *dst, const void *src, size_t bytes,
                            kvb_tier dst_tier, kvb_tier src_tier, void *ctx);
@@ -63,7 +66,8 @@ KVB_STORE_HOOK kvb_status kvb_store_set_allocator(kvb_store *store,
 /*
  * Installs the function that copies rows between the tiers (NULL removes
  * it: from then on nothing moves and device-tier eviction drops entries).
- * `ctx` must stay valid until the mover is replaced or the store is freed.
+ * `ctx` must stay valid until the mover is replaced and the moves already
+ * started have ended, or the store is freed.
  * May be called at any time; moves already done stay done.  Promotion is on
  * by default (see kvb_store_set_promotion).  KVB_ERR_INVALID for a NULL
  * store.

@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "kvblend.h"
 /* the internal tier hooks (exported for these tests) */
@@ -773,7 +774,8 @@ typedef struct fake_block {
 
 /* A stand-in tier allocator over malloc that tags its blocks and keeps a
  * list of the live ones, so a test can tell which tier holds which rows.
- * The store calls it under its own lock, so it needs none. */
+ * The store calls it under its own lock, but the mover (fake_move) reads
+ * the lists without it, so both take fake_mu. */
 typedef struct fake_tier {
     unsigned magic;
     int fail;          /* non-zero: every allocation fails */
@@ -795,6 +797,9 @@ typedef struct fake_mover {
     int64_t bad; /* copies whose blocks were not in the tiers named */
 } fake_mover;
 
+/* Guards the stand-in tiers' lists and the mover's counters. */
+static pthread_mutex_t fake_mu = PTHREAD_MUTEX_INITIALIZER;
+
 /* Allocator hook: a tagged malloc block (NULL when told to fail). */
 static void *fake_alloc(size_t bytes, void *ctx)
 {
@@ -806,6 +811,7 @@ static void *fake_alloc(size_t bytes, void *ctx)
     if (b == NULL) {
         return NULL;
     }
+    pthread_mutex_lock(&fake_mu);
     b->bytes = bytes;
     b->magic = t->magic;
     b->next = t->blocks;
@@ -813,6 +819,7 @@ static void *fake_alloc(size_t bytes, void *ctx)
     t->allocs++;
     t->live++;
     t->live_bytes += bytes;
+    pthread_mutex_unlock(&fake_mu);
     return (unsigned char *)b + FAKE_HDR;
 }
 
@@ -832,40 +839,44 @@ static fake_block *fake_find(fake_tier *t, const void *ptr)
 static void fake_free(void *ptr, size_t bytes, void *ctx)
 {
     fake_tier *t = ctx;
+    pthread_mutex_lock(&fake_mu);
     fake_block **pp = &t->blocks;
     while (*pp != NULL && (unsigned char *)*pp + FAKE_HDR != ptr) {
         pp = &(*pp)->next;
     }
     if (*pp == NULL || (*pp)->bytes != bytes || (*pp)->magic != t->magic) {
         t->bad_frees++;
+        pthread_mutex_unlock(&fake_mu);
         return;
     }
     fake_block *b = *pp;
     *pp = b->next;
     t->live--;
     t->live_bytes -= bytes;
+    pthread_mutex_unlock(&fake_mu);
     free(b);
 }
 
 /* Mover hook: memcpy after checking that src is a live block of src_tier
- * and dst one of dst_tier large enough; returns 1 when told to fail. */
+ * and dst one of dst_tier large enough; returns 1 when told to fail.  The
+ * store calls it without its lock, from any thread. */
 static int fake_move(void *dst, const void *src, size_t bytes,
                      kvb_tier dst_tier, kvb_tier src_tier, void *ctx)
 {
     fake_mover *m = ctx;
+    pthread_mutex_lock(&fake_mu);
     fake_block *d = fake_find(m->tier[dst_tier], dst);
     fake_block *s = fake_find(m->tier[src_tier], src);
+    int bad = dst_tier == src_tier || d == NULL || s == NULL ||
+              d->bytes < bytes || s->bytes < bytes;
     m->calls++;
-    if (dst_tier == src_tier || d == NULL || s == NULL || d->bytes < bytes ||
-        s->bytes < bytes) {
-        m->bad++;
-        return 1;
+    m->bad += bad;
+    int fail = bad || m->fail;
+    pthread_mutex_unlock(&fake_mu);
+    if (!fail) {
+        memcpy(dst, src, bytes);
     }
-    if (m->fail) {
-        return 1;
-    }
-    memcpy(dst, src, bytes);
-    return 0;
+    return fail;
 }
 
 /* A store with stand-in device and host tiers. */
@@ -1545,6 +1556,142 @@ START_TEST(test_store_threads_with_mover_keep_invariants)
 }
 END_TEST
 
+/* A mover whose copy blocks until the test lets it go (at most 5 s, after
+ * which it gives up waiting and records that it had to), then copies like
+ * fake_move. */
+typedef struct slow_mover {
+    fake_mover inner;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int started; /* a copy is in progress */
+    int go;      /* the test let it finish */
+    int gave_up; /* it waited 5 s for `go`: the test was stuck */
+    int acquired; /* (the acquiring thread) its acquire returned */
+} slow_mover;
+
+/* Mover hook: waits as described above, then fake_move. */
+static int slow_move(void *dst, const void *src, size_t bytes,
+                     kvb_tier dst_tier, kvb_tier src_tier, void *ctx)
+{
+    slow_mover *sm = ctx;
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += 5;
+    pthread_mutex_lock(&sm->mu);
+    sm->started = 1;
+    pthread_cond_broadcast(&sm->cv);
+    while (!sm->go && !sm->gave_up) {
+        sm->gave_up = pthread_cond_timedwait(&sm->cv, &sm->mu, &deadline) != 0;
+    }
+    pthread_mutex_unlock(&sm->mu);
+    return fake_move(dst, src, bytes, dst_tier, src_tier, &sm->inner);
+}
+
+/* A thread's job in test_store_copy_runs_without_the_lock. */
+typedef struct slow_job {
+    kvb_store *store;
+    slow_mover *sm;
+    int key;
+    kvb_entry *got; /* acquire's result */
+    int ok;         /* the store call returned KVB_OK (and stored) */
+} slow_job;
+
+/* Thread body: reserves, fills and commits chunk job->key. */
+static void *slow_put_main(void *p)
+{
+    slow_job *j = p;
+    int32_t toks[TIER_TOKENS];
+    kvb_entry *e = NULL;
+    chunk_tokens(j->key, toks, TIER_TOKENS);
+    j->ok = kvb_store_reserve(j->store, 0, toks, TIER_TOKENS, NULL, &e) ==
+                KVB_OK && e != NULL;
+    if (j->ok) {
+        fill_rows(e, j->key, LAYERS, row_bytes_for(TIER_TOKENS, KVB_DTYPE_F32));
+        j->ok = kvb_store_commit(j->store, e) == KVB_OK;
+    }
+    return NULL;
+}
+
+/* Thread body: acquires chunk job->key and says when it has returned. */
+static void *slow_get_main(void *p)
+{
+    slow_job *j = p;
+    int32_t toks[TIER_TOKENS];
+    chunk_tokens(j->key, toks, TIER_TOKENS);
+    j->ok = kvb_store_acquire(j->store, 0, toks, TIER_TOKENS, &j->got) ==
+            KVB_OK;
+    pthread_mutex_lock(&j->sm->mu);
+    j->sm->acquired = 1;
+    pthread_mutex_unlock(&j->sm->mu);
+    return NULL;
+}
+
+/* A demotion copies its rows without the store's lock: while the copy is
+ * stuck, other threads look up, acquire and count; an acquire of the very
+ * entry that is moving waits for the move and then finds it on the host.
+ * With the copy under the lock the lookups below would block until the
+ * mover gave up waiting (gave_up). */
+START_TEST(test_store_copy_runs_without_the_lock)
+{
+    tiered t;
+    slow_mover sm;
+    memset(&sm, 0, sizeof sm);
+    pthread_mutex_init(&sm.mu, NULL);
+    pthread_cond_init(&sm.cv, NULL);
+    tiered_init(&t, 2, 4, 0);
+    sm.inner.tier[KVB_TIER_DEVICE] = &t.dev;
+    sm.inner.tier[KVB_TIER_HOST] = &t.host;
+    ck_assert_int_eq(kvb_store_set_mover(t.s, slow_move, &sm), KVB_OK);
+    ck_assert_int_eq(kvb_store_set_promotion(t.s, 0), KVB_OK);
+    put_keys(t.s, 0, 2, TIER_TOKENS);
+    /* chunk 2 demotes chunk 0, whose copy then waits for `go` */
+    slow_job putter = {t.s, &sm, 2, NULL, 0};
+    pthread_t put_th, get_th;
+    ck_assert_int_eq(pthread_create(&put_th, NULL, slow_put_main, &putter), 0);
+    pthread_mutex_lock(&sm.mu);
+    while (!sm.started) {
+        pthread_cond_wait(&sm.cv, &sm.mu);
+    }
+    pthread_mutex_unlock(&sm.mu);
+    /* the store answers while the copy is in progress */
+    ck_assert_int_eq(has(t.s, 1, TIER_TOKENS), 1);
+    ck_assert_int_eq(has(t.s, 0, TIER_TOKENS), 1);
+    kvb_entry *e1 = get(t.s, 1, TIER_TOKENS);
+    ck_assert_ptr_nonnull(e1);
+    ck_assert_int_eq(kvb_entry_tier(e1), KVB_TIER_DEVICE);
+    ck_assert_int_eq(kvb_store_unpin(t.s, e1), KVB_OK);
+    ck_assert_int_eq(tiered_stats(&t).demotions, 0);
+    /* an acquire of the moving chunk waits for the end of the move */
+    slow_job getter = {t.s, &sm, 0, NULL, 0};
+    ck_assert_int_eq(pthread_create(&get_th, NULL, slow_get_main, &getter), 0);
+    nanosleep(&(struct timespec){0, 50 * 1000 * 1000}, NULL);
+    pthread_mutex_lock(&sm.mu);
+    int early = sm.acquired;
+    int gave_up = sm.gave_up;
+    sm.go = 1;
+    pthread_cond_broadcast(&sm.cv);
+    pthread_mutex_unlock(&sm.mu);
+    pthread_join(put_th, NULL);
+    pthread_join(get_th, NULL);
+    ck_assert_int_eq(gave_up, 0);
+    ck_assert_int_eq(early, 0);
+    ck_assert(putter.ok);
+    ck_assert(getter.ok);
+    ck_assert_ptr_nonnull(getter.got);
+    ck_assert_int_eq(kvb_entry_tier(getter.got), KVB_TIER_HOST);
+    ck_assert(rows_match(getter.got, 0, LAYERS,
+                         row_bytes_for(TIER_TOKENS, KVB_DTYPE_F32)));
+    ck_assert_int_eq(kvb_store_unpin(t.s, getter.got), KVB_OK);
+    expect_placement(&t, "HDD");
+    expect_moves(&t, 0, 1, 0);
+    ck_assert_int_eq(sm.inner.calls, 1);
+    ck_assert_int_eq(sm.inner.bad, 0);
+    tiered_free(&t);
+    pthread_cond_destroy(&sm.cv);
+    pthread_mutex_destroy(&sm.mu);
+}
+END_TEST
+
 START_TEST(test_store_namespaces_never_meet)
 {
     /* the same tokens under two tenants' namespaces are two entries, and
@@ -1712,6 +1859,7 @@ Suite *store_suite(void)
         {0, test_store_lru_order_across_tiers, 0},
         {0, test_store_mover_bad_arguments_named, 0},
         {0, test_store_threads_with_mover_keep_invariants, 0},
+        {0, test_store_copy_runs_without_the_lock, 0},
         {0, test_store_namespaces_never_meet, 0},
         {0, test_store_checksum_catches_a_flipped_byte, 0},
         {0, test_store_doomed_entry_freed_at_last_pin, 0},
