@@ -8,6 +8,10 @@
  * The scheduler process only calls kvb_connector_lookup (no side effects);
  * the worker calls kvb_request_begin, then per layer kvb_request_load_layer
  * and kvb_request_save_layer, and kvb_request_finish at the end.
+ *
+ * What depends on where the rows live (the store's tier memory, the
+ * per-layer load and save, copies for the lower tiers) is the connector's
+ * backend's (backend.h): CPU or CUDA, picked once by kvb_connector_create.
  */
 #define _POSIX_C_SOURCE 200809L /* pthread_rwlock_t */
 
@@ -16,74 +20,8 @@
 #include <stdlib.h>
 #include <unistd.h>
 
-#include "cuda_tier.h"
-#include "internal.h"
-#include "kvb_plan.h"
-#include "store.h"
+#include "backend.h"
 #include "tiers.h"
-
-struct kvb_connector {
-    kvb_config cfg;
-    kvb_model_desc model;
-    float *inv_freq;  /* owned copy of model.rope.inv_freq */
-    int32_t device;
-    kvb_store *store;
-    uint64_t fingerprint; /* of the model (kvb_connector_fingerprint) */
-    int checksums;        /* KVBLEND_VERIFY_CHECKSUMS, "auto" resolved */
-    /* The separator: replaced by kvb_connector_set_separator while other
-     * threads may be splitting prompts with it, hence the lock (readers:
-     * split_prompt; the one writer swaps the pointer). */
-    pthread_rwlock_t sep_lock;
-    int32_t *sep;     /* owned; NULL when sep_len == 0 */
-    int64_t sep_len;
-    kvb_pool *dev_pool;  /* device tier rows (device connectors) */
-    kvb_pool *host_pool; /* pinned host tier rows (device connectors) */
-    kvb_tiers *tiers;    /* disk and remote tiers; NULL when none */
-    uint64_t tier_key;   /* names this model and shard in the tiers */
-    uint64_t model_id;   /* kvb_connector_set_shard's weights identity */
-    int32_t rank;        /* tensor-parallel shard */
-    int32_t world;
-};
-
-struct kvb_request {
-    kvb_connector *conn;
-    int64_t n;
-    int64_t nseg;
-    kvb_span *segs;        /* [nseg] */
-    kvb_entry **hits;      /* [nseg] pinned stored entries, NULL on a miss */
-    kvb_entry **saves;     /* [nseg] reserved entries, NULL when not saved */
-    int32_t *saved_layers; /* [nseg] layers copied into saves[i] */
-    int64_t blend_end;
-    uint8_t *forced;       /* [blend_end] */
-    int64_t n_hit;
-    int64_t n_forced;
-    kvb_load_seg *load;    /* [n_load] hit segments inside the blend */
-    int64_t n_load;
-    /* [n_load] device connectors: 1 when the segment's entry is in the
-     * pinned host tier.  Its rows are copied per layer into the staging
-     * buffers by the copy engine and the kernel only re-rotates K there
-     * (k0 == NULL in the device table), so SMs never wait on the bus. */
-    uint8_t *load_host;
-    int64_t *positions;    /* [n] 0..n-1 */
-    /* Device connectors: the load table (segments, their source positions,
-     * the destination positions) and the slot mapping on the device,
-     * uploaded at the first load and the first save, released at the end
-     * in the order of the stream that used them. */
-    void *h_load;          /* host image of d_load, kept until the end */
-    void *d_load;          /* device block: positions, src positions, segs */
-    kvb_load_seg *d_segs;  /* inside d_load */
-    int64_t *d_positions;  /* inside d_load */
-    /* The planned load (cuda_tier.h, kvb_cuda_load_planned), inside d_load;
-     * NULL when some segment's delta varies by row or the geometry or an
-     * address does not allow 16-byte vectors (the general kernel then). */
-    int32_t *d_row_seg;    /* [blend_end] */
-    int32_t *d_seg_rot;    /* [n_load] */
-    float *d_tabs;         /* [n_load][2][rotary_dim / 2] */
-    void *load_stream;
-    int64_t *h_slots;      /* [n] host copy of the slot mapping */
-    int64_t *d_slots;      /* [n] uploaded at the first save */
-    void *save_stream;
-};
 
 /* Bytes in a size given in GB (LMCache counts 1 GB as 2^30 bytes).  Values
  * were validated as finite and >= 0 by the config parser. */
@@ -97,44 +35,6 @@ static size_t gb_to_bytes(double gb)
         return SIZE_MAX;
     }
     return (size_t)b;
-}
-
-/*
- * Backs the store of a device connector with CUDA memory: the device tier
- * with a pool of KVBLEND_MAX_DEVICE_SIZE in device memory, the host tier
- * with a pool of LMCACHE_MAX_LOCAL_CPU_SIZE in pinned host memory mapped
- * into the device, so that every entry is readable by the kernels.  A tier
- * whose budget is 0 gets no pool (and the host tier then stores nothing,
- * never in malloc memory).  Returns KVB_ERR_CUDA when a pool cannot be
- * allocated.
- */
-static kvb_status connector_setup_tiers(kvb_connector *c,
-                                        const kvb_store_params *sp)
-{
-    kvb_status st = kvb_pool_create(c->device, sp->device_budget_bytes, 0,
-                                    &c->dev_pool);
-    if (st == KVB_OK) {
-        st = kvb_pool_create(c->device, sp->host_budget_bytes, 1,
-                             &c->host_pool);
-    }
-    if (st != KVB_OK) {
-        return st;
-    }
-    if (c->dev_pool != NULL) {
-        kvb_allocator a = kvb_pool_allocator(c->dev_pool);
-        st = kvb_store_set_allocator(c->store, KVB_TIER_DEVICE, &a);
-    }
-    if (st == KVB_OK && c->host_pool != NULL) {
-        kvb_allocator a = kvb_pool_allocator(c->host_pool);
-        st = kvb_store_set_allocator(c->store, KVB_TIER_HOST, &a);
-    }
-    if (st == KVB_OK && c->dev_pool != NULL && c->host_pool != NULL) {
-        /* One LRU cache over both pools: device victims are demoted to
-         * the host pool, host hits promoted back (copied outside the
-         * store's lock on the pool's own stream). */
-        st = kvb_store_set_mover(c->store, kvb_pool_move, c->dev_pool);
-    }
-    return st;
 }
 
 /* KVBLEND_VERIFY_CHECKSUMS resolved: "auto" is on for CPU connectors
@@ -235,6 +135,7 @@ kvb_status kvb_connector_create(const kvb_config *cfg,
     c->model.architecture = NULL; /* not owned; only the fingerprint keeps it */
     c->fingerprint = model_fingerprint(model);
     c->device = device < 0 ? -1 : device;
+    c->be = c->device >= 0 ? &kvb_backend_cuda : &kvb_backend_cpu;
     c->checksums = connector_checksums(cfg, c->device);
     c->inv_freq = malloc((size_t)(r->rotary_dim / 2) * sizeof(float));
     if (c->inv_freq == NULL) {
@@ -262,12 +163,9 @@ kvb_status kvb_connector_create(const kvb_config *cfg,
         free(c);
         return st;
     }
-    if (c->device >= 0) {
-        st = connector_setup_tiers(c, &sp);
-        if (st != KVB_OK) {
-            kvb_connector_free(c);
-            return st;
-        }
+    if (c->be->init != NULL && (st = c->be->init(c, &sp)) != KVB_OK) {
+        kvb_connector_free(c);
+        return st;
     }
     c->world = 1;
     c->tier_key = kvb_tier_key(c->fingerprint, 0, 1);
@@ -295,9 +193,10 @@ void kvb_connector_free(kvb_connector *conn)
     /* The write-behind thread holds pins on store entries: it finishes
      * first. */
     kvb_tiers_free(conn->tiers);
-    kvb_store_free(conn->store); /* returns every block to the pools */
-    kvb_pool_free(conn->dev_pool);
-    kvb_pool_free(conn->host_pool);
+    kvb_store_free(conn->store); /* returns every block to the backend */
+    if (conn->be->free != NULL) {
+        conn->be->free(conn);
+    }
     free(conn->sep);
     free(conn->inv_freq);
     pthread_rwlock_destroy(&conn->sep_lock);
@@ -376,23 +275,6 @@ static kvb_blob_shape connector_shape(const kvb_connector *c)
     return s;
 }
 
-/* Copies an entry's rows between its tier and host memory for the lower
- * tiers (a store mover's signature): through CUDA for a device connector
- * (device-tier rows), with memcpy otherwise.  Returns 0 on success. */
-static int connector_copy_rows(void *dst, const void *src, size_t bytes,
-                               kvb_tier dst_tier, kvb_tier src_tier,
-                               void *ctx)
-{
-    kvb_connector *c = ctx;
-    if (c->device >= 0 &&
-        (dst_tier == KVB_TIER_DEVICE || src_tier == KVB_TIER_DEVICE)) {
-        return kvb_pool_move(dst, src, bytes, dst_tier, src_tier,
-                             c->dev_pool);
-    }
-    memcpy(dst, src, bytes);
-    return 0;
-}
-
 /*
  * Loads segment tokens[0..n) of namespace `ns` from the lower tiers into a
  * new store entry and returns it pinned in *entry (NULL when no tier has a
@@ -429,9 +311,8 @@ static kvb_status connector_fetch(kvb_connector *c, uint64_t ns,
     }
     if (st == KVB_OK && e != NULL) {
         size_t rows = len - kvb_blob_rows_offset(n);
-        if (connector_copy_rows(kvb_entry_k(e, 0),
-                                b + kvb_blob_rows_offset(n), rows,
-                                kvb_entry_tier(e), KVB_TIER_HOST, c) != 0) {
+        if (c->be->copy(kvb_entry_k(e, 0), b + kvb_blob_rows_offset(n), rows,
+                        kvb_entry_tier(e), KVB_TIER_HOST, c) != 0) {
             kvb_store_abort(c->store, e);
             e = NULL;
         } else if ((st = kvb_store_commit_pinned(c->store, e)) != KVB_OK) {
@@ -605,8 +486,8 @@ kvb_status kvb_connector_lookup(kvb_connector *conn, uint64_t ns,
     return KVB_OK;
 }
 
-/* A device connector whose store checksums its entries, or whose entries
- * go to the lower tiers, waits for the request's queued gathers before
+/* A connector whose store checksums its entries, or whose entries go to
+ * the lower tiers, waits for the request's queued gathers before
  * committing (they write the rows the store hashes or the tiers copy). */
 static kvb_status request_sync_saves(kvb_request *req)
 {
@@ -614,11 +495,10 @@ static kvb_status request_sync_saves(kvb_request *req)
     /* the lower tiers' writer copies and seals the rows: they must have
      * landed too, or a blob would carry half-written rows under a valid
      * checksum */
-    if (c->device < 0 || req->d_slots == NULL ||
-        (!c->checksums && c->tiers == NULL)) {
+    if (c->be->sync == NULL || (!c->checksums && c->tiers == NULL)) {
         return KVB_OK;
     }
-    return kvb_cuda_sync(c->device, req->save_stream);
+    return c->be->sync(req);
 }
 
 /* Lower-tier loads of one request run on up to this many threads: each
@@ -738,7 +618,7 @@ static kvb_status connector_commit(kvb_connector *c, kvb_entry *e)
     if (st == KVB_OK) {
         kvb_blob_shape shape = connector_shape(c);
         kvb_tiers_put_entry(c->tiers, c->store, e, c->tier_key, &shape,
-                            connector_copy_rows, c);
+                            c->be->copy, c);
     }
     return st;
 }
@@ -763,17 +643,16 @@ static void request_release(kvb_request *req, int commit)
             }
         }
     }
-    kvb_cuda_release(c->device, req->d_load, req->load_stream);
-    kvb_cuda_release(c->device, req->d_slots, req->save_stream);
-    free(req->h_load);
-    free(req->h_slots);
+    if (c->be->end != NULL) {
+        c->be->end(req);
+    }
     free(req->segs);
     free(req->hits);
     free(req->saves);
     free(req->saved_layers);
     free(req->forced);
     free(req->load);
-    free(req->load_host);
+    free(req->load_entry);
     free(req->positions);
     free(req);
 }
@@ -814,10 +693,10 @@ kvb_status kvb_request_begin(kvb_connector *conn, uint64_t ns,
     req->saves = calloc(cap, sizeof *req->saves);
     req->saved_layers = calloc(cap, sizeof *req->saved_layers);
     req->load = calloc(cap, sizeof *req->load);
-    req->load_host = calloc(cap, sizeof *req->load_host);
+    req->load_entry = calloc(cap, sizeof *req->load_entry);
     req->positions = malloc((size_t)(n > 0 ? n : 1) * sizeof *req->positions);
     if (!req->hits || !req->saves || !req->saved_layers || !req->load ||
-        !req->load_host || !req->positions) {
+        !req->load_entry || !req->positions) {
         request_release(req, 0);
         return kvb_fail(KVB_ERR_NOMEM, "kvb_request_begin: out of memory");
     }
@@ -893,18 +772,13 @@ kvb_status kvb_request_begin(kvb_connector *conn, uint64_t ns,
         if (s->end > blend_end) {
             len = blend_end - s->start; /* reuse only the promised rows */
         }
-        /* Decided once: the entry is pinned, so it stays in its tier. */
-        req->load_host[req->n_load] =
-            conn->device >= 0 && kvb_entry_tier(e) == KVB_TIER_HOST;
+        /* The entry is pinned: it stays in its tier and its rows in place
+         * until the request ends. */
+        req->load_entry[req->n_load] = e;
         kvb_load_seg *ls = &req->load[req->n_load++];
         ls->k0 = kvb_entry_k(e, 0);
         ls->v0 = kvb_entry_v(e, 0);
-        ls->layer_stride =
-            conn->model.num_layers > 1
-                ? (int64_t)(((const char *)kvb_entry_k(e, 1) -
-                             (const char *)kvb_entry_k(e, 0)) /
-                            (ptrdiff_t)kvb_dtype_size(conn->model.dtype))
-                : 0;
+        ls->layer_stride = kvb_entry_layer_stride(e);
         ls->src_pos = kvb_entry_positions(e);
         ls->dst_start = s->start;
         ls->num_tokens = len;
@@ -913,6 +787,10 @@ kvb_status kvb_request_begin(kvb_connector *conn, uint64_t ns,
     }
     for (int64_t i = 0; i < blend_end; i++) {
         req->n_forced += req->forced[i];
+    }
+    if (conn->be->begin != NULL && (st = conn->be->begin(req)) != KVB_OK) {
+        request_release(req, 0);
+        return st;
     }
     *out = req;
     return KVB_OK;
@@ -968,147 +846,8 @@ kvb_status kvb_request_reused(const kvb_request *req, int64_t i,
     return KVB_OK;
 }
 
-/* Rounds a byte offset up to a multiple of 16. */
-static size_t align16(size_t n)
-{
-    return (n + 15) & ~(size_t)15;
-}
-
-/*
- * Whether the request's load can take the planned kernel: every segment
- * was stored at consecutive positions (one delta for all its rows, since
- * staging rows are consecutive positions), the model's geometry is whole
- * 16-byte vectors, and every device-tier source (rows, layer stride) is
- * 16-byte aligned.  The staging buffers are checked at each load.
- */
-static int request_plan_ok(const kvb_request *req)
-{
-    const kvb_model_desc *m = &req->conn->model;
-    int32_t es = (int32_t)kvb_dtype_size(m->dtype);
-    if (!kvb_load_plan_geom_ok(es, m->head_size, m->rope.rotary_dim,
-                               m->rope.style) ||
-        req->blend_end > INT32_MAX || req->n_load > INT32_MAX) {
-        return 0;
-    }
-    for (int64_t i = 0; i < req->n_load; i++) {
-        const kvb_load_seg *ls = &req->load[i];
-        for (int64_t t = 1; t < ls->num_tokens; t++) {
-            if (ls->src_pos[t] != ls->src_pos[0] + t) {
-                return 0;
-            }
-        }
-        if (!req->load_host[i] &&
-            (((uintptr_t)ls->k0 | (uintptr_t)ls->v0) % 16 != 0 ||
-             ((size_t)ls->layer_stride * (size_t)es) % 16 != 0)) {
-            return 0;
-        }
-    }
-    return 1;
-}
-
-/*
- * Puts a device connector's load table on the device, once per request, in
- * the order of `stream` (the stream of the first load, on which it is also
- * released): destination positions [blend_end], the source positions of
- * every reused segment, and the segment table whose src_pos pointers point
- * at those device copies.  Host-tier segments get k0 = v0 = NULL there:
- * their rows reach the staging buffers by the copy engine (see
- * kvb_request_load_layer).  The host image stays with the request until it
- * ends.
- */
-static kvb_status request_upload_load(kvb_request *req, void *stream)
-{
-    const kvb_model_desc *m = &req->conn->model;
-    int64_t rows = 0;
-    for (int64_t i = 0; i < req->n_load; i++) {
-        rows += req->load[i].num_tokens;
-    }
-    int plan = request_plan_ok(req);
-    int64_t half = m->rope.rotary_dim / 2;
-    size_t pos_bytes = (size_t)req->blend_end * sizeof(int64_t);
-    size_t src_bytes = (size_t)rows * sizeof(int64_t);
-    size_t seg_bytes = (size_t)req->n_load * sizeof(kvb_load_seg);
-    size_t row_off = align16(pos_bytes + src_bytes + seg_bytes);
-    size_t rot_off = align16(row_off + (size_t)req->blend_end * sizeof(int32_t));
-    size_t tab_off = align16(rot_off + (size_t)req->n_load * sizeof(int32_t));
-    size_t total = plan ? tab_off + (size_t)req->n_load * 2 * (size_t)half * sizeof(float)
-                        : pos_bytes + src_bytes + seg_bytes;
-    unsigned char *h = calloc(1, total);
-    if (h == NULL) {
-        return kvb_fail(KVB_ERR_NOMEM, "kvb_request_load_layer: out of memory");
-    }
-    void *d = NULL;
-    kvb_status st =
-        kvb_cuda_alloc_async(req->conn->device, total, stream, &d);
-    if (st != KVB_OK) {
-        free(h);
-        return st;
-    }
-    unsigned char *dp = d;
-    memcpy(h, req->positions, pos_bytes);
-    int64_t *hsrc = (int64_t *)(h + pos_bytes);
-    kvb_load_seg *hseg = (kvb_load_seg *)(h + pos_bytes + src_bytes);
-    int64_t off = 0;
-    for (int64_t i = 0; i < req->n_load; i++) {
-        const kvb_load_seg *ls = &req->load[i];
-        memcpy(hsrc + off, ls->src_pos,
-               (size_t)ls->num_tokens * sizeof(int64_t));
-        hseg[i] = *ls;
-        hseg[i].src_pos = (const int64_t *)(dp + pos_bytes) + off;
-        if (req->load_host[i]) {
-            hseg[i].k0 = NULL; /* rows already in place: rotate K there */
-            hseg[i].v0 = NULL;
-        }
-        off += ls->num_tokens;
-    }
-    if (plan) {
-        int32_t *row_seg = (int32_t *)(h + row_off);
-        int32_t *seg_rot = (int32_t *)(h + rot_off);
-        float *tabs = (float *)(h + tab_off);
-        for (int64_t r = 0; r < req->blend_end; r++) {
-            row_seg[r] = -1;
-        }
-        /* the lowest segment index wins on overlap, as in the kernels */
-        for (int64_t i = req->n_load - 1; i >= 0; i--) {
-            const kvb_load_seg *ls = &req->load[i];
-            for (int64_t t = 0; t < ls->num_tokens; t++) {
-                row_seg[ls->dst_start + t] = (int32_t)i;
-            }
-            double delta = (double)req->positions[ls->dst_start] - (double)ls->src_pos[0];
-            seg_rot[i] = delta != 0.0;
-            float *cs = tabs + i * 2 * half;
-            for (int64_t p = 0; p < half; p++) {
-                double angle = delta * (double)m->rope.inv_freq[p];
-                cs[p] = (float)cos(angle);
-                cs[half + p] = (float)sin(angle);
-            }
-        }
-    }
-    st = kvb_cuda_copy_async(req->conn->device, d, h, total, stream);
-    if (st != KVB_OK) {
-        kvb_cuda_release(req->conn->device, d, stream);
-        free(h);
-        return st;
-    }
-    req->h_load = h;
-    req->d_load = d;
-    req->d_positions = (int64_t *)dp;
-    req->d_segs = (kvb_load_seg *)(dp + pos_bytes + src_bytes);
-    if (plan) {
-        req->d_row_seg = (int32_t *)(dp + row_off);
-        req->d_seg_rot = (int32_t *)(dp + rot_off);
-        req->d_tabs = (float *)(dp + tab_off);
-    }
-    req->load_stream = stream;
-    return KVB_OK;
-}
-
 /* Loads layer `layer` of every reused segment into the staging buffers with
- * keys re-rotated.  On a device connector, host-tier segments are first
- * copied into their staging rows by the copy engine (cudaMemcpyAsync on
- * `stream`), then one kernel on `stream` reads the device-tier rows
- * directly and re-rotates every K row; nothing waits on the host.  See
- * kvblend.h. */
+ * keys re-rotated, on the connector's backend.  See kvblend.h. */
 kvb_status kvb_request_load_layer(kvb_request *req, int32_t layer,
                                   void *dst_k, void *dst_v, void *stream)
 {
@@ -1122,96 +861,7 @@ kvb_status kvb_request_load_layer(kvb_request *req, int32_t layer,
                         "[0, %d)",
                         (int)layer, (int)m->num_layers);
     }
-    if (req->conn->device >= 0) {
-        if (req->n_load == 0) {
-            return KVB_OK;
-        }
-        if (req->d_load == NULL) {
-            kvb_status st = request_upload_load(req, stream);
-            if (st != KVB_OK) {
-                return st;
-            }
-        }
-        if (dst_k == NULL || dst_v == NULL) {
-            return kvb_fail(KVB_ERR_INVALID,
-                            "kvb_request_load_layer: NULL dst_k or dst_v");
-        }
-        size_t es = kvb_dtype_size(m->dtype);
-        size_t row = (size_t)m->num_kv_heads * (size_t)m->head_size * es;
-        for (int64_t i = 0; i < req->n_load; i++) {
-            const kvb_load_seg *ls = &req->load[i];
-            if (!req->load_host[i] || ls->num_tokens == 0) {
-                continue;
-            }
-            size_t src = (size_t)layer * (size_t)ls->layer_stride * es;
-            size_t dst = (size_t)ls->dst_start * row;
-            kvb_status st = kvb_cuda_copy_rows_async(
-                req->conn->device, (char *)dst_k + dst,
-                (const char *)ls->k0 + src, (char *)dst_v + dst,
-                (const char *)ls->v0 + src, (size_t)ls->num_tokens * row,
-                stream);
-            if (st != KVB_OK) {
-                return st;
-            }
-        }
-        if (req->d_row_seg != NULL &&
-            ((uintptr_t)dst_k | (uintptr_t)dst_v) % 16 == 0) {
-            return kvb_cuda_load_planned(req->d_segs, req->d_row_seg,
-                                         req->d_tabs, req->d_seg_rot, layer,
-                                         dst_k, dst_v, req->blend_end,
-                                         m->num_kv_heads, m->head_size,
-                                         m->dtype, &m->rope, stream);
-        }
-        return kvb_cuda_load_rotate(req->d_segs, req->n_load, layer, dst_k,
-                                    dst_v, req->d_positions, req->blend_end,
-                                    m->num_kv_heads, m->head_size, m->dtype,
-                                    &m->rope, stream);
-    }
-    return kvb_cpu_load_rotate(req->load, req->n_load, layer, dst_k, dst_v,
-                               req->positions, req->blend_end,
-                               m->num_kv_heads, m->head_size, m->dtype,
-                               &m->rope);
-}
-
-/* Puts the request's slot mapping (host slots[0..n)) on the device at its
- * first device save, and again when it changed since (a prefill over
- * several steps gains blocks and computed rows), in the order of `stream`
- * (on which it is released when the request ends or is replaced).  The
- * host copy stays with the request. */
-static kvb_status request_upload_slots(kvb_request *req, const int64_t *slots,
-                                       void *stream)
-{
-    size_t bytes = (size_t)req->n * sizeof(int64_t);
-    if (req->d_slots != NULL) {
-        if (memcmp(req->h_slots, slots, bytes) == 0) {
-            return KVB_OK;
-        }
-        kvb_cuda_release(req->conn->device, req->d_slots, req->save_stream);
-        free(req->h_slots);
-        req->d_slots = NULL;
-        req->h_slots = NULL;
-    }
-    int64_t *h = malloc(bytes > 0 ? bytes : 1);
-    if (h == NULL) {
-        return kvb_fail(KVB_ERR_NOMEM, "kvb_request_save_layer: out of memory");
-    }
-    memcpy(h, slots, bytes);
-    void *d = NULL;
-    kvb_status st = kvb_cuda_alloc_async(req->conn->device, bytes, stream, &d);
-    if (st == KVB_OK) {
-        st = kvb_cuda_copy_async(req->conn->device, d, h, bytes, stream);
-        if (st != KVB_OK) {
-            kvb_cuda_release(req->conn->device, d, stream);
-        }
-    }
-    if (st != KVB_OK) {
-        free(h);
-        return st;
-    }
-    req->h_slots = h;
-    req->d_slots = d;
-    req->save_stream = stream;
-    return KVB_OK;
+    return req->conn->be->load_layer(req, layer, dst_k, dst_v, stream);
 }
 
 /* Copies layer `layer` of each reserved segment from the paged cache into
@@ -1248,8 +898,7 @@ kvb_status kvb_request_save_layer(kvb_request *req, int32_t layer,
                         (int)m->head_size, kvb_dtype_str(m->dtype));
     }
     int32_t dev = req->conn->device;
-    if ((dev >= 0) != (layout->device >= 0) ||
-        (dev >= 0 && layout->device != dev)) {
+    if ((layout->device < 0 ? -1 : layout->device) != dev) {
         return kvb_fail(KVB_ERR_INVALID,
                         "kvb_request_save_layer: layout.device=%d but the "
                         "connector runs on device %d (-1 = CPU): the cache "
@@ -1263,7 +912,7 @@ kvb_status kvb_request_save_layer(kvb_request *req, int32_t layer,
     if (vst != KVB_OK) {
         return vst; /* a bad mapping fails the call before any row is read */
     }
-    int uploaded = 0;
+    int first = 1;
     for (int64_t i = 0; i < req->nseg; i++) {
         kvb_entry *e = req->saves[i];
         if (e == NULL || req->saved_layers[i] != layer) {
@@ -1277,25 +926,13 @@ kvb_status kvb_request_save_layer(kvb_request *req, int32_t layer,
         if (padded) {
             continue; /* rows not in the cache yet: a later step saves it */
         }
-        kvb_status st;
-        if (dev >= 0) {
-            if (!uploaded) {
-                st = request_upload_slots(req, slots, stream);
-                if (st != KVB_OK) {
-                    return st;
-                }
-                uploaded = 1;
-            }
-            st = kvb_cuda_gather(layout, req->d_slots + s->start,
-                                 s->end - s->start, kvb_entry_k(e, layer),
-                                 kvb_entry_v(e, layer), stream);
-        } else {
-            st = kvb_cpu_gather(layout, slots + s->start, s->end - s->start,
-                                kvb_entry_k(e, layer), kvb_entry_v(e, layer));
-        }
+        kvb_status st = req->conn->be->save_layer(
+            req, layout, slots, s, kvb_entry_k(e, layer),
+            kvb_entry_v(e, layer), first, stream);
         if (st != KVB_OK) {
             return st;
         }
+        first = 0;
         req->saved_layers[i]++;
     }
     return KVB_OK;

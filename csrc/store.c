@@ -1448,3 +1448,13 @@ void *kvb_entry_v(kvb_entry *entry, int32_t layer)
 {
     return entry_rows(entry, layer, 1);
 }
+
+/* Elements from one layer's K rows to the next layer's; see store.h. */
+int64_t kvb_entry_layer_stride(const kvb_entry *entry)
+{
+    if (entry == NULL || entry->store->params.num_layers < 2) {
+        return 0;
+    }
+    return (int64_t)(2 * entry->layer_bytes /
+                     kvb_dtype_size(entry->store->params.dtype));
+}

@@ -83,3 +83,11 @@ KVB_STORE_HOOK kvb_status kvb_store_set_mover(kvb_store *store,
  */
 KVB_STORE_HOOK kvb_status kvb_store_set_promotion(kvb_store *store,
                                                   int enabled);
+
+/*
+ * The layer stride of an entry's rows in elements of the store's dtype:
+ * layer l's K (or V) rows start l * stride elements after layer 0's, as a
+ * kvb_load_seg's layer_stride says.  0 for NULL and for an entry of a
+ * single layer (there is no next layer).  Valid while the entry is pinned.
+ */
+KVB_HIDDEN int64_t kvb_entry_layer_stride(const kvb_entry *entry);
