@@ -95,38 +95,39 @@ static kvb_status cuda_begin(kvb_request *req)
 }
 
 /*
- * Puts the request's load table (cuda_plan.c) on the device, once per
- * request, in the order of `stream` (the stream of the first load, on
- * which it is also released).  The host image stays with the request
- * until it ends.
+ * Makes a request's device table of `bytes`: a host image (a copy of `src`,
+ * or the request's load table, cuda_plan.c, when src is NULL) and a block
+ * of the stream-ordered allocator, and queues the upload on `stream`.  On
+ * success *h and *d are the request's (released in cuda_end); on failure
+ * nothing is left allocated.  `fn` names the public call in messages.
  */
-static kvb_status cuda_upload_load(kvb_request *req, cuda_request *cr,
-                                   void *stream)
+static kvb_status cuda_upload(kvb_request *req, const void *src,
+                              size_t bytes, void *stream, const char *fn,
+                              void **h, void **d)
 {
-    kvb_load_plan_init(req, &cr->plan);
-    unsigned char *h = calloc(1, cr->plan.total);
-    if (h == NULL) {
-        return kvb_fail(KVB_ERR_NOMEM, "kvb_request_load_layer: out of memory");
-    }
-    void *d = NULL;
-    kvb_status st =
-        kvb_cuda_alloc_async(req->conn->device, cr->plan.total, stream, &d);
+    int32_t dev = req->conn->device;
+    *d = NULL;
+    *h = calloc(1, bytes > 0 ? bytes : 1);
+    kvb_status st = *h != NULL
+                        ? kvb_cuda_alloc_async(dev, bytes, stream, d)
+                        : kvb_fail(KVB_ERR_NOMEM, "%s: out of memory", fn);
     if (st == KVB_OK) {
-        kvb_load_plan_fill(req, &cr->plan, h, d);
-        st = kvb_cuda_copy_async(req->conn->device, d, h, cr->plan.total,
-                                 stream);
+        if (src != NULL) {
+            memcpy(*h, src, bytes);
+        } else {
+            kvb_load_plan_fill(req, &((cuda_request *)req->be)->plan, *h,
+                               *d);
+        }
+        st = kvb_cuda_copy_async(dev, *d, *h, bytes, stream);
         if (st != KVB_OK) {
-            kvb_cuda_release(req->conn->device, d, stream);
+            kvb_cuda_release(dev, *d, stream);
         }
     }
     if (st != KVB_OK) {
-        free(h);
-        return st;
+        free(*h);
+        *h = *d = NULL;
     }
-    cr->h_load = h;
-    cr->d_load = d;
-    cr->load_stream = stream;
-    return KVB_OK;
+    return st;
 }
 
 /* Loads a layer of the reused rows: host-tier segments are first copied
@@ -144,10 +145,17 @@ static kvb_status cuda_load_layer(kvb_request *req, int32_t layer,
         return KVB_OK;
     }
     if (cr->d_load == NULL) {
-        kvb_status st = cuda_upload_load(req, cr, stream);
+        /* once per request, in the order of the first load's stream */
+        kvb_load_plan_init(req, &cr->plan);
+        void *h, *d;
+        kvb_status st = cuda_upload(req, NULL, cr->plan.total, stream,
+                                    "kvb_request_load_layer", &h, &d);
         if (st != KVB_OK) {
             return st;
         }
+        cr->h_load = h;
+        cr->d_load = d;
+        cr->load_stream = stream;
     }
     if (dst_k == NULL || dst_v == NULL) {
         return kvb_fail(KVB_ERR_INVALID,
@@ -205,27 +213,15 @@ static kvb_status cuda_upload_slots(kvb_request *req, cuda_request *cr,
         cr->d_slots = NULL;
         cr->h_slots = NULL;
     }
-    int64_t *h = malloc(bytes > 0 ? bytes : 1);
-    if (h == NULL) {
-        return kvb_fail(KVB_ERR_NOMEM, "kvb_request_save_layer: out of memory");
-    }
-    memcpy(h, slots, bytes);
-    void *d = NULL;
-    kvb_status st = kvb_cuda_alloc_async(req->conn->device, bytes, stream, &d);
+    void *h, *d;
+    kvb_status st = cuda_upload(req, slots, bytes, stream,
+                                "kvb_request_save_layer", &h, &d);
     if (st == KVB_OK) {
-        st = kvb_cuda_copy_async(req->conn->device, d, h, bytes, stream);
-        if (st != KVB_OK) {
-            kvb_cuda_release(req->conn->device, d, stream);
-        }
+        cr->h_slots = h;
+        cr->d_slots = d;
+        cr->save_stream = stream;
     }
-    if (st != KVB_OK) {
-        free(h);
-        return st;
-    }
-    cr->h_slots = h;
-    cr->d_slots = d;
-    cr->save_stream = stream;
-    return KVB_OK;
+    return st;
 }
 
 /* Gathers one segment's rows of a layer out of the paged cache into its
