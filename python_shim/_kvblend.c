@@ -251,9 +251,9 @@ static int typed_buffer(PyObject *obj, int kind, const char *what,
     }
     PyErr_Clear();
     PyObject *clib = PyImport_ImportModule("kvblend._clib");
-    PyObject *flat = clib ? PyObject_CallMethod(clib, buffer_kinds[kind].convert,
-                                                "Os", obj, what)
-                          : NULL;
+    PyObject *flat = clib == NULL ? NULL
+        : PyObject_CallMethod(clib, buffer_kinds[kind].convert, "Os", obj,
+                              what);
     int rc = flat ? PyObject_GetBuffer(flat, view, PyBUF_C_CONTIGUOUS) : -1;
     Py_XDECREF(clib);
     Py_XDECREF(flat); /* the view holds its own reference */
@@ -332,8 +332,9 @@ static PyObject *list_of(const int32_t *ints, const float *floats, int n)
 {
     PyObject *l = PyList_New(n);
     for (int i = 0; l != NULL && i < n; i++) {
-        PyObject *x = ints ? PyLong_FromLong(ints[i])
-                           : PyFloat_FromDouble(f32_to_short_double(floats[i]));
+        PyObject *x = ints != NULL
+            ? PyLong_FromLong(ints[i])
+            : PyFloat_FromDouble(f32_to_short_double(floats[i]));
         if (x == NULL) {
             Py_CLEAR(l);
             break;
@@ -1118,6 +1119,22 @@ static PyObject *request_reused(RequestObject *self, PyObject *unused)
     return out;
 }
 
+/* O& converter of an address argument: an int in [0, 2^64); 0 is NULL. */
+static int conv_ptr(PyObject *obj, void *out)
+{
+    unsigned long long u = PyLong_Check(obj)
+        ? PyLong_AsUnsignedLongLong(obj) : (unsigned long long)-1;
+    if (u == (unsigned long long)-1
+        && (!PyLong_Check(obj) || PyErr_Occurred())) {
+        PyErr_Clear();
+        PyErr_Format(PyLong_Check(obj) ? PyExc_ValueError : PyExc_TypeError,
+                     "%R is not a valid address (an int in [0, 2**64))", obj);
+        return 0;
+    }
+    *(void **)out = (void *)(uintptr_t)u;
+    return 1;
+}
+
 /*
  * load_layer(layer, k_ptr, v_ptr, stream=0): fills the staging rows of
  * stored segments with layer `layer`'s KV, keys re-rotated.
@@ -1130,14 +1147,17 @@ static PyObject *request_layer(RequestObject *self, PyObject *args, int save)
 {
     int layer;
     Py_buffer lay = {0};
-    unsigned long long k = 0, v = 0, slots = 0, stream = 0;
+    void *k = NULL, *v = NULL, *slots = NULL, *stream = NULL;
     long long n = 0;
-    int ok = save ? PyArg_ParseTuple(args, "iy*KL|K:save_layer", &layer, &lay,
-                                     &slots, &n, &stream)
-                  : PyArg_ParseTuple(args, "iKK|K:load_layer", &layer, &k, &v,
+    int ok = save ? PyArg_ParseTuple(args, "iy*O&L|O&:save_layer", &layer,
+                                     &lay, conv_ptr, &slots, &n, conv_ptr,
+                                     &stream)
+                  : PyArg_ParseTuple(args, "iO&O&|O&:load_layer", &layer,
+                                     conv_ptr, &k, conv_ptr, &v, conv_ptr,
                                      &stream);
     kvb_request *req = ok ? request_live(self) : NULL;
-    if (req != NULL && save && lay.len != (Py_ssize_t)sizeof(kvb_paged_layout)) {
+    if (req != NULL && save
+        && lay.len != (Py_ssize_t)sizeof(kvb_paged_layout)) {
         raise_invalid(state_of((PyObject *)self), "save_layer(): layout has "
                       "%zd bytes, a kvb_paged_layout %zu (use "
                       "kvblend._clib.Layout)", lay.len,
@@ -1148,12 +1168,9 @@ static PyObject *request_layer(RequestObject *self, PyObject *args, int save)
     if (req != NULL) {
         self->busy++;
         Py_BEGIN_ALLOW_THREADS
-        s = save ? kvb_request_save_layer(req, layer, lay.buf,
-                                          (const int64_t *)(uintptr_t)slots,
-                                          n, (void *)(uintptr_t)stream)
-                 : kvb_request_load_layer(req, layer, (void *)(uintptr_t)k,
-                                          (void *)(uintptr_t)v,
-                                          (void *)(uintptr_t)stream);
+        s = save ? kvb_request_save_layer(req, layer, lay.buf, slots, n,
+                                          stream)
+                 : kvb_request_load_layer(req, layer, k, v, stream);
         Py_END_ALLOW_THREADS
         self->busy--;
     }

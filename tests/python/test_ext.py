@@ -254,6 +254,10 @@ def test_ext_takes_flat_buffers_and_converts_the_rest():
             req.save_layer(0, b"abc", 0, 0)
         with pytest.raises(TypeError):
             req.save_layer(0, (1, 2), 0, 0)
+        with pytest.raises(ValueError, match="-1 is not a valid address"):
+            req.load_layer(0, -1, 0)
+        with pytest.raises(TypeError, match="'x' is not a valid address"):
+            req.save_layer(0, bytes(lay), "x", 0)
         assert memoryview(lay).nbytes == ctypes_size(lay)
 
 
