@@ -96,7 +96,7 @@ _LAYOUT = POINTER(Layout)
 _SIGNATURES = {
     "kvb_last_error": (c_char_p, []),
     "kvb_version": (c_char_p, []),
-    "kvb_has_cuda": (c_int32, []),
+    "kvb_has_cuda": (ctypes.c_uint, []),  # an int, not a kvb_status
     "kvb_cpu_set_threads": (c_int, [c_int]),
     "kvb_tier_key": (c_uint64, [c_uint64, c_int32, c_int32]),
     "kvb_hash_tokens_ns": (c_uint64, [_P, c_int64, c_uint64]),
