@@ -42,12 +42,11 @@ from typing import Any
 import torch
 
 from . import _vllm_compat as vc
+from . import layouts
 from ._vllm_compat import KVTransferConfig  # noqa: F401 - the engine's public config type
 from .adapters import get_adapter
 
 logger = logging.getLogger("kvblend")
-
-KV_CACHE_LAYOUTS = ("cpu", "flash", "flashinfer")
 
 # Connector names resolvable without kv_connector_module_path (the role of
 # vLLM's KVConnectorFactory registry).
@@ -61,38 +60,24 @@ def layer_name(i: int) -> str:
 
 def kv_cache_shape(layout: str, num_blocks: int, block_size: int, num_kv_heads: int,
                    head_size: int) -> tuple[int, ...]:
-    """Shape of one layer's paged KV tensor in ``layout``.
-
-    "cpu": (2, num_blocks, num_kv_heads, block_size, head_size), vLLM's CPU backend;
-    "flash": (2, num_blocks, block_size, num_kv_heads, head_size), older FlashAttention;
-    "flashinfer": (num_blocks, 2, block_size, num_kv_heads, head_size).
-    """
-    if layout == "cpu":
-        return (2, num_blocks, num_kv_heads, block_size, head_size)
-    if layout == "flash":
-        return (2, num_blocks, block_size, num_kv_heads, head_size)
-    if layout == "flashinfer":
-        return (num_blocks, 2, block_size, num_kv_heads, head_size)
-    raise ValueError(f"kv_cache_layout {layout!r} is not supported "
-                     f"(expected one of {', '.join(KV_CACHE_LAYOUTS)})")
+    """Shape of one layer's paged KV tensor in ``layout`` (a name of
+    ``kvblend.layouts``)."""
+    return layouts.get(layout, f"kv_cache_layout {layout!r} is not supported").shape(
+        num_blocks, block_size, num_kv_heads, head_size)
 
 
 def kv_write(kv_cache: torch.Tensor, layout: str, slots: torch.Tensor,
              k: torch.Tensor, v: torch.Tensor, index=None) -> None:
     """Write k, v [T, H, D] into the paged ``kv_cache`` at ``slots`` [T].
-    ``index``: ``slot_index(kv_cache, slots)`` computed once for many layers."""
+    ``index``: ``slot_index(kv_cache, layout, slots)`` computed once for many layers."""
     blk, off = index if index is not None else slot_index(kv_cache, layout, slots)
-    for idx, x in ((0, k), (1, v)):
-        plane = _plane(kv_cache, layout, idx)
-        if layout == "cpu":
-            plane[blk, :, off] = x
-        else:
-            plane[blk, off] = x
+    for plane, x in zip(layouts.kv_views(kv_cache, layout), (k, v)):
+        plane[blk, off] = x
 
 
 def slot_index(kv_cache: torch.Tensor, layout: str, slots: torch.Tensor):
     """(block index, offset in block) of ``slots`` on the cache's device."""
-    block_size = kv_cache.shape[3] if layout == "cpu" else kv_cache.shape[2]
+    block_size = layouts.kv_views(kv_cache, layout)[0].shape[1]
     slots = slots.to(kv_cache.device)
     return torch.div(slots, block_size, rounding_mode="floor"), slots % block_size
 
@@ -101,11 +86,8 @@ def kv_read(kv_cache: torch.Tensor, layout: str, slots: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather (k, v), each [T, H, D], from the paged ``kv_cache`` at ``slots`` [T]."""
     blk, off = slot_index(kv_cache, layout, slots)
-    out = []
-    for idx in (0, 1):
-        plane = _plane(kv_cache, layout, idx)
-        out.append(plane[blk, :, off] if layout == "cpu" else plane[blk, off])
-    return out[0], out[1]
+    k, v = (plane[blk, off] for plane in layouts.kv_views(kv_cache, layout))
+    return k, v
 
 
 def kv_read_blocks(kv_cache: torch.Tensor, layout: str, block_table: torch.Tensor,
@@ -116,27 +98,19 @@ def kv_read_blocks(kv_cache: torch.Tensor, layout: str, block_table: torch.Tenso
     them: whole blocks, not slot by slot.
 
     When the blocks are consecutive ids (``block_table`` may then be given as
-    a ``range``) the result views the cache without a copy for the "flash"
-    and "flashinfer" layouts; otherwise it is one block gather per plane.
+    a ``range``) the result views the cache without a copy where a block's
+    rows are contiguous ("flash", "flashinfer"); otherwise it is one block
+    gather per plane.
     """
-    block_size = kv_cache.shape[3] if layout == "cpu" else kv_cache.shape[2]
-    nb = -(-num_tokens // block_size)
     out = []
-    for idx in (0, 1):
-        plane = _plane(kv_cache, layout, idx)
+    for plane in layouts.kv_views(kv_cache, layout):
+        nb = -(-num_tokens // plane.shape[1])
         if isinstance(block_table, range):
             blocks = plane[block_table.start:block_table.start + nb]
         else:
             blocks = plane.index_select(0, block_table[:nb])
-        if layout == "cpu":  # [nb, H, bs, D] -> [nb, bs, H, D]
-            blocks = blocks.transpose(1, 2)
-        out.append(blocks.reshape((nb * block_size,) + tuple(blocks.shape[2:]))[:num_tokens])
+        out.append(blocks.reshape((-1,) + tuple(blocks.shape[2:]))[:num_tokens])
     return out[0], out[1]
-
-
-def _plane(kv_cache: torch.Tensor, layout: str, idx: int) -> torch.Tensor:
-    """The K (idx 0) or V (idx 1) view of ``kv_cache``, blocks first."""
-    return kv_cache[:, idx] if layout == "flashinfer" else kv_cache[idx]
 
 
 @dataclass

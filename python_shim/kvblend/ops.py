@@ -17,11 +17,10 @@ from typing import Any, Sequence
 
 import torch
 
-from . import _clib
+from . import _clib, layouts
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ROPE_STYLES = {"neox": 0, "gptj": 1}
-LAYOUTS = ("cpu", "flash", "flashinfer", "joint", "cpu_attn")
 
 
 # --- checks -------------------------------------------------------------------
@@ -112,67 +111,12 @@ def layout_from_views(k: torch.Tensor, v: torch.Tensor):
                         v_token_stride=vs[1], v_head_stride=vs[2], v_dim_stride=vs[3])
 
 
-def cpu_attn_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of a vLLM CPU_ATTN cache (its "vec"/"vec16" kernels) as views
-    of shape (num_blocks, block_size, num_kv_heads, head_size).
-
-    The tensor is (num_blocks, num_kv_heads, block_size, 2*head_size); the
-    backend reads each (block, head) as block_size*head_size elements of K
-    stored transposed ([head_size, block_size]: K[t, d] at d*block_size + t)
-    followed by as many of V stored row-major ([block_size, head_size]).
-    Needs each (block, head) contiguous; ValueError otherwise.
-    """
-    shape = tuple(kv_cache.shape)
-    if kv_cache.dim() != 4 or shape[3] % 2 != 0:
-        raise ValueError(f"kv_cache: layout 'cpu_attn' expects shape (num_blocks, num_kv_heads, block_size, 2*head_size), got {shape}")
-    b, h, n, d2 = shape
-    d = d2 // 2
-    sb, sh, st, sd = kv_cache.stride()
-    if sd != 1 or (n > 1 and st != d2):
-        raise ValueError(f"kv_cache: layout 'cpu_attn' needs each (block, head) contiguous "
-                         f"(strides (*, *, {d2}, 1)), got strides {kv_cache.stride()}")
-    k = kv_cache.as_strided((b, n, h, d), (sb, 1, sh, n))
-    v = kv_cache.as_strided((b, n, h, d), (sb, d, sh, 1), kv_cache.storage_offset() + n * d)
-    return k, v
-
-
 def paged_layout(kv_cache: torch.Tensor, layout: str):
-    """Describe one layer's KV cache tensor laid out as `layout`:
-
-    ``"cpu"``        (2, num_blocks, num_kv_heads, block_size, head_size)  (HND planes)
-    ``"flash"``      (2, num_blocks, block_size, num_kv_heads, head_size)
-    ``"flashinfer"`` (num_blocks, 2, block_size, num_kv_heads, head_size)
-    ``"joint"``      (num_blocks, block_size, num_kv_heads, 2*head_size), K|V per token
-    ``"cpu_attn"``   (num_blocks, num_kv_heads, block_size, 2*head_size), vLLM's
-                     CPU_ATTN (vec kernels): per block and head K transposed
-                     ([head_size, block_size]), then V ([block_size, head_size])
-
-    Strides are read from the tensor, so views and padded caches work.
-    """
+    """Describe one layer's KV cache tensor laid out as ``layout`` (a name
+    of ``kvblend.layouts``); strides are read from the tensor, so views and
+    padded caches work."""
     _check(kv_cache, "kv_cache", dtype=tuple(_DTYPE_CODES), contiguous=False)
-    shape = tuple(kv_cache.shape)
-    if layout == "cpu":
-        if kv_cache.dim() != 5 or shape[0] != 2:
-            raise ValueError(f"kv_cache: layout 'cpu' expects shape (2, num_blocks, num_kv_heads, block_size, head_size), got {shape}")
-        k, v = kv_cache[0].permute(0, 2, 1, 3), kv_cache[1].permute(0, 2, 1, 3)
-    elif layout == "flash":
-        if kv_cache.dim() != 5 or shape[0] != 2:
-            raise ValueError(f"kv_cache: layout 'flash' expects shape (2, num_blocks, block_size, num_kv_heads, head_size), got {shape}")
-        k, v = kv_cache[0], kv_cache[1]
-    elif layout == "flashinfer":
-        if kv_cache.dim() != 5 or shape[1] != 2:
-            raise ValueError(f"kv_cache: layout 'flashinfer' expects shape (num_blocks, 2, block_size, num_kv_heads, head_size), got {shape}")
-        k, v = kv_cache[:, 0], kv_cache[:, 1]
-    elif layout == "joint":
-        if kv_cache.dim() != 4 or shape[3] % 2 != 0:
-            raise ValueError(f"kv_cache: layout 'joint' expects shape (num_blocks, block_size, num_kv_heads, 2*head_size), got {shape}")
-        d = shape[3] // 2
-        k, v = kv_cache[..., :d], kv_cache[..., d:]
-    elif layout == "cpu_attn":
-        k, v = cpu_attn_views(kv_cache)
-    else:
-        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
-    return layout_from_views(k, v)
+    return layout_from_views(*layouts.kv_views(kv_cache, layout))
 
 
 def _layout_args(layout) -> tuple[Any, torch.device]:

@@ -8,6 +8,7 @@ import torch
 
 from conftest import make_tiny_model
 from kvblend import _vllm_compat as vc
+from kvblend import layouts
 from kvblend.engine import LLM, KVTransferConfig, SamplingParams, kv_read, layer_name
 
 MODULE = __name__
@@ -84,14 +85,15 @@ def test_engine_layouts_identical():
     model = make_tiny_model("qwen2")
     ids = _prompt(30, seed=5)
     res = []
-    for layout in ("cpu", "flash", "flashinfer"):
+    for layout in layouts.NAMES:
         llm = LLM(model, block_size=8, max_model_len=64, kv_cache_layout=layout)
         o = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=6, ignore_eos=True),
                          return_first_logits=True)[0]
         res.append((o.outputs[0].token_ids, o.first_logits))
         shape = next(iter(llm.kv_caches.values())).shape
         assert shape == {"cpu": (2, 8, 2, 8, 16), "flash": (2, 8, 8, 2, 16),
-                         "flashinfer": (8, 2, 8, 2, 16)}[layout]
+                         "flashinfer": (8, 2, 8, 2, 16), "joint": (8, 8, 2, 32),
+                         "bhnc": (8, 2, 8, 32), "cpu_attn": (8, 2, 8, 32)}[layout]
     for toks, logits in res[1:]:
         assert toks == res[0][0]
         assert torch.equal(logits, res[0][1])

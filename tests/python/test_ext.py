@@ -19,7 +19,7 @@ except ImportError as exc:  # the C extension is not built
     pytest.skip(str(exc), allow_module_level=True)
 
 from kvblend import _clib as clib  # noqa: E402
-from kvblend import ops  # noqa: E402
+from kvblend import layouts, ops  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -77,13 +77,15 @@ def kv_row_ref(kv, layout, slot, block_size, which):
     if layout == "flashinfer":
         return kv[b, which, t]
     d = kv.shape[-1] // 2
+    if layout == "bhnc":
+        return kv[b, :, t, which * d:(which + 1) * d]
     return kv[b, t, :, which * d:(which + 1) * d]
 
 
 def make_cache(layout, blocks, block_size, heads, dim, dtype, padded=False):
     shapes = {"cpu": (2, blocks, heads, block_size, dim), "flash": (2, blocks, block_size, heads, dim),
               "flashinfer": (blocks, 2, block_size, heads, dim), "joint": (blocks, block_size, heads, 2 * dim),
-              "cpu_attn": (blocks, heads, block_size, 2 * dim)}
+              "cpu_attn": (blocks, heads, block_size, 2 * dim), "bhnc": (blocks, heads, block_size, 2 * dim)}
     shape = list(shapes[layout])
     if not padded:
         return torch.randn(shape).to(dtype)
@@ -286,7 +288,7 @@ def test_import_has_no_side_effects():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("layout", ops.LAYOUTS)
+@pytest.mark.parametrize("layout", layouts.NAMES)
 def test_ops_gather_scatter_every_layout(layout, padded, dtype):
     torch.manual_seed(0)
     blocks, bs, heads, dim = 3, 4, 2, 8

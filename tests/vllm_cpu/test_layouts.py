@@ -56,7 +56,7 @@ def test_layout_scatter_lands_where_backend_reads(layout, hnd):
     kv = _alloc(layout, hnd)
     slots = torch.tensor([0, 5, BS + 1, 2 * BS + BS - 1], dtype=torch.int64)
     k, v = _rows(4), _rows(4, -1.0)
-    ops.scatter(layouts.layout_of(kv, layout), slots, k, v)
+    ops.scatter(ops.paged_layout(kv, layout), slots, k, v)
     kc, vc = _backend_split(kv, layout)
     for i, s in enumerate(slots.tolist()):
         b, t = divmod(s, BS)
@@ -73,7 +73,7 @@ def test_layout_gather_reads_backend_rows(layout, hnd):
     vc.copy_(torch.randn(vc.shape))
     slots = torch.tensor([1, BS, 2 * BS + 3], dtype=torch.int64)
     k_out, v_out = torch.empty(3, H, D), torch.empty(3, H, D)
-    ops.gather(layouts.layout_of(kv, layout), slots, k_out, v_out)
+    ops.gather(ops.paged_layout(kv, layout), slots, k_out, v_out)
     for i, s in enumerate(slots.tolist()):
         b, t = divmod(s, BS)
         assert torch.equal(k_out[i], kc[b, t]) and torch.equal(v_out[i], vc[b, t])
@@ -123,12 +123,12 @@ def test_cpu_attn_layout_matches_vllm_reshape_and_cache():
     k = torch.randn(4, H, d)
     v = torch.randn(4, H, d)
     vops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa)
-    lay = layouts.layout_of(kv, "cpu_attn")
+    lay = ops.paged_layout(kv, "cpu_attn")
     k_out, v_out = torch.empty(4, H, d), torch.empty(4, H, d)
     ops.gather(lay, slots, k_out, v_out)
     assert torch.equal(k_out, k) and torch.equal(v_out, v)
     mine = torch.zeros_like(kv)
-    ops.scatter(layouts.layout_of(mine, "cpu_attn"), slots, k, v)
+    ops.scatter(ops.paged_layout(mine, "cpu_attn"), slots, k, v)
     assert torch.equal(mine, kv)
 
 
@@ -139,8 +139,8 @@ def test_detect_refuses_unknown_backend_naming_it():
         layouts.detect(torch.empty(2, NB, BS, H, D), "FLASHINFER")
 
 
-def test_layout_of_rejects_wrong_shape():
+def test_paged_layout_rejects_wrong_shape():
     with pytest.raises(ValueError, match="layout 'bhnc' expects"):
-        layouts.layout_of(torch.zeros(2, NB, BS, H, D), "bhnc")
+        ops.paged_layout(torch.zeros(2, NB, BS, H, D), "bhnc")
     with pytest.raises(ValueError, match="expected one of"):
-        layouts.layout_of(torch.zeros(2, NB, BS, H, D), "nope")
+        ops.paged_layout(torch.zeros(2, NB, BS, H, D), "nope")

@@ -618,10 +618,7 @@ class KVBlendConnector(KVConnectorBase_V1):
             logger.info("kvblend: attention backend %s, KV cache %s, layout %r", backend,
                         tuple(self._kv_caches[first].shape), self.kv_layout)
         name = self.kv_layout or "cpu"
-        if name in layouts.VLLM_LAYOUTS:
-            self._layouts = [layouts.layout_of(self._kv_caches[n], name) for n in order]
-        else:
-            self._layouts = [ops.paged_layout(self._kv_caches[n], name) for n in order]
+        self._layouts = [ops.paged_layout(self._kv_caches[n], name) for n in order]
         if self.config.enable_blending:
             self._create_store()
 

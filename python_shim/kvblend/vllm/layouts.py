@@ -1,34 +1,22 @@
-"""Paged-KV layouts of the installed vLLM, found from its attention backend.
+"""Which paged-KV layout the installed vLLM uses, found from its attention backend.
 
-vLLM hands a connector one tensor per attention layer.  Its shape and the
-meaning of its axes depend on the vLLM release and the attention backend:
+vLLM hands a connector one tensor per attention layer; its shape and the
+meaning of its axes depend on the vLLM release and the attention backend
+(kvblend.layouts describes each layout and how K and V are read from it).
+The backends' layouts:
 
-``"cpu"``         CPU_ATTN before vLLM 0.28:
-                  (2, num_blocks, num_kv_heads, block_size, head_size)
-``"flash"``       FLASH_ATTN / TRITON_ATTN before the blocks-first change:
-                  (2, num_blocks, block_size, num_kv_heads, head_size)
-``"flashinfer"``  FLASHINFER, and FLASH_ATTN / TRITON_ATTN after it:
-                  (num_blocks, 2, block_size, num_kv_heads, head_size)
-``"bhnc"``        every GPU backend from vLLM 0.28 (RFC #42082): logical
-                  (num_blocks, num_kv_heads, block_size, 2*head_size), K then V
-                  along the last axis; the memory order (NHD or HND) is in the
-                  strides, which are read from the tensor
-``"cpu_attn"``    CPU_ATTN from vLLM 0.28 with its "vec"/"vec16" kernels: the
-                  tensor has the "bhnc" shape, but the backend views each
-                  (block, head) as a K plane followed by a V plane, K stored
-                  transposed ([head_size, block_size]) and V row-major
-                  ([block_size, head_size]); the Layout gives V its own
-                  strides
-
-CPU_ATTN's "amx" kernels (bf16 on CPUs with AMX tiles) pack K in bf16 pairs,
-which no Layout describes: that cache is refused with an error naming
-it, as are the ARM/POWER/s390x/RISC-V kernels, whose K order kvblend has
-not been checked against.
+* CPU_ATTN before vLLM 0.28: ``"cpu"``; from 0.28 with its "vec"/"vec16"
+  kernels: ``"cpu_attn"``.  Its "amx" kernels (bf16 on CPUs with AMX tiles)
+  pack K in bf16 pairs, which no Layout describes: that cache is refused
+  with an error naming it, as are the ARM/POWER/s390x/RISC-V kernels, whose
+  K order kvblend has not been checked against.
+* FLASH_ATTN / TRITON_ATTN before the blocks-first change: ``"flash"``;
+  after it, and FLASHINFER: ``"flashinfer"``; every GPU backend from vLLM
+  0.28 (RFC #42082): ``"bhnc"``.
 
 The shapes of "cpu" and "flash" are equal (and CPU_ATTN's shape equals
 "bhnc"), so the layout cannot be told from the shape alone: ``detect``
-takes the backend name too.  ``layout_of`` turns a tensor and a layout name
-into the ``Layout`` (kvblend.ops.layout_from_views) the C ops use.
+takes the backend name too.
 """
 
 from __future__ import annotations
@@ -37,9 +25,9 @@ import logging
 
 import torch
 
-logger = logging.getLogger("kvblend")
+from ..layouts import NAMES
 
-VLLM_LAYOUTS = ("cpu", "flash", "flashinfer", "bhnc", "cpu_attn")
+logger = logging.getLogger("kvblend")
 
 # CPU_ATTN kernels whose K is stored transposed per block and head (checked
 # against vLLM's cpu_attn_reshape_and_cache).
@@ -105,48 +93,7 @@ def detect(kv_cache: torch.Tensor, backend: str | None, isa: str | None = None) 
             return "flash"
     raise ValueError(f"kvblend: no known paged-KV layout for attention backend {backend!r} "
                      f"with a cache of shape {shape}; set kv_connector_extra_config "
-                     f"{{'kvblend.kv_layout': <one of {', '.join(VLLM_LAYOUTS)}>}} if you know it")
-
-
-def kv_views(kv_cache: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of ``kv_cache`` as views of shape
-    (num_blocks, block_size, num_kv_heads, head_size) sharing its memory.
-
-    ValueError when the tensor's shape does not fit ``layout``.
-    """
-    shape = tuple(kv_cache.shape)
-    if layout == "cpu":
-        if kv_cache.dim() != 5 or shape[0] != 2:
-            raise ValueError(f"kv_cache: layout 'cpu' expects (2, num_blocks, num_kv_heads, block_size, head_size), got {shape}")
-        return kv_cache[0].transpose(1, 2), kv_cache[1].transpose(1, 2)
-    if layout == "flash":
-        if kv_cache.dim() != 5 or shape[0] != 2:
-            raise ValueError(f"kv_cache: layout 'flash' expects (2, num_blocks, block_size, num_kv_heads, head_size), got {shape}")
-        return kv_cache[0], kv_cache[1]
-    if layout == "flashinfer":
-        if kv_cache.dim() != 5 or shape[1] != 2:
-            raise ValueError(f"kv_cache: layout 'flashinfer' expects (num_blocks, 2, block_size, num_kv_heads, head_size), got {shape}")
-        return kv_cache[:, 0], kv_cache[:, 1]
-    if layout == "bhnc":
-        if kv_cache.dim() != 4 or shape[3] % 2 != 0:
-            raise ValueError(f"kv_cache: layout 'bhnc' expects (num_blocks, num_kv_heads, block_size, 2*head_size), got {shape}")
-        d = shape[3] // 2
-        t = kv_cache.transpose(1, 2)
-        return t[..., :d], t[..., d:]
-    if layout == "cpu_attn":
-        from .. import ops
-
-        return ops.cpu_attn_views(kv_cache)
-    raise ValueError(f"layout: expected one of {VLLM_LAYOUTS}, got {layout!r}")
-
-
-def layout_of(kv_cache: torch.Tensor, layout: str):
-    """The ``Layout`` (kvblend.ops.layout_from_views) of ``kv_cache`` read as ``layout``
-    (strides come from the views, so NHD and HND memory orders both work)."""
-    from .. import ops
-
-    k, v = kv_views(kv_cache, layout)
-    return ops.layout_from_views(k, v)
+                     f"{{'kvblend.kv_layout': <one of {', '.join(NAMES)}>}} if you know it")
 
 
 def layer_isa(vllm_config, layer_name: str) -> str | None:
