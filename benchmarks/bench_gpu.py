@@ -74,10 +74,11 @@ def make_prompt(rng, n_total, n_chunks, chunks=None, question_seed=0):
     return join(sys_ids, order, question, SEP_IDS), chunks
 
 
-def engine(model, kind, max_len):
+def engine(model, kind, max_len, options=None):
     """An engine without connector ("full"), or with kvblend keeping chunks
     in the device tier ("device", and "device_eager": engine and blend
-    without torch.compile and CUDA graphs) or the pinned host tier ("host")."""
+    without torch.compile and CUDA graphs) or the pinned host tier ("host");
+    ``options``: more of the connector's kv_connector_extra_config."""
     from kvblend import runtime
     from kvblend.engine import LLM, KVTransferConfig
 
@@ -95,6 +96,7 @@ def engine(model, kind, max_len):
         os.environ.update({"KVBLEND_MAX_DEVICE_SIZE": "0", "LMCACHE_LOCAL_CPU": "True",
                            "LMCACHE_MAX_LOCAL_CPU_SIZE": "8"})
     extra = {"kvblend.compile": False, "kvblend.cuda_graph_max_tokens": 0} if eager else {}
+    extra.update(options or {})
     ktc = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
                            kv_role="kv_both", engine_id=f"bench-{kind}{'-eager' if eager else ''}",
                            kv_connector_extra_config=extra)
@@ -158,7 +160,8 @@ def attention_times(n, ratio=0.15):
     the queries, sorted positions) through kvblend's kernel, SDPA with a mask
     and FlexAttention (block mask build timed apart), with the relative error
     of the kernel and of FlexAttention against SDPA's full causal rows."""
-    from kvblend import blend, ops
+    from kvblend import ops
+    from kvblend.model.attention import FlexAttention, FlexGraphs
 
     g = torch.Generator(device="cuda").manual_seed(n)
     q = torch.randn(n, HEADS, HEAD, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -176,14 +179,15 @@ def attention_times(n, ratio=0.15):
     mask = pos[None, :] <= idx[:, None]
     sub_sdpa = cuda_time(lambda: F.scaled_dot_product_attention(qsh, kh, vh, attn_mask=mask,
                                                                 enable_gqa=True))
-    group = HEADS // KV_HEADS if blend.FLEX_PACK_GQA else 1
+    flex = FlexAttention()
+    group = HEADS // KV_HEADS if flex.pack_gqa else 1
     # K/V padded to whole tiles once, as the blend's staging buffers are
     n_pad = -(-n // 128) * 128
     kp = torch.cat((k, k.new_zeros(n_pad - n, KV_HEADS, HEAD)))
     vp = torch.cat((v, v.new_zeros(n_pad - n, KV_HEADS, HEAD)))
     t0 = time.perf_counter()
-    bm = blend._flex_block_mask(idx, n, group, blend.FLEX_HEAVY_FIRST)
-    fo = blend._flex_attention(qs, kp, vp, bm, HEAD ** -0.5)
+    bm = flex.block_mask(idx, n, group)
+    fo = flex.attend(qs, kp, vp, bm, HEAD ** -0.5)
     torch.cuda.synchronize()
     first_s = time.perf_counter() - t0
     variants = {}
@@ -193,13 +197,11 @@ def attention_times(n, ratio=0.15):
     else:
         # the blend replays the call from a CUDA graph (device time only);
         # the eager call adds ~0.3 ms of host time per call
-        fg = blend._FlexGraphs(bm, HEAD ** -0.5)
+        fg = FlexGraphs(flex, bm, HEAD ** -0.5)
         flex_ms = cuda_time(lambda: fg(qs, kp, vp))
-        flex_eager_ms = cuda_time(lambda: blend._flex_attention(qs, kp, vp, bm, HEAD ** -0.5))
-        mask_ms = cuda_time(lambda: blend._flex_block_mask(idx, n, group, blend.FLEX_HEAVY_FIRST),
-                            iters=5)
+        flex_eager_ms = cuda_time(lambda: flex.attend(qs, kp, vp, bm, HEAD ** -0.5))
+        mask_ms = cuda_time(lambda: flex.block_mask(idx, n, group), iters=5)
         # the layouts and tile sizes the default was chosen from (graph replays)
-        saved = blend.FLEX_KERNEL_OPTIONS
         for g_, hf in ((1, False), (1, True), (HEADS // KV_HEADS, False), (HEADS // KV_HEADS, True)):
             opt_list = (("", None), (" M64", {"BLOCK_M": 64, "BLOCK_N": 64}))
             if (g_, hf) == (HEADS // KV_HEADS, False):
@@ -210,19 +212,16 @@ def attention_times(n, ratio=0.15):
                              (" TMA", {"USE_TMA": True}))
             for name, opts in opt_list:
                 label = f"group{g_}{' heavy-first' if hf else ''}{name}"
-                blend.FLEX_KERNEL_OPTIONS = opts
+                variant = FlexAttention(heavy_first=hf, kernel_options=opts)
                 try:
-                    m_ = blend._flex_block_mask(idx, n, g_, hf)
-                    if blend._flex_attention(qs, kp, vp, m_, HEAD ** -0.5) is None:
-                        blend._FLEX.pop("broken", None)
+                    m_ = variant.block_mask(idx, n, g_)
+                    if variant.attend(qs, kp, vp, m_, HEAD ** -0.5) is None:
                         variants[label] = "unavailable"
                         continue
-                    fg_ = blend._FlexGraphs(m_, HEAD ** -0.5)
+                    fg_ = FlexGraphs(variant, m_, HEAD ** -0.5)
                     variants[label] = round(cuda_time(lambda: fg_(qs, kp, vp)), 4)
                 except Exception as e:  # noqa: BLE001 - a variant that fails is reported
                     variants[label] = repr(e)[:80]
-                    blend._FLEX.pop("broken", None)
-        blend.FLEX_KERNEL_OPTIONS = saved
     # reference check of the subset against SDPA's rows
     ref = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True,
                                          enable_gqa=True)[0].transpose(0, 1)[idx].float()
@@ -283,16 +282,15 @@ def main():
                     help="write torch.profiler tables of one 8K TTFT per engine to profile.txt")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    from kvblend import blend
-    blend.SUBSET_ATTENTION = args.subset_attention
-    blend.PIPELINE_LOADS = not args.no_pipeline
+    blend_options = {"kvblend.subset_attention": args.subset_attention,
+                     "kvblend.pipeline_loads": not args.no_pipeline}
     chunks_of = {4096: 4, 8192: 6, 16384: 8}
     t0 = time.time()
     model = build_model()
     print(f"model built in {time.time() - t0:.1f}s", flush=True)
     max_len = max(sizes) + 512
     tiers = ("device", "host", "device_eager")
-    engines = {k: engine(model, k, max_len) for k in ("full", "full_eager") + tiers}
+    engines = {k: engine(model, k, max_len, blend_options) for k in ("full", "full_eager") + tiers}
     rows, details = [], {}
     rng = random.Random(1)
     for n in sizes:

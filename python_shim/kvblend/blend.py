@@ -15,7 +15,8 @@ For the rows [0, blend_end) of a prompt whose stored segments are reused,
   written into the engine's paged cache through the slot mapping.
 
 Every tensor operation that is specific to blending (load + re-rotation,
-deviation, selection, subset attention, scatter) is a kvblend op; the model
+deviation, selection, scatter) is a kvblend op, the subset attention a
+strategy chosen once per engine (``kvblend.model.attention``); the model
 math is the model's own.
 
 On CUDA the loop never waits for the device: every count it needs (rows,
@@ -33,26 +34,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from . import ops
-from .adapters import capture_cuda_graph
-
-
-# Subset attention on CUDA: "flex" (torch FlexAttention, compiled once, with
-# a block mask built once per blend from the active rows' positions, so key
-# tiles past a query tile's last position are skipped), "sdpa" (torch SDPA
-# with an explicit mask by position) or "kvblend" (kvb_cuda_attention).  The
-# CPU always uses kvblend's.  "flex" falls back to "sdpa" (logged once) where
-# FlexAttention cannot run.
-SUBSET_ATTENTION = "flex"
-
-# On CUDA, load layer l+1 on a second stream into a second staging buffer
-# while layer l computes (events order the two streams; no host waits).
-PIPELINE_LOADS = True
+from .model import LayerModel
+from .model.attention import KernelAttention, attend_by_position, hidden, subset_attention
 
 logger = logging.getLogger("kvblend")
-_FLEX: dict = {}
+# side streams of pipelined loads, one per (device, compute stream)
 _LOAD_STREAMS: dict = {}
 
 
@@ -93,13 +81,14 @@ def num_selected(ratio: float, reusable: int) -> int:
 
 
 @torch.inference_mode()
-def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
+def blend_prefill(adapter: LayerModel, request, token_ids: torch.Tensor, layouts: list,
                   slots: torch.Tensor, check_layers: list[int],
                   ratios: list[float], deviation: str = "kv",
                   kv_dtype: torch.dtype | None = None, timing: bool = False,
                   prefix: int = 0, forced: torch.Tensor | None = None,
                   reduce_scores=None, digest: bool = False,
-                  selection: str = "query_deviation", boundary_tokens: int = 4) -> BlendStats:
+                  selection: str = "query_deviation", boundary_tokens: int = 4,
+                  attention: KernelAttention | None = None, pipeline: bool = True) -> BlendStats:
     """Blend rows [prefix, request.blend_end) of one prompt into the paged cache.
 
     ``request`` is a ``kvblend._kvblend.Request`` (reused segments pinned);
@@ -133,6 +122,11 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
     every other row (inside the same budget, in score order among
     themselves).  Under tensor parallelism ``reduce_scores`` sums every part
     of the score over the ranks before the rows are ranked.
+
+    ``attention``: the subset-attention strategy (``kvblend.model.attention``;
+    None: the default for the adapter's device).  ``pipeline`` (CUDA): load
+    layer l+1 on a second stream into a second staging buffer while layer l
+    computes (events order the two streams; no host waits).
     Returns the statistics; raises ValueError on inconsistent arguments.
     """
     t0 = time.perf_counter()
@@ -180,12 +174,12 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
     shape = (n_rows, adapter.num_kv_heads, adapter.head_size)
     check = dict(zip(check_layers, ratios))
     marks = _Marks(timing and cuda)
+    if attention is None:
+        attention = subset_attention(device=device)
+    attend = attention.begin(adapter.scale, adapter.num_q_heads // adapter.num_kv_heads)
     loader = _Loader(request, adapter.num_layers, shape, kv_dtype, device, cur,
-                     PIPELINE_LOADS and cuda)
-    windows = getattr(adapter, "sliding_windows", None) or [None] * adapter.num_layers
-    subset = SUBSET_ATTENTION
-    flex_mask = None  # FlexAttention block mask of the current active set
-    flex_graphs = None  # its calls captured per staging pair (_FlexGraphs)
+                     pipeline and cuda, attention.tile)
+    windows = adapter.sliding_windows
 
     boundary = None  # rows that rank first at a check layer
     if boundary_tokens > 0 and check:
@@ -245,7 +239,7 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
                 stats.selected.append((int(active.numel()), int(active.sum())))
             q = q[keep]
             h = h[keep]
-            flex_mask = flex_graphs = None
+            attend.new_active()
         elif active.numel() == n_rows:
             stage_k.copy_(k)
             stage_v.copy_(v)
@@ -257,36 +251,7 @@ def blend_prefill(adapter, request, token_ids: torch.Tensor, layouts: list,
         stats.active_per_layer.append(int(active.numel()))
         if active.numel() > 0:
             marks.mark("attention")
-            window = windows[layer]
-            attn = None
-            if cuda and active.numel() == n_rows:
-                # every row active (layers before the first check): plain
-                # causal attention, SDPA's fused kernel
-                attn = _sdpa(q, stage_k.to(q.dtype), stage_v.to(q.dtype), adapter.scale, window)
-            elif cuda and subset == "flex" and window is None and q.dtype in _FLEX_DTYPES:
-                if flex_mask is None:
-                    group = adapter.num_q_heads // adapter.num_kv_heads if FLEX_PACK_GQA else 1
-                    flex_mask = _flex_block_mask(active, n_rows, group, FLEX_HEAVY_FIRST)
-                pk, pv = loader.padded(layer)
-                pk, pv = pk.to(q.dtype), pv.to(q.dtype)
-                if flex_graphs is not None:
-                    attn = flex_graphs(q, pk, pv)
-                else:
-                    # the first call of an active set runs eagerly (it may
-                    # compile); later ones replay CUDA graphs
-                    attn = _flex_attention(q, pk, pv, flex_mask, adapter.scale)
-                    if attn is not None and FLEX_CUDA_GRAPHS:
-                        flex_graphs = _FlexGraphs(flex_mask, adapter.scale)
-                if attn is None:  # FlexAttention unavailable: SDPA from now on
-                    subset = "sdpa"
-            if attn is None and cuda and (subset != "kvblend" or window is not None):
-                # SDPA with the causal-by-position mask of the active rows
-                attn = _sdpa(q, stage_k.to(q.dtype), stage_v.to(q.dtype), adapter.scale, window,
-                             q_pos=active)
-            elif attn is None and window is not None:
-                attn = windowed_attention(q, active, stage_k, stage_v, rows, adapter.scale, window)
-            elif attn is None:
-                attn = ops.attention(q, active, stage_k, stage_v, rows, adapter.scale)
+            attn = attend(q, active, stage_k, stage_v, windows[layer], loader.padded(layer))
             marks.mark("out")
             h = adapter.out(layer, attn.to(h.dtype), h)
         marks.mark("scatter")
@@ -310,16 +275,15 @@ class _Loader:
     the host.
     """
 
-    def __init__(self, request, num_layers: int, shape, dtype, device, compute, pipelined: bool):
+    def __init__(self, request, num_layers: int, shape, dtype, device, compute, pipelined: bool,
+                 tile: int = 1):
         self.request, self.compute, self.pipelined = request, compute, pipelined
         self.num_layers = num_layers
         n = 2 if pipelined else 1
-        # On CUDA the rows are padded to whole FlexAttention tiles, zeros
+        # The rows are padded to whole tiles of the subset attention, zeros
         # (finite: masked keys must not turn the softmax into NaN); ``take``
         # returns the first shape[0] rows, ``padded`` the whole buffers.
-        rows = shape[0]
-        if device.type == "cuda":
-            rows = -(-rows // _FLEX_BLOCK) * _FLEX_BLOCK
+        rows = -(-shape[0] // tile) * tile
         self.full = []
         for _ in range(n):
             pair = tuple(torch.empty((rows,) + tuple(shape[1:]), dtype=dtype, device=device)
@@ -373,200 +337,6 @@ class _Loader:
         if self.pipelined:
             self.free[layer % 2].record(self.compute)
             self.free_recorded[layer % 2] = True
-
-
-def _sdpa(q, k, v, scale: float, window, q_pos=None):
-    """CUDA attention of q [Tq,Hq,D] over k/v [N,Hkv,D] (rows = positions
-    0..N-1) with SDPA, KV heads unexpanded (enable_gqa).  Without ``q_pos``
-    the queries are the same N rows (plain causal, fused kernel); with it
-    query i sees key j iff j <= q_pos[i] (an explicit mask).  A sliding
-    ``window`` adds j > q_pos[i] - window."""
-    gqa = q.shape[1] != k.shape[1]
-    qh, kh, vh = (x[None].transpose(1, 2) for x in (q, k, v))
-    if q_pos is None and window is None:
-        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
-    else:
-        if q_pos is None:
-            q_pos = torch.arange(k.shape[0], device=k.device)
-        mask = ~_hidden(q_pos, torch.arange(k.shape[0], device=k.device), window)
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return o[0].transpose(0, 1)
-
-
-# Inductor found no FlexAttention kernel for float32 nor float16 on H200
-# (NoValidChoicesError; torch 2.11): those take SDPA.
-_FLEX_DTYPES = (torch.bfloat16,)
-_FLEX_BLOCK = 128
-
-
-# FlexAttention's subset attention packs the query heads of each GQA group
-# as rows of one KV head (a tile of 128 rows then holds 128/G positions and
-# reads each key tile once for the whole group).  Ordering the rows by
-# descending position (the programs with the most key tiles first) measured
-# the same on an H200 and costs two copies per layer, so it is off.
-FLEX_PACK_GQA = True
-FLEX_HEAVY_FIRST = False
-# kernel_options handed to FlexAttention (tile sizes, warps, stages); None:
-# its defaults.  Must divide the 128-row/128-key tiles of the block mask.
-FLEX_KERNEL_OPTIONS: dict | None = None
-
-
-def _flex_block_mask(q_pos: torch.Tensor, n_keys: int, group: int = 1, heavy_first: bool = False):
-    """FlexAttention block mask for queries at positions ``q_pos`` (int64,
-    ascending) over keys 0..n_keys-1: key j is seen by query i iff
-    j <= q_pos[i].  Built directly from the positions on the device (no
-    dense mask, no host wait): for a tile of 128 query rows whose positions
-    span [p_min, p_max], key tiles wholly <= p_min are full (no mask_mod),
-    tiles up to p_max's are partial, later ones skipped.
-
-    ``group`` > 1: the rows are the queries' ``group`` heads of one KV head,
-    row r = i * group + g at position q_pos[i] (see ``_flex_attention``).
-    ``heavy_first``: rows in descending position order.
-
-    Rows and keys are padded to whole tiles (at least one): padded rows
-    repeat the last row's position and are dropped afterwards, padded keys
-    lie past every query and are masked out.  Inductor finds no kernel for
-    some partial-tile shapes, whole tiles always compile.  Returns
-    (mask, rows, padded rows, padded keys, group, heavy_first), or None where
-    FlexAttention is unavailable."""
-    if _FLEX.get("broken"):
-        return None
-    try:
-        from torch.nn.attention.flex_attention import BlockMask
-
-        B = _FLEX_BLOCK
-        pos = q_pos.flip(0) if heavy_first else q_pos
-        if group > 1:
-            pos = pos.repeat_interleave(group)
-        nq = pos.numel()
-        nqb, nkb = max(1, -(-nq // B)), max(1, -(-n_keys // B))
-        q_pad = torch.cat((pos, pos[-1:].expand(nqb * B - nq)))
-        tiles = q_pad.view(nqb, B)
-        first = tiles.amin(1)
-        last = tiles.amax(1)
-        n_full = torch.div(first + 1, B, rounding_mode="floor").clamp(max=nkb)
-        n_part = (torch.div(last, B, rounding_mode="floor") + 1).clamp(max=nkb) - n_full
-        cols = torch.arange(nkb, device=q_pos.device)
-        part_idx = torch.clamp(n_full[:, None] + cols[None, :], max=nkb - 1)
-        full_idx = cols[None, :].expand(nqb, nkb)
-
-        def causal_by_position(b, h, q_idx, kv_idx):
-            return kv_idx <= q_pad[q_idx]
-
-        i32 = torch.int32
-        mask = BlockMask.from_kv_blocks(
-            n_part.to(i32)[None, None], part_idx.to(i32)[None, None].contiguous(),
-            n_full.to(i32)[None, None], full_idx.to(i32)[None, None].contiguous(),
-            BLOCK_SIZE=B, mask_mod=causal_by_position, seq_lengths=(nqb * B, nkb * B))
-        return mask, nq, nqb * B, nkb * B, group, heavy_first
-    except Exception as e:  # noqa: BLE001 - any failure means: use SDPA
-        _flex_broken(e)
-        return None
-
-
-def _flex_attention(q, k, v, block_mask, scale: float):
-    """FlexAttention of q [nq,Hq,D] over k/v [N,Hkv,D] under ``block_mask``
-    (``_flex_block_mask``), compiled once (dynamic shapes).  With the mask's
-    ``group`` > 1 the query heads of each KV head's group become rows of
-    that head (Hq = group * Hkv).  Returns None for float32 and (after
-    logging once) where FlexAttention cannot run."""
-    if block_mask is None or _FLEX.get("broken") or q.dtype not in _FLEX_DTYPES:
-        return None
-    try:
-        return _flex_attention_raw(q, k, v, block_mask, scale)
-    except Exception as e:  # noqa: BLE001 - any failure means: use SDPA
-        _flex_broken(e)
-        return None
-
-
-def _flex_attention_raw(q, k, v, block_mask, scale: float):
-    """``_flex_attention`` without the fallback: errors propagate."""
-    mask, rows, rows_pad, nk_pad, group, heavy_first = block_mask
-    fn = _FLEX.get("fn")
-    if fn is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        fn = _FLEX["fn"] = torch.compile(flex_attention, dynamic=True)
-    nq, hq, d = q.shape
-    hkv = k.shape[1]
-    if group > 1 and hq != group * hkv:
-        raise ValueError(f"block mask packs {group} query heads per KV head, "
-                         f"but q has {hq} heads over {hkv} KV heads")
-    if heavy_first:
-        q = q.flip(0)
-    if group > 1:  # [nq, Hkv*G, D] -> [Hkv, nq*G, D]
-        qh = q.reshape(nq, hkv, group, d).permute(1, 0, 2, 3).reshape(hkv, nq * group, d)
-    else:
-        qh = q.transpose(0, 1)
-    if rows_pad > rows:
-        qh = torch.cat((qh, qh[:, -1:].expand(-1, rows_pad - rows, -1)), dim=1)
-    if nk_pad > k.shape[0]:
-        pad = nk_pad - k.shape[0]
-        k = torch.cat((k, k.new_zeros((pad,) + tuple(k.shape[1:]))))
-        v = torch.cat((v, v.new_zeros((pad,) + tuple(v.shape[1:]))))
-    kh, vh = (x[None].transpose(1, 2) for x in (k, v))
-    extra = {"kernel_options": dict(FLEX_KERNEL_OPTIONS)} if FLEX_KERNEL_OPTIONS else {}
-    o = fn(qh[None], kh, vh, block_mask=mask, scale=scale,
-           enable_gqa=group == 1 and hq != hkv, **extra)[0, :, :rows]
-    if group > 1:  # [Hkv, nq*G, D] -> [nq, Hkv*G, D]
-        o = o.reshape(hkv, nq, group, d).permute(1, 0, 2, 3).reshape(nq, hq, d)
-    else:
-        o = o.transpose(0, 1)
-    return o.flip(0) if heavy_first else o
-
-
-# Replay the subset attention of a blend's later layers from CUDA graphs
-# (captured per staging pair): a FlexAttention call costs ~0.3 ms of host
-# time (guards, the block mask's tensors), as long as its kernel at 8K.
-FLEX_CUDA_GRAPHS = True
-
-
-class _FlexGraphs:
-    """The FlexAttention calls of one active set as CUDA graphs: one per
-    staging pair (the K/V buffers alternate by layer), captured at its first
-    use with a static query buffer, replayed after copying the queries in.
-    The output is the graph's static tensor, overwritten when the same pair
-    is used again (two layers later).  A capture that fails is logged once
-    and that call, and every later one of this set, runs eagerly."""
-
-    def __init__(self, mask, scale: float):
-        self.mask, self.scale = mask, scale
-        self.graphs: dict = {}
-        self.q = None
-        self.failed = False
-
-    def __call__(self, q, k, v):
-        if self.failed:
-            return _flex_attention(q, k, v, self.mask, self.scale)
-        key = (k.data_ptr(), v.data_ptr(), tuple(q.shape), q.dtype)
-        entry = self.graphs.get(key)
-        if entry is None:
-            if self.q is None or self.q.shape != q.shape or self.q.dtype != q.dtype:
-                self.q = torch.empty_like(q)
-            self.q.copy_(q)
-            try:
-                graph, out = capture_cuda_graph(
-                    lambda: _flex_attention_raw(self.q, k, v, self.mask, self.scale))
-            except Exception as e:  # noqa: BLE001 - eager from now on
-                self.failed = True
-                if not _FLEX.get("graph_warned"):
-                    _FLEX["graph_warned"] = True
-                    logger.warning("kvblend: FlexAttention CUDA graph capture failed (%s: %s); "
-                                   "subset attention runs eagerly", type(e).__name__, e)
-                return _flex_attention(q, k, v, self.mask, self.scale)
-            entry = self.graphs[key] = (graph, out)
-        else:
-            self.q.copy_(q)
-        graph, out = entry
-        graph.replay()
-        return out
-
-
-def _flex_broken(e: Exception) -> None:
-    """Remember that FlexAttention failed; log the reason once."""
-    _FLEX["broken"] = True
-    logger.warning("kvblend: FlexAttention unavailable (%s: %s); subset attention uses SDPA "
-                   "with a mask", type(e).__name__, e)
 
 
 class _Marks:
@@ -651,42 +421,6 @@ class _Tail:
         return mass
 
 
-def attend_by_position(q, q_pos, k, v, scale: float, window=None) -> torch.Tensor:
-    """Attention of q [T, Hq, D] at positions q_pos over k/v [N, Hkv, D] at
-    positions 0..N-1, exact causal by position (and a sliding window): SDPA
-    on CUDA, kvblend's C attention (or plain torch for a window) on the
-    CPU.  Returns q's dtype."""
-    if q.device.type == "cuda":
-        return _sdpa(q, k.to(q.dtype), v.to(q.dtype), scale, window, q_pos=q_pos)
-    key_pos = torch.arange(k.shape[0], device=k.device)
-    if window is not None:
-        return windowed_attention(q, q_pos, k, v, key_pos, scale, window)
-    return ops.attention(q, q_pos, k.to(q.dtype), v.to(q.dtype), key_pos, scale)
-
-
-def _hidden(q_pos: torch.Tensor, k_pos: torch.Tensor, window) -> torch.Tensor:
-    """[len(q_pos), len(k_pos)]: True where a key is not visible to a query
-    (after it, or ``window`` or more positions before it)."""
-    hide = k_pos[None, :] > q_pos[:, None]
-    if window is not None:
-        hide |= k_pos[None, :] <= q_pos[:, None] - window
-    return hide
-
-
-def windowed_attention(q, q_pos, k, v, k_pos, scale: float, window: int) -> torch.Tensor:
-    """Causal attention by position with a sliding window (query i sees key
-    j iff q_pos[i] - window < k_pos[j] <= q_pos[i]) in plain torch, fp32:
-    the CPU path of sliding-window layers (kvblend's C attention has no
-    window).  q [T, Hq, D], k/v [N, Hkv, D]; returns q's dtype."""
-    group = q.shape[1] // k.shape[1]
-    ke = k.float().repeat_interleave(group, dim=1)
-    ve = v.float().repeat_interleave(group, dim=1)
-    logits = torch.einsum("thd,nhd->htn", q.float(), ke) * scale
-    p = torch.softmax(logits.masked_fill(_hidden(q_pos, k_pos, window), float("-inf")),
-                      -1).nan_to_num(0.0)
-    return torch.einsum("htn,nhd->thd", p, ve).to(q.dtype)
-
-
 def query_mass(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, k_pos: torch.Tensor,
                scale: float, window: int | None = None, block: int = 64) -> torch.Tensor:
     """For each key row j, the attention probability all queries give it,
@@ -703,7 +437,7 @@ def query_mass(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, k_pos: tor
         qs = q[s:s + block].float()
         t = qs.shape[0]
         logits = torch.einsum("tkgd,nkd->kgtn", qs.view(t, hkv, hq // hkv, d), kf) * scale
-        logits.masked_fill_(_hidden(q_pos[s:s + t], k_pos, window), float("-inf"))
+        logits.masked_fill_(hidden(q_pos[s:s + t], k_pos, window), float("-inf"))
         out += torch.softmax(logits, -1).sum((0, 1, 2))
     return out
 

@@ -133,6 +133,12 @@ def _token_ids(v: Any) -> str | None:
     return _list_of(v, "token ids (ints >= 0)", "a token id (an int >= 0)", lambda t: isinstance(t, int) and t >= 0)
 
 
+def _subset_attention(v: Any) -> str | None:
+    from .model.attention import SUBSET_ATTENTIONS
+
+    return None if v in SUBSET_ATTENTIONS else "expected one of " + ", ".join(map(repr, SUBSET_ATTENTIONS))
+
+
 ENGINE_OPTIONS: dict[str, tuple[Any, Any]] = {
     "kvblend.settings": ({}, _settings),
     "kvblend.recompute_ratios": (None, _ratios),
@@ -145,6 +151,8 @@ ENGINE_OPTIONS: dict[str, tuple[Any, Any]] = {
         v, bool) and v >= 0 else "expected an int >= 0"),
     "kvblend.kv_layout": (None, lambda v: None if v is None or isinstance(v, str)
                           else "expected a layout name (str)"),
+    "kvblend.subset_attention": ("flex", _subset_attention),
+    "kvblend.pipeline_loads": (True, _flag),
 }
 
 

@@ -44,7 +44,7 @@ import torch
 from . import _vllm_compat as vc
 from . import layouts
 from ._vllm_compat import KVTransferConfig  # noqa: F401 - the engine's public config type
-from .adapters import get_adapter
+from .model import get_adapter
 
 logger = logging.getLogger("kvblend")
 

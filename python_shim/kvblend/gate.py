@@ -35,7 +35,9 @@ import time
 import torch
 
 from . import ops
-from .blend import _Tail, attend_by_position, blend_prefill
+from .blend import _Tail, blend_prefill
+from .model import LayerModel
+from .model.attention import attend_by_position
 
 logger = logging.getLogger("kvblend")
 
@@ -63,7 +65,7 @@ def adapter_prefill(adapter, ids: torch.Tensor, kv_dtype):
     """A plain causal prefill through the adapter: (K, V per layer, each
     [T, Hkv, D] in ``kv_dtype``; logits of the last row, float32)."""
     pos = torch.arange(ids.numel(), device=adapter.device)
-    windows = getattr(adapter, "sliding_windows", None) or [None] * adapter.num_layers
+    windows = adapter.sliding_windows
     h = adapter.embed(ids.to(adapter.device))
     kv = []
     for layer in range(adapter.num_layers):
@@ -115,14 +117,15 @@ def _spans(pieces: list[list[int]]) -> list[tuple[int, int]]:
     return out
 
 
-def self_test(adapter, new_connector, model_name: str, kv_dtype: torch.dtype,
-              check_layers: list[int], hf_model=None) -> dict:
+def self_test(adapter: LayerModel, new_connector, model_name: str, kv_dtype: torch.dtype,
+              check_layers: list[int], hf_model=None, attention=None) -> dict:
     """Run the gate; returns its figures, raises SelfTestError on a failure.
 
     ``new_connector(items)`` builds a scratch ``_kvblend.Connector`` with the
     production connector's model shape and RoPE and the settings ``items``
     laid over its own; ``hf_model``: the transformers model whose forward is
-    the reference (None under vLLM).
+    the reference (None under vLLM); ``attention``: the subset-attention
+    strategy the engine's blends use (None: the device's default).
     """
 
     t0 = time.perf_counter()
@@ -195,16 +198,14 @@ def self_test(adapter, new_connector, model_name: str, kv_dtype: torch.dtype,
         err_v = _rel(sv[rows], v_ref[rows])
         if not err_k <= tol_k or not err_v <= tol_k:
             rope = adapter.rope
-            inv = getattr(rope, "inv_freq", None)
+            inv = rope.inv_freq
             raise SelfTestError(
                 f"kvblend self-test failed for {model_name}: keys of stored chunks re-rotated to "
                 f"their new positions differ from the model's own keys there (relative error "
                 f"{err_k:.2e}, values {err_v:.2e}, allowed {tol_k:.0e} in {kv_dtype}); kvblend's "
-                f"RoPE for this model: style {getattr(rope, 'style', '?')}, rotary_dim "
-                f"{getattr(rope, 'rotary_dim', '?')} of head size {adapter.head_size}, rope_type "
-                f"{getattr(rope, 'rope_type', '?')}, attention scaling "
-                f"{getattr(rope, 'attention_scaling', '?')}, inv_freq[1] "
-                f"{float(inv[1]) if inv is not None and len(inv) > 1 else '?'}. "
+                f"RoPE for this model: style {rope.style}, rotary_dim {rope.rotary_dim} of head "
+                f"size {adapter.head_size}, rope_type {rope.rope_type}, attention scaling "
+                f"{rope.attention_scaling}, inv_freq[1] {float(inv[1]) if len(inv) > 1 else '?'}. "
                 "Blending is refused (KVBLEND_SELF_TEST=0 skips this check)")
 
         # 3. blend B at ratio 1.0 into the paged cache, then its tail
@@ -213,7 +214,8 @@ def self_test(adapter, new_connector, model_name: str, kv_dtype: torch.dtype,
         for c in caches:
             c.zero_()
         blend_prefill(adapter, req, b_ids, layouts, slots_b, list(check_layers),
-                      [1.0] * len(check_layers), kv_dtype=kv_dtype, forced=forced)
+                      [1.0] * len(check_layers), kv_dtype=kv_dtype, forced=forced,
+                      attention=attention)
     finally:
         req.finish()
     with torch.inference_mode():
@@ -221,7 +223,7 @@ def self_test(adapter, new_connector, model_name: str, kv_dtype: torch.dtype,
         gk = torch.empty((blend_end, adapter.num_kv_heads, adapter.head_size), dtype=kv_dtype,
                          device=device)
         gv = torch.empty_like(gk)
-        windows = getattr(adapter, "sliding_windows", None) or [None] * n_layers
+        windows = adapter.sliding_windows
         kv_err, kv_layer = 0.0, 0
         for layer in range(n_layers):
             ops.gather(layouts[layer], slots_b[:blend_end].to(device), gk, gv)

@@ -1,13 +1,10 @@
 """Paged-KV layouts: the one registry of every layout kvblend reads and writes.
 
-An engine hands over one cache tensor per attention layer; what its axes mean
-depends on the engine, its release and its attention backend.  Each layout
-here says two things about such a tensor: its shape for a given
-(num_blocks, block_size, num_kv_heads, head_size) (the built-in engine
-allocates its caches from it), and how K and V are found in it, as views of
-shape (num_blocks, block_size, num_kv_heads, head_size) sharing its memory
-(``kv_views``; ``kvblend.ops.paged_layout`` turns them into the C ops'
-``Layout``, the built-in engine indexes them directly).
+Each layout gives a layer's cache tensor its shape for (num_blocks,
+block_size, num_kv_heads, head_size) (the built-in engine allocates from it)
+and finds K and V in it as views of that logical shape sharing its memory
+(``kv_views``: ``kvblend.ops.paged_layout`` describes them to C, the
+built-in engine indexes them).
 
 ``"cpu"``         (2, num_blocks, num_kv_heads, block_size, head_size): HND
                   planes, vLLM's CPU backend before 0.28

@@ -110,7 +110,7 @@ def test_flex_subset_attention_matches_cpu(dtype, nk, nq, group, heavy_first):
     """The blend's FlexAttention path (block mask by position, GQA; query
     heads packed per KV head or not, rows ascending or heavy-first) equals
     kvblend's CPU attention on the same subset; fresh inputs per size."""
-    from kvblend import blend
+    from kvblend.model.attention import FlexAttention
 
     g = torch.Generator().manual_seed(nk + nq)
     hq, hkv, hs = 8, 8 // group if group > 1 else 2, 128
@@ -121,9 +121,10 @@ def test_flex_subset_attention_matches_cpu(dtype, nk, nq, group, heavy_first):
     q = q_all[q_pos].contiguous()
     cpu = ops.attention(q, q_pos, k, v, torch.arange(nk), 0.1)
     qd = q_pos.to(DEV)
-    bm = blend._flex_block_mask(qd, nk, group, heavy_first)
-    gpu = blend._flex_attention(q.to(DEV), k.to(DEV), v.to(DEV), bm, 0.1)
-    assert not blend._FLEX.get("broken"), "FlexAttention fell back to SDPA"
+    flex = FlexAttention(heavy_first=heavy_first)
+    bm = flex.block_mask(qd, nk, group)
+    gpu = flex.attend(q.to(DEV), k.to(DEV), v.to(DEV), bm, 0.1)
+    assert not flex.broken, "FlexAttention fell back to SDPA"
     assert gpu is not None and torch.isfinite(gpu).all()
     assert _rel(gpu, cpu) <= 2e-2
 
@@ -131,18 +132,19 @@ def test_flex_subset_attention_matches_cpu(dtype, nk, nq, group, heavy_first):
 def test_flex_graphs_replay_equals_eager():
     """The blend's CUDA-graph replay of FlexAttention equals the eager call,
     for the two staging pairs and for new queries copied into a replay."""
-    from kvblend import blend
+    from kvblend.model.attention import FlexAttention, FlexGraphs
 
     g = torch.Generator().manual_seed(9)
     nk, nq = 1100, 170
     k = [torch.randn(1152, 2, 128, generator=g).to(DEV, torch.bfloat16) for _ in range(2)]
     v = [torch.randn(1152, 2, 128, generator=g).to(DEV, torch.bfloat16) for _ in range(2)]
     q_pos = torch.sort(torch.randperm(nk, generator=g)[:nq]).values.to(DEV)
-    bm = blend._flex_block_mask(q_pos, nk, 4, True)
-    fg = blend._FlexGraphs(bm, 0.1)
+    flex = FlexAttention(heavy_first=True)
+    bm = flex.block_mask(q_pos, nk, 4)
+    fg = FlexGraphs(flex, bm, 0.1)
     for step in range(5):
         q = torch.randn(nq, 8, 128, generator=g).to(DEV, torch.bfloat16)
-        want = blend._flex_attention(q, k[step % 2], v[step % 2], bm, 0.1)
+        want = flex.attend(q, k[step % 2], v[step % 2], bm, 0.1)
         got = fg(q, k[step % 2], v[step % 2]).clone()
         assert not fg.failed
         assert torch.equal(got, want), step
@@ -154,9 +156,9 @@ def test_flex_graphs_replay_equals_eager():
 def test_attend_bottom_right_causal_matches_mask(dtype, tq, tk):
     """The engine's partial prefill on CUDA (bottom-right causal, unexpanded
     KV heads) equals the explicit mask by position computed on the CPU."""
-    from kvblend.adapters import ModelAdapter
+    from kvblend.model.hf import HFAdapter
 
-    a = ModelAdapter.__new__(ModelAdapter)
+    a = HFAdapter.__new__(HFAdapter)
     a.sliding_windows, a.num_q_heads, a.num_kv_heads, a.scale = [None], 8, 2, 0.09
     g = torch.Generator().manual_seed(tq * tk)
     q = torch.randn(tq, 8, 64, generator=g).to(dtype)
@@ -268,10 +270,13 @@ def _prompts():
     return warm, blended
 
 
-def _run_blend(model, monkeypatch, engine_id, device_gb, host_gb, restart=False, **env):
+def _run_blend(model, monkeypatch, engine_id, device_gb, host_gb, restart=False, options=None,
+               **env):
     """Store the chunks with one prompt, then blend a reordered prompt (in a
     fresh engine when `restart`: its chunks then come from the lower tiers
-    `env` names); returns (tokens, first logits, store stats, blend stats)."""
+    `env` names; `options`: the connector's kv_connector_extra_config);
+    returns (tokens, first logits, store stats, blend stats with the
+    engine's subset-attention strategy as "attention")."""
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("LMCACHE_ENABLE_BLENDING", "True")
@@ -281,7 +286,8 @@ def _run_blend(model, monkeypatch, engine_id, device_gb, host_gb, restart=False,
     monkeypatch.setenv("KVBLEND_MAX_DEVICE_SIZE", str(device_gb))
     runtime.set_model(model, _Tok())
     ktc = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
-                           kv_role="kv_both", engine_id=engine_id)
+                           kv_role="kv_both", engine_id=engine_id,
+                           kv_connector_extra_config=dict(options or {}))
     llm = LLM(model=model, tokenizer=None, kv_transfer_config=ktc, max_model_len=2048)
     warm, blended = _prompts()
     sp = SamplingParams(max_tokens=4, ignore_eos=True)
@@ -293,6 +299,7 @@ def _run_blend(model, monkeypatch, engine_id, device_gb, host_gb, restart=False,
     stats = llm.worker_connector.blend_stats()
     info = dict(runtime.request_stats(out.request_id))
     info["self_test"] = llm.worker_connector.self_test_report
+    info["attention"] = llm.worker_connector.attention
     llm.shutdown()
     return out.outputs[0].token_ids, out.first_logits.float().cpu(), stats, info
 
@@ -353,18 +360,16 @@ def test_blend_bf16_gpu_near_fp32_cpu(cpu_model, cpu_result, monkeypatch):
     rel = float((logits - clogits).norm() / clogits.norm())
     cos = float(torch.nn.functional.cosine_similarity(logits, clogits, dim=0))
     assert rel < 0.1 and cos > 0.99, (rel, cos)
-    from kvblend import blend
-
-    assert not blend._FLEX.get("broken"), "bf16 subset attention fell back from FlexAttention"
+    assert info["attention"].name == "flex"
+    assert not info["attention"].broken, "bf16 subset attention fell back from FlexAttention"
 
 
 def test_blend_fp32_kvblend_attention_equals_cpu(cpu_model, cpu_result, monkeypatch):
     """The same blend with kvblend's subset-attention kernel instead of SDPA."""
-    from kvblend import blend
-
-    monkeypatch.setattr(blend, "SUBSET_ATTENTION", "kvblend")
     gmodel = copy.deepcopy(cpu_model).to(DEV)
-    toks, logits, _, info = _run_blend(gmodel, monkeypatch, "gpu32-kvb", 0.25, 0)
+    toks, logits, _, info = _run_blend(gmodel, monkeypatch, "gpu32-kvb", 0.25, 0,
+                                       options={"kvblend.subset_attention": "kvblend"})
+    assert info["attention"].name == "kvblend"
     ctoks, clogits, _, _ = cpu_result
     assert info["segments_hit"] == 5
     assert toks == ctoks

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from kvblend.adapters import SUPPORTED_ARCHITECTURES, get_adapter
+from kvblend.model import SUPPORTED_ARCHITECTURES, get_adapter
 
 
 def _adapter_forward(adapter, ids):

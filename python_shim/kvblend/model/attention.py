@@ -1,0 +1,396 @@
+"""Attention by position, and the blend's subset-attention strategies.
+
+Every attention kvblend computes is causal *by position*: query i sees key j
+iff k_pos[j] <= q_pos[i], and a sliding window also hides keys at or before
+q_pos[i] - window (``hidden``, the one mask; ``sdpa`` runs it through torch
+SDPA).  A blend attends from its *active* rows (ascending positions) over
+every row of a layer (positions 0..N-1), through a strategy chosen once per
+engine (``subset_attention``) and handed to ``kvblend.blend.blend_prefill``:
+
+* ``KernelAttention`` ("kvblend"): kvblend's attention op (the C reference
+  on the CPU, ``kvb_cuda_attention`` on CUDA), what the CPU always uses;
+* ``SdpaAttention`` ("sdpa"): SDPA with an explicit mask by position;
+* ``FlexAttention`` ("flex", the CUDA default): torch FlexAttention,
+  compiled once, with a block mask built once per active set from the rows'
+  positions (key tiles past a query tile's last position are skipped), its
+  calls replayed from CUDA graphs; SDPA (logged once) where it cannot run.
+
+On CUDA a layer where every row is active takes SDPA's fused causal kernel,
+whatever the strategy; sliding-window layers take SDPA on CUDA and plain
+torch on the CPU (kvblend's op has no window).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from .. import ops
+from .graphs import capture_cuda_graph
+
+logger = logging.getLogger("kvblend")
+
+
+def hidden(q_pos: torch.Tensor, k_pos: torch.Tensor, window) -> torch.Tensor:
+    """[len(q_pos), len(k_pos)]: True where a key is not visible to a query
+    (after it, or ``window`` or more positions before it)."""
+    hide = k_pos[None, :] > q_pos[:, None]
+    if window is not None:
+        hide |= k_pos[None, :] <= q_pos[:, None] - window
+    return hide
+
+
+def sdpa(q, k, v, scale: float, *, window=None, q_pos=None, k_pos=None,
+         q_start: int | None = None) -> torch.Tensor:
+    """SDPA of q [Tq,Hq,D] over k/v [Tk,Hkv,D] (GQA), causal by position.
+
+    No positions: q and k are the same rows in order.  ``q_start``: queries
+    at [q_start, Tk), keys at [0, Tk) (a prefill after a cached prefix, or a
+    decode step).  Otherwise key j is seen by query i iff k_pos[j] <= q_pos[i]
+    (keys default to 0..Tk-1).  A sliding ``window`` applies in every case.
+    The causal cases take the fused kernels without a materialized mask (on
+    the CPU a short-prefix prefill pads the queries to get there); on CUDA
+    the KV heads stay unexpanded (enable_gqa is the slow kernel on the CPU).
+    """
+    rep = q.shape[1] // k.shape[1]
+    cuda = q.device.type == "cuda"
+    if rep > 1 and not cuda:  # expand KV heads as transformers' repeat_kv does
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    gqa = {"enable_gqa": True} if cuda and rep > 1 else {}
+    qh, kh, vh = (x[None].transpose(1, 2) for x in (q, k, v))
+    Tq, Tk = q.shape[0], k.shape[0]
+    if q_start is not None and q_start + Tq != Tk:
+        raise ValueError(f"q_start={q_start}: {Tq} queries end at {q_start + Tq}, "
+                         f"but there are {Tk} keys")
+    if q_start == 0:
+        q_start = None
+    if q_pos is None and q_start is None and window is None and Tq == Tk:
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, **gqa)
+    elif q_start is not None and window is None and cuda:
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(Tq, Tk),
+                                           scale=scale, **gqa)
+    elif q_start is not None and window is None and Tq >= q_start:
+        pad = qh.new_zeros(qh.shape[:2] + (q_start, qh.shape[3]))
+        o = F.scaled_dot_product_attention(torch.cat((pad, qh), dim=2), kh, vh,
+                                           is_causal=True, scale=scale)[:, :, q_start:]
+    else:
+        if q_pos is None:
+            q_pos = torch.arange(Tk - Tq, Tk, device=q.device)
+        if k_pos is None:
+            k_pos = torch.arange(Tk, device=q.device)
+        mask = ~hidden(q_pos.to(q.device), k_pos.to(q.device), window)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, **gqa)
+    return o[0].transpose(0, 1)
+
+
+def windowed_attention(q, q_pos, k, v, k_pos, scale: float, window: int) -> torch.Tensor:
+    """Causal attention by position with a sliding window in plain torch,
+    fp32: the CPU path of sliding-window layers (kvblend's C attention has
+    no window).  q [T, Hq, D], k/v [N, Hkv, D]; returns q's dtype."""
+    group = q.shape[1] // k.shape[1]
+    ke = k.float().repeat_interleave(group, dim=1)
+    ve = v.float().repeat_interleave(group, dim=1)
+    logits = torch.einsum("thd,nhd->htn", q.float(), ke) * scale
+    p = torch.softmax(logits.masked_fill(hidden(q_pos, k_pos, window), float("-inf")),
+                      -1).nan_to_num(0.0)
+    return torch.einsum("htn,nhd->thd", p, ve).to(q.dtype)
+
+
+class KernelAttention:
+    """The "kvblend" strategy: kvblend's attention op, and the base of the
+    others.  ``begin(scale, group)`` gives one blend its ``BlendAttention``;
+    ``tile``: the blend pads its staging rows to a multiple of it (zeros)."""
+
+    name = "kvblend"
+    tile = 1
+
+    def begin(self, scale: float, group: int) -> "BlendAttention":
+        """This strategy for one blend of a model with ``group`` query heads
+        per KV head."""
+        return BlendAttention(self, scale)
+
+    def subset(self, q, q_pos, k, v, scale: float, window) -> torch.Tensor:
+        """Attention of q [A,Hq,D] at positions ``q_pos`` over k/v [N,Hkv,D]
+        at positions 0..N-1, exact causal by position; q's dtype."""
+        if window is not None and q.is_cuda:
+            return sdpa(q, k.to(q.dtype), v.to(q.dtype), scale, window=window, q_pos=q_pos)
+        rows = torch.arange(k.shape[0], device=k.device)
+        if window is not None:
+            return windowed_attention(q, q_pos, k, v, rows, scale, window)
+        return ops.attention(q, q_pos, k.to(q.dtype), v.to(q.dtype), rows, scale)
+
+
+class SdpaAttention(KernelAttention):
+    """The "sdpa" strategy: SDPA with the mask by position."""
+
+    name = "sdpa"
+
+    def subset(self, q, q_pos, k, v, scale: float, window) -> torch.Tensor:
+        return sdpa(q, k.to(q.dtype), v.to(q.dtype), scale, window=window, q_pos=q_pos)
+
+
+_KERNEL, _SDPA = KernelAttention(), SdpaAttention()
+
+
+def attend_by_position(q, q_pos, k, v, scale: float, window=None) -> torch.Tensor:
+    """Attention of q [T, Hq, D] at positions q_pos over k/v [N, Hkv, D] at
+    positions 0..N-1, exact causal by position (and a sliding window): SDPA
+    on CUDA, kvblend's C attention (or plain torch for a window) on the
+    CPU.  Returns q's dtype."""
+    return (_SDPA if q.is_cuda else _KERNEL).subset(q, q_pos, k, v, scale, window)
+
+
+class BlendAttention:
+    """A strategy's state for one blend: called per layer with the active
+    rows' queries q [A,Hq,D] at positions ``active`` over the layer's staged
+    k/v [N,Hkv,D] (``padded``: the same buffers with their padding rows);
+    ``new_active()`` when a check layer changed the active set."""
+
+    def __init__(self, strategy: KernelAttention, scale: float):
+        self.strategy, self.scale = strategy, scale
+
+    def new_active(self) -> None:
+        """The active rows changed (nothing kept for them here)."""
+
+    def __call__(self, q, active, k, v, window, padded=None) -> torch.Tensor:
+        if q.is_cuda and active.numel() == k.shape[0]:
+            # every row active (layers before the first check): plain causal
+            return sdpa(q, k.to(q.dtype), v.to(q.dtype), self.scale, window=window)
+        return self.strategy.subset(q, active, k, v, self.scale, window)
+
+
+# Inductor found no FlexAttention kernel for float32 nor float16 on H200
+# (NoValidChoicesError; torch 2.11): those take SDPA.
+_FLEX_DTYPES = (torch.bfloat16,)
+_FLEX_BLOCK = 128
+
+
+class FlexAttention(SdpaAttention):
+    """The "flex" strategy (see the module doc).
+
+    ``pack_gqa``: the query heads of each GQA group become rows of one KV
+    head (a tile of 128 rows then holds 128/G positions and reads each key
+    tile once for the whole group).  ``heavy_first``: rows in descending
+    position order (the programs with the most key tiles first; measured the
+    same on an H200 and costs two copies per layer, so off).
+    ``kernel_options``: handed to FlexAttention (tile sizes, warps, stages;
+    must divide the 128-row/128-key tiles of the block mask); None: its
+    defaults.  ``cuda_graphs``: replay a blend's later calls from CUDA graphs
+    (an eager call costs ~0.3 ms of host time, as long as its kernel at 8K).
+
+    Float32 and float16 queries and sliding-window layers take SDPA.  Where
+    FlexAttention fails (``broken``, logged once) this strategy is SDPA's
+    from then on."""
+
+    name = "flex"
+    tile = _FLEX_BLOCK
+
+    def __init__(self, pack_gqa: bool = True, heavy_first: bool = False,
+                 kernel_options: dict | None = None, cuda_graphs: bool = True):
+        self.pack_gqa, self.heavy_first = pack_gqa, heavy_first
+        self.kernel_options, self.cuda_graphs = kernel_options, cuda_graphs
+        self.broken = False
+        self._fn = None  # flex_attention, compiled on first use
+        self._graph_warned = False
+
+    def begin(self, scale: float, group: int) -> BlendAttention:
+        return _FlexBlend(self, scale, group if self.pack_gqa else 1)
+
+    def block_mask(self, q_pos: torch.Tensor, n_keys: int, group: int = 1):
+        """FlexAttention block mask for queries at positions ``q_pos`` (int64,
+        ascending) over keys 0..n_keys-1: key j is seen by query i iff
+        j <= q_pos[i].  Built directly from the positions on the device (no
+        dense mask, no host wait): for a tile of 128 query rows whose positions
+        span [p_min, p_max], key tiles wholly <= p_min are full (no mask_mod),
+        tiles up to p_max's are partial, later ones skipped.
+
+        ``group`` > 1: the rows are the queries' ``group`` heads of one KV head,
+        row r = i * group + g at position q_pos[i] (see ``attend``).
+
+        Rows and keys are padded to whole tiles (at least one): padded rows
+        repeat the last row's position and are dropped afterwards, padded keys
+        lie past every query and are masked out.  Inductor finds no kernel for
+        some partial-tile shapes, whole tiles always compile.  Returns
+        (mask, rows, padded rows, padded keys, group, heavy_first), or None where
+        FlexAttention is unavailable."""
+        if self.broken:
+            return None
+        try:
+            from torch.nn.attention.flex_attention import BlockMask
+
+            B = _FLEX_BLOCK
+            pos = q_pos.flip(0) if self.heavy_first else q_pos
+            if group > 1:
+                pos = pos.repeat_interleave(group)
+            nq = pos.numel()
+            nqb, nkb = max(1, -(-nq // B)), max(1, -(-n_keys // B))
+            q_pad = torch.cat((pos, pos[-1:].expand(nqb * B - nq)))
+            tiles = q_pad.view(nqb, B)
+            first = tiles.amin(1)
+            last = tiles.amax(1)
+            n_full = torch.div(first + 1, B, rounding_mode="floor").clamp(max=nkb)
+            n_part = (torch.div(last, B, rounding_mode="floor") + 1).clamp(max=nkb) - n_full
+            cols = torch.arange(nkb, device=q_pos.device)
+            part_idx = torch.clamp(n_full[:, None] + cols[None, :], max=nkb - 1)
+            full_idx = cols[None, :].expand(nqb, nkb)
+
+            def causal_by_position(b, h, q_idx, kv_idx):
+                return kv_idx <= q_pad[q_idx]
+
+            i32 = torch.int32
+            mask = BlockMask.from_kv_blocks(
+                n_part.to(i32)[None, None], part_idx.to(i32)[None, None].contiguous(),
+                n_full.to(i32)[None, None], full_idx.to(i32)[None, None].contiguous(),
+                BLOCK_SIZE=B, mask_mod=causal_by_position, seq_lengths=(nqb * B, nkb * B))
+            return mask, nq, nqb * B, nkb * B, group, self.heavy_first
+        except Exception as e:  # noqa: BLE001 - any failure means: use SDPA
+            self._broke(e)
+            return None
+
+    def attend(self, q, k, v, block_mask, scale: float):
+        """FlexAttention of q [nq,Hq,D] over k/v [N,Hkv,D] under ``block_mask``
+        (``block_mask``), compiled once (dynamic shapes).  With the mask's
+        ``group`` > 1 the query heads of each KV head's group become rows of
+        that head (Hq = group * Hkv).  Returns None for float32 and (after
+        logging once) where FlexAttention cannot run."""
+        if block_mask is None or self.broken or q.dtype not in _FLEX_DTYPES:
+            return None
+        try:
+            return self.attend_raw(q, k, v, block_mask, scale)
+        except Exception as e:  # noqa: BLE001 - any failure means: use SDPA
+            self._broke(e)
+            return None
+
+    def attend_raw(self, q, k, v, block_mask, scale: float):
+        """``attend`` without the fallback: errors propagate."""
+        mask, rows, rows_pad, nk_pad, group, heavy_first = block_mask
+        if self._fn is None:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            self._fn = torch.compile(flex_attention, dynamic=True)
+        nq, hq, d = q.shape
+        hkv = k.shape[1]
+        if group > 1 and hq != group * hkv:
+            raise ValueError(f"block mask packs {group} query heads per KV head, "
+                             f"but q has {hq} heads over {hkv} KV heads")
+        if heavy_first:
+            q = q.flip(0)
+        if group > 1:  # [nq, Hkv*G, D] -> [Hkv, nq*G, D]
+            qh = q.reshape(nq, hkv, group, d).permute(1, 0, 2, 3).reshape(hkv, nq * group, d)
+        else:
+            qh = q.transpose(0, 1)
+        if rows_pad > rows:
+            qh = torch.cat((qh, qh[:, -1:].expand(-1, rows_pad - rows, -1)), dim=1)
+        if nk_pad > k.shape[0]:
+            pad = nk_pad - k.shape[0]
+            k = torch.cat((k, k.new_zeros((pad,) + tuple(k.shape[1:]))))
+            v = torch.cat((v, v.new_zeros((pad,) + tuple(v.shape[1:]))))
+        kh, vh = (x[None].transpose(1, 2) for x in (k, v))
+        extra = {"kernel_options": dict(self.kernel_options)} if self.kernel_options else {}
+        o = self._fn(qh[None], kh, vh, block_mask=mask, scale=scale,
+                     enable_gqa=group == 1 and hq != hkv, **extra)[0, :, :rows]
+        if group > 1:  # [Hkv, nq*G, D] -> [nq, Hkv*G, D]
+            o = o.reshape(hkv, nq, group, d).permute(1, 0, 2, 3).reshape(nq, hq, d)
+        else:
+            o = o.transpose(0, 1)
+        return o.flip(0) if heavy_first else o
+
+    def _broke(self, e: Exception) -> None:
+        """Remember that FlexAttention failed; log the reason once."""
+        if not self.broken:
+            logger.warning("kvblend: FlexAttention unavailable (%s: %s); subset attention uses "
+                           "SDPA with a mask", type(e).__name__, e)
+        self.broken = True
+
+
+class _FlexBlend(BlendAttention):
+    """FlexAttention for one blend: the block mask of the current active set
+    (built at its first layer) and its calls' CUDA graphs."""
+
+    def __init__(self, strategy: FlexAttention, scale: float, group: int):
+        super().__init__(strategy, scale)
+        self.group = group
+        self.new_active()
+
+    def new_active(self) -> None:
+        self.mask = None
+        self.graphs = None
+
+    def __call__(self, q, active, k, v, window, padded=None) -> torch.Tensor:
+        flex = self.strategy
+        if (not q.is_cuda or active.numel() == k.shape[0] or window is not None
+                or q.dtype not in _FLEX_DTYPES or flex.broken):
+            return super().__call__(q, active, k, v, window, padded)
+        if self.mask is None:
+            self.mask = flex.block_mask(active, k.shape[0], self.group)
+        pk, pv = (x.to(q.dtype) for x in (padded if padded is not None else (k, v)))
+        if self.graphs is not None:
+            return self.graphs(q, pk, pv)
+        # the first call of an active set runs eagerly (it may compile);
+        # later ones replay CUDA graphs
+        attn = flex.attend(q, pk, pv, self.mask, self.scale)
+        if attn is None:  # FlexAttention unavailable: SDPA from now on
+            return super().__call__(q, active, k, v, window, padded)
+        if flex.cuda_graphs:
+            self.graphs = FlexGraphs(flex, self.mask, self.scale)
+        return attn
+
+
+class FlexGraphs:
+    """The FlexAttention calls of one active set as CUDA graphs: one per
+    staging pair (the K/V buffers alternate by layer), captured at its first
+    use with a static query buffer, replayed after copying the queries in.
+    The output is the graph's static tensor, overwritten when the same pair
+    is used again (two layers later).  A capture that fails is logged once
+    and that call, and every later one of this set, runs eagerly."""
+
+    def __init__(self, flex: FlexAttention, mask, scale: float):
+        self.flex, self.mask, self.scale = flex, mask, scale
+        self.graphs: dict = {}
+        self.q = None
+        self.failed = False
+
+    def __call__(self, q, k, v):
+        if self.failed:
+            return self.flex.attend(q, k, v, self.mask, self.scale)
+        key = (k.data_ptr(), v.data_ptr(), tuple(q.shape), q.dtype)
+        entry = self.graphs.get(key)
+        if entry is None:
+            if self.q is None or self.q.shape != q.shape or self.q.dtype != q.dtype:
+                self.q = torch.empty_like(q)
+            self.q.copy_(q)
+            try:
+                graph, out = capture_cuda_graph(
+                    lambda: self.flex.attend_raw(self.q, k, v, self.mask, self.scale))
+            except Exception as e:  # noqa: BLE001 - eager from now on
+                self.failed = True
+                if not self.flex._graph_warned:
+                    self.flex._graph_warned = True
+                    logger.warning("kvblend: FlexAttention CUDA graph capture failed (%s: %s); "
+                                   "subset attention runs eagerly", type(e).__name__, e)
+                return self.flex.attend(q, k, v, self.mask, self.scale)
+            entry = self.graphs[key] = (graph, out)
+        else:
+            self.q.copy_(q)
+        graph, out = entry
+        graph.replay()
+        return out
+
+
+SUBSET_ATTENTIONS = {"flex": FlexAttention, "sdpa": SdpaAttention, "kvblend": KernelAttention}
+
+
+def subset_attention(name: str = "flex", device: torch.device | str = "cpu") -> KernelAttention:
+    """The strategy ``name`` (a key of ``SUBSET_ATTENTIONS``) for a model on
+    ``device``: on the CPU always kvblend's attention op.  ValueError for
+    an unknown name."""
+    if name not in SUBSET_ATTENTIONS:
+        raise ValueError(f"subset attention {name!r}: expected one of "
+                         f"{', '.join(SUBSET_ATTENTIONS)}")
+    if torch.device(device).type != "cuda":
+        return KernelAttention()
+    return SUBSET_ATTENTIONS[name]()
