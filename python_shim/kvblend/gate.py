@@ -147,9 +147,12 @@ def self_test(adapter: LayerModel, new_connector, model_name: str, kv_dtype: tor
         raise SelfTestError(f"kvblend self-test: {model_name}: the model's own prefill has "
                             f"{len(own_a)} layers of KV, the adapter {n_layers}")
 
-    # the scratch store never touches the disk or remote tiers: its
-    # synthetic chunks must not reach a store other engines read
-    conn = new_connector({"LMCACHE_MAX_LOCAL_CPU_SIZE": "0.02", "KVBLEND_MAX_DEVICE_SIZE": "0",
+    # the scratch store keeps its chunks in a small host pool whatever tiers
+    # the engine uses (a device-only engine sets LMCACHE_LOCAL_CPU=False),
+    # and never touches the disk or remote tiers: its synthetic chunks must
+    # not reach a store other engines read
+    conn = new_connector({"LMCACHE_LOCAL_CPU": "True", "LMCACHE_MAX_LOCAL_CPU_SIZE": "0.02",
+                          "KVBLEND_MAX_DEVICE_SIZE": "0",
                           "KVBLEND_VERIFY_CHECKSUMS": "true", "LMCACHE_LOCAL_DISK": "",
                           "LMCACHE_REMOTE_URL": ""})
     n = int(b_ids.numel())

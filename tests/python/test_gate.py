@@ -105,6 +105,14 @@ def test_gate_opt_out_starts_with_a_warning(monkeypatch, caplog):
     llm.shutdown()
 
 
+def test_gate_runs_whatever_tiers_the_engine_uses(monkeypatch):
+    """A device-only engine (LMCACHE_LOCAL_CPU=False) still passes the gate:
+    its scratch store brings its own host pool instead of inheriting none."""
+    llm = _engine(make_tiny_model("llama"), monkeypatch, LMCACHE_LOCAL_CPU="False")
+    assert llm.worker_connector.self_test_report["same_top_token"]
+    llm.shutdown()
+
+
 def test_gate_leaves_the_store_empty(monkeypatch):
     """The gate's synthetic chunks live in a scratch connector: the engine's
     store starts empty."""
