@@ -243,67 +243,6 @@ kvb_status kvb_cuda_deviation(const void *a, const void *b, int64_t n,
 #endif
 }
 
-/* Causal-by-position attention on `stream` (kvb_cpu_attention's
- * contract).  Head sizes without a kernel are KVB_ERR_UNSUPPORTED. */
-kvb_status kvb_cuda_attention(const void *q, const int64_t *q_pos, int64_t nq,
-                              const void *k, const void *v,
-                              const int64_t *k_pos, int64_t nk,
-                              int32_t num_q_heads, int32_t num_kv_heads,
-                              int32_t head_size, float scale, kvb_dtype dtype,
-                              void *out, void *stream)
-{
-#ifdef KVB_WITH_CUDA
-    const char *fn = "kvb_cuda_attention";
-    if (nq < 0 || nk < 0) {
-        return kvb_fail(KVB_ERR_INVALID,
-                        "%s: nq=%lld nk=%lld: expected both >= 0", fn,
-                        (long long)nq, (long long)nk);
-    }
-    if (num_q_heads <= 0 || num_kv_heads <= 0 ||
-        num_q_heads % num_kv_heads != 0) {
-        return kvb_fail(KVB_ERR_INVALID,
-                        "%s: num_q_heads=%d num_kv_heads=%d: expected "
-                        "positive counts with num_q_heads a multiple of "
-                        "num_kv_heads",
-                        fn, (int)num_q_heads, (int)num_kv_heads);
-    }
-    if (head_size <= 0) {
-        return kvb_fail(KVB_ERR_INVALID, "%s: head_size=%d: expected > 0",
-                        fn, (int)head_size);
-    }
-    if (!kvb_cuda_attention_supported(head_size)) {
-        return kvb_fail(KVB_ERR_UNSUPPORTED,
-                        "%s: head_size=%d is not supported by the CUDA "
-                        "kernels (supported: 64, 128)",
-                        fn, (int)head_size);
-    }
-    if (num_q_heads > 65535) {
-        return kvb_fail(KVB_ERR_UNSUPPORTED,
-                        "%s: num_q_heads=%d: at most 65535 are supported", fn,
-                        (int)num_q_heads);
-    }
-    if (!(scale > 0.0f) || scale != scale) {
-        return kvb_fail(KVB_ERR_INVALID, "%s: scale=%g: expected > 0", fn,
-                        (double)scale);
-    }
-    if (nq > 0 && (q == NULL || q_pos == NULL || out == NULL ||
-                   (nk > 0 && (k == NULL || v == NULL || k_pos == NULL)))) {
-        return kvb_fail(KVB_ERR_INVALID,
-                        "%s: a NULL tensor with nq=%lld nk=%lld (q, q_pos, "
-                        "out, k, v and k_pos are required)",
-                        fn, (long long)nq, (long long)nk);
-    }
-    cudaError_t err = cudaSuccess;
-    KVB_CUDA_DISPATCH(fn, dtype, err, kvb_launch_attention,
-                      (q, q_pos, nq, k, v, k_pos, nk, num_q_heads,
-                       num_kv_heads, head_size, scale, out,
-                       (cudaStream_t)stream));
-    return cuda_status(fn, err);
-#else
-    return no_cuda("kvb_cuda_attention");
-#endif
-}
-
 #ifdef KVB_WITH_CUDA
 /* Most elements (num_kv_heads * head_size) in one row of the fused load:
  * the kernel counts a tile's items in int (KVB_LOAD_MAX_ROW in

@@ -122,20 +122,6 @@ KVB_CUDA_DECLARE3(kvb_launch_load_plan,
                    int64_t num_rows, int32_t num_kv_heads, int32_t head_size,
                    int32_t rotary_dim, int32_t style, cudaStream_t stream));
 
-/* Causal-by-position attention of nq queries over nk keys (see
- * kvb_cpu_attention).  Returns cudaErrorInvalidValue for a head size no
- * kernel handles (the entry point checks kvb_cuda_attention_supported
- * first). */
-KVB_CUDA_DECLARE3(kvb_launch_attention,
-                  (const void *q, const int64_t *q_pos, int64_t nq,
-                   const void *k, const void *v, const int64_t *k_pos,
-                   int64_t nk, int32_t num_q_heads, int32_t num_kv_heads,
-                   int32_t head_size, float scale, void *out,
-                   cudaStream_t stream));
-
-/* Returns 1 when some attention kernel handles `head_size`. */
-KVB_CUDA_HIDDEN int kvb_cuda_attention_supported(int32_t head_size);
-
 /* Largest n kvb_launch_select takes (one block scans the whole array). */
 #define KVB_CUDA_SELECT_MAX_N ((int64_t)1 << 30)
 

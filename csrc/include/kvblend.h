@@ -624,7 +624,9 @@ typedef struct kvb_rope {
 /* ------------------------------------------------------------------------ */
 
 /* The op functions below take host pointers.  kvb_cuda_* twins with the
- * same arguments plus a stream take device pointers. */
+ * same arguments plus a stream take device pointers; kvb_cpu_attention has
+ * none (on a GPU the blend's subset attention is torch's FlexAttention or
+ * SDPA, which kvb_cpu_attention is the reference for). */
 
 /* Sets the number of threads CPU ops may use (0 = all cores). */
 KVB_API kvb_status kvb_cpu_set_threads(int num_threads);
@@ -752,14 +754,6 @@ KVB_API kvb_status kvb_cuda_deviation(const void *a, const void *b, int64_t n,
                                       int32_t num_heads, int32_t head_size,
                                       kvb_dtype dtype, float *out,
                                       void *stream);
-KVB_API kvb_status kvb_cuda_attention(const void *q, const int64_t *q_pos,
-                                      int64_t nq, const void *k,
-                                      const void *v, const int64_t *k_pos,
-                                      int64_t nk, int32_t num_q_heads,
-                                      int32_t num_kv_heads, int32_t head_size,
-                                      float scale, kvb_dtype dtype, void *out,
-                                      void *stream);
-
 /* The fused load on the device.  `segs` and every pointer inside it and
  * dst_pos are device (or host-mapped) memory; the stored rows may live in
  * device memory or in pinned host memory mapped into the device, or already

@@ -111,8 +111,9 @@ _SIGNATURES = {
     "kvb_cpu_attention": (c_int, [_P, _P, c_int64, _P, _P, _P, c_int64, c_int32, c_int32, c_int32,
                                   c_float, c_int, _P]),
 }
-# The CUDA twins take the same arguments plus a stream (select: n_forced too).
-for _op in ("gather", "scatter", "rerotate", "deviation", "attention"):
+# The CUDA twins take the same arguments plus a stream (select: n_forced too);
+# attention has no twin.
+for _op in ("gather", "scatter", "rerotate", "deviation"):
     _res, _args = _SIGNATURES[f"kvb_cpu_{_op}"]
     _SIGNATURES[f"kvb_cuda_{_op}"] = (_res, _args + [_P])
 _SIGNATURES["kvb_cuda_select"] = (c_int, [_P, _P, c_int64, c_int64, c_int64, _P, _P, _I64P])
@@ -298,9 +299,9 @@ def select(device: int, score: int, forced: int, n: int, k: int, out: int, strea
     return count.value
 
 
-def attention(device: int, q: int, q_pos: int, nq: int, k: int, v: int, k_pos: int, nk: int,
+def attention(q: int, q_pos: int, nq: int, k: int, v: int, k_pos: int, nk: int,
               num_q_heads: int, num_kv_heads: int, head_size: int, scale: float, dtype: int,
-              out: int, stream: int = 0) -> None:
-    """kvb_{cpu,cuda}_attention with the exact causal mask by position."""
-    args = (q, q_pos, nq, k, v, k_pos, nk, num_q_heads, num_kv_heads, head_size, scale, dtype, out)
-    _op("attention", device)(*args, *(() if device < 0 else (stream,)))
+              out: int) -> None:
+    """kvb_cpu_attention (host pointers): the exact causal mask by position."""
+    lib().kvb_cpu_attention(q, q_pos, nq, k, v, k_pos, nk, num_q_heads, num_kv_heads, head_size,
+                            scale, dtype, out)

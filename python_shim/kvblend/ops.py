@@ -255,8 +255,11 @@ def attention(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Te
     [nk, num_kv_heads, head_size] with the causal mask by position (query i
     sees key j iff k_pos[j] <= q_pos[i]); GQA when num_q_heads is a multiple
     of num_kv_heads.  scale defaults to head_size ** -0.5.  A query that sees
-    no key gets zeros.  Returns out [nq, num_q_heads, head_size] in q's dtype."""
-    _check(q, "q", dtype=tuple(_DTYPE_CODES))
+    no key gets zeros.  Returns out [nq, num_q_heads, head_size] in q's dtype.
+
+    CPU tensors only: this is the reference the GPU paths (FlexAttention and
+    SDPA in kvblend.model.attention) are tested against."""
+    _check(q, "q", dtype=tuple(_DTYPE_CODES), device=torch.device("cpu"))
     if q.dim() != 3:
         raise ValueError(f"q: expected shape (nq, num_q_heads, head_size), got {tuple(q.shape)}")
     nq, hq, hs = q.shape
@@ -275,9 +278,6 @@ def attention(q: torch.Tensor, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Te
         _check(out, "out", shape=(nq, hq, hs), dtype=q.dtype, device=q.device)
     if scale is None:
         scale = 1.0 / math.sqrt(hs)
-    dev = device_index(q)
-    with _on(dev):
-        _clib.attention(dev, q.data_ptr(), q_pos.data_ptr(), nq, k.data_ptr(), v.data_ptr(),
-                        k_pos.data_ptr(), nk, hq, hkv, hs, float(scale), dtype_code(q.dtype, "q"),
-                        out.data_ptr(), _stream(dev))
+    _clib.attention(q.data_ptr(), q_pos.data_ptr(), nq, k.data_ptr(), v.data_ptr(), k_pos.data_ptr(),
+                    nk, hq, hkv, hs, float(scale), dtype_code(q.dtype, "q"), out.data_ptr())
     return out

@@ -164,6 +164,7 @@ def test_config_fields_come_from_the_c_table_and_pickle():
     ({"kvblend.cuda_graph_max_tokens": True}, "expected an int >= 0"),
     ({"kvblend.settings": {"VLLM_X": 1}}, "expected a dict of LMCACHE_"),
     ({"kvblend.namespace": 3}, "expected a str"),
+    ({"kvblend.subset_attention": "kvblend"}, "expected one of 'flex', 'sdpa'"),
 ])
 def test_engine_options_refuse_typos_and_bad_values(extra, message):
     from kvblend.config import engine_options

@@ -7,8 +7,8 @@ SDPA).  A blend attends from its *active* rows (ascending positions) over
 every row of a layer (positions 0..N-1), through a strategy chosen once per
 engine (``subset_attention``) and handed to ``kvblend.blend.blend_prefill``:
 
-* ``KernelAttention`` ("kvblend"): kvblend's attention op (the C reference
-  on the CPU, ``kvb_cuda_attention`` on CUDA), what the CPU always uses;
+* ``KernelAttention``: kvblend's C attention op, what the CPU always uses
+  (and the reference the GPU strategies are tested against);
 * ``SdpaAttention`` ("sdpa"): SDPA with an explicit mask by position;
 * ``FlexAttention`` ("flex", the CUDA default): torch FlexAttention,
   compiled once, with a block mask built once per active set from the rows'
@@ -101,7 +101,7 @@ def windowed_attention(q, q_pos, k, v, k_pos, scale: float, window: int) -> torc
 
 
 class KernelAttention:
-    """The "kvblend" strategy: kvblend's attention op, and the base of the
+    """The CPU strategy: kvblend's C attention op, and the base of the
     others.  ``begin(scale, group)`` gives one blend its ``BlendAttention``;
     ``tile``: the blend pads its staging rows to a multiple of it (zeros)."""
 
@@ -381,13 +381,13 @@ class FlexGraphs:
         return out
 
 
-SUBSET_ATTENTIONS = {"flex": FlexAttention, "sdpa": SdpaAttention, "kvblend": KernelAttention}
+SUBSET_ATTENTIONS = {"flex": FlexAttention, "sdpa": SdpaAttention}
 
 
 def subset_attention(name: str = "flex", device: torch.device | str = "cpu") -> KernelAttention:
-    """The strategy ``name`` (a key of ``SUBSET_ATTENTIONS``) for a model on
-    ``device``: on the CPU always kvblend's attention op.  ValueError for
-    an unknown name."""
+    """The strategy ``name`` (a key of ``SUBSET_ATTENTIONS``, the choices on
+    CUDA) for a model on ``device``: on the CPU always kvblend's C attention
+    op.  ValueError for an unknown name."""
     if name not in SUBSET_ATTENTIONS:
         raise ValueError(f"subset attention {name!r}: expected one of "
                          f"{', '.join(SUBSET_ATTENTIONS)}")

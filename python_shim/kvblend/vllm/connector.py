@@ -345,7 +345,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         # ... and compiles them (torch.compile): the norms, RoPE, activation
         # and residual adds fuse into a few kernels per layer.
         self.compile_pieces = opts["compile"]
-        # Subset attention of the blend on CUDA ("flex", "sdpa", "kvblend";
+        # Subset attention of the blend on CUDA ("flex" or "sdpa";
         # kvblend.model.attention), chosen once the model's device is known,
         # and whether layer l+1 loads on a side stream while l computes.
         self.subset_attention = opts["subset_attention"]
