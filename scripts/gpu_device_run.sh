@@ -7,32 +7,18 @@
 # pytest_gpu.log, bench.log, results.md, results.json, profile.txt (with
 # --profile in BENCH_ARGS) and memcheck.log (SANITIZE=1, the default);
 # TIERS=1 adds tiers.log and tiers.json (benchmarks/bench_tiers.py).
-# Build dependencies missing on the machine (libxxhash, check) may be
-# brought as .deb files in .debs/ and are unpacked to /tmp/debroot.
+# Build dependencies missing on the machine may be brought as .deb files
+# in .debs/ (scripts/gpu_env.sh).
 set -u
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-ARGS=""
-if ls .debs/*.deb >/dev/null 2>&1; then
-  for f in .debs/*.deb; do dpkg -x "$f" /tmp/debroot; done
-  R=/tmp/debroot/usr
-  export PKG_CONFIG_PATH=$R/lib/x86_64-linux-gnu/pkgconfig:${PKG_CONFIG_PATH:-}
-  # point the .pc files at the unpacked tree (hiredis.pc spells its
-  # folders out instead of deriving them from prefix)
-  sed -i -e "s|^prefix=.*|prefix=$R|" -e "s|=/usr/include|=$R/include|" \
-    -e "s|^libdir=/usr/lib\$|libdir=$R/lib/x86_64-linux-gnu|" \
-    -e "s|=/usr/lib/x86_64-linux-gnu|=$R/lib/x86_64-linux-gnu|" \
-    $R/lib/x86_64-linux-gnu/pkgconfig/*.pc 2>/dev/null
-  export LD_LIBRARY_PATH=$R/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
-  export PATH=$R/bin:$PATH  # redis-server, when brought, for the remote tier's tests
-  ARGS="-DCMAKE_PREFIX_PATH=$R -DXXHASH_INCLUDE_DIR=$R/include -DXXHASH_LIBRARY=$(ls $R/lib/x86_64-linux-gnu/libxxhash.so.0* | head -1)"
-fi
+source scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/summary.txt" 2>&1
 echo "start $(date -u +%T)" >> "$OUT/summary.txt"
 rm -f /tmp/bgpu/CMakeCache.txt  # a warm machine's cache may hold another call's paths
 KVB_CUDA=ON KVB_BUILD_DIR=/tmp/bgpu \
-  KVB_CMAKE_ARGS="-DKVB_BUILD_TESTS=ON -DCMAKE_CUDA_ARCHITECTURES=90 $ARGS" \
+  KVB_CMAKE_ARGS="-DKVB_BUILD_TESTS=ON -DCMAKE_CUDA_ARCHITECTURES=90 $KVB_DEB_CMAKE_ARGS" \
   python3 -m pip install -q --no-build-isolation --no-deps . > "$OUT/build.log" 2>&1
 echo "pip rc=$?" | tee -a "$OUT/summary.txt"
 (cd /tmp/bgpu && ctest --output-on-failure) >> "$OUT/build.log" 2>&1

@@ -4,7 +4,7 @@
 # kvblend.  Steps (each skipped when already done on this machine):
 #   1. the bundle's pieces (carried one per call into /root/pieces, see
 #      scripts/gpu_vllm_bundle.sh) are installed into /root/vllm_site;
-#   2. kvblend is built with CUDA (libxxhash from .debs/ when missing);
+#   2. kvblend is built with CUDA (libraries from .debs/, scripts/gpu_env.sh);
 #   3. RUNS (space-separated, e.g. "baseline:FLASH_ATTN blend:FLASH_ATTN:gpu")
 #      of benchmarks/bench_vllm_gpu.py, each in its own process, and the
 #      GPU pytest of the vLLM path when PYTEST=1.
@@ -21,14 +21,8 @@ if [ ! -f /root/vllm_site/env.sh ]; then
 fi
 source /root/vllm_site/env.sh
 if ! python3 -c "import kvblend._clib as c; assert c.has_cuda()" 2>/dev/null; then
-  ARGS=""
-  if [ ! -f /usr/include/xxhash.h ] && ls .debs/*.deb >/dev/null 2>&1; then
-    for f in .debs/*.deb; do dpkg -x "$f" /tmp/debroot; done
-    R=/tmp/debroot/usr
-    export LD_LIBRARY_PATH=$R/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
-    ARGS="-DXXHASH_INCLUDE_DIR=$R/include -DXXHASH_LIBRARY=$(ls $R/lib/x86_64-linux-gnu/libxxhash.so.0* | head -1)"
-  fi
-  KVB_CUDA=ON KVB_BUILD_DIR=/tmp/bgpu KVB_CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 $ARGS" \
+  source scripts/gpu_env.sh
+  KVB_CUDA=ON KVB_BUILD_DIR=/tmp/bgpu KVB_CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 $KVB_DEB_CMAKE_ARGS" \
     python3 -m pip install -q --no-build-isolation --no-deps . > "$OUT/build.log" 2>&1
   echo "kvblend build rc=$? $(date -u +%T)" | tee -a "$S"
 fi

@@ -14,12 +14,12 @@ __version__ = "0.1.0"
 # Names served by the C extension, loaded on first use.
 _EXT_NAMES = frozenset({
     "Error", "InvalidError", "NoMemoryError", "UnsupportedError", "CudaError",
-    "NotFoundError", "InternalError", "Connector", "Request",
+    "NotFoundError", "InternalError", "Request",
 })
 # Submodules reachable as attributes without an explicit import.
 _SUBMODULES = frozenset({"config", "ops"})
 
-__all__ = sorted(_EXT_NAMES | {"Config", "__version__", "store_stats"})
+__all__ = sorted(_EXT_NAMES | {"Config", "Connector", "__version__", "store_stats"})
 
 
 def __getattr__(name: str) -> Any:
@@ -30,6 +30,9 @@ def __getattr__(name: str) -> Any:
     if name == "Config":
         from .config import Config
         return Config
+    if name == "Connector":
+        from .connector import Connector
+        return Connector
     if name == "store_stats":
         from .runtime import store_stats
         return store_stats

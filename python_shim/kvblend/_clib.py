@@ -1,9 +1,13 @@
-"""libkvblend's stateless functions, declared once and called through ctypes.
+"""libkvblend's functions, declared once and called through ctypes.
 
 The extension ``kvblend._kvblend`` binds what has a lifetime or calls back
-into Python: ``Connector``, ``Request``, the configuration and the log sink.
-Everything here takes only numbers, byte strings and raw pointers (the
-tensors' ``data_ptr()``), so a signature table is the whole binding.  The
+into Python: the C ``Connector``, its ``Request`` and the log sink.
+Everything here takes only numbers, byte strings, public C structs and raw
+pointers (the tensors' ``data_ptr()``, a live connector's ``_handle``), so
+a signature table is the whole binding: the stateless ops, hashing and
+segmenting, the configuration (``parse_config``, ``config_dict``), the
+lower tiers' lookup-only view (``TiersView``) and the calls on a connector
+that :class:`kvblend.Connector` makes.  The
 functions are looked up in the extension's own handle, which resolves them
 in the ``libkvblend.so`` it loaded: both sides share one library, one
 thread-local last error, one log sink and one CPU thread count.  ctypes
@@ -75,14 +79,56 @@ class Rope(ctypes.Structure):
                 ("attention_factor", c_float)]
 
 
+class Setting(ctypes.Structure):
+    """``kvb_setting``: one row of the settings table and its value in a config."""
+
+    _fields_ = [("name", c_char_p), ("key", c_char_p), ("type", c_int), ("flags", ctypes.c_uint),
+                ("i", c_int64), ("f", ctypes.c_double), ("s", c_void_p), ("n", c_int),
+                ("ints", POINTER(c_int32)), ("floats", POINTER(c_float))]
+
+
+class StoreStats(ctypes.Structure):
+    """``kvb_store_stats``: the chunk store's counters and sizes."""
+
+    _fields_ = [("num_entries", c_int64), ("host_bytes", c_size_t), ("device_bytes", c_size_t)] + [
+        (name, c_int64) for name in ("lookups", "hits", "inserts", "evictions", "rejected",
+                                     "collisions", "promotions", "demotions", "corrupt")]
+
+
+class StoreEvent(ctypes.Structure):
+    """``kvb_store_event``: a segment added to or removed from the store."""
+
+    _fields_ = [("hash", c_uint64), ("num_tokens", c_int64), ("kind", c_int32)]
+
+
+class TierStats(ctypes.Structure):
+    """``kvb_tier_stats``: one lower tier's counters."""
+
+    _fields_ = [("enabled", c_int32)] + [
+        (name, c_uint64 if name.startswith("bytes") else c_int64)
+        for name in ("lookups", "hits", "misses", "errors", "corrupt", "writes", "write_errors",
+                     "writes_dropped", "bytes_read", "bytes_written", "entries", "bytes")]
+
+    def as_dict(self) -> dict:
+        d = {name: getattr(self, name) for name, _ in self._fields_}
+        d["enabled"] = bool(self.enabled)
+        return d
+
+
+# The C sizes the extension reports for each structure declared here.
+_SIZES = {"SIZEOF_PAGED_LAYOUT": Layout, "SIZEOF_ROPE": Rope, "SIZEOF_SETTING": Setting,
+          "SIZEOF_STORE_STATS": StoreStats, "SIZEOF_STORE_EVENT": StoreEvent,
+          "SIZEOF_TIER_STATS": TierStats}
+
+
 class _Addr(c_void_p):
     """A pointer argument given as an int address (0 = NULL); any other
     value is refused before it can reach C."""
 
     @classmethod
     def from_param(cls, value):
-        if value is None:
-            return None
+        if value is None or isinstance(value, ctypes.Array):  # an array: its address
+            return value
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"an address must be an int, not {type(value).__name__}")
         if not _PTR[0] <= value <= _PTR[1]:
@@ -90,10 +136,31 @@ class _Addr(c_void_p):
         return c_void_p(value)
 
 
-_P, _I64P = _Addr, POINTER(c_int64)
+_P, _I64P, _INTP = _Addr, POINTER(c_int64), POINTER(c_int)
 _LAYOUT = POINTER(Layout)
 # name: (result type, argument types); c_int results are a kvb_status.
 _SIGNATURES = {
+    "kvb_config_init": (c_int, [_P]),
+    "kvb_config_set": (c_int, [_P, c_char_p, c_char_p]),
+    "kvb_config_validate": (c_int, [_P]),
+    "kvb_config_from_env": (c_int, [_P]),
+    "kvb_config_get": (ctypes.c_uint, [_P, c_int, POINTER(Setting)]),  # NOT_FOUND ends the table
+    "kvb_tiers_open_view": (c_int, [_P, POINTER(c_void_p)]),
+    "kvb_tiers_free": (None, [_P]),
+    "kvb_tiers_contains": (c_int, [_P, c_uint64, c_uint64, _INTP]),
+    "kvb_tiers_flush": (c_int, [_P]),
+    "kvb_tiers_get_stats": (c_int, [_P, POINTER(TierStats), POINTER(TierStats)]),
+    "kvb_connector_store": (c_void_p, [_P]),
+    "kvb_connector_tiers": (c_void_p, [_P]),
+    "kvb_connector_set_shard": (c_int, [_P, c_int32, c_int32]),
+    "kvb_connector_set_model_id": (c_int, [_P, c_char_p, c_size_t]),
+    "kvb_connector_set_separator": (c_int, [_P, _P, c_int64]),
+    "kvb_connector_lookup": (c_int, [_P, c_uint64, _P, c_int64, _P, c_int64, _P, _P, c_int64,
+                                     _I64P, _I64P]),
+    "kvb_store_get_stats": (c_int, [_P, POINTER(StoreStats)]),
+    "kvb_store_clear": (c_int, [_P]),
+    "kvb_store_watch": (c_int, [_P, c_int]),
+    "kvb_store_take_events": (c_int, [_P, POINTER(StoreEvent), c_int64, _I64P, _INTP]),
     "kvb_last_error": (c_char_p, []),
     "kvb_version": (c_char_p, []),
     "kvb_has_cuda": (ctypes.c_uint, []),  # an int, not a kvb_status
@@ -128,8 +195,17 @@ def _check_status(status: int, func, args):
 
 @functools.lru_cache(maxsize=None)
 def lib() -> ctypes.CDLL:
-    """The C library with every function of the table declared (loaded once)."""
-    handle = ctypes.CDLL(_ext.load().__file__)
+    """The C library with every function of the table declared (loaded once).
+
+    Raises ImportError when a structure declared here does not have the
+    size the extension was compiled with (a header changed without this
+    file)."""
+    ext = _ext.load()
+    for const, struct in _SIZES.items():
+        if ctypes.sizeof(struct) != getattr(ext, const):
+            raise ImportError(f"kvblend._clib.{struct.__name__} has {ctypes.sizeof(struct)} bytes, "
+                              f"the C struct {getattr(ext, const)}: rebuild, or update _clib.py")
+    handle = ctypes.CDLL(ext.__file__)
     for name, (res, args) in _SIGNATURES.items():
         fn = getattr(handle, name)
         fn.restype, fn.argtypes = res, args
@@ -161,11 +237,7 @@ def int32_tokens(tokens, what: str = "tokens") -> array.array:
     except TypeError:
         view = None
     if view is not None:
-        fmt = view.format.lstrip("@=<")
-        if view.ndim != 1 or len(fmt) != 1 or fmt not in "bBhHiIlLqQnN":
-            raise TypeError(f"{what}: buffer of format '{view.format}' with {view.ndim} dimensions "
-                            "is not a 1-D integer array")
-        tokens = view.tolist()
+        tokens = int64_array(view, what)
     elif hasattr(tokens, "tolist"):
         tokens = tokens.tolist()
     try:
@@ -183,15 +255,40 @@ def int32_tokens(tokens, what: str = "tokens") -> array.array:
         raise exc
 
 
-def span_array(spans: Iterable[Sequence[int]], what: str = "spans") -> array.array:
-    """(start, end) pairs as one ``array('q')`` of 2*n int64."""
-    pairs = list(spans)
-    for i, pair in enumerate(pairs):
-        if not isinstance(pair, (tuple, list)):
-            raise TypeError(f"{what}[{i}] must be a (start, end) pair, not {type(pair).__name__}")
-        if len(pair) != 2:
-            raise ValueError(f"{what}[{i}] must have 2 items (start, end), has {len(pair)}")
-    return array.array("q", itertools.chain.from_iterable(pairs))
+def span_array(spans, what: str = "spans") -> array.array:
+    """(start, end) pairs as one ``array('q')`` of 2*n int64.
+
+    Takes pairs, or a flat integer buffer of start, end, start, end..."""
+    if isinstance(spans, array.array) and spans.typecode == "q":
+        flat = spans
+    else:
+        try:
+            view = memoryview(spans)
+        except TypeError:
+            view = None
+        if view is not None:
+            flat = int64_array(view, what)
+        else:
+            pairs = list(spans)
+            for i, pair in enumerate(pairs):
+                if not isinstance(pair, (tuple, list)):
+                    raise TypeError(f"{what}[{i}] must be a (start, end) pair, not {type(pair).__name__}")
+                if len(pair) != 2:
+                    raise ValueError(f"{what}[{i}] must have 2 items (start, end), has {len(pair)}")
+            flat = array.array("q", itertools.chain.from_iterable(pairs))
+    if len(flat) % 2:
+        raise _ext.load().InvalidError(f"{what} must hold (start, end) pairs: an even number of "
+                                       f"int64, not {len(flat)}")
+    return flat
+
+
+def int64_array(view: memoryview, what: str) -> array.array:
+    """A 1-D integer buffer as ``array('q')``."""
+    fmt = view.format.lstrip("@=<")
+    if view.ndim != 1 or len(fmt) != 1 or fmt not in "bBhHiIlLqQnN":
+        raise TypeError(f"{what}: buffer of format '{view.format}' with {view.ndim} dimensions "
+                        "is not a 1-D integer array")
+    return array.array("q", view.tolist())
 
 
 def float32_array(values, what: str = "values") -> array.array:
@@ -305,3 +402,145 @@ def attention(q: int, q_pos: int, nq: int, k: int, v: int, k_pos: int, nk: int,
     """kvb_cpu_attention (host pointers): the exact causal mask by position."""
     lib().kvb_cpu_attention(q, q_pos, nq, k, v, k_pos, nk, num_q_heads, num_kv_heads, head_size,
                             scale, dtype, out)
+
+
+def set_log_level(level: str | int) -> None:
+    """Minimum level of C log lines forwarded to ``logging.getLogger("kvblend")``:
+    "debug", "info", "warning", "error" or 0..3."""
+    names = ("debug", "info", "warning", "error")
+    ext = _ext.load()
+    if isinstance(level, str) and level in names:
+        level = names.index(level)
+    elif isinstance(level, str) or isinstance(level, bool):
+        raise ext.InvalidError(f"log level {level!r} is not one of 'debug', 'info', 'warning', "
+                               "'error' (or 0..3)")
+    ext.set_log_level(level)
+
+
+# --- configuration ---------------------------------------------------------------
+
+def _config_buffer() -> ctypes.Array:
+    return ctypes.create_string_buffer(_ext.load().SIZEOF_CONFIG)
+
+
+def parse_config(items=None) -> ctypes.Array:
+    """A validated ``kvb_config`` (its bytes) from ``name -> value`` items.
+
+    ``items`` is None, a mapping or pairs of LMCACHE_*/KVBLEND_* names to
+    values (str, or int, float and bool written with ``str()``): defaults,
+    ``kvb_config_set`` per item, then ``kvb_config_validate``.  A bad value
+    raises InvalidError naming the variable; a name or value that C cannot
+    hold (not text, a NUL character, not UTF-8) is refused by name."""
+    ext, cfg = _ext.load(), _config_buffer()
+    lib().kvb_config_init(cfg)
+    for key, value in dict(items or {}).items():
+        if not isinstance(key, str) or not isinstance(value, (str, int, float)):
+            raise TypeError("configuration names must be str and values str, int, float or "
+                            f"bool, not {key!r}={value!r}")
+        value = str(value)
+        try:
+            raw_key = key.encode()
+        except UnicodeEncodeError:
+            raw_key = b"\0"
+        if b"\0" in raw_key:
+            raise ext.InvalidError(f"configuration name {key!r} is not a name (NUL character or "
+                                   "not UTF-8)")
+        try:  # os.environ's non-UTF-8 bytes arrive as lone surrogates
+            raw = value.encode()
+        except UnicodeEncodeError:
+            raise ext.InvalidError(f"{key}: the value is not valid UTF-8") from None
+        if b"\0" in raw:
+            raise ext.InvalidError(f"{key}={value!r}: the value contains a NUL character")
+        lib().kvb_config_set(cfg, raw_key, raw)
+    lib().kvb_config_validate(cfg)
+    return cfg
+
+
+def config_from_env() -> ctypes.Array:
+    """``kvb_config_from_env`` over the process environment (validated)."""
+    cfg = _config_buffer()
+    lib().kvb_config_from_env(cfg)
+    return cfg
+
+
+def _short_float(f: float) -> float:
+    """The shortest decimal that rounds to the float32 ``f`` (0.15, not 0.15000000596)."""
+    for prec in range(6, 10):
+        g = float(f"{f:.{prec}g}")
+        if ctypes.c_float(g).value == f:
+            return g
+    return f
+
+
+def _setting_value(row: Setting):
+    """The Python value of a ``kvb_setting`` by its type (kvb_setting_type)."""
+    if row.type == 0:
+        return bool(row.i)
+    if row.type == 1:
+        return row.i
+    if row.type == 2:
+        return row.f
+    if row.type == 3:
+        return None if row.s is None else ctypes.string_at(row.s, row.n).decode()
+    if row.type == 4:
+        return [row.ints[j] for j in range(row.n)]
+    return [_short_float(row.floats[j]) for j in range(row.n)] or None  # unset: None
+
+
+def config_dict(cfg: ctypes.Array) -> dict:
+    """One key per ``kvb_config`` field, walking the settings table
+    (``kvb_config_get``); settings only checked here (no field) are left out."""
+    out, row, i = {}, Setting(), 0
+    while lib().kvb_config_get(cfg, i, ctypes.byref(row)) == 0:
+        if row.key is not None:
+            out[row.key.decode()] = _setting_value(row)
+        i += 1
+    return out
+
+
+# --- the lower tiers' lookup-only view (a vLLM scheduler) -------------------------
+
+class TiersView:
+    """A lookup-only view of the disk and remote tiers a config names
+    (``kvb_tiers_open_view``): :meth:`open` returns None when it names none."""
+
+    def __init__(self, handle: int) -> None:
+        self._handle = handle
+
+    @classmethod
+    def open(cls, items=None) -> "TiersView | None":
+        out = c_void_p()
+        lib().kvb_tiers_open_view(parse_config(items), ctypes.byref(out))
+        return cls(out.value) if out.value else None
+
+    def contains(self, key: int, h: int) -> bool:
+        """Whether the disk or remote tier holds entry (tier key, segment hash)."""
+        found = c_int()
+        lib().kvb_tiers_contains(self._live(), key, h, ctypes.byref(found))
+        return bool(found.value)
+
+    def stats(self) -> dict:
+        """``{"disk": {...}, "remote": {...}}``: each tier's counters."""
+        return tier_stats(self._live())
+
+    def close(self) -> None:
+        """Close the view (idempotent; also on garbage collection)."""
+        handle, self._handle = self._handle, None
+        if handle:
+            lib().kvb_tiers_free(handle)
+
+    __del__ = close
+
+    def _live(self) -> int:
+        if not self._handle:
+            raise _ext.load().InvalidError("the tiers view is closed")
+        return self._handle
+
+
+def tier_stats(tiers: int | None) -> dict | None:
+    """The counters of the tiers at address ``tiers`` (None for none)."""
+    if not tiers:
+        return None
+    disk, remote = TierStats(), TierStats()
+    lib().kvb_tiers_get_stats(tiers, ctypes.byref(disk), ctypes.byref(remote))
+    return {"disk": disk.as_dict(), "remote": remote.as_dict()}

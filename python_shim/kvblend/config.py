@@ -13,7 +13,7 @@ import os
 from dataclasses import FrozenInstanceError
 from typing import Any, Iterable, Mapping
 
-from . import _ext
+from . import _clib
 
 # Variables kvblend reads; other LMCACHE_* names are ignored by the parser.
 ENV_PREFIXES = ("LMCACHE_", "KVBLEND_")
@@ -77,7 +77,7 @@ class Config:
         Raises kvblend.InvalidError naming the variable on a bad value.
         """
         pairs = tuple(sorted(dict(items).items()))
-        fields = _ext.load().config_parse(dict(pairs))
+        fields = _clib.config_dict(_clib.parse_config(dict(pairs)))
         return cls({k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}, pairs)
 
     @classmethod

@@ -121,7 +121,7 @@ def self_test(adapter: LayerModel, new_connector, model_name: str, kv_dtype: tor
               check_layers: list[int], hf_model=None, attention=None) -> dict:
     """Run the gate; returns its figures, raises SelfTestError on a failure.
 
-    ``new_connector(items)`` builds a scratch ``_kvblend.Connector`` with the
+    ``new_connector(items)`` builds a scratch ``kvblend.Connector`` with the
     production connector's model shape and RoPE and the settings ``items``
     laid over its own; ``hf_model``: the transformers model whose forward is
     the reference (None under vLLM); ``attention``: the subset-attention

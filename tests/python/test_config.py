@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 kvblend = pytest.importorskip("kvblend")
-from kvblend import _ext  # noqa: E402
+from kvblend import _clib as clib, _ext  # noqa: E402
 
 try:
     ext = _ext.load()
@@ -77,7 +77,7 @@ def test_config_from_env_defaults_to_os_environ(monkeypatch):
     monkeypatch.setenv("KVBLEND_DEVIATION", "v")
     c = Config.from_env()
     assert c.chunk_size == 64 and c.deviation == "v"
-    assert ext.config_from_env()["chunk_size"] == 64
+    assert clib.config_dict(clib.config_from_env())["chunk_size"] == 64
 
 
 def test_config_is_frozen_and_items_rebuild_it():
@@ -138,7 +138,7 @@ def test_config_non_str_values_are_converted_and_others_refused():
     with pytest.raises(TypeError, match="LMCACHE_CHUNK_SIZE"):
         Config.from_items({"LMCACHE_CHUNK_SIZE": [1]})
     with pytest.raises(TypeError, match="names must be str"):
-        ext.config_parse({1: "2"})
+        clib.parse_config({1: "2"})
 
 
 def test_config_fields_come_from_the_c_table_and_pickle():
@@ -147,7 +147,7 @@ def test_config_fields_come_from_the_c_table_and_pickle():
 
     c = Config.from_items({"LMCACHE_CHUNK_SIZE": "12", "KVBLEND_DEVIATION": "V"})
     # one field per setting of the C table that stores one (kvb_config_get)
-    assert set(c.fields()) == set(ext.config_parse({}))
+    assert set(c.fields()) == set(clib.config_dict(clib.parse_config({})))
     assert {"enable_blending", "check_layers", "remote_part_size_mb", "verify_checksums"} <= set(c.fields())
     assert (c.chunk_size, c.deviation, c.thresholds, c.local_disk) == (12, "v", None, None)
     assert pickle.loads(pickle.dumps(c)) == c and copy.deepcopy(c) == c

@@ -237,10 +237,10 @@ def test_ext_takes_flat_buffers_and_converts_the_rest():
     cfg = {"LMCACHE_ENABLE_BLENDING": "True"}
     inv = [float(x) for x in inv_freq_for(D)]
     for freqs in (inv, array.array("f", inv), np.array(inv, dtype=np.float32), torch.tensor(inv)):
-        ext.Connector(cfg, LAYERS, HQ, HKV, D, ext.DTYPE_F32, D, ext.ROPE_NEOX, freqs)
+        kvblend.Connector(cfg, LAYERS, HQ, HKV, D, ext.DTYPE_F32, D, ext.ROPE_NEOX, freqs)
     with pytest.raises(TypeError, match="inv_freq must be a sequence of floats"):
-        ext.Connector(cfg, LAYERS, HQ, HKV, D, ext.DTYPE_F32, D, ext.ROPE_NEOX, ["x"] * (D // 2))
-    conn = ext.Connector(cfg, LAYERS, HQ, HKV, D, ext.DTYPE_F32, D, ext.ROPE_NEOX, inv)
+        kvblend.Connector(cfg, LAYERS, HQ, HKV, D, ext.DTYPE_F32, D, ext.ROPE_NEOX, ["x"] * (D // 2))
+    conn = kvblend.Connector(cfg, LAYERS, HQ, HKV, D, ext.DTYPE_F32, D, ext.ROPE_NEOX, inv)
     toks = list(range(10))
     want = conn.lookup(toks, spans=[(0, 5), (5, 10)])
     assert conn.lookup(array.array("i", toks), spans=array.array("q", [0, 5, 5, 10])) == want
@@ -264,11 +264,34 @@ def test_ext_takes_flat_buffers_and_converts_the_rest():
 
 
 def test_ext_log_level_names():
-    ext.set_log_level("warning")
-    ext.set_log_level(ext.LOG_ERROR)
+    clib.set_log_level("warning")
+    clib.set_log_level(ext.LOG_ERROR)
     with pytest.raises(ext.InvalidError, match="'debug', 'info', 'warning', 'error'"):
-        ext.set_log_level("loud")
-    ext.set_log_level("warning")
+        clib.set_log_level("loud")
+    with pytest.raises(ext.InvalidError, match="LOG_DEBUG..LOG_ERROR"):
+        ext.set_log_level(7)
+    with pytest.raises(ext.InvalidError, match="LOG_DEBUG..LOG_ERROR"):
+        ext.set_log_level("warning")  # the extension takes the number; _clib the name
+    clib.set_log_level("warning")
+
+
+def test_clib_structures_have_the_c_sizes():
+    """Each ctypes mirror of a public C struct has the size the extension
+    was compiled with (lib() refuses to load otherwise)."""
+    import ctypes as ct
+
+    for const, struct in clib._SIZES.items():
+        assert ct.sizeof(struct) == getattr(ext, const), struct.__name__
+    assert ext.SIZEOF_CONFIG > 1000  # the paths are inline arrays
+    cfg = clib.parse_config({"LMCACHE_CHUNK_SIZE": "128"})
+    assert len(bytes(cfg)) == ext.SIZEOF_CONFIG
+    assert clib.config_dict(cfg)["chunk_size"] == 128
+    with pytest.raises(ext.InvalidError, match="config has 3 bytes"):
+        ext.Connector(b"abc", LAYERS, HQ, HKV, D, ext.DTYPE_F32, D, ext.ROPE_NEOX,
+                      array.array("f", inv_freq_for(D).tolist()))
+    with pytest.raises(TypeError, match="tokens must be a flat int32 buffer, not list"):
+        kvblend.Connector({}, LAYERS, HQ, HKV, D, ext.DTYPE_F32, D, ext.ROPE_NEOX,
+                          inv_freq_for(D))._c.begin([1, 2, 3])
 
 
 def test_import_has_no_side_effects():
@@ -527,7 +550,7 @@ HQ, HKV, D, LAYERS = 4, 2, 8, 2
 
 def make_connector(**items):
     cfg = {"LMCACHE_ENABLE_BLENDING": "True", "LMCACHE_MAX_LOCAL_CPU_SIZE": "0.01", **items}
-    conn = ext.Connector(cfg, LAYERS, HQ, HKV, D, ext.DTYPE_F32, D, ext.ROPE_NEOX,
+    conn = kvblend.Connector(cfg, LAYERS, HQ, HKV, D, ext.DTYPE_F32, D, ext.ROPE_NEOX,
                          inv_freq_for(D).tolist(), 1.0, -1)
     conn.set_separator([SEP])
     return conn
@@ -615,11 +638,11 @@ def test_connector_spans_and_uncommitted_requests():
 def test_connector_bad_arguments():
     inv = inv_freq_for(D).tolist()
     with pytest.raises(ext.InvalidError, match="LMCACHE_CHUNK_SIZE"):
-        ext.Connector({"LMCACHE_CHUNK_SIZE": "-1"}, LAYERS, HQ, HKV, D, ext.DTYPE_F32, D, ext.ROPE_NEOX, inv)
+        kvblend.Connector({"LMCACHE_CHUNK_SIZE": "-1"}, LAYERS, HQ, HKV, D, ext.DTYPE_F32, D, ext.ROPE_NEOX, inv)
     with pytest.raises(ext.InvalidError, match=r"inv_freq has 3 entries; rotary_dim = 8 needs rotary_dim/2 = 4"):
-        ext.Connector({}, LAYERS, HQ, HKV, D, ext.DTYPE_F32, D, ext.ROPE_NEOX, inv[:3])
+        kvblend.Connector({}, LAYERS, HQ, HKV, D, ext.DTYPE_F32, D, ext.ROPE_NEOX, inv[:3])
     with pytest.raises(ext.Error):
-        ext.Connector({}, LAYERS, HQ, 3, D, ext.DTYPE_F32, D, ext.ROPE_NEOX, inv)  # 4 q heads over 3 kv heads
+        kvblend.Connector({}, LAYERS, HQ, 3, D, ext.DTYPE_F32, D, ext.ROPE_NEOX, inv)  # 4 q heads over 3 kv heads
     with pytest.raises(TypeError):
         ext.Request()
     conn = make_connector()
@@ -644,12 +667,13 @@ import logging, threading, time
 logging.getLogger("kvblend").addHandler(logging.NullHandler())
 logging.getLogger("kvblend").propagate = False
 import torch
+import kvblend
 from kvblend import _ext
 ext = _ext.load()
 inv = (1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))).tolist()
 # a host budget of about a byte: every begin logs "not storing a chunk" from
 # C with the GIL released, through the sink that takes the GIL again
-conn = ext.Connector({"LMCACHE_ENABLE_BLENDING": "True", "LMCACHE_MAX_LOCAL_CPU_SIZE": "1e-9"},
+conn = kvblend.Connector({"LMCACHE_ENABLE_BLENDING": "True", "LMCACHE_MAX_LOCAL_CPU_SIZE": "1e-9"},
                      2, 4, 2, 8, ext.DTYPE_F32, 8, ext.ROPE_NEOX, inv, 1.0, -1)
 conn.set_separator([99])
 stop, begun = threading.Event(), [0]
@@ -661,7 +685,7 @@ t = threading.Thread(target=worker)
 t.start()
 end, changes = time.monotonic() + 1.5, 0
 while time.monotonic() < end:
-    ext.set_log_level("warning")  # takes the log lock with the GIL held
+    ext.set_log_level(ext.LOG_WARNING)  # takes the log lock with the GIL held
     changes += 1
 stop.set()
 t.join()

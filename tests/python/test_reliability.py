@@ -21,10 +21,8 @@ pytest.importorskip("kvblend._kvblend")
 from kvblend import Config, InvalidError, runtime  # noqa: E402
 from kvblend.engine import LLM, KVTransferConfig, SamplingParams  # noqa: E402
 from kvblend.prompt import encode, join  # noqa: E402
+from test_blend import ENV, SEP  # noqa: E402  (the settings every SmolLM2 test blends with)
 
-SEP = " # # "
-ENV = {"LMCACHE_ENABLE_BLENDING": "True", "LMCACHE_BLEND_SPECIAL_STR": SEP,
-       "LMCACHE_BLEND_CHECK_LAYERS": "1", "LMCACHE_BLEND_RECOMPUTE_RATIOS": "0.15"}
 FACTS = [
     "The Amazon river flows through Brazil, Peru and Colombia and carries more water than any "
     "other river on Earth.",

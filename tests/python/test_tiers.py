@@ -214,12 +214,15 @@ def test_two_processes_share_chunks_through_redis(smollm2, redis, tmp_path):
     assert a["tiers"]["remote"]["writes"] == 5 and a["tiers"]["remote"]["write_errors"] == 0
     assert len(redis.command("KEYS", "kvblend:*")) >= 5
     # the scheduler's model-free view finds a chunk under A's tier key only
-    ext = _ext.load()
-    view = ext.tiers_open({"LMCACHE_REMOTE_URL": redis.url})
+    view = clib.TiersView.open({"LMCACHE_REMOTE_URL": redis.url})
     h = clib.hash_tokens(encode(tok, TEXTS[0]))
-    assert ext.tiers_contains(view, a["tier_key"], h) is True
-    assert ext.tiers_contains(view, clib.tier_key(1, 0, 1), h) is False
-    assert ext.tiers_open({}) is None
+    assert view.contains(a["tier_key"], h) is True
+    assert view.contains(clib.tier_key(1, 0, 1), h) is False
+    assert view.stats()["remote"]["enabled"] is True
+    view.close()
+    with pytest.raises(_ext.load().InvalidError, match="closed"):
+        view.contains(a["tier_key"], h)
+    assert clib.TiersView.open({}) is None
     b = _worker({"dir": str(tmp_path), "env": env, "ratio": 1.0, "prompts": [second]})
     r = b["results"][0]
     assert (r["segments_hit"], r["segments_total"]) == (4, 5)

@@ -199,11 +199,20 @@ def _new_req_metas(steps):
     return out
 
 
-def test_lifecycle_without_stored_segments(blend_env):
+def _engine(blend_env, budget: int | None = None, num_blocks: int = NUM_BLOCKS):
+    """(tokenizer, VllmConfig, Scheduler, its kvblend connector) of one test;
+    ``budget`` sets a token budget per step (chunked prefill)."""
     path, _, tok = blend_env
     vc = _vllm_config(path)
-    sched = _scheduler(vc)
-    conn = sched.connector
+    if budget is not None:
+        vc.scheduler_config.max_num_batched_tokens = budget
+        vc.scheduler_config.long_prefill_token_threshold = 0
+    sched = _scheduler(vc, num_blocks=num_blocks)
+    return tok, vc, sched, sched.connector
+
+
+def test_lifecycle_without_stored_segments(blend_env):
+    tok, vc, sched, conn = _engine(blend_env)
     assert isinstance(conn, KVBlendConnector)
     assert conn.role_ == KVConnectorRole.SCHEDULER
     free_before = sched.kv_cache_manager.block_pool.get_num_free_blocks()
@@ -270,10 +279,7 @@ def _save_step(worker, caches, meta):
 
 
 def test_reordered_prompt_is_an_external_hit(blend_env):
-    path, _, tok = blend_env
-    vc = _vllm_config(path)
-    sched = _scheduler(vc)
-    conn = sched.connector
+    tok, vc, sched, conn = _engine(blend_env)
     worker, caches = _worker(vc)
     try:
         free_before = sched.kv_cache_manager.block_pool.get_num_free_blocks()
@@ -346,12 +352,7 @@ def test_chunked_prefill_stores_each_segment_as_it_completes(blend_env):
     """A 24-token budget prefills the prompt over several steps: no crash,
     the worker's slot mapping grows with the blocks, and each segment is
     stored (and known to the scheduler) in the step that completes it."""
-    path, _, tok = blend_env
-    vc = _vllm_config(path)
-    vc.scheduler_config.max_num_batched_tokens = BUDGET
-    vc.scheduler_config.long_prefill_token_threshold = 0
-    sched = _scheduler(vc)
-    conn = sched.connector
+    tok, vc, sched, conn = _engine(blend_env, budget=BUDGET)
     worker, caches = _worker(vc)
     try:
         free_before = sched.kv_cache_manager.block_pool.get_num_free_blocks()
@@ -435,10 +436,7 @@ def test_preempted_request_starts_again_in_the_workers(blend_env):
     and frees its blocks.  When it resumes, its stored segments are an
     external hit again; the step's metadata ends its old worker state and
     starts it anew over its new block list, and the worker blends it."""
-    path, _, tok = blend_env
-    vc = _vllm_config(path)
-    sched = _scheduler(vc, num_blocks=14)
-    conn = sched.connector
+    tok, vc, sched, conn = _engine(blend_env, num_blocks=14)
     worker, caches = _worker(vc)
     try:
         ids_a, _ = _prompt(tok, [0, 1, 2], QUESTIONS[0])

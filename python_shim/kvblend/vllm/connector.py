@@ -375,9 +375,9 @@ class KVBlendConnector(KVConnectorBase_V1):
     # ------------------------------------------------------------ scheduler
     def _init_scheduler(self, extra: dict) -> None:
         """Scheduler state; says at start-up whether blending is on."""
-        from .. import _clib, _ext
+        from .. import _clib
 
-        self._ext, self._clib = _ext.load(), _clib
+        self._clib = _clib
         self.index = SegmentIndex(self.world_size)
         self._pending: dict[str, int] = {}               # req_id -> num_external
         self._prefill: dict[str, int] = {}               # req_id -> prompt length, while prefilling
@@ -400,7 +400,7 @@ class KVBlendConnector(KVConnectorBase_V1):
                     self.ratios_override or list(cfg.recompute_ratios), self.world_size)
         # The disk and remote tiers, for lookups only: the workers load and
         # write.  Their tier keys arrive with vLLM's start-up handshake.
-        self._tiers = self._ext.tiers_open(dict(cfg.items))
+        self._tiers = self._clib.TiersView.open(dict(cfg.items))
         self._tier_keys: dict[int, int] = {}
         if self._tiers is not None:
             logger.info("kvblend: lower tiers: disk %s, remote %s",
@@ -417,7 +417,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         or remote tier (a server that is down answers no)."""
         if getattr(self, "_tiers", None) is None or len(self._tier_keys) < self.world_size:
             return False
-        return all(self._ext.tiers_contains(self._tiers, k, h) for k in self._tier_keys.values())
+        return all(self._tiers.contains(k, h) for k in self._tier_keys.values())
 
     def _separator_ids(self, extra: dict) -> list[int]:
         """The separator's token ids: ``kvblend.separator_ids`` when given,
@@ -632,6 +632,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         """This worker's C connector (store, model shape), bound to the model
         loaded in this process; fails loudly when blending cannot work."""
         from .. import _ext
+        from ..connector import Connector
         from ..model import get_adapter
         from ..model.attention import subset_attention
 
@@ -654,7 +655,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         def new_connector(over=None):
             items = dict(self.config.items)
             items.update(over or {})
-            return ext.Connector(
+            return Connector(
                 items, adapter.num_layers, adapter.num_q_heads, adapter.num_kv_heads,
                 adapter.head_size, _dtype_code(ext, cache_dtype), rope.rotary_dim,
                 ext.ROPE_NEOX if rope.style == "neox" else ext.ROPE_GPTJ,
