@@ -13,7 +13,7 @@
 # On a warm machine the build step is skipped for a tree already built.
 set -u
 OUT=${OUT:-$PWD/gpu_out}
-BASE=${BASE:?BASE must name the base tree's folder}
+BASE=${BASE:?BASE must name the folder of the base tree}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 source scripts/gpu_env.sh
