@@ -232,12 +232,9 @@ def int32_tokens(tokens, what: str = "tokens") -> array.array:
         return tokens
     if isinstance(tokens, (str, bytes)):
         raise TypeError(f"{what} must be a sequence of int token ids, not {type(tokens).__name__}")
-    try:
-        view = memoryview(tokens)
-    except TypeError:
-        view = None
-    if view is not None:
-        tokens = int64_array(view, what)
+    flat = _buffer_ints(tokens, what)
+    if flat is not None:
+        tokens = flat
     elif hasattr(tokens, "tolist"):
         tokens = tokens.tolist()
     try:
@@ -262,13 +259,8 @@ def span_array(spans, what: str = "spans") -> array.array:
     if isinstance(spans, array.array) and spans.typecode == "q":
         flat = spans
     else:
-        try:
-            view = memoryview(spans)
-        except TypeError:
-            view = None
-        if view is not None:
-            flat = int64_array(view, what)
-        else:
+        flat = _buffer_ints(spans, what)
+        if flat is None:
             pairs = list(spans)
             for i, pair in enumerate(pairs):
                 if not isinstance(pair, (tuple, list)):
@@ -282,8 +274,12 @@ def span_array(spans, what: str = "spans") -> array.array:
     return flat
 
 
-def int64_array(view: memoryview, what: str) -> array.array:
-    """A 1-D integer buffer as ``array('q')``."""
+def _buffer_ints(obj, what: str) -> array.array | None:
+    """A 1-D integer buffer as ``array('q')``; None when `obj` is no buffer."""
+    try:
+        view = memoryview(obj)
+    except TypeError:
+        return None
     fmt = view.format.lstrip("@=<")
     if view.ndim != 1 or len(fmt) != 1 or fmt not in "bBhHiIlLqQnN":
         raise TypeError(f"{what}: buffer of format '{view.format}' with {view.ndim} dimensions "
