@@ -24,7 +24,7 @@ import ctypes
 import functools
 import itertools
 from ctypes import POINTER, c_char_p, c_float, c_int, c_int32, c_int64, c_size_t, c_uint64, c_void_p
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 from . import _ext
 
@@ -87,6 +87,11 @@ class Setting(ctypes.Structure):
                 ("ints", POINTER(c_int32)), ("floats", POINTER(c_float))]
 
 
+def as_dict(struct: ctypes.Structure) -> dict:
+    """A structure's fields by name (a C struct of counters as a dict)."""
+    return {name: getattr(struct, name) for name, _ in struct._fields_}
+
+
 class StoreStats(ctypes.Structure):
     """``kvb_store_stats``: the chunk store's counters and sizes."""
 
@@ -110,9 +115,7 @@ class TierStats(ctypes.Structure):
                      "writes_dropped", "bytes_read", "bytes_written", "entries", "bytes")]
 
     def as_dict(self) -> dict:
-        d = {name: getattr(self, name) for name, _ in self._fields_}
-        d["enabled"] = bool(self.enabled)
-        return d
+        return {**as_dict(self), "enabled": bool(self.enabled)}
 
 
 # The C sizes the extension reports for each structure declared here.
@@ -407,7 +410,7 @@ def set_log_level(level: str | int) -> None:
     ext = _ext.load()
     if isinstance(level, str) and level in names:
         level = names.index(level)
-    elif isinstance(level, str) or isinstance(level, bool):
+    elif isinstance(level, (str, bool)):
         raise ext.InvalidError(f"log level {level!r} is not one of 'debug', 'info', 'warning', "
                                "'error' (or 0..3)")
     ext.set_log_level(level)

@@ -106,7 +106,7 @@ class Connector:
         """The store's counters and sizes."""
         s = _clib.StoreStats()
         _clib.lib().kvb_store_get_stats(self._store(), ctypes.byref(s))
-        return {name: getattr(s, name) for name, _ in s._fields_}
+        return _clib.as_dict(s)
 
     def store_clear(self) -> None:
         """Remove every unpinned entry."""
