@@ -10,7 +10,7 @@ unbatched: ``[T, ...]`` for T tokens; the residual stream is the caller's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -33,6 +33,16 @@ class RopeSpec:
     style: str
     attention_scaling: float
     rope_type: str
+    # inv_freq as float32 on each device it was used on: copying it from
+    # the host each time would make the host wait for the device's queue
+    _on: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def _inv(self, device: torch.device) -> torch.Tensor:
+        key = str(device)
+        inv = self._on.get(key)
+        if inv is None:
+            inv = self._on[key] = self.inv_freq.to(device=device, dtype=torch.float32)
+        return inv
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +52,7 @@ class RopeSpec:
         halves, cos/sin, times attention_scaling), then cast to ``dtype``.
         For the "gptj" style the frequencies are repeated pairwise instead.
         """
-        inv = self.inv_freq.to(device=device, dtype=torch.float32)
+        inv = self._inv(torch.device(device))
         freqs = positions.to(device)[:, None].float() * inv[None, :]
         if self.style == "neox":
             emb = torch.cat((freqs, freqs), dim=-1)
