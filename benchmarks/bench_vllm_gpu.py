@@ -96,7 +96,9 @@ def run(args) -> dict:
 
         kw["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
-            kv_role="kv_both", kv_connector_extra_config={"kvblend.separator_ids": SEP})
+            kv_role="kv_both",
+            kv_connector_extra_config={"kvblend.separator_ids": SEP, "kvblend.timing": args.timing,
+                                       "kvblend.profile": args.profile})
     lengths = [int(x) for x in args.lengths.split(",")]
     llm = LLM(model=model_dir(), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=max(lengths) + 256, gpu_memory_utilization=args.gpu_mem, seed=0,
@@ -125,7 +127,7 @@ def run(args) -> dict:
                      "check_cached": int(out.num_cached_tokens or 0)})
         print(json.dumps(rows[-1]), flush=True)
     return {"run": args.run, "tier": args.tier, "backend": args.backend or "default",
-            "ratio": args.ratio, "rows": rows}
+            "ratio": args.ratio, "timing": args.timing, "rows": rows}
 
 
 def table(paths: list[str]) -> str:
@@ -144,7 +146,8 @@ def table(paths: list[str]) -> str:
             same = "-" if not ref or r["run"] == "baseline" else \
                 str(row["check_tokens"] == ref["check_tokens"])
             kb = row.get("kvblend") or {}
-            lines.append(f"| {r['backend']} | {r['run']} | {r['tier'] if r['run'] == 'blend' else '-'} "
+            run = r["run"] + (" (phase timing)" if r.get("timing") else "")
+            lines.append(f"| {r['backend']} | {run} | {r['tier'] if r['run'] == 'blend' else '-'} "
                          f"| {row['tokens']} | {row['ttft_s']:.4f} | "
                          f"{ref['ttft_s']:.4f} | {sp} | {row['num_cached_tokens'][-1]} | "
                          f"{kb.get('segments_hit', '-')}/{kb.get('segments_total', '-')} | "
@@ -160,6 +163,12 @@ def main(argv=None) -> int:
     p.add_argument("--tier", choices=("gpu", "host"), default="gpu")
     p.add_argument("--backend", default=None, help="FLASH_ATTN, TRITON_ATTN, FLASHINFER")
     p.add_argument("--ratio", type=float, default=0.15)
+    p.add_argument("--profile", default=None,
+                   help="blend runs: append a torch.profiler table of every blend to this file")
+    p.add_argument("--timing", action="store_true",
+                   help="blend runs: log each blend's device time per phase (CUDA events, one "
+                        "synchronize at the end of the blend, so the TTFT of such a run is not "
+                        "the figure to quote)")
     p.add_argument("--lengths", default="4096,8192,16384")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--gpu-mem", type=float, default=0.55)

@@ -5,8 +5,9 @@
 #   1. the bundle's pieces (carried one per call into /root/pieces, see
 #      scripts/gpu_vllm_bundle.sh) are installed into /root/vllm_site;
 #   2. kvblend is built with CUDA (libraries from .debs/, scripts/gpu_env.sh);
-#   3. RUNS (space-separated, e.g. "baseline:FLASH_ATTN blend:FLASH_ATTN:gpu")
-#      of benchmarks/bench_vllm_gpu.py, each in its own process, and the
+#   3. RUNS (space-separated, e.g. "baseline:FLASH_ATTN blend:FLASH_ATTN:gpu";
+#      a fourth field "timing" logs each blend's device time per phase) of
+#      benchmarks/bench_vllm_gpu.py, each in its own process, and the
 #      GPU pytest of the vLLM path when PYTEST=1.
 # Results: $OUT/summary.txt, one JSON per run, the logs, table.md.
 set -u
@@ -20,21 +21,23 @@ if [ ! -f /root/vllm_site/env.sh ]; then
   echo "vllm install rc=$? $(date -u +%T)" | tee -a "$S"
 fi
 source /root/vllm_site/env.sh
+[ -d /tmp/debroot ] && export LD_LIBRARY_PATH=/tmp/debroot/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 if ! python3 -c "import kvblend._clib as c; assert c.has_cuda()" 2>/dev/null; then
   source scripts/gpu_env.sh
   KVB_CUDA=ON KVB_BUILD_DIR=/tmp/bgpu KVB_CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 $KVB_DEB_CMAKE_ARGS" \
     python3 -m pip install -q --no-build-isolation --no-deps . > "$OUT/build.log" 2>&1
   echo "kvblend build rc=$? $(date -u +%T)" | tee -a "$S"
 fi
-[ -d /tmp/debroot ] && export LD_LIBRARY_PATH=/tmp/debroot/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$S" 2>&1
 python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)" >> "$S" 2>&1
 for spec in ${RUNS:-}; do
-  IFS=: read -r run backend tier <<< "$spec"
-  name="$run-$backend${tier:+-$tier}"
+  IFS=: read -r run backend tier timing <<< "$spec"
+  name="$run-$backend${tier:+-$tier}${timing:+-$timing}"
   timeout ${RUN_TIMEOUT:-420} python3 benchmarks/bench_vllm_gpu.py --run "$run" --backend "$backend" \
-    --tier "${tier:-gpu}" --json "$OUT/$name.json" ${BENCH_ARGS:-} > "/tmp/$name.log" 2>&1
+    --tier "${tier:-gpu}" ${timing:+--timing} --json "$OUT/$name.json" ${BENCH_ARGS:-} \
+    > "/tmp/$name.log" 2>&1
   echo "$name rc=$? $(date -u +%T)" | tee -a "$S"
+  grep -o "segments hit.*device ms.*" "/tmp/$name.log" | sed "s/^/$name: /" >> "$OUT/phases.log"
   grep -m3 -E "kvblend: (attention backend|worker|blending)" "/tmp/$name.log" >> "$OUT/runs.log"
   grep -E "kvblend|Error|error|WARN" "/tmp/$name.log" | grep -v "Route:" | tail -16 >> "$OUT/runs.log"
   tail -40 "/tmp/$name.log" > "$OUT/last_run.log"
@@ -46,4 +49,5 @@ if [ "${PYTEST:-0}" = 1 ]; then
   tail -5 "$OUT/pytest_vllm_gpu.log"
 fi
 ls "$OUT"/*.json >/dev/null 2>&1 && python3 benchmarks/bench_vllm_gpu.py --table "$OUT"/*.json > "$OUT/table.md"
-cat "$S"; cat "$OUT/table.md" 2>/dev/null; tail -30 "$OUT/runs.log" 2>/dev/null
+cat "$S"; cat "$OUT/table.md" 2>/dev/null; tail -12 "$OUT/phases.log" 2>/dev/null
+tail -30 "$OUT/runs.log" 2>/dev/null

@@ -146,6 +146,8 @@ ENGINE_OPTIONS: dict[str, tuple[Any, Any]] = {
     "kvblend.namespace": ("", lambda v: None if isinstance(v, str) else "expected a str"),
     "kvblend.save": (True, _flag),
     "kvblend.timing": (False, _flag),
+    "kvblend.profile": (None, lambda v: None if v is None or (isinstance(v, str) and v)
+                        else "expected a file path (str)"),
     "kvblend.compile": (True, _flag),
     "kvblend.cuda_graph_max_tokens": (2048, lambda v: None if isinstance(v, int) and not isinstance(
         v, bool) and v >= 0 else "expected an int >= 0"),

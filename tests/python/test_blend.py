@@ -309,6 +309,32 @@ def test_read_only_consumer_reuses_but_never_stores(engines, smollm2):
     ro.shutdown()
 
 
+def test_profile_option_writes_each_blends_operator_table(engines, smollm2, tmp_path):
+    """kv_connector_extra_config {"kvblend.profile": path}: every blend
+    appends a torch.profiler table naming the operators it ran."""
+    _, _, tok = engines
+    sys_ids, chunks, q, sep = _pieces(tok)
+    model, _ = smollm2
+    path = tmp_path / "blend_profile.txt"
+    llm = LLM(model=model, tokenizer=tok, kv_transfer_config=KVTransferConfig(
+        kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
+        kv_role="kv_both", kv_connector_extra_config={"kvblend.profile": str(path)}))
+    _run(llm, join(sys_ids, chunks[:3], q, sep))  # stores: nothing blended yet
+    assert path.read_text() == ""  # created (checked writable) at start-up, still empty
+    out, st = _run(llm, join(sys_ids, [chunks[2], chunks[0]], q, sep))
+    assert st["segments_hit"] >= 3
+    text = path.read_text()
+    assert text.count("==== kvblend blend, request") == 1
+    assert "aten::mm" in text or "aten::addmm" in text or "aten::linear" in text
+    assert out.outputs[0].token_ids  # the profiled request still answers
+    llm.shutdown()
+    with pytest.raises(ValueError, match="'kvblend.profile'=.*cannot write there"):
+        LLM(model=model, tokenizer=tok, kv_transfer_config=KVTransferConfig(
+            kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
+            kv_role="kv_both",
+            kv_connector_extra_config={"kvblend.profile": str(tmp_path / "no" / "such.txt")}))
+
+
 def test_stale_lookup_recomputes_what_was_evicted(engines):
     """Every stored segment is evicted between the scheduler's lookup and
     the worker's load: the promised rows are recomputed (at ratio 0.15

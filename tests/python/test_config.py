@@ -165,6 +165,7 @@ def test_config_fields_come_from_the_c_table_and_pickle():
     ({"kvblend.settings": {"VLLM_X": 1}}, "expected a dict of LMCACHE_"),
     ({"kvblend.namespace": 3}, "expected a str"),
     ({"kvblend.subset_attention": "kvblend"}, "expected one of 'flex', 'sdpa'"),
+    ({"kvblend.profile": ""}, "'kvblend.profile'='': expected a file path"),
 ])
 def test_engine_options_refuse_typos_and_bad_values(extra, message):
     from kvblend.config import engine_options

@@ -302,6 +302,26 @@ def _slot_mapping(block_ids: list[int], n: int, computed: int, block_size: int) 
     return torch.where(valid, slots, torch.full_like(slots, -1))
 
 
+def _profiled(fn, path: str, title: str):
+    """Run ``fn()`` under torch.profiler and append its table (self device
+    time per operator and input shapes) to ``path``; returns fn's result."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=40,
+                                                               max_name_column_width=60,
+                                                               max_shapes_column_width=70)
+    with open(path, "a") as f:
+        f.write(f"==== kvblend blend, {title}\n{table}\n")
+    return out
+
+
 # -------------------------------------------------------------- connector
 class KVBlendConnector(KVConnectorBase_V1):
     """CacheBlend for vLLM: reuse stored chunk KV anywhere in the prompt."""
@@ -322,6 +342,16 @@ class KVBlendConnector(KVConnectorBase_V1):
         # values fail here
         self.config = Config.from_env({**os.environ, **{k: str(v) for k, v in opts["settings"].items()}})
         self.timing = opts["timing"]
+        # "kvblend.profile": a file each blend appends its torch.profiler
+        # table to (device time per kernel and input shapes; diagnostics:
+        # the profiler slows the blend down)
+        self.profile_path = opts["profile"]
+        if self.profile_path is not None:
+            try:  # refused at start-up, not in the middle of a request
+                open(self.profile_path, "a").close()
+            except OSError as e:
+                raise ValueError(f"kv_connector_extra_config 'kvblend.profile'="
+                                 f"{self.profile_path!r}: cannot write there ({e})") from e
         self.self_test_report: dict | None = None  # the start-up gate's figures (kvblend.gate)
         # "kvblend.save": False makes a read-only consumer: it reuses stored
         # chunks but never adds its own (evaluation, or a replica that must
@@ -761,16 +791,19 @@ class KVBlendConnector(KVConnectorBase_V1):
                 ratios = ratios * len(checks)
             blend_slots = _slot_mapping(a.blocks, end, end, self.block_size)
             forced = torch.frombuffer(bytearray(req.forced()), dtype=torch.uint8)[:end]
-            bs = blend_prefill(self._adapter, req, torch.tensor(rm.token_ids, dtype=torch.int64),
-                               self._layouts, blend_slots, checks, ratios,
-                               deviation=cfg.deviation, selection=cfg.selection,
-                               boundary_tokens=cfg.boundary_tokens,
-                               kv_dtype=next(iter(self._kv_caches.values())).dtype,
-                               timing=self.timing, prefix=rm.prefix,
-                               forced=self._union_forced(forced),
-                               reduce_scores=self._reduce_scores(),
-                               digest=self._tp_size > 1, attention=self.attention,
-                               pipeline=self.pipeline_loads)
+            def blend():
+                return blend_prefill(
+                    self._adapter, req, torch.tensor(rm.token_ids, dtype=torch.int64),
+                    self._layouts, blend_slots, checks, ratios, deviation=cfg.deviation,
+                    selection=cfg.selection, boundary_tokens=cfg.boundary_tokens,
+                    kv_dtype=next(iter(self._kv_caches.values())).dtype, timing=self.timing,
+                    prefix=rm.prefix, forced=self._union_forced(forced),
+                    reduce_scores=self._reduce_scores(), digest=self._tp_size > 1,
+                    attention=self.attention, pipeline=self.pipeline_loads)
+
+            bs = blend() if self.profile_path is None else \
+                _profiled(blend, self.profile_path,
+                          f"request {rm.req_id}, rank {self._rank}, {end - rm.prefix} rows")
             info.update(bs.as_dict())
             info["prefix_rows"] = rm.prefix
             info["rows_reused"] = end - rm.prefix - bs.tokens_recomputed
@@ -779,10 +812,13 @@ class KVBlendConnector(KVConnectorBase_V1):
             self._stats.data["rows_blended"] += end - rm.prefix
             self._stats.data["rows_reused"] += info["rows_reused"]
             self._stats.data["rows_recomputed"] += bs.tokens_recomputed
+            # "kvblend.timing": the device time of each phase, summed over the layers
+            phases = "; device ms: " + ", ".join(f"{k} {v:.1f}" for k, v in bs.phase_ms.items()) \
+                if bs.phase_ms else ""
             logger.info("kvblend: request %s: %d/%d segments hit, %d rows blended (%d reused, %d "
-                        "recomputed) after a %d-row prefix hit, %.1f ms%s",
+                        "recomputed) after a %d-row prefix hit, %.1f ms%s%s",
                         rm.req_id, n_hit, n_seg, end - rm.prefix, info["rows_reused"],
-                        bs.tokens_recomputed, rm.prefix, 1000 * info["blend_s"],
+                        bs.tokens_recomputed, rm.prefix, 1000 * info["blend_s"], phases,
                         f"; rank {self._rank} kept rows {bs.selected}" if bs.selected else "")
         self._stats.data["requests"] += 1
         self._stats.data["segments_total"] += n_seg
