@@ -7,8 +7,14 @@ its KV has never seen the other passages.  The question prompt
   * through an engine without the connector (full prefill), and
   * blended, once per recompute ratio (0 = pure reuse of the stored KV).
 Per ratio: token F1 against the gold answers (SQuAD-style), the mean
-KL(full || blend) of the first answer token's distribution, and the share of
-items whose greedy answer equals full prefill's.
+KL(full || blend) of the first answer token's distribution, the share of
+items whose greedy answer equals full prefill's (``agree``) and whose first
+answer token does (``agree1``).
+
+``--bf16-reference`` also runs full prefill with the model in bfloat16, the
+precision it is served in: its KL and agreement against the fp32 full
+prefill are the noise floor of these metrics for the model (how far a
+prefill that changes nothing but rounding moves them).
 
     python benchmarks/quality.py --data musique_dev.json --n 20 \
         --ratios 0,0.05,0.1,0.15,0.3 --selections k,kv,query,query*kv+b4 \
@@ -111,6 +117,9 @@ def parse_args(argv=None):
                     help="gradual filtering: ratios of the check layers before the last, e.g. "
                          "'0.5,0.3' with --check-layers 1,4,8; the last check layer takes each "
                          "--ratios value (0 stays pure reuse at every check layer)")
+    ap.add_argument("--bf16-reference", action="store_true",
+                    help="also score full prefill with the model in bfloat16 (the metrics' "
+                         "noise floor: rounding alone)")
     ap.add_argument("--json", dest="json_path", default=None)
     ap.add_argument("--plot", default=None, help="PNG of agreement and KL against the ratio")
     return ap.parse_args(argv)
@@ -140,6 +149,12 @@ def main(argv=None) -> int:
     model = model.to(args.device)
     eager = args.device != "cpu"  # no per-engine compilation on the GPU: quality, not speed
     full = LLM(model=model, tokenizer=tok, enforce_eager=eager)
+    half = None
+    if args.bf16_reference:
+        import copy
+
+        half = LLM(model=copy.deepcopy(model).to(torch.bfloat16), tokenizer=tok,
+                   enforce_eager=eager)
     n_checks = len(os.environ["LMCACHE_BLEND_CHECK_LAYERS"].split(","))
     lead = [float(x) for x in args.lead_ratios.split(",")] if args.lead_ratios else []
     if lead and len(lead) != n_checks - 1:
@@ -180,8 +195,10 @@ def main(argv=None) -> int:
     sys_ids = encode(tok, before + PREFIX)
     sep = encode(tok, os.environ["LMCACHE_BLEND_SPECIAL_STR"])
 
-    acc = {key: {"f1": [], "kl": [], "agree": [], "hit": [], "recomputed": [], "ttft": []}
-           for key in engines}
+    acc = {key: {"f1": [], "kl": [], "agree": [], "agree1": [], "hit": [], "recomputed": [],
+                 "ttft": []} for key in engines}
+    if half is not None:
+        acc["full bf16", "full"] = {name: [] for name in acc[next(iter(engines))]}
     acc_full = {"f1": [], "ttft": []}
     t_start = time.perf_counter()
     for i, item in enumerate(items):
@@ -195,6 +212,26 @@ def main(argv=None) -> int:
         ref_text = ref.outputs[0].text.strip()
         acc_full["f1"].append(f1(ref_text, item["answers"]))
         acc_full["ttft"].append(ref.metrics.ttft)
+
+        def score(key, out):
+            text = out.outputs[0].text.strip()
+            a = acc[key]
+            a["f1"].append(f1(text, item["answers"]))
+            a["kl"].append(kl(ref.first_logits, out.first_logits))
+            a["agree"].append(float(normalize(text) == normalize(ref_text)))
+            a["agree1"].append(float(int(out.first_logits.argmax()) ==
+                                     int(ref.first_logits.argmax())))
+            a["ttft"].append(out.metrics.ttft)
+            return text
+
+        if half is not None:
+            out = half.generate({"prompt_token_ids": prompt}, plain, return_first_logits=True)[0]
+            for name in ("hit", "recomputed"):
+                acc["full bf16", "full"][name].append(1.0)
+            text = score(("full bf16", "full"), out)
+            print(f"item {args.skip + i} full bf16 kl={acc['full bf16', 'full']['kl'][-1]:.4f} "
+                  f"agree={int(acc['full bf16', 'full']['agree'][-1])} {text!r} | full "
+                  f"{ref_text!r}", flush=True)
         for key, eng in engines.items():
             if key[1] == 0 and key[0] != sels[0] and not lead:
                 # ratio 0 recomputes the forced rows only, whatever the
@@ -203,24 +240,21 @@ def main(argv=None) -> int:
                     acc[key][name].append(xs[-1])
                 continue
             out = eng.generate({"prompt_token_ids": prompt}, sp[key], return_first_logits=True)[0]
-            text = out.outputs[0].text.strip()
+            text = score(key, out)
             st = runtime.request_stats(str(out.request_id)) or {}
             a = acc[key]
-            a["f1"].append(f1(text, item["answers"]))
-            a["kl"].append(kl(ref.first_logits, out.first_logits))
-            a["agree"].append(float(normalize(text) == normalize(ref_text)))
             a["hit"].append(st.get("segments_hit", 0) / max(1, st.get("segments_total", 1)))
             a["recomputed"].append(st.get("tokens_recomputed", 0) / max(1, st.get("blend_rows", 1)))
-            a["ttft"].append(out.metrics.ttft)
             print(f"item {args.skip + i} {key[0]:<12} r={key[1]:<5} f1={a['f1'][-1]:.2f} "
                   f"kl={a['kl'][-1]:.4f} agree={int(a['agree'][-1])} {text!r} | full {ref_text!r} "
                   f"| gold {item['answers']}", flush=True)
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     rows = [{"selection": "full", "ratio": "full", "f1": mean(acc_full["f1"]), "kl_vs_full": 0.0,
-             "agree_vs_full": 1.0, "ttft_s": mean(acc_full["ttft"]), "n": len(items)}]
+             "agree_vs_full": 1.0, "agree1_vs_full": 1.0, "ttft_s": mean(acc_full["ttft"]), "n": len(items)}]
     for (sel, r), a in acc.items():
         rows.append({"selection": sel, "ratio": r, "f1": mean(a["f1"]), "kl_vs_full": mean(a["kl"]),
-                     "agree_vs_full": mean(a["agree"]), "segments_hit_share": mean(a["hit"]),
+                     "agree_vs_full": mean(a["agree"]), "agree1_vs_full": mean(a["agree1"]),
+                     "segments_hit_share": mean(a["hit"]),
                      "recomputed_share": mean(a["recomputed"]), "ttft_s": mean(a["ttft"]),
                      "n": len(items), "kl_each": a["kl"], "agree_each": a["agree"]})
     reuse = {row["selection"]: row["kl_vs_full"] for row in rows if row["ratio"] == 0}
@@ -230,13 +264,16 @@ def main(argv=None) -> int:
           f"{', lead ratios ' + args.lead_ratios if lead else ''}, "
           f"{time.perf_counter() - t_start:.0f} s)")
     print(f"{'selection':>14} {'ratio':>6} {'F1':>6} {'KL(full||blend)':>16} {'KL/reuse':>9} "
-          f"{'agree':>6} {'hit':>5} {'recomp':>7} {'TTFT s':>7}")
+          f"{'agree':>6} {'agree1':>6} {'hit':>5} {'recomp':>7} {'TTFT s':>7}")
     for row in rows:
         rr = row["ratio"] if isinstance(row["ratio"], str) else f"{row['ratio']:.2f}"
-        base = reuse.get(row["selection"])
+        # the bf16 reference is measured against the first strategy's pure reuse
+        base = reuse.get(row["selection"], reuse.get(sels[0]) if row["selection"] != "full"
+                         else None)
         rel = f"{row['kl_vs_full'] / base:>9.3f}" if base else f"{'':>9}"
         print(f"{row['selection']:>14} {rr:>6} {row['f1']:>6.3f} {row['kl_vs_full']:>16.5f} {rel} "
-              f"{row['agree_vs_full']:>6.2f} {row.get('segments_hit_share', 1.0):>5.2f} "
+              f"{row['agree_vs_full']:>6.2f} {row['agree1_vs_full']:>6.2f} "
+              f"{row.get('segments_hit_share', 1.0):>5.2f} "
               f"{row.get('recomputed_share', 1.0):>7.3f} {row['ttft_s']:>7.2f}")
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(rows, indent=2))
@@ -256,7 +293,12 @@ def _plot(rows, path):
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
-    for sel in dict.fromkeys(r["selection"] for r in rows if r["selection"] != "full"):
+    for r in rows:  # the bf16 full prefill: the noise floor, a horizontal line
+        if r["selection"] == "full bf16":
+            ax[0].axhline(r["agree_vs_full"], color="grey", ls="--", label="full prefill, bf16")
+            ax[1].axhline(max(r["kl_vs_full"], 1e-9), color="grey", ls="--",
+                          label="full prefill, bf16")
+    for sel in dict.fromkeys(r["selection"] for r in rows if not isinstance(r["ratio"], str)):
         pts = [r for r in rows if r["selection"] == sel]
         ax[0].plot([r["ratio"] for r in pts], [r["agree_vs_full"] for r in pts], "o-", label=sel)
         ax[1].plot([r["ratio"] for r in pts], [max(r["kl_vs_full"], 1e-9) for r in pts], "o-",
