@@ -223,6 +223,24 @@ def attention_times(n, ratio=0.15):
     # reference check of the subset against SDPA's rows
     ref = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True,
                                          enable_gqa=True)[0].transpose(0, 1)[idx].float()
+    # the "fa3" strategy (FlashAttention 3 over key blocks), where vLLM's FA3 imports
+    try:
+        from kvblend.model.attention import FA3Attention, SubsetGraphs
+
+        fa3 = FA3Attention()
+        sg = SubsetGraphs(lambda q_, k_, v_: fa3.attend(q_, idx, k_, v_, HEAD ** -0.5))
+        fo3 = sg(qs, kp, vp).clone()
+        variants["fa3"] = round(cuda_time(lambda: sg(qs, kp, vp)), 4)
+        variants["fa3 eager"] = round(cuda_time(lambda: fa3.attend(qs, idx, kp, vp,
+                                                                   HEAD ** -0.5)), 4)
+        variants["fa3 err"] = round(float((fo3.float() - ref).norm() / ref.norm()), 5)
+        for page in (16, 64):
+            fa3p = FA3Attention(page=page)
+            sgp = SubsetGraphs(lambda q_, k_, v_: fa3p.attend(q_, idx, k_, v_, HEAD ** -0.5))
+            sgp(qs, kp, vp)
+            variants[f"fa3 page {page}"] = round(cuda_time(lambda: sgp(qs, kp, vp)), 4)
+    except Exception as e:  # noqa: BLE001 - reported, not fatal
+        variants["fa3"] = repr(e)[:120]
     err = float((out.float() - ref).norm() / ref.norm())
     if fo is not None:
         flex_err = float((fo.float() - ref).norm() / ref.norm())
@@ -272,7 +290,7 @@ def main():
     ap.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                       "RESULTS.md"),
                     help="append the table to this file (default benchmarks/RESULTS.md; '' = don't)")
-    ap.add_argument("--subset-attention", default="flex", choices=("flex", "sdpa"),
+    ap.add_argument("--subset-attention", default="flex", choices=("flex", "sdpa", "fa3"),
                     help="subset attention of the blend on CUDA")
     ap.add_argument("--no-pipeline", action="store_true",
                     help="load each layer on the compute stream (no layer-ahead loads)")

@@ -381,7 +381,228 @@ class FlexGraphs:
         return out
 
 
-SUBSET_ATTENTIONS = {"flex": FlexAttention, "sdpa": SdpaAttention}
+def block_split_attention(q, q_pos, k, v, scale: float, block: int, prior, diagonal):
+    """Subset attention split at key-block boundaries, the form dense
+    attention kernels without per-query key limits can run exactly.
+
+    q [A,Hq,D] at ascending positions ``q_pos`` (int64, distinct) over k/v
+    [Np,Hkv,D] at positions 0..Np-1, Np a multiple of ``block``; query i sees
+    key j iff j <= q_pos[i].  A query in key block g = q_pos // block sees
+    * every key of the blocks before g: ``prior(q, cu_q, nkb)``, attention of
+      the queries rows [cu_q[g], cu_q[g+1]) over keys [0, g*block) without a
+      mask (``cu_q`` int32 [nkb+1], the start of each block's queries);
+    * the keys of block g up to its own position: ``diagonal(qf, nkb)``,
+      causal attention inside each block over every row of it (``qf``
+      [Np,Hq,D]: the queries at their positions, zeros elsewhere);
+    each returning (out [rows,Hq,D], logsumexp fp32 [Hq,rows]).  The two
+    parts are merged by their log-sum-exps in fp32; queries of block 0 have
+    no prior keys and take the diagonal part alone.  Everything stays on the
+    device (no host reads).  Returns q's dtype."""
+    n_pad = k.shape[0]
+    if n_pad % block:
+        raise ValueError(f"block_split_attention: {n_pad} key rows are not a multiple of "
+                         f"the block ({block})")
+    nkb = n_pad // block
+    bounds = torch.arange(nkb + 1, device=q.device, dtype=q_pos.dtype) * block
+    cu_q = torch.searchsorted(q_pos, bounds).to(torch.int32)
+    o1, lse1 = prior(q, cu_q, nkb)
+    qf = q.new_zeros((n_pad,) + tuple(q.shape[1:]))
+    qf.index_copy_(0, q_pos, q)
+    o2, lse2 = diagonal(qf, nkb)
+    o2, lse2 = o2.index_select(0, q_pos).float(), lse2.index_select(1, q_pos).float()
+    first = (q_pos < block)[None, :]
+    lse1 = torch.where(first, float("-inf"), lse1.float())
+    m = torch.maximum(lse1, lse2)
+    w1, w2 = torch.exp(lse1 - m), torch.exp(lse2 - m)  # [Hq, A]
+    w1, w2, total = w1.t()[..., None], w2.t()[..., None], (w1 + w2).t()[..., None]
+    o = (torch.where(first.t()[..., None], 0.0, o1.float()) * w1 + o2 * w2) / total
+    return o.to(q.dtype)
+
+
+def dense_prior(q, cu_q, nkb, k, v, scale: float, block: int):
+    """``prior`` of ``block_split_attention`` in plain torch, fp32 (the
+    reference the kernels are tested against): returns (out, lse) with
+    out 0 and lse -inf for queries of block 0."""
+    A = q.shape[0]
+    rows = torch.arange(A, device=q.device, dtype=cu_q.dtype)
+    g = torch.searchsorted(cu_q[1:].contiguous(), rows, right=True)
+    limit = (g * block)[:, None]  # keys [0, limit) seen
+    keys = torch.arange(k.shape[0], device=q.device)[None, :]
+    return _dense(q, k, v, scale, keys < limit)
+
+
+def dense_diagonal(qf, nkb, k, v, scale: float, block: int):
+    """``diagonal`` of ``block_split_attention`` in plain torch, fp32."""
+    n = k.shape[0]
+    pos = torch.arange(n, device=qf.device)
+    seen = (pos[None, :] <= pos[:, None]) & (pos[None, :] // block == pos[:, None] // block)
+    return _dense(qf, k, v, scale, seen)
+
+
+def _dense(q, k, v, scale, seen):
+    """Masked attention, fp32: (out [T,Hq,D], lse [Hq,T]); rows that see
+    nothing: out 0, lse -inf."""
+    group = q.shape[1] // k.shape[1]
+    ke = k.float().repeat_interleave(group, dim=1)
+    ve = v.float().repeat_interleave(group, dim=1)
+    logits = torch.einsum("thd,nhd->htn", q.float(), ke) * scale
+    logits = logits.masked_fill(~seen[None], float("-inf"))
+    lse = torch.logsumexp(logits, -1)
+    p = torch.exp(logits - lse[..., None]).nan_to_num(0.0)
+    return torch.einsum("htn,nhd->thd", p, ve), lse
+
+
+def flash_attn_v3():
+    """vLLM's FlashAttention 3 varlen function, or None with the reason
+    (vLLM not installed, not a Hopper GPU, ...)."""
+    try:
+        from vllm.vllm_flash_attn import flash_attn_interface as fa
+    except Exception as e:  # noqa: BLE001 - any import failure: unavailable
+        return None, f"vllm.vllm_flash_attn does not import ({type(e).__name__}: {e})"
+    if not fa.is_fa_version_supported(3):
+        return None, f"FlashAttention 3 unsupported here: {fa.fa_version_unsupported_reason(3)}"
+    return fa.flash_attn_varlen_func, None
+
+
+class FA3Attention(SdpaAttention):
+    """The "fa3" strategy: ``block_split_attention`` on vLLM's FlashAttention
+    3 kernels (Hopper).  The prior part is one varlen call whose sequences
+    are the queries of each 128-key block, over a block table that views the
+    staging buffer as pages of ``page`` rows (every block's table is the whole
+    buffer, ``seqused_k`` = the block's start), no mask; the diagonal part a
+    second varlen call, causal, with every 128-row block its own sequence.
+    Both are exact, use tensor cores with FA3's own scheduling and splits,
+    and depend on the active set only through ``cu_q`` (computed on the
+    device).  A blend's later calls replay CUDA graphs per staging pair.
+    bfloat16 and float16 only (float32 and sliding windows: SDPA); where
+    the kernels fail (logged once) this strategy is SDPA's from then on.
+    Needs vLLM's FA3 build (Hopper): asking for it elsewhere is refused
+    with the reason."""
+
+    name = "fa3"
+    tile = 128
+
+    def __init__(self, fn=None, cuda_graphs: bool = True, page: int = 128):
+        if page <= 0 or self.tile % page:
+            raise ValueError(f"page={page}: expected a divisor of {self.tile}")
+        self._fn, self.cuda_graphs, self.page = fn, cuda_graphs, page
+        self.broken = False
+        self._tables: dict = {}
+        if self._fn is None:
+            self._fn, why = flash_attn_v3()
+            if self._fn is None:
+                raise ValueError(f"subset attention 'fa3': {why}")
+
+    def begin(self, scale: float, group: int) -> BlendAttention:
+        return _FA3Blend(self, scale)
+
+    def _table(self, nkb: int, device):
+        """(block table [nkb, pages]: every row the whole buffer, seqused_k
+        [nkb]: each block's start, cu_seqlens [nkb+1] of whole blocks)."""
+        key = (nkb, str(device))
+        t = self._tables.get(key)
+        if t is None:
+            pages = nkb * (self.tile // self.page)
+            every = torch.arange(pages, dtype=torch.int32, device=device)
+            t = self._tables[key] = (
+                every.expand(nkb, pages).contiguous(),
+                torch.arange(nkb, dtype=torch.int32, device=device) * self.tile,
+                torch.arange(nkb + 1, dtype=torch.int32, device=device) * self.tile)
+        return t
+
+    def attend(self, q, q_pos, k, v, scale: float):
+        """Subset attention of q [A,Hq,D] at ascending positions ``q_pos``
+        over k/v [Np,Hkv,D] (Np a multiple of 128, rows past the last
+        position never seen)."""
+        B, fn = self.tile, self._fn
+        n_pad, hkv, d = k.shape
+        table, seqused, cu_all = self._table(n_pad // B, k.device)
+        P = self.page
+        pages = (k.view(n_pad // P, P, hkv, d), v.view(n_pad // P, P, hkv, d))
+
+        def prior(q_, cu_q, nkb):
+            return fn(q_, pages[0], pages[1], max_seqlen_q=B, cu_seqlens_q=cu_q,
+                      max_seqlen_k=n_pad, seqused_k=seqused, softmax_scale=scale,
+                      causal=False, block_table=table, return_softmax_lse=True, fa_version=3)
+
+        def diagonal(qf, nkb):
+            return fn(qf, k, v, max_seqlen_q=B, cu_seqlens_q=cu_all, max_seqlen_k=B,
+                      cu_seqlens_k=cu_all, softmax_scale=scale, causal=True,
+                      return_softmax_lse=True, fa_version=3)
+
+        return block_split_attention(q, q_pos, k, v, scale, B, prior, diagonal)
+
+
+class _FA3Blend(BlendAttention):
+    """FA3 subset attention for one blend: eager first call per active set
+    and staging pair, CUDA graphs after."""
+
+    def __init__(self, strategy: FA3Attention, scale: float):
+        super().__init__(strategy, scale)
+        self.new_active()
+
+    def new_active(self) -> None:
+        self.graphs = None
+
+    def __call__(self, q, active, k, v, window, padded=None) -> torch.Tensor:
+        fa = self.strategy
+        if (not q.is_cuda or active.numel() == k.shape[0] or window is not None
+                or q.dtype not in (torch.bfloat16, torch.float16) or fa.broken):
+            return super().__call__(q, active, k, v, window, padded)
+        pk, pv = (x.to(q.dtype) for x in (padded if padded is not None else (k, v)))
+        if self.graphs is None:
+            try:
+                out = fa.attend(q, active, pk, pv, self.scale)
+            except Exception as e:  # noqa: BLE001 - SDPA from now on, said once
+                fa.broken = True
+                logger.warning("kvblend: FlashAttention 3 subset attention failed (%s: %s); "
+                               "subset attention uses SDPA with a mask", type(e).__name__, e)
+                return super().__call__(q, active, k, v, window, padded)
+            if fa.cuda_graphs:
+                self.graphs = SubsetGraphs(lambda q_, k_, v_: fa.attend(q_, active, k_, v_,
+                                                                       self.scale))
+            return out
+        return self.graphs(q, pk, pv)
+
+
+class SubsetGraphs:
+    """A subset attention's calls for one active set as CUDA graphs: one per
+    staging pair (the K/V buffers alternate by layer), captured at its first
+    use with a static query buffer, replayed after copying the queries in.
+    The output is the graph's static tensor, overwritten when the same pair
+    is used again (two layers later).  A capture that fails is logged once
+    and every later call of this set runs eagerly."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.graphs: dict = {}
+        self.q = None
+        self.failed = False
+
+    def __call__(self, q, k, v):
+        if self.failed:
+            return self.fn(q, k, v)
+        key = (k.data_ptr(), v.data_ptr(), tuple(q.shape), q.dtype)
+        entry = self.graphs.get(key)
+        if self.q is None or self.q.shape != q.shape or self.q.dtype != q.dtype:
+            self.q = torch.empty_like(q)
+            self.graphs = {}
+            entry = None
+        self.q.copy_(q)
+        if entry is None:
+            try:
+                entry = self.graphs[key] = capture_cuda_graph(lambda: self.fn(self.q, k, v))
+            except Exception as e:  # noqa: BLE001 - eager from now on
+                self.failed = True
+                logger.warning("kvblend: subset attention CUDA graph capture failed (%s: %s); "
+                               "it runs eagerly", type(e).__name__, e)
+                return self.fn(q, k, v)
+        graph, out = entry
+        graph.replay()
+        return out
+
+
+SUBSET_ATTENTIONS = {"flex": FlexAttention, "sdpa": SdpaAttention, "fa3": FA3Attention}
 
 
 def subset_attention(name: str = "flex", device: torch.device | str = "cpu") -> KernelAttention:
@@ -393,4 +614,4 @@ def subset_attention(name: str = "flex", device: torch.device | str = "cpu") -> 
                          f"{', '.join(SUBSET_ATTENTIONS)}")
     if torch.device(device).type != "cuda":
         return KernelAttention()
-    return SUBSET_ATTENTIONS[name]()
+    return SUBSET_ATTENTIONS[name]()  # "fa3" raises ValueError naming why it cannot run

@@ -1,0 +1,74 @@
+"""Subset attention split at key-block boundaries (``block_split_attention``,
+the form the "fa3" strategy runs on FlashAttention 3): with its two parts
+computed in plain torch it equals kvblend's C attention op, the CPU
+reference, on the same subset; the GPU suite checks the FA3 parts."""
+
+import pytest
+import torch
+
+pytest.importorskip("kvblend._kvblend")
+
+from kvblend import ops  # noqa: E402
+from kvblend.model.attention import (  # noqa: E402
+    block_split_attention, dense_diagonal, dense_prior, subset_attention)
+
+
+def _split(q, q_pos, k, v, scale, block):
+    n = k.shape[0]
+    n_pad = -(-n // block) * block
+    kp = torch.cat((k, k.new_zeros((n_pad - n,) + tuple(k.shape[1:]))))
+    vp = torch.cat((v, v.new_zeros((n_pad - n,) + tuple(v.shape[1:]))))
+    return block_split_attention(
+        q, q_pos, kp, vp, scale, block,
+        lambda q_, cu, nkb: dense_prior(q_, cu, nkb, kp, vp, scale, block),
+        lambda qf, nkb: dense_diagonal(qf, nkb, kp, vp, scale, block))
+
+
+@pytest.mark.parametrize("n,block", [(300, 64), (256, 64), (77, 128), (520, 16)])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
+def test_block_split_equals_the_c_attention(n, block, hq, hkv):
+    """Random subsets that include row 0, rows of the first block (no prior
+    keys), block boundaries and the last row."""
+    g = torch.Generator().manual_seed(n * 31 + block + hq)
+    q_all = torch.randn(n, hq, 32, generator=g)
+    k = torch.randn(n, hkv, 32, generator=g)
+    v = torch.randn(n, hkv, 32, generator=g)
+    pick = torch.randperm(n, generator=g)[: max(1, n // 6)]
+    extra = torch.tensor([0, 1, min(block, n - 1), min(block - 1, n - 1), n - 1])
+    q_pos = torch.unique(torch.cat((pick, extra)))  # sorted
+    q = q_all[q_pos].contiguous()
+    want = ops.attention(q, q_pos, k, v, torch.arange(n), 0.17)
+    got = _split(q, q_pos, k, v, 0.17, block)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert torch.allclose(got, want, atol=2e-5, rtol=1e-4), float((got - want).abs().max())
+
+
+def test_block_split_only_first_block_and_every_row():
+    """Every query in block 0 (the prior part sees nothing), and the
+    subset that is every row (plain causal attention)."""
+    g = torch.Generator().manual_seed(5)
+    n, block = 200, 64
+    q_all = torch.randn(n, 4, 16, generator=g)
+    k = torch.randn(n, 2, 16, generator=g)
+    v = torch.randn(n, 2, 16, generator=g)
+    for q_pos in (torch.arange(0, 40, 3), torch.arange(n)):
+        q = q_all[q_pos].contiguous()
+        want = ops.attention(q, q_pos, k, v, torch.arange(n), 0.25)
+        got = _split(q, q_pos, k, v, 0.25, block)
+        assert torch.isfinite(got).all()
+        assert torch.allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_block_split_refuses_unpadded_keys():
+    q = torch.zeros(2, 2, 8)
+    k = torch.zeros(100, 2, 8)
+    with pytest.raises(ValueError, match="100 key rows are not a multiple of the block \\(64\\)"):
+        block_split_attention(q, torch.tensor([3, 9]), k, k, 1.0, 64, None, None)
+
+
+def test_fa3_strategy_is_cpu_kernel_on_cpu_and_named_in_errors():
+    """On the CPU every name gives kvblend's C attention; an unknown name is
+    refused with the choices, fa3 among them."""
+    assert subset_attention("fa3", "cpu").name == "kvblend"
+    with pytest.raises(ValueError, match="fa3"):
+        subset_attention("fa4", "cpu")
