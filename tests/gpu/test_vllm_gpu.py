@@ -42,6 +42,9 @@ def test_blend_through_vllm_backend(tmp_path, backend):
     base, _ = _bench(tmp_path, "--run", "baseline", "--backend", backend)
     blend, text = _bench(tmp_path, "--run", "blend", "--backend", backend, "--tier", "gpu")
     assert f"kvblend: attention backend {backend}" in text and "layout '" in text, text[-3000:]
+    # vLLM's defaults: the blend's layer pieces are compiled and replayed
+    # from CUDA graphs, like vLLM's own forward
+    assert "layer pieces compiled, CUDA graphs" in text, text[-3000:]
     b, r = base["rows"][0], blend["rows"][0]
     kb = r["kvblend"]
     assert (kb["segments_total"], kb["segments_hit"]) == (10, 9)
@@ -49,3 +52,23 @@ def test_blend_through_vllm_backend(tmp_path, backend):
     assert all(c == kb["prefix_rows"] + kb["blend_rows"] for c in r["num_cached_tokens"])
     assert r["check_cached"] > 0.9 * r["tokens"]
     assert r["check_tokens"] == b["check_tokens"]
+
+
+def test_fa3_subset_attention_through_vllm(tmp_path):
+    """{"kvblend.subset_attention": "fa3"} (vLLM's FlashAttention 3 over key
+    blocks) through vLLM's FLASH_ATTN backend: the r=0.15 blends run its
+    kernels from CUDA graphs (no fallback logged; their numbers are checked
+    against the CPU reference in test_gpu.py) and ratio 1.0 still gives
+    vLLM's own greedy tokens."""
+    from kvblend.model.attention import flash_attn_v3
+
+    if flash_attn_v3()[0] is None:
+        pytest.skip(flash_attn_v3()[1])
+    base, _ = _bench(tmp_path, "--run", "baseline", "--backend", "FLASH_ATTN")
+    blend, text = _bench(tmp_path, "--run", "blend", "--backend", "FLASH_ATTN", "--tier", "gpu",
+                         "--subset-attention", "fa3")
+    assert "FlashAttention 3 subset attention failed" not in text, text[-3000:]
+    assert "CUDA graph capture failed" not in text, text[-3000:]
+    r = blend["rows"][0]
+    assert (r["kvblend"]["segments_total"], r["kvblend"]["segments_hit"]) == (10, 9)
+    assert r["check_tokens"] == base["rows"][0]["check_tokens"]

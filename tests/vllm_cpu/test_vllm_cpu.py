@@ -87,3 +87,30 @@ def test_unsupported_architecture_fails_with_its_name():
     GPT2LMHeadModel.__module__ = "vllm.model_executor.models.gpt2"
     with pytest.raises(ValueError, match=r"unsupported model architecture 'GPT2LMHeadModel' \(vLLM\)"):
         get_adapter(GPT2LMHeadModel())
+
+
+def test_vllm_adapter_compiled_pieces_equal_eager(llm):
+    """The blend's layer pieces through torch.compile (what the vLLM path
+    runs on CUDA; here Inductor's CPU code) give the eager modules' numbers,
+    and one compilation serves every layer."""
+    from torch._dynamo.utils import counters
+
+    ad = get_adapter(runtime.get_model())
+    ids = torch.tensor(llm.get_tokenizer().encode(PROMPT))
+    with torch.inference_mode():  # as in the blend (its positions are inference tensors)
+        pos = torch.arange(3, 3 + ids.numel())
+        h = ad.embed(ids)
+        attn = torch.randn(ids.numel(), ad.num_q_heads * ad.head_size,
+                           generator=torch.Generator().manual_seed(0))
+        want = [(ad._qkv(layer, h, pos), ad._out(layer, attn, h)) for layer in (2, 29)]
+        try:
+            assert ad.enable_compile(True, cpu=True)
+            before = counters["stats"]["unique_graphs"]
+            got = [(ad._qkv(layer, h, pos), ad._out(layer, attn, h)) for layer in (2, 29)]
+            assert counters["stats"]["unique_graphs"] == before  # compiled once, at enable
+        finally:
+            ad.enable_compile(False)
+    for (wq, wo), (gq, go) in zip(want, got):
+        for w, g in zip(wq + (wo,), gq + (go,)):
+            assert w.shape == g.shape
+            assert torch.allclose(w, g, atol=1e-4, rtol=1e-4), float((w - g).abs().max())

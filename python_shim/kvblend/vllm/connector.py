@@ -716,15 +716,17 @@ class KVBlendConnector(KVConnectorBase_V1):
         self._conn.watch_store(True)
         self._tier_last: dict[str, int] = {}
         runtime.register_worker(self)  # kvblend.store_stats()
-        adapter.enable_compile(self.compile_pieces)
-        adapter.enable_cuda_graphs(self.cuda_graph_max_tokens)
+        compiled = adapter.enable_compile(self.compile_pieces)
+        graphs = adapter.enable_cuda_graphs(self.cuda_graph_max_tokens)
         self._adapter = adapter
         if self._tp_size != self.world_size and self._in_vllm:
             raise RuntimeError(f"kvblend: tensor-parallel group has {self._tp_size} ranks, the "
                                f"config {self.world_size}")
-        logger.info("kvblend: worker rank %d/%d stores %d KV heads of %d layers (%s)",
-                    self._rank, self._tp_size, adapter.num_kv_heads, adapter.num_layers,
-                    type(model).__name__)
+        logger.info("kvblend: worker rank %d/%d stores %d KV heads of %d layers (%s); layer "
+                    "pieces %s, %s", self._rank, self._tp_size, adapter.num_kv_heads,
+                    adapter.num_layers, type(model).__name__,
+                    "compiled" if compiled else "eager",
+                    "CUDA graphs" if graphs else "no CUDA graphs")
 
     def start_load_kv(self, forward_context, **kwargs):
         """Begin this step's requests (blending those with external rows)."""
