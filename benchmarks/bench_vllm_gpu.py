@@ -98,7 +98,9 @@ def run(args) -> dict:
             kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
             kv_role="kv_both",
             kv_connector_extra_config={"kvblend.separator_ids": SEP, "kvblend.timing": args.timing,
-                                       "kvblend.profile": args.profile})
+                                       "kvblend.profile": args.profile,
+                                       "kvblend.compile": not args.no_compile,
+                                       "kvblend.subset_attention": args.subset_attention})
     lengths = [int(x) for x in args.lengths.split(",")]
     llm = LLM(model=model_dir(), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=max(lengths) + 256, gpu_memory_utilization=args.gpu_mem, seed=0,
@@ -127,7 +129,8 @@ def run(args) -> dict:
                      "check_cached": int(out.num_cached_tokens or 0)})
         print(json.dumps(rows[-1]), flush=True)
     return {"run": args.run, "tier": args.tier, "backend": args.backend or "default",
-            "ratio": args.ratio, "timing": args.timing, "rows": rows}
+            "ratio": args.ratio, "timing": args.timing, "compile": not args.no_compile,
+            "subset_attention": args.subset_attention, "rows": rows}
 
 
 def table(paths: list[str]) -> str:
@@ -146,7 +149,10 @@ def table(paths: list[str]) -> str:
             same = "-" if not ref or r["run"] == "baseline" else \
                 str(row["check_tokens"] == ref["check_tokens"])
             kb = row.get("kvblend") or {}
-            run = r["run"] + (" (phase timing)" if r.get("timing") else "")
+            run = r["run"] + (" (phase timing)" if r.get("timing") else "") + \
+                (" (eager pieces)" if r["run"] == "blend" and not r.get("compile", True) else "") + \
+                (f" ({r['subset_attention']})" if r["run"] == "blend" and
+                 r.get("subset_attention", "flex") != "flex" else "")
             lines.append(f"| {r['backend']} | {run} | {r['tier'] if r['run'] == 'blend' else '-'} "
                          f"| {row['tokens']} | {row['ttft_s']:.4f} | "
                          f"{ref['ttft_s']:.4f} | {sp} | {row['num_cached_tokens'][-1]} | "
@@ -169,6 +175,10 @@ def main(argv=None) -> int:
                    help="blend runs: log each blend's device time per phase (CUDA events, one "
                         "synchronize at the end of the blend, so the TTFT of such a run is not "
                         "the figure to quote)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="blend runs: the layer pieces eager (kvblend.compile off), to compare")
+    p.add_argument("--subset-attention", default="flex", choices=("flex", "sdpa", "fa3"),
+                   help="blend runs: kvblend.subset_attention")
     p.add_argument("--lengths", default="4096,8192,16384")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--gpu-mem", type=float, default=0.55)

@@ -6,7 +6,9 @@
 #      scripts/gpu_vllm_bundle.sh) are installed into /root/vllm_site;
 #   2. kvblend is built with CUDA (libraries from .debs/, scripts/gpu_env.sh);
 #   3. RUNS (space-separated, e.g. "baseline:FLASH_ATTN blend:FLASH_ATTN:gpu";
-#      a fourth field "timing" logs each blend's device time per phase) of
+#      a fourth field, comma-separated flags: "timing" logs each blend's device
+#      time per phase, "eager" turns the compiled layer pieces off, "fa3" takes
+#      the FlashAttention 3 subset attention) of
 #      benchmarks/bench_vllm_gpu.py, each in its own process, and the
 #      GPU pytest of the vLLM path when PYTEST=1.
 # Results: $OUT/summary.txt, one JSON per run, the logs, table.md.
@@ -31,10 +33,14 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$S" 2>&1
 python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)" >> "$S" 2>&1
 for spec in ${RUNS:-}; do
-  IFS=: read -r run backend tier timing <<< "$spec"
-  name="$run-$backend${tier:+-$tier}${timing:+-$timing}"
+  IFS=: read -r run backend tier flags <<< "$spec"
+  name="$run-$backend${tier:+-$tier}${flags:+-${flags//,/-}}"
+  extra=()
+  [[ ",$flags," == *,timing,* ]] && extra+=(--timing)
+  [[ ",$flags," == *,eager,* ]] && extra+=(--no-compile)
+  [[ ",$flags," == *,fa3,* ]] && extra+=(--subset-attention fa3)
   timeout ${RUN_TIMEOUT:-420} python3 benchmarks/bench_vllm_gpu.py --run "$run" --backend "$backend" \
-    --tier "${tier:-gpu}" ${timing:+--timing} --json "$OUT/$name.json" ${BENCH_ARGS:-} \
+    --tier "${tier:-gpu}" "${extra[@]}" --json "$OUT/$name.json" ${BENCH_ARGS:-} \
     > "/tmp/$name.log" 2>&1
   echo "$name rc=$? $(date -u +%T)" | tee -a "$S"
   grep -o "segments hit.*device ms.*" "/tmp/$name.log" | sed "s/^/$name: /" >> "$OUT/phases.log"
