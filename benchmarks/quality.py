@@ -117,6 +117,9 @@ def parse_args(argv=None):
                     help="gradual filtering: ratios of the check layers before the last, e.g. "
                          "'0.5,0.3' with --check-layers 1,4,8; the last check layer takes each "
                          "--ratios value (0 stays pure reuse at every check layer)")
+    ap.add_argument("--lead-factor", type=float, default=None,
+                    help="gradual filtering with the earlier check layers keeping this many "
+                         "times each final ratio (e.g. 2: 0.1 at layer 1, 0.05 at the last)")
     ap.add_argument("--bf16-reference", action="store_true",
                     help="also score full prefill with the model in bfloat16 (the metrics' "
                          "noise floor: rounding alone)")
@@ -160,10 +163,19 @@ def main(argv=None) -> int:
     if lead and len(lead) != n_checks - 1:
         raise SystemExit(f"--lead-ratios has {len(lead)} values for {n_checks} check layers "
                          "(expected one fewer)")
+    if args.lead_factor is not None:
+        if lead or n_checks < 2 or args.lead_factor < 1:
+            raise SystemExit("--lead-factor needs several check layers, a factor >= 1 and no "
+                             "--lead-ratios")
+        lead = [args.lead_factor] * (n_checks - 1)  # multiplied by each final ratio below
 
     def schedule(r):
         """Ratios per check layer for final ratio r."""
-        return [0.0] * n_checks if r == 0 else [max(x, r) for x in lead] + [r]
+        if r == 0:
+            return [0.0] * n_checks
+        if args.lead_factor is not None:
+            return [min(1.0, x * r) for x in lead] + [r]
+        return [max(x, r) for x in lead] + [r]
 
     def engine(extra):
         ktc = KVTransferConfig(kv_connector="KVBlendConnector", kv_connector_module_path="kvblend.vllm",
@@ -261,7 +273,8 @@ def main(argv=None) -> int:
     print(f"\nquality on {len(items)} items of {args.data} from item {args.skip} ({args.model} "
           f"fp32 on {args.device}, {args.max_tokens} tokens, "
           f"check layers {os.environ['LMCACHE_BLEND_CHECK_LAYERS']}"
-          f"{', lead ratios ' + args.lead_ratios if lead else ''}, "
+          f"{', lead ratios ' + args.lead_ratios if args.lead_ratios else ''}"
+          f"{f', lead factor {args.lead_factor:g}' if args.lead_factor else ''}, "
           f"{time.perf_counter() - t_start:.0f} s)")
     print(f"{'selection':>14} {'ratio':>6} {'F1':>6} {'KL(full||blend)':>16} {'KL/reuse':>9} "
           f"{'agree':>6} {'agree1':>6} {'hit':>5} {'recomp':>7} {'TTFT s':>7}")
