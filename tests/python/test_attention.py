@@ -20,8 +20,8 @@ def _split(q, q_pos, k, v, scale, block):
     vp = torch.cat((v, v.new_zeros((n_pad - n,) + tuple(v.shape[1:]))))
     return block_split_attention(
         q, q_pos, kp, vp, scale, block,
-        lambda q_, cu, nkb: dense_prior(q_, cu, nkb, kp, vp, scale, block),
-        lambda qf, nkb: dense_diagonal(qf, nkb, kp, vp, scale, block))
+        lambda q_, cu: dense_prior(q_, cu, kp, vp, scale, block),
+        lambda qf: dense_diagonal(qf, kp, vp, scale, block))
 
 
 @pytest.mark.parametrize("n,block", [(300, 64), (256, 64), (77, 128), (520, 16)])
@@ -72,3 +72,24 @@ def test_fa3_strategy_is_cpu_kernel_on_cpu_and_named_in_errors():
     assert subset_attention("fa3", "cpu").name == "kvblend"
     with pytest.raises(ValueError, match="fa3"):
         subset_attention("fa4", "cpu")
+
+
+def test_windowed_attention_matches_a_per_query_loop():
+    """The CPU path of sliding-window layers against one query and one head
+    at a time in float64: key j seen iff q_pos - window < j <= q_pos."""
+    from kvblend.model.attention import windowed_attention
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(30, 8, 16, generator=g)
+    k = torch.randn(50, 2, 16, generator=g)
+    v = torch.randn(50, 2, 16, generator=g)
+    q_pos = torch.sort(torch.randperm(50, generator=g)[:30]).values
+    want = torch.zeros(30, 8, 16, dtype=torch.float64)
+    for t in range(30):
+        seen = (torch.arange(50) <= q_pos[t]) & (torch.arange(50) > q_pos[t] - 8)
+        for h in range(8):
+            logits = (k[seen, h // 4].double() @ q[t, h].double()) * 0.3
+            want[t, h] = torch.softmax(logits, 0) @ v[seen, h // 4].double()
+    got = windowed_attention(q, q_pos, k, v, torch.arange(50), 0.3, 8)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, atol=1e-5), float((got.double() - want).abs().max())

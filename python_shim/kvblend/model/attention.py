@@ -91,13 +91,21 @@ def windowed_attention(q, q_pos, k, v, k_pos, scale: float, window: int) -> torc
     """Causal attention by position with a sliding window in plain torch,
     fp32: the CPU path of sliding-window layers (kvblend's C attention has
     no window).  q [T, Hq, D], k/v [N, Hkv, D]; returns q's dtype."""
+    return _dense(q, k, v, scale, ~hidden(q_pos, k_pos, window))[0].to(q.dtype)
+
+
+def _dense(q, k, v, scale, seen):
+    """Attention of q [T,Hq,D] over k/v [N,Hkv,D] (GQA) where ``seen``
+    [T, N], in plain torch, fp32: (out [T,Hq,D], log-sum-exp [Hq,T]); rows
+    that see nothing: out 0, lse -inf."""
     group = q.shape[1] // k.shape[1]
     ke = k.float().repeat_interleave(group, dim=1)
     ve = v.float().repeat_interleave(group, dim=1)
     logits = torch.einsum("thd,nhd->htn", q.float(), ke) * scale
-    p = torch.softmax(logits.masked_fill(hidden(q_pos, k_pos, window), float("-inf")),
-                      -1).nan_to_num(0.0)
-    return torch.einsum("htn,nhd->thd", p, ve).to(q.dtype)
+    logits = logits.masked_fill(~seen[None], float("-inf"))
+    lse = torch.logsumexp(logits, -1)
+    p = torch.exp(logits - lse[..., None]).nan_to_num(0.0)
+    return torch.einsum("htn,nhd->thd", p, ve), lse
 
 
 class KernelAttention:
@@ -155,6 +163,12 @@ class BlendAttention:
 
     def new_active(self) -> None:
         """The active rows changed (nothing kept for them here)."""
+
+    def _kernel_runs(self, q, active, k, window, dtypes) -> bool:
+        """Whether a GPU kernel strategy (not yet ``broken``) takes this call:
+        CUDA, a subset of the rows, no window, one of its ``dtypes``."""
+        return (q.is_cuda and active.numel() != k.shape[0] and window is None
+                and q.dtype in dtypes and not self.strategy.broken)
 
     def __call__(self, q, active, k, v, window, padded=None) -> torch.Tensor:
         if q.is_cuda and active.numel() == k.shape[0]:
@@ -322,8 +336,7 @@ class _FlexBlend(BlendAttention):
 
     def __call__(self, q, active, k, v, window, padded=None) -> torch.Tensor:
         flex = self.strategy
-        if (not q.is_cuda or active.numel() == k.shape[0] or window is not None
-                or q.dtype not in _FLEX_DTYPES or flex.broken):
+        if not self._kernel_runs(q, active, k, window, _FLEX_DTYPES):
             return super().__call__(q, active, k, v, window, padded)
         if self.mask is None:
             self.mask = flex.block_mask(active, k.shape[0], self.group)
@@ -340,46 +353,62 @@ class _FlexBlend(BlendAttention):
         return attn
 
 
-class FlexGraphs:
-    """The FlexAttention calls of one active set as CUDA graphs: one per
-    staging pair (the K/V buffers alternate by layer), captured at its first
-    use with a static query buffer, replayed after copying the queries in.
-    The output is the graph's static tensor, overwritten when the same pair
-    is used again (two layers later).  A capture that fails is logged once
-    and that call, and every later one of this set, runs eagerly."""
+class SubsetGraphs:
+    """A subset attention's calls for one active set as CUDA graphs: one per
+    staging pair (the K/V buffers alternate by layer), captured from
+    ``fn(q, k, v)`` at its first use with a static query buffer, replayed
+    after copying the queries in.  The output is the graph's static tensor,
+    overwritten when the same pair is used again (two layers later).  A
+    capture that fails is logged and that call, and every later one of this
+    set, runs ``eager`` (default ``fn``)."""
 
-    def __init__(self, flex: FlexAttention, mask, scale: float):
-        self.flex, self.mask, self.scale = flex, mask, scale
+    def __init__(self, fn, eager=None):
+        self.fn, self.eager = fn, eager or fn
         self.graphs: dict = {}
         self.q = None
         self.failed = False
 
+    def _capture_failed(self, e: Exception) -> None:
+        logger.warning("kvblend: subset attention CUDA graph capture failed (%s: %s); "
+                       "it runs eagerly", type(e).__name__, e)
+
     def __call__(self, q, k, v):
         if self.failed:
-            return self.flex.attend(q, k, v, self.mask, self.scale)
+            return self.eager(q, k, v)
         key = (k.data_ptr(), v.data_ptr(), tuple(q.shape), q.dtype)
         entry = self.graphs.get(key)
+        if self.q is None or self.q.shape != q.shape or self.q.dtype != q.dtype:
+            self.q = torch.empty_like(q)
+            self.graphs = {}
+            entry = None
+        self.q.copy_(q)
         if entry is None:
-            if self.q is None or self.q.shape != q.shape or self.q.dtype != q.dtype:
-                self.q = torch.empty_like(q)
-            self.q.copy_(q)
             try:
-                graph, out = capture_cuda_graph(
-                    lambda: self.flex.attend_raw(self.q, k, v, self.mask, self.scale))
+                entry = self.graphs[key] = capture_cuda_graph(lambda: self.fn(self.q, k, v))
             except Exception as e:  # noqa: BLE001 - eager from now on
                 self.failed = True
-                if not self.flex._graph_warned:
-                    self.flex._graph_warned = True
-                    logger.warning("kvblend: FlexAttention CUDA graph capture failed (%s: %s); "
-                                   "subset attention runs eagerly", type(e).__name__, e)
-                return self.flex.attend(q, k, v, self.mask, self.scale)
-            entry = self.graphs[key] = (graph, out)
-        else:
-            self.q.copy_(q)
+                self._capture_failed(e)
+                return self.eager(q, k, v)
         graph, out = entry
         graph.replay()
         return out
 
+
+class FlexGraphs(SubsetGraphs):
+    """``SubsetGraphs`` of FlexAttention calls under one block mask; after a
+    failed capture they run ``FlexAttention.attend`` (its own fallback), and
+    the failure is logged once per strategy."""
+
+    def __init__(self, flex: FlexAttention, mask, scale: float):
+        self.flex, self.mask, self.scale = flex, mask, scale
+        super().__init__(lambda q, k, v: flex.attend_raw(q, k, v, mask, scale),
+                         lambda q, k, v: flex.attend(q, k, v, mask, scale))
+
+    def _capture_failed(self, e: Exception) -> None:
+        if not self.flex._graph_warned:
+            self.flex._graph_warned = True
+            logger.warning("kvblend: FlexAttention CUDA graph capture failed (%s: %s); "
+                           "subset attention runs eagerly", type(e).__name__, e)
 
 def block_split_attention(q, q_pos, k, v, scale: float, block: int, prior, diagonal):
     """Subset attention split at key-block boundaries, the form dense
@@ -388,10 +417,10 @@ def block_split_attention(q, q_pos, k, v, scale: float, block: int, prior, diago
     q [A,Hq,D] at ascending positions ``q_pos`` (int64, distinct) over k/v
     [Np,Hkv,D] at positions 0..Np-1, Np a multiple of ``block``; query i sees
     key j iff j <= q_pos[i].  A query in key block g = q_pos // block sees
-    * every key of the blocks before g: ``prior(q, cu_q, nkb)``, attention of
+    * every key of the blocks before g: ``prior(q, cu_q)``, attention of
       the queries rows [cu_q[g], cu_q[g+1]) over keys [0, g*block) without a
       mask (``cu_q`` int32 [nkb+1], the start of each block's queries);
-    * the keys of block g up to its own position: ``diagonal(qf, nkb)``,
+    * the keys of block g up to its own position: ``diagonal(qf)``,
       causal attention inside each block over every row of it (``qf``
       [Np,Hq,D]: the queries at their positions, zeros elsewhere);
     each returning (out [rows,Hq,D], logsumexp fp32 [Hq,rows]).  The two
@@ -405,10 +434,10 @@ def block_split_attention(q, q_pos, k, v, scale: float, block: int, prior, diago
     nkb = n_pad // block
     bounds = torch.arange(nkb + 1, device=q.device, dtype=q_pos.dtype) * block
     cu_q = torch.searchsorted(q_pos, bounds).to(torch.int32)
-    o1, lse1 = prior(q, cu_q, nkb)
+    o1, lse1 = prior(q, cu_q)
     qf = q.new_zeros((n_pad,) + tuple(q.shape[1:]))
     qf.index_copy_(0, q_pos, q)
-    o2, lse2 = diagonal(qf, nkb)
+    o2, lse2 = diagonal(qf)
     o2, lse2 = o2.index_select(0, q_pos).float(), lse2.index_select(1, q_pos).float()
     first = (q_pos < block)[None, :]
     lse1 = torch.where(first, float("-inf"), lse1.float())
@@ -419,7 +448,7 @@ def block_split_attention(q, q_pos, k, v, scale: float, block: int, prior, diago
     return o.to(q.dtype)
 
 
-def dense_prior(q, cu_q, nkb, k, v, scale: float, block: int):
+def dense_prior(q, cu_q, k, v, scale: float, block: int):
     """``prior`` of ``block_split_attention`` in plain torch, fp32 (the
     reference the kernels are tested against): returns (out, lse) with
     out 0 and lse -inf for queries of block 0."""
@@ -431,25 +460,12 @@ def dense_prior(q, cu_q, nkb, k, v, scale: float, block: int):
     return _dense(q, k, v, scale, keys < limit)
 
 
-def dense_diagonal(qf, nkb, k, v, scale: float, block: int):
+def dense_diagonal(qf, k, v, scale: float, block: int):
     """``diagonal`` of ``block_split_attention`` in plain torch, fp32."""
     n = k.shape[0]
     pos = torch.arange(n, device=qf.device)
     seen = (pos[None, :] <= pos[:, None]) & (pos[None, :] // block == pos[:, None] // block)
     return _dense(qf, k, v, scale, seen)
-
-
-def _dense(q, k, v, scale, seen):
-    """Masked attention, fp32: (out [T,Hq,D], lse [Hq,T]); rows that see
-    nothing: out 0, lse -inf."""
-    group = q.shape[1] // k.shape[1]
-    ke = k.float().repeat_interleave(group, dim=1)
-    ve = v.float().repeat_interleave(group, dim=1)
-    logits = torch.einsum("thd,nhd->htn", q.float(), ke) * scale
-    logits = logits.masked_fill(~seen[None], float("-inf"))
-    lse = torch.logsumexp(logits, -1)
-    p = torch.exp(logits - lse[..., None]).nan_to_num(0.0)
-    return torch.einsum("htn,nhd->thd", p, ve), lse
 
 
 def flash_attn_v3():
@@ -520,12 +536,12 @@ class FA3Attention(SdpaAttention):
         P = self.page
         pages = (k.view(n_pad // P, P, hkv, d), v.view(n_pad // P, P, hkv, d))
 
-        def prior(q_, cu_q, nkb):
+        def prior(q_, cu_q):
             return fn(q_, pages[0], pages[1], max_seqlen_q=B, cu_seqlens_q=cu_q,
                       max_seqlen_k=n_pad, seqused_k=seqused, softmax_scale=scale,
                       causal=False, block_table=table, return_softmax_lse=True, fa_version=3)
 
-        def diagonal(qf, nkb):
+        def diagonal(qf):
             return fn(qf, k, v, max_seqlen_q=B, cu_seqlens_q=cu_all, max_seqlen_k=B,
                       cu_seqlens_k=cu_all, softmax_scale=scale, causal=True,
                       return_softmax_lse=True, fa_version=3)
@@ -546,8 +562,7 @@ class _FA3Blend(BlendAttention):
 
     def __call__(self, q, active, k, v, window, padded=None) -> torch.Tensor:
         fa = self.strategy
-        if (not q.is_cuda or active.numel() == k.shape[0] or window is not None
-                or q.dtype not in (torch.bfloat16, torch.float16) or fa.broken):
+        if not self._kernel_runs(q, active, k, window, (torch.bfloat16, torch.float16)):
             return super().__call__(q, active, k, v, window, padded)
         pk, pv = (x.to(q.dtype) for x in (padded if padded is not None else (k, v)))
         if self.graphs is None:
@@ -565,41 +580,6 @@ class _FA3Blend(BlendAttention):
         return self.graphs(q, pk, pv)
 
 
-class SubsetGraphs:
-    """A subset attention's calls for one active set as CUDA graphs: one per
-    staging pair (the K/V buffers alternate by layer), captured at its first
-    use with a static query buffer, replayed after copying the queries in.
-    The output is the graph's static tensor, overwritten when the same pair
-    is used again (two layers later).  A capture that fails is logged once
-    and every later call of this set runs eagerly."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.graphs: dict = {}
-        self.q = None
-        self.failed = False
-
-    def __call__(self, q, k, v):
-        if self.failed:
-            return self.fn(q, k, v)
-        key = (k.data_ptr(), v.data_ptr(), tuple(q.shape), q.dtype)
-        entry = self.graphs.get(key)
-        if self.q is None or self.q.shape != q.shape or self.q.dtype != q.dtype:
-            self.q = torch.empty_like(q)
-            self.graphs = {}
-            entry = None
-        self.q.copy_(q)
-        if entry is None:
-            try:
-                entry = self.graphs[key] = capture_cuda_graph(lambda: self.fn(self.q, k, v))
-            except Exception as e:  # noqa: BLE001 - eager from now on
-                self.failed = True
-                logger.warning("kvblend: subset attention CUDA graph capture failed (%s: %s); "
-                               "it runs eagerly", type(e).__name__, e)
-                return self.fn(q, k, v)
-        graph, out = entry
-        graph.replay()
-        return out
 
 
 SUBSET_ATTENTIONS = {"flex": FlexAttention, "sdpa": SdpaAttention, "fa3": FA3Attention}
