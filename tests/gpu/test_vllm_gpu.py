@@ -37,9 +37,22 @@ def _bench(tmp_path, *args) -> tuple[dict, str]:
     return json.loads(out.read_text()), text
 
 
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """vLLM without the connector, one run per backend for the module."""
+    runs = {}
+
+    def get(backend):
+        if backend not in runs:
+            runs[backend] = _bench(tmp_path_factory.mktemp("base"), "--run", "baseline",
+                                   "--backend", backend)[0]
+        return runs[backend]
+    return get
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_blend_through_vllm_backend(tmp_path, backend):
-    base, _ = _bench(tmp_path, "--run", "baseline", "--backend", backend)
+def test_blend_through_vllm_backend(tmp_path, baseline, backend):
+    base = baseline(backend)
     blend, text = _bench(tmp_path, "--run", "blend", "--backend", backend, "--tier", "gpu")
     assert f"kvblend: attention backend {backend}" in text and "layout '" in text, text[-3000:]
     # vLLM's defaults: the blend's layer pieces are compiled and replayed
@@ -54,7 +67,7 @@ def test_blend_through_vllm_backend(tmp_path, backend):
     assert r["check_tokens"] == b["check_tokens"]
 
 
-def test_fa3_subset_attention_through_vllm(tmp_path):
+def test_fa3_subset_attention_through_vllm(tmp_path, baseline):
     """{"kvblend.subset_attention": "fa3"} (vLLM's FlashAttention 3 over key
     blocks) through vLLM's FLASH_ATTN backend: the r=0.15 blends run its
     kernels from CUDA graphs (no fallback logged; their numbers are checked
@@ -64,7 +77,7 @@ def test_fa3_subset_attention_through_vllm(tmp_path):
 
     if flash_attn_v3()[0] is None:
         pytest.skip(flash_attn_v3()[1])
-    base, _ = _bench(tmp_path, "--run", "baseline", "--backend", "FLASH_ATTN")
+    base = baseline("FLASH_ATTN")
     blend, text = _bench(tmp_path, "--run", "blend", "--backend", "FLASH_ATTN", "--tier", "gpu",
                          "--subset-attention", "fa3")
     assert "FlashAttention 3 subset attention failed" not in text, text[-3000:]
