@@ -135,8 +135,11 @@ def copy_bandwidth():
 
 
 def load_bandwidth(llm, ids):
-    """Bytes/s of Request.load_layer (read + write of every loaded row),
-    cycling over the layers."""
+    """Bytes/s of Request.load_layer (read + write of every loaded row):
+    one call between two events (its host launch time included, as before),
+    and the 32 layers queued back to back as the blend queues them (device
+    time per layer), with a device copy of the same bytes timed the same way.
+    Returns (single-call B/s, its ms, back-to-back B/s, same-size copy B/s)."""
     spans, _, reuse_end = llm.scheduler_connector._lookup(list(ids))
     req = llm.worker_connector._conn.begin(ids, spans=spans, blend_end=int(reuse_end), save=False)
     n_rows = int(req.blend_end)
@@ -149,10 +152,23 @@ def load_bandwidth(llm, ids):
     def one():
         req.load_layer(layer[0] % 32, k.data_ptr(), v.data_ptr(), stream)
         layer[0] += 1
+
+    def all_layers():
+        for i in range(32):
+            req.load_layer(i, k.data_ptr(), v.data_ptr(), stream)
     ms = cuda_time(one, iters=64)
+    ms32 = cuda_time(all_layers, iters=10) / 32
     req.finish(False)
     loaded = n_rows - n_forced
-    return 2 * 2 * loaded * KV_HEADS * HEAD * 2 / (ms * 1e-3), ms
+    nbytes = 2 * 2 * loaded * KV_HEADS * HEAD * 2
+    src = torch.empty(2 * loaded * KV_HEADS * HEAD, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+
+    def copies():
+        for _ in range(32):
+            dst.copy_(src)
+    copy_ms = cuda_time(copies, iters=10) / 32
+    return nbytes / (ms * 1e-3), ms, nbytes / (ms32 * 1e-3), nbytes / (copy_ms * 1e-3)
 
 
 def attention_times(n, ratio=0.15):
@@ -304,7 +320,7 @@ def main():
     max_len = max(sizes) + 512
     tiers = ("device", "host", "device_eager")
     engines = {k: engine(model, k, max_len, blend_options) for k in ("full", "full_eager") + tiers}
-    rows, details = [], {}
+    details = {}
     rng = random.Random(1)
     for n in sizes:
         nch = chunks_of.get(n, 6)
@@ -338,9 +354,11 @@ def main():
             res[f"{tier}_phase_ms"] = {k: round(v, 2) for k, v in pinfo["phase_ms"].items()}
             res[f"{tier}_timed_ttft_s"] = t
             res[f"{tier}_timed_blend_s"] = pinfo["blend_s"]
-            bw, ms = load_bandwidth(llm, make_prompt(rng, n, nch, chunks, 400)[0])
+            bw, ms, bw32, copy32 = load_bandwidth(llm, make_prompt(rng, n, nch, chunks, 400)[0])
             res[f"{tier}_load_GBps"] = bw / 1e9
             res[f"{tier}_load_ms_per_layer"] = ms
+            res[f"{tier}_load_queued_GBps"] = bw32 / 1e9
+            res[f"{tier}_copy_same_GBps"] = copy32 / 1e9
         if args.profile and n == 8192:
             path = os.path.join(args.out, "profile.txt")
             profile_ttft(engines["full"], make_prompt(rng, n, nch, chunks, 500)[0], path, "full 8K")
@@ -380,6 +398,15 @@ def main():
             f"{r['subset_sdpa_ms']:.2f} ({r['subset_sdpa_ms'] / r['sdpa_full_ms']:.2f}) | "
             f"{r['subset_flex_ms']:.2f} ({r['subset_flex_ms'] / r['sdpa_full_ms']:.2f}) | "
             f"{r['subset_flex_eager_ms']:.2f} |")
+    lines += ["", "Load + re-rotate, the 32 layers queued back to back as the blend queues them "
+              "(device GB/s, read+write; % of the 512 MiB copy rate; % of a device copy of the same "
+              "bytes queued the same way):", ""]
+    for n, r in details.items():
+        for tier in tiers:
+            q, c = r[f"{tier}_load_queued_GBps"], r[f"{tier}_copy_same_GBps"]
+            lines.append(f"- N={r['n']} {tier} tier: {q:.0f} GB/s ({100 * q * 1e9 / copy_bw:.0f}% of "
+                         f"{copy_bw / 1e9:.0f}; {100 * q / c:.0f}% of {c:.0f}); one call alone "
+                         f"{r[f'{tier}_load_ms_per_layer'] * 1e3:.1f} us")
     lines += ["", "Per-phase device time of one blend (ms over all 32 layers; CUDA events), "
               "and blend / TTFT seconds:", "",
               "| N | tier | TTFT s | blend s | " + " | ".join(("load", "qkv", "select", "attention", "out", "scatter")) + " |",

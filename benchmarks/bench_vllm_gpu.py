@@ -45,6 +45,9 @@ LLAMA3_8B = {
 N_CHUNKS = 8
 
 
+# --compile: kvblend.compile (None: the product default)
+COMPILE = {"default": None, "on": True, "off": False}
+
 def model_dir() -> str:
     d = Path(tempfile.gettempdir()) / "kvblend-llama3-8b-shape"
     d.mkdir(exist_ok=True)
@@ -99,7 +102,7 @@ def run(args) -> dict:
             kv_role="kv_both",
             kv_connector_extra_config={"kvblend.separator_ids": SEP, "kvblend.timing": args.timing,
                                        "kvblend.profile": args.profile,
-                                       "kvblend.compile": not args.no_compile,
+                                       "kvblend.compile": COMPILE[args.compile],
                                        "kvblend.subset_attention": args.subset_attention})
     lengths = [int(x) for x in args.lengths.split(",")]
     llm = LLM(model=model_dir(), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
@@ -129,7 +132,7 @@ def run(args) -> dict:
                      "check_cached": int(out.num_cached_tokens or 0)})
         print(json.dumps(rows[-1]), flush=True)
     return {"run": args.run, "tier": args.tier, "backend": args.backend or "default",
-            "ratio": args.ratio, "timing": args.timing, "compile": not args.no_compile,
+            "ratio": args.ratio, "timing": args.timing, "compile": COMPILE[args.compile],
             "subset_attention": args.subset_attention, "rows": rows}
 
 
@@ -150,7 +153,8 @@ def table(paths: list[str]) -> str:
                 str(row["check_tokens"] == ref["check_tokens"])
             kb = row.get("kvblend") or {}
             run = r["run"] + (" (phase timing)" if r.get("timing") else "") + \
-                (" (eager pieces)" if r["run"] == "blend" and not r.get("compile", True) else "") + \
+                (f" ({'compiled' if r['compile'] else 'eager'} pieces)"
+                 if r["run"] == "blend" and r.get("compile") is not None else "") + \
                 (f" ({r['subset_attention']})" if r["run"] == "blend" and
                  r.get("subset_attention", "flex") != "flex" else "")
             lines.append(f"| {r['backend']} | {run} | {r['tier'] if r['run'] == 'blend' else '-'} "
@@ -175,8 +179,8 @@ def main(argv=None) -> int:
                    help="blend runs: log each blend's device time per phase (CUDA events, one "
                         "synchronize at the end of the blend, so the TTFT of such a run is not "
                         "the figure to quote)")
-    p.add_argument("--no-compile", action="store_true",
-                   help="blend runs: the layer pieces eager (kvblend.compile off), to compare")
+    p.add_argument("--compile", default="default", choices=tuple(COMPILE),
+                   help="blend runs: kvblend.compile (default: the product's, eager under vLLM)")
     p.add_argument("--subset-attention", default="flex", choices=("flex", "sdpa", "fa3"),
                    help="blend runs: kvblend.subset_attention")
     p.add_argument("--lengths", default="4096,8192,16384")

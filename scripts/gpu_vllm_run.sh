@@ -7,7 +7,8 @@
 #   2. kvblend is built with CUDA (libraries from .debs/, scripts/gpu_env.sh);
 #   3. RUNS (space-separated, e.g. "baseline:FLASH_ATTN blend:FLASH_ATTN:gpu";
 #      a fourth field, comma-separated flags: "timing" logs each blend's device
-#      time per phase, "eager" turns the compiled layer pieces off, "fa3" takes
+#      time per phase, "compile" / "eager" turn the compiled layer pieces on /
+#      off (default: the product's, eager under vLLM), "fa3" takes
 #      the FlashAttention 3 subset attention) of
 #      benchmarks/bench_vllm_gpu.py, each in its own process, and the
 #      GPU pytest of the vLLM path when PYTEST=1.
@@ -37,7 +38,8 @@ for spec in ${RUNS:-}; do
   name="$run-$backend${tier:+-$tier}${flags:+-${flags//,/-}}"
   extra=()
   [[ ",$flags," == *,timing,* ]] && extra+=(--timing)
-  [[ ",$flags," == *,eager,* ]] && extra+=(--no-compile)
+  [[ ",$flags," == *,eager,* ]] && extra+=(--compile off)
+  [[ ",$flags," == *,compile,* ]] && extra+=(--compile on)
   [[ ",$flags," == *,fa3,* ]] && extra+=(--subset-attention fa3)
   timeout ${RUN_TIMEOUT:-420} python3 benchmarks/bench_vllm_gpu.py --run "$run" --backend "$backend" \
     --tier "${tier:-gpu}" "${extra[@]}" --json "$OUT/$name.json" ${BENCH_ARGS:-} \

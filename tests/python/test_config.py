@@ -166,6 +166,7 @@ def test_config_fields_come_from_the_c_table_and_pickle():
     ({"kvblend.namespace": 3}, "expected a str"),
     ({"kvblend.subset_attention": "kvblend"}, "expected one of 'flex', 'sdpa'"),
     ({"kvblend.profile": ""}, "'kvblend.profile'='': expected a file path"),
+    ({"kvblend.compile": "on"}, "'kvblend.compile'='on': expected true, false or null"),
 ])
 def test_engine_options_refuse_typos_and_bad_values(extra, message):
     from kvblend.config import engine_options
@@ -179,5 +180,7 @@ def test_engine_options_defaults_and_foreign_keys():
 
     opts = engine_options({"lmcache.blend": 1, "kvblend.save": False, "kvblend.separator_ids": [5]})
     assert opts["save"] is False and opts["separator_ids"] == [5]
-    assert opts["compile"] is True and opts["namespace"] == "" and opts["cuda_graph_max_tokens"] == 2048
+    # compile: None, the connector's choice (compiled in the built-in engine,
+    # eager under vLLM)
+    assert opts["compile"] is None and opts["namespace"] == "" and opts["cuda_graph_max_tokens"] == 2048
     assert set(opts) == {k[len("kvblend."):] for k in ENGINE_OPTIONS}

@@ -373,7 +373,10 @@ class KVBlendConnector(KVConnectorBase_V1):
         # launching their ~60 eager ops costs the host.
         self.cuda_graph_max_tokens = opts["cuda_graph_max_tokens"]
         # ... and compiles them (torch.compile): the norms, RoPE, activation
-        # and residual adds fuse into a few kernels per layer.
+        # and residual adds fuse into a few kernels per layer.  By default
+        # only under the built-in engine: under vLLM (FLASH_ATTN, 8K, H200)
+        # the compiled pieces saved ~1 ms of device time per blend, no TTFT
+        # within the noise, and the compilation cost 30-45 s of start-up.
         self.compile_pieces = opts["compile"]
         # Subset attention of the blend on CUDA ("flex" or "sdpa";
         # kvblend.model.attention), chosen once the model's device is known,
@@ -716,7 +719,8 @@ class KVBlendConnector(KVConnectorBase_V1):
         self._conn.watch_store(True)
         self._tier_last: dict[str, int] = {}
         runtime.register_worker(self)  # kvblend.store_stats()
-        compiled = adapter.enable_compile(self.compile_pieces)
+        compiled = adapter.enable_compile(
+            self.compile_pieces if self.compile_pieces is not None else not self._in_vllm)
         graphs = adapter.enable_cuda_graphs(self.cuda_graph_max_tokens)
         self._adapter = adapter
         if self._tp_size != self.world_size and self._in_vllm:
