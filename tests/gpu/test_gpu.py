@@ -154,12 +154,14 @@ def _fa3():
 
 @pytest.mark.parametrize("nk,nq", [(700, 105), (2000, 300), (1029, 1000), (8192, 1229)])
 @pytest.mark.parametrize("hq,hkv", [(8, 2), (8, 8)])
-def test_fa3_subset_attention_matches_cpu(nk, nq, hq, hkv):
+@pytest.mark.parametrize("block", [128, 512])
+def test_fa3_subset_attention_matches_cpu(nk, nq, hq, hkv, block):
     """The "fa3" strategy (FlashAttention 3 over key blocks, merged by
-    log-sum-exp) equals kvblend's CPU attention on the same subset, bf16."""
+    log-sum-exp) equals kvblend's CPU attention on the same subset, bf16,
+    for the default key block and a larger one."""
     from kvblend.model.attention import FA3Attention
 
-    fa3 = FA3Attention(_fa3())
+    fa3 = FA3Attention(_fa3(), block=block)
     g = torch.Generator().manual_seed(nk + nq + hkv)
     q_all = torch.randn(nk, hq, 128, generator=g).to(torch.bfloat16)
     k = torch.randn(nk, hkv, 128, generator=g).to(torch.bfloat16)
@@ -167,7 +169,7 @@ def test_fa3_subset_attention_matches_cpu(nk, nq, hq, hkv):
     q_pos = torch.unique(torch.cat((torch.randperm(nk, generator=g)[:nq], torch.tensor([0, 5]))))
     q = q_all[q_pos].contiguous()
     cpu = ops.attention(q, q_pos, k, v, torch.arange(nk), 0.1)
-    n_pad = -(-nk // 128) * 128
+    n_pad = -(-nk // block) * block
     kp = torch.cat((k, k.new_zeros(n_pad - nk, hkv, 128))).to(DEV)
     vp = torch.cat((v, v.new_zeros(n_pad - nk, hkv, 128))).to(DEV)
     gpu = fa3.attend(q.to(DEV), q_pos.to(DEV), kp, vp, 0.1)

@@ -93,3 +93,20 @@ def test_windowed_attention_matches_a_per_query_loop():
     got = windowed_attention(q, q_pos, k, v, torch.arange(50), 0.3, 8)
     assert got.dtype == torch.float32
     assert torch.allclose(got.double(), want, atol=1e-5), float((got.double() - want).abs().max())
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"block": 200}, "block=200: expected a multiple of 128"),
+    ({"block": 0}, "block=0: expected a multiple of 128"),
+    ({"block": 256, "page": 96}, r"page=96: expected a divisor of the block \(256\)"),
+])
+def test_fa3_strategy_refuses_bad_blocks_and_pages(kw, message):
+    """The key block must be whole FA3 query tiles and the page must divide
+    it; the staging buffers are padded to the block."""
+    from kvblend.model.attention import FA3Attention
+
+    def unused(*a, **k):
+        raise AssertionError("not called")
+    with pytest.raises(ValueError, match=message):
+        FA3Attention(unused, **kw)
+    assert FA3Attention(unused, block=512, page=64).tile == 512

@@ -483,10 +483,14 @@ def flash_attn_v3():
 class FA3Attention(SdpaAttention):
     """The "fa3" strategy: ``block_split_attention`` on vLLM's FlashAttention
     3 kernels (Hopper).  The prior part is one varlen call whose sequences
-    are the queries of each 128-key block, over a block table that views the
-    staging buffer as pages of ``page`` rows (every block's table is the whole
-    buffer, ``seqused_k`` = the block's start), no mask; the diagonal part a
-    second varlen call, causal, with every 128-row block its own sequence.
+    are the queries of each ``block``-key block, over a block table that views
+    the staging buffer as pages of ``page`` rows (every block's table is the
+    whole buffer, ``seqused_k`` = the block's start), no mask; the diagonal
+    part a second varlen call, causal, with every block its own sequence.
+    The block trades the two: a larger one fills FA3's 128-row query tiles
+    in the prior call (15% of 128 positions are ~19 queries per sequence)
+    but runs the diagonal call over more rows (it computes every row of the
+    staging buffer, queries or not).
     Both are exact, use tensor cores with FA3's own scheduling and splits,
     and depend on the active set only through ``cu_q`` (computed on the
     device).  A blend's later calls replay CUDA graphs per staging pair.
@@ -496,12 +500,14 @@ class FA3Attention(SdpaAttention):
     with the reason."""
 
     name = "fa3"
-    tile = 128
 
-    def __init__(self, fn=None, cuda_graphs: bool = True, page: int = 128):
-        if page <= 0 or self.tile % page:
-            raise ValueError(f"page={page}: expected a divisor of {self.tile}")
+    def __init__(self, fn=None, cuda_graphs: bool = True, page: int = 128, block: int = 128):
+        if block <= 0 or block % 128:
+            raise ValueError(f"block={block}: expected a multiple of 128")
+        if page <= 0 or block % page:
+            raise ValueError(f"page={page}: expected a divisor of the block ({block})")
         self._fn, self.cuda_graphs, self.page = fn, cuda_graphs, page
+        self.tile = block  # the staging buffers are padded to whole blocks
         self.broken = False
         self._tables: dict = {}
         if self._fn is None:
@@ -528,7 +534,7 @@ class FA3Attention(SdpaAttention):
 
     def attend(self, q, q_pos, k, v, scale: float):
         """Subset attention of q [A,Hq,D] at ascending positions ``q_pos``
-        over k/v [Np,Hkv,D] (Np a multiple of 128, rows past the last
+        over k/v [Np,Hkv,D] (Np a multiple of the block, rows past the last
         position never seen)."""
         B, fn = self.tile, self._fn
         n_pad, hkv, d = k.shape
