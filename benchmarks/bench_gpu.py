@@ -258,6 +258,16 @@ def attention_times(n, ratio=0.15):
             variants[label + " err"] = round(float((fo3.float() - ref).norm() / ref.norm()), 5)
         variants["fa3 eager"] = round(cuda_time(lambda: FA3Attention().attend(
             qs, idx, kp, vp, HEAD ** -0.5)), 4)
+        # full causal attention as vLLM's FLASH_ATTN prefill runs it: the
+        # reference of the subset ratios (SDPA's kernel choice varies with
+        # the process's settings: 0.93 or 1.76 ms at 8K on the same card)
+        from kvblend.model.attention import flash_attn_v3
+
+        fn, _ = flash_attn_v3()
+        cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+        variants["fa3 full causal"] = round(cuda_time(lambda: fn(
+            q, k, v, max_seqlen_q=n, cu_seqlens_q=cu, max_seqlen_k=n, cu_seqlens_k=cu,
+            softmax_scale=HEAD ** -0.5, causal=True, fa_version=3)), 4)
     except Exception as e:  # noqa: BLE001 - reported, not fatal
         variants["fa3"] = repr(e)[:120]
     err = float((out.float() - ref).norm() / ref.norm())
