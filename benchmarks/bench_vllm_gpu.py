@@ -48,6 +48,7 @@ N_CHUNKS = 8
 # --compile: kvblend.compile (None: the product default)
 COMPILE = {"default": None, "on": True, "off": False}
 
+
 def model_dir() -> str:
     d = Path(tempfile.gettempdir()) / "kvblend-llama3-8b-shape"
     d.mkdir(exist_ok=True)
