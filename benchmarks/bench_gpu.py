@@ -270,6 +270,10 @@ def attention_times(n, ratio=0.15):
             softmax_scale=HEAD ** -0.5, causal=True, fa_version=3)), 4)
     except Exception as e:  # noqa: BLE001 - reported, not fatal
         variants["fa3"] = repr(e)[:120]
+    try:
+        variants.update(layer0_times(q, k, v, kp, vp, flex, group))
+    except Exception as e:  # noqa: BLE001 - reported, not fatal
+        variants["layer0"] = repr(e)[:120]
     err = float((out.float() - ref).norm() / ref.norm())
     if fo is not None:
         flex_err = float((fo.float() - ref).norm() / ref.norm())
@@ -277,6 +281,48 @@ def attention_times(n, ratio=0.15):
                 subset_flex_ms=flex_ms, subset_flex_eager_ms=flex_eager_ms,
                 flex_mask_ms=mask_ms, flex_err=flex_err,
                 flex_first_call_s=first_s, flex_variants_ms=variants)
+
+
+def layer0_times(q, k, v, kp, vp, flex, group, prefix=64):
+    """The blend's first layer after a cached prefix (a system prompt in
+    vLLM's prefix cache): every row past ``prefix`` over all keys, causal,
+    i.e. lower-right aligned.  The blend runs it through its subset strategy
+    (FlexAttention under the suffix's block mask); timed against SDPA with
+    ``causal_lower_right`` and FA3's causal varlen call (vLLM's own kernel),
+    each with its relative error to an fp32 SDPA of the same rows."""
+    from kvblend.model.attention import FlexGraphs, flash_attn_v3, sdpa
+
+    n = k.shape[0]
+    scale = HEAD ** -0.5
+    rows = torch.arange(prefix, n, device="cuda")
+    qs = q[prefix:].contiguous()
+    ref = sdpa(qs.float(), k.float(), v.float(), scale, q_start=prefix)
+    res = {}
+
+    def rel(x):
+        return round(float((x.float() - ref).norm() / ref.norm()), 5)
+    try:
+        bm = flex.block_mask(rows, n, group)
+        fg = FlexGraphs(flex, bm, scale)
+        res["layer0 flex err"] = rel(fg(qs, kp, vp))
+        res["layer0 flex"] = round(cuda_time(lambda: fg(qs, kp, vp)), 4)
+    except Exception as e:  # noqa: BLE001 - reported, not fatal
+        res["layer0 flex"] = repr(e)[:120]
+    res["layer0 sdpa err"] = rel(sdpa(qs, k, v, scale, q_start=prefix))
+    res["layer0 sdpa"] = round(cuda_time(lambda: sdpa(qs, k, v, scale, q_start=prefix)), 4)
+    fn, why = flash_attn_v3()
+    if fn is None:
+        res["layer0 fa3"] = why[:120]
+        return res
+    cu_q = torch.tensor([0, n - prefix], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+
+    def fa3():
+        return fn(qs, k, v, max_seqlen_q=n - prefix, cu_seqlens_q=cu_q, max_seqlen_k=n,
+                  cu_seqlens_k=cu_k, softmax_scale=scale, causal=True, fa_version=3)
+    res["layer0 fa3 err"] = rel(fa3())
+    res["layer0 fa3"] = round(cuda_time(fa3), 4)
+    return res
 
 
 def profile_ttft(llm, ids, path, title):
