@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the pieces that carry vLLM 0.26.0 (CUDA 13 build, pins torch 2.11.0, Python 3.12) to the GPU
 # machine, which reaches no package registry.  Run it here, where PyPI is reachable:
-#   bash scripts/gpu_vllm_bundle.sh        -> .vllm_bundle/pieces/part.00, part.01, SHA256SUMS (git-ignored)
+#   bash scripts/gpu_vllm_bundle.sh        -> .vllm_bundle/pieces/part.00, part.01, SHA256SUMS (git-ignored),
+#                                             and the optional flashinfer.tar.xz + flashinfer.sha256
 # The bundle holds the vllm package slimmed (no FA2 kernels, no Rust HTTP front end, no MoE ops, only the
 # cp312 deep_gemm build) plus the pure-Python/cp312 wheels it imports, xz-compressed, split in two pieces
 # under 60 MiB each.  On the GPU machine, with the pieces in one folder:
@@ -36,4 +37,13 @@ SHARED=$ROOT/../shared/tools/vllm-gpu
 tar --sort=name --owner=0 --group=0 -C "$OUT" -cf "$OUT/bundle.tar" site deps extras
 xz -9e -T1 -c "$OUT/bundle.tar" > "$OUT/bundle.tar.xz"
 (cd "$OUT/pieces" && split -n 2 -d -a 2 ../bundle.tar.xz part. && sha256sum part.* > SHA256SUMS)
+# 5. optional piece for vLLM's FLASHINFER backend: the flashinfer-python release vLLM pins (it
+#    JIT-compiles its kernels with the machine's nvcc on first use, minutes, cached in
+#    ~/.cache/flashinfer) and what its import needs beyond the bundle (NVML bindings, ninja)
+FI=$(sed -n 's/^Requires-Dist: flashinfer-python==\([0-9.]*\).*/\1/p' "$OUT"/site/vllm-0.26.0.dist-info/METADATA)
+[ -n "$FI" ] || { echo "vllm's METADATA names no flashinfer-python pin" >&2; exit 1; }
+rm -rf "$OUT/flashinfer" && mkdir -p "$OUT/flashinfer"
+"${DL[@]}" -d "$OUT/flashinfer" "flashinfer-python==$FI" nvidia-ml-py ninja
+tar --sort=name --owner=0 --group=0 -C "$OUT" -cJf "$OUT/pieces/flashinfer.tar.xz" flashinfer
+(cd "$OUT/pieces" && sha256sum flashinfer.tar.xz > flashinfer.sha256)
 ls -la "$OUT/pieces"

@@ -52,6 +52,16 @@ if [ -f "$PIECES/moe_C.tar.xz" ]; then
     "$PY" -c "import sys,tarfile; kw={'filter':'data'} if hasattr(tarfile,'data_filter') else {}; tarfile.open(sys.argv[1]).extractall(sys.argv[2], **kw)" "$PIECES/moe_C.tar.xz" "$DEST"
 fi
 
+# optional extra piece: FlashInfer for vLLM's FLASHINFER backend (its wheels join the dependency wheels)
+if [ -f "$PIECES/flashinfer.tar.xz" ]; then
+    if [ -f "$PIECES/flashinfer.sha256" ]; then
+        (cd "$PIECES" && sha256sum -c flashinfer.sha256) || { echo "flashinfer.tar.xz: checksum mismatch" >&2; exit 1; }
+    fi
+    echo "== adding FlashInfer"
+    "$PY" -c "import sys,tarfile; kw={'filter':'data'} if hasattr(tarfile,'data_filter') else {}; tarfile.open(sys.argv[1]).extractall(sys.argv[2], **kw)" "$PIECES/flashinfer.tar.xz" "$DEST"
+    cp "$DEST"/flashinfer/*.whl "$DEPS"/
+fi
+
 # 2. install the dependency wheels that are missing / too old / not importable
 echo "== checking dependency wheels ..."
 TODO="$("$PY" - "$DEPS" "$SITE" <<'PYEOF'
@@ -137,7 +147,7 @@ fi
 # 3. environment for offline use
 cat > "$DEST/env.sh" <<EOF
 export PYTHONPATH="$SITE\${PYTHONPATH:+:\$PYTHONPATH}"
-export VLLM_USE_FLASHINFER_SAMPLER=0   # flashinfer is not in the bundle; sampler would import it otherwise
+export VLLM_USE_FLASHINFER_SAMPLER=0   # the sampler stays PyTorch's (FlashInfer is optional, and JIT-compiles)
 export VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 EOF

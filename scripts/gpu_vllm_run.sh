@@ -3,7 +3,8 @@
 # through vLLM 0.26 with its defaults, against the same vLLM without
 # kvblend.  Steps (each skipped when already done on this machine):
 #   1. the bundle's pieces (carried one per call into /root/pieces, see
-#      scripts/gpu_vllm_bundle.sh) are installed into /root/vllm_site;
+#      scripts/gpu_vllm_bundle.sh; flashinfer.tar.xz with flashinfer.sha256
+#      too for the FLASHINFER backend) are installed into /root/vllm_site;
 #   2. kvblend is built with CUDA (libraries from .debs/, scripts/gpu_env.sh);
 #   3. RUNS (space-separated, e.g. "baseline:FLASH_ATTN blend:FLASH_ATTN:gpu";
 #      a fourth field, comma-separated flags: "timing" logs each blend's device

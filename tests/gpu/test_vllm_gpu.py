@@ -9,6 +9,7 @@ real cache is logged, reordered prompts are external hits counted in
 Runs only where vLLM imports and a GPU is present; skips otherwise.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -23,7 +24,11 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parents[2]
-BACKENDS = os.environ.get("KVB_VLLM_BACKENDS", "FLASH_ATTN,TRITON_ATTN").split(",")
+# FLASHINFER where its package is installed (an optional piece of the GPU
+# bundle; its kernels are compiled on first use)
+_DEFAULT_BACKENDS = "FLASH_ATTN,TRITON_ATTN" + (
+    ",FLASHINFER" if importlib.util.find_spec("flashinfer") is not None else "")
+BACKENDS = os.environ.get("KVB_VLLM_BACKENDS", _DEFAULT_BACKENDS).split(",")
 
 
 def _bench(tmp_path, *args) -> tuple[dict, str]:
